@@ -1,0 +1,471 @@
+"""The BatchNorm layer: TensorFlow's batch normalization as a ``torch.nn.Module``."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
+
+from . import functional as F
+from . import initializers
+from .functional import BatchNormState, BatchStatistics
+from .initializers import Initializer
+from .updates import active_recorder
+
+__all__ = ["BatchNorm", "apply_constraints", "regularization_loss"]
+
+Regularizer = Callable[[Tensor], Tensor]
+Constraint = Callable[[Tensor], Tensor]
+
+
+def _normalize_axis(axis: int | Sequence[int]) -> int | tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
+    try:
+        axes = tuple(axes)
+    except TypeError:
+        raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}") from None
+    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        raise ValueError(f"axis must be an int or a non-empty sequence of ints, got {axis!r}")
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axis {axis!r} names the same axis twice")
+    if len({a >= 0 for a in axes}) == 2:
+        # (1, -1) may or may not be the same axis depending on the input's rank.
+        raise ValueError(
+            f"axis {axis!r} mixes negative and non-negative axes; use one convention"
+        )
+    return axes[0] if isinstance(axis, int) else axes
+
+
+def _normalize_num_features(
+    num_features: int | Sequence[int] | None, axis: int | tuple[int, ...]
+) -> tuple[int, ...] | None:
+    if num_features is None:
+        return None
+    shape = (num_features,) if isinstance(num_features, numbers.Integral) else num_features
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(
+            f"num_features must be an int, a tuple of ints or None, got {num_features!r}"
+        ) from None
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
+               for s in shape):
+        raise ValueError(f"num_features must hold positive ints, got {num_features!r}")
+    n_axes = 1 if isinstance(axis, int) else len(axis)
+    if len(shape) != n_axes:
+        raise ValueError(
+            f"num_features {num_features!r} gives {len(shape)} size(s) but axis {axis!r} "
+            f"names {n_axes} feature axis/axes"
+        )
+    return tuple(int(s) for s in shape)
+
+
+class BatchNorm(nn.Module):
+    r"""Batch normalization with TensorFlow's semantics, names and defaults.
+
+    .. math:: y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+    **Training** (``training=True``, or ``None`` after ``model.train()``):
+    :math:`\mu, \sigma^2` are the batch's mean and biased variance over every
+    axis except the feature ``axis``; the moving averages are updated,
+    ``moving = momentum * moving + (1 - momentum) * batch_statistic``
+    (recorded instead of applied inside :func:`batchnorm.deferred_updates`).
+
+    **Inference** (``training=False``, or ``None`` after ``model.eval()``):
+    :math:`\mu, \sigma^2` are ``moving_mean`` and ``moving_variance``. This is
+    what a model is evaluated with: call it with the right mode.
+
+    **Frozen** (``layer.trainable = False``, Keras semantics): the layer always
+    runs in inference mode, never updates its moving statistics, and ``gamma``/
+    ``beta`` stop requiring grad; setting it back to True restores all three.
+    This is what fine-tuning a pretrained model wants.
+
+    Args:
+        num_features: size of the feature axis (a tuple for several axes), or
+            None to infer it at the first call.
+        axis: feature axis or axes; ``1`` is PyTorch's ``(N, C, ...)``, ``-1``
+            TensorFlow's channels-last.
+        momentum: decay of the moving averages, in [0, 1) (PyTorch's
+            ``momentum=0.1`` is ``0.9`` here).
+        epsilon: added to the variance, > 0.
+        center, scale: learn ``beta`` / ``gamma``; when False the parameter is None.
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+            moving_variance_initializer: a name (``"zeros"``, ``"ones"``),
+            a number, or a callable ``shape -> tensor``.
+        beta_regularizer, gamma_regularizer: callables ``param -> scalar``
+            summed by :func:`regularization_loss`.
+        beta_constraint, gamma_constraint: callables ``param -> projected param``
+            applied by :func:`apply_constraints`.
+        debias: at inference, correct the moving averages for their initial
+            value (``(m_t - momentum**t * m_0) / (1 - momentum**t)``).
+        unbiased_moving_variance: feed the Bessel-corrected batch variance into
+            ``moving_variance`` (PyTorch and the original paper) instead of the
+            biased one (TensorFlow and Keras). Normalization always uses the biased one.
+        trainable: False freezes the layer (see above).
+
+    Example:
+        >>> import torch, batchnorm as bn
+        >>> layer = bn.BatchNorm(1, axis=-1)
+        >>> x = torch.tensor([[-10.0], [0.0], [10.0]])
+        >>> layer(x, training=False).flatten()   # before training: not normalized
+        tensor([-9.9950,  0.0000,  9.9950], grad_fn=<ViewBackward0>)
+        >>> layer(x, training=True).flatten()
+        tensor([-1.2247,  0.0000,  1.2247], grad_fn=<ViewBackward0>)
+        >>> layer.moving_mean, layer.moving_variance
+        (tensor([0.]), tensor([1.6567]))
+    """
+
+    gamma: nn.Parameter | None
+    beta: nn.Parameter | None
+    moving_mean: Tensor
+    moving_variance: Tensor
+    num_updates: Tensor
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int] | None = None,
+        *,
+        axis: int | Sequence[int] = 1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: Initializer = "zeros",
+        gamma_initializer: Initializer = "ones",
+        moving_mean_initializer: Initializer = "zeros",
+        moving_variance_initializer: Initializer = "ones",
+        beta_regularizer: Regularizer | None = None,
+        gamma_regularizer: Regularizer | None = None,
+        beta_constraint: Constraint | None = None,
+        gamma_constraint: Constraint | None = None,
+        debias: bool = False,
+        unbiased_moving_variance: bool = False,
+        trainable: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.axis = _normalize_axis(axis)
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
+                or not 0.0 <= momentum < 1.0:
+            raise ValueError(
+                f"momentum={momentum!r} is invalid: expected a number in [0, 1), the decay of "
+                "the moving averages (TensorFlow's default 0.99; PyTorch's momentum=0.1 is 0.9)"
+            )
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) \
+                or not (epsilon > 0 and math.isfinite(epsilon)):
+            raise ValueError(f"epsilon={epsilon!r} is invalid: expected a finite number > 0")
+        for name, flag in (("center", center), ("scale", scale), ("debias", debias),
+                           ("unbiased_moving_variance", unbiased_moving_variance),
+                           ("trainable", trainable)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        for name, init in (("beta_initializer", beta_initializer),
+                           ("gamma_initializer", gamma_initializer),
+                           ("moving_mean_initializer", moving_mean_initializer),
+                           ("moving_variance_initializer", moving_variance_initializer)):
+            initializers.check(init, name)
+        for name, fn in (("beta_regularizer", beta_regularizer),
+                         ("gamma_regularizer", gamma_regularizer),
+                         ("beta_constraint", beta_constraint),
+                         ("gamma_constraint", gamma_constraint)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable or None, got {fn!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = center
+        self.scale = scale
+        self.debias = debias
+        self.unbiased_moving_variance = unbiased_moving_variance
+        self.beta_initializer = beta_initializer
+        self.gamma_initializer = gamma_initializer
+        self.moving_mean_initializer = moving_mean_initializer
+        self.moving_variance_initializer = moving_variance_initializer
+        self.beta_regularizer = beta_regularizer
+        self.gamma_regularizer = gamma_regularizer
+        self.beta_constraint = beta_constraint
+        self.gamma_constraint = gamma_constraint
+        self._trainable = trainable
+
+        feature_shape = _normalize_num_features(num_features, self.axis)
+        param_kw = {"device": device, "dtype": dtype}
+        stat_kw = {"device": device, "dtype": F.statistics_dtype(dtype or torch.float32)}
+        lazy = feature_shape is None
+        self._lazy = lazy
+
+        def parameter(enabled: bool) -> nn.Parameter | None:
+            if not enabled:
+                return None
+            if lazy:
+                return UninitializedParameter(requires_grad=trainable, **param_kw)
+            return nn.Parameter(torch.empty(feature_shape, **param_kw), requires_grad=trainable)
+
+        def buffer() -> Tensor:
+            return UninitializedBuffer(**stat_kw) if lazy else torch.empty(feature_shape, **stat_kw)
+
+        self.gamma = parameter(scale)
+        self.beta = parameter(center)
+        self.register_buffer("moving_mean", buffer())
+        self.register_buffer("moving_variance", buffer())
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64, device=device))
+        if debias:
+            # The values the averages started from, which the correction subtracts.
+            self.register_buffer("initial_moving_mean", buffer())
+            self.register_buffer("initial_moving_variance", buffer())
+        if not lazy:
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def num_features(self) -> tuple[int, ...] | None:
+        """Sizes of the feature axes, or None before a lazy layer's first call."""
+        if self._lazy:
+            return None
+        return tuple(self.moving_mean.shape)
+
+    def reset_moving_statistics(self) -> None:
+        """Reset the moving averages to their initializers and the update count to 0."""
+        shape = tuple(self.moving_mean.shape)
+        kw = {"dtype": self.moving_mean.dtype, "device": self.moving_mean.device}
+        with torch.no_grad():
+            mean = initializers.initial_value(
+                self.moving_mean_initializer, shape, name="moving_mean_initializer", **kw)
+            variance = initializers.initial_value(
+                self.moving_variance_initializer, shape, name="moving_variance_initializer", **kw)
+            self.moving_mean.copy_(mean)
+            self.moving_variance.copy_(variance)
+            self.num_updates.zero_()
+            if self.debias:
+                self.initial_moving_mean.copy_(mean)
+                self.initial_moving_variance.copy_(variance)
+
+    def reset_parameters(self) -> None:
+        """Re-initialize ``gamma``, ``beta`` and the moving statistics from the initializers."""
+        self.reset_moving_statistics()
+        with torch.no_grad():
+            for param, init, name in ((self.gamma, self.gamma_initializer, "gamma_initializer"),
+                                      (self.beta, self.beta_initializer, "beta_initializer")):
+                if param is not None:
+                    param.copy_(initializers.initial_value(
+                        init, tuple(param.shape), dtype=param.dtype, device=param.device,
+                        name=name))
+
+    def _build(self, feature_shape: tuple[int, ...]) -> None:
+        """Materialize a lazy layer's parameters and buffers for ``feature_shape``."""
+        for tensor in (self.gamma, self.beta, *self.buffers()):
+            if tensor is not None and is_lazy(tensor):
+                tensor.materialize(feature_shape)
+        self._lazy = False
+        self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.num_features is None and prefix + "moving_mean" in state_dict:
+            self._build(tuple(state_dict[prefix + "moving_mean"].shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def state(self) -> BatchNormState:
+        """The layer's moving statistics as a :class:`~batchnorm.functional.BatchNormState`."""
+        return BatchNormState(
+            self.moving_mean, self.moving_variance, self.num_updates,
+            self.initial_moving_mean if self.debias else None,
+            self.initial_moving_variance if self.debias else None,
+        )
+
+    # ------------------------------------------------------------------ trainable
+
+    @property
+    def trainable(self) -> bool:
+        """False freezes the layer: inference mode always, no updates, no gradients for gamma/beta."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"trainable must be a bool, got {value!r}")
+        self._trainable = value
+        for param in (self.gamma, self.beta):
+            if param is not None:
+                param.requires_grad_(value)
+
+    # ------------------------------------------------------------------ forward
+
+    def _resolve_training(self, training: bool | None) -> bool:
+        if not self._trainable:
+            return False
+        if training is None:
+            return self.training
+        if not isinstance(training, bool):
+            raise TypeError(f"training must be True, False or None, got {training!r}")
+        return training
+
+    def forward(self, x: Tensor, training: bool | None = None) -> Tensor:
+        """Normalize ``x``.
+
+        ``training=None`` follows ``train()``/``eval()``; ``True``/``False``
+        overrides it for this call. A frozen layer (``trainable=False``) always
+        runs in inference mode.
+        """
+        training = self._resolve_training(training)
+        if self.num_features is None:
+            axes = F.check_input(x, self.axis, None, training=training)
+            self._build(tuple(x.shape[a] for a in axes))
+        y, stats = F._forward(
+            x, self.state(), training=training, gamma=self.gamma, beta=self.beta,
+            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, debias=self.debias,
+        )
+        if stats is not None:
+            recorder = active_recorder()
+            if recorder is None:
+                self._apply_statistics(stats)
+            else:
+                recorder.record(self, stats)
+        return y
+
+    def _apply_statistics(self, stats: BatchStatistics) -> None:
+        """Fold one batch's statistics into the moving averages, in place."""
+        with torch.no_grad():
+            old = self.state()
+            new = F.update_state(
+                old, stats, momentum=self.momentum,
+                unbiased_moving_variance=self.unbiased_moving_variance,
+            )
+            if not torch.compiler.is_compiling() and bool(new.num_updates == old.num_updates):
+                warnings.warn(
+                    f"{self._get_name()}: the batch statistics are not finite (NaN or Inf in the "
+                    "input); the moving averages were left unchanged for this batch",
+                    RuntimeWarning, stacklevel=3,
+                )
+            self.moving_mean.copy_(new.moving_mean)
+            self.moving_variance.copy_(new.moving_variance)
+            self.num_updates.copy_(new.num_updates)
+
+    # ------------------------------------------------------------------ config
+
+    def extra_repr(self) -> str:
+        shape = self.num_features
+        parts = [
+            "num_features=None" if shape is None else str(shape[0] if len(shape) == 1 else shape),
+            f"axis={self.axis}",
+            f"momentum={self.momentum}",
+            f"epsilon={self.epsilon}",
+        ]
+        for name in ("center", "scale"):
+            if not getattr(self, name):
+                parts.append(f"{name}=False")
+        for name in ("debias", "unbiased_moving_variance"):
+            if getattr(self, name):
+                parts.append(f"{name}=True")
+        if not self._trainable:
+            parts.append("trainable=False")
+        return ", ".join(parts)
+
+    def get_config(self) -> dict[str, Any]:
+        """The layer's configuration with Keras's key names (plus ours); see :meth:`from_config`.
+
+        Names and numbers are serialized in Keras's ``{"class_name", "config"}``
+        form; callables are kept as they are (such a config is not JSON).
+        """
+        axis = self.axis if isinstance(self.axis, int) else list(self.axis)
+        num_features = self.num_features
+        return {
+            "trainable": self._trainable,
+            "axis": axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer),
+            "beta_regularizer": self.beta_regularizer,
+            "gamma_regularizer": self.gamma_regularizer,
+            "beta_constraint": self.beta_constraint,
+            "gamma_constraint": self.gamma_constraint,
+            "num_features": list(num_features) if num_features is not None else None,
+            "debias": self.debias,
+            "unbiased_moving_variance": self.unbiased_moving_variance,
+        }
+
+    # Keras layer bookkeeping that has no effect on the computation here.
+    _KERAS_ONLY_KEYS = frozenset({"name", "dtype"})
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> BatchNorm:
+        """Build a layer from :meth:`get_config`'s output or a Keras BatchNormalization config.
+
+        >>> import batchnorm as bn
+        >>> layer = bn.BatchNorm(4, momentum=0.9)
+        >>> bn.BatchNorm.from_config(layer.get_config())
+        BatchNorm(4, axis=1, momentum=0.9, epsilon=0.001)
+        """
+        kwargs = {k: v for k, v in config.items() if k not in cls._KERAS_ONLY_KEYS}
+        num_features = kwargs.pop("num_features", None)
+        if isinstance(num_features, list):
+            num_features = tuple(num_features)
+        if isinstance(kwargs.get("axis"), list):
+            kwargs["axis"] = tuple(kwargs["axis"])
+        if num_features is not None and isinstance(num_features, tuple) \
+                and isinstance(kwargs.get("axis", 1), int) and len(num_features) == 1:
+            num_features = num_features[0]
+        try:
+            return cls(num_features, **kwargs)
+        except TypeError as error:
+            raise ValueError(f"cannot build a BatchNorm from config {config!r}: {error}") from None
+
+
+def _layers(module: nn.Module):
+    return (m for m in module.modules() if isinstance(m, BatchNorm))
+
+
+def regularization_loss(module: nn.Module) -> Tensor:
+    """Sum of every BatchNorm's ``gamma_regularizer(gamma) + beta_regularizer(beta)`` in ``module``.
+
+    Add it to the loss:
+
+    >>> import torch, batchnorm as bn
+    >>> model = torch.nn.Sequential(bn.BatchNorm(3, gamma_regularizer=lambda g: 0.01 * g.square().sum()))
+    >>> bn.regularization_loss(model)
+    tensor(0.0300, grad_fn=<AddBackward0>)
+    """
+    total = torch.zeros(())
+    for layer in _layers(module):
+        for param, regularizer in ((layer.gamma, layer.gamma_regularizer),
+                                   (layer.beta, layer.beta_regularizer)):
+            if param is not None and regularizer is not None:
+                total = total.to(param.device) + regularizer(param)
+    return total
+
+
+def apply_constraints(module: nn.Module) -> None:
+    """Project every BatchNorm's ``gamma``/``beta`` through its constraint, in place.
+
+    Run it after every optimizer step:
+
+        optimizer.step(); bn.apply_constraints(model)
+    """
+    with torch.no_grad():
+        for layer in _layers(module):
+            for name, constraint in (("gamma", layer.gamma_constraint),
+                                     ("beta", layer.beta_constraint)):
+                param = getattr(layer, name)
+                if param is None or constraint is None:
+                    continue
+                projected = torch.as_tensor(constraint(param))
+                if projected.shape != param.shape:
+                    raise ValueError(
+                        f"{name}_constraint returned shape {tuple(projected.shape)}, "
+                        f"expected {tuple(param.shape)}"
+                    )
+                param.copy_(projected)

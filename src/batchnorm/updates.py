@@ -1,0 +1,95 @@
+"""Control over when moving-statistics updates happen (TensorFlow's UPDATE_OPS, made safe).
+
+By default a :class:`~batchnorm.BatchNorm` called in training mode updates its
+moving averages at once. Inside ``with deferred_updates() as updates:`` it
+records the update instead; ``updates.apply()`` applies everything recorded, in
+call order, and leaving the block discards whatever was not applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from .functional import BatchStatistics
+
+if TYPE_CHECKING:
+    from .layer import BatchNorm
+
+__all__ = ["DeferredUpdates", "deferred_updates"]
+
+# The innermost active recorder is last. A plain list (not a ContextVar) so that
+# torch.compile can read it without a graph break.
+_ACTIVE: list[DeferredUpdates] = []
+
+
+class DeferredUpdates:
+    """Moving-statistics updates recorded inside a :func:`deferred_updates` block."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[BatchNorm, BatchStatistics]] = []
+        self._open = True
+
+    def record(self, layer: BatchNorm, stats: BatchStatistics) -> None:
+        """Keep ``layer``'s batch statistics until :meth:`apply` or :meth:`discard`."""
+        detached = BatchStatistics(stats.mean.detach(), stats.variance.detach(), stats.count)
+        self._pending.append((layer, detached))
+
+    def apply(self) -> int:
+        """Apply every recorded update in the order the layers were called; return how many."""
+        if not self._open:
+            raise RuntimeError(
+                "this deferred_updates block has already exited and its pending updates were "
+                "discarded; call updates.apply() inside the `with` block"
+            )
+        pending, self._pending = self._pending, []
+        for layer, stats in pending:
+            layer._apply_statistics(stats)
+        return len(pending)
+
+    def discard(self) -> int:
+        """Drop every recorded update; return how many were dropped."""
+        count = len(self._pending)
+        self._pending = []
+        return count
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __repr__(self) -> str:
+        return f"DeferredUpdates(pending={len(self._pending)}, open={self._open})"
+
+
+@contextmanager
+def deferred_updates() -> Iterator[DeferredUpdates]:
+    """Record moving-statistics updates instead of applying them.
+
+    Use it for a training-mode forward pass that must not touch the statistics
+    (the second pass of SAM, adversarial examples), or to apply the updates only
+    once the optimizer step succeeded:
+
+    >>> import torch, batchnorm as bn
+    >>> layer = bn.BatchNorm(2)
+    >>> with bn.deferred_updates() as updates:
+    ...     y = layer(torch.randn(8, 2), training=True)
+    ...     print(len(updates), layer.num_updates.item())
+    ...     updates.apply()
+    1 0
+    1
+    >>> layer.num_updates.item()
+    1
+    """
+    recorder = DeferredUpdates()
+    _ACTIVE.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _ACTIVE.remove(recorder)
+        recorder.discard()
+        recorder._open = False
+
+
+def active_recorder() -> DeferredUpdates | None:
+    """The innermost open :class:`DeferredUpdates`, or None when updates apply at once."""
+    return _ACTIVE[-1] if _ACTIVE else None
