@@ -234,9 +234,11 @@ def run_fixture(spec: Spec) -> dict:
                 y = layer(xt, training=training)
                 loss = tf.reduce_sum(y * tf.constant(dy))
             grads = tape.gradient(loss, [xt] + params)
-        except Exception as e:  # noqa: BLE001 - record and skip the step
-            spec.notes.append(f"step {i} (training={training}, batch={shape[0]}) "
-                              f"failed in tf_keras, skipped: {type(e).__name__}")
+        except Exception as e:  # record and skip the step
+            spec.notes.append(
+                f"step {i} (training={training}, batch={shape[0]}) "
+                f"failed in tf_keras, skipped: {type(e).__name__}"
+            )
             for k, v in before.items():  # a failed call must not have updated
                 assert np.array_equal(v, read(getattr(layer, k), fshape)), k
             continue
@@ -269,7 +271,8 @@ def run_fixture(spec: Spec) -> dict:
     if spec.renorm_clipping:
         spec.notes.append(
             "renorm clip hits over training steps: r<rmin {rmin}, r>rmax {rmax}, "
-            "|d|>dmax {dmax} (of {total} features*steps)".format(**clip_hits))
+            "|d|>dmax {dmax} (of {total} features*steps)".format(**clip_hits)
+        )
         if not (clip_hits["rmin"] or clip_hits["rmax"] or clip_hits["dmax"]):
             raise RuntimeError(f"{spec.name}: clipping never happened")
     return arrays
@@ -284,8 +287,13 @@ def run_seed_example() -> tuple[dict, list]:
     fshape = (1,)
     big = np.array([[-10.0], [0.0], [10.0]], np.float32)
     small = np.array([[-10.0]], np.float32)
-    plan = [(big, False, 1), (big, True, 1), (small, False, 1), (big, True, 1000),
-            (small, False, 1)]
+    plan = [
+        (big, False, 1),
+        (big, True, 1),
+        (small, False, 1),
+        (big, True, 1000),
+        (small, False, 1),
+    ]
     arrays = {"config": np.array(json.dumps(config_of(spec)))}
     for k in ("gamma", "beta", "moving_mean", "moving_variance"):
         arrays[f"{k}0"] = read(getattr(layer, k), fshape)
@@ -299,14 +307,20 @@ def run_seed_example() -> tuple[dict, list]:
             y = layer(xt, training=training)
             loss = tf.reduce_sum(y * tf.constant(dy))
         dx, dg, db = tape.gradient(loss, [xt, layer.gamma, layer.beta])
-        arrays.update({
-            f"x_{i}": x, f"training_{i}": np.array(training), f"dy_{i}": dy,
-            f"y_{i}": y.numpy(), f"dx_{i}": dx.numpy(),
-            f"dgamma_{i}": read(dg, fshape), f"dbeta_{i}": read(db, fshape),
-            f"moving_mean_{i}": read(layer.moving_mean, fshape),
-            f"moving_variance_{i}": read(layer.moving_variance, fshape),
-            f"repeat_{i}": np.array(repeat, dtype=np.int64),
-        })
+        arrays.update(
+            {
+                f"x_{i}": x,
+                f"training_{i}": np.array(training),
+                f"dy_{i}": dy,
+                f"y_{i}": y.numpy(),
+                f"dx_{i}": dx.numpy(),
+                f"dgamma_{i}": read(dg, fshape),
+                f"dbeta_{i}": read(db, fshape),
+                f"moving_mean_{i}": read(layer.moving_mean, fshape),
+                f"moving_variance_{i}": read(layer.moving_variance, fshape),
+                f"repeat_{i}": np.array(repeat, dtype=np.int64),
+            }
+        )
     arrays["num_steps"] = np.array(len(plan), dtype=np.int64)
     quoted = {0: -9.995004, 1: -1.2247357, 2: -7.766966, 4: -1.224762}
     notes = []
@@ -336,18 +350,24 @@ def run_seed_axis0_example() -> tuple[dict, list]:
             y = layer(xt, training=training)
             loss = tf.reduce_sum(y * tf.constant(dy))
         dx = tape.gradient(loss, xt)
-        arrays.update({
-            f"x_{i}": x, f"training_{i}": np.array(training), f"dy_{i}": dy,
-            f"y_{i}": y.numpy(), f"dx_{i}": dx.numpy(),
-            f"moving_mean_{i}": read(layer.moving_mean, fshape),
-            f"moving_variance_{i}": read(layer.moving_variance, fshape),
-        })
+        arrays.update(
+            {
+                f"x_{i}": x,
+                f"training_{i}": np.array(training),
+                f"dy_{i}": dy,
+                f"y_{i}": y.numpy(),
+                f"dx_{i}": dx.numpy(),
+                f"moving_mean_{i}": read(layer.moving_mean, fshape),
+                f"moving_variance_{i}": read(layer.moving_variance, fshape),
+            }
+        )
     arrays["num_steps"] = np.array(2, dtype=np.int64)
     got = arrays["y_0"][0]
     q = np.array([-0.99800634, 0.99800587])
     ok = np.allclose(got, q, rtol=0, atol=2e-7)
-    return arrays, [f"training y={got.tolist()} article {q.tolist()} "
-                    f"{'AGREES' if ok else 'DIFFERS'}"]
+    return arrays, [
+        f"training y={got.tolist()} article {q.tolist()} {'AGREES' if ok else 'DIFFERS'}"
+    ]
 
 
 def specs() -> list[Spec]:
@@ -368,39 +388,101 @@ def specs() -> list[Spec]:
         Spec("plain_rank2_axis-1_epsilon0.1", (6, 4), -1, seed=12, epsilon=0.1),
         Spec("plain_rank2_axis-1_nocenter", (6, 4), -1, seed=13, center=False),
         Spec("plain_rank2_axis-1_noscale", (6, 4), -1, seed=14, scale=False),
-        Spec("plain_rank2_axis-1_nocenter_noscale", (6, 4), -1, seed=15,
-             center=False, scale=False),
+        Spec("plain_rank2_axis-1_nocenter_noscale", (6, 4), -1, seed=15, center=False, scale=False),
     ]
     # Extended set: renorm.
     s += [
         Spec("renorm_rank2_axis-1", (6, 4), -1, seed=101, renorm=True),
         Spec("renorm_rank4_axis-1", (4, 2, 5, 3), -1, seed=102, renorm=True),
-        Spec("renorm_rank2_axis-1_independent_state", (6, 4), -1, seed=103,
-             renorm=True, momentum=0.9, renorm_init="independent"),
-        Spec("renorm_rank2_axis-1_clip", (8, 5), -1, seed=104, renorm=True,
-             renorm_clipping=dict(CLIP), renorm_momentum=0.9, renorm_init="independent",
-             x_affine=((3.0, 0.2), (0.4, 0.0), (1.0, 1.5), (1.0, 0.0), (1.0, 0.0),
-                       (1.1, 0.1), (1.0, 0.0))),
-        Spec("renorm_rank2_axis-1_renorm_momentum0.9", (6, 4), -1, seed=105,
-             renorm=True, renorm_momentum=0.9),
-        Spec("renorm_rank2_axis-1_renorm_momentum0.5", (6, 4), -1, seed=106,
-             renorm=True, renorm_momentum=0.5),
+        Spec(
+            "renorm_rank2_axis-1_independent_state",
+            (6, 4),
+            -1,
+            seed=103,
+            renorm=True,
+            momentum=0.9,
+            renorm_init="independent",
+        ),
+        Spec(
+            "renorm_rank2_axis-1_clip",
+            (8, 5),
+            -1,
+            seed=104,
+            renorm=True,
+            renorm_clipping=dict(CLIP),
+            renorm_momentum=0.9,
+            renorm_init="independent",
+            x_affine=(
+                (3.0, 0.2),
+                (0.4, 0.0),
+                (1.0, 1.5),
+                (1.0, 0.0),
+                (1.0, 0.0),
+                (1.1, 0.1),
+                (1.0, 0.0),
+            ),
+        ),
+        Spec(
+            "renorm_rank2_axis-1_renorm_momentum0.9",
+            (6, 4),
+            -1,
+            seed=105,
+            renorm=True,
+            renorm_momentum=0.9,
+        ),
+        Spec(
+            "renorm_rank2_axis-1_renorm_momentum0.5",
+            (6, 4),
+            -1,
+            seed=106,
+            renorm=True,
+            renorm_momentum=0.5,
+        ),
     ]
     # Extended set: ghost batches (batch 8), inference also with batch 1.
     ghost_steps = (True, True, True, False, False, True, False)
     for vbs in (2, 4):
-        for tag, shape, axis in (("rank2_axis-1", (8, 4), -1),
-                                 ("rank4_axis-1", (8, 2, 2, 3), -1),
-                                 ("rank4_axis1", (8, 3, 2, 2), 1)):
-            s.append(Spec(f"ghost_vbs{vbs}_{tag}", shape, axis, seed=200 + 10 * vbs + len(s),
-                          virtual_batch_size=vbs, steps=ghost_steps, batch1_steps=(4, 6)))
+        for tag, shape, axis in (
+            ("rank2_axis-1", (8, 4), -1),
+            ("rank4_axis-1", (8, 2, 2, 3), -1),
+            ("rank4_axis1", (8, 3, 2, 2), 1),
+        ):
+            s.append(
+                Spec(
+                    f"ghost_vbs{vbs}_{tag}",
+                    shape,
+                    axis,
+                    seed=200 + 10 * vbs + len(s),
+                    virtual_batch_size=vbs,
+                    steps=ghost_steps,
+                    batch1_steps=(4, 6),
+                )
+            )
     s += [
-        Spec("ghost_renorm_vbs2_rank2_axis-1", (8, 4), -1, seed=301, renorm=True,
-             renorm_momentum=0.9, virtual_batch_size=2, steps=ghost_steps,
-             batch1_steps=(4, 6)),
-        Spec("ghost_renorm_clip_vbs4_rank4_axis1", (8, 3, 2, 2), 1, seed=302, renorm=True,
-             renorm_clipping=dict(CLIP), renorm_momentum=0.9, renorm_init="independent",
-             virtual_batch_size=4, steps=ghost_steps, batch1_steps=(4, 6)),
+        Spec(
+            "ghost_renorm_vbs2_rank2_axis-1",
+            (8, 4),
+            -1,
+            seed=301,
+            renorm=True,
+            renorm_momentum=0.9,
+            virtual_batch_size=2,
+            steps=ghost_steps,
+            batch1_steps=(4, 6),
+        ),
+        Spec(
+            "ghost_renorm_clip_vbs4_rank4_axis1",
+            (8, 3, 2, 2),
+            1,
+            seed=302,
+            renorm=True,
+            renorm_clipping=dict(CLIP),
+            renorm_momentum=0.9,
+            renorm_init="independent",
+            virtual_batch_size=4,
+            steps=ghost_steps,
+            batch1_steps=(4, 6),
+        ),
     ]
     # Extended set: adjustment.
     s += [
@@ -415,9 +497,11 @@ def save(name, arrays, notes):
     np.savez_compressed(path, **arrays)
     first_x = arrays.get("x_0")
     cfg = json.loads(str(arrays["config"]))
-    print(f"{name:42s} steps={int(arrays['num_steps'])} "
-          f"x0={None if first_x is None else tuple(first_x.shape)} axis={cfg['axis']} "
-          f"bytes={path.stat().st_size}" + ("  | " + "; ".join(notes) if notes else ""))
+    print(
+        f"{name:42s} steps={int(arrays['num_steps'])} "
+        f"x0={None if first_x is None else tuple(first_x.shape)} axis={cfg['axis']} "
+        f"bytes={path.stat().st_size}" + ("  | " + "; ".join(notes) if notes else "")
+    )
     return path.stat().st_size
 
 
@@ -425,8 +509,10 @@ def main() -> int:
     tf.config.experimental.enable_op_determinism()
     tf.random.set_seed(0)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    print(f"tensorflow {tf.__version__}, tf_keras {tf_keras.__version__}, "
-          f"numpy {np.__version__} -> {OUT_DIR}")
+    print(
+        f"tensorflow {tf.__version__}, tf_keras {tf_keras.__version__}, "
+        f"numpy {np.__version__} -> {OUT_DIR}"
+    )
     total = 0
     for fn in (run_seed_example, run_seed_axis0_example):
         arrays, notes = fn()
@@ -434,7 +520,7 @@ def main() -> int:
     for spec in specs():
         try:
             arrays = run_fixture(spec)
-        except Exception as e:  # noqa: BLE001 - e.g. an unsupported configuration
+        except Exception as e:  # e.g. an unsupported configuration
             print(f"{spec.name:42s} SKIPPED: tf_keras failed: {type(e).__name__}: {e}")
             continue
         total += save(spec.name, arrays, spec.notes)
