@@ -1,10 +1,14 @@
-"""Conformance with tf_keras ``BatchNormalization(fused=False)``.
+"""Conformance with tf_keras ``BatchNormalization(fused=False)``, on every kernel.
 
 The fixtures in ``tests/fixtures/golden/`` were written by ``tools/make_golden.py``
 with tensorflow-cpu 2.21.0 and tf-keras 2.21.0. Each drives one layer through a
 sequence of training and inference calls; after every call we compare the output,
 the gradients of ``sum(y * dy)`` with respect to x, gamma and beta, and every
-moving statistic.
+moving statistic (renorm's moving_stddev, renorm_mean and renorm_stddev
+included). The fixtures cover plain batch normalization over ranks 2-5, axes
+0, 1, -1 and [1, 3], momentums, epsilons and center/scale; renorm with and
+without clipping and with several renorm momentums; ghost batches of 2 and 4
+(with renorm too) including inference at batch size 1; and adjustment.
 
 Tolerance: rtol=1e-5, atol=1e-5 in float32. Both sides compute in float32 but
 reduce in a different order (TensorFlow's two-pass mean of squared deviations
@@ -26,9 +30,7 @@ import batchnorm as bn
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 RTOL = ATOL = 1e-5
-# Keys of the fixture configs that belong to later training modes; a fixture
-# using any of them is exercised by the tests of those modes.
-EXTENDED = ("renorm", "virtual_batch_size", "adjustment")
+RENORM_STATE = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 def load(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -36,15 +38,22 @@ def load(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return json.loads(str(data.pop("config"))), data
 
 
-def is_plain(config: dict) -> bool:
-    return not any(config.get(key) for key in EXTENDED)
-
-
 FIXTURES = sorted(GOLDEN.glob("*.npz"))
-PLAIN = [p for p in FIXTURES if is_plain(load(p)[0])]
 
 
-def build_layer(config: dict, data: dict[str, np.ndarray]) -> bn.BatchNorm:
+class StepAdjustment:
+    """The fixture's adjustment: fixed per-step (scale, bias), consumed one training step at a time."""
+
+    def __init__(self, data: dict[str, np.ndarray]) -> None:
+        self.data, self.step, self.calls = data, 0, 0
+
+    def __call__(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        return (torch.from_numpy(self.data[f"adjust_scale_{self.step}"]),
+                torch.from_numpy(self.data[f"adjust_bias_{self.step}"]))
+
+
+def build_layer(config: dict, data: dict[str, np.ndarray], fused: bool | None) -> bn.BatchNorm:
     axis = config["axis"]
     layer = bn.BatchNorm(
         data["moving_mean0"].shape,
@@ -53,14 +62,17 @@ def build_layer(config: dict, data: dict[str, np.ndarray]) -> bn.BatchNorm:
         epsilon=config["epsilon"],
         center=config["center"],
         scale=config["scale"],
+        renorm=config.get("renorm", False),
+        renorm_clipping=config.get("renorm_clipping"),
+        renorm_momentum=config.get("renorm_momentum", 0.99),
+        virtual_batch_size=config.get("virtual_batch_size"),
+        adjustment=StepAdjustment(data) if config.get("adjustment") else None,
+        fused=fused,
     )
     with torch.no_grad():
-        layer.moving_mean.copy_(torch.from_numpy(data["moving_mean0"]))
-        layer.moving_variance.copy_(torch.from_numpy(data["moving_variance0"]))
-        if layer.gamma is not None:
-            layer.gamma.copy_(torch.from_numpy(data["gamma0"]))
-        if layer.beta is not None:
-            layer.beta.copy_(torch.from_numpy(data["beta0"]))
+        for name in ("moving_mean", "moving_variance", "gamma", "beta", *RENORM_STATE):
+            if getattr(layer, name, None) is not None:
+                getattr(layer, name).copy_(torch.from_numpy(data[f"{name}0"]))
     return layer
 
 
@@ -87,23 +99,41 @@ def check_step(layer: bn.BatchNorm, data: dict[str, np.ndarray], i: int) -> None
         close(layer.gamma.grad, f"dgamma_{i}")
     if layer.beta is not None:
         close(layer.beta.grad, f"dbeta_{i}")
-    close(layer.moving_mean, f"moving_mean_{i}")
-    close(layer.moving_variance, f"moving_variance_{i}")
+    for name in ("moving_mean", "moving_variance", *(RENORM_STATE if layer.renorm else ())):
+        close(getattr(layer, name), f"{name}_{i}")
 
 
-@pytest.mark.parametrize("path", PLAIN, ids=[p.stem for p in PLAIN])
-def test_matches_tf_keras(path: Path) -> None:
+@pytest.mark.parametrize("fused", [None, False], ids=["fused=None", "fused=False"])
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
+def test_matches_tf_keras(path: Path, fused: bool | None) -> None:
     config, data = load(path)
-    layer = build_layer(config, data)
+    layer = build_layer(config, data, fused)
     for i in range(int(data["num_steps"])):
+        if layer.adjustment is not None:
+            layer.adjustment.step = i
         check_step(layer, data, i)
+    if layer.adjustment is not None:  # called once per training step, never in inference
+        assert layer.adjustment.calls == sum(
+            bool(data[f"training_{i}"]) for i in range(int(data["num_steps"])))
 
 
-def test_fixtures_cover_the_foundation_configurations() -> None:
-    configs = [load(p)[0] for p in PLAIN]
-    assert len(PLAIN) >= 15
+def test_fixtures_cover_every_configuration() -> None:
+    configs = [load(p)[0] for p in FIXTURES]
+    assert len(FIXTURES) >= 30
     assert {json.dumps(c["axis"]) for c in configs} >= {"-1", "0", "1", "[1, 3]"}
     assert {c["momentum"] for c in configs} >= {0.99, 0.9, 0.5}
     assert {c["epsilon"] for c in configs} >= {1e-3, 1e-5, 0.1}
     assert {(c["center"], c["scale"]) for c in configs} == {
         (True, True), (False, True), (True, False), (False, False)}
+    assert any(c["renorm"] and c["renorm_clipping"] for c in configs)
+    assert any(c["renorm"] and not c["renorm_clipping"] for c in configs)
+    assert {c["virtual_batch_size"] for c in configs} >= {None, 2, 4}
+    assert any(c["virtual_batch_size"] and c["renorm"] for c in configs)
+    assert any(c["adjustment"] for c in configs)
+
+
+def test_ghost_fixtures_include_inference_at_batch_size_one() -> None:
+    ghost = [load(p)[1] for p in FIXTURES if load(p)[0]["virtual_batch_size"]]
+    assert ghost and all(
+        any(d[f"x_{i}"].shape[0] == 1 and not d[f"training_{i}"] for i in range(d["num_steps"]))
+        for d in ghost)

@@ -9,28 +9,41 @@ arguments: :func:`batch_norm` returns the output together with the new state,
 so the functions compose with ``torch.func`` (``grad``, ``vmap``,
 ``functional_call``) and ``torch.compile(fullgraph=True)``.
 
+The training modes of TensorFlow live here too: Batch Renormalization
+(``renorm``), ghost batches (``virtual_batch_size``), ``adjustment``, and
+masks. Training-mode arithmetic is done by a kernel from
+:mod:`batchnorm.kernels`, chosen by ``fused``.
+
 Statistics are computed in float32 for half-precision inputs (float64 for
 float64 inputs); the output has the input's dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "GHOST_LAYOUTS",
     "BatchNormState",
     "BatchStatistics",
     "batch_norm",
+    "check_options",
     "initial_state",
     "moments",
     "normalize",
+    "pooled_statistics",
     "resolve_axes",
     "update_state",
 ]
+
+GHOST_LAYOUTS = ("strided", "consecutive")
+Adjustment = Callable[[torch.Size], tuple[Tensor, Tensor]]
 
 
 class BatchNormState(NamedTuple):
@@ -39,7 +52,10 @@ class BatchNormState(NamedTuple):
     ``moving_mean`` and ``moving_variance`` are feature-shaped; ``num_updates``
     is an int64 scalar counting the moving-average updates applied so far.
     ``initial_mean``/``initial_variance`` hold the values the moving averages
-    started from; they are needed only for ``debias=True`` and may be None.
+    started from; they are needed only for ``debias=True``. ``moving_stddev``,
+    ``renorm_mean`` and ``renorm_stddev`` exist only with ``renorm=True``: as in
+    tf_keras, the moving standard deviation is the average that is kept, and
+    ``moving_variance = relu(moving_stddev**2 - epsilon)`` is derived from it.
     """
 
     moving_mean: Tensor
@@ -47,19 +63,100 @@ class BatchNormState(NamedTuple):
     num_updates: Tensor
     initial_mean: Tensor | None = None
     initial_variance: Tensor | None = None
+    moving_stddev: Tensor | None = None
+    renorm_mean: Tensor | None = None
+    renorm_stddev: Tensor | None = None
 
 
 class BatchStatistics(NamedTuple):
-    """Per-feature statistics of one batch: mean, biased variance, values per feature."""
+    """One batch's statistics, per group of samples and feature.
+
+    ``mean`` and ``variance`` (biased) have shape ``(groups, *features)``:
+    one group, or one per ghost batch. ``count`` is the number of values behind
+    each entry: an int, or with a mask a tensor broadcastable to that shape.
+    """
 
     mean: Tensor
     variance: Tensor
-    count: int
+    count: int | Tensor
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are kept in for inputs of ``dtype``: float64 stays, all else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_number(value, *, integer: bool = False) -> bool:
+    kind = numbers.Integral if integer else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_options(
+    *,
+    momentum: float = 0.99,
+    epsilon: float = 1e-3,
+    renorm: bool = False,
+    renorm_clipping: Mapping[str, float] | None = None,
+    renorm_momentum: float = 0.99,
+    virtual_batch_size: int | None = None,
+    ghost_layout: str = "strided",
+    adjustment: Adjustment | None = None,
+    fused: bool | None = None,
+    axis: int | Sequence[int] = 1,
+) -> None:
+    """Raise ``ValueError``/``TypeError`` for options that are invalid or meaningless together."""
+    for name, value in (("momentum", momentum), ("renorm_momentum", renorm_momentum)):
+        if not _is_number(value) or not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"{name}={value!r} is invalid: expected a number in [0, 1), the decay of the "
+                "moving averages (TensorFlow's default 0.99; PyTorch's momentum=0.1 is 0.9)"
+            )
+    if not _is_number(epsilon) or not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon={epsilon!r} is invalid: expected a finite number > 0")
+    if renorm_clipping is not None:
+        if not renorm:
+            raise ValueError("renorm_clipping is given but renorm=False: it would have no effect")
+        unknown = set(renorm_clipping) - {"rmin", "rmax", "dmax"}
+        if unknown:
+            raise ValueError(
+                f"renorm_clipping has unknown key(s) {sorted(unknown)}: expected 'rmin', "
+                "'rmax', 'dmax'")
+        for key, value in renorm_clipping.items():
+            if not _is_number(value) or math.isnan(value) or value < 0:
+                raise ValueError(f"renorm_clipping[{key!r}]={value!r}: expected a number >= 0")
+        if renorm_clipping.get("rmin", 0.0) > renorm_clipping.get("rmax", math.inf):
+            raise ValueError(f"renorm_clipping {dict(renorm_clipping)!r} has rmin > rmax")
+    if virtual_batch_size is not None:
+        if not _is_number(virtual_batch_size, integer=True) or virtual_batch_size < 1:
+            raise ValueError(
+                f"virtual_batch_size={virtual_batch_size!r}: expected a positive int or None")
+        if adjustment is not None:
+            raise ValueError(
+                "adjustment cannot be combined with virtual_batch_size (as in TensorFlow): "
+                "the adjustment's shape refers to the whole batch, not to a ghost batch")
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        if 0 in axes:
+            raise ValueError(
+                "virtual_batch_size splits axis 0, the batch axis, so axis 0 cannot be a "
+                f"feature axis (axis={axis!r})")
+    if ghost_layout not in GHOST_LAYOUTS:
+        raise ValueError(f"ghost_layout={ghost_layout!r}: expected one of {GHOST_LAYOUTS}")
+    if ghost_layout != "strided" and virtual_batch_size is None:
+        raise ValueError(
+            f"ghost_layout={ghost_layout!r} needs virtual_batch_size: without ghost batches "
+            "there is no split")
+    if adjustment is not None and not callable(adjustment):
+        raise TypeError(f"adjustment must be a callable shape -> (scale, bias), got {adjustment!r}")
+    if fused not in (None, True, False):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}")
+    if fused:
+        from .kernels import unfused_reason
+
+        reason = unfused_reason(axis=axis, renorm=renorm, virtual_batch_size=virtual_batch_size,
+                                adjustment=adjustment)
+        if reason:
+            raise ValueError(f"fused=True, but there is no fused kernel {reason}; "
+                             "use fused=None to pick the fastest available path")
 
 
 def resolve_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -87,15 +184,44 @@ def resolve_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(resolved))
 
 
-def _broadcast(t: Tensor | None, x: Tensor, axes: tuple[int, ...]) -> Tensor | None:
-    """Reshape a feature-shaped tensor so that it broadcasts against ``x``."""
+def broadcast(t: Tensor | None, x: Tensor, axes: tuple[int, ...]) -> Tensor | None:
+    """Reshape a tensor with the feature axes' sizes (in order) to broadcast against ``x``."""
     if t is None:
         return None
     return t.reshape([x.shape[d] if d in axes else 1 for d in range(x.ndim)])
 
 
-def _reduction_axes(ndim: int, axes: tuple[int, ...]) -> list[int]:
+def reduction_axes(ndim: int, axes: tuple[int, ...]) -> list[int]:
+    """The axes statistics reduce over: every axis that is not a feature axis."""
     return [d for d in range(ndim) if d not in axes]
+
+
+def _count(x: Tensor, axes: tuple[int, ...]) -> int:
+    """Values per feature: the product of the sizes of the reduced axes."""
+    return math.prod(x.shape[d] for d in reduction_axes(x.ndim, axes))
+
+
+def _check_mask(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask must be a boolean tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    try:
+        torch.broadcast_shapes(mask_shape(mask, x, axes), x.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast over the input's non-feature "
+            f"axes: input shape {tuple(x.shape)}, feature axis {axes}"
+        ) from None
+
+
+def mask_shape(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> list[int]:
+    """The mask's shape with size-1 feature axes inserted when it covers only the other axes."""
+    if mask.ndim == x.ndim - len(axes):
+        shape = list(mask.shape)
+        for a in axes:
+            shape.insert(a, 1)
+        return shape
+    return list(mask.shape)
 
 
 def check_input(
@@ -104,12 +230,16 @@ def check_input(
     feature_shape: Sequence[int] | None,
     *,
     training: bool = False,
+    virtual_batch_size: int | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[int, ...]:
     """Validate an input against the layer's configuration; return its feature axes.
 
-    ``TypeError`` for a non-floating dtype; ``ValueError`` for an axis out of
-    range, feature sizes that differ from ``feature_shape``, or (in training) a
-    single value per feature, whose variance does not exist.
+    ``TypeError`` for a non-floating dtype or a non-boolean mask; ``ValueError``
+    for an axis out of range, feature sizes that differ from ``feature_shape``,
+    a batch that ``virtual_batch_size`` does not divide, a mask that does not
+    broadcast, or (in training) a single value per feature, whose variance
+    does not exist.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
@@ -125,23 +255,30 @@ def check_input(
             f"input of shape {tuple(x.shape)} has feature size(s) {actual} along axis {axes}, "
             f"expected {tuple(feature_shape)}"
         )
-    if training and _count(x, axes) < 2:
+    if mask is not None:
+        _check_mask(mask, x, axes)
+    if not training:
+        return axes
+    count = _count(x, axes)
+    if virtual_batch_size is not None:
+        if 0 in axes:
+            raise ValueError(
+                f"virtual_batch_size splits axis 0, which is a feature axis here (axis {axes})")
+        if x.shape[0] % virtual_batch_size:
+            raise ValueError(
+                f"virtual_batch_size={virtual_batch_size} does not divide the batch size "
+                f"{x.shape[0]} (input shape {tuple(x.shape)})")
+        count = count // x.shape[0] * virtual_batch_size
+    if count < 2:
         raise ValueError(
             f"training-mode batch normalization needs more than one value per feature to "
             f"compute a variance, got an input of shape {tuple(x.shape)} with feature axis "
-            f"{axes}: {_count(x, axes)} value per feature. Normalizing it would map every value "
-            "to beta (TensorFlow silently returns zeros here). Use a larger batch, or "
-            "training=False."
+            f"{axes}: {count} value per feature"
+            + (" and ghost batch" if virtual_batch_size is not None else "")
+            + ". Normalizing it would map every value to beta (TensorFlow silently returns "
+            "zeros here). Use a larger batch, or training=False."
         )
     return axes
-
-
-def _count(x: Tensor, axes: tuple[int, ...]) -> int:
-    """Values per feature: the product of the sizes of the reduced axes."""
-    count = 1
-    for d in _reduction_axes(x.ndim, axes):
-        count *= x.shape[d]
-    return count
 
 
 def moments(
@@ -192,20 +329,61 @@ def normalize(
     return (x * inv + shift).to(x.dtype)
 
 
-def batch_statistics(x: Tensor, axes: tuple[int, ...]) -> BatchStatistics:
-    """Feature-shaped mean and biased variance of ``x``, reducing over every axis not in ``axes``."""
-    mean, variance = moments(x, _reduction_axes(x.ndim, axes))
-    return BatchStatistics(mean, variance, _count(x, axes))
+def pooled_statistics(
+    stats: BatchStatistics, *, unbiased: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Feature-shaped mean and variance of a batch: the average over its groups.
+
+    Ghost batches contribute with equal weight, as in tf_keras (the mean of the
+    group variances, not the variance of the whole batch). With a mask, groups
+    with no selected value are left out; if none is left the result is NaN.
+    With ``unbiased`` each group's variance is Bessel-corrected first.
+    """
+    mean, variance, count = stats
+    if unbiased:
+        variance = variance * (count / (count - 1))
+    if isinstance(count, int):
+        return mean.mean(0), variance.mean(0)
+    valid = (torch.as_tensor(count) > 0).expand_as(mean)
+    groups = valid.sum(0)
+    return (torch.where(valid, mean, 0).sum(0) / groups,
+            torch.where(valid, variance, 0).sum(0) / groups)
+
+
+def renorm_correction(
+    mean: Tensor,
+    variance: Tensor,
+    state: BatchNormState,
+    *,
+    epsilon: float,
+    clipping: Mapping[str, float] | None,
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's ``(r, d)`` for feature-shaped batch statistics, without gradient.
+
+    ``r = sqrt(variance + eps) / s`` and ``d = (mean - renorm_mean) / s`` with
+    ``s = max(renorm_stddev, sqrt(eps))``, clipped to ``[rmin, rmax]`` and
+    ``[-dmax, dmax]`` (missing keys: 0, inf, inf). Where the statistics are not
+    finite (an empty mask) the correction is the identity.
+    """
+    clipping = clipping or {}
+    stddev = torch.sqrt(variance.detach() + epsilon)
+    s = torch.clamp_min(state.renorm_stddev, math.sqrt(epsilon))
+    r = (stddev / s).clamp(clipping.get("rmin", 0.0), clipping.get("rmax", math.inf))
+    dmax = clipping.get("dmax", math.inf)
+    d = ((mean.detach() - state.renorm_mean) / s).clamp(-dmax, dmax)
+    return torch.where(torch.isfinite(r), r, 1.0), torch.where(torch.isfinite(d), d, 0.0)
 
 
 def inference_statistics(
-    state: BatchNormState, *, momentum: float, debias: bool = False
+    state: BatchNormState, *, momentum: float, epsilon: float = 1e-3, debias: bool = False
 ) -> tuple[Tensor, Tensor]:
     """The mean and variance inference normalizes with.
 
     With ``debias=True`` the moving averages are corrected for the value they
     started from, ``(m_t - momentum**t * m_0) / (1 - momentum**t)``, so that a
     model evaluated after few updates is not pulled toward the initializers.
+    With renorm the correction applies to the moving standard deviation, from
+    which the variance is derived.
     """
     mean, variance = state.moving_mean, state.moving_variance
     if not debias:
@@ -220,7 +398,12 @@ def inference_statistics(
     def correct(m: Tensor, m0: Tensor) -> Tensor:
         return torch.where(updated, (m - decay * m0) / denominator, m)
 
-    return correct(mean, state.initial_mean), correct(variance, state.initial_variance)
+    if state.moving_stddev is not None:
+        stddev = correct(state.moving_stddev, torch.sqrt(state.initial_variance))
+        variance = torch.where(updated, torch.relu(stddev * stddev - epsilon), variance)
+    else:
+        variance = correct(variance, state.initial_variance)
+    return correct(mean, state.initial_mean), variance
 
 
 def update_state(
@@ -228,32 +411,45 @@ def update_state(
     stats: BatchStatistics,
     *,
     momentum: float,
+    epsilon: float = 1e-3,
     unbiased_moving_variance: bool = False,
+    renorm_momentum: float = 0.99,
 ) -> BatchNormState:
     """Fold one batch's statistics into the moving averages.
 
     ``moving -= (moving - statistic) * (1 - momentum)``, the update TensorFlow
-    applies. With ``unbiased_moving_variance`` the variance entering the average
-    is Bessel-corrected (``* n / (n - 1)``), as in PyTorch. A batch whose
-    statistics are not all finite leaves the state unchanged (``num_updates``
-    included), so that one bad batch cannot poison the averages.
+    applies, with the statistics of :func:`pooled_statistics`. With
+    ``unbiased_moving_variance`` the variance entering the average is
+    Bessel-corrected (``* n / (n - 1)``), as in PyTorch. A renorm state (one
+    with ``moving_stddev``) also moves ``renorm_mean``/``renorm_stddev`` with
+    ``renorm_momentum`` and derives ``moving_variance`` from ``moving_stddev``,
+    as tf_keras does. A batch whose statistics are not all finite leaves the
+    state unchanged (``num_updates`` included), so that one bad batch cannot
+    poison the averages.
     """
-    mean = stats.mean.detach()
-    variance = stats.variance.detach()
-    if unbiased_moving_variance:
-        variance = variance * (stats.count / (stats.count - 1))
+    stats = BatchStatistics(stats.mean.detach(), stats.variance.detach(), stats.count)
+    mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
     finite = torch.isfinite(mean).all() & torch.isfinite(variance).all()
-    decay = 1.0 - momentum
 
-    def ema(moving: Tensor, value: Tensor) -> Tensor:
-        updated = moving - (moving - value.to(moving.dtype)) * decay
+    def ema(moving: Tensor, value: Tensor, decay: float) -> Tensor:
+        updated = moving - (moving - value.to(moving.dtype)) * (1.0 - decay)
         return torch.where(finite, updated, moving)
 
-    return state._replace(
-        moving_mean=ema(state.moving_mean, mean),
-        moving_variance=ema(state.moving_variance, variance),
-        num_updates=state.num_updates + finite.to(state.num_updates.dtype),
-    )
+    new = {
+        "moving_mean": ema(state.moving_mean, mean, momentum),
+        "num_updates": state.num_updates + finite.to(state.num_updates.dtype),
+    }
+    if state.moving_stddev is None:
+        new["moving_variance"] = ema(state.moving_variance, variance, momentum)
+    else:
+        stddev = torch.sqrt(variance + epsilon)
+        moving_stddev = ema(state.moving_stddev, stddev, momentum)
+        new["moving_stddev"] = moving_stddev
+        new["moving_variance"] = torch.where(
+            finite, torch.relu(moving_stddev * moving_stddev - epsilon), state.moving_variance)
+        new["renorm_mean"] = ema(state.renorm_mean, mean, renorm_momentum)
+        new["renorm_stddev"] = ema(state.renorm_stddev, stddev, renorm_momentum)
+    return state._replace(**new)
 
 
 def _forward(
@@ -266,25 +462,34 @@ def _forward(
     axis: int | Sequence[int],
     momentum: float,
     epsilon: float,
-    debias: bool,
+    debias: bool = False,
+    renorm: bool = False,
+    renorm_clipping: Mapping[str, float] | None = None,
+    virtual_batch_size: int | None = None,
+    ghost_layout: str = "strided",
+    adjustment: Adjustment | None = None,
+    fused: bool | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, BatchStatistics | None]:
     """Normalize ``x``; return the output and, in training, the batch statistics."""
-    axes = check_input(x, axis, tuple(state.moving_mean.shape), training=training)
-    if training:
-        stats = batch_statistics(x, axes)
-        mean, variance = stats.mean, stats.variance
-    else:
-        stats = None
-        mean, variance = inference_statistics(state, momentum=momentum, debias=debias)
-    y = normalize(
-        x,
-        _broadcast(mean, x, axes),
-        _broadcast(variance, x, axes),
-        _broadcast(beta, x, axes),
-        _broadcast(gamma, x, axes),
-        epsilon,
+    from . import kernels
+
+    axes = check_input(x, axis, tuple(state.moving_mean.shape), training=training,
+                       virtual_batch_size=virtual_batch_size, mask=mask)
+    if not training:
+        mean, variance = inference_statistics(state, momentum=momentum, epsilon=epsilon,
+                                              debias=debias)
+        y = normalize(x, broadcast(mean, x, axes), broadcast(variance, x, axes),
+                      broadcast(beta, x, axes), broadcast(gamma, x, axes), epsilon)
+        return y, None
+    kernel = kernels.select(fused, axes=axes, renorm=renorm,
+                            virtual_batch_size=virtual_batch_size, adjustment=adjustment,
+                            mask=mask)
+    return kernel(
+        x, state, axes, gamma=gamma, beta=beta, epsilon=epsilon, renorm=renorm,
+        renorm_clipping=renorm_clipping, virtual_batch_size=virtual_batch_size,
+        ghost_layout=ghost_layout, adjustment=adjustment, mask=mask,
     )
-    return y, stats
 
 
 def batch_norm(
@@ -299,13 +504,23 @@ def batch_norm(
     epsilon: float = 1e-3,
     unbiased_moving_variance: bool = False,
     debias: bool = False,
+    renorm: bool = False,
+    renorm_clipping: Mapping[str, float] | None = None,
+    renorm_momentum: float = 0.99,
+    virtual_batch_size: int | None = None,
+    ghost_layout: str = "strided",
+    adjustment: Adjustment | None = None,
+    fused: bool | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, BatchNormState]:
     """Batch-normalize ``x``; return ``(y, new_state)`` without mutating anything.
 
     ``axis`` names the feature axes (statistics reduce over all others).
     In training the batch statistics normalize ``x`` and are folded into the
     moving averages of the returned state; in inference the state's moving
-    averages normalize ``x`` and the state is returned unchanged.
+    averages normalize ``x`` and the state is returned unchanged. The options
+    are those of :class:`batchnorm.BatchNorm`; a renorm state comes from
+    ``initial_state(..., renorm=True)``.
 
     >>> state = initial_state(1)
     >>> x = torch.tensor([[-10.0], [0.0], [10.0]])
@@ -315,14 +530,23 @@ def batch_norm(
     >>> state.moving_mean, state.moving_variance
     (tensor([0.]), tensor([1.6567]))
     """
+    check_options(momentum=momentum, epsilon=epsilon, renorm=renorm,
+                  renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
+                  virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
+                  adjustment=adjustment, fused=fused, axis=axis)
+    if renorm and state.moving_stddev is None:
+        raise ValueError("renorm=True needs a renorm state: initial_state(..., renorm=True)")
     y, stats = _forward(
-        x, state, training=training, gamma=gamma, beta=beta, axis=axis,
-        momentum=momentum, epsilon=epsilon, debias=debias,
+        x, state, training=training, gamma=gamma, beta=beta, axis=axis, momentum=momentum,
+        epsilon=epsilon, debias=debias, renorm=renorm, renorm_clipping=renorm_clipping,
+        virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
+        adjustment=adjustment, fused=fused, mask=mask,
     )
     if stats is None:
         return y, state
     new_state = update_state(
-        state, stats, momentum=momentum, unbiased_moving_variance=unbiased_moving_variance
+        state, stats, momentum=momentum, epsilon=epsilon,
+        unbiased_moving_variance=unbiased_moving_variance, renorm_momentum=renorm_momentum,
     )
     return y, new_state
 
@@ -330,22 +554,31 @@ def batch_norm(
 def initial_state(
     num_features: int | Sequence[int],
     *,
-    moving_mean: float = 0.0,
-    moving_variance: float = 1.0,
+    moving_mean: float | Tensor = 0.0,
+    moving_variance: float | Tensor = 1.0,
     debias: bool = False,
+    renorm: bool = False,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> BatchNormState:
-    """A fresh state for features of the given size(s), moving averages filled with constants.
+    """A fresh state for features of the given size(s).
+
+    With ``renorm`` the renorm averages start where tf_keras starts them:
+    ``renorm_mean = moving_mean`` and ``moving_stddev = renorm_stddev = sqrt(moving_variance)``.
 
     >>> initial_state(3)
     BatchNormState(moving_mean=tensor([0., 0., 0.]), moving_variance=tensor([1., 1., 1.]), \
-num_updates=tensor(0), initial_mean=None, initial_variance=None)
+num_updates=tensor(0), initial_mean=None, initial_variance=None, moving_stddev=None, \
+renorm_mean=None, renorm_stddev=None)
     """
     shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-    mean = torch.full(shape, moving_mean, dtype=dtype, device=device)
-    variance = torch.full(shape, moving_variance, dtype=dtype, device=device)
-    count = torch.zeros((), dtype=torch.int64, device=device)
+    mean = torch.zeros(shape, dtype=dtype, device=device) + torch.as_tensor(moving_mean)
+    variance = torch.zeros(shape, dtype=dtype, device=device) + torch.as_tensor(moving_variance)
+    state = BatchNormState(mean, variance, torch.zeros((), dtype=torch.int64, device=device))
     if debias:
-        return BatchNormState(mean, variance, count, mean.clone(), variance.clone())
-    return BatchNormState(mean, variance, count)
+        state = state._replace(initial_mean=mean.clone(), initial_variance=variance.clone())
+    if renorm:
+        stddev = torch.sqrt(variance)
+        state = state._replace(moving_stddev=stddev, renorm_mean=mean.clone(),
+                               renorm_stddev=stddev.clone())
+    return state

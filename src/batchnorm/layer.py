@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,13 +13,20 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 
 from . import functional as F
 from . import initializers
-from .functional import BatchNormState, BatchStatistics
+from .functional import Adjustment, BatchNormState, BatchStatistics
 from .initializers import Initializer
 from .updates import active_recorder
 
 __all__ = ["BatchNorm", "apply_constraints", "regularization_loss"]
 
 Regularizer = Callable[[Tensor], Tensor]
+# BatchNormState fields and the buffers that hold them.
+_BUFFER = {
+    "moving_mean": "moving_mean", "moving_variance": "moving_variance",
+    "num_updates": "num_updates", "initial_mean": "initial_moving_mean",
+    "initial_variance": "initial_moving_variance", "moving_stddev": "moving_stddev",
+    "renorm_mean": "renorm_mean", "renorm_stddev": "renorm_stddev",
+}
 Constraint = Callable[[Tensor], Tensor]
 
 
@@ -146,26 +152,28 @@ class BatchNorm(nn.Module):
         gamma_constraint: Constraint | None = None,
         debias: bool = False,
         unbiased_moving_variance: bool = False,
+        renorm: bool = False,
+        renorm_clipping: Mapping[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        virtual_batch_size: int | None = None,
+        ghost_layout: str = "strided",
+        adjustment: Adjustment | None = None,
+        fused: bool | None = None,
         trainable: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.axis = _normalize_axis(axis)
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
-                or not 0.0 <= momentum < 1.0:
-            raise ValueError(
-                f"momentum={momentum!r} is invalid: expected a number in [0, 1), the decay of "
-                "the moving averages (TensorFlow's default 0.99; PyTorch's momentum=0.1 is 0.9)"
-            )
-        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) \
-                or not (epsilon > 0 and math.isfinite(epsilon)):
-            raise ValueError(f"epsilon={epsilon!r} is invalid: expected a finite number > 0")
         for name, flag in (("center", center), ("scale", scale), ("debias", debias),
                            ("unbiased_moving_variance", unbiased_moving_variance),
-                           ("trainable", trainable)):
+                           ("renorm", renorm), ("trainable", trainable)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        F.check_options(momentum=momentum, epsilon=epsilon, renorm=renorm,
+                        renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
+                        virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
+                        adjustment=adjustment, fused=fused, axis=self.axis)
         for name, init in (("beta_initializer", beta_initializer),
                            ("gamma_initializer", gamma_initializer),
                            ("moving_mean_initializer", moving_mean_initializer),
@@ -182,6 +190,13 @@ class BatchNorm(nn.Module):
 
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
+        self.renorm = renorm
+        self.renorm_clipping = dict(renorm_clipping) if renorm_clipping is not None else None
+        self.renorm_momentum = float(renorm_momentum)
+        self.virtual_batch_size = virtual_batch_size
+        self.ghost_layout = ghost_layout
+        self.adjustment = adjustment
+        self.fused = fused
         self.center = center
         self.scale = scale
         self.debias = debias
@@ -221,6 +236,12 @@ class BatchNorm(nn.Module):
             # The values the averages started from, which the correction subtracts.
             self.register_buffer("initial_moving_mean", buffer())
             self.register_buffer("initial_moving_variance", buffer())
+        if renorm:
+            # tf_keras keeps the moving standard deviation (moving_variance is derived from
+            # it) and separate renorm averages that move with renorm_momentum.
+            self.register_buffer("moving_stddev", buffer())
+            self.register_buffer("renorm_mean", buffer())
+            self.register_buffer("renorm_stddev", buffer())
         if not lazy:
             self.reset_parameters()
 
@@ -248,6 +269,10 @@ class BatchNorm(nn.Module):
             if self.debias:
                 self.initial_moving_mean.copy_(mean)
                 self.initial_moving_variance.copy_(variance)
+            if self.renorm:
+                self.moving_stddev.copy_(variance.sqrt())
+                self.renorm_mean.copy_(mean)
+                self.renorm_stddev.copy_(variance.sqrt())
 
     def reset_parameters(self) -> None:
         """Re-initialize ``gamma``, ``beta`` and the moving statistics from the initializers."""
@@ -279,7 +304,19 @@ class BatchNorm(nn.Module):
             self.moving_mean, self.moving_variance, self.num_updates,
             self.initial_moving_mean if self.debias else None,
             self.initial_moving_variance if self.debias else None,
+            self.moving_stddev if self.renorm else None,
+            self.renorm_mean if self.renorm else None,
+            self.renorm_stddev if self.renorm else None,
         )
+
+    def _options(self) -> dict[str, Any]:
+        """The keyword options the functional core takes, from this layer's configuration."""
+        return {
+            "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon,
+            "debias": self.debias, "renorm": self.renorm, "renorm_clipping": self.renorm_clipping,
+            "virtual_batch_size": self.virtual_batch_size, "ghost_layout": self.ghost_layout,
+            "adjustment": self.adjustment, "fused": self.fused,
+        }
 
     # ------------------------------------------------------------------ trainable
 
@@ -308,20 +345,25 @@ class BatchNorm(nn.Module):
             raise TypeError(f"training must be True, False or None, got {training!r}")
         return training
 
-    def forward(self, x: Tensor, training: bool | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, training: bool | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """Normalize ``x``.
 
         ``training=None`` follows ``train()``/``eval()``; ``True``/``False``
         overrides it for this call. A frozen layer (``trainable=False``) always
-        runs in inference mode.
+        runs in inference mode. ``mask``, a boolean tensor broadcastable over
+        the non-feature axes, selects the positions the batch statistics come
+        from (in training); every position is normalized.
         """
         training = self._resolve_training(training)
         if self.num_features is None:
-            axes = F.check_input(x, self.axis, None, training=training)
+            axes = F.check_input(x, self.axis, None, training=training,
+                                 virtual_batch_size=self.virtual_batch_size, mask=mask)
             self._build(tuple(x.shape[a] for a in axes))
         y, stats = F._forward(
             x, self.state(), training=training, gamma=self.gamma, beta=self.beta,
-            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, debias=self.debias,
+            mask=mask, **self._options(),
         )
         if stats is not None:
             recorder = active_recorder()
@@ -336,18 +378,21 @@ class BatchNorm(nn.Module):
         with torch.no_grad():
             old = self.state()
             new = F.update_state(
-                old, stats, momentum=self.momentum,
+                old, stats, momentum=self.momentum, epsilon=self.epsilon,
                 unbiased_moving_variance=self.unbiased_moving_variance,
+                renorm_momentum=self.renorm_momentum,
             )
             if not torch.compiler.is_compiling() and bool(new.num_updates == old.num_updates):
+                empty = not isinstance(stats.count, int) and not bool((stats.count > 0).any())
+                reason = ("the mask selects no position" if empty else
+                          "the batch statistics are not finite (NaN or Inf in the input)")
                 warnings.warn(
-                    f"{self._get_name()}: the batch statistics are not finite (NaN or Inf in the "
-                    "input); the moving averages were left unchanged for this batch",
-                    RuntimeWarning, stacklevel=3,
+                    f"{self._get_name()}: {reason}; the moving averages were left unchanged "
+                    "for this batch", RuntimeWarning, stacklevel=3,
                 )
-            self.moving_mean.copy_(new.moving_mean)
-            self.moving_variance.copy_(new.moving_variance)
-            self.num_updates.copy_(new.num_updates)
+            for name, value in new._asdict().items():
+                if value is not None and value is not getattr(old, name):
+                    getattr(self, _BUFFER[name]).copy_(value)
 
     # ------------------------------------------------------------------ config
 
@@ -362,9 +407,21 @@ class BatchNorm(nn.Module):
         for name in ("center", "scale"):
             if not getattr(self, name):
                 parts.append(f"{name}=False")
-        for name in ("debias", "unbiased_moving_variance"):
+        for name in ("debias", "unbiased_moving_variance", "renorm"):
             if getattr(self, name):
                 parts.append(f"{name}=True")
+        if self.renorm_clipping is not None:
+            parts.append(f"renorm_clipping={self.renorm_clipping}")
+        if self.renorm and self.renorm_momentum != 0.99:
+            parts.append(f"renorm_momentum={self.renorm_momentum}")
+        if self.virtual_batch_size is not None:
+            parts.append(f"virtual_batch_size={self.virtual_batch_size}")
+            if self.ghost_layout != "strided":
+                parts.append(f"ghost_layout={self.ghost_layout!r}")
+        if self.adjustment is not None:
+            parts.append(f"adjustment={getattr(self.adjustment, '__name__', self.adjustment)}")
+        if self.fused is not None:
+            parts.append(f"fused={self.fused}")
         if not self._trainable:
             parts.append("trainable=False")
         return ", ".join(parts)
@@ -394,6 +451,13 @@ class BatchNorm(nn.Module):
             "beta_constraint": self.beta_constraint,
             "gamma_constraint": self.gamma_constraint,
             "num_features": list(num_features) if num_features is not None else None,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
+            "virtual_batch_size": self.virtual_batch_size,
+            "adjustment": self.adjustment,
+            "fused": self.fused,
+            "ghost_layout": self.ghost_layout,
             "debias": self.debias,
             "unbiased_moving_variance": self.unbiased_moving_variance,
         }

@@ -1,0 +1,26 @@
+"""The plain training mode on ATen's fused batch-norm kernel (one pass for the statistics,
+one for the output, and a fused backward)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..functional import BatchNormState, BatchStatistics, reduction_axes
+
+
+def train(x: Tensor, state: BatchNormState, axes: tuple[int, ...], *, gamma: Tensor | None,
+          beta: Tensor | None, epsilon: float, **_unused) -> tuple[Tensor, BatchStatistics]:
+    (axis,) = axes
+    # ATen normalizes along dim 1; moving another axis there is a view (channels-last
+    # layouts keep their fast path).
+    xm = x if axis == 1 else x.movedim(axis, 1)
+    y, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
+        xm, gamma, beta, True, 0.0, epsilon)
+    # The kernel keeps 1 / sqrt(var + eps); the biased variance is recovered from it.
+    variance = torch.clamp_min(invstd.detach().pow(-2) - epsilon, 0.0)
+    count = 1
+    for d in reduction_axes(x.ndim, axes):
+        count *= x.shape[d]
+    y = y if axis == 1 else y.movedim(1, axis)
+    return y, BatchStatistics(mean.detach().unsqueeze(0), variance.unsqueeze(0), count)
