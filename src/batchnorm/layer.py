@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
+from torch.nn.parameter import UninitializedParameter
 
 from . import functional as F
 from . import initializers
@@ -225,7 +225,8 @@ class BatchNorm(nn.Module):
             return nn.Parameter(torch.empty(feature_shape, **param_kw), requires_grad=trainable)
 
         def buffer() -> Tensor:
-            return UninitializedBuffer(**stat_kw) if lazy else torch.empty(feature_shape, **stat_kw)
+            # A lazy layer's buffers are empty placeholders until _build replaces them.
+            return torch.empty(0 if lazy else feature_shape, **stat_kw)
 
         self.gamma = parameter(scale)
         self.beta = parameter(center)
@@ -254,44 +255,59 @@ class BatchNorm(nn.Module):
             return None
         return tuple(self.moving_mean.shape)
 
+    def _initial_values(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
+        """Every parameter's and buffer's initial value for features of ``shape``, by name."""
+        kw = {"dtype": self.moving_mean.dtype, "device": self.moving_mean.device}
+        mean = initializers.initial_value(
+            self.moving_mean_initializer, shape, name="moving_mean_initializer", **kw)
+        variance = initializers.initial_value(
+            self.moving_variance_initializer, shape, name="moving_variance_initializer", **kw)
+        values = {"moving_mean": mean, "moving_variance": variance}
+        if self.debias:
+            values.update(initial_moving_mean=mean, initial_moving_variance=variance)
+        if self.renorm:
+            values.update(moving_stddev=variance.sqrt(), renorm_mean=mean,
+                          renorm_stddev=variance.sqrt())
+        for name, init in (("gamma", self.gamma_initializer), ("beta", self.beta_initializer)):
+            param = getattr(self, name)
+            if param is not None:
+                values[name] = initializers.initial_value(
+                    init, shape, dtype=param.dtype, device=param.device, name=f"{name}_initializer")
+        return values
+
     def reset_moving_statistics(self) -> None:
         """Reset the moving averages to their initializers and the update count to 0."""
-        shape = tuple(self.moving_mean.shape)
-        kw = {"dtype": self.moving_mean.dtype, "device": self.moving_mean.device}
+        values = self._initial_values(tuple(self.moving_mean.shape))
         with torch.no_grad():
-            mean = initializers.initial_value(
-                self.moving_mean_initializer, shape, name="moving_mean_initializer", **kw)
-            variance = initializers.initial_value(
-                self.moving_variance_initializer, shape, name="moving_variance_initializer", **kw)
-            self.moving_mean.copy_(mean)
-            self.moving_variance.copy_(variance)
+            for name, value in values.items():
+                if name not in ("gamma", "beta"):
+                    getattr(self, name).copy_(value)
             self.num_updates.zero_()
-            if self.debias:
-                self.initial_moving_mean.copy_(mean)
-                self.initial_moving_variance.copy_(variance)
-            if self.renorm:
-                self.moving_stddev.copy_(variance.sqrt())
-                self.renorm_mean.copy_(mean)
-                self.renorm_stddev.copy_(variance.sqrt())
 
     def reset_parameters(self) -> None:
         """Re-initialize ``gamma``, ``beta`` and the moving statistics from the initializers."""
-        self.reset_moving_statistics()
+        values = self._initial_values(tuple(self.moving_mean.shape))
         with torch.no_grad():
-            for param, init, name in ((self.gamma, self.gamma_initializer, "gamma_initializer"),
-                                      (self.beta, self.beta_initializer, "beta_initializer")):
-                if param is not None:
-                    param.copy_(initializers.initial_value(
-                        init, tuple(param.shape), dtype=param.dtype, device=param.device,
-                        name=name))
+            for name, value in values.items():
+                getattr(self, name).copy_(value)
+            self.num_updates.zero_()
 
     def _build(self, feature_shape: tuple[int, ...]) -> None:
-        """Materialize a lazy layer's parameters and buffers for ``feature_shape``."""
-        for tensor in (self.gamma, self.beta, *self.buffers()):
-            if tensor is not None and is_lazy(tensor):
-                tensor.materialize(feature_shape)
+        """Materialize a lazy layer's parameters and buffers for ``feature_shape``.
+
+        Every initial value is computed before anything changes, so a failing
+        initializer leaves the layer lazy.
+        """
+        values = self._initial_values(feature_shape)
+        with torch.no_grad():
+            for name, value in values.items():
+                tensor = getattr(self, name)
+                if isinstance(tensor, UninitializedParameter):
+                    tensor.materialize(feature_shape)
+                    tensor.copy_(value)
+                else:
+                    setattr(self, name, value.clone())
         self._lazy = False
-        self.reset_parameters()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.num_features is None and prefix + "moving_mean" in state_dict:
@@ -337,13 +353,11 @@ class BatchNorm(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _resolve_training(self, training: bool | None) -> bool:
+        if training is not None and not isinstance(training, bool):
+            raise TypeError(f"training must be True, False or None, got {training!r}")
         if not self._trainable:
             return False
-        if training is None:
-            return self.training
-        if not isinstance(training, bool):
-            raise TypeError(f"training must be True, False or None, got {training!r}")
-        return training
+        return self.training if training is None else training
 
     def forward(
         self, x: Tensor, training: bool | None = None, mask: Tensor | None = None

@@ -1,0 +1,234 @@
+"""Specification of ``bn.deferred_updates``: record, apply in call order, discard on exit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import batchnorm as bn
+from batchnorm.updates import active_recorder
+
+
+def make_layer(**kwargs) -> bn.BatchNorm:
+    return bn.BatchNorm(3, axis=-1, momentum=0.9, **kwargs)
+
+
+def batch(seed: int, scale: float = 2.0, shift: float = 1.0) -> torch.Tensor:
+    return torch.randn(8, 3, generator=torch.Generator().manual_seed(seed)) * scale + shift
+
+
+def buffers(layer: bn.BatchNorm) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in layer.named_buffers()}
+
+
+def assert_same_buffers(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def assert_untouched(layer: bn.BatchNorm) -> None:
+    assert layer.num_updates.item() == 0
+    assert torch.equal(layer.moving_mean, torch.zeros(3))
+    assert torch.equal(layer.moving_variance, torch.ones(3))
+
+
+def test_training_call_inside_block_records_and_leaves_buffers_untouched():
+    layer = make_layer()
+    with bn.deferred_updates() as updates:
+        layer(batch(0), training=True)
+        assert len(updates) == 1
+        assert_untouched(layer)
+
+
+def test_training_output_inside_block_equals_eager_output():
+    eager, deferred = make_layer(), make_layer()
+    expected = eager(batch(1), training=True)
+    with bn.deferred_updates():
+        assert torch.equal(deferred(batch(1), training=True), expected)
+
+
+def test_apply_applies_recorded_updates_like_eager_calls():
+    eager, deferred = make_layer(), make_layer()
+    eager(batch(2), training=True)
+    with bn.deferred_updates() as updates:
+        deferred(batch(2), training=True)
+        assert updates.apply() == 1
+        assert len(updates) == 0
+    assert_same_buffers(buffers(deferred), buffers(eager))
+    assert deferred.num_updates.item() == 1
+
+
+def test_two_calls_of_one_layer_equal_two_eager_calls_in_order():
+    eager, deferred, reversed_order = make_layer(), make_layer(), make_layer()
+    first, second = batch(3, 1.0, -2.0), batch(4, 5.0, 3.0)
+    eager(first, training=True)
+    eager(second, training=True)
+    reversed_order(second, training=True)
+    reversed_order(first, training=True)
+    with bn.deferred_updates() as updates:
+        deferred(first, training=True)
+        deferred(second, training=True)
+        assert_untouched(deferred)
+        assert updates.apply() == 2
+    assert_same_buffers(buffers(deferred), buffers(eager))
+    assert deferred.num_updates.item() == 2
+    # The order is observable: applying in the other order would give other averages.
+    assert not torch.equal(deferred.moving_variance, reversed_order.moving_variance)
+
+
+def test_apply_updates_every_recorded_layer():
+    first, second = make_layer(), make_layer()
+    model = torch.nn.Sequential(first, torch.nn.Linear(3, 3), second)
+    with bn.deferred_updates() as updates:
+        model.train()(batch(5))
+        assert len(updates) == 2
+        updates.apply()
+    assert first.num_updates.item() == 1 and second.num_updates.item() == 1
+
+
+def test_leaving_block_without_apply_discards_updates():
+    layer = make_layer()
+    with bn.deferred_updates() as updates:
+        layer(batch(6), training=True)
+        layer(batch(7), training=True)
+    assert len(updates) == 0
+    assert_untouched(layer)
+
+
+def test_apply_after_exit_raises_runtime_error_and_changes_nothing():
+    layer = make_layer()
+    with bn.deferred_updates() as updates:
+        layer(batch(8), training=True)
+    with pytest.raises(RuntimeError, match="exited"):
+        updates.apply()
+    assert_untouched(layer)
+
+
+def test_exception_inside_block_discards_updates_and_closes_it():
+    layer = make_layer()
+    with pytest.raises(KeyError):
+        with bn.deferred_updates():
+            layer(batch(9), training=True)
+            raise KeyError("boom")
+    assert_untouched(layer)
+    assert active_recorder() is None
+    layer(batch(9), training=True)
+    assert layer.num_updates.item() == 1
+
+
+def test_calls_after_the_block_update_eagerly():
+    layer = make_layer()
+    with bn.deferred_updates():
+        pass
+    assert active_recorder() is None
+    layer(batch(10), training=True)
+    assert layer.num_updates.item() == 1
+
+
+def test_nested_blocks_record_in_the_innermost():
+    layer = make_layer()
+    with bn.deferred_updates() as outer:
+        layer(batch(11), training=True)
+        with bn.deferred_updates() as inner:
+            layer(batch(12), training=True)
+            layer(batch(13), training=True)
+            assert len(inner) == 2 and len(outer) == 1
+        assert len(outer) == 1
+        assert_untouched(layer)
+
+
+def test_nested_inner_exit_discards_only_inner_updates():
+    eager, layer = make_layer(), make_layer()
+    eager(batch(14), training=True)
+    eager(batch(16), training=True)
+    with bn.deferred_updates() as outer:
+        layer(batch(14), training=True)
+        with bn.deferred_updates():
+            layer(batch(15), training=True)
+        layer(batch(16), training=True)
+        assert outer.apply() == 2
+    assert_same_buffers(buffers(layer), buffers(eager))
+
+
+def test_nested_inner_apply_updates_immediately():
+    layer = make_layer()
+    with bn.deferred_updates() as outer:
+        with bn.deferred_updates() as inner:
+            layer(batch(17), training=True)
+            inner.apply()
+        assert layer.num_updates.item() == 1
+        assert len(outer) == 0
+
+
+def test_inference_calls_record_nothing():
+    layer = make_layer()
+    with bn.deferred_updates() as updates:
+        layer(batch(18), training=False)
+        layer.eval()(batch(18))
+        assert len(updates) == 0
+        assert updates.apply() == 0
+    assert_untouched(layer)
+
+
+def test_frozen_layer_records_nothing():
+    layer = make_layer()
+    layer.trainable = False
+    with bn.deferred_updates() as updates:
+        layer(batch(19), training=True)
+        assert len(updates) == 0
+
+
+def test_second_apply_applies_only_new_records():
+    layer = make_layer()
+    with bn.deferred_updates() as updates:
+        layer(batch(20), training=True)
+        assert updates.apply() == 1
+        assert updates.apply() == 0
+        assert layer.num_updates.item() == 1
+        layer(batch(21), training=True)
+        assert updates.apply() == 1
+    assert layer.num_updates.item() == 2
+
+
+def test_discard_drops_pending_updates():
+    layer = make_layer()
+    with bn.deferred_updates() as updates:
+        layer(batch(22), training=True)
+        assert updates.discard() == 1
+        assert updates.apply() == 0
+    assert_untouched(layer)
+
+
+def test_recorded_statistics_do_not_keep_the_graph():
+    layer = make_layer()
+    x = batch(23).requires_grad_()
+    with bn.deferred_updates() as updates:
+        y = layer(x, training=True)
+        y.sum().backward()
+        assert x.grad is not None
+        updates.apply()
+    assert not layer.moving_mean.requires_grad and not layer.moving_variance.requires_grad
+
+
+def test_lazy_layer_builds_inside_block_but_does_not_update():
+    layer = bn.BatchNorm(axis=-1, momentum=0.9)
+    with bn.deferred_updates() as updates:
+        layer(batch(24), training=True)
+        assert layer.num_features == (3,)
+        assert_untouched(layer)
+        updates.apply()
+    assert layer.num_updates.item() == 1
+
+
+def test_non_finite_deferred_update_is_skipped_at_apply_with_warning():
+    layer = make_layer()
+    x = batch(25)
+    x[0, 0] = math.nan
+    with bn.deferred_updates() as updates:
+        layer(x, training=True)
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            updates.apply()
+    assert_untouched(layer)
