@@ -93,7 +93,7 @@ def _is_number(value, *, integer: bool = False) -> bool:
 
 def check_options(
     *,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-3,
     renorm: bool = False,
     renorm_clipping: Mapping[str, float] | None = None,
@@ -106,10 +106,13 @@ def check_options(
 ) -> None:
     """Raise ``ValueError``/``TypeError`` for options that are invalid or meaningless together."""
     for name, value in (("momentum", momentum), ("renorm_momentum", renorm_momentum)):
+        if name == "momentum" and value is None:
+            continue  # the cumulative average
         if not _is_number(value) or not 0.0 <= value < 1.0:
             raise ValueError(
                 f"{name}={value!r} is invalid: expected a number in [0, 1), the decay of the "
                 "moving averages (TensorFlow's default 0.99; PyTorch's momentum=0.1 is 0.9)"
+                + (", or None for the cumulative average" if name == "momentum" else "")
             )
     if not _is_number(epsilon) or not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"epsilon={epsilon!r} is invalid: expected a finite number > 0")
@@ -375,7 +378,8 @@ def renorm_correction(
 
 
 def inference_statistics(
-    state: BatchNormState, *, momentum: float, epsilon: float = 1e-3, debias: bool = False
+    state: BatchNormState, *, momentum: float | None, epsilon: float = 1e-3,
+    debias: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The mean and variance inference normalizes with.
 
@@ -386,7 +390,7 @@ def inference_statistics(
     which the variance is derived.
     """
     mean, variance = state.moving_mean, state.moving_variance
-    if not debias:
+    if not debias or momentum is None:  # a cumulative average has no initial bias
         return mean, variance
     if state.initial_mean is None or state.initial_variance is None:
         raise ValueError("debias=True needs a state with initial_mean and initial_variance")
@@ -410,7 +414,7 @@ def update_state(
     state: BatchNormState,
     stats: BatchStatistics,
     *,
-    momentum: float,
+    momentum: float | None,
     epsilon: float = 1e-3,
     unbiased_moving_variance: bool = False,
     renorm_momentum: float = 0.99,
@@ -418,7 +422,9 @@ def update_state(
     """Fold one batch's statistics into the moving averages.
 
     ``moving -= (moving - statistic) * (1 - momentum)``, the update TensorFlow
-    applies, with the statistics of :func:`pooled_statistics`. With
+    applies, with the statistics of :func:`pooled_statistics`. ``momentum=None``
+    keeps the cumulative average of all batches instead (``1 - momentum`` is
+    ``1 / (num_updates + 1)``), PyTorch's ``momentum=None``. With
     ``unbiased_moving_variance`` the variance entering the average is
     Bessel-corrected (``* n / (n - 1)``), as in PyTorch. A renorm state (one
     with ``moving_stddev``) also moves ``renorm_mean``/``renorm_stddev`` with
@@ -431,8 +437,9 @@ def update_state(
     mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
     finite = torch.isfinite(mean).all() & torch.isfinite(variance).all()
 
-    def ema(moving: Tensor, value: Tensor, decay: float) -> Tensor:
-        updated = moving - (moving - value.to(moving.dtype)) * (1.0 - decay)
+    def ema(moving: Tensor, value: Tensor, decay: float | None) -> Tensor:
+        step = 1.0 / (state.num_updates + 1) if decay is None else 1.0 - decay
+        updated = moving - (moving - value.to(moving.dtype)) * step
         return torch.where(finite, updated, moving)
 
     new = {
@@ -460,7 +467,7 @@ def _forward(
     gamma: Tensor | None,
     beta: Tensor | None,
     axis: int | Sequence[int],
-    momentum: float,
+    momentum: float | None,
     epsilon: float,
     debias: bool = False,
     renorm: bool = False,
@@ -500,7 +507,7 @@ def batch_norm(
     gamma: Tensor | None = None,
     beta: Tensor | None = None,
     axis: int | Sequence[int] = 1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-3,
     unbiased_moving_variance: bool = False,
     debias: bool = False,

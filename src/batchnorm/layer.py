@@ -98,7 +98,8 @@ class BatchNorm(nn.Module):
         axis: feature axis or axes; ``1`` is PyTorch's ``(N, C, ...)``, ``-1``
             TensorFlow's channels-last.
         momentum: decay of the moving averages, in [0, 1) (PyTorch's
-            ``momentum=0.1`` is ``0.9`` here).
+            ``momentum=0.1`` is ``0.9`` here), or None for the cumulative
+            average of every batch so far (PyTorch's ``momentum=None``).
         epsilon: added to the variance, > 0.
         center, scale: learn ``beta`` / ``gamma``; when False the parameter is None.
         beta_initializer, gamma_initializer, moving_mean_initializer,
@@ -138,7 +139,7 @@ class BatchNorm(nn.Module):
         num_features: int | Sequence[int] | None = None,
         *,
         axis: int | Sequence[int] = 1,
-        momentum: float = 0.99,
+        momentum: float | None = 0.99,
         epsilon: float = 1e-3,
         center: bool = True,
         scale: bool = True,
@@ -188,7 +189,7 @@ class BatchNorm(nn.Module):
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
 
-        self.momentum = float(momentum)
+        self.momentum = None if momentum is None else float(momentum)
         self.epsilon = float(epsilon)
         self.renorm = renorm
         self.renorm_clipping = dict(renorm_clipping) if renorm_clipping is not None else None
