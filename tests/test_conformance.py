@@ -42,7 +42,7 @@ FIXTURES = sorted(GOLDEN.glob("*.npz"))
 
 
 class StepAdjustment:
-    """The fixture's adjustment: fixed per-step (scale, bias), consumed one training step at a time."""
+    """The fixture's adjustment: a fixed (scale, bias) per step, applied in training only."""
 
     def __init__(self, data: dict[str, np.ndarray]) -> None:
         self.data, self.step, self.calls = data, 0, 0

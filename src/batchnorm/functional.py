@@ -183,7 +183,8 @@ def resolve_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
             )
         resolved.append(a % ndim)
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"axis {tuple(axes)} names the same axis twice for an input of rank {ndim}")
+        raise ValueError(
+            f"axis {tuple(axes)} names the same axis twice for an input of rank {ndim}")
     return tuple(sorted(resolved))
 
 
@@ -201,7 +202,7 @@ def reduction_axes(ndim: int, axes: tuple[int, ...]) -> list[int]:
 
 def _count(x: Tensor, axes: tuple[int, ...]) -> int:
     """Values per feature: the product of the sizes of the reduced axes."""
-    return math.prod(x.shape[d] for d in reduction_axes(x.ndim, axes))
+    return math.prod([x.shape[d] for d in reduction_axes(x.ndim, axes)])
 
 
 def _check_mask(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> None:
@@ -312,7 +313,7 @@ def normalize(
     scale: Tensor | None,
     epsilon: float,
 ) -> Tensor:
-    """``scale * (x - mean) / sqrt(variance + epsilon) + offset``, like ``tf.nn.batch_normalization``.
+    """``scale * (x - mean) / sqrt(variance + epsilon) + offset``, as ``tf.nn.batch_normalization``.
 
     ``mean``, ``variance``, ``offset`` and ``scale`` broadcast against ``x``;
     ``offset``/``scale`` may be None. Computed as ``x * inv + (offset - mean * inv)``

@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
-Initializer = Union[str, float, Callable[[tuple[int, ...]], Tensor], dict]
+Initializer = str | float | Callable[[tuple[int, ...]], Tensor] | dict
 
 _NAMED = {"zeros": 0.0, "ones": 1.0}
 _KERAS_CLASS = {"zeros": "Zeros", "ones": "Ones"}

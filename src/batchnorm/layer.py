@@ -339,7 +339,7 @@ class BatchNorm(nn.Module):
 
     @property
     def trainable(self) -> bool:
-        """False freezes the layer: inference mode always, no updates, no gradients for gamma/beta."""
+        """False freezes the layer: inference mode always, no updates, no gamma/beta gradients."""
         return self._trainable
 
     @trainable.setter
@@ -514,7 +514,8 @@ def regularization_loss(module: nn.Module) -> Tensor:
     Add it to the loss:
 
     >>> import torch, batchnorm as bn
-    >>> model = torch.nn.Sequential(bn.BatchNorm(3, gamma_regularizer=lambda g: 0.01 * g.square().sum()))
+    >>> l2 = lambda g: 0.01 * g.square().sum()
+    >>> model = torch.nn.Sequential(bn.BatchNorm(3, gamma_regularizer=l2))
     >>> bn.regularization_loss(model)
     tensor(0.0300, grad_fn=<AddBackward0>)
     """

@@ -15,6 +15,12 @@ def train(x: Tensor, state: BatchNormState, axes: tuple[int, ...], *, gamma: Ten
     # ATen normalizes along dim 1; moving another axis there is a view (channels-last
     # layouts keep their fast path).
     xm = x if axis == 1 else x.movedim(axis, 1)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # ATen keeps its statistics in the parameters' dtype: float32 parameters make it
+        # accumulate and return float32 statistics for half-precision inputs.
+        features = xm.shape[1]
+        gamma = torch.ones(features, device=x.device) if gamma is None else gamma.float()
+        beta = torch.zeros(features, device=x.device) if beta is None else beta.float()
     y, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
         xm, gamma, beta, True, 0.0, epsilon)
     # The kernel keeps 1 / sqrt(var + eps); the biased variance is recovered from it.
