@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -398,16 +399,25 @@ class BatchNorm(nn.Module):
                 renorm_momentum=self.renorm_momentum,
             )
             if not torch.compiler.is_compiling() and bool(new.num_updates == old.num_updates):
-                empty = not isinstance(stats.count, int) and not bool((stats.count > 0).any())
-                reason = ("the mask selects no position" if empty else
-                          "the batch statistics are not finite (NaN or Inf in the input)")
                 warnings.warn(
-                    f"{self._get_name()}: {reason}; the moving averages were left unchanged "
-                    "for this batch", RuntimeWarning, stacklevel=3,
+                    f"{self._get_name()}: {self._skip_reason(stats)}; the moving averages were "
+                    "left unchanged for this batch", RuntimeWarning,
+                    stacklevel=_caller_stacklevel(),
                 )
             for name, value in new._asdict().items():
                 if value is not None and value is not getattr(old, name):
                     getattr(self, _BUFFER[name]).copy_(value)
+
+    def _skip_reason(self, stats: BatchStatistics) -> str:
+        """Why a batch's statistics could not enter the moving averages."""
+        if not isinstance(stats.count, int):
+            count = stats.count.expand_as(stats.mean)
+            if not bool((count > 0).any(0).all()):
+                return "the mask selects no position for some feature"
+            if self.unbiased_moving_variance and bool((count == 1).any()):
+                return ("the mask selects a single value in some group, whose unbiased variance "
+                        "is undefined")
+        return "the batch statistics are not finite (NaN or Inf in the input)"
 
     # ------------------------------------------------------------------ config
 
@@ -502,6 +512,18 @@ class BatchNorm(nn.Module):
             return cls(num_features, **kwargs)
         except TypeError as error:
             raise ValueError(f"cannot build a BatchNorm from config {config!r}: {error}") from None
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside this package and torch: the user's call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith("batchnorm.") or name == "torch" or name.startswith("torch.")
+                or name.startswith("contextlib")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 def _layers(module: nn.Module):

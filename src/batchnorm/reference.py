@@ -1,31 +1,76 @@
-"""A plain-NumPy oracle for batch normalization: forward and hand-derived backward.
+"""A plain-NumPy oracle for batch normalization: forward, hand-derived backward, state update.
 
-Independent of torch and of :mod:`batchnorm.functional`; the tests compare
-against it. Everything is computed in float64.
+Independent of torch and of the rest of :mod:`batchnorm`; the tests compare
+against it. Everything is computed in float64, every training mode included.
 
-With ``xhat = (x - mean) / sqrt(variance + epsilon)`` and ``y = gamma * xhat + beta``,
-reducing over the ``N`` values of each feature:
+**Groups.** Training statistics are taken per group of samples and per feature.
+Without ghost batches there is one group. With ``virtual_batch_size=V`` a batch
+of ``N`` samples forms ``G = N // V`` groups: sample ``n`` is in group ``n % G``
+for ``ghost_layout="strided"`` (tf_keras reshapes ``(N, ...)`` to ``(V, G, ...)``)
+and in group ``n // V`` for ``"consecutive"``.
 
-- ``dbeta = sum(dy)``, ``dgamma = sum(dy * xhat)``;
-- inference (constant statistics): ``dx = dy * gamma / sqrt(variance + epsilon)``;
-- training (batch statistics depend on ``x``):
-  ``dx = gamma / sqrt(variance + epsilon) / N * (N * dy - sum(dy) - xhat * sum(dy * xhat))``.
+**Masks.** With weights ``w`` (the boolean ``mask`` broadcast to ``x``; all ones
+without a mask), per group and feature ``n = sum(w)``, ``mean = sum(w x) / n``,
+``var = sum(w (x - mean)**2) / n`` (biased). Every position, selected or not, is
+normalized with its group's statistics, ``xhat = (x - mean) * inv`` with
+``inv = 1 / sqrt(var + epsilon)``; a group with ``n == 0`` is normalized with
+the moving statistics instead.
+
+**Pooled statistics** ``mu_b``/``var_b`` (what the moving averages and renorm
+see): the equal-weight average over the non-empty groups of the group means and
+biased variances; NaN where every group is empty.
+
+**Output.** ``y = gamma * (adj_scale * (r * xhat + d) + adj_bias) + beta``, where
+the adjustment (arrays shaped like ``gamma``, or like ``x``) defaults to
+``(1, 0)`` and Batch Renormalization (when ``renorm_mean``/``renorm_stddev`` are
+given) uses, with ``s = max(renorm_stddev, sqrt(epsilon))``,
+``r = clip(sqrt(var_b + epsilon) / s, rmin, rmax)`` and
+``d = clip((mu_b - renorm_mean) / s, -dmax, dmax)`` (``r = 1, d = 0`` where the
+pooled statistics are NaN); otherwise ``r = 1, d = 0``. Inference normalizes
+with ``moving_mean``/``moving_variance`` and applies neither renorm nor the adjustment.
+
+**Backward** of ``sum(y * dy)``, with ``r`` and ``d`` constants (no gradient, as
+in tf_keras). With ``dxhat = dy * gamma * adj_scale * r``, per group and feature,
+sums over *all* positions ``i`` of the group (masked-out ones too, since they are
+normalized with the group's statistics):
+
+- ``dx_j = inv * dxhat_j - w_j * inv / n * sum(dxhat_i)
+  - w_j * inv * xhat_j / n * sum(dxhat_i * xhat_i)``;
+  without a mask this is ``inv / N * (N * dxhat - sum(dxhat) - xhat * sum(dxhat * xhat))``;
+- constant statistics (inference, empty groups): ``dx = dxhat * inv``;
+- ``dgamma = sum(dy * (adj_scale * (r * xhat + d) + adj_bias))``, ``dbeta = sum(dy)``.
+
+**State update** (:func:`update`): ``moving -= (moving - value) * (1 - momentum)``
+for ``moving_mean`` (value ``mu_b``) and ``moving_variance`` (``var_b``). With
+renorm, ``moving_stddev`` moves toward ``sqrt(var_b + epsilon)`` with
+``momentum``, ``moving_variance = relu(moving_stddev**2 - epsilon)``, and
+``renorm_mean``/``renorm_stddev`` move toward ``mu_b``/``sqrt(var_b + epsilon)``
+with ``renorm_momentum``. ``unbiased`` multiplies every group variance by
+``n / (n - 1)`` before pooling. Non-finite pooled statistics leave the state
+unchanged, ``num_updates`` included; otherwise ``num_updates`` grows by one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Forward", "Gradients", "backward", "forward", "moving_average"]
+__all__ = ["Forward", "Gradients", "backward", "forward", "moving_average", "update"]
 
 
 class Forward(NamedTuple):
     y: np.ndarray
-    mean: np.ndarray  # feature-shaped statistics used to normalize
-    variance: np.ndarray
+    mean: np.ndarray  # feature-shaped: pooled batch mean (training) or moving mean (inference)
+    variance: np.ndarray  # likewise, the biased variance
+    # Training only, shaped (groups, *features): per-group statistics (NaN for empty groups)
+    # and counts n; and the feature-shaped renorm correction (None without renorm).
+    group_mean: np.ndarray | None = None
+    group_variance: np.ndarray | None = None
+    count: np.ndarray | None = None
+    r: np.ndarray | None = None
+    d: np.ndarray | None = None
 
 
 class Gradients(NamedTuple):
@@ -46,6 +91,118 @@ def _expand(t: np.ndarray | None, x: np.ndarray, features: tuple[int, ...]):
         [x.shape[d] if d in features else 1 for d in range(x.ndim)])
 
 
+def _group(a: np.ndarray, size: int | None, layout: str) -> np.ndarray:
+    """``(N, ...) -> (G, M, ...)``: a leading group axis (``G = 1`` without ghost batches)."""
+    if size is None:
+        return a[None]
+    groups = a.shape[0] // size
+    if layout == "strided":
+        return a.reshape(size, groups, *a.shape[1:]).swapaxes(0, 1)
+    return a.reshape(groups, size, *a.shape[1:])
+
+
+def _ungroup(a: np.ndarray, size: int | None, layout: str) -> np.ndarray:
+    if size is None:
+        return a[0]
+    if layout == "strided":
+        a = a.swapaxes(0, 1)
+    return a.reshape(-1, *a.shape[2:])
+
+
+class _Pass(NamedTuple):
+    """Grouped intermediate values shared by :func:`forward` and :func:`backward`."""
+
+    out: Forward
+    xhat: np.ndarray  # grouped shape (G, M, ...) like every array here
+    inv: np.ndarray
+    w: np.ndarray
+    n: np.ndarray
+    constant: np.ndarray  # True where the statistics do not depend on x
+    scale: np.ndarray  # S = gamma * adj_scale * r: dxhat = dy * S
+    z: np.ndarray  # adj_scale * (r * xhat + d) + adj_bias: dgamma = sum(dy * z)
+    features: tuple[int, ...]  # feature axes of the grouped view
+
+
+def _pass(
+    x, *, axis, training, gamma, beta, moving_mean, moving_variance, epsilon,
+    virtual_batch_size=None, ghost_layout="strided", mask=None, renorm_mean=None,
+    renorm_stddev=None, renorm_clipping=None, adj_scale=None, adj_bias=None,
+) -> _Pass:
+    x = np.asarray(x, np.float64)
+    features, _ = _axes(axis, x.ndim)
+    size = virtual_batch_size if training else None
+
+    def grouped(t):  # a feature-shaped array, broadcastable against the grouped view
+        return None if t is None else _expand(t, x, features)[None]
+
+    def full(t, default):  # a feature-shaped or x-shaped array, grouped
+        if t is None:
+            return np.float64(default)
+        t = np.asarray(t, np.float64)
+        t = t if t.ndim in (0, x.ndim) else _expand(t, x, features)
+        return _group(np.broadcast_to(t, x.shape), size, ghost_layout)
+
+    v = _group(x, size, ghost_layout)
+    vf = tuple(a + 1 for a in features)
+    reduce = tuple(a for a in range(1, v.ndim) if a not in vf)
+    if mask is None:
+        w = np.ones_like(v)
+    else:
+        m = np.asarray(mask, bool)
+        if m.ndim == x.ndim - len(features):  # shaped like the non-feature axes
+            m = np.expand_dims(m, features)
+        w = _group(np.broadcast_to(m, x.shape).astype(np.float64), size, ghost_layout)
+    mm, mv = grouped(moving_mean), grouped(moving_variance)
+    r = d = None
+    if training:
+        n = w.sum(axis=reduce, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            group_mean = (w * v).sum(axis=reduce, keepdims=True) / n
+            group_var = (w * (v - group_mean) ** 2).sum(axis=reduce, keepdims=True) / n
+        constant = np.broadcast_to(n == 0, v.shape)
+        mean = group_mean if mm is None else np.where(n == 0, mm, group_mean)
+        var = group_var if mv is None else np.where(n == 0, mv, group_var)
+        squeeze = [s for a, s in enumerate(n.shape) if a not in reduce]
+        stats = [t.reshape(squeeze) for t in (group_mean, group_var, n)]
+        mu_b, var_b = _pool(*stats)
+        if renorm_mean is not None:
+            r, d = _renorm(mu_b, var_b, renorm_mean, renorm_stddev, epsilon, renorm_clipping)
+    else:
+        n, constant, mean, var, stats = None, np.ones(v.shape, bool), mm, mv, [None] * 3
+        mu_b, var_b = (np.asarray(t, np.float64) for t in (moving_mean, moving_variance))
+    inv = 1.0 / np.sqrt(var + epsilon)
+    xhat = (v - mean) * inv
+    rr = 1.0 if r is None else grouped(r)
+    dd = 0.0 if d is None else grouped(d)
+    adjusted = training and (adj_scale is not None or adj_bias is not None)
+    a_scale = full(adj_scale, 1.0) if adjusted else np.float64(1.0)
+    a_bias = full(adj_bias, 0.0) if adjusted else np.float64(0.0)
+    z = a_scale * (rr * xhat + dd) + a_bias
+    g = 1.0 if gamma is None else grouped(gamma)
+    y = g * z + (0.0 if beta is None else grouped(beta))
+    out = Forward(_ungroup(y, size, ghost_layout), mu_b, var_b, *stats, r, d)
+    return _Pass(out, xhat, inv, w, n, constant, g * a_scale * rr, z, vf)
+
+
+def _pool(mean: np.ndarray, variance: np.ndarray, count: np.ndarray):
+    """Equal-weight average over the non-empty groups (axis 0); NaN where all are empty."""
+    valid = count > 0
+    groups = valid.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(valid, mean, 0.0).sum(axis=0) / groups,
+                np.where(valid, variance, 0.0).sum(axis=0) / groups)
+
+
+def _renorm(mean, variance, renorm_mean, renorm_stddev, epsilon, clipping):
+    clipping = clipping or {}
+    s = np.maximum(np.asarray(renorm_stddev, np.float64), np.sqrt(epsilon))
+    r = np.clip(np.sqrt(variance + epsilon) / s, clipping.get("rmin", 0.0),
+                clipping.get("rmax", np.inf))
+    dmax = clipping.get("dmax", np.inf)
+    d = np.clip((mean - np.asarray(renorm_mean, np.float64)) / s, -dmax, dmax)
+    return np.where(np.isfinite(r), r, 1.0), np.where(np.isfinite(d), d, 0.0)
+
+
 def forward(
     x: np.ndarray,
     *,
@@ -56,23 +213,25 @@ def forward(
     moving_mean: np.ndarray | None = None,
     moving_variance: np.ndarray | None = None,
     epsilon: float = 1e-3,
+    virtual_batch_size: int | None = None,
+    ghost_layout: str = "strided",
+    mask: np.ndarray | None = None,
+    renorm_mean: np.ndarray | None = None,
+    renorm_stddev: np.ndarray | None = None,
+    renorm_clipping: Mapping[str, float] | None = None,
+    adj_scale: np.ndarray | None = None,
+    adj_bias: np.ndarray | None = None,
 ) -> Forward:
-    """Batch normalization of ``x`` with feature ``axis``; batch statistics when ``training``."""
-    x = np.asarray(x, np.float64)
-    features, reduce = _axes(axis, x.ndim)
-    if training:
-        mean = x.mean(axis=reduce)
-        variance = ((x - _expand(mean, x, features)) ** 2).mean(axis=reduce)
-    else:
-        mean = np.asarray(moving_mean, np.float64)
-        variance = np.asarray(moving_variance, np.float64)
-    xhat = (x - _expand(mean, x, features)) / np.sqrt(_expand(variance, x, features) + epsilon)
-    y = xhat
-    if gamma is not None:
-        y = y * _expand(gamma, x, features)
-    if beta is not None:
-        y = y + _expand(beta, x, features)
-    return Forward(y, mean, variance)
+    """Batch normalization of ``x`` with feature ``axis``; batch statistics when ``training``.
+
+    Renorm is on when ``renorm_mean``/``renorm_stddev`` are given. The moving
+    statistics are needed in inference, and in training where a mask leaves a group empty.
+    """
+    return _pass(x, axis=axis, training=training, gamma=gamma, beta=beta,
+                 moving_mean=moving_mean, moving_variance=moving_variance, epsilon=epsilon,
+                 virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout, mask=mask,
+                 renorm_mean=renorm_mean, renorm_stddev=renorm_stddev,
+                 renorm_clipping=renorm_clipping, adj_scale=adj_scale, adj_bias=adj_bias).out
 
 
 def backward(
@@ -86,26 +245,72 @@ def backward(
     moving_mean: np.ndarray | None = None,
     moving_variance: np.ndarray | None = None,
     epsilon: float = 1e-3,
+    **modes,
 ) -> Gradients:
-    """Gradients of ``sum(forward(x).y * dy)`` with respect to ``x``, ``gamma`` and ``beta``."""
-    x = np.asarray(x, np.float64)
-    dy = np.asarray(dy, np.float64)
-    features, reduce = _axes(axis, x.ndim)
-    stats = forward(x, axis=axis, training=training, moving_mean=moving_mean,
-                    moving_variance=moving_variance, epsilon=epsilon)
-    inv = 1.0 / np.sqrt(_expand(stats.variance, x, features) + epsilon)
-    xhat = (x - _expand(stats.mean, x, features)) * inv
-    g = _expand(gamma, x, features) if gamma is not None else 1.0
-    dgamma = (dy * xhat).sum(axis=reduce) if gamma is not None else None
-    dbeta = dy.sum(axis=reduce) if beta is not None else None
+    """Gradients of ``sum(forward(x, ...).y * dy)`` w.r.t. ``x``, ``gamma`` and ``beta``.
+
+    ``modes`` are :func:`forward`'s other keyword arguments (ghost batches, mask,
+    renorm, adjustment). ``dgamma``/``dbeta`` are None when ``gamma``/``beta`` are.
+    """
+    p = _pass(x, axis=axis, training=training, gamma=gamma, beta=beta, moving_mean=moving_mean,
+              moving_variance=moving_variance, epsilon=epsilon, **modes)
+    size = modes.get("virtual_batch_size") if training else None
+    layout = modes.get("ghost_layout", "strided")
+    g = _group(np.asarray(dy, np.float64), size, layout)
+    sum_all = tuple(a for a in range(g.ndim) if a not in p.features)
+    dgamma = (g * p.z).sum(axis=sum_all) if gamma is not None else None
+    dbeta = g.sum(axis=sum_all) if beta is not None else None
+    dxhat = g * p.scale
+    dx = dxhat * p.inv  # constant statistics
     if training:
-        n = x.size // int(np.prod([x.shape[d] for d in features]))
-        sum_dy = dy.sum(axis=reduce, keepdims=True)
-        sum_dy_xhat = (dy * xhat).sum(axis=reduce, keepdims=True)
-        dx = g * inv / n * (n * dy - sum_dy - xhat * sum_dy_xhat)
+        reduce = tuple(a for a in sum_all if a != 0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # n = 0: replaced below
+            k = p.w * p.inv / p.n
+            batch = (dx - k * dxhat.sum(axis=reduce, keepdims=True)
+                     - k * p.xhat * (dxhat * p.xhat).sum(axis=reduce, keepdims=True))
+        dx = np.where(p.constant, dx, batch)
+    return Gradients(_ungroup(np.broadcast_to(dx, g.shape), size, layout), dgamma, dbeta)
+
+
+def update(
+    state: Mapping[str, np.ndarray],
+    stats: Forward,
+    *,
+    momentum: float,
+    epsilon: float = 1e-3,
+    renorm_momentum: float = 0.99,
+    unbiased: bool = False,
+) -> dict[str, np.ndarray]:
+    """The state after one training batch with ``stats`` (a training :func:`forward`'s result).
+
+    ``state`` holds ``moving_mean``, ``moving_variance``, ``num_updates`` and,
+    with renorm, ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``; a new
+    dict is returned, with other keys copied unchanged.
+    """
+    new = {k: np.asarray(v, np.float64) for k, v in state.items()}
+    new["num_updates"] = np.asarray(state["num_updates"])
+    variance = stats.group_variance
+    if unbiased:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            variance = variance * stats.count / (stats.count - 1)
+    mean, variance = _pool(stats.group_mean, variance, stats.count)
+    if not (np.isfinite(mean).all() and np.isfinite(variance).all()):
+        return new
+
+    def ema(name: str, value: np.ndarray, decay: float) -> np.ndarray:
+        return new[name] - (new[name] - value) * (1.0 - decay)
+
+    new["moving_mean"] = ema("moving_mean", mean, momentum)
+    if "moving_stddev" in new:
+        stddev = np.sqrt(variance + epsilon)
+        new["moving_stddev"] = ema("moving_stddev", stddev, momentum)
+        new["moving_variance"] = np.maximum(new["moving_stddev"] ** 2 - epsilon, 0.0)
+        new["renorm_mean"] = ema("renorm_mean", mean, renorm_momentum)
+        new["renorm_stddev"] = ema("renorm_stddev", stddev, renorm_momentum)
     else:
-        dx = dy * g * inv
-    return Gradients(dx, dgamma, dbeta)
+        new["moving_variance"] = ema("moving_variance", variance, momentum)
+    new["num_updates"] = new["num_updates"] + 1
+    return new
 
 
 def moving_average(
