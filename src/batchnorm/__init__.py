@@ -8,6 +8,22 @@
 from . import functional
 from .functional import BatchNormState
 from .layer import BatchNorm, apply_constraints, regularization_loss
+from .tools import (
+    ConversionResult,
+    Finding,
+    FoldResult,
+    Monitor,
+    RecalibrationReport,
+    batchnorm_from_keras,
+    convert,
+    diagnose,
+    fold,
+    freeze,
+    load_keras_batchnorms,
+    recalibrate,
+    to_torch,
+    unfreeze,
+)
 from .updates import DeferredUpdates, deferred_updates
 
 __version__ = "0.1.0"
@@ -15,9 +31,23 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "BatchNormState",
+    "ConversionResult",
     "DeferredUpdates",
+    "Finding",
+    "FoldResult",
+    "Monitor",
+    "RecalibrationReport",
     "apply_constraints",
+    "batchnorm_from_keras",
+    "convert",
     "deferred_updates",
+    "diagnose",
+    "fold",
+    "freeze",
     "functional",
+    "load_keras_batchnorms",
+    "recalibrate",
     "regularization_loss",
+    "to_torch",
+    "unfreeze",
 ]

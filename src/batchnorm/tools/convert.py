@@ -1,0 +1,366 @@
+"""Convert between ``torch.nn`` batch normalization and :class:`batchnorm.BatchNorm`.
+
+:func:`convert` replaces every ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``
+and ``LazyBatchNorm1d/2d/3d`` in a model by a :class:`~batchnorm.BatchNorm`
+that computes the same thing; :func:`to_torch` goes back wherever ``torch.nn``
+can say what the layer does, and lists the layers it cannot convert.
+
+The dictionary between the two:
+
+================================  =====================================
+``torch.nn.BatchNorm*d``          ``batchnorm.BatchNorm``
+================================  =====================================
+``momentum=m`` (the step)         ``momentum=1 - m`` (the decay)
+``momentum=None``                 ``momentum=None`` (cumulative average)
+``eps``                           ``epsilon``
+``affine=False``                  ``center=False, scale=False``
+``affine=True, bias=False``       ``center=False`` (``scale=True``)
+unbiased batch variance in        ``unbiased_moving_variance=True``
+``running_var``
+``weight``, ``bias``              ``gamma``, ``beta`` (the same Parameter objects)
+``running_mean``, ``running_var``  ``moving_mean``, ``moving_variance``
+``num_batches_tracked``           ``num_updates``
+channel axis 1                    ``axis=1``
+================================  =====================================
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from ..layer import BatchNorm
+from ..updates import deferred_updates
+
+__all__ = ["ConversionResult", "convert", "to_torch"]
+
+_TORCH_CLASSES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+}
+# The torch.nn class a converted layer came from, so that to_torch can give it back.
+_CONVERTED_FROM = "_converted_from_torch_class"
+# Input ranks each torch.nn class accepts (SyncBatchNorm: any rank from 2 on).
+_RANKS = {"BatchNorm1d": {2, 3}, "BatchNorm2d": {4}, "BatchNorm3d": {5}}
+
+
+class _Unconvertible(Exception):
+    """Why one layer cannot be converted (the message is the reason)."""
+
+
+class ConversionResult(NamedTuple):
+    """What :func:`to_torch` returns: the model and the layers it left as they were."""
+
+    model: nn.Module
+    """The converted model (the same object, unless the model itself was a converted layer)."""
+    not_converted: list[tuple[str, str]]
+    """``(qualified name, reason)`` of every layer left unconverted; ``""`` names the model."""
+
+
+def _complement(momentum: float) -> float:
+    # 1 - momentum, rounded to 15 significant digits so that 0.1 -> 0.9 -> 0.1 round-trips
+    # (1 - 0.9 is 0.09999999999999998); the change is far below float32 resolution.
+    return float(f"{1.0 - momentum:.15g}")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether a user registered forward or backward hooks (a lazy module's own hook aside)."""
+    pre_hooks = dict(module._forward_pre_hooks)
+    own = getattr(module, "_initialize_hook", None) if isinstance(module, LazyModuleMixin) else None
+    if own is not None:
+        pre_hooks.pop(own.id, None)
+    return bool(pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _check_hooks(module: nn.Module) -> None:
+    if _has_hooks(module):
+        raise _Unconvertible("the layer has hooks registered on it, which would be lost")
+
+
+def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+    """Put ``replacements[id(m)]`` in place of every occurrence of module ``m`` in the tree.
+
+    A module registered under several names is replaced under each of them by the
+    same new module. Returns the model, or its replacement if the model itself is one.
+    """
+    if id(model) in replacements:
+        return replacements[id(model)]
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, name, replacements[id(child)])
+    return model
+
+
+# ---------------------------------------------------------------------------- torch -> ours
+
+
+def _from_torch(module: nn.Module) -> BatchNorm:
+    """The BatchNorm equivalent to ``module``, a torch.nn batch normalization layer."""
+    class_name = type(module).__name__
+    _check_hooks(module)
+    if not module.track_running_stats or module.running_mean is None:
+        raise _Unconvertible(
+            "track_running_stats=False: torch.nn then normalizes with the batch statistics "
+            "in eval mode too, which bn.BatchNorm (inference = moving averages) cannot "
+            "represent")
+    if isinstance(module, nn.SyncBatchNorm) and torch.distributed.is_available() \
+            and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size(module.process_group) > 1:
+        raise _Unconvertible(
+            "SyncBatchNorm in a distributed run: bn.BatchNorm would compute per-process "
+            "statistics instead of statistics across processes")
+    if module.momentum is None:
+        momentum = None
+    elif not 0.0 < module.momentum <= 1.0:
+        raise _Unconvertible(
+            f"momentum={module.momentum!r}: bn.BatchNorm's decay 1 - momentum must be in "
+            "[0, 1), i.e. a torch momentum in (0, 1]")
+    else:
+        momentum = _complement(module.momentum)
+    if not module.eps > 0:
+        raise _Unconvertible(f"eps={module.eps!r}: bn.BatchNorm needs epsilon > 0")
+    lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
+    weight, bias = module.weight, module.bias
+    reference = weight if weight is not None else module.running_mean
+    layer = BatchNorm(
+        None if lazy else module.num_features, axis=1, momentum=momentum,
+        epsilon=float(module.eps), center=bias is not None, scale=weight is not None,
+        unbiased_moving_variance=True, device=module.running_mean.device,
+        dtype=reference.dtype,
+    )
+    if not lazy:
+        with torch.no_grad():
+            layer.moving_mean.copy_(module.running_mean)
+            layer.moving_variance.copy_(module.running_var)
+            layer.num_updates.copy_(module.num_batches_tracked)
+        # The same Parameter objects: an optimizer built before the conversion keeps working.
+        if weight is not None:
+            layer.gamma = weight
+        if bias is not None:
+            layer.beta = bias
+    layer.train(module.training)
+    setattr(layer, _CONVERTED_FROM, class_name)
+    return layer
+
+
+def convert(model: nn.Module, *, strict: bool = True) -> nn.Module:
+    """Replace every ``torch.nn`` batch normalization layer in ``model`` by a ``bn.BatchNorm``.
+
+    Converts ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and ``LazyBatchNorm1d/2d/3d``
+    (exactly these classes; subclasses may compute something else and are left
+    alone) in place, keeping what the model computes: the same outputs in
+    training and eval mode and the same running-statistics updates (see the
+    module docstring for the mapping). ``weight``/``bias`` become ``gamma``/
+    ``beta`` as the same Parameter objects; the running statistics and
+    ``num_batches_tracked`` are copied; each layer's train/eval mode, device
+    and dtype are kept. An uninitialized lazy layer becomes a lazy
+    ``BatchNorm``. Returns the model (the new layer if ``model`` itself is one).
+
+    What cannot be kept exactly is not converted: ``track_running_stats=False``
+    (torch then normalizes with batch statistics in eval mode too), ``eps=0``,
+    a momentum outside ``(0, 1]``, a layer with hooks, ``SyncBatchNorm`` in a
+    distributed run of more than one process (``bn.BatchNorm``'s statistics are
+    per process). With ``strict=True`` any of these raises ``ValueError``
+    naming every such layer before anything changes; with ``strict=False``
+    they stay ``torch.nn`` layers, with a warning naming them.
+
+    Differences left: half-precision layers keep their statistics in float32
+    here (torch keeps them in half precision), and a batch with NaN or Inf is
+    kept out of the moving averages (and of ``num_updates``) with a warning.
+
+    Example:
+        >>> import torch, batchnorm as bn
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> model = bn.convert(model)
+        >>> model[1]
+        BatchNorm(8, axis=1, momentum=0.9, epsilon=1e-05, unbiased_moving_variance=True)
+    """
+    replacements: dict[int, nn.Module] = {}
+    problems: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if _TORCH_CLASSES.get(cls.__name__) is cls:
+            try:
+                replacements[id(module)] = _from_torch(module)
+            except _Unconvertible as why:
+                problems.append((name, str(why)))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            problems.append((name, f"{cls.__qualname__} subclasses a torch.nn batch "
+                                   "normalization class and may compute something else"))
+    if problems:
+        listing = "; ".join(f"{name or '(the model)'!r}: {reason}" for name, reason in problems)
+        if strict:
+            raise ValueError(
+                f"cannot convert {len(problems)} layer(s) without changing what the model "
+                f"computes, nothing was converted: {listing}. Pass strict=False to convert "
+                "the others and leave these as they are")
+        warnings.warn(f"left {len(problems)} torch.nn layer(s) unconverted: {listing}",
+                      UserWarning, stacklevel=2)
+    return _replace_modules(model, replacements)
+
+
+# ---------------------------------------------------------------------------- ours -> torch
+
+
+def _torch_class(layer: BatchNorm, ranks: set[int]) -> type[nn.Module]:
+    recorded = getattr(layer, _CONVERTED_FROM, None)
+    if recorded is not None:
+        base = recorded.removeprefix("Lazy")
+        if base == "SyncBatchNorm" or not ranks or ranks <= _RANKS[base]:
+            return _TORCH_CLASSES[base]
+    if not ranks:
+        raise _Unconvertible(
+            "the input rank is unknown, so the torch.nn class (BatchNorm1d/2d/3d) cannot be "
+            "chosen: pass example_input")
+    for name, accepted in _RANKS.items():
+        if ranks <= accepted:
+            return _TORCH_CLASSES[name]
+    raise _Unconvertible(
+        f"called with inputs of rank {sorted(ranks)}: no single torch.nn class takes them "
+        "(BatchNorm1d: 2 or 3, BatchNorm2d: 4, BatchNorm3d: 5)")
+
+
+def _to_torch_layer(layer: BatchNorm, ranks: set[int]) -> nn.Module:
+    """The torch.nn layer equivalent to ``layer``, called with inputs of the given ranks."""
+    if type(layer) is not BatchNorm:
+        raise _Unconvertible(f"{type(layer).__qualname__} subclasses BatchNorm and may "
+                             "compute something else")
+    _check_hooks(layer)
+    axes = (layer.axis,) if isinstance(layer.axis, int) else layer.axis
+    if len(axes) > 1:
+        raise _Unconvertible(f"axis={layer.axis}: torch.nn has one feature axis")
+    axis = axes[0]
+    if axis != 1 and not (ranks and all(axis % rank == 1 for rank in ranks)):
+        raise _Unconvertible(f"axis={axis}: torch.nn normalizes axis 1 (channels first)")
+    for option, present in (("renorm=True", layer.renorm),
+                            ("virtual_batch_size", layer.virtual_batch_size is not None),
+                            ("adjustment", layer.adjustment is not None),
+                            ("gamma_regularizer", layer.gamma_regularizer is not None),
+                            ("beta_regularizer", layer.beta_regularizer is not None),
+                            ("gamma_constraint", layer.gamma_constraint is not None),
+                            ("beta_constraint", layer.beta_constraint is not None)):
+        if present:
+            raise _Unconvertible(f"{option}: torch.nn has no equivalent")
+    if layer.debias and layer.momentum is not None:  # a cumulative average is not debiased
+        raise _Unconvertible("debias=True: torch.nn has no debiased moving averages")
+    if not layer.unbiased_moving_variance:
+        raise _Unconvertible(
+            "unbiased_moving_variance=False: torch.nn feeds the unbiased batch variance into "
+            "running_var, so the moving variance would change; use "
+            "unbiased_moving_variance=True")
+    if not layer.trainable:
+        raise _Unconvertible("trainable=False: torch.nn has no frozen batch normalization "
+                             "(unfreeze first, then freeze with eval() and requires_grad_)")
+    if layer.center and not layer.scale:
+        raise _Unconvertible("center=True with scale=False: torch.nn has no bias without weight")
+    params = [p for p in (layer.gamma, layer.beta) if p is not None]
+    if any(p.dtype != layer.moving_mean.dtype for p in params):
+        raise _Unconvertible(
+            f"parameters in {params[0].dtype} with statistics in {layer.moving_mean.dtype}: "
+            "torch.nn keeps the running statistics in the parameters' dtype (convert a "
+            "float32 model, then cast it)")
+    cls = _torch_class(layer, ranks)
+    lazy = layer.num_features is None
+    if lazy:
+        if cls is nn.SyncBatchNorm:
+            raise _Unconvertible("not yet built, and torch.nn has no lazy SyncBatchNorm")
+        cls = _TORCH_CLASSES["Lazy" + cls.__name__]
+    kwargs = {
+        "eps": layer.epsilon, "affine": layer.scale, "track_running_stats": True,
+        "momentum": None if layer.momentum is None else _complement(layer.momentum),
+        "device": layer.moving_mean.device, "dtype": layer.moving_mean.dtype,
+    }
+    if layer.scale and not layer.center:
+        kwargs["bias"] = False
+    try:
+        module = cls(**kwargs) if lazy else cls(layer.num_features[0], **kwargs)
+    except TypeError as error:  # a torch without BatchNorm(bias=False)
+        raise _Unconvertible(f"this torch cannot build the layer: {error}") from None
+    if not lazy:
+        with torch.no_grad():
+            module.running_mean.copy_(layer.moving_mean)
+            module.running_var.copy_(layer.moving_variance)
+            module.num_batches_tracked.copy_(layer.num_updates)
+        if layer.gamma is not None:
+            module.weight = layer.gamma
+        if layer.beta is not None:
+            module.bias = layer.beta
+    module.train(layer.training)
+    return module
+
+
+def _input_ranks(model: nn.Module, example_input: Tensor | tuple, layers: Iterable[BatchNorm]
+                 ) -> dict[int, set[int]]:
+    """The input ranks each layer sees when ``model`` runs on ``example_input`` in eval mode."""
+    ranks: dict[int, set[int]] = {}
+    modes = {module: module.training for module in model.modules()}
+    handles = [layer.register_forward_pre_hook(
+        lambda layer, args: ranks.setdefault(id(layer), set()).add(args[0].ndim))
+        for layer in layers]
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        model.eval()
+        # deferred_updates: a layer called with training=True records an update that is dropped.
+        with torch.no_grad(), deferred_updates():
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    return ranks
+
+
+def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> ConversionResult:
+    """Replace every ``bn.BatchNorm`` that ``torch.nn`` can represent by its torch.nn equivalent.
+
+    The inverse of :func:`convert`, in place, keeping outputs and statistics
+    updates. A layer is converted when it has one feature axis, axis 1 (or an
+    axis that is 1 for every input it sees), ``unbiased_moving_variance=True``
+    (torch feeds the unbiased variance into ``running_var``), ``scale`` if
+    ``center``, no renorm, ghost batches, adjustment, debias, regularizers or
+    constraints, ``trainable=True``, and parameters in their statistics' dtype.
+    Every other layer is left as it is and listed with the reason. ``fused``
+    and the initializers are not carried over: they do not change what the
+    layer computes (torch's ``reset_parameters`` uses ones and zeros).
+
+    The torch class (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) is the one the
+    layer was converted from by :func:`convert`; otherwise it comes from the
+    input ranks seen when ``model(example_input)`` (a tensor or a tuple of
+    arguments) runs once in eval mode with every moving-statistics update
+    discarded (a lazy layer is built by that call); without either the layer
+    is listed as not converted. An unbuilt lazy layer becomes a torch lazy one.
+
+    Returns ``(model, not_converted)``, a :class:`ConversionResult`.
+
+    Example:
+        >>> import torch, batchnorm as bn
+        >>> model = torch.nn.Sequential(bn.BatchNorm(8, unbiased_moving_variance=True),
+        ...                             bn.BatchNorm(8, axis=-1))
+        >>> model, not_converted = bn.to_torch(model, torch.randn(2, 8, 4, 8))
+        >>> type(model[0]).__name__, model[0].momentum, model[0].eps
+        ('BatchNorm2d', 0.01, 0.001)
+        >>> not_converted
+        [('1', 'axis=-1: torch.nn normalizes axis 1 (channels first)')]
+    """
+    layers = {id(m): (name, m) for name, m in model.named_modules() if isinstance(m, BatchNorm)}
+    ranks: dict[int, set[int]] = {}
+    if example_input is not None and layers:
+        ranks = _input_ranks(model, example_input, [m for _, m in layers.values()])
+    replacements: dict[int, nn.Module] = {}
+    not_converted: list[tuple[str, str]] = []
+    for key, (name, layer) in layers.items():
+        try:
+            replacements[key] = _to_torch_layer(layer, ranks.get(key, set()))
+        except _Unconvertible as why:
+            not_converted.append((name, str(why)))
+    return ConversionResult(_replace_modules(model, replacements), not_converted)
+

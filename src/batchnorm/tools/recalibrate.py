@@ -1,0 +1,351 @@
+"""Precise batch-norm statistics: replace the moving averages by population statistics.
+
+The moving averages a model trains with are an exponential average over weights
+that kept changing, dominated by the last few hundred batches; they lag behind
+the final weights and carry the noise of single batches. PreciseBN (Wu and
+Johnson, *Rethinking "Batch" in BatchNorm*, 2021, arXiv:2105.07576) recomputes
+them once training is done: run the final model in training mode over a few
+hundred batches and keep the exact mean and variance of every layer's input
+over all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..layer import BatchNorm
+from ..updates import deferred_updates
+
+__all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
+
+
+# ---------------------------------------------------------------- shared helpers
+# (diagnose.py and monitor.py use these too: one place that knows how a layer is called)
+
+
+def _parse_call(
+    layer: BatchNorm, args: tuple, kwargs: dict
+) -> tuple[Tensor, bool, Tensor | None]:
+    """``(x, computes_batch_statistics, mask)`` for a call ``layer(*args, **kwargs)``.
+
+    Mirrors ``BatchNorm.forward``'s signature ``(x, training=None, mask=None)``
+    and its mode resolution: a frozen layer never computes batch statistics,
+    ``training=None`` follows ``layer.training``.
+    """
+    x = args[0] if args else kwargs["x"]
+    training = args[1] if len(args) > 1 else kwargs.get("training")
+    mask = args[2] if len(args) > 2 else kwargs.get("mask")
+    computes = layer.trainable and (layer.training if training is None else bool(training))
+    return x, computes, mask
+
+
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def _moments(layer: BatchNorm, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per feature of ``layer``: the number of values, their mean and their sum of squared
+    deviations (``M2``) in ``x`` (restricted to ``mask``), in float64.
+
+    The whole batch counts as one sample of values: ghost-batch groups are not
+    separated (population statistics do not depend on how a batch is split).
+    """
+    axes = F.resolve_axes(layer.axis, x.ndim)
+    dims = F.reduction_axes(x.ndim, axes)
+    xd = x.detach().to(_accumulation_dtype(x.device))
+    if mask is None:
+        variance, mean = torch.var_mean(xd, dim=dims, correction=0)
+        count = torch.full_like(mean, float(math.prod(x.shape[d] for d in dims)))
+        return count, mean, variance * count
+    weight = mask.reshape(F.mask_shape(mask, x, axes)).to(xd.dtype).expand(xd.shape)
+    count = weight.sum(dims)
+    mean = (xd * weight).sum(dims) / count.clamp_min(1)
+    centered = xd - F.broadcast(mean, xd, axes)
+    return count, mean, (centered.square() * weight).sum(dims)
+
+
+@dataclass
+class _Moments:
+    """Exact running count/mean/M2 per feature, merged batch by batch (Chan et al.'s update)."""
+
+    count: Tensor | None = None
+    mean: Tensor | None = None
+    m2: Tensor | None = None
+    batches: int = 0
+    skipped: int = 0
+
+    def add(self, count: Tensor, mean: Tensor, m2: Tensor) -> None:
+        if not (torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+            self.skipped += 1  # as the layer itself does: one bad batch must not poison the rest
+            return
+        self.batches += 1
+        if self.count is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        total = self.count + count
+        share = torch.where(total > 0, count / total.clamp_min(1), 0.0)
+        delta = mean - self.mean
+        self.mean = self.mean + delta * share
+        self.m2 = self.m2 + m2 + delta.square() * self.count * share
+        self.count = total
+
+
+def _model_input(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _restore_other_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Copies of every buffer outside our BatchNorm layers (torch.nn batch norms would
+    update their running statistics in training mode), to copy back afterwards."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, BatchNorm):
+            continue
+        for buffer in module.buffers(recurse=False):
+            saved.append((buffer, buffer.detach().clone()))
+    return saved
+
+
+def _progress(iterable: Iterable, total: int | None, enabled: bool) -> Iterator:
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # optional dependency: no bar
+            pass
+        else:
+            return iter(tqdm(iterable, total=total, desc="recalibrate", unit="batch"))
+    return iter(iterable)
+
+
+# ---------------------------------------------------------------- report
+
+
+@dataclass
+class LayerRecalibration:
+    """One layer's moving statistics before and after :func:`recalibrate` (CPU tensors)."""
+
+    name: str
+    old_mean: Tensor
+    old_variance: Tensor
+    new_mean: Tensor
+    new_variance: Tensor
+    num_batches: int
+
+    @staticmethod
+    def _abs(old: Tensor, new: Tensor) -> float:
+        return float((new.double() - old.double()).abs().max())
+
+    @staticmethod
+    def _rel(old: Tensor, new: Tensor) -> float:
+        diff = (new.double() - old.double()).abs()
+        return float((diff / new.double().abs().clamp_min(1e-12)).max())
+
+    @property
+    def mean_max_abs_diff(self) -> float:
+        return self._abs(self.old_mean, self.new_mean)
+
+    @property
+    def mean_max_rel_diff(self) -> float:
+        return self._rel(self.old_mean, self.new_mean)
+
+    @property
+    def variance_max_abs_diff(self) -> float:
+        return self._abs(self.old_variance, self.new_variance)
+
+    @property
+    def variance_max_rel_diff(self) -> float:
+        return self._rel(self.old_variance, self.new_variance)
+
+
+@dataclass
+class RecalibrationReport(Mapping):
+    """What :func:`recalibrate` changed: layer name -> :class:`LayerRecalibration`.
+
+    ``skipped`` names the BatchNorm layers that computed no batch statistics
+    (frozen with ``trainable=False``, always called with ``training=False``, or
+    never reached) and were left as they were.
+    """
+
+    layers: dict[str, LayerRecalibration]
+    skipped: list[str] = field(default_factory=list)
+    num_batches: int = 0
+
+    def __getitem__(self, name: str) -> LayerRecalibration:
+        return self.layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __str__(self) -> str:
+        header = (f"{'layer':<24} {'batches':>7} {'mean: max |diff|':>17} {'rel':>9} "
+                  f"{'var: max |diff|':>16} {'rel':>9}")
+        lines = [f"recalibrated {len(self.layers)} BatchNorm layer(s) over "
+                 f"{self.num_batches} batch(es)", header, "-" * len(header)]
+        for name, r in self.layers.items():
+            lines.append(
+                f"{name or '(model)':<24} {r.num_batches:>7} {r.mean_max_abs_diff:>17.4g} "
+                f"{r.mean_max_rel_diff:>9.2%} {r.variance_max_abs_diff:>16.4g} "
+                f"{r.variance_max_rel_diff:>9.2%}")
+        if self.skipped:
+            lines.append(f"skipped (no batch statistics: frozen or not run in training): "
+                         f"{', '.join(self.skipped)}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- recalibrate
+
+
+def _write(layer: BatchNorm, acc: _Moments) -> None:
+    """Set the layer's moving statistics to the population statistics in ``acc``."""
+    count = acc.count
+    denominator = count - 1 if layer.unbiased_moving_variance else count
+    variance = acc.m2 / denominator.clamp_min(1)
+    mean = acc.mean
+    dtype = layer.moving_mean.dtype
+    with torch.no_grad():
+        layer.moving_mean.copy_(mean.to(dtype))
+        layer.moving_variance.copy_(variance.to(dtype))
+        if layer.renorm:
+            stddev = torch.sqrt(variance + layer.epsilon).to(dtype)
+            layer.moving_stddev.copy_(stddev)
+            layer.renorm_mean.copy_(mean.to(dtype))
+            layer.renorm_stddev.copy_(stddev)
+        if layer.debias:
+            # The correction (m - momentum**t m0) / (1 - momentum**t) is the identity when
+            # m0 == m: inference uses exactly the recalibrated values.
+            layer.initial_moving_mean.copy_(mean.to(dtype))
+            initial = variance + layer.epsilon if layer.renorm else variance
+            layer.initial_moving_variance.copy_(initial.to(dtype))
+        layer.num_updates.fill_(acc.batches)
+
+
+def recalibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int = 200,
+    *,
+    progress: bool = True,
+) -> RecalibrationReport:
+    """Replace every :class:`~batchnorm.BatchNorm`'s moving statistics by exact population
+    statistics over ``batches`` (PreciseBN). Parameters are untouched.
+
+    The model runs in training mode (``model.train()``, under ``torch.no_grad()``)
+    over at most ``num_batches`` batches, so that each layer sees the inputs it
+    sees in training; the training-mode updates of the moving averages are
+    discarded (:func:`batchnorm.deferred_updates`) and each layer's input
+    moments are accumulated instead (a forward pre-hook). At the end each layer
+    gets the mean and the (biased) variance of every value of its input over all
+    batches: per feature, ``variance = mean of the batch variances + variance of
+    the batch means`` for equal-size batches (batches of different sizes, and
+    masks, are weighted by their number of values, so the result is always the
+    statistics of the union of the batches). Ghost batches do not change this:
+    population statistics do not depend on how a batch is split.
+
+    Args:
+        model: a module containing BatchNorm layers.
+        batches: an iterable of model inputs, or of ``(input, target, ...)``
+            tuples/lists, whose first element is the input (a DataLoader
+            works as it is). Anything else is passed to ``model`` as it is.
+            Inputs must already be on the model's device.
+        num_batches: the most batches to use (fewer if ``batches`` ends first).
+        progress: show a tqdm progress bar (when tqdm is installed).
+
+    Returns:
+        A :class:`RecalibrationReport`: per layer, the old and new statistics and
+        their largest absolute/relative differences; ``print`` it for a table.
+
+    After the call:
+        - the train/eval mode of every submodule is what it was;
+        - ``num_updates`` is the number of batches the layer's statistics come
+          from (a ``momentum=None`` layer then continues its cumulative
+          average from there);
+        - ``unbiased_moving_variance=True`` layers get the Bessel-corrected
+          population variance (``M2 / (n - 1)``);
+        - renorm layers also get ``moving_stddev = renorm_stddev = sqrt(variance + epsilon)``
+          and ``renorm_mean = mean``;
+        - ``debias=True`` layers get initial values equal to the new statistics,
+          which makes the debiasing correction the identity;
+        - frozen layers (``trainable=False``) compute no batch statistics and
+          are left as they are (listed in ``report.skipped``), as is every
+          buffer outside the BatchNorm layers (a ``torch.nn.BatchNorm2d``'s running
+          statistics included);
+        - a batch whose values at a layer are not finite is left out for that
+          layer, with a warning.
+
+    Example:
+        >>> import torch, batchnorm as bn
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), bn.BatchNorm(8))
+        >>> data = [torch.randn(32, 4) for _ in range(10)]
+        >>> report = bn.recalibrate(model, data, progress=False)
+        >>> int(model[1].num_updates)
+        10
+    """
+    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BatchNorm)}
+    if not layers:
+        raise ValueError("the model contains no batchnorm.BatchNorm layer to recalibrate")
+    moments = {name: _Moments() for name in layers}
+
+    def hook(name: str):
+        def pre_hook(layer: BatchNorm, args: tuple, kwargs: dict) -> None:
+            x, computes, mask = _parse_call(layer, args, kwargs)
+            if computes:
+                moments[name].add(*_moments(layer, x, mask))
+        return pre_hook
+
+    modes = [(m, m.training) for m in model.modules()]
+    other_buffers = _restore_other_buffers(model)
+    handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True)
+               for name, layer in layers.items()]
+    try:
+        total = min(num_batches, len(batches))  # type: ignore[arg-type]
+    except TypeError:  # no len(), e.g. a generator or an IterableDataset's loader
+        total = num_batches
+    seen = 0
+    try:
+        model.train()
+        with torch.no_grad(), deferred_updates() as updates:
+            for batch in _progress(islice(batches, num_batches), total, progress):
+                model(_model_input(batch))
+                updates.discard()
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes:
+            module.training = mode
+        with torch.no_grad():
+            for buffer, value in other_buffers:
+                buffer.copy_(value)
+    if seen == 0:
+        raise ValueError("batches is empty: no statistics to recalibrate with")
+
+    report = RecalibrationReport(layers={}, num_batches=seen)
+    for name, layer in layers.items():
+        acc = moments[name]
+        if acc.skipped:
+            warnings.warn(f"recalibrate: {acc.skipped} batch(es) with non-finite values at layer "
+                          f"{name!r} were left out", RuntimeWarning, stacklevel=2)
+        if acc.count is None:
+            report.skipped.append(name)
+            continue
+        old_mean = layer.moving_mean.detach().cpu().clone()
+        old_variance = layer.moving_variance.detach().cpu().clone()
+        _write(layer, acc)
+        report.layers[name] = LayerRecalibration(
+            name, old_mean, old_variance, layer.moving_mean.detach().cpu().clone(),
+            layer.moving_variance.detach().cpu().clone(), acc.batches)
+    return report
