@@ -74,7 +74,8 @@ def run(print_fn=print) -> list[tuple[str, str, str]]:
     with deferred_updates() as updates:
         deferred(BATCH, training=True)
         pending = len(updates)
-        show("inside deferred_updates()", f"{pending} pending, {deferred.num_updates.item()} applied",
+        applied = deferred.num_updates.item()
+        show("inside deferred_updates()", f"{pending} pending, {applied} applied",
              "training pass recorded, statistics untouched")
         updates.apply()
     show("after updates.apply()", f"{deferred.num_updates.item()} applied",
