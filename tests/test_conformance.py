@@ -15,6 +15,19 @@ reduce in a different order (TensorFlow's two-pass mean of squared deviations
 against torch's var_mean), which moves results by a few ulps of values of
 magnitude ~10; atol covers gradients that are near zero after the mean is
 subtracted, where a relative bound is meaningless.
+
+Where that bound fails, a value still conforms if it is at least as close to
+the exact result (the composite path replayed in float64 beside the layer)
+as TensorFlow's own float32 value is. This is for ill-conditioned values only:
+with ghost batches of two samples the input gradient is a difference of
+nearly equal terms of magnitude ``|dy| / sigma``, so TensorFlow's rounding
+alone exceeds 1e-5 there, and a kernel that computes in a different order
+(the CPU fast path, whose float64 accumulation lands on the exact value)
+cannot also reproduce TensorFlow's rounding error.
+
+Kernels: ``fused=None`` (the fast path where it applies, ATen's kernel for
+small plain batches), ``fused=False`` (composite), and ``cpu`` (fused=None with
+the CPU fast path forced for every fixture, small plain batches included).
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import pytest
 import torch
 
 import batchnorm as bn
+from batchnorm.kernels import cpu
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 RTOL = ATOL = 1e-5
@@ -76,8 +90,10 @@ def build_layer(config: dict, data: dict[str, np.ndarray], fused: bool | None) -
     return layer
 
 
-def check_step(layer: bn.BatchNorm, data: dict[str, np.ndarray], i: int) -> None:
-    x = torch.from_numpy(data[f"x_{i}"]).requires_grad_()
+def run_step(layer: bn.BatchNorm, data: dict[str, np.ndarray], i: int,
+             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One fixture step through ``layer``; every compared value, by fixture key."""
+    x = torch.from_numpy(data[f"x_{i}"]).to(dtype).requires_grad_()
     training = bool(data[f"training_{i}"])
     for param in (layer.gamma, layer.beta):
         if param is not None:
@@ -85,33 +101,54 @@ def check_step(layer: bn.BatchNorm, data: dict[str, np.ndarray], i: int) -> None
     for _ in range(int(data.get(f"repeat_{i}", 1)) - 1):
         layer(x.detach(), training=training)
     y = layer(x, training=training)
-    y.backward(torch.from_numpy(data[f"dy_{i}"]))
-
-    def close(actual: torch.Tensor, key: str) -> None:
-        torch.testing.assert_close(
-            actual.detach(), torch.from_numpy(data[key]), rtol=RTOL, atol=ATOL,
-            msg=lambda m: f"step {i} ({'training' if training else 'inference'}), {key}: {m}",
-        )
-
-    close(y, f"y_{i}")
-    close(x.grad, f"dx_{i}")
+    y.backward(torch.from_numpy(data[f"dy_{i}"]).to(dtype))
+    values = {f"y_{i}": y, f"dx_{i}": x.grad}
     if layer.gamma is not None:
-        close(layer.gamma.grad, f"dgamma_{i}")
+        values[f"dgamma_{i}"] = layer.gamma.grad
     if layer.beta is not None:
-        close(layer.beta.grad, f"dbeta_{i}")
+        values[f"dbeta_{i}"] = layer.beta.grad
     for name in ("moving_mean", "moving_variance", *(RENORM_STATE if layer.renorm else ())):
-        close(getattr(layer, name), f"{name}_{i}")
+        values[f"{name}_{i}"] = getattr(layer, name)
+    return {key: value.detach().clone() for key, value in values.items()}
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["fused=None", "fused=False"])
+def check_step(layer: bn.BatchNorm, data: dict[str, np.ndarray], i: int,
+               exact: bn.BatchNorm) -> None:
+    """Compare one step with the fixture; ``exact`` is the float64 composite shadow layer."""
+    actual = run_step(layer, data, i)
+    reference = run_step(exact, data, i, torch.float64)
+    training = bool(data[f"training_{i}"])
+    for key, value in actual.items():
+        expected = torch.from_numpy(data[key])
+        message = f"step {i} ({'training' if training else 'inference'}), {key}"
+        within = (value - expected).abs() <= ATOL + RTOL * expected.abs()
+        # Ill-conditioned values: at least as close to the exact result as TensorFlow is.
+        as_good = ((value.double() - reference[key]).abs()
+                   <= (expected.double() - reference[key]).abs() + ATOL / 10)
+        if not bool((within | as_good).all()):
+            torch.testing.assert_close(value, expected, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, message=message: f"{message}: {m}")
+
+
+@pytest.mark.parametrize("kernel", ["fused=None", "fused=False", "cpu"])
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
-def test_matches_tf_keras(path: Path, fused: bool | None) -> None:
+def test_matches_tf_keras(path: Path, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     config, data = load(path)
-    layer = build_layer(config, data, fused)
+    if kernel == "cpu":
+        if not cpu.available():
+            pytest.skip(f"the CPU fast path is unavailable: {cpu.IMPORT_ERROR}")
+        monkeypatch.setattr(cpu, "prefers_native", lambda x, axes: False)
+        calls = []
+        train = cpu.train
+        monkeypatch.setattr(cpu, "train", lambda *a, **k: calls.append(1) or train(*a, **k))
+    layer = build_layer(config, data, False if kernel == "fused=False" else None)
+    exact = build_layer(config, data, False).double()
     for i in range(int(data["num_steps"])):
         if layer.adjustment is not None:
-            layer.adjustment.step = i
-        check_step(layer, data, i)
+            layer.adjustment.step = exact.adjustment.step = i
+        check_step(layer, data, i, exact)
+    if kernel == "cpu":  # the fast path ran, unless it has no kernel for the configuration
+        assert calls or config.get("adjustment") or isinstance(config["axis"], list)
     if layer.adjustment is not None:  # called once per training step, never in inference
         assert layer.adjustment.calls == sum(
             bool(data[f"training_{i}"]) for i in range(int(data["num_steps"])))

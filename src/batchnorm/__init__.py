@@ -6,6 +6,7 @@
 """
 
 from . import functional
+from .distributed import convert_sync
 from .functional import BatchNormState
 from .layer import BatchNorm, apply_constraints, regularization_loss
 from .tools import (
@@ -40,6 +41,7 @@ __all__ = [
     "apply_constraints",
     "batchnorm_from_keras",
     "convert",
+    "convert_sync",
     "deferred_updates",
     "diagnose",
     "fold",

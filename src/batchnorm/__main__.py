@@ -20,7 +20,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="folder for results.json and curves.png (default demo-output)")
     commands.add_parser(
         "walkthrough", help="a printed walkthrough of training/inference modes, value by value")
+    from . import bench
+
+    bench.add_arguments(commands.add_parser(
+        "bench", help="speed against the memory-bandwidth limit, PyTorch and tf_keras; "
+        "peak memory (--quick: about a minute)",
+        description="Time batch normalization against the memory-bandwidth limit. "
+        "Prints a markdown table; writes bench.json and bench.png to --out."))
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.main(args)
     if args.command == "demo":
         from . import demo as training_demo
 

@@ -57,7 +57,8 @@ class Run:
     loss: float | None
     seconds: float
     note: str = ""
-    curve: list[tuple[int, float]] = field(default_factory=list)
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    panel: str = ""  # which chart panel shows its learning curve, if any
 
 
 def load_digits(seed: int) -> Data:
@@ -166,23 +167,25 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
     x_test, y_test = data[2], data[3]
     runs: list[Run] = []
 
-    def trained(name, lesson, model, *, evaluate_with=None, **options) -> nn.Module:
+    def trained(name, lesson, model, *, panel="", **options) -> nn.Module:
         start = time.perf_counter()
         options = {"epochs": budget.epochs, "batch_size": budget.batch_size,
                    "lr": budget.lr, **options}
         loss, curve = train(model, data, seed=seed, progress=progress, label=name, **options)
-        accuracy, _ = (evaluate_with or evaluate)(model, x_test, y_test)
-        runs.append(Run(name, lesson, accuracy, loss, time.perf_counter() - start, curve=curve))
+        accuracy, _ = evaluate(model, x_test, y_test)
+        runs.append(Run(name, lesson, accuracy, loss, time.perf_counter() - start, curve=curve,
+                        panel=panel))
         return model
 
     def seeded(factory: Callable[[], nn.Module]) -> nn.Module:
         torch.manual_seed(seed)
         return factory()
 
+    budget_panel = f"batches of {budget.batch_size}"
     trained("without BatchNorm", "the baseline: same network, same budget",
-            seeded(lambda: make_cnn(batchnorm=False)))
+            seeded(lambda: make_cnn(batchnorm=False)), panel=budget_panel)
     model = trained("with BatchNorm", "trains faster and further on the same budget",
-                    seeded(make_cnn))
+                    seeded(make_cnn), panel=budget_panel)
 
     for batch_size in (1, 8):
         name = f"  evaluated with training=True, batches of {batch_size}"
@@ -199,10 +202,10 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
 
     trained("  momentum 0.99 (TensorFlow's default) on this short budget",
             "slow averages still remember the first batches",
-            seeded(lambda: make_cnn(momentum=0.99)))
+            seeded(lambda: make_cnn(momentum=0.99)), panel=budget_panel)
     trained("  statistics never updated (updates deferred, never applied)",
             "inference uses the initial 0/1 averages: the model falls apart",
-            seeded(make_cnn), apply_updates=False)
+            seeded(make_cnn), apply_updates=False, panel=budget_panel)
 
     for debias in (False, True):
         trained(f"  evaluated after {budget.early_steps} steps (momentum 0.99), debias={debias}",
@@ -235,7 +238,8 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
             "statistics overwritten by 2-sample batches: accuracy drops",
             accuracy, loss, time.perf_counter() - start, curve=curve))
 
-    small = {"epochs": budget.small_batch_epochs, "batch_size": 4, "lr": budget.lr / 4}
+    small = {"epochs": budget.small_batch_epochs, "batch_size": 4, "lr": budget.lr / 4,
+             "panel": "batches of 4"}
     trained("  batches of 4, plain BatchNorm", "noisy statistics from 4 samples",
             seeded(make_cnn), **small)
     trained("  batches of 4, renorm", "Batch Renormalization corrects toward the averages",
@@ -259,25 +263,27 @@ def table(runs: list[Run]) -> str:
 
 
 def plot(runs: list[Run], path: Path) -> None:
-    """Learning curves (test accuracy against epochs) of the runs that trained."""
+    """Learning curves (test accuracy against epochs), one panel per batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    for run in runs:
-        if len(run.curve) > 1:
+    panels = list(dict.fromkeys(run.panel for run in runs if run.panel))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        for run in (r for r in runs if r.panel == panel):
             epochs, accuracy = zip(*run.curve, strict=True)
-            axes.plot(epochs, [100 * a for a in accuracy], marker="o", markersize=3,
+            axis.plot(epochs, [100 * a for a in accuracy], marker="o", markersize=3,
                       label=run.name.strip())
-    axes.set_xlabel("epochs trained")
-    axes.set_ylabel("test accuracy (%)")
-    axes.set_title("Handwritten digits: test accuracy during training")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
+        axis.set_title(f"test accuracy, {panel}")
+        axis.set_xlabel("epochs trained")
+        axis.set_ylabel("test accuracy (%)")
+        axis.set_ylim(0, 100)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 

@@ -103,6 +103,7 @@ def check_options(
     adjustment: Adjustment | None = None,
     fused: bool | None = None,
     axis: int | Sequence[int] = 1,
+    synchronized: bool = False,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` for options that are invalid or meaningless together."""
     for name, value in (("momentum", momentum), ("renorm_momentum", renorm_momentum)):
@@ -152,11 +153,13 @@ def check_options(
         raise TypeError(f"adjustment must be a callable shape -> (scale, bias), got {adjustment!r}")
     if fused not in (None, True, False):
         raise TypeError(f"fused must be None, True or False, got {fused!r}")
+    if not isinstance(synchronized, bool):
+        raise TypeError(f"synchronized must be a bool, got {synchronized!r}")
     if fused:
         from .kernels import unfused_reason
 
         reason = unfused_reason(axis=axis, renorm=renorm, virtual_batch_size=virtual_batch_size,
-                                adjustment=adjustment)
+                                adjustment=adjustment, synchronized=synchronized)
         if reason:
             raise ValueError(f"fused=True, but there is no fused kernel {reason}; "
                              "use fused=None to pick the fastest available path")
@@ -236,6 +239,7 @@ def check_input(
     training: bool = False,
     virtual_batch_size: int | None = None,
     mask: Tensor | None = None,
+    synchronized: bool = False,
 ) -> tuple[int, ...]:
     """Validate an input against the layer's configuration; return its feature axes.
 
@@ -243,7 +247,9 @@ def check_input(
     for an axis out of range, feature sizes that differ from ``feature_shape``,
     a batch that ``virtual_batch_size`` does not divide, a mask that does not
     broadcast, or (in training) a single value per feature, whose variance
-    does not exist.
+    does not exist. ``synchronized`` (statistics across processes) accepts
+    any local batch size, 0 included: the statistics are those of every
+    process's batch; ghost batches, formed within the process, are still checked.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
@@ -272,7 +278,10 @@ def check_input(
             raise ValueError(
                 f"virtual_batch_size={virtual_batch_size} does not divide the batch size "
                 f"{x.shape[0]} (input shape {tuple(x.shape)})")
-        count = count // x.shape[0] * virtual_batch_size
+    if synchronized and (virtual_batch_size is None or x.shape[0] == 0):
+        return axes
+    if virtual_batch_size is not None:
+        count = count // x.shape[0] * virtual_batch_size if x.shape[0] else 0
     if count < 2:
         raise ValueError(
             f"training-mode batch normalization needs more than one value per feature to "
@@ -318,19 +327,62 @@ def normalize(
     ``mean``, ``variance``, ``offset`` and ``scale`` broadcast against ``x``;
     ``offset``/``scale`` may be None. Computed as ``x * inv + (offset - mean * inv)``
     with ``inv = scale * rsqrt(variance + epsilon)``, the way TensorFlow does,
-    in the statistics' precision; the result has ``x``'s dtype.
+    in the statistics' precision; the result has ``x``'s dtype. One pass over
+    ``x``: ATen's inference kernel when the statistics are per feature along
+    one axis and carry no gradient (it computes the same ``x * inv + shift``),
+    else on CPU without autograd the fast path's loop
+    (:func:`batchnorm.kernels.cpu.affine`), else ``addcmul``.
 
     >>> normalize(torch.tensor([-10.0, 0.0, 10.0]), torch.tensor(0.0), torch.tensor(66.6667),
     ...           None, None, 1e-3)
     tensor([-1.2247,  0.0000,  1.2247])
     """
+    y = _aten_inference(x, mean, variance, offset, scale, epsilon)
+    if y is not None:
+        return y
     inv = torch.rsqrt(variance + epsilon)
     if scale is not None:
         inv = inv * scale.to(inv.dtype)
     shift = -mean * inv
     if offset is not None:
         shift = shift + offset.to(inv.dtype)
-    return (x * inv + shift).to(x.dtype)
+    from .kernels import cpu
+
+    y = cpu.affine(x, inv, shift)
+    if y is None:
+        y = torch.addcmul(shift, x, inv)
+    return y.to(x.dtype)
+
+
+def _aten_inference(x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | None,
+                    scale: Tensor | None, epsilon: float) -> Tensor | None:
+    """``normalize`` by ATen's batch-norm inference kernel, or None where it does not apply.
+
+    It computes ``alpha = scale / sqrt(variance + eps)``, ``beta = offset - mean * alpha``,
+    ``y = x * alpha + beta``: TensorFlow's order. It takes per-feature statistics along
+    one axis, which must not need a gradient (it has none for them).
+    """
+    if x.ndim < 2 or mean.ndim != x.ndim or variance.shape != mean.shape:
+        return None
+    axes = [d for d in range(x.ndim) if mean.shape[d] != 1]
+    if len(axes) != 1 or any(t is not None and t.shape != mean.shape for t in (offset, scale)):
+        return None
+    (axis,) = axes
+    features = x.shape[axis]
+    if mean.shape[axis] != features:
+        return None
+    dtype = mean.dtype
+    if variance.dtype != dtype or dtype != statistics_dtype(x.dtype):
+        return None
+    if torch.is_grad_enabled() and (mean.requires_grad or variance.requires_grad):
+        return None
+    xm = x if axis == 1 else x.movedim(axis, 1)
+    y = torch.batch_norm(
+        xm, None if scale is None else scale.reshape(features).to(dtype),
+        None if offset is None else offset.reshape(features).to(dtype),
+        mean.reshape(features), variance.reshape(features), False, 0.0, epsilon,
+        torch.backends.cudnn.enabled)
+    return y if axis == 1 else y.movedim(1, axis)
 
 
 def pooled_statistics(
@@ -460,6 +512,17 @@ def update_state(
     return state._replace(**new)
 
 
+def synchronization_group(synchronized: bool, training: bool, process_group=None):
+    """The ``torch.distributed`` group whose global batch gives the statistics, or None for
+    local statistics: inference, ``synchronized=False``, or torch.distributed not
+    initialized (which warns once)."""
+    if not (synchronized and training):
+        return None
+    from .kernels.synchronized import resolve_group
+
+    return resolve_group(process_group)
+
+
 def _forward(
     x: Tensor,
     state: BatchNormState,
@@ -478,12 +541,18 @@ def _forward(
     adjustment: Adjustment | None = None,
     fused: bool | None = None,
     mask: Tensor | None = None,
+    synchronized: bool = False,
+    process_group=None,
 ) -> tuple[Tensor, BatchStatistics | None]:
     """Normalize ``x``; return the output and, in training, the batch statistics."""
     from . import kernels
 
+    group = synchronization_group(synchronized, training, process_group)
     axes = check_input(x, axis, tuple(state.moving_mean.shape), training=training,
-                       virtual_batch_size=virtual_batch_size, mask=mask)
+                       virtual_batch_size=virtual_batch_size, mask=mask,
+                       synchronized=group is not None)
+    if virtual_batch_size is not None:
+        group = None  # ghost batches stay within each process: synchronized they would grow
     if not training:
         mean, variance = inference_statistics(state, momentum=momentum, epsilon=epsilon,
                                               debias=debias)
@@ -492,11 +561,12 @@ def _forward(
         return y, None
     kernel = kernels.select(fused, axes=axes, renorm=renorm,
                             virtual_batch_size=virtual_batch_size, adjustment=adjustment,
-                            mask=mask)
+                            mask=mask, synchronized=group is not None)
+    sync = {} if group is None else {"process_group": group}
     return kernel(
         x, state, axes, gamma=gamma, beta=beta, epsilon=epsilon, renorm=renorm,
         renorm_clipping=renorm_clipping, virtual_batch_size=virtual_batch_size,
-        ghost_layout=ghost_layout, adjustment=adjustment, mask=mask,
+        ghost_layout=ghost_layout, adjustment=adjustment, mask=mask, **sync,
     )
 
 
@@ -520,6 +590,8 @@ def batch_norm(
     adjustment: Adjustment | None = None,
     fused: bool | None = None,
     mask: Tensor | None = None,
+    synchronized: bool = False,
+    process_group=None,
 ) -> tuple[Tensor, BatchNormState]:
     """Batch-normalize ``x``; return ``(y, new_state)`` without mutating anything.
 
@@ -528,7 +600,9 @@ def batch_norm(
     moving averages of the returned state; in inference the state's moving
     averages normalize ``x`` and the state is returned unchanged. The options
     are those of :class:`batchnorm.BatchNorm`; a renorm state comes from
-    ``initial_state(..., renorm=True)``.
+    ``initial_state(..., renorm=True)``. ``synchronized=True`` takes the
+    training statistics of the global batch across the processes of
+    ``process_group`` (see :mod:`batchnorm.distributed`).
 
     >>> state = initial_state(1)
     >>> x = torch.tensor([[-10.0], [0.0], [10.0]])
@@ -541,14 +615,15 @@ def batch_norm(
     check_options(momentum=momentum, epsilon=epsilon, renorm=renorm,
                   renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
                   virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
-                  adjustment=adjustment, fused=fused, axis=axis)
+                  adjustment=adjustment, fused=fused, axis=axis, synchronized=synchronized)
     if renorm and state.moving_stddev is None:
         raise ValueError("renorm=True needs a renorm state: initial_state(..., renorm=True)")
     y, stats = _forward(
         x, state, training=training, gamma=gamma, beta=beta, axis=axis, momentum=momentum,
         epsilon=epsilon, debias=debias, renorm=renorm, renorm_clipping=renorm_clipping,
         virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
-        adjustment=adjustment, fused=fused, mask=mask,
+        adjustment=adjustment, fused=fused, mask=mask, synchronized=synchronized,
+        process_group=process_group,
     )
     if stats is None:
         return y, state

@@ -115,6 +115,13 @@ class BatchNorm(nn.Module):
         unbiased_moving_variance: feed the Bessel-corrected batch variance into
             ``moving_variance`` (PyTorch and the original paper) instead of the
             biased one (TensorFlow and Keras). Normalization always uses the biased one.
+        synchronized: in training, take the statistics of the global batch across the
+            processes of ``process_group`` (``torch.distributed``, any backend), with
+            exact gradients; see :mod:`batchnorm.distributed`. Inference, ghost
+            batches (formed and normalized within each process) and an uninitialized
+            ``torch.distributed`` (warned once) use local statistics.
+        process_group: the group to synchronize over; None is the default group. Not
+            part of :meth:`get_config` (a group cannot be serialized).
         trainable: False freezes the layer (see above).
 
     Example:
@@ -161,6 +168,8 @@ class BatchNorm(nn.Module):
         ghost_layout: str = "strided",
         adjustment: Adjustment | None = None,
         fused: bool | None = None,
+        synchronized: bool = False,
+        process_group: Any = None,
         trainable: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -175,7 +184,8 @@ class BatchNorm(nn.Module):
         F.check_options(momentum=momentum, epsilon=epsilon, renorm=renorm,
                         renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
                         virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
-                        adjustment=adjustment, fused=fused, axis=self.axis)
+                        adjustment=adjustment, fused=fused, axis=self.axis,
+                        synchronized=synchronized)
         for name, init in (("beta_initializer", beta_initializer),
                            ("gamma_initializer", gamma_initializer),
                            ("moving_mean_initializer", moving_mean_initializer),
@@ -199,6 +209,8 @@ class BatchNorm(nn.Module):
         self.ghost_layout = ghost_layout
         self.adjustment = adjustment
         self.fused = fused
+        self.synchronized = synchronized
+        self.process_group = process_group
         self.center = center
         self.scale = scale
         self.debias = debias
@@ -334,6 +346,7 @@ class BatchNorm(nn.Module):
             "debias": self.debias, "renorm": self.renorm, "renorm_clipping": self.renorm_clipping,
             "virtual_batch_size": self.virtual_batch_size, "ghost_layout": self.ghost_layout,
             "adjustment": self.adjustment, "fused": self.fused,
+            "synchronized": self.synchronized, "process_group": self.process_group,
         }
 
     # ------------------------------------------------------------------ trainable
@@ -374,8 +387,10 @@ class BatchNorm(nn.Module):
         """
         training = self._resolve_training(training)
         if self.num_features is None:
+            group = F.synchronization_group(self.synchronized, training, self.process_group)
             axes = F.check_input(x, self.axis, None, training=training,
-                                 virtual_batch_size=self.virtual_batch_size, mask=mask)
+                                 virtual_batch_size=self.virtual_batch_size, mask=mask,
+                                 synchronized=group is not None)
             self._build(tuple(x.shape[a] for a in axes))
         y, stats = F._forward(
             x, self.state(), training=training, gamma=self.gamma, beta=self.beta,
@@ -410,6 +425,8 @@ class BatchNorm(nn.Module):
 
     def _skip_reason(self, stats: BatchStatistics) -> str:
         """Why a batch's statistics could not enter the moving averages."""
+        if stats.mean.shape[0] == 0:
+            return "the batch is empty (no ghost batch in this process)"
         if not isinstance(stats.count, int):
             count = stats.count.expand_as(stats.mean)
             if not bool((count > 0).any(0).all()):
@@ -447,6 +464,8 @@ class BatchNorm(nn.Module):
             parts.append(f"adjustment={getattr(self.adjustment, '__name__', self.adjustment)}")
         if self.fused is not None:
             parts.append(f"fused={self.fused}")
+        if self.synchronized:
+            parts.append("synchronized=True")
         if not self._trainable:
             parts.append("trainable=False")
         return ", ".join(parts)
@@ -482,6 +501,7 @@ class BatchNorm(nn.Module):
             "virtual_batch_size": self.virtual_batch_size,
             "adjustment": self.adjustment,
             "fused": self.fused,
+            "synchronized": self.synchronized,
             "ghost_layout": self.ghost_layout,
             "debias": self.debias,
             "unbiased_moving_variance": self.unbiased_moving_variance,

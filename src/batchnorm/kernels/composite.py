@@ -9,6 +9,11 @@ output is a single ``normalize`` call:
     y = gamma * (adj_scale * (r * xhat + d) + adj_bias) + beta
 
 which is the order tf_keras composes them in.
+
+With a ``process_group`` (synchronized statistics) the local moments are
+replaced by those of every process's batch together
+(:func:`~batchnorm.kernels.synchronized.global_moments`); ghost batches are
+never synchronized, so the kernel is not given a group for them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..functional import (
     renorm_correction,
     statistics_dtype,
 )
+from .synchronized import global_moments
 
 
 def _group_view(x: Tensor, axes: tuple[int, ...], size: int | None, layout: str):
@@ -74,6 +80,7 @@ def train(
     ghost_layout: str,
     adjustment: Callable | None,
     mask: Tensor | None,
+    process_group=None,
 ) -> tuple[Tensor, BatchStatistics]:
     view, kept = _group_view(x, axes, virtual_batch_size, ghost_layout)
     reduce = reduction_axes(view.ndim, kept)
@@ -85,7 +92,10 @@ def train(
 
     if mask is None:
         variance, mean = torch.var_mean(xs, dim=reduce, correction=0, keepdim=True)
-        count: int | Tensor = xs.numel() // mean.numel()
+        count: int | Tensor = xs.numel() // max(mean.numel(), 1)  # no ghost batch: 0
+        if process_group is not None:
+            mean, variance, count = global_moments(mean, variance, count, process_group)
+            count = count.reshape(group_shape)
         stats = BatchStatistics(mean.reshape(group_shape), variance.reshape(group_shape), count)
     else:
         m = mask.reshape(mask_shape(mask, x, axes)).expand(x.shape).reshape(view.shape)
@@ -96,6 +106,8 @@ def train(
         safe = count.clamp_min(1)
         mean = (xs * weights).sum(dim=reduce, keepdim=True) / safe
         variance = ((xs - mean).square() * weights).sum(dim=reduce, keepdim=True) / safe
+        if process_group is not None:
+            mean, variance, count = global_moments(mean, variance, count, process_group)
         stats = BatchStatistics(mean.reshape(group_shape), variance.reshape(group_shape),
                                 count.reshape(group_shape))
         # A group with no selected position is normalized with the moving statistics.

@@ -1,0 +1,381 @@
+"""The numba loops behind :mod:`batchnorm.kernels.cpu`: four memory passes, two layouts.
+
+Every input is viewed as ``(outer, C, inner)`` in memory order. ``inner > 1``
+("planes", NCHW): each (row, channel) is a contiguous run of ``inner`` values.
+``inner == 1`` ("rows", channels-last): each row is ``C`` contiguous values.
+Rows are assigned to groups (ghost batches) by ``rows`` (group -> its rows)
+and ``gid`` (row -> its group); the plain mode is one group.
+
+Pass 1 (statistics) and pass 3 (gradient sums) accumulate per (group, block,
+channel) partials in float64 from a per-(group, channel) shift, so that the
+one-pass ``sum((x - k)**2)`` does not cancel; the blocks are summed by the
+caller. Pass 2 writes ``y = x * a + b`` and pass 4 ``dx = p * dy - w * (q * (x - m) + u)``
+with per-(group, channel) coefficients.
+
+``FASTMATH`` allows reassociation (so the reductions vectorize) and
+contraction (fused multiply-add), nothing else: NaN and Inf still propagate,
+which the moving-average update relies on to detect a bad batch.
+
+bfloat16 arrays arrive as ``uint16`` bit patterns: :func:`load` widens them
+to float32 exactly, :func:`store` rounds to nearest even, as torch does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core.extending import intrinsic, overload
+
+FASTMATH = frozenset({"reassoc", "contract"})
+FLUSH = 64  # rows summed in the run dtype before they are added to the float64 partials
+_JIT = {"parallel": True, "cache": True, "fastmath": set(FASTMATH), "nogil": True}
+
+
+@intrinsic
+def _bits_to_float32(typingctx, bits):
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if bits.bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            value = builder.zext(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float32_to_bits(typingctx, value):
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def load(v):
+    """The value of one element as a float (bfloat16 bits widened to float32)."""
+
+
+@overload(load, inline="always")
+def _load(v):
+    if v == types.uint16:
+        return lambda v: _bits_to_float32(np.uint32(v) << np.uint32(16))
+    return lambda v: v
+
+
+def store(out, i, v):
+    """``out[i] = v`` in ``out``'s dtype (bfloat16 bits: rounded to nearest even)."""
+
+
+@overload(store, inline="always")
+def _store(out, i, v):
+    if out.dtype == types.uint16:
+        def impl(out, i, v):
+            bits = _float32_to_bits(np.float32(v))
+            if v != v:  # a quiet NaN that keeps the sign
+                out[i] = np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+            else:
+                rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+                out[i] = np.uint16(rounded >> np.uint32(16))
+        return impl
+    dtype = out.dtype
+
+    def impl(out, i, v):
+        out[i] = dtype(v)
+    return impl
+
+
+def zero_like(v):
+    """A zero of ``v``'s type (``v * 0`` would widen float32 to float64)."""
+
+
+@overload(zero_like, inline="always")
+def _zero_like(v):
+    kind = v
+
+    def impl(v):
+        return kind(0)
+    return impl
+
+
+# ---------------------------------------------------------------- pass 1: statistics
+
+
+@njit(**_JIT)
+def moments_planes(x, rows, shift, w, blocks, cblocks, out):
+    """``out[:, g, b, c] = (sum w(x-k), sum w(x-k)**2, sum w)`` over block b of group g's rows.
+
+    Each run of ``inner`` values is summed in ``shift``'s dtype (float32 for float32 and
+    bfloat16 inputs: twice the vector width, and exact enough for a few thousand shifted
+    values), then added to the float64 partials.
+    """
+    groups, per_group = rows.shape
+    channels, inner = x.shape[1], x.shape[2]
+    masked = w.shape[0] > 0
+    per_channel = w.shape[1] > 1
+    for t in prange(groups * blocks * cblocks):
+        g = t // (blocks * cblocks)
+        b = (t // cblocks) % blocks
+        cb = t % cblocks
+        first = cb * channels // cblocks
+        n = 0.0
+        for j in range(b * per_group // blocks, (b + 1) * per_group // blocks):
+            o = rows[g, j]
+            for c in range(first, (cb + 1) * channels // cblocks):
+                k = shift[g, c]
+                xr = x[o, c]
+                s = zero_like(k)
+                q = zero_like(k)
+                if masked:
+                    wr = w[o, c] if per_channel else w[o, 0]
+                    if per_channel or c == first:  # a per-position mask counts once per row
+                        n = 0.0
+                        for i in range(inner):
+                            n += np.float64(wr[i])
+                    out[2, g, b, c] += n
+                    for i in range(inner):
+                        v = (load(xr[i]) - k) * wr[i]
+                        s += v
+                        q += v * v
+                else:
+                    for i in range(inner):
+                        v = load(xr[i]) - k
+                        s += v
+                        q += v * v
+                out[0, g, b, c] += s
+                out[1, g, b, c] += q
+
+
+@njit(**_JIT)
+def moments_rows(x, rows, shift, w, blocks, out):
+    """``moments_planes`` for ``inner == 1``: ``x`` is ``(outer, C)``, ``w`` ``(outer, 1 or C)``.
+
+    Four rows are combined per channel before they touch the running sums (one per
+    channel, in memory), and rows are summed in ``shift``'s dtype, ``FLUSH`` at a time,
+    then added to the float64 partials.
+    """
+    groups, per_group = rows.shape
+    channels = x.shape[1]
+    masked = w.shape[0] > 0
+    per_channel = w.shape[1] > 1
+    for t in prange(groups * blocks):
+        g = t // blocks
+        b = t % blocks
+        k = shift[g]
+        s = np.zeros(channels, shift.dtype)
+        q = np.zeros(channels, shift.dtype)
+        n = np.zeros(channels, shift.dtype)
+        start = b * per_group // blocks
+        stop = (b + 1) * per_group // blocks
+        j = start
+        while j < stop:
+            if masked:
+                o = rows[g, j]
+                xr = x[o]
+                wr = w[o]
+                for c in range(channels):
+                    m = np.float32(wr[c] if per_channel else wr[0])
+                    v = (load(xr[c]) - k[c]) * m
+                    s[c] += v
+                    q[c] += v * v
+                    n[c] += m
+                j += 1
+            elif j + 4 <= stop:
+                x0 = x[rows[g, j]]
+                x1 = x[rows[g, j + 1]]
+                x2 = x[rows[g, j + 2]]
+                x3 = x[rows[g, j + 3]]
+                for c in range(channels):
+                    v0 = load(x0[c]) - k[c]
+                    v1 = load(x1[c]) - k[c]
+                    v2 = load(x2[c]) - k[c]
+                    v3 = load(x3[c]) - k[c]
+                    s[c] += (v0 + v1) + (v2 + v3)
+                    q[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
+                j += 4
+            else:
+                xr = x[rows[g, j]]
+                for c in range(channels):
+                    v = load(xr[c]) - k[c]
+                    s[c] += v
+                    q[c] += v * v
+                j += 1
+            if (j - start) % FLUSH < 4 or j == stop:
+                for c in range(channels):
+                    out[0, g, b, c] += s[c]
+                    out[1, g, b, c] += q[c]
+                    out[2, g, b, c] += n[c]
+                    s[c] = 0
+                    q[c] = 0
+                    n[c] = 0
+
+
+# ---------------------------------------------------------------- pass 2: output
+
+
+@njit(**_JIT)
+def affine_planes(x, gid, a, b, cblocks, y):
+    """``y[o, c] = x[o, c] * a[g, c] + b[g, c]`` with ``g = gid[o]``."""
+    outer, channels, inner = x.shape
+    for t in prange(outer * cblocks):
+        o = t // cblocks
+        cb = t % cblocks
+        g = gid[o]
+        for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
+            ac = a[g, c]
+            bc = b[g, c]
+            xr = x[o, c]
+            yr = y[o, c]
+            for i in range(inner):
+                store(yr, i, load(xr[i]) * ac + bc)
+
+
+@njit(**_JIT)
+def affine_rows(x, gid, a, b, blocks, y):
+    outer, channels = x.shape
+    for t in prange(blocks):
+        for o in range(t * outer // blocks, (t + 1) * outer // blocks):
+            g = gid[o]
+            ar = a[g]
+            br = b[g]
+            xr = x[o]
+            yr = y[o]
+            for c in range(channels):
+                store(yr, c, load(xr[c]) * ar[c] + br[c])
+
+
+# ---------------------------------------------------------------- pass 3: gradient sums
+
+
+@njit(**_JIT)
+def grad_sums_planes(x, dy, rows, mean, blocks, cblocks, out):
+    """``out[:, g, b, c] = (sum dy, sum dy * (x - mean))`` over block b of group g's rows
+    (each run summed in ``mean``'s dtype, as in ``moments_planes``)."""
+    groups, per_group = rows.shape
+    channels, inner = x.shape[1], x.shape[2]
+    for t in prange(groups * blocks * cblocks):
+        g = t // (blocks * cblocks)
+        b = (t // cblocks) % blocks
+        cb = t % cblocks
+        for j in range(b * per_group // blocks, (b + 1) * per_group // blocks):
+            o = rows[g, j]
+            for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
+                k = mean[g, c]
+                xr = x[o, c]
+                dr = dy[o, c]
+                s = zero_like(k)
+                p = zero_like(k)
+                for i in range(inner):
+                    d = load(dr[i])
+                    s += d
+                    p += d * (load(xr[i]) - k)
+                out[0, g, b, c] += s
+                out[1, g, b, c] += p
+
+
+@njit(**_JIT)
+def grad_sums_rows(x, dy, rows, mean, blocks, out):
+    """``grad_sums_planes`` for ``inner == 1`` (four rows combined, as in ``moments_rows``)."""
+    groups, per_group = rows.shape
+    channels = x.shape[1]
+    for t in prange(groups * blocks):
+        g = t // blocks
+        b = t % blocks
+        k = mean[g]
+        s = np.zeros(channels, mean.dtype)
+        p = np.zeros(channels, mean.dtype)
+        start = b * per_group // blocks
+        stop = (b + 1) * per_group // blocks
+        j = start
+        while j < stop:
+            if j + 4 <= stop:
+                o0, o1, o2, o3 = rows[g, j], rows[g, j + 1], rows[g, j + 2], rows[g, j + 3]
+                x0, x1, x2, x3 = x[o0], x[o1], x[o2], x[o3]
+                d0, d1, d2, d3 = dy[o0], dy[o1], dy[o2], dy[o3]
+                for c in range(channels):
+                    e0 = load(d0[c])
+                    e1 = load(d1[c])
+                    e2 = load(d2[c])
+                    e3 = load(d3[c])
+                    s[c] += (e0 + e1) + (e2 + e3)
+                    p[c] += ((e0 * (load(x0[c]) - k[c]) + e1 * (load(x1[c]) - k[c]))
+                             + (e2 * (load(x2[c]) - k[c]) + e3 * (load(x3[c]) - k[c])))
+                j += 4
+            else:
+                xr = x[rows[g, j]]
+                dr = dy[rows[g, j]]
+                for c in range(channels):
+                    d = load(dr[c])
+                    s[c] += d
+                    p[c] += d * (load(xr[c]) - k[c])
+                j += 1
+            if (j - start) % FLUSH < 4 or j == stop:
+                for c in range(channels):
+                    out[0, g, b, c] += s[c]
+                    out[1, g, b, c] += p[c]
+                    s[c] = 0
+                    p[c] = 0
+
+
+# ---------------------------------------------------------------- pass 4: input gradient
+
+
+@njit(**_JIT)
+def grad_input_planes(x, dy, gid, m, p, q, u, w, cblocks, dx):
+    """``dx = p * dy - w * (q * (x - m) + u)`` with per-(group, channel) coefficients."""
+    outer, channels, inner = x.shape
+    masked = w.shape[0] > 0
+    per_channel = w.shape[1] > 1
+    for t in prange(outer * cblocks):
+        o = t // cblocks
+        cb = t % cblocks
+        g = gid[o]
+        for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
+            mc = m[g, c]
+            pc = p[g, c]
+            qc = q[g, c]
+            uc = u[g, c]
+            xr = x[o, c]
+            dr = dy[o, c]
+            dxr = dx[o, c]
+            if masked:
+                wr = w[o, c] if per_channel else w[o, 0]
+                for i in range(inner):
+                    wv = np.float32(wr[i])
+                    store(dxr, i, pc * load(dr[i]) - wv * (qc * (load(xr[i]) - mc) + uc))
+            else:
+                for i in range(inner):
+                    store(dxr, i, pc * load(dr[i]) - (qc * (load(xr[i]) - mc) + uc))
+
+
+@njit(**_JIT)
+def grad_input_rows(x, dy, gid, m, p, q, u, w, blocks, dx):
+    outer, channels = x.shape
+    masked = w.shape[0] > 0
+    per_channel = w.shape[1] > 1
+    for t in prange(blocks):
+        for o in range(t * outer // blocks, (t + 1) * outer // blocks):
+            g = gid[o]
+            mr = m[g]
+            pr = p[g]
+            qr = q[g]
+            ur = u[g]
+            xr = x[o]
+            dr = dy[o]
+            dxr = dx[o]
+            if masked:
+                wr = w[o]
+                for c in range(channels):
+                    wv = np.float32(wr[c] if per_channel else wr[0])
+                    d = qr[c] * (load(xr[c]) - mr[c]) + ur[c]
+                    store(dxr, c, pr[c] * load(dr[c]) - wv * d)
+            else:
+                for c in range(channels):
+                    store(dxr, c, pr[c] * load(dr[c]) - (qr[c] * (load(xr[c]) - mr[c]) + ur[c]))

@@ -1,0 +1,431 @@
+"""The CPU fast path (``kernels.cpu``) against the composite kernel, and its dispatch.
+
+The composite path is the specification (it is the one checked against tf_keras
+and the NumPy oracle at tight tolerances), so every output of the fast path is
+compared with it: y, the batch statistics (mean, variance, count), and the
+gradients of x, gamma and beta, for every mode it takes (plain, renorm with and
+without clipping, ghost batches in both layouts, masks per position and per
+value, a ghost batch a mask leaves empty), every layout (NCHW, channels-last,
+channels-last 2-D/3-D, axis 0, a non-contiguous input) and dtype.
+
+Tolerances:
+- float64: 1e-9. Both sides compute in float64; they differ in summation order
+  (and the fast path's one-pass shifted sums), a few ulps of sums of ~100 values.
+- float32: rtol = atol = 1e-5, the conformance bound. The fast path accumulates
+  in float64, so its statistics are closer to the exact ones than the
+  composite's float32 ``var_mean``; the outputs differ by float32 rounding of
+  values of magnitude ~10.
+- bfloat16: both sides compute in float32 and round the result to bfloat16
+  (8 significant bits): one rounding step apart is 2**-8 relative; atol is
+  2**-7 of the largest magnitude for gradients that cancel to near zero.
+
+The existing gradcheck and NumPy-reference tests are also replayed here with the
+fast path forced for every input (``prefers_native`` always False), so that they hold on
+both paths: ``tests/test_conformance.py`` does the same for the tf_keras fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import batchnorm as bn
+from batchnorm import bench, kernels
+from batchnorm.functional import initial_state
+from batchnorm.kernels import composite, cpu, native
+
+pytestmark = pytest.mark.skipif(not cpu.available(),
+                                reason=f"the CPU fast path is unavailable: {cpu.IMPORT_ERROR}")
+
+TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-5)}
+
+# id: (shape, axis, memory format or None, options, mask kind)
+LAYOUTS = {
+    "nchw": ((8, 5, 6, 7), 1, None),
+    "channels_last": ((8, 5, 6, 7), 1, torch.channels_last),
+    "rows": ((16, 5), -1, None),
+    "nlc": ((8, 9, 5), -1, None),
+    "transposed": ((8, 5, 6, 7), 1, "transposed"),
+}
+MODES = {
+    "plain": ({}, None),
+    "renorm": ({"renorm": True}, None),
+    "renorm_clipped": ({"renorm": True, "renorm_clipping": {"rmin": 0.8, "rmax": 1.2,
+                                                            "dmax": 0.3}}, None),
+    "ghost_strided": ({"virtual_batch_size": 4}, None),
+    "ghost_consecutive": ({"virtual_batch_size": 4, "ghost_layout": "consecutive"}, None),
+    "ghost_renorm": ({"virtual_batch_size": 2, "renorm": True}, None),
+    "mask_positions": ({}, "positions"),
+    "mask_values": ({}, "values"),
+    "mask_ghost_empty_group": ({"virtual_batch_size": 4}, "empty_group"),
+    "no_gamma_beta": ({"center": False, "scale": False}, None),
+}
+
+
+def make_input(layout: str, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, int]:
+    shape, axis, fmt = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2).to(dtype)
+    if fmt == "transposed":  # a view whose memory order is no permutation of a dense layout
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, 1:]
+    elif fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    return x, axis % x.ndim
+
+
+def make_mask(kind: str | None, x: torch.Tensor, axis: int) -> torch.Tensor | None:
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(7)
+    if kind == "values":
+        return torch.rand(x.shape, generator=g) < 0.6
+    shape = [s for d, s in enumerate(x.shape) if d != axis]
+    mask = torch.rand(shape, generator=g) < 0.6
+    if kind == "empty_group":  # strided groups: samples n and n + 2 (batch 8, size 4)
+        mask[0::2] = False
+    return mask
+
+
+def run_kernel(kernel, x, axis, options, mask, dtype):
+    """y, statistics and gradients of sum(y * dy) through ``kernel`` (a kernel ``train``)."""
+    channels = x.shape[axis]
+    g = torch.Generator().manual_seed(3)
+    state = initial_state(channels, renorm=True)._replace(
+        moving_mean=torch.randn(channels, generator=g),
+        renorm_mean=torch.randn(channels, generator=g) * 0.5,
+        renorm_stddev=torch.rand(channels, generator=g) + 2.5)
+    center, scale = options.pop("center", True), options.pop("scale", True)
+    gamma = (torch.rand(channels, generator=g) + 0.5).requires_grad_() if scale else None
+    beta = torch.randn(channels, generator=g).requires_grad_() if center else None
+    xg = x.detach().clone().requires_grad_()
+    kwargs = {"renorm": False, "renorm_clipping": None, "virtual_batch_size": None,
+              "ghost_layout": "strided", **options}
+    y, stats = kernel(xg, state, (axis,), gamma=gamma, beta=beta, epsilon=1e-3,
+                      adjustment=None, mask=mask, **kwargs)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    y.backward(dy)
+    out = {"y": y, "mean": stats.mean, "variance": stats.variance, "dx": xg.grad}
+    if not isinstance(stats.count, int):
+        out["count"] = stats.count
+    if gamma is not None:
+        out.update(dgamma=gamma.grad, dbeta=beta.grad)
+    return out, stats.count, y
+
+
+def assert_matches(actual: dict, expected: dict, dtype: torch.dtype) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        got = actual[key]
+        assert got.dtype == value.dtype and got.shape == value.shape, key
+        if dtype == torch.bfloat16 and key in ("y", "dx"):
+            scale = value.double().abs().max().item()
+            torch.testing.assert_close(got.double(), value.double(), rtol=2**-8,
+                                       atol=2**-7 * scale, msg=lambda m, k=key: f"{k}: {m}")
+        else:
+            rtol, atol = TOLERANCE.get(value.dtype, (1e-5, 1e-5))
+            torch.testing.assert_close(got, value, rtol=rtol, atol=atol,
+                                       msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_kernel_matches_composite(mode, layout, dtype):
+    options, mask_kind = MODES[mode]
+    x, axis = make_input(layout, dtype)
+    if options.get("virtual_batch_size") and axis == 0:
+        pytest.skip("ghost batches split axis 0")
+    mask = make_mask(mask_kind, x, axis)
+    expected, count, _ = run_kernel(composite.train, x, axis, dict(options), mask, dtype)
+    actual, fast_count, y = run_kernel(cpu.train, x, axis, dict(options), mask, dtype)
+    if dtype == torch.bfloat16 and options.get("virtual_batch_size") == 2:
+        # Two values per ghost batch: dx is a difference of nearly equal terms (zero but for
+        # epsilon), below bfloat16's resolution on both sides; float32/float64 compare it.
+        del actual["dx"], expected["dx"]
+    assert_matches(actual, expected, dtype)
+    assert fast_count == count if isinstance(count, int) else True
+    assert y.stride() == x.stride() or LAYOUTS[layout][2] == "transposed"
+
+
+@pytest.mark.parametrize("mode", ["plain", "mask_positions", "mask_values"])
+def test_cpu_kernel_takes_axis_zero(mode):
+    options, mask_kind = MODES[mode]
+    x = torch.randn(5, 12, 3, dtype=torch.float64)
+    mask = make_mask(mask_kind, x, 0)
+    expected, _, _ = run_kernel(composite.train, x, 0, dict(options), mask, torch.float64)
+    actual, _, _ = run_kernel(cpu.train, x, 0, dict(options), mask, torch.float64)
+    assert_matches(actual, expected, torch.float64)
+
+
+def test_statistics_are_stable_far_from_zero():
+    # One-pass sums of squares cancel catastrophically for mean >> std; the shift does not.
+    x = torch.randn(64, 3, 100, dtype=torch.float64) * 1e-3 + 1e4
+    y, stats = cpu.train(x.float(), initial_state(3), (1,), gamma=None, beta=None,
+                         epsilon=1e-12, renorm=False, renorm_clipping=None,
+                         virtual_batch_size=None, ghost_layout="strided", adjustment=None,
+                         mask=None)
+    exact = x.float().double().var(dim=(0, 2), unbiased=False)
+    torch.testing.assert_close(stats.variance[0].double(), exact, rtol=1e-3, atol=0)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def gradcheck_function(options, mask, axis):
+    state = initial_state(3, renorm=True, dtype=torch.float64)
+
+    def f(x, gamma, beta):
+        y, _ = cpu.train(x, state, (axis,), gamma=gamma, beta=beta, epsilon=1e-3,
+                         adjustment=None, mask=mask, **{"renorm": False, "renorm_clipping": None,
+                                                        "virtual_batch_size": None,
+                                                        "ghost_layout": "strided", **options})
+        return y
+    return f
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("mode", ["plain", "ghost_strided", "ghost_consecutive", "mask_positions",
+                                  "mask_values", "mask_ghost_empty_group", "renorm_clipped"])
+def test_gradcheck_cpu_kernel(mode, layout):
+    options, mask_kind = MODES[mode]
+    shape, axis, fmt = {"nchw": ((8, 3, 2, 2), 1, None),
+                        "channels_last": ((8, 3, 2, 2), 1, torch.channels_last),
+                        "rows": ((8, 3), 1, None)}[layout]
+    x = torch.randn(shape, dtype=torch.float64)
+    if mode == "renorm_clipped":  # std 3, mean +-3: every r and d clipped, by a wide margin
+        x = (x - x.mean((0, *range(2, x.ndim)), keepdim=True)) / x.std(
+            (0, *range(2, x.ndim)), keepdim=True) * 3 + 3
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    mask = make_mask(mask_kind, x, axis)
+    gamma = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gradcheck_function(dict(options), mask, axis),
+                                    (x.requires_grad_(), gamma, beta))
+
+
+@pytest.mark.parametrize("mode", ["plain", "ghost_strided", "mask_positions"])
+def test_double_backward_matches_composite(mode):
+    options, mask_kind = MODES[mode]
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    mask = make_mask(mask_kind, x, 1)
+    gamma = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    results = []
+    for kernel in (composite.train, cpu.train):
+        xg = x.clone().requires_grad_()
+        y, _ = kernel(xg, initial_state(3, dtype=torch.float64), (1,), gamma=gamma, beta=None,
+                      epsilon=1e-3, adjustment=None, mask=mask,
+                      **{"renorm": False, "renorm_clipping": None, "virtual_batch_size": None,
+                         "ghost_layout": "strided", **options})
+        (dx,) = torch.autograd.grad(y.sin().sum(), xg, create_graph=True)
+        results.append(torch.autograd.grad(dx.square().sum(), (xg, gamma)))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture
+def fast_path_everywhere(monkeypatch):
+    """fused=None takes the CPU fast path for every input; returns the list of its calls."""
+    monkeypatch.setattr(cpu, "prefers_native", lambda x, axes: False)
+    calls = []
+    train = cpu.train
+    monkeypatch.setattr(cpu, "train", lambda *a, **k: calls.append(1) or train(*a, **k))
+    return calls
+
+
+def _existing(name: str):
+    return pytest.importorskip(name)  # tests/ is on sys.path (pytest's rootdir conftest)
+
+
+@pytest.mark.parametrize("case", _existing("test_gradcheck").CASES)
+def test_existing_gradcheck_cases_on_the_fast_path(case, fast_path_everywhere):
+    module = _existing("test_gradcheck")
+    shape, axis, options, mask, training = module.CASES[case]
+    if options.get("fused") is False:
+        pytest.skip("the composite path by construction")
+    module.test_gradcheck(module.CASES[case])
+    if training and "adjustment" not in options and options.get("trainable", True):
+        assert fast_path_everywhere
+
+
+@pytest.mark.parametrize("mode", _existing("test_reference_modes").MODES,
+                         ids=[m.id for m in _existing("test_reference_modes").MODES])
+def test_existing_reference_modes_on_the_fast_path(mode, fast_path_everywhere):
+    module = _existing("test_reference_modes")
+    module.test_functional_matches_reference(mode, None)
+    module.test_layer_training_steps_then_inference_match_reference(mode, None)
+    if mode.adjustment is None and isinstance(mode.axis, int):
+        assert fast_path_everywhere
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def select_for(x, **options):
+    config = {"renorm": False, "virtual_batch_size": None, "adjustment": None, "mask": None,
+              **options}
+    fallback = native.train if kernels.unfused_reason(axis=(1,), **config) is None \
+        else composite.train
+    return kernels.fast_path(x, fallback, axes=(1,), state=initial_state(x.shape[1]),
+                             **config)
+
+
+def test_fused_none_takes_the_fast_path_for_large_cpu_batches():
+    x = torch.randn(64, 16, 8, 8)
+    assert x.numel() >= cpu.MIN_PLAIN_NUMEL
+    assert select_for(x) is cpu.train
+    assert select_for(x, renorm=True) is cpu.train
+    assert select_for(x.bfloat16()) is cpu.train
+
+
+def test_fused_none_falls_back_where_the_fast_path_does_not_apply():
+    small = torch.randn(32, 64)
+    assert select_for(small) is native.train  # ATen's per-call cost is lower
+    channels_last = torch.randn(64, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert select_for(channels_last) is native.train  # ATen's row kernel is faster
+    assert select_for(channels_last, virtual_batch_size=8) is cpu.train
+    assert select_for(small, virtual_batch_size=8) is cpu.train  # composite's is higher
+    assert select_for(torch.randn(64, 16, 8, 8, dtype=torch.float16)) is native.train
+    assert select_for(torch.randn(64, 16, 8, 8), adjustment=lambda s: (1.0, 0.0)) \
+        is composite.train
+    assert cpu.unsupported(torch.randn(4, 3), axes=(0, 1), adjustment=None) is not None
+    assert kernels.select(False, axes=(1,), renorm=False, virtual_batch_size=None,
+                          adjustment=None, mask=None) is composite.train
+    assert kernels.select(True, axes=(1,), renorm=False, virtual_batch_size=None,
+                          adjustment=None, mask=None) is native.train
+
+
+def test_layer_on_the_fast_path_updates_the_moving_statistics_like_composite():
+    x = torch.randn(64, 16, 8, 8) * 2 + 1
+    layers = [bn.BatchNorm(16, fused=f, renorm=True, virtual_batch_size=8) for f in (None, False)]
+    for layer in layers:
+        for _ in range(3):
+            layer(x, training=True).sum().backward()
+    for name, value in layers[1].state_dict().items():
+        torch.testing.assert_close(layers[0].state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layers[0].gamma.grad, layers[1].gamma.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_a_non_finite_batch_leaves_the_statistics_unchanged_on_the_fast_path():
+    layer = bn.BatchNorm(16)
+    x = torch.randn(64, 16, 8, 8)
+    x[3, 2, 1, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        y = layer(x, training=True)
+    assert torch.isnan(y[:, 2]).all() and not torch.isnan(y[:, 3]).any()
+    assert layer.num_updates.item() == 0
+
+
+def test_fast_path_is_deterministic():
+    x = torch.randn(64, 16, 8, 8, requires_grad=True)
+    layer = bn.BatchNorm(16, virtual_batch_size=8)
+    outs = []
+    for _ in range(2):
+        x.grad = None
+        y = layer(x, training=True)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach().clone(), x.grad.clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_compile_and_torch_func_fall_back_from_the_fast_path():
+    x = torch.randn(64, 16, 8, 8)
+    layer = bn.BatchNorm(16, virtual_batch_size=8)
+    expected = layer(x, training=True)
+    compiled = torch.compile(lambda t: layer(t, training=True), fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    state = layer.state()
+
+    def loss(gamma, t):
+        y, _ = bn.functional.batch_norm(t, state, training=True, gamma=gamma,
+                                        virtual_batch_size=8)
+        return y.square().sum()
+
+    gamma = torch.rand(16) + 0.5
+    expected_grad = torch.func.grad(loss)(gamma, x.double().float())
+    gamma_ = gamma.clone().requires_grad_()
+    loss(gamma_, x).backward()  # eager: the fast path
+    torch.testing.assert_close(expected_grad, gamma_.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_inference_pass_matches_the_elementwise_formula(dtype, fmt):
+    x = torch.randn(64, 16, 8, 8).to(dtype).contiguous(memory_format=fmt)
+    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    inv = torch.rand(1, 16, 1, 1, dtype=cdtype) + 0.5
+    shift = torch.randn(1, 16, 1, 1, dtype=cdtype)
+    y = cpu.affine(x, inv, shift)
+    assert y is not None and y.dtype == dtype and y.stride() == x.stride()
+    torch.testing.assert_close(y, (x.to(cdtype) * inv + shift).to(dtype),
+                               rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    assert cpu.affine(x.requires_grad_(), inv, shift) is None  # autograd: torch's ops
+
+
+def test_bfloat16_rounds_to_nearest_even_like_torch():
+    # Ties to even (up and down), just below a tie, the largest finite, NaN, -Inf, a subnormal.
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F807FFF, 0x7F7FFFFF, 0x7FC00001, 0xFF800000,
+                     0x00010000], dtype=np.uint32)
+    values = torch.from_numpy(bits.view(np.float32).copy()).reshape(1, 7)
+    x = torch.ones(16384, 7, dtype=torch.bfloat16)
+    y = cpu.affine(x, torch.zeros(1, 7), values)  # y = 0 * x + value, rounded
+    assert y is not None
+    expected = values.to(torch.bfloat16).expand_as(y)
+    nan = torch.isnan(expected)  # NaN payloads differ between torch's own conversion paths
+    assert torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
+# ---------------------------------------------------------------- bench
+
+
+def test_bench_table_reports_the_limit_and_ratios():
+    row = {"allocator": "reuse", "label": "8x4 nc float32 plain", "phase": "forward",
+           "ours_ms": 2.0, "native_ms": 4.0, "compiled_ms": 3.0, "limit_ms": 1.6, "notes": []}
+    text = bench.table([row])
+    assert "| 80% | 2.00x | 1.50x |" in text
+
+
+def test_bench_command_writes_json_and_a_table(tmp_path, capsys):
+    from batchnorm.__main__ import main
+
+    assert main(["bench", "--shapes", "8,4,6,6", "--modes", "plain", "masked", "--dtypes",
+                 "float32", "--layouts", "nchw", "--repeats", "1", "--budget", "0.001",
+                 "--compile", "none", "--no-tf", "--allocators", "reuse",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["phase"] for r in report["results"]} == set(bench.PHASES)
+    assert all(math.isfinite(r["ours_ms"]) and r["limit_ms"] > 0 for r in report["results"])
+    assert {m["contender"] for m in report["memory"]} >= {"ours", "torch.nn.BatchNorm2d"}
+    out = capsys.readouterr().out
+    assert "| reuse | 8x4x6x6 nchw float32 masked | forward+backward |" in out
+    assert "torch " in out and "numba " in out
+
+
+def test_warm_up_compiles_or_loads_every_loop():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numba's cache must not warn (e.g. unwritable dir)
+        assert cpu.warm_up() >= 0
+
+
+@pytest.mark.parametrize("layout", ["nchw", "rows"])
+def test_masked_statistics_stay_accurate_when_the_padding_is_far_from_the_data(layout):
+    # Padding 0 around data of mean 1000 and std 0.1: a shift taken from the padding would
+    # make float32 sums of squares cancel; the masked path accumulates in float64.
+    x = torch.randn(16, 3, 50, dtype=torch.float64) * 0.1 + 1000
+    x[:, :, 25:] = 0
+    mask = torch.zeros(16, 50, dtype=torch.bool)
+    mask[:, :25] = True
+    x32 = x.float() if layout == "nchw" else x.float().permute(0, 2, 1).reshape(-1, 3)
+    mask = mask if layout == "nchw" else mask.reshape(-1)
+    _, stats = cpu.train(x32, initial_state(3), (1,), gamma=None, beta=None, epsilon=1e-3,
+                         renorm=False, renorm_clipping=None, virtual_batch_size=None,
+                         ghost_layout="strided", adjustment=None, mask=mask)
+    exact = x.float().double()[:, :, :25].var(dim=(0, 2), unbiased=False)
+    torch.testing.assert_close(stats.variance[0].double(), exact, rtol=1e-4, atol=0)
