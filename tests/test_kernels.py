@@ -397,7 +397,7 @@ def test_bench_command_writes_json_and_a_table(tmp_path, capsys):
 
     assert main(["bench", "--shapes", "8,4,6,6", "--modes", "plain", "masked", "--dtypes",
                  "float32", "--layouts", "nchw", "--repeats", "1", "--budget", "0.001",
-                 "--compile", "none", "--no-tf", "--allocators", "reuse",
+                 "--compile", "none", "--no-tf", "--no-distributed", "--allocators", "reuse",
                  "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {r["phase"] for r in report["results"]} == set(bench.PHASES)

@@ -477,11 +477,23 @@ def run(args) -> int:
         with tempfile.TemporaryDirectory() as cache:
             report["first_call"]["empty numba cache"] = _child(
                 ["--first-call-child"], {"NUMBA_CACHE_DIR": cache})
+    if args.distributed:
+        from . import bench_distributed
+
+        report["distributed"] = {
+            "environment": bench_distributed.environment(),
+            "rows": bench_distributed.measure([1, 2] if args.quick else [1, 2, 4])}
 
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
     drew = chart(report["results"], out_dir / "bench.png")
     print(render(report, args, tf_python, drew, out_dir))
     return 0
+
+
+def bench_distributed_table(rows: list[dict]) -> str:
+    from .bench_distributed import table as distributed_table
+
+    return distributed_table(rows)
 
 
 def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path) -> str:
@@ -517,6 +529,11 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
     if compiles:
         lines.append(f"- torch.compile of the native contender: {min(compiles):.1f}-"
                      f"{max(compiles):.1f} s per graph")
+    if "distributed" in report:
+        lines += ["", "## Synchronized statistics across processes",
+                  f"({report['distributed']['environment']}; communicating = time inside the "
+                  "collectives, waiting for the slowest process included)", "",
+                  bench_distributed_table(report["distributed"]["rows"])]
     lines += ["", f"Wrote {out_dir / 'bench.json'}"
               + (f" and {out_dir / 'bench.png'}" if drew else " (no PNG: matplotlib missing)")]
     return "\n".join(lines)
@@ -546,6 +563,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cold", action="store_true",
                         help="also time the first call with an empty numba cache (compiles)")
     parser.add_argument("--out", default="bench-results", help="folder for bench.json/bench.png")
+    parser.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time synchronized statistics with 1, 2 and 4 gloo processes "
+                        "(quick: 1 and 2)")
     # Internal: the child processes.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", default="default", help=argparse.SUPPRESS)
