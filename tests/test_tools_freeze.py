@@ -13,15 +13,7 @@ from torch import nn
 
 import batchnorm as bn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are tiny, and on a busy machine torch's threads
-    contend with each other (measured: 30 s against 3.5 s for the three tool test files)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_model() -> nn.Module:

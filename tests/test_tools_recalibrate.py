@@ -15,13 +15,7 @@ MU = np.array([-2.0, 0.5, 3.0])
 SIGMA = np.array([0.5, 1.0, 2.0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_batches(n: int = 50, size: int = 8, seed: int = 0) -> list[torch.Tensor]:

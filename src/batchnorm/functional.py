@@ -156,13 +156,10 @@ def check_options(
     if not isinstance(synchronized, bool):
         raise TypeError(f"synchronized must be a bool, got {synchronized!r}")
     if fused:
-        from .kernels import unfused_reason
+        from .kernels import require_fused
 
-        reason = unfused_reason(axis=axis, renorm=renorm, virtual_batch_size=virtual_batch_size,
-                                adjustment=adjustment, synchronized=synchronized)
-        if reason:
-            raise ValueError(f"fused=True, but there is no fused kernel {reason}; "
-                             "use fused=None to pick the fastest available path")
+        require_fused(axis=axis, renorm=renorm, virtual_batch_size=virtual_batch_size,
+                      adjustment=adjustment, synchronized=synchronized)
 
 
 def resolve_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -203,7 +200,7 @@ def reduction_axes(ndim: int, axes: tuple[int, ...]) -> list[int]:
     return [d for d in range(ndim) if d not in axes]
 
 
-def _count(x: Tensor, axes: tuple[int, ...]) -> int:
+def values_per_feature(x: Tensor, axes: tuple[int, ...]) -> int:
     """Values per feature: the product of the sizes of the reduced axes."""
     return math.prod([x.shape[d] for d in reduction_axes(x.ndim, axes)])
 
@@ -269,7 +266,7 @@ def check_input(
         _check_mask(mask, x, axes)
     if not training:
         return axes
-    count = _count(x, axes)
+    count = values_per_feature(x, axes)
     if virtual_batch_size is not None:
         if 0 in axes:
             raise ValueError(

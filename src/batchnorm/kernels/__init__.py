@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import composite, cpu, native
 
-__all__ = ["FAST_PATHS", "fast_path", "select", "unfused_reason"]
+__all__ = ["FAST_PATHS", "fast_path", "require_fused", "select", "unfused_reason"]
 
 # Device type -> fast kernel module (``train`` and ``unsupported``), tried first by fused=None.
 FAST_PATHS: dict[str, ModuleType] = {"cpu": cpu} if cpu.available() else {}
@@ -84,6 +84,14 @@ def unfused_reason(
     return None
 
 
+def require_fused(**configuration) -> None:
+    """``ValueError`` when no fused kernel handles the configuration (``fused=True``)."""
+    reason = unfused_reason(**configuration)
+    if reason is not None:
+        raise ValueError(f"fused=True, but there is no fused kernel {reason}; "
+                         "use fused=None to pick the fastest available path")
+
+
 def select(fused: bool | None, *, axes: tuple[int, ...], renorm: bool,
            virtual_batch_size: int | None, adjustment: Callable | None,
            mask: Tensor | None, synchronized: bool = False) -> Callable:
@@ -92,13 +100,13 @@ def select(fused: bool | None, *, axes: tuple[int, ...], renorm: bool,
     ``synchronized``: the statistics are global (a process group is active), which only
     ``composite`` computes.
     """
-    reason = unfused_reason(axis=axes, renorm=renorm, virtual_batch_size=virtual_batch_size,
-                            adjustment=adjustment, mask=mask, synchronized=synchronized)
+    configuration = {"axis": axes, "renorm": renorm, "virtual_batch_size": virtual_batch_size,
+                     "adjustment": adjustment, "mask": mask, "synchronized": synchronized}
     if fused is False or synchronized and not fused:
         return composite.train
-    if reason is not None and fused:
-        raise ValueError(f"fused=True, but there is no fused kernel {reason}; "
-                         "use fused=None to pick the fastest available path")
+    if fused:
+        require_fused(**configuration)
+    reason = unfused_reason(**configuration)
     fallback = native.train if reason is None else composite.train
     if fused is None and FAST_PATHS:
         return partial(_dispatch, fallback)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import BatchNormState, BatchStatistics, reduction_axes
+from ..functional import BatchNormState, BatchStatistics, values_per_feature
 
 
 def train(x: Tensor, state: BatchNormState, axes: tuple[int, ...], *, gamma: Tensor | None,
@@ -25,8 +25,6 @@ def train(x: Tensor, state: BatchNormState, axes: tuple[int, ...], *, gamma: Ten
         xm, gamma, beta, True, 0.0, epsilon)
     # The kernel keeps 1 / sqrt(var + eps); the biased variance is recovered from it.
     variance = torch.clamp_min(invstd.detach().pow(-2) - epsilon, 0.0)
-    count = 1
-    for d in reduction_axes(x.ndim, axes):
-        count *= x.shape[d]
+    count = values_per_feature(x, axes)
     y = y if axis == 1 else y.movedim(1, axis)
     return y, BatchStatistics(mean.detach().unsqueeze(0), variance.unsqueeze(0), count)
