@@ -9,6 +9,7 @@ purity; gradients with ``torch.autograd.gradcheck`` (float64); half-precision in
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -374,3 +375,56 @@ def test_vmap_of_batch_norm_equals_a_loop_over_the_leading_axis(training):
     looped = [torch.stack(column) for column in zip(*(f(x) for x in xs), strict=True)]
     for got, expected in zip(batched, looped, strict=True):
         assert_close(got, expected)
+
+
+# ---------------------------------------------------------------- in-place update
+
+UPDATE_CASES = [
+    pytest.param({}, 1, None, id="plain"),
+    pytest.param({"momentum": None}, 1, None, id="cumulative"),
+    pytest.param({"unbiased_moving_variance": True}, 1, None, id="unbiased"),
+    pytest.param({"renorm_momentum": 0.5}, 1, None, id="renorm"),
+    pytest.param({}, 3, None, id="ghost-groups"),
+    pytest.param({}, 3, [[5.0], [2.0], [0.0]], id="masked-counts"),
+]
+
+
+@pytest.mark.parametrize(("options", "groups", "counts"), UPDATE_CASES)
+def test_update_state_in_place_moves_the_state_to_what_update_state_returns(
+        options, groups, counts):
+    gen = torch.Generator().manual_seed(3)
+    renorm = "renorm_momentum" in options
+    state = F.initial_state(4, renorm=renorm, dtype=torch.float64)
+    state = state._replace(moving_mean=torch.randn(4, generator=gen, dtype=torch.float64),
+                           num_updates=torch.tensor(3))
+    count = 8 if counts is None else torch.tensor(counts, dtype=torch.float64)
+    stats = F.BatchStatistics(torch.randn(groups, 4, generator=gen, dtype=torch.float64),
+                              torch.rand(groups, 4, generator=gen, dtype=torch.float64) + 0.1,
+                              count)
+    kwargs = {"momentum": 0.9, "epsilon": 1e-3, **options}
+    expected = F.update_state(state, stats, **kwargs)
+    moved = clone_state(state)
+    assert F.update_state_(moved, stats, **kwargs) is True
+    for name, value in expected._asdict().items():
+        if value is not None:
+            # float64: the two differ only in rounding order (lerp vs subtract-multiply).
+            assert_close(getattr(moved, name), value, rtol=1e-12, atol=1e-12, msg=name)
+    assert int(moved.num_updates) == 4
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("field", ["mean", "variance"])
+def test_update_state_in_place_leaves_everything_unchanged_for_non_finite_statistics(bad, field):
+    state = F.initial_state(3, renorm=True)
+    mean, variance = torch.zeros(1, 3), torch.ones(1, 3)
+    {"mean": mean, "variance": variance}[field][0, 1] = bad
+    before = clone_state(state)
+    assert F.update_state_(state, F.BatchStatistics(mean, variance, 4), momentum=0.9) is False
+    assert same_bits(state, before)
+
+
+def test_update_state_in_place_does_not_treat_huge_finite_statistics_as_overflow():
+    state = F.initial_state(2)
+    big = torch.full((1, 2), 3e38)  # a float32 sum of these would overflow
+    assert F.update_state_(state, F.BatchStatistics(big, big, 4), momentum=0.5) is True
+    assert torch.isfinite(state.moving_variance).all()

@@ -174,6 +174,24 @@ def test_statistics_are_stable_far_from_zero():
     torch.testing.assert_close(stats.variance[0].double(), exact, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_native_kernel_variance_is_exact_even_far_below_epsilon(fmt, traced, monkeypatch):
+    # Eager, ATen writes the biased variance itself; traced (torch.func, compile) it is
+    # recovered from 1 / sqrt(var + eps), which loses digits when var << eps.
+    from batchnorm.kernels import native
+
+    monkeypatch.setattr(native, "traced", lambda x: traced)
+    x = (torch.randn(16, 3, 5, 5, dtype=torch.float64) * 1e-3).float()
+    x = x.contiguous(memory_format=fmt)
+    _, stats = native.train(x, initial_state(3), (1,), gamma=None, beta=None, epsilon=1e-3)
+    exact = x.double().var(dim=(0, 2, 3), unbiased=False)
+    rtol = 1e-2 if traced else 1e-5  # float32 statistics: 1e-5 covers the summation order
+    torch.testing.assert_close(stats.variance[0].double(), exact, rtol=rtol, atol=0)
+    torch.testing.assert_close(stats.mean[0].double(), x.double().mean(dim=(0, 2, 3)),
+                               rtol=1e-5, atol=1e-9)
+
+
 # ---------------------------------------------------------------- gradients
 
 

@@ -29,6 +29,7 @@ compiled as a percentage of the limit) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -136,9 +137,10 @@ def _contenders(case: Case, compile_: bool):
     def ours_infer(t):
         return ours(t, training=False)
 
+    plain_eval = copy.deepcopy(plain).eval()  # a module against our module, as in training
+
     def native_infer(t):
-        return TF.batch_norm(t, plain.running_mean, plain.running_var, plain.weight, plain.bias,
-                             False, 0.0, 1e-3)
+        return plain_eval(t)
 
     train_fns = {"ours": ours_train, "native": native_train}
     infer_fns = {"ours": ours_infer, "native": native_infer}
@@ -158,7 +160,7 @@ def _contenders(case: Case, compile_: bool):
             compile_seconds[name] = time.perf_counter() - start
 
     xg = x.detach().clone().requires_grad_()
-    params = [p for p in (*ours.parameters(), *plain.parameters())]
+    params = [p for p in (*ours.parameters(), *plain.parameters(), *plain_eval.parameters())]
     out = torch.empty_like(x)
 
     def forward(fn):

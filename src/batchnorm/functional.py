@@ -40,6 +40,7 @@ __all__ = [
     "pooled_statistics",
     "resolve_axes",
     "update_state",
+    "update_state_",
 ]
 
 GHOST_LAYOUTS = ("strided", "consecutive")
@@ -353,11 +354,8 @@ def normalize(
 
 def _aten_inference(x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | None,
                     scale: Tensor | None, epsilon: float) -> Tensor | None:
-    """``normalize`` by ATen's batch-norm inference kernel, or None where it does not apply.
-
-    It computes ``alpha = scale / sqrt(variance + eps)``, ``beta = offset - mean * alpha``,
-    ``y = x * alpha + beta``: TensorFlow's order. It takes per-feature statistics along
-    one axis, which must not need a gradient (it has none for them).
+    """``normalize`` by ATen's batch-norm inference kernel, or None where it does not apply:
+    statistics that vary along more than one axis, or need a gradient (it has none for them).
     """
     if x.ndim < 2 or mean.ndim != x.ndim or variance.shape != mean.shape:
         return None
@@ -365,20 +363,34 @@ def _aten_inference(x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | 
     if len(axes) != 1 or any(t is not None and t.shape != mean.shape for t in (offset, scale)):
         return None
     (axis,) = axes
-    features = x.shape[axis]
-    if mean.shape[axis] != features:
+    if mean.shape[axis] != x.shape[axis]:
         return None
+    flat = [None if t is None else t.reshape(-1) for t in (mean, variance, offset, scale)]
+    return _feature_inference(x, axis, *flat, epsilon)
+
+
+def _feature_inference(x: Tensor, axis: int, mean: Tensor, variance: Tensor,
+                       offset: Tensor | None, scale: Tensor | None,
+                       epsilon: float) -> Tensor | None:
+    """``normalize`` with 1-D per-feature statistics along ``axis`` by ATen's inference
+    kernel, or None where it does not apply (statistics that need a gradient, or not in
+    the input's statistics dtype).
+
+    It computes ``alpha = scale / sqrt(variance + eps)``, ``beta = offset - mean * alpha``,
+    ``y = x * alpha + beta``: TensorFlow's order.
+    """
     dtype = mean.dtype
-    if variance.dtype != dtype or dtype != statistics_dtype(x.dtype):
+    if variance.dtype != dtype or dtype != statistics_dtype(x.dtype) or x.ndim < 2:
         return None
     if torch.is_grad_enabled() and (mean.requires_grad or variance.requires_grad):
         return None
+    if scale is not None and scale.dtype != dtype:
+        scale = scale.to(dtype)
+    if offset is not None and offset.dtype != dtype:
+        offset = offset.to(dtype)
     xm = x if axis == 1 else x.movedim(axis, 1)
-    y = torch.batch_norm(
-        xm, None if scale is None else scale.reshape(features).to(dtype),
-        None if offset is None else offset.reshape(features).to(dtype),
-        mean.reshape(features), variance.reshape(features), False, 0.0, epsilon,
-        torch.backends.cudnn.enabled)
+    y = torch.batch_norm(xm, scale, offset, mean, variance, False, 0.0, epsilon,
+                         torch.backends.cudnn.enabled)
     return y if axis == 1 else y.movedim(1, axis)
 
 
@@ -396,6 +408,8 @@ def pooled_statistics(
     if unbiased:
         variance = variance * (count / (count - 1))
     if isinstance(count, int):
+        if mean.shape[0] == 1:
+            return mean[0], variance[0]
         return mean.mean(0), variance.mean(0)
     valid = (torch.as_tensor(count) > 0).expand_as(mean)
     groups = valid.sum(0)
@@ -460,6 +474,28 @@ def inference_statistics(
     return correct(mean, state.initial_mean), variance
 
 
+def _averages(
+    state: BatchNormState, mean: Tensor, variance: Tensor, *, momentum: float | None,
+    epsilon: float, renorm_momentum: float,
+) -> list[tuple[str, Tensor, float | None]]:
+    """``(field, value, momentum)`` for each moving average one batch moves.
+
+    A renorm state keeps ``moving_stddev`` (from which ``moving_variance`` is derived,
+    see :func:`_renorm_variance`) and moves ``renorm_mean``/``renorm_stddev`` with
+    ``renorm_momentum``.
+    """
+    if state.moving_stddev is None:
+        return [("moving_mean", mean, momentum), ("moving_variance", variance, momentum)]
+    stddev = torch.sqrt(variance + epsilon)
+    return [("moving_mean", mean, momentum), ("moving_stddev", stddev, momentum),
+            ("renorm_mean", mean, renorm_momentum), ("renorm_stddev", stddev, renorm_momentum)]
+
+
+def _renorm_variance(moving_stddev: Tensor, epsilon: float) -> Tensor:
+    """tf_keras's ``moving_variance`` under renorm: ``relu(moving_stddev**2 - epsilon)``."""
+    return torch.relu(moving_stddev * moving_stddev - epsilon)
+
+
 def update_state(
     state: BatchNormState,
     stats: BatchStatistics,
@@ -469,7 +505,7 @@ def update_state(
     unbiased_moving_variance: bool = False,
     renorm_momentum: float = 0.99,
 ) -> BatchNormState:
-    """Fold one batch's statistics into the moving averages.
+    """Fold one batch's statistics into the moving averages; return the new state.
 
     ``moving -= (moving - statistic) * (1 - momentum)``, the update TensorFlow
     applies, with the statistics of :func:`pooled_statistics`. ``momentum=None``
@@ -481,32 +517,73 @@ def update_state(
     ``renorm_momentum`` and derives ``moving_variance`` from ``moving_stddev``,
     as tf_keras does. A batch whose statistics are not all finite leaves the
     state unchanged (``num_updates`` included), so that one bad batch cannot
-    poison the averages.
+    poison the averages. Nothing is mutated and nothing waits for the device
+    (:func:`update_state_` is the in-place form).
     """
-    stats = BatchStatistics(stats.mean.detach(), stats.variance.detach(), stats.count)
-    mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
+    mean, variance = pooled_statistics(_detached(stats), unbiased=unbiased_moving_variance)
     finite = torch.isfinite(mean).all() & torch.isfinite(variance).all()
-
-    def ema(moving: Tensor, value: Tensor, decay: float | None) -> Tensor:
+    new = {"num_updates": state.num_updates + finite.to(state.num_updates.dtype)}
+    averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
+                         renorm_momentum=renorm_momentum)
+    for name, value, decay in averages:
+        moving = getattr(state, name)
         step = 1.0 / (state.num_updates + 1) if decay is None else 1.0 - decay
         updated = moving - (moving - value.to(moving.dtype)) * step
-        return torch.where(finite, updated, moving)
-
-    new = {
-        "moving_mean": ema(state.moving_mean, mean, momentum),
-        "num_updates": state.num_updates + finite.to(state.num_updates.dtype),
-    }
-    if state.moving_stddev is None:
-        new["moving_variance"] = ema(state.moving_variance, variance, momentum)
-    else:
-        stddev = torch.sqrt(variance + epsilon)
-        moving_stddev = ema(state.moving_stddev, stddev, momentum)
-        new["moving_stddev"] = moving_stddev
+        new[name] = torch.where(finite, updated, moving)
+    if state.moving_stddev is not None:
         new["moving_variance"] = torch.where(
-            finite, torch.relu(moving_stddev * moving_stddev - epsilon), state.moving_variance)
-        new["renorm_mean"] = ema(state.renorm_mean, mean, renorm_momentum)
-        new["renorm_stddev"] = ema(state.renorm_stddev, stddev, renorm_momentum)
+            finite, _renorm_variance(new["moving_stddev"], epsilon), state.moving_variance)
     return state._replace(**new)
+
+
+def update_state_(
+    state: BatchNormState,
+    stats: BatchStatistics,
+    *,
+    momentum: float | None,
+    epsilon: float = 1e-3,
+    unbiased_moving_variance: bool = False,
+    renorm_momentum: float = 0.99,
+) -> bool:
+    """:func:`update_state` in place: move the state's tensors; return whether it moved.
+
+    The same averages in fewer operations (the layer's per-call path). It reads
+    back whether the statistics are finite, which waits for the device; a batch
+    that is not leaves everything unchanged and returns False.
+
+    >>> state = initial_state(1)
+    >>> stats = BatchStatistics(torch.tensor([[2.0]]), torch.tensor([[4.0]]), 8)
+    >>> update_state_(state, stats, momentum=0.9)
+    True
+    >>> state.moving_mean, state.moving_variance, state.num_updates
+    (tensor([0.2000]), tensor([1.3000]), tensor(1))
+    """
+    with torch.no_grad():
+        mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
+        if not _all_finite(mean, variance):
+            return False
+        averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
+                             renorm_momentum=renorm_momentum)
+        for decay in {d for *_, d in averages}:
+            pairs = [(getattr(state, name), value) for name, value, d in averages if d == decay]
+            step = 1.0 / (int(state.num_updates) + 1) if decay is None else 1.0 - decay
+            # lerp computes moving + step * (value - moving): TensorFlow's update.
+            torch._foreach_lerp_([m for m, _ in pairs], [v.to(m.dtype) for m, v in pairs], step)
+        if state.moving_stddev is not None:
+            state.moving_variance.copy_(_renorm_variance(state.moving_stddev, epsilon))
+        state.num_updates.add_(1)
+    return True
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """Whether every value is finite (one read-back; the largest magnitude of each tensor
+    cannot overflow, unlike a sum)."""
+    norms = torch._foreach_norm([t for t in tensors if t.numel()], math.inf)
+    return math.isfinite(sum(map(float, norms)))
+
+
+def _detached(stats: BatchStatistics) -> BatchStatistics:
+    return BatchStatistics(stats.mean.detach(), stats.variance.detach(), stats.count)
 
 
 def synchronization_group(synchronized: bool, training: bool, process_group=None):
@@ -553,6 +630,10 @@ def _forward(
     if not training:
         mean, variance = inference_statistics(state, momentum=momentum, epsilon=epsilon,
                                               debias=debias)
+        if len(axes) == 1 and mean.ndim == 1:
+            y = _feature_inference(x, axes[0], mean, variance, beta, gamma, epsilon)
+            if y is not None:
+                return y, None
         y = normalize(x, broadcast(mean, x, axes), broadcast(variance, x, axes),
                       broadcast(beta, x, axes), broadcast(gamma, x, axes), epsilon)
         return y, None

@@ -392,36 +392,42 @@ class BatchNorm(nn.Module):
                                  virtual_batch_size=self.virtual_batch_size, mask=mask,
                                  synchronized=group is not None)
             self._build(tuple(x.shape[a] for a in axes))
+        state = self.state()
         y, stats = F._forward(
-            x, self.state(), training=training, gamma=self.gamma, beta=self.beta,
+            x, state, training=training, gamma=self.gamma, beta=self.beta,
             mask=mask, **self._options(),
         )
         if stats is not None:
             recorder = active_recorder()
             if recorder is None:
-                self._apply_statistics(stats)
+                self._apply_statistics(stats, state)
             else:
                 recorder.record(self, stats)
         return y
 
-    def _apply_statistics(self, stats: BatchStatistics) -> None:
-        """Fold one batch's statistics into the moving averages, in place."""
-        with torch.no_grad():
-            old = self.state()
-            new = F.update_state(
-                old, stats, momentum=self.momentum, epsilon=self.epsilon,
-                unbiased_moving_variance=self.unbiased_moving_variance,
-                renorm_momentum=self.renorm_momentum,
+    def _apply_statistics(self, stats: BatchStatistics,
+                          state: BatchNormState | None = None) -> None:
+        """Fold one batch's statistics into the moving averages, in place; warn if skipped.
+
+        ``state``: this layer's :meth:`state`, when the caller has it at hand.
+        """
+        state = self.state() if state is None else state
+        options = {"momentum": self.momentum, "epsilon": self.epsilon,
+                   "unbiased_moving_variance": self.unbiased_moving_variance,
+                   "renorm_momentum": self.renorm_momentum}
+        if torch.compiler.is_compiling():
+            # Traced: no read-back of finiteness; the functional update selects instead.
+            with torch.no_grad():
+                new = F.update_state(state, stats, **options)
+                for name, value in new._asdict().items():
+                    if value is not None and value is not getattr(state, name):
+                        getattr(self, _BUFFER[name]).copy_(value)
+        elif not F.update_state_(state, stats, **options):
+            warnings.warn(
+                f"{self._get_name()}: {self._skip_reason(stats)}; the moving averages were "
+                "left unchanged for this batch", RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
             )
-            if not torch.compiler.is_compiling() and bool(new.num_updates == old.num_updates):
-                warnings.warn(
-                    f"{self._get_name()}: {self._skip_reason(stats)}; the moving averages were "
-                    "left unchanged for this batch", RuntimeWarning,
-                    stacklevel=_caller_stacklevel(),
-                )
-            for name, value in new._asdict().items():
-                if value is not None and value is not getattr(old, name):
-                    getattr(self, _BUFFER[name]).copy_(value)
 
     def _skip_reason(self, stats: BatchStatistics) -> str:
         """Why a batch's statistics could not enter the moving averages."""

@@ -47,11 +47,11 @@ FAST_PATHS: dict[str, ModuleType] = {"cpu": cpu} if cpu.available() else {}
 def fast_path(x: Tensor, fallback: Callable, **options) -> Callable:
     """The kernel ``fused=None`` runs for this call: the device's fast path, or ``fallback``."""
     kernel = FAST_PATHS.get(x.device.type)
-    if kernel is None or kernel.unsupported(x, **options) is not None:
+    if kernel is None:
         return fallback
     if fallback is native.train and kernel.prefers_native(x, options["axes"]):
         return fallback  # e.g. tiny plain batches: ATen's lower per-call cost wins
-    return kernel.train
+    return fallback if kernel.unsupported(x, **options) is not None else kernel.train
 
 
 def _dispatch(fallback: Callable, x: Tensor, state, axes, **options):

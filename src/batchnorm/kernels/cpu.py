@@ -42,6 +42,7 @@ from ..functional import (
     renorm_correction,
     statistics_dtype,
 )
+from .native import traced
 
 try:  # numba is a dependency, but a missing or broken install must not break the library
     from . import cpu_loops as loops
@@ -78,13 +79,6 @@ def available() -> bool:
     return loops is not None
 
 
-def _traced(x: Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    functorch = getattr(torch._C, "_functorch", None)
-    return functorch is not None and functorch.is_functorch_wrapped_tensor(x)
-
-
 def unsupported(x: Tensor, *, axes: tuple[int, ...], adjustment: Callable | None,
                 state: BatchNormState | None = None, **_options) -> str | None:
     """Why this kernel does not handle the call, or None when it does."""
@@ -104,7 +98,7 @@ def unsupported(x: Tensor, *, axes: tuple[int, ...], adjustment: Callable | None
         return f"a tensor subclass ({type(x).__name__})"
     if x.layout != torch.strided:
         return f"layout {x.layout}"
-    if _traced(x):
+    if traced(x):
         return "tracing (torch.compile or torch.func)"
     if state is not None and (state.moving_mean.requires_grad
                               or state.moving_variance.requires_grad):
@@ -472,7 +466,7 @@ def affine(x: Tensor, inv: Tensor, shift: Tensor) -> Tensor | None:
     if torch.is_grad_enabled() and (x.requires_grad or inv.requires_grad or shift.requires_grad):
         return None
     axes = [d for d in range(x.ndim) if inv.shape[d] != 1]
-    if len(axes) != 1 or inv.shape[axes[0]] != x.shape[axes[0]] or _traced(x):
+    if len(axes) != 1 or inv.shape[axes[0]] != x.shape[axes[0]] or traced(x):
         return None
     if type(x) is not torch.Tensor or x.layout != torch.strided:
         return None
