@@ -137,7 +137,7 @@ def test_matches_tf_keras(path: Path, kernel: str, monkeypatch: pytest.MonkeyPat
     if kernel == "cpu":
         if not cpu.available():
             pytest.skip(f"the CPU fast path is unavailable: {cpu.IMPORT_ERROR}")
-        monkeypatch.setattr(cpu, "prefers_native", lambda x, axes: False)
+        monkeypatch.setattr(cpu, "prefers_fallback", lambda x, axes, plain: False)
         calls = []
         train = cpu.train
         monkeypatch.setattr(cpu, "train", lambda *a, **k: calls.append(1) or train(*a, **k))

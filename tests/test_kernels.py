@@ -20,7 +20,7 @@ Tolerances:
   2**-7 of the largest magnitude for gradients that cancel to near zero.
 
 The existing gradcheck and NumPy-reference tests are also replayed here with the
-fast path forced for every input (``prefers_native`` always False), so that they hold on
+fast path forced for every input (``prefers_fallback`` always False), so that they hold on
 both paths: ``tests/test_conformance.py`` does the same for the tf_keras fixtures.
 """
 
@@ -250,7 +250,7 @@ def test_double_backward_matches_composite(mode):
 @pytest.fixture
 def fast_path_everywhere(monkeypatch):
     """fused=None takes the CPU fast path for every input; returns the list of its calls."""
-    monkeypatch.setattr(cpu, "prefers_native", lambda x, axes: False)
+    monkeypatch.setattr(cpu, "prefers_fallback", lambda x, axes, plain: False)
     calls = []
     train = cpu.train
     monkeypatch.setattr(cpu, "train", lambda *a, **k: calls.append(1) or train(*a, **k))
@@ -308,7 +308,9 @@ def test_fused_none_falls_back_where_the_fast_path_does_not_apply():
     channels_last = torch.randn(64, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     assert select_for(channels_last) is native.train  # ATen's row kernel is faster
     assert select_for(channels_last, virtual_batch_size=8) is cpu.train
-    assert select_for(small, virtual_batch_size=8) is cpu.train  # composite's is higher
+    for mode in ({"virtual_batch_size": 8}, {"renorm": True}):  # so is the composite's
+        assert select_for(small, **mode) is composite.train
+        assert select_for(torch.randn(512, 64), **mode) is cpu.train
     assert select_for(torch.randn(64, 16, 8, 8, dtype=torch.float16)) is native.train
     assert select_for(torch.randn(64, 16, 8, 8), adjustment=lambda s: (1.0, 0.0)) \
         is composite.train

@@ -23,8 +23,9 @@ the device's fast path from :data:`FAST_PATHS` when it accepts the call
 A GPU kernel (Triton, say) plugs in beside the CPU one: a module with the
 kernel call signature ``train(x, state, axes, **options)``, a function
 ``unsupported(x, *, axes, state, **options) -> str | None`` saying why it
-declines a call, and ``prefers_native(x, axes) -> bool`` saying when ATen's
-kernel is faster for the plain mode, registered under its device type:
+declines a call, and ``prefers_fallback(x, axes, *, plain) -> bool`` saying when
+the fallback is faster (ATen's kernel for the plain mode, else the composite),
+registered under its device type:
 ``FAST_PATHS["cuda"] = triton_kernel``.
 """
 
@@ -47,10 +48,9 @@ FAST_PATHS: dict[str, ModuleType] = {"cpu": cpu} if cpu.available() else {}
 def fast_path(x: Tensor, fallback: Callable, **options) -> Callable:
     """The kernel ``fused=None`` runs for this call: the device's fast path, or ``fallback``."""
     kernel = FAST_PATHS.get(x.device.type)
-    if kernel is None:
-        return fallback
-    if fallback is native.train and kernel.prefers_native(x, options["axes"]):
-        return fallback  # e.g. tiny plain batches: ATen's lower per-call cost wins
+    if kernel is None or kernel.prefers_fallback(x, options["axes"],
+                                                 plain=fallback is native.train):
+        return fallback  # e.g. tiny batches: the fallback's lower per-call cost wins
     return fallback if kernel.unsupported(x, **options) is not None else kernel.train
 
 

@@ -52,25 +52,33 @@ except Exception as error:  # pragma: no cover - depends on the environment
 else:
     IMPORT_ERROR = None
 
-__all__ = ["MIN_PLAIN_NUMEL", "affine", "available", "prefers_native", "train", "unsupported",
-           "warm_up"]
+__all__ = ["MIN_NUMEL", "MIN_PLAIN_NUMEL", "affine", "available", "prefers_fallback", "train",
+           "unsupported", "warm_up"]
 
-# The plain mode below this many elements goes to ATen's kernel (``prefers_native``): its
-# per-call cost is lower than that of two numba launches, and the data is in cache anyway.
+# Below this many elements fused=None takes the fallback (``prefers_fallback``): ATen's
+# kernel for the plain mode, the composite for the others. Their per-call cost is lower
+# than that of the numba launches and the glue around them, and the data is in cache
+# anyway. BATCHNORM_CPU_MIN_NUMEL sets both (0: the fast path for every input).
 MIN_PLAIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 16))
+MIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 15))
 # Passes over fewer elements run on the calling thread: waking the pool costs more than
 # it saves, and on a loaded machine a parallel region waits for its slowest thread.
 PARALLEL_MIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_PARALLEL_MIN_NUMEL", 1 << 17))
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def prefers_native(x: Tensor, axes: tuple[int, ...]) -> bool:
-    """Whether ATen's kernel is the faster one for the plain mode of this input.
+def prefers_fallback(x: Tensor, axes: tuple[int, ...], *, plain: bool) -> bool:
+    """Whether the kernel ``fused=None`` falls back to (ATen's for the plain mode, else the
+    composite) is the faster one for this input.
 
-    Small batches: its per-call cost is lower. Channels-last and other layouts whose
-    feature axis is innermost in memory: its vectorized per-row kernel beats these loops
-    (which sum such rows at about 60% of the bandwidth limit; see the benchmark).
+    Small inputs: their per-call cost is lower (below ``MIN_PLAIN_NUMEL`` values for
+    ATen's kernel, ``MIN_NUMEL`` for the composite; see the benchmark's 32x64 rows).
+    Plain channels-last and other layouts whose feature axis is innermost in memory:
+    ATen's vectorized per-row kernel beats these loops (which sum such rows at about 60%
+    of the bandwidth limit).
     """
+    if not plain:
+        return x.numel() < MIN_NUMEL
     return x.numel() < MIN_PLAIN_NUMEL or (x.ndim > 1 and x.stride(axes[0]) == 1)
 
 
