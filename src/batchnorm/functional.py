@@ -568,7 +568,8 @@ def update_state_(
             pairs = [(getattr(state, name), value) for name, value, d in averages if d == decay]
             step = 1.0 / (int(state.num_updates) + 1) if decay is None else 1.0 - decay
             # lerp computes moving + step * (value - moving): TensorFlow's update.
-            torch._foreach_lerp_([m for m, _ in pairs], [v.to(m.dtype) for m, v in pairs], step)
+            values = [v if v.dtype == m.dtype else v.to(m.dtype) for m, v in pairs]
+            torch._foreach_lerp_([m for m, _ in pairs], values, step)
         if state.moving_stddev is not None:
             state.moving_variance.copy_(_renorm_variance(state.moving_stddev, epsilon))
         state.num_updates.add_(1)
