@@ -336,8 +336,12 @@ def normalize(
     tensor([-1.2247,  0.0000,  1.2247])
     """
     y = _aten_inference(x, mean, variance, offset, scale, epsilon)
-    if y is not None:
-        return y
+    return _affine_normalize(x, mean, variance, offset, scale, epsilon) if y is None else y
+
+
+def _affine_normalize(x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | None,
+                      scale: Tensor | None, epsilon: float) -> Tensor:
+    """``normalize`` without ATen's kernel: the CPU loop, else ``addcmul``."""
     inv = torch.rsqrt(variance + epsilon)
     if scale is not None:
         inv = inv * scale.to(inv.dtype)
@@ -520,7 +524,8 @@ def update_state(
     poison the averages. Nothing is mutated and nothing waits for the device
     (:func:`update_state_` is the in-place form).
     """
-    mean, variance = pooled_statistics(_detached(stats), unbiased=unbiased_moving_variance)
+    stats = stats._replace(mean=stats.mean.detach(), variance=stats.variance.detach())
+    mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
     finite = torch.isfinite(mean).all() & torch.isfinite(variance).all()
     new = {"num_updates": state.num_updates + finite.to(state.num_updates.dtype)}
     averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
@@ -583,10 +588,6 @@ def _all_finite(*tensors: Tensor) -> bool:
     return math.isfinite(sum(map(float, norms)))
 
 
-def _detached(stats: BatchStatistics) -> BatchStatistics:
-    return BatchStatistics(stats.mean.detach(), stats.variance.detach(), stats.count)
-
-
 def synchronization_group(synchronized: bool, training: bool, process_group=None):
     """The ``torch.distributed`` group whose global batch gives the statistics, or None for
     local statistics: inference, ``synchronized=False``, or torch.distributed not
@@ -631,12 +632,12 @@ def _forward(
     if not training:
         mean, variance = inference_statistics(state, momentum=momentum, epsilon=epsilon,
                                               debias=debias)
-        if len(axes) == 1 and mean.ndim == 1:
+        y = None  # one feature axis: the state's 1-D tensors go to ATen's kernel as they are
+        if len(axes) == 1:
             y = _feature_inference(x, axes[0], mean, variance, beta, gamma, epsilon)
-            if y is not None:
-                return y, None
-        y = normalize(x, broadcast(mean, x, axes), broadcast(variance, x, axes),
-                      broadcast(beta, x, axes), broadcast(gamma, x, axes), epsilon)
+        if y is None:
+            y = _affine_normalize(x, broadcast(mean, x, axes), broadcast(variance, x, axes),
+                                  broadcast(beta, x, axes), broadcast(gamma, x, axes), epsilon)
         return y, None
     kernel = kernels.select(fused, axes=axes, renorm=renorm,
                             virtual_batch_size=virtual_batch_size, adjustment=adjustment,
