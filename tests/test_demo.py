@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from batchnorm import demo
+from batchnorm.apps import demo
 
 
 @pytest.fixture(scope="module")

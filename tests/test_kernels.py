@@ -26,8 +26,6 @@ both paths: ``tests/test_conformance.py`` does the same for the tf_keras fixture
 
 from __future__ import annotations
 
-import json
-import math
 import warnings
 
 import numpy as np
@@ -35,7 +33,7 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm import bench, kernels
+from batchnorm import kernels
 from batchnorm.functional import initial_state
 from batchnorm.kernels import composite, cpu, native
 
@@ -400,32 +398,6 @@ def test_bfloat16_rounds_to_nearest_even_like_torch():
     nan = torch.isnan(expected)  # NaN payloads differ between torch's own conversion paths
     assert torch.equal(torch.isnan(y), nan)
     assert torch.equal(y.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
-
-
-# ---------------------------------------------------------------- bench
-
-
-def test_bench_table_reports_the_limit_and_ratios():
-    row = {"allocator": "reuse", "label": "8x4 nc float32 plain", "phase": "forward",
-           "ours_ms": 2.0, "native_ms": 4.0, "compiled_ms": 3.0, "limit_ms": 1.6, "notes": []}
-    text = bench.table([row])
-    assert "| 80% | 2.00x | 1.50x |" in text
-
-
-def test_bench_command_writes_json_and_a_table(tmp_path, capsys):
-    from batchnorm.__main__ import main
-
-    assert main(["bench", "--shapes", "8,4,6,6", "--modes", "plain", "masked", "--dtypes",
-                 "float32", "--layouts", "nchw", "--repeats", "1", "--budget", "0.001",
-                 "--compile", "none", "--no-tf", "--no-distributed", "--allocators", "reuse",
-                 "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "bench.json").read_text())
-    assert {r["phase"] for r in report["results"]} == set(bench.PHASES)
-    assert all(math.isfinite(r["ours_ms"]) and r["limit_ms"] > 0 for r in report["results"])
-    assert {m["contender"] for m in report["memory"]} >= {"ours", "torch.nn.BatchNorm2d"}
-    out = capsys.readouterr().out
-    assert "| reuse | 8x4x6x6 nchw float32 masked | forward+backward |" in out
-    assert "torch " in out and "numba " in out
 
 
 def test_warm_up_compiles_or_loads_every_loop():

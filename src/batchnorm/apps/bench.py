@@ -258,7 +258,7 @@ def environment() -> dict:
     try:
         import numba
 
-        from .kernels import cpu
+        from ..kernels import cpu
         env.update(numba=numba.__version__, numba_threads=numba.get_num_threads(),
                    fast_path=cpu.available())
         if cpu.available():
@@ -337,7 +337,7 @@ def first_call_child() -> dict:
     x = torch.randn(64, 64, 28, 28, requires_grad=True)
     layer(x).sum().backward()
     done = time.perf_counter()
-    from .kernels import cpu
+    from ..kernels import cpu
 
     return {"import_s": imported - start, "first_step_s": done - imported,
             "fast_path": cpu.available()}

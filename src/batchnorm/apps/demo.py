@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layer import BatchNorm
-from .updates import deferred_updates
+from .. import BatchNorm, deferred_updates
 
 Data = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -63,7 +62,7 @@ class Run:
 
 def load_digits(seed: int) -> Data:
     """The 1,797 digits as (N, 1, 8, 8) floats in [0, 1], split 80/20 by ``seed``."""
-    with resources.files("batchnorm").joinpath("data/digits.csv.gz").open("rb") as raw:
+    with resources.files("batchnorm.apps").joinpath("data/digits.csv.gz").open("rb") as raw:
         table = np.loadtxt(gzip.open(raw), delimiter=",", dtype=np.float32)
     x = torch.from_numpy(table[:, :64] / 16.0).reshape(-1, 1, 8, 8)
     y = torch.from_numpy(table[:, 64].astype(np.int64))
@@ -214,7 +213,7 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
                 seeded(lambda debias=debias: make_cnn(momentum=0.99, debias=debias)),
                 max_steps=budget.early_steps)
 
-    from .tools import freeze
+    from .. import freeze
 
     # Transfer-learning style fine-tuning: only the classifier head is trained, on
     # 200 samples in batches of 2. Unless frozen, every BatchNorm still runs in

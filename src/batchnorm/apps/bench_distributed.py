@@ -1,6 +1,6 @@
 """Benchmark: synchronized statistics across 1, 2 and 4 processes on this machine.
 
-``python -m batchnorm.bench_distributed`` spawns each number of processes on
+``python -m batchnorm.apps.bench_distributed`` spawns each number of processes on
 127.0.0.1 with the gloo backend; every process trains one ``BatchNorm`` layer
 (forward and backward) on its own batch of a fixed size (weak scaling), once
 with local statistics and once synchronized, on the same composite kernel
@@ -54,7 +54,7 @@ def _timed_collectives(clock: list[float]) -> None:
 
 def _worker(rank: int, world: int, port: int, shape: tuple[int, ...], steps: int,
             warmup: int, queue) -> None:
-    from .layer import BatchNorm
+    from .. import BatchNorm
 
     torch.set_num_threads(1)  # the same work per process in every row
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -140,7 +140,7 @@ def environment() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m batchnorm.bench_distributed",
+    parser = argparse.ArgumentParser(prog="python -m batchnorm.apps.bench_distributed",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch", type=int, default=32, help="samples per process")

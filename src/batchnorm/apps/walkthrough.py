@@ -9,8 +9,7 @@ import warnings
 
 import torch
 
-from .layer import BatchNorm
-from .updates import deferred_updates
+from .. import BatchNorm, deferred_updates
 
 BATCH = torch.tensor([[-10.0], [0.0], [10.0]])
 SINGLE = torch.tensor([[-10.0]])
