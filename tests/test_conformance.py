@@ -32,6 +32,7 @@ the CPU fast path forced for every fixture, small plain batches included).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -40,6 +41,7 @@ import pytest
 import torch
 
 import batchnorm as bn
+from batchnorm import kernels
 from batchnorm.kernels import cpu
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -137,16 +139,16 @@ def test_matches_tf_keras(path: Path, kernel: str, monkeypatch: pytest.MonkeyPat
     if kernel == "cpu":
         if not cpu.available():
             pytest.skip(f"the CPU fast path is unavailable: {cpu.IMPORT_ERROR}")
-        monkeypatch.setattr(cpu, "prefers_fallback", lambda x, axes, plain: False)
         calls = []
-        train = cpu.train
-        monkeypatch.setattr(cpu, "train", lambda *a, **k: calls.append(1) or train(*a, **k))
+        train = cpu.CPU.train
+        monkeypatch.setattr(cpu.CPU, "train", lambda *a, **k: calls.append(1) or train(*a, **k))
     layer = build_layer(config, data, False if kernel == "fused=False" else None)
     exact = build_layer(config, data, False).double()
-    for i in range(int(data["num_steps"])):
-        if layer.adjustment is not None:
-            layer.adjustment.step = exact.adjustment.step = i
-        check_step(layer, data, i, exact)
+    with kernels.prefer("cpu") if kernel == "cpu" else contextlib.nullcontext():
+        for i in range(int(data["num_steps"])):
+            if layer.adjustment is not None:
+                layer.adjustment.step = exact.adjustment.step = i
+            check_step(layer, data, i, exact)
     if kernel == "cpu":  # the fast path ran, unless it has no kernel for the configuration
         assert calls or config.get("adjustment") or isinstance(config["axis"], list)
     if layer.adjustment is not None:  # called once per training step, never in inference

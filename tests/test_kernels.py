@@ -34,8 +34,21 @@ import torch
 
 import batchnorm as bn
 from batchnorm import kernels
-from batchnorm.functional import initial_state
-from batchnorm.kernels import composite, cpu, native
+from batchnorm.functional import BatchNormConfig, initial_state
+from batchnorm.kernels import KernelCall, composite, cpu, cpu_layout, native
+
+
+def keyword_kernel(kernel):
+    """``kernel.train`` as a function of the options as keywords (the form these tests use)."""
+    def train(x, state, axes, *, gamma, beta, mask=None, **options):
+        call = KernelCall(BatchNormConfig(axis=axes, **options), axes, gamma, beta, mask)
+        return kernel.train(x, state, call)
+    return train
+
+
+COMPOSITE_TRAIN = keyword_kernel(composite.COMPOSITE)
+CPU_TRAIN = keyword_kernel(cpu.CPU)
+NATIVE_TRAIN = keyword_kernel(native.NATIVE)
 
 pytestmark = pytest.mark.skipif(not cpu.available(),
                                 reason=f"the CPU fast path is unavailable: {cpu.IMPORT_ERROR}")
@@ -140,8 +153,8 @@ def test_cpu_kernel_matches_composite(mode, layout, dtype):
     if options.get("virtual_batch_size") and axis == 0:
         pytest.skip("ghost batches split axis 0")
     mask = make_mask(mask_kind, x, axis)
-    expected, count, _ = run_kernel(composite.train, x, axis, dict(options), mask, dtype)
-    actual, fast_count, y = run_kernel(cpu.train, x, axis, dict(options), mask, dtype)
+    expected, count, _ = run_kernel(COMPOSITE_TRAIN, x, axis, dict(options), mask, dtype)
+    actual, fast_count, y = run_kernel(CPU_TRAIN, x, axis, dict(options), mask, dtype)
     if dtype == torch.bfloat16 and options.get("virtual_batch_size") == 2:
         # Two values per ghost batch: dx is a difference of nearly equal terms (zero but for
         # epsilon), below bfloat16's resolution on both sides; float32/float64 compare it.
@@ -156,15 +169,15 @@ def test_cpu_kernel_takes_axis_zero(mode):
     options, mask_kind = MODES[mode]
     x = torch.randn(5, 12, 3, dtype=torch.float64)
     mask = make_mask(mask_kind, x, 0)
-    expected, _, _ = run_kernel(composite.train, x, 0, dict(options), mask, torch.float64)
-    actual, _, _ = run_kernel(cpu.train, x, 0, dict(options), mask, torch.float64)
+    expected, _, _ = run_kernel(COMPOSITE_TRAIN, x, 0, dict(options), mask, torch.float64)
+    actual, _, _ = run_kernel(CPU_TRAIN, x, 0, dict(options), mask, torch.float64)
     assert_matches(actual, expected, torch.float64)
 
 
 def test_statistics_are_stable_far_from_zero():
     # One-pass sums of squares cancel catastrophically for mean >> std; the shift does not.
     x = torch.randn(64, 3, 100, dtype=torch.float64) * 1e-3 + 1e4
-    y, stats = cpu.train(x.float(), initial_state(3), (1,), gamma=None, beta=None,
+    y, stats = CPU_TRAIN(x.float(), initial_state(3), (1,), gamma=None, beta=None,
                          epsilon=1e-12, renorm=False, renorm_clipping=None,
                          virtual_batch_size=None, ghost_layout="strided", adjustment=None,
                          mask=None)
@@ -182,7 +195,7 @@ def test_native_kernel_variance_is_exact_even_far_below_epsilon(fmt, traced, mon
     monkeypatch.setattr(native, "traced", lambda x: traced)
     x = (torch.randn(16, 3, 5, 5, dtype=torch.float64) * 1e-3).float()
     x = x.contiguous(memory_format=fmt)
-    _, stats = native.train(x, initial_state(3), (1,), gamma=None, beta=None, epsilon=1e-3)
+    _, stats = NATIVE_TRAIN(x, initial_state(3), (1,), gamma=None, beta=None, epsilon=1e-3)
     exact = x.double().var(dim=(0, 2, 3), unbiased=False)
     rtol = 1e-2 if traced else 1e-5  # float32 statistics: 1e-5 covers the summation order
     torch.testing.assert_close(stats.variance[0].double(), exact, rtol=rtol, atol=0)
@@ -197,7 +210,7 @@ def gradcheck_function(options, mask, axis):
     state = initial_state(3, renorm=True, dtype=torch.float64)
 
     def f(x, gamma, beta):
-        y, _ = cpu.train(x, state, (axis,), gamma=gamma, beta=beta, epsilon=1e-3,
+        y, _ = CPU_TRAIN(x, state, (axis,), gamma=gamma, beta=beta, epsilon=1e-3,
                          adjustment=None, mask=mask, **{"renorm": False, "renorm_clipping": None,
                                                         "virtual_batch_size": None,
                                                         "ghost_layout": "strided", **options})
@@ -233,7 +246,7 @@ def test_double_backward_matches_composite(mode):
     mask = make_mask(mask_kind, x, 1)
     gamma = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64, requires_grad=True)
     results = []
-    for kernel in (composite.train, cpu.train):
+    for kernel in (COMPOSITE_TRAIN, CPU_TRAIN):
         xg = x.clone().requires_grad_()
         y, _ = kernel(xg, initial_state(3, dtype=torch.float64), (1,), gamma=gamma, beta=None,
                       epsilon=1e-3, adjustment=None, mask=mask,
@@ -248,11 +261,11 @@ def test_double_backward_matches_composite(mode):
 @pytest.fixture
 def fast_path_everywhere(monkeypatch):
     """fused=None takes the CPU fast path for every input; returns the list of its calls."""
-    monkeypatch.setattr(cpu, "prefers_fallback", lambda x, axes, plain: False)
     calls = []
-    train = cpu.train
-    monkeypatch.setattr(cpu, "train", lambda *a, **k: calls.append(1) or train(*a, **k))
-    return calls
+    train = cpu.CPU.train
+    monkeypatch.setattr(cpu.CPU, "train", lambda *a, **k: calls.append(1) or train(*a, **k))
+    with kernels.prefer("cpu"):
+        yield calls
 
 
 def _existing(name: str):
@@ -283,40 +296,35 @@ def test_existing_reference_modes_on_the_fast_path(mode, fast_path_everywhere):
 # ---------------------------------------------------------------- dispatch
 
 
-def select_for(x, **options):
-    config = {"renorm": False, "virtual_batch_size": None, "adjustment": None, "mask": None,
-              **options}
-    fallback = native.train if kernels.unfused_reason(axis=(1,), **config) is None \
-        else composite.train
-    return kernels.fast_path(x, fallback, axes=(1,), state=initial_state(x.shape[1]),
-                             **config)
+def select_for(x, mask=None, **options):
+    call = KernelCall(BatchNormConfig(axis=1, **options), (1,), mask=mask)
+    return kernels.select(x, initial_state(x.shape[1]), call)
 
 
 def test_fused_none_takes_the_fast_path_for_large_cpu_batches():
     x = torch.randn(64, 16, 8, 8)
     assert x.numel() >= cpu.MIN_PLAIN_NUMEL
-    assert select_for(x) is cpu.train
-    assert select_for(x, renorm=True) is cpu.train
-    assert select_for(x.bfloat16()) is cpu.train
+    assert select_for(x) is cpu.CPU
+    assert select_for(x, renorm=True) is cpu.CPU
+    assert select_for(x.bfloat16()) is cpu.CPU
 
 
 def test_fused_none_falls_back_where_the_fast_path_does_not_apply():
     small = torch.randn(32, 64)
-    assert select_for(small) is native.train  # ATen's per-call cost is lower
+    assert select_for(small) is native.NATIVE  # ATen's per-call cost is lower
     channels_last = torch.randn(64, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-    assert select_for(channels_last) is native.train  # ATen's row kernel is faster
-    assert select_for(channels_last, virtual_batch_size=8) is cpu.train
+    assert select_for(channels_last) is native.NATIVE  # ATen's row kernel is faster
+    assert select_for(channels_last, virtual_batch_size=8) is cpu.CPU
     for mode in ({"virtual_batch_size": 8}, {"renorm": True}):  # so is the composite's
-        assert select_for(small, **mode) is composite.train
-        assert select_for(torch.randn(512, 64), **mode) is cpu.train
-    assert select_for(torch.randn(64, 16, 8, 8, dtype=torch.float16)) is native.train
+        assert select_for(small, **mode) is composite.COMPOSITE
+        assert select_for(torch.randn(512, 64), **mode) is cpu.CPU
+    assert select_for(torch.randn(64, 16, 8, 8, dtype=torch.float16)) is native.NATIVE
     assert select_for(torch.randn(64, 16, 8, 8), adjustment=lambda s: (1.0, 0.0)) \
-        is composite.train
-    assert cpu.unsupported(torch.randn(4, 3), axes=(0, 1), adjustment=None) is not None
-    assert kernels.select(False, axes=(1,), renorm=False, virtual_batch_size=None,
-                          adjustment=None, mask=None) is composite.train
-    assert kernels.select(True, axes=(1,), renorm=False, virtual_batch_size=None,
-                          adjustment=None, mask=None) is native.train
+        is composite.COMPOSITE
+    assert cpu.CPU.unsupported(torch.randn(4, 3), initial_state((4, 3)), KernelCall(
+        BatchNormConfig(axis=(0, 1)), (0, 1))) is not None
+    assert select_for(small, fused=False) is composite.COMPOSITE
+    assert select_for(small, fused=True) is native.NATIVE
 
 
 def test_layer_on_the_fast_path_updates_the_moving_statistics_like_composite():
@@ -379,11 +387,11 @@ def test_inference_pass_matches_the_elementwise_formula(dtype, fmt):
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
     inv = torch.rand(1, 16, 1, 1, dtype=cdtype) + 0.5
     shift = torch.randn(1, 16, 1, 1, dtype=cdtype)
-    y = cpu.affine(x, inv, shift)
+    y = cpu_layout.affine(x, inv, shift)
     assert y is not None and y.dtype == dtype and y.stride() == x.stride()
     torch.testing.assert_close(y, (x.to(cdtype) * inv + shift).to(dtype),
                                rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
-    assert cpu.affine(x.requires_grad_(), inv, shift) is None  # autograd: torch's ops
+    assert cpu_layout.affine(x.requires_grad_(), inv, shift) is None  # autograd: torch's ops
 
 
 def test_bfloat16_rounds_to_nearest_even_like_torch():
@@ -392,7 +400,7 @@ def test_bfloat16_rounds_to_nearest_even_like_torch():
                      0x00010000], dtype=np.uint32)
     values = torch.from_numpy(bits.view(np.float32).copy()).reshape(1, 7)
     x = torch.ones(16384, 7, dtype=torch.bfloat16)
-    y = cpu.affine(x, torch.zeros(1, 7), values)  # y = 0 * x + value, rounded
+    y = cpu_layout.affine(x, torch.zeros(1, 7), values)  # y = 0 * x + value, rounded
     assert y is not None
     expected = values.to(torch.bfloat16).expand_as(y)
     nan = torch.isnan(expected)  # NaN payloads differ between torch's own conversion paths
@@ -416,7 +424,7 @@ def test_masked_statistics_stay_accurate_when_the_padding_is_far_from_the_data(l
     mask[:, :25] = True
     x32 = x.float() if layout == "nchw" else x.float().permute(0, 2, 1).reshape(-1, 3)
     mask = mask if layout == "nchw" else mask.reshape(-1)
-    _, stats = cpu.train(x32, initial_state(3), (1,), gamma=None, beta=None, epsilon=1e-3,
+    _, stats = CPU_TRAIN(x32, initial_state(3), (1,), gamma=None, beta=None, epsilon=1e-3,
                          renorm=False, renorm_clipping=None, virtual_batch_size=None,
                          ghost_layout="strided", adjustment=None, mask=mask)
     exact = x.float().double()[:, :, :25].var(dim=(0, 2), unbiased=False)

@@ -74,6 +74,5 @@ def convert_sync(module: nn.Module, process_group: Any = None, *,
                 f"convert_sync: layer(s) {fused} have fused=True, which has no synchronized "
                 "kernel; build them with fused=None")
     for _, layer in layers:
-        layer.synchronized = enabled
-        layer.process_group = process_group if enabled else None
+        layer.reconfigure(synchronized=enabled, process_group=process_group if enabled else None)
     return module

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,43 +15,19 @@ from torch.nn.parameter import UninitializedParameter
 
 from . import functional as F
 from . import initializers
-from .functional import Adjustment, BatchNormState, BatchStatistics
+from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .initializers import Initializer
+from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
 from .updates import active_recorder
 
 __all__ = ["BatchNorm", "apply_constraints", "regularization_loss"]
 
-Regularizer = Callable[[Tensor], Tensor]
-# BatchNormState fields and the buffers that hold them.
-_BUFFER = {
-    "moving_mean": "moving_mean", "moving_variance": "moving_variance",
-    "num_updates": "num_updates", "initial_mean": "initial_moving_mean",
-    "initial_variance": "initial_moving_variance", "moving_stddev": "moving_stddev",
-    "renorm_mean": "renorm_mean", "renorm_stddev": "renorm_stddev",
-}
-Constraint = Callable[[Tensor], Tensor]
-
-
-def _normalize_axis(axis: int | Sequence[int]) -> int | tuple[int, ...]:
-    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
-    try:
-        axes = tuple(axes)
-    except TypeError:
-        raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}") from None
-    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
-        raise ValueError(f"axis must be an int or a non-empty sequence of ints, got {axis!r}")
-    if len(set(axes)) != len(axes):
-        raise ValueError(f"axis {axis!r} names the same axis twice")
-    if len({a >= 0 for a in axes}) == 2:
-        # (1, -1) may or may not be the same axis depending on the input's rank.
-        raise ValueError(
-            f"axis {axis!r} mixes negative and non-negative axes; use one convention"
-        )
-    return axes[0] if isinstance(axis, int) else axes
+# Options that decide which parameters and buffers exist: a layer cannot change them.
+_STRUCTURAL = frozenset({"axis", "center", "scale", "debias", "renorm"})
 
 
 def _normalize_num_features(
-    num_features: int | Sequence[int] | None, axis: int | tuple[int, ...]
+    num_features: int | Sequence[int] | None, axis: tuple[int, ...]
 ) -> tuple[int, ...] | None:
     if num_features is None:
         return None
@@ -64,13 +41,39 @@ def _normalize_num_features(
     if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
                for s in shape):
         raise ValueError(f"num_features must hold positive ints, got {num_features!r}")
-    n_axes = 1 if isinstance(axis, int) else len(axis)
-    if len(shape) != n_axes:
+    if len(shape) != len(axis):
+        shown = axis[0] if len(axis) == 1 else axis
         raise ValueError(
-            f"num_features {num_features!r} gives {len(shape)} size(s) but axis {axis!r} "
-            f"names {n_axes} feature axis/axes"
+            f"num_features {num_features!r} gives {len(shape)} size(s) but axis {shown!r} "
+            f"names {len(axis)} feature axis/axes"
         )
     return tuple(int(s) for s in shape)
+
+
+class _Option:
+    """A configuration option of the layer: read from its frozen :class:`BatchNormConfig`;
+    assigning it raises, pointing to :meth:`BatchNorm.reconfigure`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: BatchNorm | None, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        value = getattr(layer.config, self.name)
+        if self.name == "axis":  # as given: an int, or a tuple
+            return value[0] if layer._axis_is_int else value
+        if self.name == "renorm_clipping":
+            return None if value is None else dict(value)
+        return value
+
+    def __set__(self, layer: BatchNorm, value: Any) -> None:
+        how = ("build a new layer: it decides which parameters and buffers exist"
+               if self.name in _STRUCTURAL else
+               f"use layer.reconfigure({self.name}={value!r}), which validates it")
+        raise AttributeError(
+            f"BatchNorm.{self.name} cannot be assigned after construction (the options are "
+            f"validated together once); {how}")
 
 
 class BatchNorm(nn.Module):
@@ -175,57 +178,27 @@ class BatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.axis = _normalize_axis(axis)
-        for name, flag in (("center", center), ("scale", scale), ("debias", debias),
-                           ("unbiased_moving_variance", unbiased_moving_variance),
-                           ("renorm", renorm), ("trainable", trainable)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        F.check_options(momentum=momentum, epsilon=epsilon, renorm=renorm,
-                        renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
-                        virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
-                        adjustment=adjustment, fused=fused, axis=self.axis,
-                        synchronized=synchronized)
-        for name, init in (("beta_initializer", beta_initializer),
-                           ("gamma_initializer", gamma_initializer),
-                           ("moving_mean_initializer", moving_mean_initializer),
-                           ("moving_variance_initializer", moving_variance_initializer)):
-            initializers.check(init, name)
-        for name, fn in (("beta_regularizer", beta_regularizer),
-                         ("gamma_regularizer", gamma_regularizer),
-                         ("beta_constraint", beta_constraint),
-                         ("gamma_constraint", gamma_constraint)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be a callable or None, got {fn!r}")
+        config = BatchNormConfig(
+            axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale,
+            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint, debias=debias,
+            unbiased_moving_variance=unbiased_moving_variance, renorm=renorm,
+            renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
+            virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
+            adjustment=adjustment, fused=fused, synchronized=synchronized)
+        if not isinstance(trainable, bool):
+            raise TypeError(f"trainable must be a bool, got {trainable!r}")
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-
-        self.momentum = None if momentum is None else float(momentum)
-        self.epsilon = float(epsilon)
-        self.renorm = renorm
-        self.renorm_clipping = dict(renorm_clipping) if renorm_clipping is not None else None
-        self.renorm_momentum = float(renorm_momentum)
-        self.virtual_batch_size = virtual_batch_size
-        self.ghost_layout = ghost_layout
-        self.adjustment = adjustment
-        self.fused = fused
-        self.synchronized = synchronized
-        self.process_group = process_group
-        self.center = center
-        self.scale = scale
-        self.debias = debias
-        self.unbiased_moving_variance = unbiased_moving_variance
-        self.beta_initializer = beta_initializer
-        self.gamma_initializer = gamma_initializer
-        self.moving_mean_initializer = moving_mean_initializer
-        self.moving_variance_initializer = moving_variance_initializer
-        self.beta_regularizer = beta_regularizer
-        self.gamma_regularizer = gamma_regularizer
-        self.beta_constraint = beta_constraint
-        self.gamma_constraint = gamma_constraint
+        feature_shape = _normalize_num_features(num_features, config.axis)
+        self._config = config
+        self._axis_is_int = isinstance(axis, int)
+        self._process_group = process_group
         self._trainable = trainable
 
-        feature_shape = _normalize_num_features(num_features, self.axis)
         param_kw = {"device": device, "dtype": dtype}
         stat_kw = {"device": device, "dtype": F.statistics_dtype(dtype or torch.float32)}
         lazy = feature_shape is None
@@ -238,27 +211,82 @@ class BatchNorm(nn.Module):
                 return UninitializedParameter(requires_grad=trainable, **param_kw)
             return nn.Parameter(torch.empty(feature_shape, **param_kw), requires_grad=trainable)
 
-        def buffer() -> Tensor:
-            # A lazy layer's buffers are empty placeholders until _build replaces them.
-            return torch.empty(0 if lazy else feature_shape, **stat_kw)
-
         self.gamma = parameter(scale)
         self.beta = parameter(center)
-        self.register_buffer("moving_mean", buffer())
-        self.register_buffer("moving_variance", buffer())
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64, device=device))
-        if debias:
-            # The values the averages started from, which the correction subtracts.
-            self.register_buffer("initial_moving_mean", buffer())
-            self.register_buffer("initial_moving_variance", buffer())
-        if renorm:
-            # tf_keras keeps the moving standard deviation (moving_variance is derived from
-            # it) and separate renorm averages that move with renorm_momentum.
-            self.register_buffer("moving_stddev", buffer())
-            self.register_buffer("renorm_mean", buffer())
-            self.register_buffer("renorm_stddev", buffer())
+        for field in state_fields(debias=debias, renorm=renorm):
+            if field == "num_updates":
+                value = torch.zeros((), dtype=torch.int64, device=device)
+            else:  # a lazy layer's buffers are empty placeholders until _build replaces them
+                value = torch.empty(0 if lazy else feature_shape, **stat_kw)
+            self.register_buffer(BUFFER_NAMES[field], value)
         if not lazy:
             self.reset_parameters()
+
+    # ------------------------------------------------------------------ options
+
+    axis = _Option()
+    momentum = _Option()
+    epsilon = _Option()
+    center = _Option()
+    scale = _Option()
+    beta_initializer = _Option()
+    gamma_initializer = _Option()
+    moving_mean_initializer = _Option()
+    moving_variance_initializer = _Option()
+    beta_regularizer = _Option()
+    gamma_regularizer = _Option()
+    beta_constraint = _Option()
+    gamma_constraint = _Option()
+    debias = _Option()
+    unbiased_moving_variance = _Option()
+    renorm = _Option()
+    renorm_clipping = _Option()
+    renorm_momentum = _Option()
+    virtual_batch_size = _Option()
+    ghost_layout = _Option()
+    adjustment = _Option()
+    fused = _Option()
+    synchronized = _Option()
+
+    @property
+    def config(self) -> BatchNormConfig:
+        """The layer's options, validated and frozen (see :meth:`reconfigure`)."""
+        return self._config
+
+    @property
+    def process_group(self) -> Any:
+        """The ``torch.distributed`` group ``synchronized=True`` takes statistics over (None:
+        the default group)."""
+        return self._process_group
+
+    def reconfigure(self, **changes: Any) -> BatchNorm:
+        """Change options after construction, validated together as at construction; return
+        the layer.
+
+        Every option but ``axis``, ``center``, ``scale``, ``debias`` and ``renorm`` (which
+        decide the parameters and buffers: build a new layer) can change, and
+        ``process_group`` too.
+        An invalid change raises and leaves the layer as it was.
+
+        >>> import batchnorm as bn
+        >>> layer = bn.BatchNorm(4).reconfigure(momentum=0.9)
+        >>> layer.momentum
+        0.9
+        """
+        structural = sorted(set(changes) & _STRUCTURAL)
+        if structural:
+            raise ValueError(
+                f"reconfigure cannot change {structural}: they decide which parameters and "
+                "buffers the layer has; build a new layer, e.g. "
+                "BatchNorm.from_config({**layer.get_config(), ...})")
+        process_group = changes.pop("process_group", self._process_group)
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(BatchNormConfig)
+                                         if f.init})
+        if unknown:
+            raise TypeError(f"reconfigure got unknown option(s) {unknown}")
+        self._config = self._config.replace(**changes)
+        self._process_group = process_group
+        return self
 
     # ------------------------------------------------------------------ state
 
@@ -271,18 +299,18 @@ class BatchNorm(nn.Module):
 
     def _initial_values(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
         """Every parameter's and buffer's initial value for features of ``shape``, by name."""
+        config = self._config
         kw = {"dtype": self.moving_mean.dtype, "device": self.moving_mean.device}
         mean = initializers.initial_value(
-            self.moving_mean_initializer, shape, name="moving_mean_initializer", **kw)
+            config.moving_mean_initializer, shape, name="moving_mean_initializer", **kw)
         variance = initializers.initial_value(
-            self.moving_variance_initializer, shape, name="moving_variance_initializer", **kw)
-        values = {"moving_mean": mean, "moving_variance": variance}
-        if self.debias:
-            values.update(initial_moving_mean=mean, initial_moving_variance=variance)
-        if self.renorm:
-            values.update(moving_stddev=variance.sqrt(), renorm_mean=mean,
-                          renorm_stddev=variance.sqrt())
-        for name, init in (("gamma", self.gamma_initializer), ("beta", self.beta_initializer)):
+            config.moving_variance_initializer, shape, name="moving_variance_initializer", **kw)
+        state = F.initial_state(shape, moving_mean=mean, moving_variance=variance,
+                                debias=config.debias, renorm=config.renorm, **kw)
+        values = {BUFFER_NAMES[field]: value for field, value in state._asdict().items()
+                  if value is not None and field != "num_updates"}
+        for name, init in (("gamma", config.gamma_initializer),
+                           ("beta", config.beta_initializer)):
             param = getattr(self, name)
             if param is not None:
                 values[name] = initializers.initial_value(
@@ -329,25 +357,10 @@ class BatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def state(self) -> BatchNormState:
-        """The layer's moving statistics as a :class:`~batchnorm.functional.BatchNormState`."""
-        return BatchNormState(
-            self.moving_mean, self.moving_variance, self.num_updates,
-            self.initial_moving_mean if self.debias else None,
-            self.initial_moving_variance if self.debias else None,
-            self.moving_stddev if self.renorm else None,
-            self.renorm_mean if self.renorm else None,
-            self.renorm_stddev if self.renorm else None,
-        )
-
-    def _options(self) -> dict[str, Any]:
-        """The keyword options the functional core takes, from this layer's configuration."""
-        return {
-            "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon,
-            "debias": self.debias, "renorm": self.renorm, "renorm_clipping": self.renorm_clipping,
-            "virtual_batch_size": self.virtual_batch_size, "ghost_layout": self.ghost_layout,
-            "adjustment": self.adjustment, "fused": self.fused,
-            "synchronized": self.synchronized, "process_group": self.process_group,
-        }
+        """The layer's moving statistics as a :class:`~batchnorm.functional.BatchNormState`
+        (its buffers themselves, not copies)."""
+        fields = state_fields(debias=self._config.debias, renorm=self._config.renorm)
+        return BatchNormState(**{field: getattr(self, BUFFER_NAMES[field]) for field in fields})
 
     # ------------------------------------------------------------------ trainable
 
@@ -386,61 +399,40 @@ class BatchNorm(nn.Module):
         from (in training); every position is normalized.
         """
         training = self._resolve_training(training)
-        if self.num_features is None:
-            group = F.synchronization_group(self.synchronized, training, self.process_group)
-            axes = F.check_input(x, self.axis, None, training=training,
-                                 virtual_batch_size=self.virtual_batch_size, mask=mask,
+        config = self._config
+        if self._lazy:
+            group = F.synchronization_group(config.synchronized, training, self._process_group)
+            axes = F.check_input(x, config.axis, None, training=training,
+                                 virtual_batch_size=config.virtual_batch_size, mask=mask,
                                  synchronized=group is not None)
             self._build(tuple(x.shape[a] for a in axes))
         state = self.state()
-        y, stats = F._forward(
-            x, state, training=training, gamma=self.gamma, beta=self.beta,
-            mask=mask, **self._options(),
-        )
+        y, stats = F.forward(x, state, config, training=training, gamma=self.gamma,
+                             beta=self.beta, mask=mask, process_group=self._process_group)
         if stats is not None:
             recorder = active_recorder()
             if recorder is None:
-                self._apply_statistics(stats, state)
+                self._update(stats, state)
             else:
                 recorder.record(self, stats)
         return y
 
-    def _apply_statistics(self, stats: BatchStatistics,
-                          state: BatchNormState | None = None) -> None:
-        """Fold one batch's statistics into the moving averages, in place; warn if skipped.
+    def update_statistics(self, stats: BatchStatistics) -> None:
+        """Fold one batch's statistics into the moving averages, in place; a batch that cannot
+        enter them (not finite, ...) is skipped with a ``RuntimeWarning`` saying why.
 
-        ``state``: this layer's :meth:`state`, when the caller has it at hand.
+        The layer calls it after each training call (or :class:`~batchnorm.DeferredUpdates`
+        does, for recorded calls).
         """
-        state = self.state() if state is None else state
-        options = {"momentum": self.momentum, "epsilon": self.epsilon,
-                   "unbiased_moving_variance": self.unbiased_moving_variance,
-                   "renorm_momentum": self.renorm_momentum}
-        if torch.compiler.is_compiling():
-            # Traced: no read-back of finiteness; the functional update selects instead.
-            with torch.no_grad():
-                new = F.update_state(state, stats, **options)
-                for name, value in new._asdict().items():
-                    if value is not None and value is not getattr(state, name):
-                        getattr(self, _BUFFER[name]).copy_(value)
-        elif not F.update_state_(state, stats, **options):
-            warnings.warn(
-                f"{self._get_name()}: {self._skip_reason(stats)}; the moving averages were "
-                "left unchanged for this batch", RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
-            )
+        self._update(stats, self.state())
 
-    def _skip_reason(self, stats: BatchStatistics) -> str:
-        """Why a batch's statistics could not enter the moving averages."""
-        if stats.mean.shape[0] == 0:
-            return "the batch is empty (no ghost batch in this process)"
-        if not isinstance(stats.count, int):
-            count = stats.count.expand_as(stats.mean)
-            if not bool((count > 0).any(0).all()):
-                return "the mask selects no position for some feature"
-            if self.unbiased_moving_variance and bool((count == 1).any()):
-                return ("the mask selects a single value in some group, whose unbiased variance "
-                        "is undefined")
-        return "the batch statistics are not finite (NaN or Inf in the input)"
+    def _update(self, stats: BatchStatistics, state: BatchNormState) -> None:
+        reason = F.apply_update(state, stats, self._config)
+        if reason is not None:
+            warnings.warn(
+                f"{self._get_name()}: {reason}; the moving averages were left unchanged for "
+                "this batch", RuntimeWarning, stacklevel=_caller_stacklevel(),
+            )
 
     # ------------------------------------------------------------------ config
 

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
-from .functional import BatchStatistics
+from .state import BatchStatistics
 
-if TYPE_CHECKING:
-    from .layer import BatchNorm
+__all__ = ["DeferredUpdates", "StatisticsSink", "deferred_updates"]
 
-__all__ = ["DeferredUpdates", "deferred_updates"]
+
+@runtime_checkable
+class StatisticsSink(Protocol):
+    """Something that folds a batch's statistics into its moving averages:
+    :meth:`batchnorm.BatchNorm.update_statistics`."""
+
+    def update_statistics(self, stats: BatchStatistics) -> None:
+        """Fold ``stats`` into the moving averages now."""
+        ...
 
 # The innermost active recorder is last. A plain list (not a ContextVar) so that
 # torch.compile can read it without a graph break.
@@ -28,10 +35,10 @@ class DeferredUpdates:
     """Moving-statistics updates recorded inside a :func:`deferred_updates` block."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[BatchNorm, BatchStatistics]] = []
+        self._pending: list[tuple[StatisticsSink, BatchStatistics]] = []
         self._open = True
 
-    def record(self, layer: BatchNorm, stats: BatchStatistics) -> None:
+    def record(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
         """Keep ``layer``'s batch statistics until :meth:`apply` or :meth:`discard`."""
         detached = BatchStatistics(stats.mean.detach(), stats.variance.detach(), stats.count)
         self._pending.append((layer, detached))
@@ -45,7 +52,7 @@ class DeferredUpdates:
             )
         pending, self._pending = self._pending, []
         for layer, stats in pending:
-            layer._apply_statistics(stats)
+            layer.update_statistics(stats)
         return len(pending)
 
     def discard(self) -> int:

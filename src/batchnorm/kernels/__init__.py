@@ -1,113 +1,97 @@
-"""Training-mode kernels: the same semantics, chosen by ``fused``.
+"""Training-mode kernels: the same semantics, chosen per call.
 
-A kernel takes ``(x, state, axes, **options)`` and returns ``(y, stats)``, the
-normalized output and the :class:`~batchnorm.functional.BatchStatistics` of the
-batch; inference is one elementwise pass and needs no kernel of its own.
+A kernel is an object of the :class:`~batchnorm.kernels.protocol.TrainingKernel`
+protocol: ``kernel.train(x, state, call) -> (y, stats)``, with ``call`` a
+:class:`~batchnorm.kernels.protocol.KernelCall` (the configuration, the resolved
+axes, ``gamma``, ``beta``, the mask, the process group). Inference is one
+elementwise pass and needs no kernel of its own (:mod:`batchnorm.kernels.inference`).
 
 - ``composite``: plain torch operations; every mode (renorm, ghost batches,
-  adjustment, masks, several feature axes).
+  adjustment, masks, several feature axes, synchronized statistics).
 - ``native``: ATen's fused batch-norm kernel; the plain mode with one feature axis.
-
-- ``synchronized`` (used by ``composite``): the moments of the global batch across
-  the processes of a ``torch.distributed`` group; a synchronized call always runs
-  ``composite``, whose local moments it replaces.
-
 - ``cpu``: numba loops at memory bandwidth for CPU tensors; every mode but
   adjustment, with one feature axis (:mod:`batchnorm.kernels.cpu`).
 
-``fused=None`` takes the fastest kernel that supports the configuration:
-the device's fast path from :data:`FAST_PATHS` when it accepts the call
-(checked per call: device, dtype, tracing), else ``native`` or ``composite``.
-``fused=True`` demands ATen's fused kernel, ``fused=False`` forces ``composite``.
+:func:`select` picks one: ``fused=False`` (or synchronized statistics) the
+composite; ``fused=True`` ATen's kernel, or a ``ValueError`` where it has
+none; ``fused=None`` the device's fast path from :data:`FAST_PATHS` when it
+takes the call and does not prefer the fallback (small inputs), else ATen's
+kernel for the plain mode and the composite for the others.
 
-A GPU kernel (Triton, say) plugs in beside the CPU one: a module with the
-kernel call signature ``train(x, state, axes, **options)``, a function
-``unsupported(x, *, axes, state, **options) -> str | None`` saying why it
-declines a call, and ``prefers_fallback(x, axes, *, plain) -> bool`` saying when
-the fallback is faster (ATen's kernel for the plain mode, else the composite),
-registered under its device type:
-``FAST_PATHS["cuda"] = triton_kernel``.
+:func:`prefer` forces a kernel for a block of code (tests, comparisons)::
+
+    with kernels.prefer("cpu"):      # the CPU loops wherever they support the call
+        y = layer(x)
+
+A GPU kernel plugs in beside the CPU one: an object implementing the protocol,
+registered under its device type, ``FAST_PATHS["cuda"] = TRITON``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
-from types import ModuleType
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import Tensor
 
-from . import composite, cpu, native
+from ..state import BatchNormState
+from .composite import COMPOSITE
+from .cpu import CPU, available
+from .native import NATIVE
+from .protocol import KernelCall, TrainingKernel
 
-__all__ = ["FAST_PATHS", "fast_path", "require_fused", "select", "unfused_reason"]
+__all__ = ["FAST_PATHS", "KERNELS", "KernelCall", "TrainingKernel", "prefer", "select"]
 
-# Device type -> fast kernel module (``train`` and ``unsupported``), tried first by fused=None.
-FAST_PATHS: dict[str, ModuleType] = {"cpu": cpu} if cpu.available() else {}
-
-
-def fast_path(x: Tensor, fallback: Callable, **options) -> Callable:
-    """The kernel ``fused=None`` runs for this call: the device's fast path, or ``fallback``."""
-    kernel = FAST_PATHS.get(x.device.type)
-    if kernel is None or kernel.prefers_fallback(x, options["axes"],
-                                                 plain=fallback is native.train):
-        return fallback  # e.g. tiny batches: the fallback's lower per-call cost wins
-    return fallback if kernel.unsupported(x, **options) is not None else kernel.train
-
-
-def _dispatch(fallback: Callable, x: Tensor, state, axes, **options):
-    kernel = fast_path(x, fallback, state=state, axes=axes, **options)
-    return kernel(x, state, axes, **options)
+# Every kernel by name, for prefer().
+KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, "cpu": CPU}
+# Device type -> the fast kernel fused=None tries first.
+FAST_PATHS: dict[str, TrainingKernel] = {"cpu": CPU} if available() else {}
+# The kernels forced by prefer() blocks, innermost last. A list (not a ContextVar) so that
+# torch.compile reads it without a graph break.
+_PREFERRED: list[TrainingKernel] = []
 
 
-def unfused_reason(
-    *,
-    axis: int | Sequence[int] | tuple[int, ...],
-    renorm: bool,
-    virtual_batch_size: int | None,
-    adjustment: Callable | None,
-    mask: Tensor | None = None,
-    synchronized: bool = False,
-) -> str | None:
-    """Why no fused kernel handles this configuration, or None when one does."""
-    if synchronized:
-        return "for synchronized statistics (synchronized=True)"
-    if renorm:
-        return "for renorm"
-    if virtual_batch_size is not None:
-        return "for ghost batches (virtual_batch_size)"
-    if adjustment is not None:
-        return "for adjustment"
-    if mask is not None:
-        return "for masked inputs"
-    if not isinstance(axis, int) and len(tuple(axis)) > 1:
-        return "for several feature axes"
-    return None
+def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel:
+    """The kernel that computes this training call.
 
-
-def require_fused(**configuration) -> None:
-    """``ValueError`` when no fused kernel handles the configuration (``fused=True``)."""
-    reason = unfused_reason(**configuration)
-    if reason is not None:
-        raise ValueError(f"fused=True, but there is no fused kernel {reason}; "
-                         "use fused=None to pick the fastest available path")
-
-
-def select(fused: bool | None, *, axes: tuple[int, ...], renorm: bool,
-           virtual_batch_size: int | None, adjustment: Callable | None,
-           mask: Tensor | None, synchronized: bool = False) -> Callable:
-    """The training kernel for this configuration; ``ValueError`` when ``fused=True`` has none.
-
-    ``synchronized``: the statistics are global (a process group is active), which only
-    ``composite`` computes.
+    Raises ``ValueError`` when ``fused=True`` and ATen's kernel cannot compute it
+    (a mask, or synchronized statistics, known only per call).
     """
-    configuration = {"axis": axes, "renorm": renorm, "virtual_batch_size": virtual_batch_size,
-                     "adjustment": adjustment, "mask": mask, "synchronized": synchronized}
-    if fused is False or synchronized and not fused:
-        return composite.train
+    fused = call.config.fused
     if fused:
-        require_fused(**configuration)
-    reason = unfused_reason(**configuration)
-    fallback = native.train if reason is None else composite.train
-    if fused is None and FAST_PATHS:
-        return partial(_dispatch, fallback)
-    return fallback
+        reason = NATIVE.unsupported(x, state, call)
+        if reason is not None:
+            raise ValueError(f"fused=True, but there is no fused kernel for {reason}; "
+                             "use fused=None to pick the fastest available path")
+        return NATIVE
+    if fused is False or call.process_group is not None:
+        return COMPOSITE
+    if _PREFERRED and _PREFERRED[-1].unsupported(x, state, call) is None:
+        return _PREFERRED[-1]
+    fallback = NATIVE if NATIVE.unsupported(x, state, call) is None else COMPOSITE
+    fast = FAST_PATHS.get(x.device.type)
+    if fast is None or fast.prefers_fallback(x, call) or fast.unsupported(x, state, call):
+        return fallback
+    return fast
+
+
+@contextmanager
+def prefer(name: str) -> Iterator[TrainingKernel]:
+    """Within the block, training calls with ``fused=None`` use kernel ``name`` wherever it
+    supports the call, whatever the size of the input (``fused=True`` still means ATen's
+    kernel, ``fused=False`` and synchronized statistics the composite).
+
+    ``name`` is one of :data:`KERNELS`; a ``ValueError`` lists them otherwise.
+
+    >>> import torch, batchnorm as bn
+    >>> with bn.kernels.prefer("composite"):
+    ...     y = bn.BatchNorm(3)(torch.randn(4, 3), training=True)
+    """
+    kernel = KERNELS.get(name)
+    if kernel is None:
+        raise ValueError(f"no kernel named {name!r}: expected one of {sorted(KERNELS)}")
+    _PREFERRED.append(kernel)
+    try:
+        yield kernel
+    finally:
+        _PREFERRED.remove(kernel)

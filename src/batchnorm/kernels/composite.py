@@ -18,23 +18,17 @@ never synchronized, so the kernel is not given a group for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
 import torch
 from torch import Tensor
 
-from ..functional import (
-    BatchNormState,
-    BatchStatistics,
-    broadcast,
-    mask_shape,
-    normalize,
-    pooled_statistics,
-    reduction_axes,
-    renorm_correction,
-    statistics_dtype,
-)
+from ..shapes import broadcast, mask_shape, reduction_axes
+from ..state import BatchNormState, BatchStatistics, statistics_dtype
+from ..statistics import output_affine, pooled_statistics, renorm_correction
+from .inference import normalize
+from .protocol import KernelCall
 from .synchronized import global_moments
+
+__all__ = ["COMPOSITE", "CompositeKernel"]
 
 
 def _group_view(x: Tensor, axes: tuple[int, ...], size: int | None, layout: str):
@@ -66,23 +60,27 @@ def _adjustment_term(t, x: Tensor, axes: tuple[int, ...], name: str) -> Tensor:
     return broadcast(t, x, axes)
 
 
-def train(
-    x: Tensor,
-    state: BatchNormState,
-    axes: tuple[int, ...],
-    *,
-    gamma: Tensor | None,
-    beta: Tensor | None,
-    epsilon: float,
-    renorm: bool,
-    renorm_clipping: Mapping[str, float] | None,
-    virtual_batch_size: int | None,
-    ghost_layout: str,
-    adjustment: Callable | None,
-    mask: Tensor | None,
-    process_group=None,
-) -> tuple[Tensor, BatchStatistics]:
-    view, kept = _group_view(x, axes, virtual_batch_size, ghost_layout)
+class CompositeKernel:
+    """Every mode, every device, several feature axes; what the other kernels are tested
+    against."""
+
+    name = "composite"
+
+    def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
+        return None
+
+    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
+        return False
+
+    def train(self, x: Tensor, state: BatchNormState,
+              call: KernelCall) -> tuple[Tensor, BatchStatistics]:
+        return _train(x, state, call)
+
+
+def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, BatchStatistics]:
+    config, axes, mask, process_group = call.config, call.axes, call.mask, call.process_group
+    virtual_batch_size = config.virtual_batch_size
+    view, kept = _group_view(x, axes, virtual_batch_size, config.ghost_layout)
     reduce = reduction_axes(view.ndim, kept)
     feature_axes = kept[-len(axes):]
     xs = view.to(statistics_dtype(x.dtype))
@@ -116,24 +114,19 @@ def train(
         variance = torch.where(
             empty, broadcast(state.moving_variance, view, feature_axes), variance)
 
-    scale: Tensor | None = None
-    offset: Tensor | None = None
-    if renorm:
-        r, d = renorm_correction(*pooled_statistics(stats), state, epsilon=epsilon,
-                                 clipping=renorm_clipping)
-        scale, offset = broadcast(r, view, feature_axes), broadcast(d, view, feature_axes)
-    if adjustment is not None:
-        adj_scale, adj_bias = adjustment(x.shape)
-        adj_scale = _adjustment_term(adj_scale, x, axes, "scale")
-        adj_bias = _adjustment_term(adj_bias, x, axes, "bias")
-        scale = adj_scale if scale is None else scale * adj_scale
-        offset = adj_bias if offset is None else offset * adj_scale + adj_bias
-    g = broadcast(gamma, view, feature_axes)
-    b = broadcast(beta, view, feature_axes)
-    if g is not None:
-        scale = g if scale is None else scale * g
-        offset = None if offset is None else offset * g
-    if b is not None:
-        offset = b if offset is None else offset + b
-    y = normalize(view, mean, variance, offset, scale, epsilon)
+    r = d = adjust = None
+    if config.renorm:
+        r, d = renorm_correction(*pooled_statistics(stats), state, epsilon=config.epsilon,
+                                 clipping=config.clipping)
+        r, d = broadcast(r, view, feature_axes), broadcast(d, view, feature_axes)
+    if config.adjustment is not None:
+        adj_scale, adj_bias = config.adjustment(x.shape)
+        adjust = (_adjustment_term(adj_scale, x, axes, "scale"),
+                  _adjustment_term(adj_bias, x, axes, "bias"))
+    scale, offset = output_affine(broadcast(call.gamma, view, feature_axes),
+                                  broadcast(call.beta, view, feature_axes), r, d, adjust)
+    y = normalize(view, mean, variance, offset, scale, config.epsilon)
     return y.reshape(x.shape), stats
+
+
+COMPOSITE = CompositeKernel()

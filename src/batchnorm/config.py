@@ -1,0 +1,263 @@
+"""The options of a batch normalization layer, validated once, frozen.
+
+:class:`BatchNormConfig` holds every option given to :class:`batchnorm.BatchNorm`
+(and, for the ones that shape the computation, to
+:func:`batchnorm.functional.batch_norm`): it checks them when it is built,
+brings them into one canonical form (the feature axes are always a tuple), and
+cannot be changed afterwards. A changed configuration is a new, validated
+object: :meth:`BatchNormConfig.replace`.
+
+This module imports only :mod:`batchnorm.initializers` and :mod:`batchnorm.shapes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from . import initializers
+from .initializers import Initializer
+from .shapes import resolve_axes
+
+__all__ = ["GHOST_LAYOUTS", "Adjustment", "BatchNormConfig", "Constraint", "Regularizer"]
+
+GHOST_LAYOUTS = ("strided", "consecutive")
+CLIPPING_KEYS = ("rmin", "rmax", "dmax")
+Adjustment = Callable[[Any], tuple[Tensor, Tensor]]
+Regularizer = Callable[[Tensor], Tensor]
+Constraint = Callable[[Tensor], Tensor]
+
+
+def _is_number(value: Any, *, integer: bool = False) -> bool:
+    kind = numbers.Integral if integer else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _canonical_axis(axis: int | Sequence[int]) -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
+    try:
+        axes = tuple(axes)
+    except TypeError:
+        raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}") from None
+    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        raise ValueError(f"axis must be an int or a non-empty sequence of ints, got {axis!r}")
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axis {axis!r} names the same axis twice")
+    if len({a >= 0 for a in axes}) == 2:
+        # (1, -1) may or may not be the same axis depending on the input's rank.
+        raise ValueError(
+            f"axis {axis!r} mixes negative and non-negative axes; use one convention"
+        )
+    return tuple(int(a) for a in axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+    """Every option of a batch normalization layer, validated and frozen.
+
+    The fields are :class:`batchnorm.BatchNorm`'s keyword arguments (see its
+    docstring for what each does), less the ones that are not configuration
+    (``num_features``, ``process_group``, ``trainable``, ``device``, ``dtype``).
+    Building one raises ``TypeError``/``ValueError`` for an invalid option or
+    options that are meaningless together; a built one is always consistent.
+    ``axis`` is stored as a tuple and ``renorm_clipping`` as sorted ``(key,
+    value)`` pairs (:attr:`clipping` gives the bounds with their defaults).
+
+    >>> config = BatchNormConfig(axis=-1, momentum=0.9)
+    >>> config.axis, config.momentum, config.plain
+    ((-1,), 0.9, True)
+    >>> config.replace(renorm=True).plain
+    False
+    >>> BatchNormConfig(momentum=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: momentum=1.5 is invalid: expected a number in [0, 1), the decay of the moving \
+averages (TensorFlow's default 0.99; PyTorch's momentum=0.1 is 0.9), or None for the cumulative \
+average
+    """
+
+    axis: tuple[int, ...] = (1,)
+    momentum: float | None = 0.99
+    epsilon: float = 1e-3
+    center: bool = True
+    scale: bool = True
+    beta_initializer: Initializer = "zeros"
+    gamma_initializer: Initializer = "ones"
+    moving_mean_initializer: Initializer = "zeros"
+    moving_variance_initializer: Initializer = "ones"
+    beta_regularizer: Regularizer | None = None
+    gamma_regularizer: Regularizer | None = None
+    beta_constraint: Constraint | None = None
+    gamma_constraint: Constraint | None = None
+    debias: bool = False
+    unbiased_moving_variance: bool = False
+    renorm: bool = False
+    renorm_clipping: tuple[tuple[str, float], ...] | None = None
+    renorm_momentum: float = 0.99
+    virtual_batch_size: int | None = None
+    ghost_layout: str = "strided"
+    adjustment: Adjustment | None = None
+    fused: bool | None = None
+    synchronized: bool = False
+    # Feature axes resolved per input rank (see resolve_axes); not part of the configuration.
+    _resolved: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                        compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axis", _canonical_axis(self.axis))
+        for name in ("center", "scale", "debias", "unbiased_moving_variance", "renorm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self._check_numbers()
+        object.__setattr__(self, "renorm_clipping", self._check_clipping())
+        self._check_ghost_batches()
+        if self.adjustment is not None and not callable(self.adjustment):
+            raise TypeError(
+                f"adjustment must be a callable shape -> (scale, bias), got {self.adjustment!r}")
+        if self.fused not in (None, True, False) or isinstance(self.fused, int) \
+                and not isinstance(self.fused, bool):
+            raise TypeError(f"fused must be None, True or False, got {self.fused!r}")
+        if not isinstance(self.synchronized, bool):
+            raise TypeError(f"synchronized must be a bool, got {self.synchronized!r}")
+        if self.fused:
+            reason = self.unfused_reason()
+            if reason is not None:
+                raise ValueError(f"fused=True, but there is no fused kernel {reason}; "
+                                 "use fused=None to pick the fastest available path")
+        for name in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
+                     "moving_variance_initializer"):
+            initializers.check(getattr(self, name), name)
+        for name in ("beta_regularizer", "gamma_regularizer", "beta_constraint",
+                     "gamma_constraint"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable or None, got {fn!r}")
+        momentum = None if self.momentum is None else float(self.momentum)
+        object.__setattr__(self, "momentum", momentum)
+        object.__setattr__(self, "epsilon", float(self.epsilon))
+        object.__setattr__(self, "renorm_momentum", float(self.renorm_momentum))
+
+    def _check_numbers(self) -> None:
+        for name in ("momentum", "renorm_momentum"):
+            value = getattr(self, name)
+            if name == "momentum" and value is None:
+                continue  # the cumulative average
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"{name}={value!r} is invalid: expected a number in [0, 1), the decay of "
+                    "the moving averages (TensorFlow's default 0.99; PyTorch's momentum=0.1 "
+                    "is 0.9)" + (", or None for the cumulative average"
+                                 if name == "momentum" else "")
+                )
+        epsilon = self.epsilon
+        if not _is_number(epsilon) or not (epsilon > 0 and math.isfinite(epsilon)):
+            raise ValueError(f"epsilon={epsilon!r} is invalid: expected a finite number > 0")
+
+    def _check_clipping(self) -> tuple[tuple[str, float], ...] | None:
+        clipping = self.renorm_clipping
+        if clipping is None:
+            return None
+        if not isinstance(clipping, Mapping):
+            try:
+                clipping = dict(clipping)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"renorm_clipping must be a dict with keys among {CLIPPING_KEYS}, got "
+                    f"{clipping!r}") from None
+        if not self.renorm:
+            raise ValueError("renorm_clipping is given but renorm=False: it would have no effect")
+        unknown = set(clipping) - set(CLIPPING_KEYS)
+        if unknown:
+            raise ValueError(
+                f"renorm_clipping has unknown key(s) {sorted(unknown)}: expected 'rmin', "
+                "'rmax', 'dmax'")
+        for key, value in clipping.items():
+            if not _is_number(value) or math.isnan(value) or value < 0:
+                raise ValueError(f"renorm_clipping[{key!r}]={value!r}: expected a number >= 0")
+        if clipping.get("rmin", 0.0) > clipping.get("rmax", math.inf):
+            raise ValueError(f"renorm_clipping {dict(clipping)!r} has rmin > rmax")
+        return tuple((key, float(clipping[key])) for key in CLIPPING_KEYS if key in clipping)
+
+    def _check_ghost_batches(self) -> None:
+        size = self.virtual_batch_size
+        if size is not None:
+            if not _is_number(size, integer=True) or size < 1:
+                raise ValueError(
+                    f"virtual_batch_size={size!r}: expected a positive int or None")
+            if self.adjustment is not None:
+                raise ValueError(
+                    "adjustment cannot be combined with virtual_batch_size (as in TensorFlow): "
+                    "the adjustment's shape refers to the whole batch, not to a ghost batch")
+            if 0 in self.axis:
+                axis = self.axis[0] if len(self.axis) == 1 else self.axis
+                raise ValueError(
+                    "virtual_batch_size splits axis 0, the batch axis, so axis 0 cannot be a "
+                    f"feature axis (axis={axis!r})")
+        if self.ghost_layout not in GHOST_LAYOUTS:
+            raise ValueError(
+                f"ghost_layout={self.ghost_layout!r}: expected one of {GHOST_LAYOUTS}")
+        if self.ghost_layout != "strided" and size is None:
+            raise ValueError(
+                f"ghost_layout={self.ghost_layout!r} needs virtual_batch_size: without ghost "
+                "batches there is no split")
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def plain(self) -> bool:
+        """True for the plain mode (no renorm, ghost batches or adjustment; one feature axis),
+        the one ATen's fused kernel computes."""
+        return (not self.renorm and self.virtual_batch_size is None and self.adjustment is None
+                and len(self.axis) == 1)
+
+    @property
+    def clipping(self) -> dict[str, float]:
+        """Batch Renormalization's bounds with their defaults: ``rmin`` 0, ``rmax`` and ``dmax``
+        infinite."""
+        bounds = {"rmin": 0.0, "rmax": math.inf, "dmax": math.inf}
+        bounds.update(self.renorm_clipping or ())
+        return bounds
+
+    def unfused_reason(self, *, masked: bool = False, synchronized: bool | None = None
+                       ) -> str | None:
+        """Why no fused kernel computes this configuration (``"for renorm"``, ...), or None.
+
+        ``masked``: the call has a mask. ``synchronized``: whether statistics are synchronized
+        in this call (default: the configuration's ``synchronized``).
+        """
+        if self.synchronized if synchronized is None else synchronized:
+            return "for synchronized statistics (synchronized=True)"
+        if self.renorm:
+            return "for renorm"
+        if self.virtual_batch_size is not None:
+            return "for ghost batches (virtual_batch_size)"
+        if self.adjustment is not None:
+            return "for adjustment"
+        if masked:
+            return "for masked inputs"
+        if len(self.axis) > 1:
+            return "for several feature axes"
+        return None
+
+    def resolve_axes(self, ndim: int) -> tuple[int, ...]:
+        """The sorted non-negative feature axes for an input of rank ``ndim``; ``ValueError``
+        for an axis out of range (or named twice at that rank)."""
+        axes = self._resolved.get(ndim)
+        if axes is None:
+            axes = self._resolved.setdefault(ndim, resolve_axes(self.axis, ndim))
+        return axes
+
+    def replace(self, **changes: Any) -> BatchNormConfig:
+        """A copy with ``changes`` applied, validated like a new configuration."""
+        if "renorm_clipping" in changes and changes["renorm_clipping"] is not None:
+            changes["renorm_clipping"] = dict(changes["renorm_clipping"])
+        return dataclasses.replace(self, **changes)
+
+
+CONFIG_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(BatchNormConfig) if f.init)

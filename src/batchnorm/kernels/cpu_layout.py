@@ -1,0 +1,278 @@
+"""The CPU fast path's memory side: how an input is walked, and the four passes over it.
+
+Every input is viewed as a contiguous ``(outer, C, inner)`` tensor in its memory
+order (:class:`Layout`); ghost batches assign its rows to groups. The passes
+(statistics, output, gradient sums, input gradient) hand these views to the
+numba loops of :mod:`batchnorm.kernels.cpu_loops` and sum their per-block
+partials; :func:`affine` is the inference pass. The autograd Function that
+strings the passes together is in :mod:`batchnorm.kernels.cpu`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from ..shapes import mask_shape
+from .protocol import traced
+
+try:  # numba is a dependency, but a missing or broken install must not break the library
+    from . import cpu_loops as loops
+except Exception as error:  # pragma: no cover - depends on the environment
+    loops = None
+    IMPORT_ERROR: Exception | None = error
+else:
+    IMPORT_ERROR = None
+
+__all__ = ["DTYPES", "IMPORT_ERROR", "MIN_NUMEL", "MIN_PLAIN_NUMEL", "Layout", "affine",
+           "affine_pass", "grad_input_pass", "grad_sums_pass", "mask_array", "moments_pass"]
+
+# Below this many elements fused=None takes the fallback (``prefers_fallback``): ATen's
+# kernel for the plain mode, the composite for the others. Their per-call cost is lower
+# than that of the numba launches and the glue around them, and the data is in cache
+# anyway. BATCHNORM_CPU_MIN_NUMEL sets both (0: the fast path for every input).
+MIN_PLAIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 16))
+MIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 15))
+# Passes over fewer elements run on the calling thread: waking the pool costs more than
+# it saves, and on a loaded machine a parallel region waits for its slowest thread.
+PARALLEL_MIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_PARALLEL_MIN_NUMEL", 1 << 17))
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+
+def threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+class serial_if_small:
+    """Run the enclosed loops on one thread when the pass touches few elements."""
+
+    def __init__(self, numel: int):
+        self.small = numel < PARALLEL_MIN_NUMEL
+
+    def __enter__(self):
+        if self.small:
+            import numba
+
+            self.threads = numba.get_num_threads()
+            numba.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.small:
+            import numba
+
+            numba.set_num_threads(self.threads)
+
+
+class Layout:
+    """How ``x`` is walked: its memory order, the ``(outer, C, inner)`` view, the groups."""
+
+    def __init__(self, x: Tensor, axis: int, virtual_batch_size: int | None, ghost_layout: str):
+        perm = memory_order(x)
+        if perm is None or (virtual_batch_size is not None
+                            and (perm[0] != 0 or perm.index(axis) == 0)):
+            perm = tuple(range(x.ndim))
+            self.contiguous = False  # x must be copied to a contiguous tensor first
+        else:
+            self.contiguous = True
+        self.perm = perm
+        self.inverse = tuple(perm.index(d) for d in range(x.ndim))
+        self.permuted_shape = [x.shape[d] for d in perm]
+        p = perm.index(axis)
+        self.outer = math.prod(self.permuted_shape[:p])
+        self.channels = x.shape[axis]
+        self.inner = math.prod(self.permuted_shape[p + 1:])
+        self.rows, self.gid = group_rows(self.outer, x.shape[0] if x.ndim else 1,
+                                      virtual_batch_size, ghost_layout)
+        self.groups = self.rows.shape[0]
+
+    def view(self, t: Tensor) -> Tensor:
+        """``t`` (shaped like x) as the contiguous ``(outer, C, inner)`` tensor the loops read."""
+        t = t.permute(self.perm)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t.view(self.outer, self.channels, self.inner)
+
+    def unview(self, t3: Tensor) -> Tensor:
+        """The inverse of :meth:`view`: x's shape, in x's memory order."""
+        return t3.view(self.permuted_shape).permute(self.inverse)
+
+
+def memory_order(x: Tensor) -> tuple[int, ...] | None:
+    """The permutation that makes ``x`` contiguous, or None when there is none."""
+    if x.is_contiguous():
+        return tuple(range(x.ndim))
+    perm = tuple(sorted(range(x.ndim), key=lambda d: (-x.stride(d), -x.shape[d])))
+    return perm if x.permute(perm).is_contiguous() else None
+
+
+@lru_cache(maxsize=64)
+def group_rows(outer: int, batch: int, size: int | None, layout: str):
+    """``rows`` (group -> its rows of the ``(outer, C, inner)`` view) and ``gid`` (row -> group)."""
+    import numpy as np
+
+    if size is None:
+        return np.arange(outer, dtype=np.int64).reshape(1, outer), np.zeros(outer, np.int64)
+    groups = batch // size
+    per_sample = outer // batch
+    sample = np.arange(batch, dtype=np.int64)
+    if layout == "strided":  # tf_keras: sample n is in group n % groups
+        members = sample.reshape(size, groups).T
+    else:
+        members = sample.reshape(groups, size)
+    rows = (members[:, :, None] * per_sample + np.arange(per_sample)).reshape(groups, -1)
+    gid = np.empty(outer, np.int64)
+    gid[rows.reshape(-1)] = np.repeat(np.arange(groups, dtype=np.int64), rows.shape[1])
+    return np.ascontiguousarray(rows), gid
+
+
+def blocks_per_item(work_items: int, limit: int) -> int:
+    """How many blocks to cut each of ``work_items`` into so that every thread has a few."""
+    want = 4 * threads()  # 4 when serial: the blocks' partial sums are summed the same way
+    return max(1, min(limit, -(-want // max(work_items, 1))))
+
+
+def run_dtype(x: Tensor) -> torch.dtype:
+    """The dtype one contiguous run of values is summed in (see ``cpu_loops``)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def as_numpy(t: Tensor):
+    """The array the loops read: bfloat16 as its uint16 bit patterns."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.uint16) if hasattr(torch, "uint16") else t.view(torch.int16)
+    return t.detach().numpy()
+
+
+def no_mask():
+    import numpy as np
+
+    return np.zeros((0, 1, 1), np.uint8)
+
+
+# ---------------------------------------------------------------- the passes
+
+
+def moments_pass(x3: Tensor, layout: Layout, w3) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-(group, channel) float64 ``(k, sum(w (x - k)), sum(w (x - k)**2), sum w)``."""
+    rows = layout.rows
+    first = x3[torch.from_numpy(rows[:, 0]), :, 0].to(torch.float64)
+    shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
+    xa = as_numpy(x3)
+    # Sums of a float32 run are accurate when the shift is near the values summed; a masked
+    # shift may be a value the mask leaves out (padding, far from the data): float64 then.
+    shift = shift.to(torch.float64 if w3.shape[0] else run_dtype(x3))  # exact: a value of x
+    k = shift.numpy()
+    if layout.inner == 1:
+        blocks = blocks_per_item(layout.groups, rows.shape[1])
+        out = torch.zeros(3, layout.groups, blocks, layout.channels, dtype=torch.float64)
+        with serial_if_small(xa.size):
+            loops.moments_rows(xa[:, :, 0], rows, k, w3[:, :, 0], blocks, out.numpy())
+    else:
+        cblocks = blocks_per_item(layout.groups, layout.channels)
+        blocks = blocks_per_item(layout.groups * cblocks, rows.shape[1])
+        out = torch.zeros(3, layout.groups, blocks, layout.channels, dtype=torch.float64)
+        with serial_if_small(xa.size):
+            loops.moments_planes(xa, rows, k, w3, blocks, cblocks, out.numpy())
+    s, q, n = out.sum(2)
+    return shift.to(torch.float64), s, q, n
+
+
+def affine_pass(x3: Tensor, layout: Layout, a: Tensor, b: Tensor,
+                y3: Tensor | None = None) -> Tensor:
+    y3 = torch.empty_like(x3) if y3 is None else y3
+    xa, ya = as_numpy(x3), as_numpy(y3)
+    if layout.inner == 1:
+        blocks = blocks_per_item(1, layout.outer)
+        with serial_if_small(xa.size):
+            loops.affine_rows(xa[:, :, 0], layout.gid, a.numpy(), b.numpy(), blocks, ya[:, :, 0])
+    else:
+        cblocks = blocks_per_item(layout.outer, layout.channels)
+        with serial_if_small(xa.size):
+            loops.affine_planes(xa, layout.gid, a.numpy(), b.numpy(), cblocks, ya)
+    return y3
+
+
+def grad_sums_pass(x3: Tensor, dy3: Tensor, layout: Layout, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(group, channel) float64 ``(sum dy, sum dy * (x - mean))``."""
+    rows = layout.rows
+    xa, da = as_numpy(x3), as_numpy(dy3)
+    m = mean.to(run_dtype(x3)).numpy()
+    if layout.inner == 1:
+        blocks = blocks_per_item(layout.groups, rows.shape[1])
+        out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
+        with serial_if_small(xa.size):
+            loops.grad_sums_rows(xa[:, :, 0], da[:, :, 0], rows, m, blocks, out.numpy())
+    else:
+        cblocks = blocks_per_item(layout.groups, layout.channels)
+        blocks = blocks_per_item(layout.groups * cblocks, rows.shape[1])
+        out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
+        with serial_if_small(xa.size):
+            loops.grad_sums_planes(xa, da, rows, m, blocks, cblocks, out.numpy())
+    s, p = out.sum(2)
+    return s, p
+
+
+def grad_input_pass(x3, dy3, layout: Layout, m, p, q, u, w3, dx3: Tensor) -> Tensor:
+    args = [t.numpy() for t in (m, p, q, u)]
+    xa, da, dxa = as_numpy(x3), as_numpy(dy3), as_numpy(dx3)
+    if layout.inner == 1:
+        blocks = blocks_per_item(1, layout.outer)
+        with serial_if_small(xa.size):
+            loops.grad_input_rows(xa[:, :, 0], da[:, :, 0], layout.gid, *args, w3[:, :, 0],
+                                  blocks, dxa[:, :, 0])
+    else:
+        cblocks = blocks_per_item(layout.outer, layout.channels)
+        with serial_if_small(xa.size):
+            loops.grad_input_planes(xa, da, layout.gid, *args, w3, cblocks, dxa)
+    return dx3
+
+
+def mask_array(mask: Tensor | None, x: Tensor, axis: int, layout: Layout):
+    """The mask as a contiguous ``(outer, 1 or C, inner)`` uint8 array in x's memory order."""
+    if mask is None:
+        return no_mask()
+    m = mask.reshape(mask_shape(mask, x, (axis,)))
+    per_channel = m.shape[axis] != 1
+    shape = list(x.shape)
+    if not per_channel:
+        shape[axis] = 1
+    m = m.expand(shape).permute(layout.perm).to(torch.uint8).contiguous()
+    return m.view(layout.outer, layout.channels if per_channel else 1, layout.inner).numpy()
+
+
+def affine(x: Tensor, inv: Tensor, shift: Tensor) -> Tensor | None:
+    """``x * inv + shift`` in one pass, for per-feature ``inv``/``shift`` broadcast along one
+    axis of ``x`` and no gradient; None when that does not apply (the caller computes it).
+
+    Inference is this single pass; for bfloat16 inputs it also avoids torch's float32
+    intermediate (read bfloat16, write float32, read float32, write bfloat16).
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if (loops is None or x.device.type != "cpu" or x.dtype not in DTYPES
+            or x.numel() < MIN_PLAIN_NUMEL or inv.shape != shift.shape or inv.ndim != x.ndim):
+        return None
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if inv.dtype != cdtype or shift.dtype != cdtype:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or inv.requires_grad or shift.requires_grad):
+        return None
+    axes = [d for d in range(x.ndim) if inv.shape[d] != 1]
+    if len(axes) != 1 or inv.shape[axes[0]] != x.shape[axes[0]] or traced(x):
+        return None
+    if type(x) is not torch.Tensor or x.layout != torch.strided:
+        return None
+    layout = Layout(x, axes[0], None, "strided")
+    if not layout.contiguous:
+        return None
+    features = (1, layout.channels)
+    y3 = affine_pass(layout.view(x), layout, inv.reshape(features).contiguous(),
+                 shift.reshape(features).contiguous())
+    return layout.unview(y3)

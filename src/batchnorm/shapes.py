@@ -1,0 +1,144 @@
+"""Axes and shapes: feature axes resolved against an input, broadcasting, masks, input checks.
+
+This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["broadcast", "check_input", "mask_shape", "reduction_axes", "resolve_axes",
+           "values_per_feature"]
+
+
+def resolve_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """Normalize ``axis`` (an int or ints, negative allowed) for a rank-``ndim`` input.
+
+    Returns the sorted non-negative feature axes. Raises ``ValueError`` for an
+    axis out of range or an axis given twice.
+
+    >>> resolve_axes(-1, 4)
+    (3,)
+    >>> resolve_axes([3, 1], 4)
+    (1, 3)
+    """
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    resolved = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis {a} is out of range for an input of rank {ndim}: "
+                f"expected a value in [{-ndim}, {ndim - 1}]"
+            )
+        resolved.append(a % ndim)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(
+            f"axis {tuple(axes)} names the same axis twice for an input of rank {ndim}")
+    return tuple(sorted(resolved))
+
+
+def broadcast(t: Tensor | None, x: Tensor, axes: tuple[int, ...]) -> Tensor | None:
+    """Reshape a tensor with the feature axes' sizes (in order) to broadcast against ``x``."""
+    if t is None:
+        return None
+    return t.reshape([x.shape[d] if d in axes else 1 for d in range(x.ndim)])
+
+
+def reduction_axes(ndim: int, axes: tuple[int, ...]) -> list[int]:
+    """The axes statistics reduce over: every axis that is not a feature axis."""
+    return [d for d in range(ndim) if d not in axes]
+
+
+def values_per_feature(x: Tensor, axes: tuple[int, ...]) -> int:
+    """Values per feature: the product of the sizes of the reduced axes."""
+    return math.prod([x.shape[d] for d in reduction_axes(x.ndim, axes)])
+
+
+def _check_mask(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask must be a boolean tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    try:
+        torch.broadcast_shapes(mask_shape(mask, x, axes), x.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast over the input's non-feature "
+            f"axes: input shape {tuple(x.shape)}, feature axis {axes}"
+        ) from None
+
+
+def mask_shape(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> list[int]:
+    """The mask's shape with size-1 feature axes inserted when it covers only the other axes."""
+    if mask.ndim == x.ndim - len(axes):
+        shape = list(mask.shape)
+        for a in axes:
+            shape.insert(a, 1)
+        return shape
+    return list(mask.shape)
+
+
+def check_input(
+    x: Tensor,
+    axis: int | Sequence[int],
+    feature_shape: Sequence[int] | None,
+    *,
+    training: bool = False,
+    virtual_batch_size: int | None = None,
+    mask: Tensor | None = None,
+    synchronized: bool = False,
+) -> tuple[int, ...]:
+    """Validate an input against the layer's configuration; return its feature axes.
+
+    ``TypeError`` for a non-floating dtype or a non-boolean mask; ``ValueError``
+    for an axis out of range, feature sizes that differ from ``feature_shape``,
+    a batch that ``virtual_batch_size`` does not divide, a mask that does not
+    broadcast, or (in training) a single value per feature, whose variance
+    does not exist. ``synchronized`` (statistics across processes) accepts
+    any local batch size, 0 included: the statistics are those of every
+    process's batch; ghost batches, formed within the process, are still checked.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"batch normalization needs a floating-point input, got dtype {x.dtype}; "
+            "convert it first, e.g. x.float()"
+        )
+    axes = resolve_axes(axis, x.ndim)
+    actual = tuple(x.shape[a] for a in axes)
+    if feature_shape is not None and actual != tuple(feature_shape):
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} has feature size(s) {actual} along axis {axes}, "
+            f"expected {tuple(feature_shape)}"
+        )
+    if mask is not None:
+        _check_mask(mask, x, axes)
+    if not training:
+        return axes
+    count = values_per_feature(x, axes)
+    if virtual_batch_size is not None:
+        if 0 in axes:
+            raise ValueError(
+                f"virtual_batch_size splits axis 0, which is a feature axis here (axis {axes})")
+        if x.shape[0] % virtual_batch_size:
+            raise ValueError(
+                f"virtual_batch_size={virtual_batch_size} does not divide the batch size "
+                f"{x.shape[0]} (input shape {tuple(x.shape)})")
+    if synchronized and (virtual_batch_size is None or x.shape[0] == 0):
+        return axes
+    if virtual_batch_size is not None:
+        count = count // x.shape[0] * virtual_batch_size if x.shape[0] else 0
+    if count < 2:
+        raise ValueError(
+            f"training-mode batch normalization needs more than one value per feature to "
+            f"compute a variance, got an input of shape {tuple(x.shape)} with feature axis "
+            f"{axes}: {count} value per feature"
+            + (" and ghost batch" if virtual_batch_size is not None else "")
+            + ". Normalizing it would map every value to beta (TensorFlow silently returns "
+            "zeros here). Use a larger batch, or training=False."
+        )
+    return axes

@@ -1,0 +1,330 @@
+"""The statistics of batch normalization, written once: moments, the pooling of ghost-batch
+and masked statistics, Batch Renormalization's correction, the statistics inference
+normalizes with, the coefficients of the output pass, and the moving-average update.
+
+Kernels compute a batch's :class:`~batchnorm.state.BatchStatistics`; everything they
+do with them beyond that (and everything the update does) is here.
+
+This module imports only :mod:`batchnorm.state`, :mod:`batchnorm.shapes` and
+:mod:`batchnorm.config`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import BatchNormConfig
+from .shapes import resolve_axes
+from .state import BatchNormState, BatchStatistics, statistics_dtype
+
+__all__ = ["affine_terms", "apply_update", "inference_statistics", "moments",
+           "output_affine", "pooled_statistics", "renorm_correction", "skip_reason",
+           "update_state", "update_state_"]
+
+
+def moments(
+    x: Tensor, axes: int | Sequence[int], keepdims: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Mean and (biased) variance of ``x`` over ``axes``, like ``tf.nn.moments``.
+
+    ``axes`` are the axes to reduce (not the feature axes). The results are
+    float32 for half-precision inputs.
+
+    >>> x = torch.tensor([[-10.0], [0.0], [10.0]])
+    >>> mean, variance = moments(x, axes=[0])
+    >>> mean, variance
+    (tensor([0.]), tensor([66.6667]))
+    """
+    dims = resolve_axes(axes, x.ndim)
+    variance, mean = torch.var_mean(
+        x.to(statistics_dtype(x.dtype)), dim=dims, correction=0, keepdim=keepdims
+    )
+    return mean, variance
+
+
+def pooled_statistics(
+    stats: BatchStatistics, *, unbiased: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Feature-shaped mean and variance of a batch: the average over its groups.
+
+    Ghost batches contribute with equal weight, as in tf_keras (the mean of the
+    group variances, not the variance of the whole batch). With a mask, groups
+    with no selected value are left out; if none is left the result is NaN.
+    With ``unbiased`` each group's variance is Bessel-corrected first.
+    """
+    mean, variance, count = stats
+    if unbiased:
+        variance = variance * (count / (count - 1))
+    if isinstance(count, int):
+        if mean.shape[0] == 1:
+            return mean[0], variance[0]
+        return mean.mean(0), variance.mean(0)
+    valid = (torch.as_tensor(count) > 0).expand_as(mean)
+    groups = valid.sum(0)
+    return (torch.where(valid, mean, 0).sum(0) / groups,
+            torch.where(valid, variance, 0).sum(0) / groups)
+
+
+def renorm_correction(
+    mean: Tensor,
+    variance: Tensor,
+    state: BatchNormState,
+    *,
+    epsilon: float,
+    clipping: Mapping[str, float] | None,
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's ``(r, d)`` for feature-shaped batch statistics, without gradient.
+
+    ``r = sqrt(variance + eps) / s`` and ``d = (mean - renorm_mean) / s`` with
+    ``s = max(renorm_stddev, sqrt(eps))``, clipped to ``[rmin, rmax]`` and
+    ``[-dmax, dmax]`` (missing keys: 0, inf, inf). Where the statistics are not
+    finite (an empty mask) the correction is the identity.
+    """
+    clipping = clipping or {}
+    stddev = torch.sqrt(variance.detach() + epsilon)
+    s = torch.clamp_min(state.renorm_stddev, math.sqrt(epsilon))
+    r = (stddev / s).clamp(clipping.get("rmin", 0.0), clipping.get("rmax", math.inf))
+    dmax = clipping.get("dmax", math.inf)
+    d = ((mean.detach() - state.renorm_mean) / s).clamp(-dmax, dmax)
+    return torch.where(torch.isfinite(r), r, 1.0), torch.where(torch.isfinite(d), d, 0.0)
+
+
+def inference_statistics(
+    state: BatchNormState, *, momentum: float | None, epsilon: float = 1e-3,
+    debias: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The mean and variance inference normalizes with.
+
+    With ``debias=True`` the moving averages are corrected for the value they
+    started from, ``(m_t - momentum**t * m_0) / (1 - momentum**t)``, so that a
+    model evaluated after few updates is not pulled toward the initializers.
+    With renorm the correction applies to the moving standard deviation, from
+    which the variance is derived.
+    """
+    mean, variance = state.moving_mean, state.moving_variance
+    if not debias or momentum is None:  # a cumulative average has no initial bias
+        return mean, variance
+    if state.initial_mean is None or state.initial_variance is None:
+        raise ValueError("debias=True needs a state with initial_mean and initial_variance")
+    t = state.num_updates.to(mean.dtype)
+    decay = torch.pow(torch.as_tensor(momentum, dtype=mean.dtype, device=mean.device), t)
+    updated = state.num_updates > 0
+    denominator = torch.where(updated, 1 - decay, torch.ones_like(decay))
+
+    def correct(m: Tensor, m0: Tensor) -> Tensor:
+        return torch.where(updated, (m - decay * m0) / denominator, m)
+
+    if state.moving_stddev is not None:
+        stddev = correct(state.moving_stddev, torch.sqrt(state.initial_variance))
+        variance = torch.where(updated, torch.relu(stddev * stddev - epsilon), variance)
+    else:
+        variance = correct(variance, state.initial_variance)
+    return correct(mean, state.initial_mean), variance
+
+
+def _averages(
+    state: BatchNormState, mean: Tensor, variance: Tensor, *, momentum: float | None,
+    epsilon: float, renorm_momentum: float,
+) -> list[tuple[str, Tensor, float | None]]:
+    """``(field, value, momentum)`` for each moving average one batch moves.
+
+    A renorm state keeps ``moving_stddev`` (from which ``moving_variance`` is derived,
+    see :func:`_renorm_variance`) and moves ``renorm_mean``/``renorm_stddev`` with
+    ``renorm_momentum``.
+    """
+    if state.moving_stddev is None:
+        return [("moving_mean", mean, momentum), ("moving_variance", variance, momentum)]
+    stddev = torch.sqrt(variance + epsilon)
+    return [("moving_mean", mean, momentum), ("moving_stddev", stddev, momentum),
+            ("renorm_mean", mean, renorm_momentum), ("renorm_stddev", stddev, renorm_momentum)]
+
+
+def _renorm_variance(moving_stddev: Tensor, epsilon: float) -> Tensor:
+    """tf_keras's ``moving_variance`` under renorm: ``relu(moving_stddev**2 - epsilon)``."""
+    return torch.relu(moving_stddev * moving_stddev - epsilon)
+
+
+def update_state(
+    state: BatchNormState,
+    stats: BatchStatistics,
+    *,
+    momentum: float | None,
+    epsilon: float = 1e-3,
+    unbiased_moving_variance: bool = False,
+    renorm_momentum: float = 0.99,
+) -> BatchNormState:
+    """Fold one batch's statistics into the moving averages; return the new state.
+
+    ``moving -= (moving - statistic) * (1 - momentum)``, the update TensorFlow
+    applies, with the statistics of :func:`pooled_statistics`. ``momentum=None``
+    keeps the cumulative average of all batches instead (``1 - momentum`` is
+    ``1 / (num_updates + 1)``), PyTorch's ``momentum=None``. With
+    ``unbiased_moving_variance`` the variance entering the average is
+    Bessel-corrected (``* n / (n - 1)``), as in PyTorch. A renorm state (one
+    with ``moving_stddev``) also moves ``renorm_mean``/``renorm_stddev`` with
+    ``renorm_momentum`` and derives ``moving_variance`` from ``moving_stddev``,
+    as tf_keras does. A batch whose statistics are not all finite leaves the
+    state unchanged (``num_updates`` included), so that one bad batch cannot
+    poison the averages. Nothing is mutated and nothing waits for the device
+    (:func:`update_state_` is the in-place form).
+    """
+    stats = stats._replace(mean=stats.mean.detach(), variance=stats.variance.detach())
+    mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
+    finite = torch.isfinite(mean).all() & torch.isfinite(variance).all()
+    new = {"num_updates": state.num_updates + finite.to(state.num_updates.dtype)}
+    averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
+                         renorm_momentum=renorm_momentum)
+    for name, value, decay in averages:
+        moving = getattr(state, name)
+        step = 1.0 / (state.num_updates + 1) if decay is None else 1.0 - decay
+        updated = moving - (moving - value.to(moving.dtype)) * step
+        new[name] = torch.where(finite, updated, moving)
+    if state.moving_stddev is not None:
+        new["moving_variance"] = torch.where(
+            finite, _renorm_variance(new["moving_stddev"], epsilon), state.moving_variance)
+    return state._replace(**new)
+
+
+def update_state_(
+    state: BatchNormState,
+    stats: BatchStatistics,
+    *,
+    momentum: float | None,
+    epsilon: float = 1e-3,
+    unbiased_moving_variance: bool = False,
+    renorm_momentum: float = 0.99,
+) -> bool:
+    """:func:`update_state` in place: move the state's tensors; return whether it moved.
+
+    The same averages in fewer operations (the layer's per-call path). It reads
+    back whether the statistics are finite, which waits for the device; a batch
+    that is not leaves everything unchanged and returns False.
+
+    >>> state = BatchNormState(torch.zeros(1), torch.ones(1), torch.tensor(0))
+    >>> stats = BatchStatistics(torch.tensor([[2.0]]), torch.tensor([[4.0]]), 8)
+    >>> update_state_(state, stats, momentum=0.9)
+    True
+    >>> state.moving_mean, state.moving_variance, state.num_updates
+    (tensor([0.2000]), tensor([1.3000]), tensor(1))
+    """
+    with torch.no_grad():
+        mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
+        if not _all_finite(mean, variance):
+            return False
+        averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
+                             renorm_momentum=renorm_momentum)
+        for decay in {d for *_, d in averages}:
+            pairs = [(getattr(state, name), value) for name, value, d in averages if d == decay]
+            step = 1.0 / (int(state.num_updates) + 1) if decay is None else 1.0 - decay
+            # lerp computes moving + step * (value - moving): TensorFlow's update.
+            values = [v if v.dtype == m.dtype else v.to(m.dtype) for m, v in pairs]
+            torch._foreach_lerp_([m for m, _ in pairs], values, step)
+        if state.moving_stddev is not None:
+            state.moving_variance.copy_(_renorm_variance(state.moving_stddev, epsilon))
+        state.num_updates.add_(1)
+    return True
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """Whether every value is finite (one read-back; the largest magnitude of each tensor
+    cannot overflow, unlike a sum)."""
+    norms = torch._foreach_norm([t for t in tensors if t.numel()], math.inf)
+    return math.isfinite(sum(map(float, norms)))
+
+
+
+
+def skip_reason(stats: BatchStatistics, *, unbiased: bool = False) -> str:
+    """Why a batch's statistics could not enter the moving averages (after a skipped update:
+    this reads values back from the device)."""
+    if stats.mean.shape[0] == 0:
+        return "the batch is empty (no ghost batch in this process)"
+    if not isinstance(stats.count, int):
+        count = stats.count.expand_as(stats.mean)
+        if not bool((count > 0).any(0).all()):
+            return "the mask selects no position for some feature"
+        if unbiased and bool((count == 1).any()):
+            return ("the mask selects a single value in some group, whose unbiased variance "
+                    "is undefined")
+    return "the batch statistics are not finite (NaN or Inf in the input)"
+
+
+def apply_update(state: BatchNormState, stats: BatchStatistics,
+                 config: BatchNormConfig) -> str | None:
+    """Fold one batch's statistics into ``state``'s tensors, in place, with ``config``'s
+    options; return None, or why the batch was skipped (see :func:`skip_reason`).
+
+    Eager calls use :func:`update_state_`; traced calls (``torch.compile``) cannot read back
+    finiteness, so they compute :func:`update_state` (which selects instead) and copy it.
+
+    >>> state = BatchNormState(torch.zeros(1), torch.ones(1), torch.tensor(0))
+    >>> stats = BatchStatistics(torch.tensor([[2.0]]), torch.tensor([[4.0]]), 8)
+    >>> apply_update(state, stats, BatchNormConfig(momentum=0.9)) is None
+    True
+    >>> apply_update(state, stats._replace(mean=torch.tensor([[math.nan]])), BatchNormConfig())
+    'the batch statistics are not finite (NaN or Inf in the input)'
+    """
+    options = {"momentum": config.momentum, "epsilon": config.epsilon,
+               "unbiased_moving_variance": config.unbiased_moving_variance,
+               "renorm_momentum": config.renorm_momentum}
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            new = update_state(state, stats, **options)
+            for old, value in zip(state, new, strict=True):
+                if value is not None and value is not old:
+                    old.copy_(value)
+        return None
+    if update_state_(state, stats, **options):
+        return None
+    return skip_reason(stats, unbiased=config.unbiased_moving_variance)
+
+
+def output_affine(
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    r: Tensor | None = None,
+    d: Tensor | None = None,
+    adjustment: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The ``(scale, offset)`` applied to the normalized input: ``y = scale * xhat + offset``.
+
+    Composes, in tf_keras's order, Batch Renormalization's ``(r, d)``, the
+    ``adjustment``'s ``(scale, bias)`` and ``gamma``/``beta``:
+    ``y = gamma * (adj_scale * (r * xhat + d) + adj_bias) + beta``. Absent terms are
+    None (and so is a result that would be the identity). Arguments broadcast.
+
+    >>> output_affine(torch.tensor(2.0), torch.tensor(1.0), r=torch.tensor(3.0),
+    ...               d=torch.tensor(0.5))
+    (tensor(6.), tensor(2.))
+    """
+    scale, offset = r, d
+    if adjustment is not None:
+        adj_scale, adj_bias = adjustment
+        scale = adj_scale if scale is None else scale * adj_scale
+        offset = adj_bias if offset is None else offset * adj_scale + adj_bias
+    if gamma is not None:
+        scale = gamma if scale is None else scale * gamma
+        offset = None if offset is None else offset * gamma
+    if beta is not None:
+        offset = beta if offset is None else offset + beta
+    return scale, offset
+
+
+def affine_terms(mean: Tensor, invstd: Tensor, scale: Tensor | None,
+                 offset: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(inv, shift)`` with ``scale * (x - mean) * invstd + offset == x * inv + shift``:
+    ``inv = scale * invstd``, ``shift = offset - mean * inv``, TensorFlow's order, in
+    ``invstd``'s dtype.
+
+    >>> affine_terms(torch.tensor(1.0), torch.tensor(0.5), torch.tensor(2.0), None)
+    (tensor(1.), tensor(-1.))
+    """
+    inv = invstd if scale is None else invstd * scale.to(invstd.dtype)
+    shift = -mean * inv
+    if offset is not None:
+        shift = shift + offset.to(invstd.dtype)
+    return inv, shift
