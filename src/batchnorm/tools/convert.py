@@ -35,7 +35,14 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..layer import BatchNorm
-from ..updates import deferred_updates
+from ._model import (
+    batch_norm_layers,
+    has_hooks,
+    replace_modules,
+    restore_modes,
+    run_without_updates,
+    snapshot_modes,
+)
 
 __all__ = ["ConversionResult", "convert", "to_torch"]
 
@@ -69,34 +76,9 @@ def _complement(momentum: float) -> float:
     return float(f"{1.0 - momentum:.15g}")
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether a user registered forward or backward hooks (a lazy module's own hook aside)."""
-    pre_hooks = dict(module._forward_pre_hooks)
-    own = getattr(module, "_initialize_hook", None) if isinstance(module, LazyModuleMixin) else None
-    if own is not None:
-        pre_hooks.pop(own.id, None)
-    return bool(pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
 def _check_hooks(module: nn.Module) -> None:
-    if _has_hooks(module):
+    if has_hooks(module):
         raise _Unconvertible("the layer has hooks registered on it, which would be lost")
-
-
-def _replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
-    """Put ``replacements[id(m)]`` in place of every occurrence of module ``m`` in the tree.
-
-    A module registered under several names is replaced under each of them by the
-    same new module. Returns the model, or its replacement if the model itself is one.
-    """
-    if id(model) in replacements:
-        return replacements[id(model)]
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                setattr(parent, name, replacements[id(child)])
-    return model
 
 
 # ---------------------------------------------------------------------------- torch -> ours
@@ -185,14 +167,14 @@ def convert(model: nn.Module, *, strict: bool = True) -> nn.Module:
     """
     replacements: dict[int, nn.Module] = {}
     problems: list[tuple[str, str]] = []
-    for name, module in model.named_modules():
+    for name, module in batch_norm_layers(model, ours=False, torch_nn=True).items():
         cls = type(module)
         if _TORCH_CLASSES.get(cls.__name__) is cls:
             try:
                 replacements[id(module)] = _from_torch(module)
             except _Unconvertible as why:
                 problems.append((name, str(why)))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        else:
             problems.append((name, f"{cls.__qualname__} subclasses a torch.nn batch "
                                    "normalization class and may compute something else"))
     if problems:
@@ -204,7 +186,7 @@ def convert(model: nn.Module, *, strict: bool = True) -> nn.Module:
                 "the others and leave these as they are")
         warnings.warn(f"left {len(problems)} torch.nn layer(s) unconverted: {listing}",
                       UserWarning, stacklevel=2)
-    return _replace_modules(model, replacements)
+    return replace_modules(model, replacements)
 
 
 # ---------------------------------------------------------------------------- ours -> torch
@@ -301,21 +283,18 @@ def _input_ranks(model: nn.Module, example_input: Tensor | tuple, layers: Iterab
                  ) -> dict[int, set[int]]:
     """The input ranks each layer sees when ``model`` runs on ``example_input`` in eval mode."""
     ranks: dict[int, set[int]] = {}
-    modes = {module: module.training for module in model.modules()}
+    modes = snapshot_modes(model)
     handles = [layer.register_forward_pre_hook(
         lambda layer, args: ranks.setdefault(id(layer), set()).add(args[0].ndim))
         for layer in layers]
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         model.eval()
-        # deferred_updates: a layer called with training=True records an update that is dropped.
-        with torch.no_grad(), deferred_updates():
-            model(*args)
+        # A layer called with training=True records an update that is dropped.
+        run_without_updates(model, example_input)
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+        restore_modes(modes)
     return ranks
 
 
@@ -351,7 +330,7 @@ def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> C
         >>> not_converted
         [('1', 'axis=-1: torch.nn normalizes axis 1 (channels first)')]
     """
-    layers = {id(m): (name, m) for name, m in model.named_modules() if isinstance(m, BatchNorm)}
+    layers = {id(m): (name, m) for name, m in batch_norm_layers(model).items()}
     ranks: dict[int, set[int]] = {}
     if example_input is not None and layers:
         ranks = _input_ranks(model, example_input, [m for _, m in layers.values()])
@@ -362,5 +341,5 @@ def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> C
             replacements[key] = _to_torch_layer(layer, ranks.get(key, set()))
         except _Unconvertible as why:
             not_converted.append((name, str(why)))
-    return ConversionResult(_replace_modules(model, replacements), not_converted)
+    return ConversionResult(replace_modules(model, replacements), not_converted)
 

@@ -13,7 +13,14 @@ from .. import functional as F
 from .. import initializers
 from ..layer import BatchNorm
 from ..updates import deferred_updates
-from .recalibrate import _model_input, _parse_call
+from ._model import (
+    BatchNormTracer,
+    batch_norm_layers,
+    model_input,
+    parse_call,
+    restore_buffers,
+    snapshot_buffers,
+)
 
 __all__ = ["KINDS", "Finding", "diagnose"]
 
@@ -158,11 +165,6 @@ def _redundant(previous: nn.Module, layer: BatchNorm, rank: int | None) -> bool:
         return False
 
 
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, BatchNorm) or super().is_leaf_module(m, qualname)
-
-
 def _pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(feeding module name, BatchNorm name)`` for modules whose only consumer is a BatchNorm."""
     modules = dict(model.named_modules())
@@ -175,7 +177,7 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
                     prefix = f"{seq_name}." if seq_name else ""
                     pairs.append((prefix + a, prefix + b))
     try:
-        graph = _Tracer().trace(model)
+        graph = BatchNormTracer().trace(model)
     except Exception:  # not traceable (data-dependent control flow...): Sequentials only
         return pairs
     for node in graph.nodes:
@@ -224,14 +226,14 @@ def _run_batch(
     model: nn.Module, batch: Any, min_values: int
 ) -> tuple[list[Finding], dict[str, int]]:
     """Run ``batch`` under no_grad in the model's current mode; nothing in the model changes."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, BatchNorm)}
+    layers = batch_norm_layers(model)
     findings: list[Finding] = []
     ranks: dict[str, int] = {}
     seen: set[str] = set()
 
     def hook(name: str):
         def pre_hook(layer: BatchNorm, args: tuple, kwargs: dict) -> None:
-            x, computes, mask = _parse_call(layer, args, kwargs)
+            x, computes, mask = parse_call(layer, args, kwargs)
             ranks[name] = x.ndim
             if not computes or name in seen:
                 return
@@ -262,10 +264,10 @@ def _run_batch(
 
     handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True)
                for name, layer in layers.items()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = snapshot_buffers(model)
     try:
         with torch.no_grad(), deferred_updates():
-            model(_model_input(batch))
+            model(model_input(batch))
     except Exception as error:  # report what was found so far, and the failure
         findings.append(Finding(
             "", "forward_failed",
@@ -275,9 +277,7 @@ def _run_batch(
     finally:
         for handle in handles:
             handle.remove()
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
+        restore_buffers(buffers)
     return findings, ranks
 
 
@@ -330,7 +330,7 @@ def diagnose(
         >>> [f.kind for f in bn.diagnose(model, verbose=False)]
         ['never_updated', 'redundant_bias']
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, BatchNorm)}
+    layers = batch_norm_layers(model)
     findings: list[Finding] = []
     ranks: dict[str, int] = {}
     for name, layer in layers.items():

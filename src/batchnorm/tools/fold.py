@@ -9,7 +9,6 @@ nowhere else, ``y = (s W) x + (s (b - mean) + beta)``: one layer instead of two.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -18,8 +17,14 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..layer import BatchNorm
-from ..updates import deferred_updates
-from .convert import _replace_modules
+from ._model import (
+    BatchNormTracer,
+    batch_norm_layers,
+    has_hooks,
+    is_batch_norm,
+    replace_modules,
+    run_without_updates,
+)
 
 __all__ = ["FoldResult", "fold"]
 
@@ -41,21 +46,6 @@ class FoldResult(NamedTuple):
     """``(batch-norm name, reason)`` of every batch normalization left in place."""
 
 
-class _Tracer(torch.fx.Tracer):
-    """Keeps batch normalization layers as calls (fx would trace into bn.BatchNorm)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_batch_norm(m) or super().is_leaf_module(m, module_qualified_name)
-
-
-def _is_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, (BatchNorm, nn.modules.batchnorm._BatchNorm))
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 class _Folder:
     """Finds and folds (producer, batch norm) pairs in one model, recording why others are not."""
 
@@ -72,8 +62,8 @@ class _Folder:
     # -- checks
 
     def _layer_problem(self, bn: nn.Module) -> str | None:
-        if _has_hooks(bn):
-            return "it has forward hooks, which folding would skip"
+        if has_hooks(bn):
+            return "it has hooks registered on it, which folding would skip"
         if isinstance(bn, BatchNorm):
             if type(bn) is not BatchNorm:
                 return f"{type(bn).__qualname__} subclasses BatchNorm and may compute otherwise"
@@ -92,8 +82,8 @@ class _Folder:
         if type(producer) not in _PRODUCERS:
             return (f"its input comes from {producer_name!r} ({type(producer).__name__}), "
                     "not from a Conv, ConvTranspose or Linear layer")
-        if _has_hooks(producer):
-            return f"{producer_name!r} has forward hooks, which folding could change"
+        if has_hooks(producer):
+            return f"{producer_name!r} has hooks registered on it, which folding could change"
         linear = isinstance(producer, nn.Linear)
         out = producer.out_features if linear else producer.out_channels
         features = bn.num_features[0] if isinstance(bn, BatchNorm) else bn.num_features
@@ -130,7 +120,7 @@ class _Folder:
     def walk(self, module: nn.Module, prefix: str) -> None:
         """Fold in ``module``: along its fx graph, or else pairwise in a Sequential and below."""
         try:
-            graph = _Tracer().trace(module)
+            graph = BatchNormTracer().trace(module)
         except Exception as error:  # any failure to trace: fall back to the module tree
             self._walk_untraceable(module, prefix, error)
         else:
@@ -149,7 +139,7 @@ class _Folder:
             return any(a == target or a.startswith(target + ".") for a in attributes)
 
         for node in graph.nodes:
-            if node.op != "call_module" or not _is_batch_norm(root.get_submodule(node.target)):
+            if node.op != "call_module" or not is_batch_norm(root.get_submodule(node.target)):
                 continue
             name, bn = prefix + node.target, root.get_submodule(node.target)
             source = node.args[0] if node.args else None
@@ -180,13 +170,13 @@ class _Folder:
         plain_sequential = (isinstance(module, nn.Sequential)
                             and type(module).forward is nn.Sequential.forward)
         for i, (name, child) in enumerate(children):
-            if _is_batch_norm(child):
+            if is_batch_norm(child):
                 if plain_sequential and i > 0:
                     before_name, before = children[i - 1]
                     self.fold_pair(before, prefix + before_name, child, prefix + name)
                 else:
                     self.reasons[prefix + name] = why_not
-            elif any(_is_batch_norm(m) for m in child.modules()):
+            elif any(is_batch_norm(m) for m in child.modules()):
                 self.walk(child, prefix + name + ".")
 
 
@@ -234,18 +224,12 @@ def _output_ranks(model: nn.Module, example_input: Tensor | tuple) -> dict[int, 
     handles = [m.register_forward_hook(
         lambda m, args, out: ranks.setdefault(id(m), set()).add(out.ndim))
         for m in model.modules() if type(m) in _PRODUCERS]
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
-        with torch.no_grad(), deferred_updates():  # updates from training=True calls dropped
-            model(*args)
+        run_without_updates(model, example_input)  # updates from training=True calls dropped
     finally:
         for handle in handles:
             handle.remove()
     return ranks
-
-
-def _batch_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    return ((name, m) for name, m in model.named_modules() if _is_batch_norm(m))
 
 
 def fold(model: nn.Module, example_input: Tensor | tuple | None = None) -> FoldResult:
@@ -289,15 +273,15 @@ def fold(model: nn.Module, example_input: Tensor | tuple | None = None) -> FoldR
     model = copy.deepcopy(model).eval()
     ranks = _output_ranks(model, example_input) if example_input is not None else {}
     folder = _Folder(model, ranks)
-    if _is_batch_norm(model):
+    if is_batch_norm(model):
         folder.reasons[""] = "the model is a single batch normalization layer"
     else:
         folder.walk(model, "")
     folded, not_folded = [], []
-    for name, _ in _batch_norms(model):
+    for name in batch_norm_layers(model, torch_nn=True):
         if name in folder.folded:
             folded.append((name, folder.folded[name]))
         else:
             not_folded.append((name, folder.reasons.get(
                 name, "it is not called as a module in the traced forward")))
-    return FoldResult(_replace_modules(model, folder.replaced), folded, not_folded)
+    return FoldResult(replace_modules(model, folder.replaced), folded, not_folded)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layer import BatchNorm
+from ._model import batch_norm_layers
 
 __all__ = ["freeze", "unfreeze"]
 
@@ -44,23 +44,21 @@ def freeze(model: nn.Module, *, affine_trainable: bool = False) -> list[str]:
         >>> int(model[1].num_updates), model[1].gamma.requires_grad
         (0, False)
     """
-    torch_layers = [name or "(the model)" for name, module in model.named_modules()
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    torch_layers = [name or "(the model)"
+                    for name in batch_norm_layers(model, ours=False, torch_nn=True)]
     if torch_layers:
         raise TypeError(
             f"freeze works on bn.BatchNorm layers, and {torch_layers} are torch.nn batch "
             "normalization layers, which eval() freezes only until the next train(); convert "
             "them first: bn.freeze(bn.convert(model)) (the numbers do not change)")
-    names = []
-    for name, layer in model.named_modules():
-        if isinstance(layer, BatchNorm):
-            layer.trainable = False
-            if affine_trainable:
-                for param in (layer.gamma, layer.beta):
-                    if param is not None:
-                        param.requires_grad_(True)
-            names.append(name)
-    return names
+    layers = batch_norm_layers(model)
+    for layer in layers.values():
+        layer.trainable = False
+        if affine_trainable:
+            for param in (layer.gamma, layer.beta):
+                if param is not None:
+                    param.requires_grad_(True)
+    return list(layers)
 
 
 def unfreeze(model: nn.Module) -> list[str]:
@@ -77,8 +75,8 @@ def unfreeze(model: nn.Module) -> list[str]:
         (['0'], ['0'], True)
     """
     names = []
-    for name, layer in model.named_modules():
-        if isinstance(layer, BatchNorm) and not layer.trainable:
+    for name, layer in batch_norm_layers(model).items():
+        if not layer.trainable:
             layer.trainable = True
             names.append(name)
     return names

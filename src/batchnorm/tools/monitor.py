@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import BatchNorm
-from .recalibrate import _moments, _parse_call
+from ._model import batch_norm_layers, layer_moments, parse_call
 
 __all__ = ["Monitor", "Record"]
 
@@ -84,7 +84,7 @@ class Monitor:
         self.model = model
         self.full = full
         self.every = every
-        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, BatchNorm)}
+        self.layers = batch_norm_layers(model)
         if not self.layers:
             raise ValueError("the model contains no batchnorm.BatchNorm layer to monitor")
         self.history: dict[str, list[Record]] = {name: [] for name in self.layers}
@@ -106,12 +106,12 @@ class Monitor:
 
     def _hook(self, name: str):
         def hook(layer: BatchNorm, args: tuple, kwargs: dict, output: Any) -> None:
-            x, computes, mask = _parse_call(layer, args, kwargs)
+            x, computes, mask = parse_call(layer, args, kwargs)
             step = max(self._step, 0)
             if not computes or step % self.every:
                 return
             with torch.no_grad():
-                count, mean, m2 = _moments(layer, x, mask)
+                count, mean, m2 = layer_moments(layer, x, mask)
                 values = {
                     "batch_mean": mean, "batch_variance": m2 / count.clamp_min(1),
                     "moving_mean": layer.moving_mean, "moving_variance": layer.moving_variance,

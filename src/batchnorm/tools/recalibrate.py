@@ -11,7 +11,6 @@ over all of them.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,56 +20,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
 from ..layer import BatchNorm
 from ..updates import deferred_updates
+from ._model import (
+    batch_norm_layers,
+    layer_moments,
+    model_input,
+    parse_call,
+    restore_buffers,
+    restore_modes,
+    snapshot_buffers,
+    snapshot_modes,
+)
 
 __all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
 
 
-# ---------------------------------------------------------------- shared helpers
-# (diagnose.py and monitor.py use these too: one place that knows how a layer is called)
-
-
-def _parse_call(
-    layer: BatchNorm, args: tuple, kwargs: dict
-) -> tuple[Tensor, bool, Tensor | None]:
-    """``(x, computes_batch_statistics, mask)`` for a call ``layer(*args, **kwargs)``.
-
-    Mirrors ``BatchNorm.forward``'s signature ``(x, training=None, mask=None)``
-    and its mode resolution: a frozen layer never computes batch statistics,
-    ``training=None`` follows ``layer.training``.
-    """
-    x = args[0] if args else kwargs["x"]
-    training = args[1] if len(args) > 1 else kwargs.get("training")
-    mask = args[2] if len(args) > 2 else kwargs.get("mask")
-    computes = layer.trainable and (layer.training if training is None else bool(training))
-    return x, computes, mask
-
-
-def _accumulation_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
-def _moments(layer: BatchNorm, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per feature of ``layer``: the number of values, their mean and their sum of squared
-    deviations (``M2``) in ``x`` (restricted to ``mask``), in float64.
-
-    The whole batch counts as one sample of values: ghost-batch groups are not
-    separated (population statistics do not depend on how a batch is split).
-    """
-    axes = F.resolve_axes(layer.axis, x.ndim)
-    dims = F.reduction_axes(x.ndim, axes)
-    xd = x.detach().to(_accumulation_dtype(x.device))
-    if mask is None:
-        variance, mean = torch.var_mean(xd, dim=dims, correction=0)
-        count = torch.full_like(mean, float(math.prod(x.shape[d] for d in dims)))
-        return count, mean, variance * count
-    weight = mask.reshape(F.mask_shape(mask, x, axes)).to(xd.dtype).expand(xd.shape)
-    count = weight.sum(dims)
-    mean = (xd * weight).sum(dims) / count.clamp_min(1)
-    centered = xd - F.broadcast(mean, xd, axes)
-    return count, mean, (centered.square() * weight).sum(dims)
+# ---------------------------------------------------------------- accumulation
 
 
 @dataclass
@@ -97,22 +63,6 @@ class _Moments:
         self.mean = self.mean + delta * share
         self.m2 = self.m2 + m2 + delta.square() * self.count * share
         self.count = total
-
-
-def _model_input(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def _restore_other_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """Copies of every buffer outside our BatchNorm layers (torch.nn batch norms would
-    update their running statistics in training mode), to copy back afterwards."""
-    saved = []
-    for module in model.modules():
-        if isinstance(module, BatchNorm):
-            continue
-        for buffer in module.buffers(recurse=False):
-            saved.append((buffer, buffer.detach().clone()))
-    return saved
 
 
 def _progress(iterable: Iterable, total: int | None, enabled: bool) -> Iterator:
@@ -294,20 +244,21 @@ def recalibrate(
     """
     if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, BatchNorm)}
+    layers = batch_norm_layers(model)
     if not layers:
         raise ValueError("the model contains no batchnorm.BatchNorm layer to recalibrate")
     moments = {name: _Moments() for name in layers}
 
     def hook(name: str):
         def pre_hook(layer: BatchNorm, args: tuple, kwargs: dict) -> None:
-            x, computes, mask = _parse_call(layer, args, kwargs)
+            x, computes, mask = parse_call(layer, args, kwargs)
             if computes:
-                moments[name].add(*_moments(layer, x, mask))
+                moments[name].add(*layer_moments(layer, x, mask))
         return pre_hook
 
-    modes = [(m, m.training) for m in model.modules()]
-    other_buffers = _restore_other_buffers(model)
+    modes = snapshot_modes(model)
+    # torch.nn batch norms (and anything else) would update their buffers in training mode.
+    other_buffers = snapshot_buffers(model, exclude=BatchNorm)
     handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True)
                for name, layer in layers.items()]
     try:
@@ -319,17 +270,14 @@ def recalibrate(
         model.train()
         with torch.no_grad(), deferred_updates() as updates:
             for batch in _progress(islice(batches, num_batches), total, progress):
-                model(_model_input(batch))
+                model(model_input(batch))
                 updates.discard()
                 seen += 1
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes:
-            module.training = mode
-        with torch.no_grad():
-            for buffer, value in other_buffers:
-                buffer.copy_(value)
+        restore_modes(modes)
+        restore_buffers(other_buffers)
     if seen == 0:
         raise ValueError("batches is empty: no statistics to recalibrate with")
 

@@ -1,0 +1,251 @@
+"""What the tools share about models: their batch-norm layers, how a layer is called, tracing.
+
+Private to :mod:`batchnorm.tools` (the module name has the underscore, the
+functions do not, so that every tool can import them). One version of each:
+
+- :func:`is_batch_norm`, :func:`is_torch_batch_norm`, :func:`batch_norm_layers`:
+  the batch normalization layers of a model;
+- :func:`parse_call`, :func:`model_input`, :func:`example_args`: how a layer
+  and a model are called;
+- :func:`layer_moments`: a layer input's per-feature count, mean and sum of
+  squared deviations;
+- :class:`BatchNormTracer`: the ``torch.fx`` tracer that keeps batch norms as calls;
+- :func:`has_hooks`: whether a user registered hooks on a module;
+- :func:`replace_modules`: put new modules in place of old ones everywhere in a tree;
+- :func:`snapshot_buffers` / :func:`restore_buffers` and :func:`snapshot_modes` /
+  :func:`restore_modes`: undo what running a model changed;
+- :func:`run_without_updates`: run a model once, leaving its statistics as they are.
+
+Only the core's public surface is used: :class:`~batchnorm.BatchNorm` and its
+public attributes, :mod:`batchnorm.functional`, :func:`batchnorm.deferred_updates`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from .. import functional as F
+from ..layer import BatchNorm
+from ..updates import deferred_updates
+
+__all__ = [
+    "BatchNormTracer",
+    "batch_norm_layers",
+    "example_args",
+    "has_hooks",
+    "is_batch_norm",
+    "is_torch_batch_norm",
+    "layer_moments",
+    "model_input",
+    "parse_call",
+    "replace_modules",
+    "restore_buffers",
+    "restore_modes",
+    "run_without_updates",
+    "snapshot_buffers",
+    "snapshot_modes",
+]
+
+
+# ---------------------------------------------------------------- finding the layers
+
+
+def is_torch_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.nn`` batch normalization layer.
+
+    ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``LazyBatchNorm1d/2d/3d`` and their
+    subclasses (not ``InstanceNorm``, which normalizes each sample on its own).
+    """
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch normalization layer: a :class:`~batchnorm.BatchNorm`
+    or a ``torch.nn`` one (:func:`is_torch_batch_norm`), subclasses included."""
+    return isinstance(module, BatchNorm) or is_torch_batch_norm(module)
+
+
+def batch_norm_layers(
+    model: nn.Module, *, ours: bool = True, torch_nn: bool = False
+) -> dict[str, Any]:
+    """The batch normalization layers of ``model`` by qualified name, in ``named_modules()`` order.
+
+    ``ours`` selects the :class:`~batchnorm.BatchNorm` layers, ``torch_nn`` the
+    ``torch.nn`` ones (:func:`is_torch_batch_norm`); subclasses are included.
+    ``""`` names ``model`` itself. A layer registered under several names is
+    listed once, under the first (as ``named_modules()`` does).
+    """
+    return {name: module for name, module in model.named_modules()
+            if (ours and isinstance(module, BatchNorm))
+            or (torch_nn and is_torch_batch_norm(module))}
+
+
+# ---------------------------------------------------------------- calls
+
+
+def parse_call(
+    layer: BatchNorm, args: tuple, kwargs: dict
+) -> tuple[Tensor, bool, Tensor | None]:
+    """``(x, computes_batch_statistics, mask)`` for a call ``layer(*args, **kwargs)``.
+
+    For a forward pre-hook (or hook) registered with ``with_kwargs=True``.
+    Mirrors ``BatchNorm.forward``'s signature ``(x, training=None, mask=None)``
+    and its mode resolution: a frozen layer (``trainable=False``) never computes
+    batch statistics, ``training=None`` follows ``layer.training``.
+    """
+    x = args[0] if args else kwargs["x"]
+    training = args[1] if len(args) > 1 else kwargs.get("training")
+    mask = args[2] if len(args) > 2 else kwargs.get("mask")
+    computes = layer.trainable and (layer.training if training is None else bool(training))
+    return x, computes, mask
+
+
+def model_input(batch: Any) -> Any:
+    """The model input in a batch from a data loader: the first element of an
+    ``(input, target, ...)`` tuple or list, anything else as it is."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def example_args(example_input: Tensor | tuple) -> tuple:
+    """The positional arguments of ``model(...)`` for an ``example_input``: a tuple is the
+    arguments, anything else (a tensor) the one argument."""
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def run_without_updates(model: nn.Module, example_input: Tensor | tuple) -> Any:
+    """``model(*example_args(example_input))`` under ``torch.no_grad()``, in the model's
+    current train/eval mode, with every BatchNorm moving-statistics update discarded
+    (:func:`batchnorm.deferred_updates`; a lazy BatchNorm is built by the call).
+    Returns the output."""
+    with torch.no_grad(), deferred_updates():
+        return model(*example_args(example_input))
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def layer_moments(
+    layer: BatchNorm, x: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per feature of ``layer``: the number of values, their mean and their sum of squared
+    deviations (``M2``) in ``x`` (restricted to ``mask``), in float64 (float32 on MPS).
+
+    The whole batch counts as one sample of values: ghost-batch groups are not
+    separated (population statistics do not depend on how a batch is split).
+    ``x`` is detached; the biased variance is ``M2 / count``.
+    """
+    axes = F.resolve_axes(layer.axis, x.ndim)
+    dims = F.reduction_axes(x.ndim, axes)
+    xd = x.detach().to(_accumulation_dtype(x.device))
+    if mask is None:
+        variance, mean = torch.var_mean(xd, dim=dims, correction=0)
+        count = torch.full_like(mean, float(math.prod(x.shape[d] for d in dims)))
+        return count, mean, variance * count
+    weight = mask.reshape(F.mask_shape(mask, x, axes)).to(xd.dtype).expand(xd.shape)
+    count = weight.sum(dims)
+    mean = (xd * weight).sum(dims) / count.clamp_min(1)
+    centered = xd - F.broadcast(mean, xd, axes)
+    return count, mean, (centered.square() * weight).sum(dims)
+
+
+# ---------------------------------------------------------------- tracing
+
+
+class BatchNormTracer(torch.fx.Tracer):
+    """A ``torch.fx`` tracer that keeps every batch normalization layer as one ``call_module``.
+
+    fx traces into modules defined outside ``torch.nn``: without this, a
+    :class:`~batchnorm.BatchNorm` (or a user's subclass of a ``torch.nn`` batch
+    norm) would become the operations of its forward, and the layer could not be
+    found in the graph, or would make the whole trace fail on its control flow.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_batch_norm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+# ---------------------------------------------------------------- module surgery
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether a user registered hooks on ``module`` itself: forward pre-hooks, forward
+    hooks, backward hooks or backward pre-hooks.
+
+    A tool that replaces the module, or changes what it computes, would lose them or
+    change what they see. The hook an uninitialized ``torch.nn`` lazy module registers
+    on itself (to infer its shapes on the first call) does not count.
+    """
+    pre_hooks = dict(module._forward_pre_hooks)
+    own = getattr(module, "_initialize_hook", None) if isinstance(module, LazyModuleMixin) else None
+    if own is not None:
+        pre_hooks.pop(own.id, None)
+    return bool(pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+    """Put ``replacements[id(m)]`` in place of every occurrence of module ``m`` in the tree.
+
+    A module registered under several names is replaced under each of them by the
+    same new module. Returns the model, or its replacement if the model itself is one.
+    """
+    if id(model) in replacements:
+        return replacements[id(model)]
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, name, replacements[id(child)])
+    return model
+
+
+# ---------------------------------------------------------------- snapshot and restore
+
+
+def snapshot_buffers(
+    model: nn.Module, *, exclude: type | tuple[type, ...] = ()
+) -> list[tuple[Tensor, Tensor]]:
+    """``(buffer, copy)`` for every buffer of ``model`` (each once), for :func:`restore_buffers`.
+
+    The buffers of modules that are instances of ``exclude`` are left out (e.g.
+    ``exclude=BatchNorm``: a tool that writes those itself).
+    """
+    saved: list[tuple[Tensor, Tensor]] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        if exclude and isinstance(module, exclude):
+            continue
+        for buffer in module.buffers(recurse=False):
+            if id(buffer) not in seen:
+                seen.add(id(buffer))
+                saved.append((buffer, buffer.detach().clone()))
+    return saved
+
+
+def restore_buffers(saved: Iterable[tuple[Tensor, Tensor]]) -> None:
+    """Copy the values :func:`snapshot_buffers` took back into their buffers, in place."""
+    with torch.no_grad():
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
+def snapshot_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """``(module, training)`` for every module of ``model``, for :func:`restore_modes`."""
+    return [(module, module.training) for module in model.modules()]
+
+
+def restore_modes(saved: Iterable[tuple[nn.Module, bool]]) -> None:
+    """Set every module's train/eval flag back to what :func:`snapshot_modes` saw
+    (the flag only: no ``train()`` overrides run)."""
+    for module, training in saved:
+        module.training = training
