@@ -9,6 +9,7 @@ output, its config and its variables as Keras reported them.
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -155,3 +156,84 @@ def test_a_file_that_is_not_a_keras_model_is_a_value_error(tmp_path: Path) -> No
     path.write_text("not a model")
     with pytest.raises(ValueError, match="neither"):
         bn.load_keras_batchnorms(path)
+
+
+# ------------------------------------------------- weights are checked before anything is built
+
+CONFIG = {"name": "bn", "axis": -1, "momentum": 0.9, "epsilon": 1e-3}
+WEIGHTS = {"gamma": np.ones(4, "f4"), "beta": np.zeros(4, "f4"),
+           "moving_mean": np.zeros(4, "f4"), "moving_variance": np.ones(4, "f4")}
+BAD = {  # id -> (variable, value, what the message says)
+    "2x2 gamma reshaped into 4 features": ("gamma", np.ones((2, 2), "f4"), "shape"),
+    "all 2x2 with axis -1": (None, np.ones((2, 2), "f4"), "shape"),
+    "fewer features": ("beta", np.zeros(3, "f4"), "features"),
+    "complex truncated": ("gamma", np.ones(4, "c8"), "dtype"),
+    "integers": ("moving_mean", np.zeros(4, "i8"), "dtype"),
+    "bool": ("gamma", np.ones(4, bool), "dtype"),
+    "nan": ("moving_mean", np.array([0, np.nan, 0, 0], "f4"), "finite"),
+    "inf": ("gamma", np.array([np.inf, 1, 1, 1], "f4"), "finite"),
+    "float16 inf": ("beta", np.array([np.inf, 0, 0, 0], "f2"), "finite"),
+    "beyond float32": ("moving_variance", np.array([1e39, 1, 1, 1]), "finite"),
+    "negative variance": ("moving_variance", np.array([1, -2, 1, 1], "f4"), ">= 0"),
+    "not a variable": ("kernel", np.ones(4, "f4"), "kernel"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_batchnorm_from_keras_refuses_bad_weights(case: str) -> None:
+    variable, value, match = BAD[case]
+    weights = dict.fromkeys(WEIGHTS, value) if variable is None else {**WEIGHTS, variable: value}
+    with pytest.raises(ValueError, match=match) as info:
+        keras_io.batchnorm_from_keras(CONFIG, weights)
+    assert "'bn'" in str(info.value)
+    assert (variable or "gamma") in str(info.value)
+
+
+def test_renorm_variables_must_be_non_negative_standard_deviations() -> None:
+    config = {**CONFIG, "renorm": True}
+    weights = {**WEIGHTS, "moving_stddev": np.ones(4, "f4"), "renorm_mean": np.zeros(4, "f4"),
+               "renorm_stddev": np.array([1, 1, -1, 1], "f4")}
+    with pytest.raises(ValueError, match="renorm_stddev"):
+        keras_io.batchnorm_from_keras(config, weights)
+
+
+def test_good_weights_in_every_float_dtype_and_byte_order_load() -> None:
+    for dtype in ("<f2", ">f4", "<f8"):
+        weights = {k: v.astype(dtype) for k, v in WEIGHTS.items()}
+        weights["moving_mean"] = np.arange(4).astype(dtype)
+        layer = keras_io.batchnorm_from_keras(CONFIG, weights)
+        assert layer.moving_mean.tolist() == [0, 1, 2, 3]
+
+
+def test_bad_weights_are_refused_before_building_or_warning(monkeypatch) -> None:
+    built = []
+    from_config = bn.BatchNorm.from_config.__func__
+    monkeypatch.setattr(bn.BatchNorm, "from_config", classmethod(
+        lambda cls, config: built.append(config) or from_config(cls, config)))
+    config = {**CONFIG, "synchronized": True}  # would warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="finite"):
+            keras_io.batchnorm_from_keras(config, {**WEIGHTS, "gamma": np.full(4, np.nan)})
+    assert built == []
+
+
+def test_a_refused_config_warns_nothing() -> None:
+    config = {**CONFIG, "synchronized": True, "momentum": 2.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="momentum"):
+            keras_io.batchnorm_from_keras(config)
+
+
+def test_warnings_point_at_the_caller() -> None:
+    with pytest.warns(UserWarning, match="synchronized") as record:
+        keras_io.batchnorm_from_keras({**CONFIG, "synchronized": True})
+    assert record[0].filename == __file__
+
+
+def test_a_config_batchnorm_cannot_take_is_a_value_error_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="renorm_clipping"):
+        keras_io.batchnorm_from_keras({**CONFIG, "renorm": True, "renorm_clipping": []})
+    with pytest.raises(ValueError, match="momentum"):
+        keras_io.batchnorm_from_keras({**CONFIG, "momentum": 2.0})

@@ -12,16 +12,30 @@ Two file formats, from Keras 3 or tf_keras (Keras 2):
   attribute names each dataset (``bn/gamma:0``, ``bn/moving_mean:0``, ...).
 
 Both need ``h5py`` (``pip install h5py``, or ``batchnorm[tools]``).
+
+Untrusted files: the loader reads nothing but the file it is given (no HDF5
+external storage, external link or virtual dataset is followed), checks every
+size before allocating (:data:`MAX_CONFIG_BYTES`, :data:`MAX_CONFIG_DEPTH`,
+:data:`MAX_INFLATION`, :data:`MAX_WEIGHT_BYTES`), writes nothing and unpickles
+nothing, and refuses a bad file with a ``ValueError`` naming it. What it cannot
+guard against is the HDF5 C library itself, which can crash on a damaged or
+crafted HDF5 structure: load files you do not trust in a separate process.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import math
 import re
+import reprlib
+import stat
 import warnings
 import zipfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +43,36 @@ import numpy as np
 import torch
 
 from .. import functional as F
-from ..layer import BatchNorm
+from ..layer import BatchNorm, _caller_stacklevel
 
 __all__ = ["batchnorm_from_keras", "load_keras_batchnorms", "read_keras_batchnorms"]
+
+MAX_CONFIG_BYTES = 16 * 2**20
+"""The largest model config read (``config.json``, or an ``.h5``'s ``model_config``):
+a Keras config takes a few KiB per layer, and parsing JSON takes up to ~20x its size."""
+MAX_CONFIG_DEPTH = 100
+"""The deepest JSON nesting accepted in a config (Keras's own nest ~4 levels per model)."""
+MAX_INFLATION = 100
+"""A ``.keras`` member may inflate to at most this many times the zip file's size: Keras
+stores its members uncompressed, a zip bomb inflates thousands of times."""
+MAX_WEIGHT_BYTES = 256 * 2**20
+"""The most BatchNormalization weights read from one file, all layers together (declared
+sizes, checked before reading; a ResNet-50 has 0.4 MiB of them)."""
 
 _BN_CLASSES = frozenset({"BatchNormalization", "BatchNormalizationV1", "BatchNormalizationV2"})
 # Keras config keys that BatchNorm does not take and that do not change the computation
 # of a loaded layer (handled here rather than in BatchNorm.from_config).
 _DROPPED_KEYS = ("synchronized",)
 _NON_CALLABLE = ("beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint")
+_NON_NEGATIVE = ("moving_variance", "moving_stddev", "renorm_stddev")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_SOFT_LINKS = 16  # HDF5's own limit on soft links followed in one lookup
+_HINT = "re-save the model with Keras (model.save) or fix the values"
+# What reading a damaged zip or HDF5 file raises (h5py: OSError, KeyError, RuntimeError,
+# TypeError for types NumPy lacks; zipfile: BadZipFile, EOFError, zlib.error,
+# NotImplementedError for unknown compression, RuntimeError for encryption).
+_READ_ERRORS = (OSError, KeyError, RuntimeError, TypeError, EOFError, NotImplementedError,
+                zipfile.BadZipFile, zlib.error)
 
 
 def _h5py():
@@ -49,6 +84,18 @@ def _h5py():
     return h5py
 
 
+@contextmanager
+def _unreadable(where: str, expected: str) -> Iterator[None]:
+    """Turn the errors of reading damaged data into a ValueError naming it."""
+    try:
+        yield
+    except PermissionError:
+        raise  # not a malformed file
+    except _READ_ERRORS as error:
+        raise ValueError(f"{where}: cannot read it ({type(error).__name__}: {error}); "
+                         f"expected {expected}: {_HINT}") from error
+
+
 def _snake_case(name: str) -> str:
     """Keras's ``naming.to_snake_case``, which names the groups of a ``.keras`` weights file."""
     name = re.sub(r"\W+", "", name)
@@ -56,86 +103,375 @@ def _snake_case(name: str) -> str:
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _walk_layers(model_config: dict, prefix: str = "layers") -> Iterator[tuple[dict, str]]:
+# ------------------------------------------------------------------------------ config
+
+def _nesting(value: Any) -> int:
+    """How deeply JSON lists and objects nest in ``value`` (counted without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1)
+                         for child in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _parse_config(raw: bytes | str, where: str) -> dict:
+    """A model config from JSON text, refused when too big, too deep or not an object."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{where}: {len(raw)} bytes of config, more than MAX_CONFIG_BYTES="
+                         f"{MAX_CONFIG_BYTES}; expected a Keras model config")
+    try:
+        config = json.loads(raw)
+        too_deep = _nesting(config) > MAX_CONFIG_DEPTH
+    except RecursionError:  # deeper than the parser's recursion limit
+        too_deep = True
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{where}: not valid JSON ({error}); expected the model config "
+                         f"Keras writes: {_HINT}") from None
+    if too_deep:
+        raise ValueError(f"{where}: the config is nested deeper than MAX_CONFIG_DEPTH="
+                         f"{MAX_CONFIG_DEPTH} levels; expected a Keras model config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: the config is a JSON {type(config).__name__}, expected a "
+                         "JSON object (a Keras model config)")
+    return config
+
+
+def _walk_layers(model_config: dict, where: str,
+                 prefix: str = "layers") -> Iterator[tuple[dict, str]]:
     """``(layer config entry, its .keras weights path)`` for every layer, nested models included."""
+    inner = model_config.get("config")
+    layers = inner.get("layers", []) if isinstance(inner, dict) else []
+    if not isinstance(layers, list):
+        raise ValueError(f"{where}: 'layers' is {reprlib.repr(layers)}, expected a list of "
+                         "layer configs")
     used: dict[str, int] = {}
-    for entry in (model_config.get("config") or {}).get("layers", []):
+    for entry in layers:
+        if not (isinstance(entry, dict) and isinstance(entry.get("class_name"), str)):
+            raise ValueError(f"{where}: layer entry {reprlib.repr(entry)} has no class_name; "
+                             "expected {'class_name': ..., 'config': {...}}")
         key = _snake_case(entry["class_name"])
         used[key] = used.get(key, -1) + 1
         path = f"{prefix}/{key}" + (f"_{used[key]}" if used[key] else "")
         yield entry, path
         if isinstance(entry.get("config"), dict) and "layers" in entry["config"]:
-            yield from _walk_layers(entry, f"{path}/layers")
+            yield from _walk_layers(entry, where, f"{path}/layers")
 
 
-def _weight_names(config: dict) -> list[str]:
+def _bn_config(entry: dict, where: str) -> dict:
+    config = entry.get("config")
+    if not (isinstance(config, dict) and isinstance(config.get("name"), str)):
+        raise ValueError(f"{where}: a BatchNormalization's config is {reprlib.repr(config)}; "
+                         "expected a dict with a 'name' string")
+    return config
+
+
+def _axis(config: dict, where: str) -> int | tuple[int, ...]:
+    axis = config.get("axis", -1)  # Keras's default
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        raise ValueError(f"{where}: axis {reprlib.repr(axis)}, expected an int or a non-empty "
+                         "list of ints")
+    return axis if isinstance(axis, int) else tuple(axis)
+
+
+def _weight_names(config: dict, where: str) -> list[str]:
     """The order Keras saves a BatchNormalization's variables in (trainable first)."""
-    names = (["gamma"] if config.get("scale", True) else []) \
-        + (["beta"] if config.get("center", True) else []) + ["moving_mean", "moving_variance"]
-    if config.get("renorm", False):
+    flags = {key: config.get(key, default)
+             for key, default in (("center", True), ("scale", True), ("renorm", False))}
+    for key, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"{where}: {key}={reprlib.repr(flag)}, expected true or false")
+    names = (["gamma"] if flags["scale"] else []) + (["beta"] if flags["center"] else []) \
+        + ["moving_mean", "moving_variance"]
+    if flags["renorm"]:
         names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
     return names
 
 
-def _read_keras_zip(path: Path) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+def _input_features(entry: dict, axis: int | tuple[int, ...], where: str) -> tuple | None:
+    """The feature sizes of the input the layer was built for (``build_config``), if known."""
+    build = entry.get("build_config")
+    shape = build.get("input_shape") if isinstance(build, dict) else None
+    if not (isinstance(shape, list) and all(
+            s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in shape)):
+        return None  # no build_config, or one of another form: the weights alone decide
+    try:
+        sizes = tuple(shape[a] for a in F.resolve_axes(axis, len(shape)))
+    except ValueError as error:
+        raise ValueError(f"{where}: axis {axis} does not fit the layer's input_shape {shape} "
+                         f"({error}); {_HINT}") from None
+    return None if None in sizes else sizes
+
+
+# ----------------------------------------------------------------------------- weights
+
+def _feature_shape(axis: int | tuple[int, ...], shape: tuple[int, ...], what: str) -> tuple:
+    """The feature sizes of a variable stored in ``shape``: a 1-D variable of a one-axis layer
+    is its own; tf_keras keeps multi-axis (and ghost-batch) ones in a shape that broadcasts
+    against the input, with 1 on every other axis."""
+    n_axes = 1 if isinstance(axis, int) else len(axis)
+    try:
+        axes = tuple(range(len(shape))) if len(shape) == 1 else F.resolve_axes(axis, len(shape))
+    except ValueError:
+        axes = ()
+    features = tuple(shape[a] for a in axes)
+    if len(features) != n_axes or 0 in features or any(
+            size != 1 for d, size in enumerate(shape) if d not in axes):
+        raise ValueError(f"{what} has shape {tuple(shape)}, which does not fit axis {axis}: "
+                         "expected (features,), or with several axes a shape with 1 on every "
+                         f"non-feature axis; {_HINT}")
+    return features
+
+
+def _check_variables(where: str, config: dict, declared: dict[str, tuple[tuple, np.dtype]],
+                     expected: tuple | None = None) -> tuple[int, ...]:
+    """Check a layer's variables from their names, dtypes and shapes alone (before reading
+    them) and return its feature shape: every name is one of the layer's variables, every
+    dtype a real float, every shape holds the same features (``expected``'s when known)."""
+    names = _weight_names(config, where)
+    unknown = sorted(set(declared) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: no variable {', '.join(unknown)} in this layer; its config "
+                         f"gives {', '.join(names)}")
+    axis, features = _axis(config, where), expected
+    for name, (shape, dtype) in declared.items():
+        if dtype.kind != "f" or dtype.itemsize > 8:
+            raise ValueError(f"{where}: {name} has dtype {dtype}, expected float16, float32 or "
+                             f"float64 (Keras saves floats); {_HINT}")
+        found = _feature_shape(axis, shape, f"{where}: {name}")
+        if features is not None and found != features:
+            source = "the layer's input_shape" if expected else "its other variables"
+            raise ValueError(f"{where}: {name} has shape {tuple(shape)}, i.e. features {found}, "
+                             f"but {source} give features {features}; {_HINT}")
+        features = found
+    return features
+
+
+def _check_values(where: str, weights: dict[str, np.ndarray]) -> None:
+    """Refuse values a layer cannot compute with: non-finite (in float32, the layer's
+    precision), and negative variances or standard deviations."""
+    for name, value in weights.items():
+        finite = np.abs(value.astype(np.float64)) <= _FLOAT32_MAX  # False for NaN, inf
+        if not finite.all():
+            raise ValueError(f"{where}: {name} holds {value[~finite].flat[0]}, expected finite "
+                             f"values within float32's range; {_HINT}")
+        if name in _NON_NEGATIVE and (value < 0).any():
+            raise ValueError(f"{where}: {name} holds {value.min()}, expected values >= 0 (a "
+                             f"variance or standard deviation); {_HINT}")
+
+
+# -------------------------------------------------------------------------------- files
+
+def _node(start: Any, path: str, where: str) -> Any:
+    """The HDF5 object at ``path`` from group ``start``, or None when there is none.
+
+    Follows hard links, and soft links (resolved here, within the file); refuses every
+    other link (external links to other files, user-defined ones), so that a lookup never
+    leaves the file.
+    """
     h5py = _h5py()
-    with zipfile.ZipFile(path) as archive:
-        model_config = json.loads(archive.read("config.json"))
-        weights_file = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
-    found = {}
-    with weights_file:
-        for entry, group_path in _walk_layers(model_config):
-            if entry["class_name"] not in _BN_CLASSES:
-                continue
-            config = entry["config"]
-            names = _weight_names(config)
-            group = weights_file.get(f"{group_path}/vars")
-            if group is None or len(group) != len(names):
-                raise ValueError(
-                    f"{path}: layer {config.get('name')!r} expects {len(names)} variables "
-                    f"({', '.join(names)}) at {group_path}/vars, found "
-                    f"{'none' if group is None else len(group)}")
-            found[config["name"]] = (config, {n: np.asarray(group[str(i)])
-                                              for i, n in enumerate(names)})
+    node, parts, followed = start, path.split("/"), 0
+    if path.startswith("/"):
+        node = start.file
+    while parts:
+        name = parts.pop(0)
+        if name in ("", "."):
+            continue
+        if not isinstance(node, h5py.Group):
+            raise ValueError(f"{where}: {node.name} is not a group, so {path!r} cannot be in it")
+        links, key = node.id.links, name.encode()
+        if not links.exists(key):
+            return None
+        kind = links.get_info(key).type
+        if kind == h5py.h5l.TYPE_SOFT:
+            followed += 1
+            if followed > _MAX_SOFT_LINKS:
+                raise ValueError(f"{where}: {path!r} follows more than {_MAX_SOFT_LINKS} soft "
+                                 "links (a loop?); expected a Keras weights file")
+            target = links.get_val(key).decode(errors="replace")
+            node = node.file if target.startswith("/") else node
+            parts[:0] = target.split("/")
+        elif kind == h5py.h5l.TYPE_HARD:
+            node = node[name]
+        else:
+            target = b":".join(links.get_val(key)).decode(errors="replace") \
+                if kind == h5py.h5l.TYPE_EXTERNAL else f"user-defined link type {kind}"
+            raise ValueError(f"{where}: {node.name.rstrip('/')}/{name} is a link to {target}, "
+                             "outside this file: refused; a Keras file keeps its weights "
+                             f"inside itself: {_HINT}")
+    return node
+
+
+def _dataset(start: Any, path: str, where: str) -> Any:
+    """The dataset at ``path`` (see :func:`_node`), refused unless its data is in this file."""
+    h5py = _h5py()
+    dataset = _node(start, path, where)
+    full = f"{start.name.rstrip('/')}/{path}"
+    if not isinstance(dataset, h5py.Dataset):
+        raise ValueError(f"{where}: {'no' if dataset is None else 'a group, not a'} dataset "
+                         f"at {full}; expected a Keras weights file: {_HINT}")
+    if dataset.shape is None:
+        raise ValueError(f"{where}: {full} is an empty HDF5 dataset, expected an array; {_HINT}")
+    if dataset.external:
+        raise ValueError(f"{where}: {full} is stored outside this file (HDF5 external "
+                         f"storage in {', '.join(str(e[0]) for e in dataset.external)}): "
+                         f"refused; {_HINT}")
+    if dataset.is_virtual:
+        raise ValueError(f"{where}: {full} is a virtual dataset, whose data lies outside this "
+                         f"file: refused; {_HINT}")
+    return dataset
+
+
+def _attribute(obj: Any, name: str, where: str) -> Any:
+    """An HDF5 attribute's value (None when absent), its declared size bounded first."""
+    if name not in obj.attrs:
+        return None
+    declared = obj.attrs.get_id(name)
+    if math.prod(declared.shape or ()) * declared.dtype.itemsize > MAX_CONFIG_BYTES:
+        raise ValueError(f"{where}: attribute {name!r} of {obj.name} declares more than "
+                         f"MAX_CONFIG_BYTES={MAX_CONFIG_BYTES} bytes; expected a Keras file")
+    return obj.attrs[name]
+
+
+def _read_layers(where: str, model_config: dict, locate: Callable) -> dict:
+    """Every BatchNormalization's config and weights; ``locate(entry, .keras group path,
+    variable names)`` gives its datasets. Shapes, dtypes and sizes are checked before any
+    value is read, and the values before returning."""
+    found: dict[str, tuple[dict, dict[str, np.ndarray]]] = {}
+    budget = MAX_WEIGHT_BYTES
+    for entry, group_path in _walk_layers(model_config, where):
+        if entry["class_name"] not in _BN_CLASSES:
+            continue
+        config = _bn_config(entry, where)
+        layer = f"{where}, layer {config['name']!r}"
+        if config["name"] in found:
+            raise ValueError(f"{layer}: two BatchNormalization layers have this name; expected "
+                             "unique names: rename one in Keras and re-save the model")
+        datasets = locate(entry, group_path, _weight_names(config, layer))
+        expected = _input_features(entry, _axis(config, layer), layer)
+        _check_variables(layer, config, {n: (d.shape, d.dtype) for n, d in datasets.items()},
+                         expected)
+        budget -= sum(d.size * d.dtype.itemsize for d in datasets.values())
+        if budget < 0:
+            raise ValueError(f"{layer}: the BatchNormalization weights declared so far take more "
+                             f"than MAX_WEIGHT_BYTES={MAX_WEIGHT_BYTES} bytes; not read")
+        weights = {name: np.asarray(dataset[()]) for name, dataset in datasets.items()}
+        _check_values(layer, weights)
+        found[config["name"]] = (config, weights)
     return found
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
+    """A zip member's bytes, refused when it declares or inflates to more than ``limit``."""
+    where = f"{path} ({name})"
+    too_big = (f"{where}: inflates to more than {limit} bytes (a zip bomb?): not read; "
+               f"expected at most MAX_CONFIG_BYTES={MAX_CONFIG_BYTES} for config.json and "
+               f"MAX_INFLATION={MAX_INFLATION} times the zip's size for any member")
+    with _unreadable(where, "a .keras zip written by Keras"):
+        try:
+            info = archive.getinfo(name)
+        except KeyError:
+            raise ValueError(f"{where}: no such member; expected a .keras zip holding "
+                             f"config.json and model.weights.h5: {_HINT}") from None
+        if info.file_size > limit:
+            raise ValueError(too_big)
+        with archive.open(info) as member:
+            data = member.read(limit + 1)  # zipfile inflates in chunks; the header may lie
+    if len(data) > limit:
+        raise ValueError(too_big)
+    return data
+
+
+def _read_keras_zip(path: Path, size: int) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+    h5py = _h5py()
+    with _unreadable(str(path), "a .keras zip written by Keras"), zipfile.ZipFile(path) as zf:
+        raw_config = _read_member(zf, "config.json", min(MAX_CONFIG_BYTES, MAX_INFLATION * size),
+                                  path)
+        raw_weights = _read_member(zf, "model.weights.h5", MAX_INFLATION * size, path)
+    model_config = _parse_config(raw_config, f"{path} (config.json)")
+    where = f"{path} (model.weights.h5)"
+    with _unreadable(where, "an HDF5 file"), h5py.File(io.BytesIO(raw_weights), "r") as file:
+
+        def locate(entry: dict, group_path: str, names: list[str]) -> dict:
+            group = _node(file, f"{group_path}/vars", where)
+            count = len(group) if isinstance(group, h5py.Group) else "none"
+            if count != len(names):
+                raise ValueError(
+                    f"{where}: layer {entry['config']['name']!r} expects {len(names)} variables "
+                    f"({', '.join(names)}) at {group_path}/vars, found {count}: {_HINT}")
+            return {n: _dataset(group, str(i), where) for i, n in enumerate(names)}
+
+        return _read_layers(where, model_config, locate)
 
 
 def _read_legacy_h5(path: Path) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
     h5py = _h5py()
-    with h5py.File(path, "r") as file:
-        raw = file.attrs.get("model_config")
+    where = str(path)
+    with _unreadable(where, "a Keras .h5 model file"), h5py.File(path, "r") as file:
+        raw = _attribute(file, "model_config", where)
         if raw is None:
             raise ValueError(f"{path} holds no model_config: a weights-only file has no "
                              "layer configs; save the whole model (model.save)")
-        model_config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-        root = file["model_weights"] if "model_weights" in file else file
-        # Every weight in the file, by (layer name, variable name): nested models keep their
-        # layers' weights in the submodel's group, named "<layer>/<variable>:0".
-        weights: dict[tuple[str, str], np.ndarray] = {}
+        if not isinstance(raw, (bytes, str)):
+            raise ValueError(f"{where}: the model_config attribute is {reprlib.repr(raw)}, "
+                             "expected a JSON string")
+        model_config = _parse_config(raw, f"{path} (model_config attribute)")
+        root = _node(file, "model_weights", where)
+        # Where every weight is, by (layer name, variable name): nested models keep their
+        # layers' weights in the submodel's group, named "<layer>/<variable>:0". Only the
+        # BatchNormalization ones are read.
+        index: dict[tuple[str, str], tuple[Any, str]] = {}
 
-        def visit(_: str, obj: Any) -> None:
-            if not isinstance(obj, h5py.Group) or "weight_names" not in obj.attrs:
+        def visit(_: str, obj: Any) -> None:  # visititems follows hard links only
+            names = _attribute(obj, "weight_names", where) \
+                if isinstance(obj, h5py.Group) else None
+            if names is None:
                 return
-            for wname in obj.attrs["weight_names"]:
-                wname = wname.decode() if isinstance(wname, bytes) else str(wname)
+            if not (isinstance(names, np.ndarray) and names.ndim == 1):
+                raise ValueError(f"{where}: weight_names of {obj.name} is "
+                                 f"{reprlib.repr(names)}, expected a list of names")
+            for wname in names:
+                if not isinstance(wname, (bytes, str)):
+                    raise ValueError(f"{where}: weight_names of {obj.name} holds "
+                                     f"{reprlib.repr(wname)}, expected names")
+                wname = wname.decode(errors="replace") if isinstance(wname, bytes) else wname
                 parts = wname.split(":")[0].split("/")
                 if len(parts) >= 2:
-                    weights[(parts[-2], parts[-1])] = np.asarray(obj[wname])
+                    index[(parts[-2], parts[-1])] = (obj, wname)
 
-        root.visititems(visit)
-    found = {}
-    for entry, _ in _walk_layers(model_config):
-        if entry["class_name"] not in _BN_CLASSES:
-            continue
-        config = entry["config"]
-        names = _weight_names(config)
-        missing = [n for n in names if (config["name"], n) not in weights]
-        if missing:
-            raise ValueError(f"{path}: no {', '.join(missing)} weights for layer "
-                             f"{config['name']!r}")
-        found[config["name"]] = (config, {n: weights[(config["name"], n)] for n in names})
-    return found
+        (file if root is None else root).visititems(visit)
 
+        def locate(entry: dict, _: str, names: list[str]) -> dict:
+            layer = entry["config"]["name"]
+            missing = [n for n in names if (layer, n) not in index]
+            if missing:
+                raise ValueError(f"{path}: no {', '.join(missing)} weights for layer "
+                                 f"{layer!r}: {_HINT}")
+            return {n: _dataset(*index[(layer, n)], where) for n in names}
+
+        return _read_layers(where, model_config, locate)
+
+
+def _file_size(path: Path) -> int:
+    """The size of the regular file at ``path``; FileNotFoundError, IsADirectoryError or
+    ValueError (a pipe, a device...) otherwise, before anything opens it."""
+    expected = "expected a saved Keras model file, .keras or .h5"
+    try:
+        mode = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"no such file: {expected}", str(path)) from None
+    if stat.S_ISDIR(mode.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"a directory: {expected} (a SavedModel "
+                                "directory cannot be read)", str(path))
+    if not stat.S_ISREG(mode.st_mode):
+        raise ValueError(f"{path} is not a regular file; {expected}")
+    return mode.st_size
+
+
+# ------------------------------------------------------------------------------ public
 
 def read_keras_batchnorms(path: str | Path) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
     """Every Keras BatchNormalization layer in a saved model: name -> (Keras config, weights).
@@ -146,29 +482,78 @@ def read_keras_batchnorms(path: str | Path) -> dict[str, tuple[dict, dict[str, n
     with renorm), as stored (tf_keras keeps multi-axis ones in a broadcast shape).
     Layers come in model order.
 
+    Only what the file holds is read, and only BatchNormalization weights: nothing
+    is written, nothing unpickled, zip member names are never used as paths. Raises
+    ``FileNotFoundError`` for a missing path, ``IsADirectoryError`` for a directory,
+    and ``ValueError`` (naming the file, the member and what was expected) for
+    anything else it refuses: a file neither zip nor HDF5, a damaged one, a zip
+    member over :data:`MAX_CONFIG_BYTES` (``config.json``) or inflating more than
+    :data:`MAX_INFLATION` times the zip's size, a config that is not JSON, nests
+    deeper than :data:`MAX_CONFIG_DEPTH` or lacks what Keras writes, a weight stored
+    or linked outside the file (HDF5 external storage, external links, virtual
+    datasets), one that is not a real float, whose shape does not give the layer's
+    features (all variables alike, and the ``build_config`` input's when there is one),
+    BatchNormalization weights over :data:`MAX_WEIGHT_BYTES` in all (declared sizes,
+    checked before reading), non-finite values, or a negative variance.
+
     >>> layers = read_keras_batchnorms("model.keras")     # doctest: +SKIP
     >>> config, weights = layers["batch_normalization"]  # doctest: +SKIP
     """
     path = Path(path)
+    size = _file_size(path)
     if zipfile.is_zipfile(path):
-        return _read_keras_zip(path)
+        return _read_keras_zip(path, size)
     h5py = _h5py()
     if h5py.is_hdf5(path):
         return _read_legacy_h5(path)
-    raise ValueError(f"{path} is neither a .keras zip file nor an HDF5 file")
+    raise ValueError(f"{path} is neither a .keras zip file nor an HDF5 file; expected a model "
+                     "saved by Keras (model.save)")
 
 
-def _feature_shape(config: dict, value: np.ndarray) -> tuple[int, ...]:
-    if value.ndim <= 1:
-        return tuple(value.shape)
-    # tf_keras keeps the parameters of several feature axes (and of ghost batches) in a
-    # shape that broadcasts against the input: keep the sizes along the feature axes.
-    axis = config.get("axis", -1)
+def _build(config: dict[str, Any], weights: dict[str, np.ndarray] | None,
+           where: str) -> BatchNorm:
+    """:func:`batchnorm_from_keras`, with ``where`` (the file, the layer) in its errors.
+    Everything is checked before the layer is built, and warnings come only on success."""
+    config = dict(config)
+    where = f"{where}, layer {config.get('name')!r}" if "name" in config else where
+    shape = None
+    if weights:
+        weights = {name: np.asarray(value) for name, value in weights.items()}
+        shape = _check_variables(where, config, {n: (v.shape, v.dtype)
+                                                 for n, v in weights.items()})
+        _check_values(where, weights)
+        config["num_features"] = list(shape)
+    notes = []
+    for key in _DROPPED_KEYS:
+        if config.pop(key, False):
+            notes.append(f"{where}: Keras {key}=True is not applied by batchnorm.BatchNorm; "
+                         "the layer computes the statistics of its local batch")
+    for key in _NON_CALLABLE:
+        if isinstance(config.get(key), dict):
+            notes.append(f"{where}: the Keras {key} {config[key]} is not carried over; pass a "
+                         "callable instead")
+            config[key] = None
+    for key, value in config.items():  # what BatchNorm reads as dicts, it expects to be dicts
+        inner = value.get("config") if key.endswith("_initializer") and isinstance(value, dict) \
+            else None
+        if (key == "renorm_clipping" and not isinstance(value, (dict, type(None)))) \
+                or not isinstance(inner, (dict, type(None))):
+            raise ValueError(f"{where}: {key}={reprlib.repr(value)}, expected a dict there as "
+                             f"Keras saves it; {_HINT}")
     try:
-        axes = F.resolve_axes(axis if isinstance(axis, int) else tuple(axis), value.ndim)
-    except ValueError:
-        return tuple(s for s in value.shape if s != 1) or (1,)
-    return tuple(value.shape[a] for a in axes)
+        layer = BatchNorm.from_config(config)
+    except (AttributeError, TypeError, ValueError) as error:
+        # Every refusal of a Keras config is a ValueError here, whatever BatchNorm raises.
+        raise ValueError(f"{where}: cannot build a BatchNorm from this Keras config: {error}; "
+                         "expected the config Keras saves for a BatchNormalization") from None
+    if weights:
+        with torch.no_grad():
+            for name, value in weights.items():
+                target = getattr(layer, name)
+                target.copy_(torch.from_numpy(value.astype(np.float64).reshape(shape)))
+    for note in notes:
+        warnings.warn(note, stacklevel=_caller_stacklevel())
+    return layer
 
 
 def batchnorm_from_keras(
@@ -186,36 +571,18 @@ def batchnorm_from_keras(
     :func:`read_keras_batchnorms`) are reshaped to the feature shape and copied
     in. Keras keeps no update count: ``num_updates`` stays 0.
 
+    Raises ``ValueError`` (naming the layer and the variable) for a config
+    BatchNorm cannot take, and, before building anything, for weights that are
+    not the layer's variables, not real floats, not all of one feature shape
+    (a ``(2, 2)`` array is not 4 features), not finite in float32, or a negative
+    variance or standard deviation.
+
     >>> import batchnorm as bn
     >>> layer = bn.batchnorm_from_keras({"axis": -1, "momentum": 0.9, "epsilon": 1e-3})
     >>> layer.momentum, layer.axis
     (0.9, -1)
     """
-    config = dict(config)
-    for key in _DROPPED_KEYS:
-        if config.pop(key, False):
-            warnings.warn(f"Keras {key}=True is not applied by batchnorm.BatchNorm; the layer "
-                          "computes the statistics of its local batch", stacklevel=2)
-    for key in _NON_CALLABLE:
-        if isinstance(config.get(key), dict):
-            warnings.warn(f"layer {config.get('name')!r}: the Keras {key} {config[key]} is not "
-                          "carried over; pass a callable instead", stacklevel=2)
-            config[key] = None
-    shape = None
-    if weights:
-        shape = _feature_shape(config, weights["moving_mean"])
-        config["num_features"] = list(shape)
-    layer = BatchNorm.from_config(config)
-    if weights:
-        with torch.no_grad():
-            for name, value in weights.items():
-                target = getattr(layer, name, None)
-                if target is None:
-                    raise ValueError(f"layer {config.get('name')!r} has no {name} here; the "
-                                     "config and the weights disagree")
-                array = np.asarray(value).reshape(shape)
-                target.copy_(torch.from_numpy(array).to(target.dtype))
-    return layer
+    return _build(config, weights, "batchnorm_from_keras")
 
 
 def load_keras_batchnorms(path: str | Path) -> dict[str, BatchNorm]:
@@ -227,10 +594,14 @@ def load_keras_batchnorms(path: str | Path) -> dict[str, BatchNorm]:
     its ``gamma``, ``beta`` and moving statistics (renorm state too). In
     inference mode each gives Keras's outputs. See :func:`batchnorm_from_keras`.
 
+    Refuses what :func:`read_keras_batchnorms` and :func:`batchnorm_from_keras`
+    refuse, with the same errors; every layer's weights are checked before any
+    layer is built.
+
     Example:
         >>> import batchnorm as bn
         >>> layers = bn.load_keras_batchnorms("model.keras")   # doctest: +SKIP
         >>> y = layers["batch_normalization"](x, training=False)  # doctest: +SKIP
     """
-    return {name: batchnorm_from_keras(config, weights)
+    return {name: _build(config, weights, str(path))
             for name, (config, weights) in read_keras_batchnorms(path).items()}
