@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +14,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from . import functional as F
 from . import initializers
+from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .initializers import Initializer
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
@@ -431,7 +431,7 @@ class BatchNorm(nn.Module):
         if reason is not None:
             warnings.warn(
                 f"{self._get_name()}: {reason}; the moving averages were left unchanged for "
-                "this batch", RuntimeWarning, stacklevel=_caller_stacklevel(),
+                "this batch", RuntimeWarning, stacklevel=user_stacklevel(),
             )
 
     # ------------------------------------------------------------------ config
@@ -530,18 +530,6 @@ class BatchNorm(nn.Module):
             return cls(num_features, **kwargs)
         except TypeError as error:
             raise ValueError(f"cannot build a BatchNorm from config {config!r}: {error}") from None
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel of the first frame outside this package and torch: the user's call."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name.startswith("batchnorm.") or name == "torch" or name.startswith("torch.")
-                or name.startswith("contextlib")):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
 
 
 def _layers(module: nn.Module):

@@ -96,9 +96,21 @@ def initial_state(
 ) -> BatchNormState:
     """A fresh state for features of the given size(s).
 
-    With ``debias`` the initial values are kept for the correction; with
-    ``renorm`` the renorm averages start where tf_keras starts them:
-    ``renorm_mean = moving_mean`` and ``moving_stddev = renorm_stddev = sqrt(moving_variance)``.
+    Args:
+        num_features: the feature size, or sizes for several feature axes.
+        moving_mean, moving_variance: the averages' initial values (numbers, or tensors
+            that broadcast to the feature shape).
+        debias: keep the initial values, which ``debias=True`` inference needs.
+        renorm: add the renorm averages, started where tf_keras starts them:
+            ``renorm_mean = moving_mean`` and
+            ``moving_stddev = renorm_stddev = sqrt(moving_variance)``.
+        dtype, device: of the averages (``num_updates`` is int64).
+
+    Returns:
+        A :class:`BatchNormState`.
+
+    Raises:
+        RuntimeError: initial values that do not broadcast to the feature shape.
 
     >>> initial_state(3)
     BatchNormState(moving_mean=tensor([0., 0., 0.]), moving_variance=tensor([1., 1., 1.]), \

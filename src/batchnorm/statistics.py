@@ -31,8 +31,17 @@ def moments(
 ) -> tuple[Tensor, Tensor]:
     """Mean and (biased) variance of ``x`` over ``axes``, like ``tf.nn.moments``.
 
-    ``axes`` are the axes to reduce (not the feature axes). The results are
-    float32 for half-precision inputs.
+    Args:
+        x: a floating-point tensor.
+        axes: the axes to reduce (not the feature axes), negative allowed.
+        keepdims: keep the reduced axes with size 1, so that the results broadcast
+            against ``x`` (what :func:`~batchnorm.functional.normalize` takes).
+
+    Returns:
+        ``(mean, variance)``, float32 for half-precision inputs.
+
+    Raises:
+        ValueError: an axis out of range, or named twice.
 
     >>> x = torch.tensor([[-10.0], [0.0], [10.0]])
     >>> mean, variance = moments(x, axes=[0])
@@ -158,6 +167,15 @@ def update_state(
     renorm_momentum: float = 0.99,
 ) -> BatchNormState:
     """Fold one batch's statistics into the moving averages; return the new state.
+
+    Args:
+        state: the current state (not modified).
+        stats: the batch's statistics, from :func:`~batchnorm.functional.forward`.
+        momentum, epsilon, unbiased_moving_variance, renorm_momentum: the options of
+            :class:`~batchnorm.BatchNorm`.
+
+    Returns:
+        The new :class:`~batchnorm.functional.BatchNormState`.
 
     ``moving -= (moving - statistic) * (1 - momentum)``, the update TensorFlow
     applies, with the statistics of :func:`pooled_statistics`. ``momentum=None``

@@ -92,7 +92,8 @@ def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, 
         variance, mean = torch.var_mean(xs, dim=reduce, correction=0, keepdim=True)
         count: int | Tensor = xs.numel() // max(mean.numel(), 1)  # no ghost batch: 0
         if process_group is not None:
-            mean, variance, count = global_moments(mean, variance, count, process_group)
+            mean, variance, count = global_moments(mean, variance, count, process_group,
+                                                   mode="renorm" if config.renorm else "")
             count = count.reshape(group_shape)
         stats = BatchStatistics(mean.reshape(group_shape), variance.reshape(group_shape), count)
     else:
@@ -105,7 +106,8 @@ def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, 
         mean = (xs * weights).sum(dim=reduce, keepdim=True) / safe
         variance = ((xs - mean).square() * weights).sum(dim=reduce, keepdim=True) / safe
         if process_group is not None:
-            mean, variance, count = global_moments(mean, variance, count, process_group)
+            mean, variance, count = global_moments(mean, variance, count, process_group,
+                                                   mode="renorm" if config.renorm else "")
         stats = BatchStatistics(mean.reshape(group_shape), variance.reshape(group_shape),
                                 count.reshape(group_shape))
         # A group with no selected position is normalized with the moving statistics.

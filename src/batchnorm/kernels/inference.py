@@ -44,6 +44,19 @@ def normalize(
     in the statistics' precision; the result has ``x``'s dtype, in one pass
     over ``x`` (see the module's docstring for which).
 
+    Args:
+        x: the input.
+        mean, variance: statistics that broadcast against ``x`` (e.g. from
+            ``moments(x, axes, keepdims=True)``).
+        offset, scale: ``beta`` and ``gamma``, broadcasting likewise, or None.
+        epsilon: added to the variance.
+
+    Returns:
+        The normalized tensor, ``x``'s dtype and shape.
+
+    Raises:
+        RuntimeError: statistics that do not broadcast against ``x`` (torch's message).
+
     >>> normalize(torch.tensor([-10.0, 0.0, 10.0]), torch.tensor(0.0), torch.tensor(66.6667),
     ...           None, None, 1e-3)
     tensor([-1.2247,  0.0000,  1.2247])

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from .. import functional as F
-from ..layer import BatchNorm, _caller_stacklevel
+from ..callsite import user_stacklevel
+from ..layer import BatchNorm
 
 __all__ = ["batchnorm_from_keras", "load_keras_batchnorms", "read_keras_batchnorms"]
 
@@ -552,7 +553,7 @@ def _build(config: dict[str, Any], weights: dict[str, np.ndarray] | None,
                 target = getattr(layer, name)
                 target.copy_(torch.from_numpy(value.astype(np.float64).reshape(shape)))
     for note in notes:
-        warnings.warn(note, stacklevel=_caller_stacklevel())
+        warnings.warn(note, stacklevel=user_stacklevel())
     return layer
 
 

@@ -1,0 +1,127 @@
+"""The package's shape: imports run one way (no cycle, counting imports inside functions),
+no module imports another module's private names, and the core never imports the tools or
+the applications (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "batchnorm"
+ROOT = "batchnorm"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def imports(name: str) -> list[tuple[str, list[str], int]]:
+    """``(imported package module, names taken from it, line)`` for every import statement in
+    module ``name``, at any depth (functions included), resolved to the package's modules."""
+    tree = ast.parse(MODULES[name].read_text())
+    package = name if is_package(name) else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for alias in node.names:  # `from .kernels import cpu` imports a module
+                sub = f"{source}.{alias.name}"
+                if sub in MODULES:
+                    found.append((sub, [], node.lineno))
+                else:
+                    found.append((source, [alias.name], node.lineno))
+    return [(m, names, line) for m, names, line in found if m in MODULES]
+
+
+def edges(name: str) -> set[str]:
+    """The package modules importing ``name`` runs: each one imported, and the packages above
+    it (their ``__init__`` runs first), except the root and those that contain ``name``."""
+    out = set()
+    for target, _, _ in imports(name):
+        parts = target.split(".")
+        for i in range(2, len(parts) + 1):
+            step = ".".join(parts[:i])
+            if step != name and not name.startswith(step + "."):
+                out.add(step)
+    return out
+
+
+def test_the_package_has_the_modules_this_test_reads() -> None:
+    assert {"batchnorm.layer", "batchnorm.functional", "batchnorm.config", "batchnorm.state",
+            "batchnorm.kernels", "batchnorm.kernels.cpu", "batchnorm.tools.convert",
+            "batchnorm.apps.bench"} <= set(MODULES)
+
+
+def test_no_import_cycle() -> None:
+    graph = {name: edges(name) for name in MODULES if name != ROOT}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_private_name_is_imported_from_another_module(name: str) -> None:
+    private = [(source, n, line) for source, names, line in imports(name) for n in names
+               if n.startswith("_") and source != name]
+    assert not private, f"{name} imports private names: {private}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n != ROOT
+                                        and not n.startswith(("batchnorm.tools",
+                                                              "batchnorm.apps",
+                                                              "batchnorm.__main__"))))
+def test_the_core_imports_neither_tools_nor_apps(name: str) -> None:
+    upward = [(target, line) for target, _, line in imports(name)
+              if target.startswith(("batchnorm.tools", "batchnorm.apps"))]
+    assert not upward, f"core module {name} imports {upward}"
+
+
+def test_the_checks_see_a_cycle_and_a_private_import(tmp_path: Path, monkeypatch) -> None:
+    # The checks above must be able to fail: a made-up pair of modules that import each other,
+    # one of them a private name.
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from .fake_b import _helper\n")
+    b.write_text("def f():\n    from . import fake_a\n")
+    monkeypatch.setitem(MODULES, "batchnorm.fake_a", a)
+    monkeypatch.setitem(MODULES, "batchnorm.fake_b", b)
+    assert imports("batchnorm.fake_a") == [("batchnorm.fake_b", ["_helper"], 1)]
+    with pytest.raises(AssertionError, match="private"):
+        test_no_private_name_is_imported_from_another_module("batchnorm.fake_a")
+    a.write_text("from . import fake_b\n")
+    b.write_text("def f():\n    from . import fake_a\n")
+    assert edges("batchnorm.fake_a") == {"batchnorm.fake_b"}
+    assert edges("batchnorm.fake_b") == {"batchnorm.fake_a"}
+    with pytest.raises(pytest.fail.Exception, match="import cycle"):
+        test_no_import_cycle()
