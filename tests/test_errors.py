@@ -262,6 +262,8 @@ def test_non_finite_batch_leaves_moving_statistics_unchanged(bad):
     with pytest.warns(RuntimeWarning, match="not finite"):
         y = layer(x, training=True)
     assert y.shape == x.shape
+    assert layer.num_skipped.item() == 1  # the health counter records the skip
+    layer.num_skipped.zero_()
     assert_unchanged(layer, before)
     assert layer.num_updates.item() == 1
 

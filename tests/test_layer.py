@@ -49,9 +49,12 @@ def test_debias_adds_initial_moving_statistics_to_state_dict():
 def test_gamma_and_beta_are_parameters_and_statistics_are_buffers():
     layer = bn.BatchNorm(3)
     assert {name for name, _ in layer.named_parameters()} == {"gamma", "beta"}
+    # num_skipped, the health counter of skipped batches, is a buffer (it follows .to())
+    # but not state: it is not in the state dict.
     assert {name for name, _ in layer.named_buffers()} == {
-        "moving_mean", "moving_variance", "num_updates"}
+        "moving_mean", "moving_variance", "num_updates", "num_skipped"}
     assert layer.num_updates.dtype == torch.int64 and layer.num_updates.item() == 0
+    assert "num_skipped" not in layer.state_dict()
 
 
 @pytest.mark.parametrize("center, scale", [(False, True), (True, False), (False, False)])

@@ -56,6 +56,7 @@ from .statistics import (
     moments,
     pooled_statistics,
     renorm_correction,
+    skip_reason,
     update_state,
     update_state_,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "reduction_axes",
     "renorm_correction",
     "resolve_axes",
+    "skip_reason",
     "statistics_dtype",
     "synchronization_group",
     "update_state",

@@ -16,6 +16,7 @@ from . import functional as F
 from . import initializers
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
+from .health import SkipWatch
 from .initializers import Initializer
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
 from .updates import active_recorder
@@ -219,6 +220,11 @@ class BatchNorm(nn.Module):
             else:  # a lazy layer's buffers are empty placeholders until _build replaces them
                 value = torch.empty(0 if lazy else feature_shape, **stat_kw)
             self.register_buffer(BUFFER_NAMES[field], value)
+        # How many training batches were left out of the averages (not finite, ...): a
+        # health counter, not state, so it is not saved with the state dict.
+        self.register_buffer("num_skipped", torch.zeros((), dtype=torch.int64, device=device),
+                             persistent=False)
+        self._health = SkipWatch()
         if not lazy:
             self.reset_parameters()
 
@@ -427,12 +433,35 @@ class BatchNorm(nn.Module):
         self._update(stats, self.state())
 
     def _update(self, stats: BatchStatistics, state: BatchNormState) -> None:
-        reason = F.apply_update(state, stats, self._config)
-        if reason is not None:
+        applied = F.apply_update(state, stats, self._config)
+        self.num_skipped.add_(~applied)
+        if torch.compiler.is_compiling():
+            return  # traced: the counter records skips; check_health() reports them
+        self._health.watch(applied, stats)
+        self._warn_skipped(self._health.skipped())
+
+    def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
+        for stats in skipped:
+            reason = F.skip_reason(stats, unbiased=self._config.unbiased_moving_variance)
             warnings.warn(
                 f"{self._get_name()}: {reason}; the moving averages were left unchanged for "
                 "this batch", RuntimeWarning, stacklevel=user_stacklevel(),
             )
+
+    def check_health(self) -> int:
+        """Warn now about every skipped batch not yet reported (on an accelerator, skips are
+        reported one call late, so that a training call never waits for the device), and
+        return ``num_skipped``, how many batches were left out of the moving averages so far.
+        Reads the device: call it outside the hot loop (:func:`batchnorm.diagnose` does).
+
+        >>> import torch, batchnorm as bn
+        >>> layer = bn.BatchNorm(2)
+        >>> _ = layer(torch.randn(8, 2), training=True)
+        >>> layer.check_health()
+        0
+        """
+        self._warn_skipped(self._health.skipped(wait=True))
+        return int(self.num_skipped)
 
     # ------------------------------------------------------------------ config
 

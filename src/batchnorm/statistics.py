@@ -218,9 +218,10 @@ def update_state_(
 ) -> bool:
     """:func:`update_state` in place: move the state's tensors; return whether it moved.
 
-    The same averages in fewer operations (the layer's per-call path). It reads
-    back whether the statistics are finite, which waits for the device; a batch
-    that is not leaves everything unchanged and returns False.
+    The same averages in fewer operations. It reads back whether the statistics
+    are finite, which waits for the device (:func:`apply_update` is the same
+    update without that read-back); a batch that is not leaves everything
+    unchanged and returns False.
 
     >>> state = BatchNormState(torch.zeros(1), torch.ones(1), torch.tensor(0))
     >>> stats = BatchStatistics(torch.tensor([[2.0]]), torch.tensor([[4.0]]), 8)
@@ -229,31 +230,10 @@ def update_state_(
     >>> state.moving_mean, state.moving_variance, state.num_updates
     (tensor([0.2000]), tensor([1.3000]), tensor(1))
     """
-    with torch.no_grad():
-        mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
-        if not _all_finite(mean, variance):
-            return False
-        averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
+    config = BatchNormConfig(momentum=momentum, epsilon=epsilon,
+                             unbiased_moving_variance=unbiased_moving_variance,
                              renorm_momentum=renorm_momentum)
-        for decay in {d for *_, d in averages}:
-            pairs = [(getattr(state, name), value) for name, value, d in averages if d == decay]
-            step = 1.0 / (int(state.num_updates) + 1) if decay is None else 1.0 - decay
-            # lerp computes moving + step * (value - moving): TensorFlow's update.
-            values = [v if v.dtype == m.dtype else v.to(m.dtype) for m, v in pairs]
-            torch._foreach_lerp_([m for m, _ in pairs], values, step)
-        if state.moving_stddev is not None:
-            state.moving_variance.copy_(_renorm_variance(state.moving_stddev, epsilon))
-        state.num_updates.add_(1)
-    return True
-
-
-def _all_finite(*tensors: Tensor) -> bool:
-    """Whether every value is finite (one read-back; the largest magnitude of each tensor
-    cannot overflow, unlike a sum)."""
-    norms = torch._foreach_norm([t for t in tensors if t.numel()], math.inf)
-    return math.isfinite(sum(map(float, norms)))
-
-
+    return bool(apply_update(state, stats, config))
 
 
 def skip_reason(stats: BatchStatistics, *, unbiased: bool = False) -> str:
@@ -272,33 +252,49 @@ def skip_reason(stats: BatchStatistics, *, unbiased: bool = False) -> str:
 
 
 def apply_update(state: BatchNormState, stats: BatchStatistics,
-                 config: BatchNormConfig) -> str | None:
+                 config: BatchNormConfig) -> Tensor:
     """Fold one batch's statistics into ``state``'s tensors, in place, with ``config``'s
-    options; return None, or why the batch was skipped (see :func:`skip_reason`).
+    options; return a 0-d boolean tensor on the state's device: whether the batch entered
+    the averages (False for statistics that are not all finite, which leave every tensor
+    unchanged, ``num_updates`` included).
 
-    Eager calls use :func:`update_state_`; traced calls (``torch.compile``) cannot read back
-    finiteness, so they compute :func:`update_state` (which selects instead) and copy it.
+    Nothing is read back from the device: the choice is a select on the device, so the
+    call never waits for it (and can be captured in a CUDA graph). :func:`skip_reason` says
+    why a batch was skipped.
 
     >>> state = BatchNormState(torch.zeros(1), torch.ones(1), torch.tensor(0))
     >>> stats = BatchStatistics(torch.tensor([[2.0]]), torch.tensor([[4.0]]), 8)
-    >>> apply_update(state, stats, BatchNormConfig(momentum=0.9)) is None
-    True
+    >>> apply_update(state, stats, BatchNormConfig(momentum=0.9))
+    tensor(True)
+    >>> state.moving_mean, state.moving_variance, state.num_updates
+    (tensor([0.2000]), tensor([1.3000]), tensor(1))
     >>> apply_update(state, stats._replace(mean=torch.tensor([[math.nan]])), BatchNormConfig())
-    'the batch statistics are not finite (NaN or Inf in the input)'
+    tensor(False)
+    >>> state.num_updates
+    tensor(1)
     """
-    options = {"momentum": config.momentum, "epsilon": config.epsilon,
-               "unbiased_moving_variance": config.unbiased_moving_variance,
-               "renorm_momentum": config.renorm_momentum}
-    if torch.compiler.is_compiling():
-        with torch.no_grad():
-            new = update_state(state, stats, **options)
-            for old, value in zip(state, new, strict=True):
-                if value is not None and value is not old:
-                    old.copy_(value)
-        return None
-    if update_state_(state, stats, **options):
-        return None
-    return skip_reason(stats, unbiased=config.unbiased_moving_variance)
+    with torch.no_grad():
+        mean, variance = pooled_statistics(stats, unbiased=config.unbiased_moving_variance)
+        finite = torch.isfinite(torch.cat([mean.reshape(-1), variance.reshape(-1)])).all()
+        averages = _averages(state, mean, variance, momentum=config.momentum,
+                             epsilon=config.epsilon, renorm_momentum=config.renorm_momentum)
+        for decay in {d for *_, d in averages}:
+            group = [(getattr(state, name), value) for name, value, d in averages if d == decay]
+            movings = [m for m, _ in group]
+            # A skipped batch moves each average toward itself: lerp(m, m, w) == m exactly.
+            values = [torch.where(finite, v.to(m.dtype), m) for m, v in group]
+            if decay is None:  # the cumulative average: 1 / (n + 1), computed on the device
+                step = (state.num_updates + 1).reciprocal().to(movings[0].dtype)
+                for m, v in zip(movings, values, strict=True):
+                    m.lerp_(v, step)
+            else:  # lerp computes moving + step * (value - moving): TensorFlow's update
+                torch._foreach_lerp_(movings, values, 1.0 - decay)
+        if state.moving_stddev is not None:
+            state.moving_variance.copy_(torch.where(
+                finite, _renorm_variance(state.moving_stddev, config.epsilon),
+                state.moving_variance))
+        state.num_updates.add_(finite)
+    return finite
 
 
 def output_affine(
