@@ -10,32 +10,41 @@ writes ``dx``, each a single elementwise pass with per-(group, channel)
 coefficients.
 
 Tiling. Every program works on 3-D tiles of ``BR`` rows x ``BC`` channels x
-``BI`` inner positions (about ``TILE`` values) whose last axes follow memory, so a
-warp's loads are contiguous and vectorized:
+``BI`` inner positions (``TILE`` values, half that for float64, so that a thread
+holds the same registers) laid out in memory order, so a warp's loads are
+coalesced and, where a run or row starts 16-aligned, vectorized (16-byte loads):
 
 - "planes" (``inner > 1``, NCHW): ``BI`` spans the contiguous run of a
-  (row, channel) (up to ``TILE``); a small ``inner`` (7x7, 2x2) leaves room for
-  several channels and rows in one tile instead of leaving lanes idle.
+  (row, channel), up to ``TILE``; a small ``inner`` (7x7, 2x2) leaves room for
+  several channels and rows in one tile instead of idle lanes.
 - "rows" (``inner == 1``, channels-last or ``(N, C)``): ``BI = 1`` and ``BC``
-  spans up to ``MAX_BC`` contiguous channels, the rest of the tile is rows.
+  spans up to ``MAX_BC`` contiguous channels; the rest of the tile is rows.
 
-The elementwise passes launch one program per tile (row tile x channel tile x inner
-tile, in memory order); a tile's coefficients ``a[gid[o], c]`` are a small cached
-gather, and no per-element integer division is needed. The reductions launch one
-program per (group, block, channel tile): a block is a contiguous range of the
-group's row tiles (and, for long runs, of its inner tiles), chosen so that about
-``PROGRAMS`` programs fill the GPU (an H200 has 132 SMs) while each partial still
-covers at least ``MIN_VALUES`` values per channel, so that the partials stay
-small next to the input. Each program keeps tile-shaped accumulators in the run
-dtype (float32 for float32/bfloat16/float16 inputs, float64 for float64) of the
-values shifted by ``k`` (so the one-pass ``sum (x - k)**2`` does not cancel), sums
-them once at the end and writes float64 partials ``(sums, groups, blocks, C)``,
-which one small torch ``.sum`` reduces. No atomics: results are deterministic.
+A per-position mask is loaded once per (row, position) and broadcast over the
+tile's channels. Triton compiles a variant per value of the ``BR``/``BC``/``BI``
+constants and turns integer arguments equal to 1 (``inner`` for rows, a single
+tile or block) into constants, so each layout gets straight-line code.
 
-:func:`available` says whether the kernels can run here. Triton decides at import
-time: with ``TRITON_INTERPRET=1`` in the environment when this module is first
-imported, the kernels run in Triton's interpreter (CPU tensors; slow, for tests),
-otherwise they are compiled for the GPU (CUDA tensors).
+The elementwise passes launch one program per tile (row tile x channel tile x
+inner tile, in memory order); a tile's coefficients ``a[gid[o], c]`` are a small
+cached gather, and there is no per-element integer division. The reductions
+launch one program per (group, block, channel tile): a block is a contiguous
+range of the group's row tiles (and, for runs longer than a tile, of its inner
+tiles), so that about ``PROGRAMS`` programs fill the GPU (an H200 has 132 SMs)
+while each partial covers at least ``MIN_VALUES`` values per channel (the partials
+stay small next to the input). A program keeps tile-shaped accumulators in the
+run dtype (float32 for float32/bfloat16/float16 inputs, float64 for float64) of
+the values shifted by ``k`` (so the one-pass ``sum (x - k)**2`` does not cancel),
+each lane summing a few values, sums them once at the end and writes float64
+partials ``(sums, groups, blocks, C)``, which one small torch ``.sum`` reduces.
+No atomics: results are deterministic.
+
+:func:`available` says whether the kernels can run here. Triton decides when a
+kernel is defined: with ``TRITON_INTERPRET=1`` in the environment when this module
+is first imported, the kernels run in Triton's interpreter (CPU tensors; slow, for
+tests), otherwise they are compiled for the GPU (CUDA tensors). Compiled kernels
+round bfloat16 outputs to nearest even, as torch does; the interpreter (Triton
+3.9) truncates them (at most one bfloat16 ulp lower in magnitude).
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ else:
 
 __all__ = ["affine", "available", "grad_input", "grad_sums", "moments"]
 
-TILE = 2048  # values per tile: 16 per thread at 4 warps
+TILE = 2048  # values per tile: 16 per thread at 4 warps (half that for float64)
 MAX_BC = 256  # channels per tile in the rows layout, so that wide rows spread over programs
 PROGRAMS = 1024  # reduction programs to aim for (about 8 per SM of an H200)
 MIN_VALUES = 128  # values per channel each reduction program covers at least
@@ -227,17 +236,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _tiles(rows: int, channels: int, inner: int) -> tuple[int, int, int]:
+def _tiles(rows: int, channels: int, inner: int, x: Tensor) -> tuple[int, int, int]:
     """``(BR, BC, BI)``: a tile of about ``TILE`` values, contiguous along its last axes."""
-    bi = min(_pow2(inner), TILE)
-    bc = min(_pow2(channels), MAX_BC, max(TILE // bi, 1))
-    br = min(_pow2(rows), max(TILE // (bi * bc), 1))
+    tile = TILE // 2 if x.dtype == torch.float64 else TILE  # the same registers per thread
+    bi = min(_pow2(inner), tile)
+    bc = min(_pow2(channels), MAX_BC, max(tile // bi, 1))
+    br = min(_pow2(rows), max(tile // (bi * bc), 1))
     return br, bc, bi
 
 
-def _reduction_grid(groups: int, per_group: int, channels: int, inner: int) -> dict:
+def _reduction_grid(x3: Tensor, groups: int, per_group: int) -> dict:
     """The tiles and blocks of a reduction over each group's rows (see the module docstring)."""
-    br, bc, bi = _tiles(per_group, channels, inner)
+    channels, inner = x3.shape[1:]
+    br, bc, bi = _tiles(per_group, channels, inner, x3)
     ctiles, rtiles, itiles = _cdiv(channels, bc), _cdiv(per_group, br), _cdiv(inner, bi)
     want = _cdiv(PROGRAMS, groups * ctiles)  # blocks per (group, channel tile)
     min_tiles = _cdiv(_cdiv(MIN_VALUES, inner), br)  # row tiles per block at least
@@ -247,8 +258,9 @@ def _reduction_grid(groups: int, per_group: int, channels: int, inner: int) -> d
             "iblocks": iblocks, "BR": br, "BC": bc, "BI": bi}
 
 
-def _elementwise_grid(outer: int, channels: int, inner: int) -> tuple[int, dict]:
-    br, bc, bi = _tiles(outer, channels, inner)
+def _elementwise_grid(x3: Tensor) -> tuple[int, dict]:
+    outer, channels, inner = x3.shape
+    br, bc, bi = _tiles(outer, channels, inner, x3)
     ctiles, itiles = _cdiv(channels, bc), _cdiv(inner, bi)
     return _cdiv(outer, br) * ctiles * itiles, {"ctiles": ctiles, "itiles": itiles,
                                                 "BR": br, "BC": bc, "BI": bi}
@@ -303,7 +315,7 @@ def moments(x3: Tensor, rows: Tensor, shift: Tensor, w3: Tensor | None) -> Tenso
         sums = torch.zeros(3, groups, channels, **f64)
         sums[2] = 0.0 if masked else per_group * inner
         return sums
-    grid = _reduction_grid(groups, per_group, channels, inner)
+    grid = _reduction_grid(x3, groups, per_group)
     blocks = grid["rblocks"] * grid["iblocks"]
     part = torch.empty(3 if masked else 2, groups, blocks, channels, **f64)
     with _device(x3):
@@ -322,7 +334,7 @@ def affine(x3: Tensor, gid: Tensor, a: Tensor, b: Tensor, out: Tensor) -> Tensor
     _check(x3, gid, a, b, out)
     outer, channels, inner = x3.shape
     if x3.numel():
-        programs, grid = _elementwise_grid(outer, channels, inner)
+        programs, grid = _elementwise_grid(x3)
         with _device(x3):
             _affine_kernel[(programs,)](x3, gid, a, b, out, outer, channels, inner, **grid)
     return out
@@ -337,7 +349,7 @@ def grad_sums(x3: Tensor, dy3: Tensor, rows: Tensor, mean: Tensor) -> Tensor:
     mean = mean.to(_run_dtype(x3)).contiguous()
     if x3.numel() == 0 or rows.numel() == 0:
         return torch.zeros(2, groups, channels, dtype=torch.float64, device=x3.device)
-    grid = _reduction_grid(groups, per_group, channels, inner)
+    grid = _reduction_grid(x3, groups, per_group)
     blocks = grid["rblocks"] * grid["iblocks"]
     part = torch.empty(2, groups, blocks, channels, dtype=torch.float64, device=x3.device)
     with _device(x3):
@@ -354,7 +366,7 @@ def grad_input(x3: Tensor, dy3: Tensor, gid: Tensor, m: Tensor, p: Tensor, q: Te
     masked, per_channel = _mask_flags(w3, x3)
     outer, channels, inner = x3.shape
     if x3.numel():
-        programs, grid = _elementwise_grid(outer, channels, inner)
+        programs, grid = _elementwise_grid(x3)
         with _device(x3):
             _grad_input_kernel[(programs,)](
                 x3, dy3, gid, m, p, q, u, w3 if masked else x3, out, outer, channels, inner,
