@@ -17,10 +17,11 @@ and the reductions split each group into several blocks; one group and ghost bat
 of 2 samples (strided, as tf_keras); no mask, a per-position and a per-channel mask
 (group 0 masked out entirely for ghost batches); float32, float64, bfloat16, float16; CPU tensors
 (interpreter) and CUDA tensors when there is a GPU. The numba cross-checks call the
-CPU kernel's private helpers (``cpu._groups``, ``_moments``, ``_affine``, ``_grad_sums``,
-``_grad_input``, ``_no_mask``) with a stand-in for ``cpu._Layout``. Without a GPU,
-``test_triton_kernels_compile_for_h200`` still compiles every kernel variant for sm_90
-(Triton's NVIDIA backend needs no device) and checks that aligned loads are vectorized.
+CPU kernel's pass helpers (``cpu_layout.group_rows``, ``moments_pass``, ``affine_pass``,
+``grad_sums_pass``, ``grad_input_pass``, ``no_mask``) with a stand-in for
+``cpu_layout.Layout``. Without a GPU, ``test_triton_kernels_compile_for_h200`` still
+compiles every kernel variant for sm_90 (Triton's NVIDIA backend needs no device) and
+checks that aligned loads are vectorized.
 
 Tolerances (``eps`` is the spacing of 1.0: 2**-23 for float32, 2**-52 for float64):
 - Sums (moments, grad_sums): accumulated in float32 (float64 for float64 inputs) in
@@ -50,7 +51,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from batchnorm.kernels import cpu
+from batchnorm.kernels import cpu, cpu_layout
 from batchnorm.kernels import triton_passes as tp
 
 pytestmark = [
@@ -90,7 +91,7 @@ def make_case(layout, groups, dtype, device, monkeypatch, mask=None):
     for name, value in tuning.items():
         monkeypatch.setattr(tp, name, value)
     outer = batch * per_sample
-    rows, gid = cpu._groups(outer, batch, GROUPS[groups], "strided")
+    rows, gid = cpu_layout.group_rows(outer, batch, GROUPS[groups], "strided")
     rows, gid = torch.from_numpy(rows), torch.from_numpy(gid)
     x3 = (torch.randn(outer, channels, inner) * 2 + 3).to(dtype)
     w3 = None
@@ -112,7 +113,7 @@ def numba_layout(case):
 
 
 def numba_mask(case):
-    return cpu._no_mask() if case.w3 is None else case.w3.numpy()
+    return cpu_layout.no_mask() if case.w3 is None else case.w3.numpy()
 
 
 def with_numba(dtype):
@@ -179,7 +180,7 @@ def test_triton_moments(layout, groups, mask, dtype, device, monkeypatch):
         assert (got[:, 0] == 0).all()  # the group the mask leaves empty
 
     if with_numba(dtype):  # the CPU kernel's numba loops, from the same shift
-        k, s, q, n = cpu._moments(case.x3, numba_layout(case), numba_mask(case))
+        k, s, q, n = cpu_layout.moments_pass(case.x3, numba_layout(case), numba_mask(case))
         assert torch.equal(k, shift.double())
         tol = 2 * RTOL[run]  # both accumulate float32 runs (docstring)
         assert_close(got[0], s, tol * v.abs().sum((1, 3)), "numba sum w(x-k)")
@@ -228,7 +229,7 @@ def test_triton_affine(layout, groups, dtype, device, monkeypatch):
     tol = EPS[cdtype] * (xa.abs() + bb.abs()) + output_slack(got, ref, dtype)
     assert_close(got, ref, tol, "affine")
     if with_numba(dtype):
-        y = cpu._affine(case.x3, numba_layout(case), a, b)
+        y = cpu_layout.affine_pass(case.x3, numba_layout(case), a, b)
         assert_close(got, y, 2 * tol, "numba affine")  # each within tol of the reference
 
 
@@ -253,7 +254,7 @@ def test_triton_grad_sums(layout, groups, dtype, device, monkeypatch):
     assert_close(got[0], d.sum((1, 3)), RTOL[run] * d.abs().sum((1, 3)), "sum dy")
     assert_close(got[1], t.sum((1, 3)), RTOL[run] * t.abs().sum((1, 3)), "sum dy(x-mean)")
     if with_numba(dtype):
-        s, p = cpu._grad_sums(case.x3, dy3, numba_layout(case), mean)
+        s, p = cpu_layout.grad_sums_pass(case.x3, dy3, numba_layout(case), mean)
         assert_close(got[0], s, 2 * RTOL[run] * d.abs().sum((1, 3)), "numba sum dy")
         assert_close(got[1], p, 2 * RTOL[run] * t.abs().sum((1, 3)), "numba sum dy(x-mean)")
 
@@ -288,8 +289,8 @@ def test_triton_grad_input(layout, groups, mask, dtype, device, monkeypatch):
     tol = 3 * EPS[cdtype] * (pd.abs() + qx.abs() + uu.abs()) + output_slack(got, ref, dtype)
     assert_close(got, ref, tol, "grad_input")
     if with_numba(dtype):
-        dx = cpu._grad_input(case.x3, dy3, numba_layout(case), m, p, q, u, numba_mask(case),
-                             torch.empty_like(case.x3))
+        dx = cpu_layout.grad_input_pass(case.x3, dy3, numba_layout(case), m, p, q, u,
+                                        numba_mask(case), torch.empty_like(case.x3))
         assert_close(got, dx, 2 * tol, "numba grad_input")
 
 

@@ -29,7 +29,8 @@ else:
     IMPORT_ERROR = None
 
 __all__ = ["DTYPES", "IMPORT_ERROR", "MIN_NUMEL", "MIN_PLAIN_NUMEL", "Layout", "affine",
-           "affine_pass", "grad_input_pass", "grad_sums_pass", "mask_array", "moments_pass"]
+           "affine_pass", "grad_input_pass", "grad_sums_pass", "mask_array", "mask_tensor",
+           "moments_pass"]
 
 # Below this many elements fused=None takes the fallback (``prefers_fallback``): ATen's
 # kernel for the plain mode, the composite for the others. Their per-call cost is lower
@@ -234,17 +235,24 @@ def grad_input_pass(x3, dy3, layout: Layout, m, p, q, u, w3, dx3: Tensor) -> Ten
     return dx3
 
 
-def mask_array(mask: Tensor | None, x: Tensor, axis: int, layout: Layout):
-    """The mask as a contiguous ``(outer, 1 or C, inner)`` uint8 array in x's memory order."""
+def mask_tensor(mask: Tensor | None, x: Tensor, axis: int, layout: Layout) -> Tensor | None:
+    """The mask as a contiguous ``(outer, 1 or C, inner)`` uint8 tensor in x's memory order
+    (1 where a position counts), on the mask's device; None without a mask."""
     if mask is None:
-        return no_mask()
+        return None
     m = mask.reshape(mask_shape(mask, x, (axis,)))
     per_channel = m.shape[axis] != 1
     shape = list(x.shape)
     if not per_channel:
         shape[axis] = 1
     m = m.expand(shape).permute(layout.perm).to(torch.uint8).contiguous()
-    return m.view(layout.outer, layout.channels if per_channel else 1, layout.inner).numpy()
+    return m.view(layout.outer, layout.channels if per_channel else 1, layout.inner)
+
+
+def mask_array(mask: Tensor | None, x: Tensor, axis: int, layout: Layout):
+    """:func:`mask_tensor` as the array the loops read (an empty one without a mask)."""
+    m = mask_tensor(mask, x, axis, layout)
+    return no_mask() if m is None else m.numpy()
 
 
 def affine(x: Tensor, inv: Tensor, shift: Tensor) -> Tensor | None:

@@ -1,0 +1,201 @@
+"""The autograd Function of the kernels built from four memory passes (CPU, Triton).
+
+Batch normalization is memory-bound, so a fast kernel is organized around the
+passes over memory: the forward pass reads ``x`` once for the statistics and once
+more to write ``y``; the backward pass reads ``x`` and ``dy`` once for two sums per
+channel and once more to write ``dx``. Everything between the passes (group
+statistics, the renorm correction, gamma and beta) is folded into one scale and one
+shift per (group, channel), in float64, so each pass is a single streaming loop.
+
+A :class:`Passes` object supplies the four passes for one device (the numba loops of
+:mod:`batchnorm.kernels.cpu`, the Triton kernels of :mod:`batchnorm.kernels.triton`);
+:func:`train` strings them together. Semantics are those of
+:mod:`batchnorm.kernels.composite`, which the tests compare against: the same
+statistics (biased variance, ghost batch grouping, masked counts, the moving
+statistics for a group a mask leaves empty), the same renorm correction, the same
+gradients (r and d without gradient). Double backward (``create_graph=True``)
+recomputes through the composite path, so higher derivatives stay exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..config import BatchNormConfig
+from ..state import BatchNormState, BatchStatistics, statistics_dtype
+from ..statistics import affine_terms, output_affine, pooled_statistics, renorm_correction
+from .composite import COMPOSITE
+from .protocol import KernelCall
+
+__all__ = ["Context", "Passes", "TwoPassFunction", "train"]
+
+
+class Passes(Protocol):
+    """The four passes over an input viewed as a contiguous ``(outer, C, inner)`` tensor
+    (see :class:`batchnorm.kernels.cpu_layout.Layout`), per (group, channel)."""
+
+    def layout(self, x: Tensor, axis: int, config: BatchNormConfig) -> Any:
+        """How ``x`` is walked: ``view``/``unview``, ``contiguous``, ``channels``,
+        ``inner``, ``rows`` (group -> its rows)."""
+        ...
+
+    def mask(self, mask: Tensor | None, x: Tensor, axis: int, layout: Any) -> Any:
+        """The mask in the form the passes read (``(outer, 1 or C, inner)``)."""
+        ...
+
+    def moments(self, x3: Tensor, layout: Any, w3: Any) -> tuple[Tensor, ...]:
+        """float64 ``(shift, sum w (x - shift), sum w (x - shift)**2, sum w)``."""
+        ...
+
+    def affine(self, x3: Tensor, layout: Any, a: Tensor, b: Tensor, y3: Tensor) -> Tensor:
+        """``y3 = x3 * a + b`` per (group, channel); returns ``y3``."""
+        ...
+
+    def grad_sums(self, x3: Tensor, dy3: Tensor, layout: Any,
+                  mean: Tensor) -> tuple[Tensor, Tensor]:
+        """float64 ``(sum dy, sum dy * (x - mean))``."""
+        ...
+
+    def grad_input(self, x3: Tensor, dy3: Tensor, layout: Any, m: Tensor, p: Tensor,
+                   q: Tensor, u: Tensor, w3: Any, dx3: Tensor) -> Tensor:
+        """``dx3 = p * dy - w * (q * (x - m) + u)``; returns ``dx3``."""
+        ...
+
+
+def train(x: Tensor, state: BatchNormState, call: KernelCall,
+          passes: Passes) -> tuple[Tensor, BatchStatistics]:
+    """A training call computed by ``passes`` (the results of the composite kernel)."""
+    config = call.config
+    (axis,) = call.axes
+    layout = passes.layout(x, axis, config)
+    if config.renorm or call.mask is not None:
+        # The state enters the output (r, d; an empty group's moving statistics) and the
+        # layer updates it in place after this call: keep this call's values for a double
+        # backward, which recomputes the output.
+        state = state._replace(**{k: v.clone() for k, v in state._asdict().items()
+                                  if isinstance(v, Tensor) and v.is_floating_point()})
+    context = Context(passes, layout, axis, state, config, call.mask)
+    y, mean, variance, count = TwoPassFunction.apply(x, call.gamma, call.beta, context)
+    return y, BatchStatistics(mean, variance, count)
+
+
+@dataclass
+class Context:
+    """Everything but the differentiable tensors, carried from forward to backward."""
+
+    passes: Passes
+    layout: Any
+    axis: int
+    state: BatchNormState
+    config: BatchNormConfig
+    mask: Tensor | None
+
+
+@dataclass
+class _Saved:
+    """What the forward pass keeps for the backward pass, per (group, channel) in float64."""
+
+    mean: Tensor  # the mean each group was normalized with
+    invstd: Tensor  # 1 / sqrt(variance + epsilon)
+    scale: Tensor  # the factor on xhat: r * gamma
+    r: Tensor  # renorm's r (ones without renorm)
+    d: Tensor | None  # renorm's d
+    selected: Tensor | None  # masked: the selected count per (group, channel)
+    count: Tensor | int  # the values behind each statistic
+    mask: Any  # the mask as the passes read it
+
+
+class TwoPassFunction(torch.autograd.Function):
+    """The forward and backward of every mode from the four passes of a :class:`Passes`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gamma: Tensor | None, beta: Tensor | None, o: Context):
+        layout, config = o.layout, o.config
+        x3 = layout.view(x if layout.contiguous else x.contiguous())
+        # The output first: allocated after the small temporaries, it would land above them
+        # and fault in fresh pages on every call instead of reusing the last call's block.
+        y3 = torch.empty_like(x3)
+        passes = o.passes
+        w3 = passes.mask(o.mask, x, o.axis, layout)
+        shift, s, q, n = passes.moments(x3, layout, w3)
+        masked = o.mask is not None
+        count = n if masked else layout.rows.shape[1] * layout.inner
+        safe = n.clamp_min(1.0) if masked else count
+        mean = shift + s / safe
+        variance = (q / safe - (s / safe).square()).clamp_min(0.0)
+        if masked:  # composite: an empty group has statistics 0 (and is left out when pooled)
+            mean = torch.where(n > 0, mean, 0.0)
+        sdtype = statistics_dtype(x.dtype)
+        stats = BatchStatistics(mean.to(sdtype), variance.to(sdtype),
+                                count.to(sdtype) if masked else count)
+        if masked:  # a group with no selected position is normalized with the moving statistics
+            empty = n == 0
+            mean = torch.where(empty, o.state.moving_mean.to(torch.float64), mean)
+            variance = torch.where(empty, o.state.moving_variance.to(torch.float64), variance)
+
+        r = torch.ones(layout.channels, dtype=torch.float64, device=x.device)
+        d = None
+        if config.renorm:
+            r, d = renorm_correction(*pooled_statistics(stats), o.state, epsilon=config.epsilon,
+                                     clipping=config.clipping)
+            r, d = r.to(torch.float64), d.to(torch.float64)
+        g = None if gamma is None else gamma.detach().to(torch.float64)
+        b = None if beta is None else beta.detach().to(torch.float64)
+        scale, offset = output_affine(g, b, r, d)
+        invstd = torch.rsqrt(variance + config.epsilon)  # (groups, C)
+        a, shift_out = affine_terms(mean, invstd, scale, offset)
+        cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y3 = passes.affine(x3, layout, a.to(cdtype).contiguous(),
+                           shift_out.to(cdtype).contiguous(), y3)
+
+        ctx.save_for_backward(x, gamma, beta)
+        ctx.context = o
+        ctx.saved = _Saved(mean, invstd, scale, r, d, n if masked else None, count, w3)
+        ctx.mark_non_differentiable(*(t for t in stats if isinstance(t, Tensor)))
+        return layout.unview(y3), stats.mean, stats.variance, stats.count
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, *_unused):
+        x, gamma, beta = ctx.saved_tensors
+        o = ctx.context
+        if torch.is_grad_enabled():  # create_graph: differentiate the composite path instead
+            return (*_composite_grad(x, gamma, beta, dy, o, ctx.needs_input_grad), None)
+        layout, saved = o.layout, ctx.saved
+        x3 = layout.view(x if layout.contiguous else x.contiguous())
+        dy3 = layout.view(dy.to(x.dtype))
+        dx3 = torch.empty_like(x3) if ctx.needs_input_grad[0] else None
+        s1, t = o.passes.grad_sums(x3, dy3, layout, saved.mean)  # sum dy, sum dy (x - mean)
+        s2 = t * saved.invstd  # sum dy xhat
+        r, d = saved.r, saved.d
+        dgamma = dbeta = None
+        if gamma is not None and ctx.needs_input_grad[1]:
+            dgamma = (r * s2).sum(0) if d is None else (r * s2 + d * s1).sum(0)
+            dgamma = dgamma.to(gamma.dtype)
+        if beta is not None and ctx.needs_input_grad[2]:
+            dbeta = s1.sum(0).to(beta.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            n = saved.selected
+            safe = n.clamp_min(1.0) if n is not None else saved.count
+            p = saved.invstd * saved.scale
+            u = p * s1 / safe
+            q = p * saved.invstd * s2 / safe
+            cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            coeffs = [c.to(cdtype).contiguous()
+                      for c in (saved.mean, p.expand_as(saved.mean), q, u)]
+            dx = layout.unview(o.passes.grad_input(x3, dy3, layout, *coeffs, saved.mask, dx3))
+        return dx, dgamma, dbeta, None
+
+
+def _composite_grad(x, gamma, beta, dy, o: Context, needs):
+    wanted = list(zip((x, gamma, beta), needs[:3], strict=True))
+    inputs = [t for t, need in wanted if need and t is not None]
+    call = KernelCall(o.config, (o.axis,), gamma, beta, o.mask)
+    y, _ = COMPOSITE.train(x, o.state, call)
+    grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need and t is not None else None
+                 for t, need in zip((x, gamma, beta), needs[:3], strict=True))
