@@ -11,6 +11,9 @@ elementwise pass and needs no kernel of its own (:mod:`batchnorm.kernels.inferen
 - ``native``: ATen's fused batch-norm kernel; the plain mode with one feature axis.
 - ``cpu``: numba loops at memory bandwidth for CPU tensors; every mode but
   adjustment, with one feature axis (:mod:`batchnorm.kernels.cpu`).
+- ``triton``: the same four passes as Triton kernels for CUDA tensors
+  (:mod:`batchnorm.kernels.triton`); the ``cuda`` fast path for renorm, ghost
+  batches and masks.
 
 :func:`select` picks one: ``fused=False`` (or synchronized statistics) the
 composite; ``fused=True`` ATen's kernel, or a ``ValueError`` where it has
@@ -23,8 +26,8 @@ kernel for the plain mode and the composite for the others.
     with kernels.prefer("cpu"):      # the CPU loops wherever they support the call
         y = layer(x)
 
-A GPU kernel plugs in beside the CPU one: an object implementing the protocol,
-registered under its device type, ``FAST_PATHS["cuda"] = TRITON``.
+A new kernel plugs in the same way: an object implementing the protocol, in
+:data:`KERNELS`, and under its device type in :data:`FAST_PATHS`.
 """
 
 from __future__ import annotations
@@ -39,13 +42,16 @@ from .composite import COMPOSITE
 from .cpu import CPU, available
 from .native import NATIVE
 from .protocol import KernelCall, TrainingKernel
+from .triton import TRITON
 
 __all__ = ["FAST_PATHS", "KERNELS", "KernelCall", "TrainingKernel", "prefer", "select"]
 
 # Every kernel by name, for prefer().
-KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, "cpu": CPU}
-# Device type -> the fast kernel fused=None tries first.
-FAST_PATHS: dict[str, TrainingKernel] = {"cpu": CPU} if available() else {}
+KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, "cpu": CPU,
+                                      "triton": TRITON}
+# Device type -> the fast kernel fused=None tries first (the Triton kernel declines calls
+# itself where triton is not installed).
+FAST_PATHS: dict[str, TrainingKernel] = {"cuda": TRITON, **({"cpu": CPU} if available() else {})}
 # The kernels forced by prefer() blocks, innermost last. A list (not a ContextVar) so that
 # torch.compile reads it without a graph break.
 _PREFERRED: list[TrainingKernel] = []

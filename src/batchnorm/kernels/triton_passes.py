@@ -301,13 +301,15 @@ def _device(x3: Tensor):
 def moments(x3: Tensor, rows: Tensor, shift: Tensor, w3: Tensor | None) -> Tensor:
     """float64 ``(3, groups, C)``: ``sum w (x - k)``, ``sum (w (x - k))**2`` and ``sum w``
     per (group, channel), with ``w = 1`` when ``w3`` is None (then the third row is the
-    count of values). ``shift`` (``k``, ``(groups, C)``) must be in the run dtype: float64
-    for float64 inputs, else float32.
+    count of values). ``shift`` (``k``, ``(groups, C)``) sets the dtype the sums run in:
+    the run dtype (float64 for float64 inputs, else float32), or float64 (for masked
+    inputs, whose shift may be a value the mask leaves out, far from the data).
     """
     _check(x3, rows, shift, w3)
     masked, per_channel = _mask_flags(w3, x3)
-    if shift.dtype != _run_dtype(x3):
-        raise TypeError(f"shift must be {_run_dtype(x3)} for {x3.dtype} inputs, got {shift.dtype}")
+    if shift.dtype not in (_run_dtype(x3), torch.float64):
+        raise TypeError(f"shift must be {_run_dtype(x3)} or float64 for {x3.dtype} inputs, got "
+                        f"{shift.dtype}")
     outer, channels, inner = x3.shape
     groups, per_group = rows.shape
     f64 = {"dtype": torch.float64, "device": x3.device}
