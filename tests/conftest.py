@@ -1,7 +1,14 @@
 """Shared pytest fixtures: generic only (every test file may rely on them)."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton's kernels are tested in its interpreter on CPU tensors. Triton reads
+# this when its kernels are defined, so it is set here, before any test imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
