@@ -7,7 +7,8 @@ brings them into one canonical form (the feature axes are always a tuple), and
 cannot be changed afterwards. A changed configuration is a new, validated
 object: :meth:`BatchNormConfig.replace`.
 
-This module imports only :mod:`batchnorm.initializers` and :mod:`batchnorm.shapes`.
+This module imports only :mod:`batchnorm.activations`, :mod:`batchnorm.initializers` and
+:mod:`batchnorm.shapes`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
-from . import initializers
+from . import activations, initializers
 from .initializers import Initializer
 from .shapes import resolve_axes
 
@@ -104,6 +105,7 @@ average
     adjustment: Adjustment | None = None
     fused: bool | None = None
     synchronized: bool = False
+    activation: str | None = None
     # Feature axes resolved per input rank (see resolve_axes); not part of the configuration.
     _resolved: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
                                         compare=False)
@@ -124,6 +126,7 @@ average
             raise TypeError(f"fused must be None, True or False, got {self.fused!r}")
         if not isinstance(self.synchronized, bool):
             raise TypeError(f"synchronized must be a bool, got {self.synchronized!r}")
+        activations.check(self.activation)
         if self.fused:
             reason = self.unfused_reason()
             if reason is not None:

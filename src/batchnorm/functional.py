@@ -186,6 +186,7 @@ def batch_norm(
     synchronized: bool = False,
     process_group: _Any = None,
     config: BatchNormConfig | None = None,
+    activation: str | None = None,
 ) -> tuple[_Tensor, BatchNormState]:
     """Batch-normalize ``x``; return ``(y, new_state)`` without mutating anything.
 
@@ -200,8 +201,9 @@ def batch_norm(
         gamma, beta: feature-shaped scale and offset, or None.
         axis, momentum, epsilon, unbiased_moving_variance, debias, renorm, renorm_clipping,
             renorm_momentum, virtual_batch_size, ghost_layout, adjustment, fused,
-            synchronized: the options of :class:`batchnorm.BatchNorm`, validated as a
-            :class:`BatchNormConfig`.
+            synchronized, activation: the options of :class:`batchnorm.BatchNorm`,
+            validated as a :class:`BatchNormConfig` (``activation="relu"``: ``y`` is
+            ``relu`` of the normalized output, fused into the kernels' passes).
         mask: a boolean tensor selecting the positions the training statistics come from.
         process_group: the group ``synchronized=True`` takes the global batch over.
         config: the options as one :class:`BatchNormConfig` instead of keywords (then no
@@ -223,13 +225,15 @@ def batch_norm(
     tensor([-1.2247,  0.0000,  1.2247])
     >>> state.moving_mean, state.moving_variance
     (tensor([0.]), tensor([1.6567]))
+    >>> batch_norm(x, state, training=True, axis=-1, activation="relu")[0].flatten()
+    tensor([0.0000, 0.0000, 1.2247])
     """
     options = {"axis": axis, "momentum": momentum, "epsilon": epsilon,
                "unbiased_moving_variance": unbiased_moving_variance, "debias": debias,
                "renorm": renorm, "renorm_clipping": renorm_clipping,
                "renorm_momentum": renorm_momentum, "virtual_batch_size": virtual_batch_size,
                "ghost_layout": ghost_layout, "adjustment": adjustment, "fused": fused,
-               "synchronized": synchronized}
+               "synchronized": synchronized, "activation": activation}
     if config is None:
         config = BatchNormConfig(**options)
     else:

@@ -126,6 +126,12 @@ class BatchNorm(nn.Module):
             ``torch.distributed`` (warned once) use local statistics.
         process_group: the group to synchronize over; None is the default group. Not
             part of :meth:`get_config` (a group cannot be serialized).
+        activation: ``"relu"`` or ``"silu"`` applies that activation to the output,
+            ``y = act(BN(x))`` (statistics and moving averages are those of ``x``, as
+            without it), inside the kernels' output pass and backward: normalization
+            plus activation cost the memory passes of normalization alone, and the
+            pre-activation output is never stored (see :mod:`batchnorm.activations`).
+            None (the default) applies nothing.
         trainable: False freezes the layer (see above).
 
     Example:
@@ -138,6 +144,9 @@ class BatchNorm(nn.Module):
         tensor([-1.2247,  0.0000,  1.2247], grad_fn=<ViewBackward0>)
         >>> layer.moving_mean, layer.moving_variance
         (tensor([0.]), tensor([1.6567]))
+        >>> fused = bn.BatchNorm(1, axis=-1, activation="relu")   # BatchNorm + ReLU, one layer
+        >>> fused(x, training=True).flatten()
+        tensor([0.0000, 0.0000, 1.2247], grad_fn=<ViewBackward0>)
     """
 
     gamma: nn.Parameter | None
@@ -175,6 +184,7 @@ class BatchNorm(nn.Module):
         synchronized: bool = False,
         process_group: Any = None,
         trainable: bool = True,
+        activation: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -189,7 +199,8 @@ class BatchNorm(nn.Module):
             unbiased_moving_variance=unbiased_moving_variance, renorm=renorm,
             renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
             virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
-            adjustment=adjustment, fused=fused, synchronized=synchronized)
+            adjustment=adjustment, fused=fused, synchronized=synchronized,
+            activation=activation)
         if not isinstance(trainable, bool):
             raise TypeError(f"trainable must be a bool, got {trainable!r}")
         if dtype is not None and not dtype.is_floating_point:
@@ -253,6 +264,7 @@ class BatchNorm(nn.Module):
     adjustment = _Option()
     fused = _Option()
     synchronized = _Option()
+    activation = _Option()
 
     @property
     def config(self) -> BatchNormConfig:
@@ -493,6 +505,8 @@ class BatchNorm(nn.Module):
             parts.append(f"fused={self.fused}")
         if self.synchronized:
             parts.append("synchronized=True")
+        if self.activation is not None:
+            parts.append(f"activation={self.activation!r}")
         if not self._trainable:
             parts.append("trainable=False")
         return ", ".join(parts)
@@ -532,6 +546,7 @@ class BatchNorm(nn.Module):
             "ghost_layout": self.ghost_layout,
             "debias": self.debias,
             "unbiased_moving_variance": self.unbiased_moving_variance,
+            "activation": self.activation,
         }
 
     # Keras layer bookkeeping that has no effect on the computation here.

@@ -8,7 +8,9 @@ output is a single ``normalize`` call:
 
     y = gamma * (adj_scale * (r * xhat + d) + adj_bias) + beta
 
-which is the order tf_keras composes them in.
+which is the order tf_keras composes them in. An ``activation`` is applied to that
+output by torch's own operation (:func:`batchnorm.activations.apply`): the definition
+the fused kernels, which apply it inside their passes, are tested against.
 
 With a ``process_group`` (synchronized statistics) the local moments are
 replaced by those of every process's batch together
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..activations import apply as activate
 from ..shapes import broadcast, mask_shape, reduction_axes
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import output_affine, pooled_statistics, renorm_correction
@@ -128,7 +131,7 @@ def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, 
     scale, offset = output_affine(broadcast(call.gamma, view, feature_axes),
                                   broadcast(call.beta, view, feature_axes), r, d, adjust)
     y = normalize(view, mean, variance, offset, scale, config.epsilon)
-    return y.reshape(x.shape), stats
+    return activate(y.reshape(x.shape), config.activation), stats
 
 
 COMPOSITE = CompositeKernel()

@@ -8,7 +8,8 @@ sums per channel and once more to write ``dx``. Everything between the passes
 scale and one shift per (group, channel), so each pass is a single streaming
 loop (:mod:`batchnorm.kernels.cpu_loops`, numba, parallel over rows or
 channels; the views and passes are in :mod:`batchnorm.kernels.cpu_layout`).
-Plain, renorm, ghost batches and masks share the same four loops.
+Plain, renorm, ghost batches and masks share the same four loops; a fused
+``activation`` has its own specialization of the output and backward loops.
 
 The autograd Function that strings the passes together, and the semantics it
 keeps (those of :mod:`batchnorm.kernels.composite`), are in
@@ -29,6 +30,7 @@ import time
 import torch
 from torch import Tensor
 
+from ..activations import ACTIVATIONS
 from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics
 from . import cpu_layout, two_pass
@@ -119,8 +121,9 @@ class NumbaPasses:
     mask = staticmethod(mask_array)
     moments = staticmethod(moments_pass)
 
-    def affine(self, x3: Tensor, layout: Layout, a: Tensor, b: Tensor, y3: Tensor) -> Tensor:
-        return affine_pass(x3, layout, a, b, y3)
+    def affine(self, x3: Tensor, layout: Layout, a: Tensor, b: Tensor, y3: Tensor,
+               activation: str | None = None) -> Tensor:
+        return affine_pass(x3, layout, a, b, y3, activation)
 
     grad_sums = staticmethod(grad_sums_pass)
     grad_input = staticmethod(grad_input_pass)
@@ -140,10 +143,11 @@ def warm_up() -> float:
             x = torch.randn(shape).to(dtype).requires_grad_()
             state = BatchNormState(torch.zeros(3), torch.ones(3),
                                    torch.zeros((), dtype=torch.int64))
-            config = BatchNormConfig(virtual_batch_size=size)
-            for mask in (None, torch.ones(shape, dtype=torch.bool)):
-                call = KernelCall(config, (1,), torch.ones(3, requires_grad=True),
-                                  torch.zeros(3, requires_grad=True), mask)
-                y, _ = CPU.train(x, state, call)
-                y.sum().backward()
+            for activation in (None, *ACTIVATIONS):
+                config = BatchNormConfig(virtual_batch_size=size, activation=activation)
+                for mask in (None, torch.ones(shape, dtype=torch.bool)):
+                    call = KernelCall(config, (1,), torch.ones(3, requires_grad=True),
+                                      torch.zeros(3, requires_grad=True), mask)
+                    y, _ = CPU.train(x, state, call)
+                    y.sum().backward()
     return time.perf_counter() - start

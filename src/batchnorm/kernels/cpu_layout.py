@@ -186,9 +186,20 @@ def moments_pass(x3: Tensor, layout: Layout, w3) -> tuple[Tensor, Tensor, Tensor
 
 
 def affine_pass(x3: Tensor, layout: Layout, a: Tensor, b: Tensor,
-                y3: Tensor | None = None) -> Tensor:
+                y3: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """``y3 = act(x3 * a + b)`` per (group, channel) (``act`` the identity for None)."""
     y3 = torch.empty_like(x3) if y3 is None else y3
     xa, ya = as_numpy(x3), as_numpy(y3)
+    if activation is not None:
+        kind = loops.ACTIVATIONS[activation]
+        with serial_if_small(xa.size):
+            if layout.inner == 1:
+                loops.affine_act_rows(xa[:, :, 0], layout.gid, a.numpy(), b.numpy(), kind,
+                                      blocks_per_item(1, layout.outer), ya[:, :, 0])
+            else:
+                loops.affine_act_planes(xa, layout.gid, a.numpy(), b.numpy(), kind,
+                                        blocks_per_item(layout.outer, layout.channels), ya)
+        return y3
     if layout.inner == 1:
         blocks = blocks_per_item(1, layout.outer)
         with serial_if_small(xa.size):
@@ -200,11 +211,16 @@ def affine_pass(x3: Tensor, layout: Layout, a: Tensor, b: Tensor,
     return y3
 
 
-def grad_sums_pass(x3: Tensor, dy3: Tensor, layout: Layout, mean: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(group, channel) float64 ``(sum dy, sum dy * (x - mean))``."""
+def grad_sums_pass(x3: Tensor, dy3: Tensor, layout: Layout, mean: Tensor,
+                   activation=None) -> tuple[Tensor, Tensor]:
+    """Per-(group, channel) float64 ``(sum dy, sum dy * (x - mean))``; with ``activation``
+    (``(name, a, b)``: the output pass's activation and coefficients) of
+    ``dy * act'(x * a + b)`` instead of ``dy``."""
     rows = layout.rows
     xa, da = as_numpy(x3), as_numpy(dy3)
     m = mean.to(run_dtype(x3)).numpy()
+    if activation is not None:
+        return _grad_sums_act(xa, da, layout, m, activation)
     if layout.inner == 1:
         blocks = blocks_per_item(layout.groups, rows.shape[1])
         out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
@@ -220,9 +236,44 @@ def grad_sums_pass(x3: Tensor, dy3: Tensor, layout: Layout, mean: Tensor) -> tup
     return s, p
 
 
-def grad_input_pass(x3, dy3, layout: Layout, m, p, q, u, w3, dx3: Tensor) -> Tensor:
+def _grad_sums_act(xa, da, layout: Layout, m, activation) -> tuple[Tensor, Tensor]:
+    rows = layout.rows
+    name, a, b = activation
+    kind, a, b = loops.ACTIVATIONS[name], a.numpy(), b.numpy()
+    if layout.inner == 1:
+        blocks = blocks_per_item(layout.groups, rows.shape[1])
+        out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
+        with serial_if_small(xa.size):
+            loops.grad_sums_act_rows(xa[:, :, 0], da[:, :, 0], rows, m, a, b, kind, blocks,
+                                     out.numpy())
+    else:
+        cblocks = blocks_per_item(layout.groups, layout.channels)
+        blocks = blocks_per_item(layout.groups * cblocks, rows.shape[1])
+        out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
+        with serial_if_small(xa.size):
+            loops.grad_sums_act_planes(xa, da, rows, m, a, b, kind, blocks, cblocks, out.numpy())
+    s, p = out.sum(2)
+    return s, p
+
+
+def grad_input_pass(x3, dy3, layout: Layout, m, p, q, u, w3, dx3: Tensor,
+                    activation=None) -> Tensor:
+    """``dx3 = p * dy - w * (q * (x - m) + u)``; with ``activation`` (``(name, a, b)``) of
+    ``dy * act'(x * a + b)`` instead of ``dy``."""
     args = [t.numpy() for t in (m, p, q, u)]
     xa, da, dxa = as_numpy(x3), as_numpy(dy3), as_numpy(dx3)
+    if activation is not None:
+        name, a, b = activation
+        args += [a.numpy(), b.numpy(), loops.ACTIVATIONS[name]]
+        with serial_if_small(xa.size):
+            if layout.inner == 1:
+                loops.grad_input_act_rows(xa[:, :, 0], da[:, :, 0], layout.gid, *args,
+                                          w3[:, :, 0], blocks_per_item(1, layout.outer),
+                                          dxa[:, :, 0])
+            else:
+                loops.grad_input_act_planes(xa, da, layout.gid, *args, w3,
+                                            blocks_per_item(layout.outer, layout.channels), dxa)
+        return dx3
     if layout.inner == 1:
         blocks = blocks_per_item(1, layout.outer)
         with serial_if_small(xa.size):
@@ -255,9 +306,11 @@ def mask_array(mask: Tensor | None, x: Tensor, axis: int, layout: Layout):
     return no_mask() if m is None else m.numpy()
 
 
-def affine(x: Tensor, inv: Tensor, shift: Tensor) -> Tensor | None:
-    """``x * inv + shift`` in one pass, for per-feature ``inv``/``shift`` broadcast along one
-    axis of ``x`` and no gradient; None when that does not apply (the caller computes it).
+def affine(x: Tensor, inv: Tensor, shift: Tensor, activation: str | None = None
+           ) -> Tensor | None:
+    """``x * inv + shift`` (``act(x * inv + shift)`` with an ``activation``) in one pass, for
+    per-feature ``inv``/``shift`` broadcast along one axis of ``x`` and no gradient; None when
+    that does not apply (the caller computes it).
 
     Inference is this single pass; for bfloat16 inputs it also avoids torch's float32
     intermediate (read bfloat16, write float32, read float32, write bfloat16).
@@ -282,5 +335,5 @@ def affine(x: Tensor, inv: Tensor, shift: Tensor) -> Tensor | None:
         return None
     features = (1, layout.channels)
     y3 = affine_pass(layout.view(x), layout, inv.reshape(features).contiguous(),
-                 shift.reshape(features).contiguous())
+                     shift.reshape(features).contiguous(), activation=activation)
     return layout.unview(y3)

@@ -22,6 +22,8 @@ to float32 exactly, :func:`store` rounds to nearest even, as torch does.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -57,6 +59,19 @@ def _float32_to_bits(typingctx, value):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def select(typingctx, condition, a, b):
+    """``a if condition else b`` as one LLVM ``select``: no branch, so it vectorizes, and it
+    keeps NaN where a product by 0 or 1 would not (``NaN * 0`` is NaN)."""
+    if not isinstance(condition, types.Boolean) or a != b:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(*args)
+
+    return a(condition, a, b), codegen
 
 
 def load(v):
@@ -102,6 +117,19 @@ def _zero_like(v):
 
     def impl(v):
         return kind(0)
+    return impl
+
+
+def one_like(v):
+    """A one of ``v``'s type (``1 + v`` would widen float32 to float64)."""
+
+
+@overload(one_like, inline="always")
+def _one_like(v):
+    kind = v
+
+    def impl(v):
+        return kind(1)
     return impl
 
 
@@ -379,3 +407,248 @@ def grad_input_rows(x, dy, gid, m, p, q, u, w, blocks, dx):
             else:
                 for c in range(channels):
                     store(dxr, c, pr[c] * load(dr[c]) - (qr[c] * (load(xr[c]) - mr[c]) + ur[c]))
+
+
+# ---------------------------------------------------------------- fused activations
+#
+# The passes of a layer with an activation (``activation="relu"``): the output pass writes
+# ``act(z)`` with ``z = x * a + b``; the backward passes recompute ``z`` from ``x`` (it is not
+# stored) and use ``dz = dy * act'(z)`` where the plain passes use ``dy``. The activation is
+# a tag argument, an instance of one of the empty NamedTuple classes below: its type picks
+# the code at compile time (one specialization per activation, cached like the others, no
+# branch in the loops), and the plain passes above are left as they are.
+
+
+class Relu(NamedTuple):
+    """Tag: ``max(z, 0)``."""
+
+
+class Silu(NamedTuple):
+    """Tag: ``z * sigmoid(z)``."""
+
+
+ACTIVATIONS = {"relu": Relu(), "silu": Silu()}
+"""The tag of each activation name (:data:`batchnorm.activations.ACTIVATIONS`)."""
+
+
+@njit(inline="always", fastmath=set(FASTMATH), cache=True)
+def exp32(v):
+    """``exp(v)`` for float32, within 2 ulp, in operations that vectorize (numba's ``exp`` is a
+    call per value without Intel's SVML): ``2**n * p(r)`` with ``v = n log 2 + r``,
+    ``|r| <= log(2) / 2``, ``p`` the minimax polynomial of Cephes' ``expf``. ``v`` is clamped
+    to ``[-87, 88]`` (where ``2**n`` is a normal float32); NaN gives a finite value, so a
+    caller keeps NaN by using ``v`` itself too (``silu``: ``z / (1 + exp(-z))``)."""
+    v = v if v > np.float32(-87.0) else np.float32(-87.0)
+    v = v if v < np.float32(88.0) else np.float32(88.0)
+    n = np.floor(v * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = v - n * np.float32(0.693359375)
+    r = r + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _bits_to_float32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+def sigmoid(z):
+    """``1 / (1 + exp(-z))`` in ``z``'s precision."""
+
+
+@overload(sigmoid, inline="always")
+def _sigmoid(z):
+    if z == types.float32:
+        return lambda z: np.float32(1.0) / (np.float32(1.0) + exp32(-z))
+    return lambda z: 1.0 / (1.0 + np.exp(-z))
+
+
+def activate(z, kind):
+    """``act(z)`` for the activation tag ``kind``."""
+
+
+@overload(activate, inline="always")
+def _activate(z, kind):
+    cls = getattr(kind, "instance_class", None)
+    if cls is Relu:  # a select, not max(): NaN stays NaN, as in torch.relu
+        return lambda z, kind: select(z < 0, zero_like(z), z)
+    if cls is Silu:
+        return lambda z, kind: z * sigmoid(z)
+    return None
+
+
+def activation_grad(dy, z, kind):
+    """``dy * act'(z)`` for the activation tag ``kind``."""
+
+
+@overload(activation_grad, inline="always")
+def _activation_grad(dy, z, kind):
+    cls = getattr(kind, "instance_class", None)
+    if cls is Relu:  # a select, as torch's threshold_backward: 0 where z <= 0 (or NaN)
+        return lambda dy, z, kind: select(z > 0, dy, zero_like(dy))
+    if cls is Silu:
+        def impl(dy, z, kind):
+            s = sigmoid(z)
+            one = one_like(s)
+            return dy * (s * (one + z * (one - s)))
+        return impl
+    return None
+
+
+@njit(**_JIT)
+def affine_act_planes(x, gid, a, b, kind, cblocks, y):
+    """``affine_planes`` writing ``act(x * a + b)``."""
+    outer, channels, inner = x.shape
+    for t in prange(outer * cblocks):
+        o = t // cblocks
+        cb = t % cblocks
+        g = gid[o]
+        for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
+            ac = a[g, c]
+            bc = b[g, c]
+            xr = x[o, c]
+            yr = y[o, c]
+            for i in range(inner):
+                store(yr, i, activate(load(xr[i]) * ac + bc, kind))
+
+
+@njit(**_JIT)
+def affine_act_rows(x, gid, a, b, kind, blocks, y):
+    """``affine_rows`` writing ``act(x * a + b)``."""
+    outer, channels = x.shape
+    for t in prange(blocks):
+        for o in range(t * outer // blocks, (t + 1) * outer // blocks):
+            g = gid[o]
+            ar = a[g]
+            br = b[g]
+            xr = x[o]
+            yr = y[o]
+            for c in range(channels):
+                store(yr, c, activate(load(xr[c]) * ar[c] + br[c], kind))
+
+
+@njit(**_JIT)
+def grad_sums_act_planes(x, dy, rows, mean, a, b, kind, blocks, cblocks, out):
+    """``grad_sums_planes`` of ``dz = dy * act'(x * a + b)``: ``(sum dz, sum dz * (x - mean))``."""
+    groups, per_group = rows.shape
+    channels, inner = x.shape[1], x.shape[2]
+    for t in prange(groups * blocks * cblocks):
+        g = t // (blocks * cblocks)
+        b_ = (t // cblocks) % blocks
+        cb = t % cblocks
+        for j in range(b_ * per_group // blocks, (b_ + 1) * per_group // blocks):
+            o = rows[g, j]
+            for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
+                k = mean[g, c]
+                ac = a[g, c]
+                bc = b[g, c]
+                xr = x[o, c]
+                dr = dy[o, c]
+                s = zero_like(k)
+                p = zero_like(k)
+                for i in range(inner):
+                    v = load(xr[i])
+                    d = activation_grad(load(dr[i]), v * ac + bc, kind)
+                    s += d
+                    p += d * (v - k)
+                out[0, g, b_, c] += s
+                out[1, g, b_, c] += p
+
+
+@njit(**_JIT)
+def grad_sums_act_rows(x, dy, rows, mean, a, b, kind, blocks, out):
+    """``grad_sums_rows`` of ``dz = dy * act'(x * a + b)`` (rows summed in ``mean``'s dtype,
+    ``FLUSH`` at a time, then added to the float64 partials)."""
+    groups, per_group = rows.shape
+    channels = x.shape[1]
+    for t in prange(groups * blocks):
+        g = t // blocks
+        b_ = t % blocks
+        k = mean[g]
+        ar = a[g]
+        br = b[g]
+        s = np.zeros(channels, mean.dtype)
+        p = np.zeros(channels, mean.dtype)
+        start = b_ * per_group // blocks
+        stop = (b_ + 1) * per_group // blocks
+        for j in range(start, stop):
+            xr = x[rows[g, j]]
+            dr = dy[rows[g, j]]
+            for c in range(channels):
+                v = load(xr[c])
+                d = activation_grad(load(dr[c]), v * ar[c] + br[c], kind)
+                s[c] += d
+                p[c] += d * (v - k[c])
+            if (j + 1 - start) % FLUSH == 0 or j + 1 == stop:
+                for c in range(channels):
+                    out[0, g, b_, c] += s[c]
+                    out[1, g, b_, c] += p[c]
+                    s[c] = 0
+                    p[c] = 0
+
+
+@njit(**_JIT)
+def grad_input_act_planes(x, dy, gid, m, p, q, u, a, b, kind, w, cblocks, dx):
+    """``grad_input_planes`` of ``dz = dy * act'(x * a + b)``:
+    ``dx = p * dz - (q * (x - m) + u)`` where ``w`` selects (else ``p * dz``)."""
+    outer, channels, inner = x.shape
+    masked = w.shape[0] > 0
+    per_channel = w.shape[1] > 1
+    for t in prange(outer * cblocks):
+        o = t // cblocks
+        cb = t % cblocks
+        g = gid[o]
+        for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
+            mc = m[g, c]
+            pc = p[g, c]
+            qc = q[g, c]
+            uc = u[g, c]
+            ac = a[g, c]
+            bc = b[g, c]
+            xr = x[o, c]
+            dr = dy[o, c]
+            dxr = dx[o, c]
+            if masked:
+                wr = w[o, c] if per_channel else w[o, 0]
+                for i in range(inner):
+                    v = load(xr[i])
+                    d = pc * activation_grad(load(dr[i]), v * ac + bc, kind)
+                    store(dxr, i, select(wr[i] != 0, d - (qc * (v - mc) + uc), d))
+            else:
+                for i in range(inner):
+                    v = load(xr[i])
+                    d = activation_grad(load(dr[i]), v * ac + bc, kind)
+                    store(dxr, i, pc * d - (qc * (v - mc) + uc))
+
+
+@njit(**_JIT)
+def grad_input_act_rows(x, dy, gid, m, p, q, u, a, b, kind, w, blocks, dx):
+    """``grad_input_rows`` of ``dz = dy * act'(x * a + b)``."""
+    outer, channels = x.shape
+    masked = w.shape[0] > 0
+    per_channel = w.shape[1] > 1
+    for t in prange(blocks):
+        for o in range(t * outer // blocks, (t + 1) * outer // blocks):
+            g = gid[o]
+            mr = m[g]
+            pr = p[g]
+            qr = q[g]
+            ur = u[g]
+            ar = a[g]
+            br = b[g]
+            xr = x[o]
+            dr = dy[o]
+            dxr = dx[o]
+            if masked:
+                wr = w[o]
+                for c in range(channels):
+                    v = load(xr[c])
+                    d = pr[c] * activation_grad(load(dr[c]), v * ar[c] + br[c], kind)
+                    selected = wr[c] if per_channel else wr[0]
+                    store(dxr, c, select(selected != 0, d - (qr[c] * (v - mr[c]) + ur[c]), d))
+            else:
+                for c in range(channels):
+                    v = load(xr[c])
+                    d = activation_grad(load(dr[c]), v * ar[c] + br[c], kind)
+                    store(dxr, c, pr[c] * d - (qr[c] * (v - mr[c]) + ur[c]))

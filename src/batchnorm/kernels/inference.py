@@ -12,6 +12,10 @@ end in :func:`normalize_features`, which picks the pass:
   ``y = x * alpha + beta``: TensorFlow's order);
 - else on CPU without autograd the numba loop (:func:`batchnorm.kernels.cpu_layout.affine`);
 - else ``addcmul``.
+
+With an ``activation`` (the layer's ``activation=``) on CPU the numba loop writes
+``act(x * inv + shift)`` in the same single pass, whenever it applies (it is tried
+first); elsewhere the activation is applied in place to the fresh output.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..activations import apply as activate
 from ..shapes import broadcast
 from ..state import BatchNormState, statistics_dtype
 from ..statistics import affine_terms, inference_statistics
@@ -74,18 +79,39 @@ def infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
     mean, variance = inference_statistics(state, momentum=config.momentum,
                                           epsilon=config.epsilon, debias=config.debias)
     return normalize_features(x, call.axes, mean, variance, call.beta, call.gamma,
-                              config.epsilon)
+                              config.epsilon, config.activation)
 
 
 def normalize_features(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance: Tensor,
-                       offset: Tensor | None, scale: Tensor | None, epsilon: float) -> Tensor:
-    """:func:`normalize` with feature-shaped statistics (the sizes of ``x`` along ``axes``)."""
+                       offset: Tensor | None, scale: Tensor | None, epsilon: float,
+                       activation: str | None = None) -> Tensor:
+    """:func:`normalize` with feature-shaped statistics (the sizes of ``x`` along ``axes``),
+    followed by ``activation`` (a name of :data:`batchnorm.activations.ACTIVATIONS`) if any."""
+    if activation is not None:
+        return _activated(x, axes, mean, variance, offset, scale, epsilon, activation)
     if len(axes) == 1:
         y = _aten(x, axes[0], mean, variance, offset, scale, epsilon)
         if y is not None:
             return y
     return _affine(x, *(broadcast(t, x, axes) for t in (mean, variance, offset, scale)),
                    epsilon)
+
+
+def _activated(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance: Tensor,
+               offset: Tensor | None, scale: Tensor | None, epsilon: float,
+               activation: str) -> Tensor:
+    """``act(normalize(x))``: the CPU loop's single pass where it applies, else the
+    normalization's pass and the activation in place on its fresh output."""
+    if (x.device.type == "cpu" and x.numel() >= cpu_layout.MIN_PLAIN_NUMEL
+            and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, mean, variance, offset, scale)))):
+        stats = [broadcast(t, x, axes) for t in (mean, variance, offset, scale)]
+        inv, shift = affine_terms(stats[0], torch.rsqrt(stats[1] + epsilon), stats[3], stats[2])
+        y = cpu_layout.affine(x, inv, shift, activation)
+        if y is not None:
+            return y
+    return activate(normalize_features(x, axes, mean, variance, offset, scale, epsilon),
+                    activation, inplace=True)
 
 
 def _feature_axis(x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | None,

@@ -1,11 +1,13 @@
 """The plain training mode on ATen's fused batch-norm kernel (one pass for the statistics,
-one for the output, and a fused backward)."""
+one for the output, and a fused backward); an ``activation`` is one more pass after it
+(ReLU in place: ATen's backward does not read its output, so nothing more is kept)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..activations import apply as activate
 from ..shapes import values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from .protocol import KernelCall, traced
@@ -56,6 +58,9 @@ class NativeKernel:
             # The kernel keeps 1 / sqrt(var + eps); the biased variance is recovered from it.
             variance = invstd.detach().pow(-2).sub_(epsilon).clamp_min_(0.0)
             mean, variance = mean.detach()[None], variance[None]
+        activation = call.config.activation
+        if activation is not None:  # y is fresh: ReLU overwrites it (its backward reads y)
+            y = activate(y, activation, inplace=activation == "relu")
         y = y if axis == 1 else y.movedim(1, axis)
         return y, BatchStatistics(mean, variance, count)
 

@@ -94,21 +94,24 @@ class TritonPasses:
         s, q, n = _passes_module().moments(x3, rows, shift.to(run).contiguous(), w3).unbind(0)
         return shift, s, q, n
 
-    def affine(self, x3: Tensor, layout: Layout, a: Tensor, b: Tensor, y3: Tensor) -> Tensor:
-        return _passes_module().affine(x3, _on_device(layout.gid, x3.device), a, b, y3)
+    def affine(self, x3: Tensor, layout: Layout, a: Tensor, b: Tensor, y3: Tensor,
+               activation: str | None = None) -> Tensor:
+        return _passes_module().affine(x3, _on_device(layout.gid, x3.device), a, b, y3,
+                                       activation)
 
-    def grad_sums(self, x3: Tensor, dy3: Tensor, layout: Layout,
-                  mean: Tensor) -> tuple[Tensor, Tensor]:
+    def grad_sums(self, x3: Tensor, dy3: Tensor, layout: Layout, mean: Tensor,
+                  activation=None) -> tuple[Tensor, Tensor]:
         run = torch.float64 if x3.dtype == torch.float64 else torch.float32
         sums = _passes_module().grad_sums(x3, dy3.contiguous(), _on_device(layout.rows, x3.device),
-                                          mean.to(run).contiguous())
+                                          mean.to(run).contiguous(), activation)
         return sums[0], sums[1]
 
     def grad_input(self, x3: Tensor, dy3: Tensor, layout: Layout, m: Tensor, p: Tensor,
-                   q: Tensor, u: Tensor, w3: Tensor | None, dx3: Tensor) -> Tensor:
+                   q: Tensor, u: Tensor, w3: Tensor | None, dx3: Tensor,
+                   activation=None) -> Tensor:
         return _passes_module().grad_input(x3, dy3.contiguous(),
                                            _on_device(layout.gid, x3.device),
-                                           m, p, q, u, w3, dx3)
+                                           m, p, q, u, w3, dx3, activation)
 
 
 TRITON_PASSES = TritonPasses()

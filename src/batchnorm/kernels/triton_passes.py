@@ -39,6 +39,12 @@ each lane summing a few values, sums them once at the end and writes float64
 partials ``(sums, groups, blocks, C)``, which one small torch ``.sum`` reduces.
 No atomics: results are deterministic.
 
+A fused activation (``activation=`` of the layer) is the constant ``ACTIVATION`` of
+the output and backward kernels (0: none, the code without it; see
+:data:`ACTIVATION_CODES`): the output pass writes ``act(z)``, ``z = x * a + b``, and
+the backward kernels recompute ``z`` from ``x`` and the output pass's coefficients
+``(a, b)`` and use ``dz = dy * act'(z)`` in place of ``dy``.
+
 :func:`available` says whether the kernels can run here. Triton decides when a
 kernel is defined: with ``TRITON_INTERPRET=1`` in the environment when this module
 is first imported, the kernels run in Triton's interpreter (CPU tensors; slow, for
@@ -74,6 +80,8 @@ PROGRAMS = 1024  # reduction programs to aim for (about 8 per SM of an H200)
 MIN_VALUES = 128  # values per channel each reduction program covers at least
 
 INTERPRETED = False
+ACTIVATION_CODES = {None: 0, "relu": 1, "silu": 2}
+"""The ``ACTIVATION`` constant of the kernels for each activation name."""
 
 if triton is not None:
 
@@ -133,14 +141,37 @@ if triton is not None:
             tl.store(p + 2 * stride, tl.sum(tl.sum(n, 2), 0).to(tl.float64), mask=cm)
 
     @triton.jit
-    def _grad_sums_kernel(x_ptr, dy_ptr, rows_ptr, mean_ptr, part_ptr, groups, per_group, C,
-                          inner, ctiles, rtiles, itiles, rblocks, iblocks,
+    def _activate(z, ACTIVATION: tl.constexpr):
+        """``act(z)`` (``z`` itself for ``ACTIVATION == 0``)."""
+        if ACTIVATION == 1:  # a select, not a maximum: NaN stays NaN, as in torch.relu
+            z = tl.where(z < 0, 0.0, z).to(z.dtype)
+        elif ACTIVATION == 2:
+            z = z * tl.sigmoid(z)
+        return z
+
+    @triton.jit
+    def _activation_grad(d, z, ACTIVATION: tl.constexpr):
+        """``d * act'(z)`` (``d`` itself for ``ACTIVATION == 0``)."""
+        if ACTIVATION == 1:  # a select, as torch's threshold_backward
+            d = tl.where(z > 0, d, 0.0).to(d.dtype)
+        elif ACTIVATION == 2:
+            s = tl.sigmoid(z)
+            d = d * (s * (1.0 + z * (1.0 - s)))
+        return d
+
+    @triton.jit
+    def _grad_sums_kernel(x_ptr, dy_ptr, rows_ptr, mean_ptr, a_ptr, b_ptr, part_ptr, groups,
+                          per_group, C, inner, ctiles, rtiles, itiles, rblocks, iblocks,
+                          ACTIVATION: tl.constexpr,
                           BR: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr):
         g, blk, ct, r_lo, r_hi, i_lo, i_hi = _span(tl.program_id(0), ctiles, iblocks, rblocks,
                                                    rtiles, itiles)
         c = ct * BC + tl.arange(0, BC)
         cm = c < C
         mean = tl.load(mean_ptr + g * C + c, mask=cm, other=0)[None, :, None]
+        if ACTIVATION != 0:  # the output pass's coefficients, to recompute z = x * a + b
+            a = tl.load(a_ptr + g * C + c, mask=cm, other=0)[None, :, None]
+            b = tl.load(b_ptr + g * C + c, mask=cm, other=0)[None, :, None]
         s = tl.zeros([BR, BC, BI], dtype=mean_ptr.dtype.element_ty)
         p = tl.zeros([BR, BC, BI], dtype=mean_ptr.dtype.element_ty)
         for rt in range(r_lo, r_hi):
@@ -153,6 +184,8 @@ if triton is not None:
                 off = (o * C + c[None, :, None]) * inner + i
                 x = tl.load(x_ptr + off, mask=m, other=0).to(s.dtype)
                 d = tl.load(dy_ptr + off, mask=m, other=0).to(s.dtype)  # 0 outside: no where
+                if ACTIVATION != 0:  # dz = dy * act'(z): 0 outside too (z = 0 there)
+                    d = _activation_grad(d, (x * a + b).to(s.dtype), ACTIVATION)
                 s += d
                 p += d * (x - mean)
         stride = groups * rblocks * iblocks * C
@@ -177,6 +210,7 @@ if triton is not None:
 
     @triton.jit
     def _affine_kernel(x_ptr, gid_ptr, a_ptr, b_ptr, y_ptr, outer, C, inner, ctiles, itiles,
+                       ACTIVATION: tl.constexpr,
                        BR: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr):
         o, c, i, cm, off, m = _tile(tl.program_id(0), outer, C, inner, ctiles, itiles,
                                     BR, BC, BI)
@@ -184,12 +218,14 @@ if triton is not None:
         a = tl.load(a_ptr + coef, mask=cm, other=0)[:, :, None]
         b = tl.load(b_ptr + coef, mask=cm, other=0)[:, :, None]
         x = tl.load(x_ptr + off, mask=m, other=0).to(a.dtype)
-        tl.store(y_ptr + off, (x * a + b).to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(y_ptr + off, _activate(x * a + b, ACTIVATION).to(y_ptr.dtype.element_ty),
+                 mask=m)
 
     @triton.jit
-    def _grad_input_kernel(x_ptr, dy_ptr, gid_ptr, m_ptr, p_ptr, q_ptr, u_ptr, w_ptr, dx_ptr,
-                           outer, C, inner, ctiles, itiles,
+    def _grad_input_kernel(x_ptr, dy_ptr, gid_ptr, m_ptr, p_ptr, q_ptr, u_ptr, a_ptr, b_ptr,
+                           w_ptr, dx_ptr, outer, C, inner, ctiles, itiles,
                            MASKED: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                           ACTIVATION: tl.constexpr,
                            BR: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr):
         o, c, i, cm, off, m = _tile(tl.program_id(0), outer, C, inner, ctiles, itiles,
                                     BR, BC, BI)
@@ -200,6 +236,10 @@ if triton is not None:
         u = tl.load(u_ptr + coef, mask=cm, other=0)[:, :, None]
         x = tl.load(x_ptr + off, mask=m, other=0).to(p.dtype)
         d = tl.load(dy_ptr + off, mask=m, other=0).to(p.dtype)
+        if ACTIVATION != 0:  # dz = dy * act'(z), z = x * a + b recomputed
+            a = tl.load(a_ptr + coef, mask=cm, other=0)[:, :, None]
+            b = tl.load(b_ptr + coef, mask=cm, other=0)[:, :, None]
+            d = _activation_grad(d, x * a + b, ACTIVATION)
         r = q * (x - mean) + u
         if MASKED:
             if PER_CHANNEL:
@@ -295,6 +335,27 @@ def _device(x3: Tensor):
     return torch.cuda.device(x3.device) if x3.is_cuda else contextlib.nullcontext()
 
 
+def _activation_code(activation: str | None) -> int:
+    code = ACTIVATION_CODES.get(activation)
+    if code is None:
+        raise ValueError(f"activation={activation!r}: expected one of "
+                         f"{sorted(k for k in ACTIVATION_CODES if k)} or None")
+    return code
+
+
+def _activation_args(activation, like: Tensor) -> tuple[int, Tensor, Tensor]:
+    """``(ACTIVATION, a, b)`` for a backward kernel (``like`` stands in for the unused
+    coefficients without an activation)."""
+    if activation is None:
+        return 0, like, like
+    name, a, b = activation
+    if a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()) \
+            or a.device != like.device:
+        raise ValueError(f"the activation's coefficients must be contiguous (groups, C) "
+                         f"tensors on {like.device}, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _activation_code(name), a, b
+
+
 # ---------------------------------------------------------------- the passes
 
 
@@ -330,22 +391,29 @@ def moments(x3: Tensor, rows: Tensor, shift: Tensor, w3: Tensor | None) -> Tenso
     return torch.cat([sums, torch.full((1, groups, channels), float(per_group * inner), **f64)])
 
 
-def affine(x3: Tensor, gid: Tensor, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+def affine(x3: Tensor, gid: Tensor, a: Tensor, b: Tensor, out: Tensor,
+           activation: str | None = None) -> Tensor:
     """``out[o, c, i] = x3[o, c, i] * a[g, c] + b[g, c]`` with ``g = gid[o]``, computed in
-    the coefficients' dtype and rounded to ``out``'s; returns ``out``."""
+    the coefficients' dtype (``act`` of it with an ``activation``) and rounded to ``out``'s;
+    returns ``out``."""
     _check(x3, gid, a, b, out)
+    code = _activation_code(activation)
     outer, channels, inner = x3.shape
     if x3.numel():
         programs, grid = _elementwise_grid(x3)
         with _device(x3):
-            _affine_kernel[(programs,)](x3, gid, a, b, out, outer, channels, inner, **grid)
+            _affine_kernel[(programs,)](x3, gid, a, b, out, outer, channels, inner,
+                                        ACTIVATION=code, **grid)
     return out
 
 
-def grad_sums(x3: Tensor, dy3: Tensor, rows: Tensor, mean: Tensor) -> Tensor:
+def grad_sums(x3: Tensor, dy3: Tensor, rows: Tensor, mean: Tensor, activation=None) -> Tensor:
     """float64 ``(2, groups, C)``: ``sum dy`` and ``sum dy (x - mean)`` per (group, channel)
-    (``mean`` is rounded to the run dtype first, as in the CPU kernel)."""
+    (``mean`` is rounded to the run dtype first, as in the CPU kernel). With ``activation``,
+    ``(name, a, b)``, the sums of ``dz = dy * act'(x * a + b)`` instead of ``dy``
+    (``a``/``b``: the output pass's ``(groups, C)`` coefficients)."""
     _check(x3, dy3, rows, mean)
+    code, a, b = _activation_args(activation, mean)
     outer, channels, inner = x3.shape
     groups, per_group = rows.shape
     mean = mean.to(_run_dtype(x3)).contiguous()
@@ -356,21 +424,25 @@ def grad_sums(x3: Tensor, dy3: Tensor, rows: Tensor, mean: Tensor) -> Tensor:
     part = torch.empty(2, groups, blocks, channels, dtype=torch.float64, device=x3.device)
     with _device(x3):
         _grad_sums_kernel[(groups * blocks * grid["ctiles"],)](
-            x3, dy3, rows, mean, part, groups, per_group, channels, inner, **grid)
+            x3, dy3, rows, mean, a, b, part, groups, per_group, channels, inner,
+            ACTIVATION=code, **grid)
     return part.sum(2)
 
 
 def grad_input(x3: Tensor, dy3: Tensor, gid: Tensor, m: Tensor, p: Tensor, q: Tensor,
-               u: Tensor, w3: Tensor | None, out: Tensor) -> Tensor:
+               u: Tensor, w3: Tensor | None, out: Tensor, activation=None) -> Tensor:
     """``out = p dy - w (q (x - m) + u)`` with per-(group, channel) coefficients (computed
-    in their dtype, rounded to ``out``'s) and ``w = 1`` when ``w3`` is None; returns ``out``."""
+    in their dtype, rounded to ``out``'s) and ``w = 1`` when ``w3`` is None; returns ``out``.
+    With ``activation`` (``(name, a, b)``, as in :func:`grad_sums`) ``dy * act'(x * a + b)``
+    replaces ``dy``."""
     _check(x3, dy3, gid, m, p, q, u, w3, out)
+    code, a, b = _activation_args(activation, p)
     masked, per_channel = _mask_flags(w3, x3)
     outer, channels, inner = x3.shape
     if x3.numel():
         programs, grid = _elementwise_grid(x3)
         with _device(x3):
             _grad_input_kernel[(programs,)](
-                x3, dy3, gid, m, p, q, u, w3 if masked else x3, out, outer, channels, inner,
-                MASKED=masked, PER_CHANNEL=per_channel, **grid)
+                x3, dy3, gid, m, p, q, u, a, b, w3 if masked else x3, out, outer, channels,
+                inner, MASKED=masked, PER_CHANNEL=per_channel, ACTIVATION=code, **grid)
     return out

@@ -15,12 +15,17 @@ statistics (biased variance, ghost batch grouping, masked counts, the moving
 statistics for a group a mask leaves empty), the same renorm correction, the same
 gradients (r and d without gradient). Double backward (``create_graph=True``)
 recomputes through the composite path, so higher derivatives stay exact.
+
+An ``activation`` (``config.activation``) costs no pass of its own: the output pass
+writes ``act(z)``, ``z = x * a + b``, and the backward passes take
+``dz = dy * act'(z)`` with ``z`` recomputed from ``x`` (one multiply-add per value)
+instead of reading a stored ``z``: what is saved for the backward stays ``x`` alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -31,7 +36,17 @@ from ..statistics import affine_terms, output_affine, pooled_statistics, renorm_
 from .composite import COMPOSITE
 from .protocol import KernelCall
 
-__all__ = ["Context", "Passes", "TwoPassFunction", "train"]
+__all__ = ["Context", "FusedActivation", "Passes", "TwoPassFunction", "train"]
+
+
+class FusedActivation(NamedTuple):
+    """The activation the backward passes differentiate through: its name and the output
+    pass's coefficients ``(a, b)`` (``z = x * a + b`` per (group, channel), in the passes'
+    compute dtype), from which they recompute ``z``."""
+
+    name: str
+    a: Tensor
+    b: Tensor
 
 
 class Passes(Protocol):
@@ -51,18 +66,22 @@ class Passes(Protocol):
         """float64 ``(shift, sum w (x - shift), sum w (x - shift)**2, sum w)``."""
         ...
 
-    def affine(self, x3: Tensor, layout: Any, a: Tensor, b: Tensor, y3: Tensor) -> Tensor:
-        """``y3 = x3 * a + b`` per (group, channel); returns ``y3``."""
+    def affine(self, x3: Tensor, layout: Any, a: Tensor, b: Tensor, y3: Tensor,
+               activation: str | None = None) -> Tensor:
+        """``y3 = act(x3 * a + b)`` per (group, channel) (no ``act`` for None); returns
+        ``y3``."""
         ...
 
-    def grad_sums(self, x3: Tensor, dy3: Tensor, layout: Any,
-                  mean: Tensor) -> tuple[Tensor, Tensor]:
-        """float64 ``(sum dy, sum dy * (x - mean))``."""
+    def grad_sums(self, x3: Tensor, dy3: Tensor, layout: Any, mean: Tensor,
+                  activation: FusedActivation | None = None) -> tuple[Tensor, Tensor]:
+        """float64 ``(sum dz, sum dz * (x - mean))``, ``dz = dy`` (or ``dy * act'(z)``)."""
         ...
 
     def grad_input(self, x3: Tensor, dy3: Tensor, layout: Any, m: Tensor, p: Tensor,
-                   q: Tensor, u: Tensor, w3: Any, dx3: Tensor) -> Tensor:
-        """``dx3 = p * dy - w * (q * (x - m) + u)``; returns ``dx3``."""
+                   q: Tensor, u: Tensor, w3: Any, dx3: Tensor,
+                   activation: FusedActivation | None = None) -> Tensor:
+        """``dx3 = p * dz - w * (q * (x - m) + u)``, ``dz`` as in :meth:`grad_sums`;
+        returns ``dx3``."""
         ...
 
 
@@ -107,6 +126,7 @@ class _Saved:
     selected: Tensor | None  # masked: the selected count per (group, channel)
     count: Tensor | int  # the values behind each statistic
     mask: Any  # the mask as the passes read it
+    activation: FusedActivation | None = None  # the output's activation, if any
 
 
 class TwoPassFunction(torch.autograd.Function):
@@ -149,12 +169,18 @@ class TwoPassFunction(torch.autograd.Function):
         invstd = torch.rsqrt(variance + config.epsilon)  # (groups, C)
         a, shift_out = affine_terms(mean, invstd, scale, offset)
         cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y3 = passes.affine(x3, layout, a.to(cdtype).contiguous(),
-                           shift_out.to(cdtype).contiguous(), y3)
+        a, shift_out = a.to(cdtype).contiguous(), shift_out.to(cdtype).contiguous()
+        activation = None
+        if config.activation is None:
+            y3 = passes.affine(x3, layout, a, shift_out, y3)
+        else:
+            y3 = passes.affine(x3, layout, a, shift_out, y3, config.activation)
+            activation = FusedActivation(config.activation, a, shift_out)
 
         ctx.save_for_backward(x, gamma, beta)
         ctx.context = o
-        ctx.saved = _Saved(mean, invstd, scale, r, d, n if masked else None, count, w3)
+        ctx.saved = _Saved(mean, invstd, scale, r, d, n if masked else None, count, w3,
+                           activation)
         ctx.mark_non_differentiable(*(t for t in stats if isinstance(t, Tensor)))
         return layout.unview(y3), stats.mean, stats.variance, stats.count
 
@@ -168,7 +194,11 @@ class TwoPassFunction(torch.autograd.Function):
         x3 = layout.view(x if layout.contiguous else x.contiguous())
         dy3 = layout.view(dy.to(x.dtype))
         dx3 = torch.empty_like(x3) if ctx.needs_input_grad[0] else None
-        s1, t = o.passes.grad_sums(x3, dy3, layout, saved.mean)  # sum dy, sum dy (x - mean)
+        activation = saved.activation
+        if activation is None:
+            s1, t = o.passes.grad_sums(x3, dy3, layout, saved.mean)  # sum dy, sum dy (x - mean)
+        else:  # the same sums of dz = dy * act'(x * a + b)
+            s1, t = o.passes.grad_sums(x3, dy3, layout, saved.mean, activation)
         s2 = t * saved.invstd  # sum dy xhat
         r, d = saved.r, saved.d
         dgamma = dbeta = None
@@ -187,7 +217,11 @@ class TwoPassFunction(torch.autograd.Function):
             cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             coeffs = [c.to(cdtype).contiguous()
                       for c in (saved.mean, p.expand_as(saved.mean), q, u)]
-            dx = layout.unview(o.passes.grad_input(x3, dy3, layout, *coeffs, saved.mask, dx3))
+            if activation is None:
+                dx3 = o.passes.grad_input(x3, dy3, layout, *coeffs, saved.mask, dx3)
+            else:
+                dx3 = o.passes.grad_input(x3, dy3, layout, *coeffs, saved.mask, dx3, activation)
+            dx = layout.unview(dx3)
         return dx, dgamma, dbeta, None
 
 
