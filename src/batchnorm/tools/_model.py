@@ -10,6 +10,8 @@ functions do not, so that every tool can import them). One version of each:
 - :func:`layer_moments`: a layer input's per-feature count, mean and sum of
   squared deviations;
 - :class:`BatchNormTracer`: the ``torch.fx`` tracer that keeps batch norms as calls;
+- :func:`activation_name`, :func:`activation_module`: the activations a
+  :class:`~batchnorm.BatchNorm` can fuse, as torch modules and calls;
 - :func:`has_hooks`: whether a user registered hooks on a module;
 - :func:`replace_modules`: put new modules in place of old ones everywhere in a tree;
 - :func:`snapshot_buffers` / :func:`restore_buffers` and :func:`snapshot_modes` /
@@ -31,12 +33,15 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .. import activations
 from .. import functional as F
 from ..layer import BatchNorm
 from ..updates import deferred_updates
 
 __all__ = [
     "BatchNormTracer",
+    "activation_module",
+    "activation_name",
     "batch_norm_layers",
     "example_args",
     "has_hooks",
@@ -173,6 +178,51 @@ class BatchNormTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_batch_norm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+# ---------------------------------------------------------------- activations
+
+# The torch forms of each fusable activation (batchnorm.activations.ACTIVATIONS), by the
+# exact class, function or method name: a subclass may compute something else.
+_ACTIVATION_MODULES: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.SiLU: "silu"}
+_ACTIVATION_FUNCTIONS: dict[Any, str] = {
+    torch.relu: "relu", torch.relu_: "relu", nn.functional.relu: "relu",
+    nn.functional.relu_: "relu", nn.functional.silu: "silu"}
+_ACTIVATION_METHODS: dict[str, str] = {"relu": "relu", "relu_": "relu"}
+
+
+def activation_name(module_or_node: nn.Module | torch.fx.Node,
+                    root: nn.Module | None = None) -> str | None:
+    """The fusable activation (``"relu"``, ``"silu"``) a module computes, or an ``fx`` node
+    applies to its first argument (``root``: the traced module, for ``call_module`` nodes);
+    None for anything else.
+
+    Modules: exactly ``nn.ReLU`` and ``nn.SiLU`` (``inplace`` either way). Nodes: those
+    modules, ``torch.relu(_)``, ``F.relu(_)``, ``F.silu`` and ``x.relu(_)()``, with no
+    argument besides the input and ``inplace``.
+    """
+    if isinstance(module_or_node, nn.Module):
+        return _ACTIVATION_MODULES.get(type(module_or_node))
+    node = module_or_node
+    if not node.args or any(k != "inplace" for k in node.kwargs):
+        return None
+    if node.op == "call_module" and root is not None and len(node.args) == 1:
+        return _ACTIVATION_MODULES.get(type(root.get_submodule(node.target)))
+    if node.op == "call_function" and len(node.args) <= 2:
+        if len(node.args) == 2 and not isinstance(node.args[1], bool):  # F.relu(x, inplace)
+            return None
+        try:
+            return _ACTIVATION_FUNCTIONS.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
+    if node.op == "call_method" and len(node.args) == 1:
+        return _ACTIVATION_METHODS.get(node.target)
+    return None
+
+
+def activation_module(activation: str) -> nn.Module:
+    """A new ``torch.nn`` module computing ``activation`` (``nn.ReLU()``, ``nn.SiLU()``)."""
+    return activations.module(activation)
 
 
 # ---------------------------------------------------------------- module surgery

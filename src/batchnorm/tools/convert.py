@@ -21,6 +21,8 @@ unbiased batch variance in        ``unbiased_moving_variance=True``
 ``running_mean``, ``running_var``  ``moving_mean``, ``moving_variance``
 ``num_batches_tracked``           ``num_updates``
 channel axis 1                    ``axis=1``
+followed by ``nn.ReLU``/``SiLU``  ``activation="relu"``/``"silu"``
+(``fuse_activation=True``)        (the activation module: ``nn.Identity``)
 ================================  =====================================
 """
 
@@ -31,13 +33,18 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..layer import BatchNorm
 from ._model import (
+    BatchNormTracer,
+    activation_module,
+    activation_name,
     batch_norm_layers,
     has_hooks,
+    is_batch_norm,
     replace_modules,
     restore_modes,
     run_without_updates,
@@ -53,6 +60,9 @@ _TORCH_CLASSES: dict[str, type[nn.Module]] = {
 }
 # The torch.nn class a converted layer came from, so that to_torch can give it back.
 _CONVERTED_FROM = "_converted_from_torch_class"
+# On a layer convert fused an activation module into: (the nn.Identity put in the
+# module's place, the module), so that to_torch can put the module back there.
+_FUSED_FROM = "_fused_activation_from_torch"
 # Input ranks each torch.nn class accepts (SyncBatchNorm: any rank from 2 on).
 _RANKS = {"BatchNorm1d": {2, 3}, "BatchNorm2d": {4}, "BatchNorm3d": {5}}
 
@@ -133,7 +143,8 @@ def _from_torch(module: nn.Module) -> BatchNorm:
     return layer
 
 
-def convert(model: nn.Module, *, strict: bool = True) -> nn.Module:
+def convert(model: nn.Module, *, strict: bool = True, fuse_activation: bool = False
+            ) -> nn.Module:
     """Replace every ``torch.nn`` batch normalization layer in ``model`` by a ``bn.BatchNorm``.
 
     Converts ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and ``LazyBatchNorm1d/2d/3d``
@@ -158,12 +169,33 @@ def convert(model: nn.Module, *, strict: bool = True) -> nn.Module:
     here (torch keeps them in half precision), and a batch with NaN or Inf is
     kept out of the moving averages (and of ``num_updates``) with a warning.
 
+    ``fuse_activation=True`` also fuses each batch norm whose output goes only to a ReLU
+    or SiLU (``nn.ReLU``/``nn.SiLU`` modules, ``torch.relu``, ``F.relu``, ``F.silu``,
+    ``x.relu()``) into one ``bn.BatchNorm(activation=...)`` (see
+    :mod:`batchnorm.activations`: the activation then costs no memory pass of its own).
+    The pairs are found on the model's ``torch.fx`` graph (any traceable model: residual
+    blocks, branches) or, in a module fx cannot trace, between neighbours of a plain
+    ``nn.Sequential`` (searched in its children). An activation module used by that call
+    alone becomes ``nn.Identity`` and the model keeps its classes; an activation that is
+    a function call, or a module also called elsewhere (ResNet's shared ``self.relu``), is
+    removed from the traced graph, so that (sub)model comes back as a
+    ``torch.fx.GraphModule`` of its traced forward. Batch norms already ``bn.BatchNorm``
+    (without activation) are fused too; nothing is fused where that would change the
+    result: another user of the batch norm's output, hooks on either module, a batch
+    norm called more than once or registered under several names, a layer left
+    unconverted.
+
     Example:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
         >>> model = bn.convert(model)
         >>> model[1]
         BatchNorm(8, axis=1, momentum=0.9, epsilon=1e-05, unbiased_moving_variance=True)
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+        ...                             torch.nn.ReLU())
+        >>> model = bn.convert(model, fuse_activation=True)
+        >>> model[1].activation, model[2]
+        ('relu', Identity())
     """
     replacements: dict[int, nn.Module] = {}
     problems: list[tuple[str, str]] = []
@@ -186,7 +218,157 @@ def convert(model: nn.Module, *, strict: bool = True) -> nn.Module:
                 "the others and leave these as they are")
         warnings.warn(f"left {len(problems)} torch.nn layer(s) unconverted: {listing}",
                       UserWarning, stacklevel=2)
+    if fuse_activation and id(model) not in replacements:
+        model = _ActivationFuser(model, replacements).fuse(model)
     return replace_modules(model, replacements)
+
+
+# ---------------------------------------------------------------------------- fusing
+
+
+class _ActivationFuser:
+    """Fuses (batch norm, activation) pairs of one model for :func:`convert`.
+
+    ``replacements`` maps converted torch layers to their BatchNorm; fusing sets the
+    activation of those layers (or of BatchNorm layers already in the model) and adds the
+    activation modules that become ``nn.Identity`` to it.
+    """
+
+    def __init__(self, model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+        self.replacements = replacements
+        self.registrations: dict[int, int] = {}
+        for _, m in model.named_modules(remove_duplicate=False):
+            self.registrations[id(m)] = self.registrations.get(id(m), 0) + 1
+
+    def layer(self, bn: nn.Module) -> BatchNorm | None:
+        """The BatchNorm ``bn`` is or becomes, if an activation can be fused into it."""
+        layer = self.replacements.get(id(bn), bn)
+        if (type(layer) is not BatchNorm or layer.activation is not None or has_hooks(bn)
+                or self.registrations.get(id(bn), 0) != 1):
+            return None
+        return layer
+
+    def fuse_module(self, layer: BatchNorm, act: nn.Module, name: str) -> None:
+        """Fuse ``act`` into ``layer``; ``act``'s place gets an ``nn.Identity``."""
+        identity = nn.Identity()
+        layer.reconfigure(activation=name)
+        setattr(layer, _FUSED_FROM, (identity, act))  # a tuple: not registered as a child
+        self.replacements[id(act)] = identity
+
+    def fuse(self, module: nn.Module) -> nn.Module:
+        """Fuse in ``module``; returns it, or the GraphModule replacing it."""
+        try:
+            graph = BatchNormTracer().trace(module)
+        except Exception:  # any failure to trace: the module tree instead
+            self._fuse_untraceable(module)
+            return module
+        return self._fuse_graph(module, graph)
+
+    def _fuse_graph(self, root: nn.Module, graph: torch.fx.Graph) -> nn.Module:
+        calls: dict[str, int] = {}
+        attributes: list[str] = []
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+            elif node.op == "get_attr":
+                attributes.append(node.target)
+
+        def used_once(target: str) -> bool:
+            return calls[target] == 1 and not any(
+                a == target or a.startswith(target + ".") for a in attributes)
+
+        # The calls to take out of a forward, by the module whose forward makes them.
+        rewrites: dict[str, dict[str, str]] = {}
+        for node in graph.nodes:
+            name, user = self._pair(root, node)
+            if name is None or not used_once(node.target):
+                continue
+            if user.op == "call_module":
+                act = root.get_submodule(user.target)
+                if has_hooks(act):
+                    continue
+                if used_once(user.target) and self.registrations.get(id(act), 0) == 1:
+                    self.fuse_module(self.layer(root.get_submodule(node.target)), act, name)
+                    continue
+            stack = list(user.meta.get("nn_module_stack", {}))
+            if user.op == "call_module":
+                stack = stack[:-1]  # the activation module itself
+            owner = stack[-1] if stack else ""
+            if owner and not (node.target.startswith(owner + ".")
+                              and self.registrations.get(id(root.get_submodule(owner))) == 1):
+                continue
+            prefix = owner + "." if owner else ""
+            rewrites.setdefault(owner, {})[node.target.removeprefix(prefix)] = name
+        # Deepest first: an owner's GraphModule is traced through by its ancestors'.
+        for owner in sorted(rewrites, key=lambda o: o.count(".") + bool(o), reverse=True):
+            module = root.get_submodule(owner)
+            rewritten = self._rewrite(module, rewrites[owner])
+            if rewritten is module:
+                continue
+            if not owner:
+                root = rewritten
+            else:
+                parent, _, child = owner.rpartition(".")
+                setattr(root.get_submodule(parent), child, rewritten)
+        return root
+
+    def _pair(self, root: nn.Module, node: torch.fx.Node):
+        """``(activation, its node)`` when ``node`` calls a batch norm that can take the
+        activation its only user applies to it, else ``(None, None)``."""
+        if node.op != "call_module" or len(node.users) != 1:
+            return None, None
+        bn = root.get_submodule(node.target)
+        (user,) = node.users
+        if not is_batch_norm(bn) or self.layer(bn) is None or not user.args \
+                or user.args[0] is not node or any(a is node for a in user.args[1:]):
+            return None, None
+        name = activation_name(user, root)
+        return (name, user) if name is not None else (None, None)
+
+    def _rewrite(self, module: nn.Module, targets: dict[str, str]) -> nn.Module:
+        """``module`` as a GraphModule without the activation calls after the batch norms
+        ``targets`` names (relative name -> activation), each fused into its layer; ``module``
+        itself when it cannot be traced on its own."""
+        try:
+            graph = BatchNormTracer().trace(module)
+        except Exception:  # traceable only as part of its parent: leave these pairs
+            return module
+        fused = 0
+        for node in list(graph.nodes):
+            name, user = self._pair(module, node)
+            if name is None or targets.get(node.target) != name:
+                continue
+            self.layer(module.get_submodule(node.target)).reconfigure(activation=name)
+            user.replace_all_uses_with(node)
+            graph.erase_node(user)
+            fused += 1
+        if not fused:
+            return module
+        graph.lint()
+        rewritten = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
+        # The GraphModule shares the module's leaves; the containers it builds on the way to
+        # them are new: each keeps the train/eval flag of the one it stands for.
+        for name, m in rewritten.named_modules():
+            m.training = module.get_submodule(name).training
+        return rewritten
+
+    def _fuse_untraceable(self, module: nn.Module) -> None:
+        children = list(module.named_children())
+        plain_sequential = (isinstance(module, nn.Sequential)
+                            and type(module).forward is nn.Sequential.forward)
+        for i, (name, child) in enumerate(children):
+            if is_batch_norm(child):
+                if not plain_sequential or i + 1 == len(children):
+                    continue
+                act = children[i + 1][1]
+                layer, activation = self.layer(child), activation_name(act)
+                if (layer is not None and activation is not None and not has_hooks(act)
+                        and self.registrations.get(id(act), 0) == 1):
+                    self.fuse_module(layer, act, activation)
+            elif any(is_batch_norm(m) for m in child.modules()):
+                fused = self.fuse(child)
+                if fused is not child:
+                    setattr(module, name, fused)
 
 
 # ---------------------------------------------------------------------------- ours -> torch
@@ -311,6 +493,11 @@ def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> C
     and the initializers are not carried over: they do not change what the
     layer computes (torch's ``reset_parameters`` uses ones and zeros).
 
+    A layer with an ``activation`` becomes the torch layer and the activation's module
+    (``nn.ReLU()``/``nn.SiLU()``): where :func:`convert` fused that module and left an
+    ``nn.Identity`` in its place, the module goes back there (the original structure and
+    state-dict keys); otherwise the layer becomes ``nn.Sequential(torch layer, module)``.
+
     The torch class (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) is the one the
     layer was converted from by :func:`convert`; otherwise it comes from the
     input ranks seen when ``model(example_input)`` (a tensor or a tuple of
@@ -336,10 +523,21 @@ def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> C
         ranks = _input_ranks(model, example_input, [m for _, m in layers.values()])
     replacements: dict[int, nn.Module] = {}
     not_converted: list[tuple[str, str]] = []
+    present = {id(m) for m in model.modules()}
     for key, (name, layer) in layers.items():
         try:
-            replacements[key] = _to_torch_layer(layer, ranks.get(key, set()))
+            module = _to_torch_layer(layer, ranks.get(key, set()))
         except _Unconvertible as why:
             not_converted.append((name, str(why)))
+            continue
+        if layer.activation is not None:
+            identity, act = getattr(layer, _FUSED_FROM, (None, None))
+            if identity is not None and id(identity) in present \
+                    and activation_name(act) == layer.activation:
+                replacements[id(identity)] = act  # back where convert found it
+            else:
+                act = activation_module(layer.activation)
+                module = nn.Sequential(module, act).train(layer.training)
+        replacements[key] = module
     return ConversionResult(replace_modules(model, replacements), not_converted)
 

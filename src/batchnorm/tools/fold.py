@@ -4,6 +4,8 @@ In inference batch normalization is a fixed per-channel affine map,
 ``y = s * (z - mean) + beta`` with ``s = gamma / sqrt(variance + epsilon)``; when
 ``z = W x + b`` comes from a convolution or a linear layer whose output goes
 nowhere else, ``y = (s W) x + (s (b - mean) + beta)``: one layer instead of two.
+A layer with an ``activation`` (``bn.BatchNorm(activation="relu")``) leaves that
+activation's module (``nn.ReLU()``, ``nn.SiLU()``) in its place.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .. import functional as F
 from ..layer import BatchNorm
 from ._model import (
     BatchNormTracer,
+    activation_module,
     batch_norm_layers,
     has_hooks,
     is_batch_norm,
@@ -39,7 +42,8 @@ class FoldResult(NamedTuple):
     """What :func:`fold` returns."""
 
     model: nn.Module
-    """An inference copy of the model (``eval()``), folded layers replaced by ``nn.Identity``."""
+    """An inference copy of the model (``eval()``), folded layers replaced by ``nn.Identity``
+    (by their activation's module, ``nn.ReLU()``/``nn.SiLU()``, for a layer with one)."""
     folded: list[tuple[str, str]]
     """``(batch-norm name, name of the layer it was folded into)``, in model order."""
     not_folded: list[tuple[str, str]]
@@ -115,7 +119,9 @@ class _Folder:
             return
         _fold_into(producer, bn)
         self.folded[bn_name] = producer_name
-        self.replaced[id(bn)] = nn.Identity()
+        activation = bn.activation if isinstance(bn, BatchNorm) else None
+        self.replaced[id(bn)] = (nn.Identity() if activation is None
+                                 else activation_module(activation).eval())
 
     def walk(self, module: nn.Module, prefix: str) -> None:
         """Fold in ``module``: along its fx graph, or else pairwise in a Sequential and below."""
@@ -242,7 +248,9 @@ def fold(model: nn.Module, example_input: Tensor | tuple | None = None) -> FoldR
     ``axis=-1``, or ``axis=1`` on a 2-D input), is folded into that layer's
     weight and bias (a bias is created if absent; groups and ConvTranspose's
     ``(in, out / groups, ...)`` weight layout are handled) and replaced by
-    ``nn.Identity``. The statistics folded are those inference uses
+    ``nn.Identity``, or by its activation's module for a layer with an ``activation``
+    (``nn.ReLU()``, ``nn.SiLU()``: the activation stays, after the folded layer). The
+    statistics folded are those inference uses
     (:func:`batchnorm.functional.inference_statistics`, debias included).
 
     The pairs are found on the ``torch.fx`` graph of the model (any
