@@ -297,3 +297,13 @@ def test_normalize_has_no_activation_and_infer_applies_it_to_features_on_any_axi
     torch.testing.assert_close(y, torch.nn.functional.silu(plain), rtol=1e-6, atol=1e-6)
     assert (inference.normalize(x, torch.zeros(1, 1, 3), torch.ones(1, 1, 3), None, None, 1e-3)
             < 0).any()
+
+
+@needs_numba
+def test_fused_none_takes_the_fused_passes_for_channels_last_with_an_activation():
+    # Plain channels-last keeps ATen's kernel; with an activation the fused passes save the
+    # activation's own pass over memory, so the CPU kernel takes it.
+    x = torch.randn(64, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    for activation, expected in ((None, native.NATIVE), ("relu", cpu.CPU)):
+        call = KernelCall(BatchNormConfig(activation=activation), (1,))
+        assert kernels.select(x, initial_state(16), call) is expected

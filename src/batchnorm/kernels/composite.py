@@ -130,8 +130,10 @@ def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, 
                   _adjustment_term(adj_bias, x, axes, "bias"))
     scale, offset = output_affine(broadcast(call.gamma, view, feature_axes),
                                   broadcast(call.beta, view, feature_axes), r, d, adjust)
-    y = normalize(view, mean, variance, offset, scale, config.epsilon)
-    return activate(y.reshape(x.shape), config.activation), stats
+    y = normalize(view, mean, variance, offset, scale, config.epsilon).reshape(x.shape)
+    if config.activation is not None:
+        y = activate(y, config.activation)
+    return y, stats
 
 
 COMPOSITE = CompositeKernel()
