@@ -71,3 +71,77 @@ def test_triton_passes_name_the_activation_they_do_not_know():
     with pytest.raises(ValueError, match=r"activation='gelu': expected one of \['relu', 'silu'\]"):
         triton_passes.affine(x3, torch.zeros(2, dtype=torch.int64, device=DEVICE), coefficients,
                              coefficients, torch.empty_like(x3), "gelu")
+
+
+# Compiles (for an H200, sm_90, without needing a GPU: Triton's NVIDIA backend only) every
+# variant the activation adds: the output and both backward kernels for ReLU and SiLU, in
+# float32, bfloat16 and float64, planes and rows, masked or not. The interpreter accepts code
+# the GPU compiler rejects (mixed types in a branch, float64 transcendental functions); this
+# is test_triton.py's compile check, with the kernels launched with an activation.
+COMPILE_SCRIPT = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from batchnorm.kernels import triton_passes as tp
+
+TYPES = {torch.float32: 'fp32', torch.float64: 'fp64', torch.bfloat16: 'bf16',
+         torch.int64: 'i64', torch.uint8: 'u8'}
+launches = []
+for name in ('_affine_kernel', '_grad_sums_kernel', '_grad_input_kernel'):
+    kernel = getattr(tp, name)
+    record = (lambda kernel: lambda *a, **kw: launches.append((kernel, a, kw)))(kernel)
+    setattr(tp, name, type('Recorder', (), {'__getitem__': lambda self, grid, r=record: r})())
+tp.INTERPRETED = True  # let CPU tensors past the device check: nothing is launched
+for activation in ('relu', 'silu'):
+    for shape, dtype, mask in [((2, 4, 3136), torch.bfloat16, None),
+                               ((4, 8, 49), torch.float32, 1),
+                               ((64, 3, 1), torch.float64, 3)]:
+        x3 = torch.zeros(shape, dtype=dtype)
+        rows, gid = torch.arange(shape[0]).reshape(2, -1), torch.arange(shape[0]) % 2
+        cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        k = torch.zeros(2, shape[1], dtype=cdtype)
+        w3 = None if mask is None else torch.ones(shape[0], mask, shape[2], dtype=torch.uint8)
+        tp.affine(x3, gid, k, k, x3, activation)
+        tp.grad_sums(x3, x3, rows, k, (activation, k, k))
+        tp.grad_input(x3, x3, gid, k, k, k, k, w3, x3, (activation, k, k))
+assert len(launches) == 18
+for kernel, args, kwargs in launches:
+    assert kwargs['ACTIVATION'] in (1, 2)
+    names = kernel.arg_names
+    constexprs = {p.name for p in kernel.params if p.is_constexpr}
+    signature, constants, attrs = {}, {}, {}
+    for name, arg in {**dict(zip(names, args)), **kwargs}.items():
+        if isinstance(arg, torch.Tensor):
+            signature[name] = '*' + TYPES[arg.dtype]
+            attrs[(names.index(name),)] = [['tt.divisibility', 16]]
+        elif name in constexprs or arg == 1:
+            signature[name], constants[(names.index(name),)] = 'constexpr', arg
+        else:
+            signature[name] = 'i32'
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs),
+                              target=GPUTarget('cuda', 90, 32))
+    assert compiled.asm['cubin'], kernel.__name__
+print('compiled', len(launches))
+"""
+
+
+def test_triton_activation_kernels_compile_for_h200():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    import batchnorm
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(batchnorm.__file__).parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default of Triton 3.9 (silences its warning)
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 18" in done.stdout
