@@ -307,3 +307,20 @@ def test_fused_none_takes_the_fused_passes_for_channels_last_with_an_activation(
     for activation, expected in ((None, native.NATIVE), ("relu", cpu.CPU)):
         call = KernelCall(BatchNormConfig(activation=activation), (1,))
         assert kernels.select(x, initial_state(16), call) is expected
+
+
+@pytest.mark.parametrize(("activation", "options"), [("relu", {}),
+                                                     ("silu", {"virtual_batch_size": 8})],
+                         ids=["relu-aten", "silu-composite"])
+def test_compiled_layer_with_activation_matches_eager(activation, options):
+    # Traced, the fast path declines: ATen's kernel (ReLU in place on its output) or the
+    # composite, and inference through ATen with the activation in place. Same float32
+    # values up to the compiled graph's fusion: rtol = atol = 1e-5.
+    layer = bn.BatchNorm(16, activation=activation, **options)
+    x = torch.randn(64, 16, 8, 8)
+    for training in (True, False):
+        with torch.no_grad():
+            expected = layer(x, training=training)
+            compiled = torch.compile(lambda t, training=training: layer(t, training=training),
+                                     fullgraph=True)
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
