@@ -131,6 +131,34 @@ def test_convert_fuses_silu_calls_and_modules():
     check_equivalent(original, fused)
 
 
+class Call(nn.Module):
+    """A batch norm followed by one form of activation call."""
+
+    def __init__(self, form) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.form = form
+
+    def forward(self, x):
+        return self.form(self.bn(x)) * 2
+
+
+CALLS = {"torch.relu": torch.relu, "torch.relu_": torch.relu_,
+         "F.relu(inplace)": lambda y: nn.functional.relu(y, inplace=True),
+         "x.relu()": lambda y: y.relu(), "x.relu_()": lambda y: y.relu_(),
+         "F.silu": nn.functional.silu}
+
+
+@pytest.mark.parametrize("form", CALLS)
+def test_convert_fuses_every_call_form(form):
+    original = Call(CALLS[form])
+    fused = bn.convert(copy.deepcopy(original), fuse_activation=True)
+    assert fused.bn.activation == ("silu" if "silu" in form else "relu")
+    assert "relu" not in fused.code and "silu" not in fused.code
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(fused(x), original(x), **TOL)
+
+
 def test_convert_fuses_in_the_sequentials_of_an_untraceable_model():
     original = Untraceable()
     fused = bn.convert(copy.deepcopy(original), fuse_activation=True)
