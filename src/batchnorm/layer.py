@@ -434,6 +434,11 @@ class BatchNorm(nn.Module):
 
     def _update(self, stats: BatchStatistics, state: BatchNormState) -> None:
         applied = F.apply_update(state, stats, self._config)
+        if applied.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not applied.numpy():  # a NumPy view of CPU memory: there is no device to wait for
+                self.num_skipped.add_(1)
+                self._warn_skipped([stats])
+            return
         self.num_skipped.add_(~applied)
         if torch.compiler.is_compiling():
             return  # traced: the counter records skips; check_health() reports them
