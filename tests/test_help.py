@@ -25,9 +25,15 @@ def documented_arguments(doc: str) -> set[str]:
     return names
 
 
+def test_help_shows_the_constructor_s_signature():
+    parameters = list(inspect.signature(bn.BatchNorm).parameters)  # what help() prints
+    assert parameters[:3] == ["num_features", "axis", "momentum"]
+    assert parameters == [p for p in inspect.signature(bn.BatchNorm.__init__).parameters
+                          if p != "self"]
+
+
 def test_help_of_batchnorm_documents_every_constructor_argument():
-    parameters = [p for p in inspect.signature(bn.BatchNorm.__init__).parameters
-                  if p not in ("self", "torch_style")]
+    parameters = [p for p in inspect.signature(bn.BatchNorm).parameters if p != "torch_style"]
     missing = [p for p in parameters if p not in documented_arguments(bn.BatchNorm.__doc__)]
     assert missing == [], f"not documented in BatchNorm's Args: {missing}"
 

@@ -681,6 +681,10 @@ class BatchNorm(nn.Module):
             raise ValueError(f"cannot build a BatchNorm from config {config!r}: {error}") from None
 
 
+# help() and inspect.signature() read a class's __new__ before its __init__: show __init__'s.
+BatchNorm.__new__.__signature__ = inspect.signature(BatchNorm.__init__)  # type: ignore[attr-defined]
+
+
 def _layers(module: nn.Module):
     return (m for m in module.modules() if isinstance(m, BatchNorm))
 
