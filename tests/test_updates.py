@@ -1,8 +1,10 @@
-"""Specification of ``bn.deferred_updates``: record, apply in call order, discard on exit."""
+"""Specification of ``bn.deferred_updates``: record, apply in call order, discard on exit
+(with a warning for updates left pending)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -41,13 +43,15 @@ def test_training_call_inside_block_records_and_leaves_buffers_untouched():
         layer(batch(0), training=True)
         assert len(updates) == 1
         assert_untouched(layer)
+        updates.discard()
 
 
 def test_training_output_inside_block_equals_eager_output():
     eager, deferred = make_layer(), make_layer()
     expected = eager(batch(1), training=True)
-    with bn.deferred_updates():
+    with bn.deferred_updates() as updates:
         assert torch.equal(deferred(batch(1), training=True), expected)
+        updates.discard()
 
 
 def test_apply_applies_recorded_updates_like_eager_calls():
@@ -89,27 +93,56 @@ def test_apply_updates_every_recorded_layer():
     assert first.num_updates.item() == 1 and second.num_updates.item() == 1
 
 
-def test_leaving_block_without_apply_discards_updates():
+def test_leaving_block_without_apply_discards_updates_with_a_warning():
     layer = make_layer()
-    with bn.deferred_updates() as updates:
-        layer(batch(6), training=True)
-        layer(batch(7), training=True)
+    with pytest.warns(RuntimeWarning, match=r"2 moving-statistics update\(s\) .* neither "
+                                            r"applied nor discarded.*updates\.apply\(\).*"
+                                            r"updates\.discard\(\)") as caught:
+        with bn.deferred_updates() as updates:
+            layer(batch(6), training=True)
+            layer(batch(7), training=True)
+    assert len(caught) == 1
+    assert caught[0].filename == __file__  # points at the user's block, not the library
     assert len(updates) == 0
     assert_untouched(layer)
+
+
+def test_explicit_discard_leaves_the_block_silently():
+    layer = make_layer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bn.deferred_updates() as updates:
+            layer(batch(6), training=True)
+            assert updates.discard() == 1
+    assert_untouched(layer)
+
+
+def test_block_with_nothing_pending_leaves_silently():
+    layer = make_layer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bn.deferred_updates() as updates:
+            layer(batch(6), training=True)
+            updates.apply()
+        with bn.deferred_updates():
+            layer(batch(6), training=False)
+    assert layer.num_updates.item() == 1
 
 
 def test_apply_after_exit_raises_runtime_error_and_changes_nothing():
     layer = make_layer()
     with bn.deferred_updates() as updates:
         layer(batch(8), training=True)
+        updates.discard()
     with pytest.raises(RuntimeError, match="exited"):
         updates.apply()
     assert_untouched(layer)
 
 
-def test_exception_inside_block_discards_updates_and_closes_it():
+def test_exception_inside_block_discards_updates_silently_and_closes_it():
     layer = make_layer()
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed step's updates are dropped on purpose
         with bn.deferred_updates():
             layer(batch(9), training=True)
             raise KeyError("boom")
@@ -136,8 +169,10 @@ def test_nested_blocks_record_in_the_innermost():
             layer(batch(12), training=True)
             layer(batch(13), training=True)
             assert len(inner) == 2 and len(outer) == 1
+            inner.discard()
         assert len(outer) == 1
         assert_untouched(layer)
+        outer.discard()
 
 
 def test_nested_inner_exit_discards_only_inner_updates():
@@ -146,8 +181,9 @@ def test_nested_inner_exit_discards_only_inner_updates():
     eager(batch(16), training=True)
     with bn.deferred_updates() as outer:
         layer(batch(14), training=True)
-        with bn.deferred_updates():
-            layer(batch(15), training=True)
+        with pytest.warns(RuntimeWarning, match="1 moving-statistics update"):
+            with bn.deferred_updates():
+                layer(batch(15), training=True)
         layer(batch(16), training=True)
         assert outer.apply() == 2
     assert_same_buffers(buffers(layer), buffers(eager))
@@ -179,6 +215,7 @@ def test_frozen_layer_records_nothing():
     with bn.deferred_updates() as updates:
         layer(batch(19), training=True)
         assert len(updates) == 0
+    assert_untouched(layer)
 
 
 def test_second_apply_applies_only_new_records():

@@ -61,6 +61,8 @@ from .statistics import (
     update_state_,
 )
 
+del annotations  # the __future__ feature object: dir() lists the API only (see __all__)
+
 __all__ = [
     "GHOST_LAYOUTS",
     "Adjustment",

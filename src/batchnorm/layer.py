@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,6 +51,75 @@ def _normalize_num_features(
             f"names {len(axis)} feature axis/axes"
         )
     return tuple(int(s) for s in shape)
+
+
+# torch.nn.BatchNorm*d's constructor arguments that are named otherwise here: what to pass.
+_TORCH_ARGUMENTS = {
+    "eps": "pass epsilon= (the same number; TensorFlow's default is 1e-3, torch's 1e-5)",
+    "affine": "pass center= and scale= (affine=False is center=False, scale=False)",
+    "bias": "pass center= (bias=False is center=False: no beta)",
+    "track_running_stats": (
+        "there is no such option: the layer always keeps moving averages, and "
+        "track_running_stats=False (batch statistics in eval mode too) is a call with "
+        "training=True"),
+}
+
+
+def _reject_unknown_arguments(names: Sequence[str]) -> None:
+    """A ``TypeError`` for constructor keywords that are not ours, naming what to pass."""
+    name = sorted(names)[0]
+    if name in _TORCH_ARGUMENTS:
+        raise TypeError(f"BatchNorm got torch.nn's argument {name}=: {_TORCH_ARGUMENTS[name]}")
+    known = [p for p in inspect.signature(BatchNorm.__init__).parameters
+             if p not in ("self", "torch_style")]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]}=?" if close else f"; the arguments are {known}"
+    raise TypeError(f"BatchNorm got an unexpected keyword argument {name!r}{hint}")
+
+
+def _warn_small_momentum(momentum: float | None) -> None:
+    if momentum is None or momentum >= 0.5:
+        return
+    warnings.warn(
+        f"momentum={momentum} is TensorFlow's momentum here, the decay of the moving averages "
+        f"(moving = {momentum} * moving + {1 - momentum:.4g} * batch): each batch replaces "
+        f"{1 - momentum:.0%} of them. PyTorch's momentum={momentum} is "
+        f"momentum={1 - momentum:.4g} here; if a decay of {momentum} is what you mean, "
+        "silence this with warnings.filterwarnings('ignore', message='momentum=')",
+        UserWarning, stacklevel=user_stacklevel())
+
+
+class _TorchAlias:
+    """``torch.nn``'s name for one of the layer's attributes (``weight`` for ``gamma``, ...):
+    reads it, the object itself, so in-place initialization works; assigning raises."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: BatchNorm | None, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        return getattr(layer, self.target)
+
+    def __set__(self, layer: BatchNorm, value: Any) -> None:
+        raise AttributeError(
+            f"BatchNorm.{self.name} is a read-only alias of {self.target} (torch.nn's name, "
+            f"for code written for torch.nn layers); assign or modify layer.{self.target}")
+
+
+def _torch_state_keys(state_dict: dict[str, Any], prefix: str) -> None:
+    """Rename a ``torch.nn`` batch norm's state dict keys under ``prefix`` to ours, in place,
+    where ours is absent (a checkpoint with both keeps the torch key, reported unexpected)."""
+    for theirs, ours in _TORCH_STATE_KEYS.items():
+        if prefix + theirs in state_dict and prefix + ours not in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+
+
+_TORCH_STATE_KEYS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
+                     "running_var": "moving_variance", "num_batches_tracked": "num_updates"}
 
 
 class _Option:
@@ -99,14 +170,16 @@ class BatchNorm(nn.Module):
 
     Args:
         num_features: size of the feature axis (a tuple for several axes), or
-            None to infer it at the first call.
+            None to infer it at the first call. The only positional argument: every
+            option is keyword-only, with TensorFlow's names.
         axis: feature axis or axes; ``1`` is PyTorch's ``(N, C, ...)``, ``-1``
-            TensorFlow's channels-last.
+            TensorFlow's channels-last. Statistics reduce over every other axis.
         momentum: decay of the moving averages, in [0, 1) (PyTorch's
-            ``momentum=0.1`` is ``0.9`` here), or None for the cumulative
-            average of every batch so far (PyTorch's ``momentum=None``).
-        epsilon: added to the variance, > 0.
-        center, scale: learn ``beta`` / ``gamma``; when False the parameter is None.
+            ``momentum=0.1`` is ``0.9`` here; a value below 0.5 warns), or None for
+            the cumulative average of every batch so far (PyTorch's ``momentum=None``).
+        epsilon: added to the variance, > 0 (PyTorch's ``eps``).
+        center, scale: learn ``beta`` / ``gamma``; when False the parameter is None
+            (PyTorch's ``affine=False`` is both False).
         beta_initializer, gamma_initializer, moving_mean_initializer,
             moving_variance_initializer: a name (``"zeros"``, ``"ones"``),
             a number, or a callable ``shape -> tensor``.
@@ -119,6 +192,30 @@ class BatchNorm(nn.Module):
         unbiased_moving_variance: feed the Bessel-corrected batch variance into
             ``moving_variance`` (PyTorch and the original paper) instead of the
             biased one (TensorFlow and Keras). Normalization always uses the biased one.
+        renorm: Batch Renormalization (Ioffe 2017) in training: the normalized value is
+            corrected by ``r = sigma_batch / sigma_moving`` and
+            ``d = (mu_batch - mu_moving) / sigma_moving`` (no gradient through them), so
+            training sees what inference will; adds the ``moving_stddev``,
+            ``renorm_mean`` and ``renorm_stddev`` buffers.
+        renorm_clipping: with ``renorm``, a dict of bounds for the correction, each key
+            optional: ``"rmin"`` (default 0) and ``"rmax"`` (default inf) clip ``r`` to
+            ``[rmin, rmax]``, ``"dmax"`` (default inf) clips ``d`` to ``[-dmax, dmax]``;
+            None clips nothing.
+        renorm_momentum: with ``renorm``, the decay of the averages ``r`` and ``d`` are
+            computed against (``renorm_mean``, ``renorm_stddev``), in [0, 1).
+        virtual_batch_size: ghost batches (Hoffer et al. 2017): in training each group of
+            this many samples is normalized with its own statistics, and the moving
+            averages take the mean of the group statistics; it must divide the batch.
+            None: the whole batch is one group. Not combinable with ``adjustment``.
+        ghost_layout: which samples form a ghost batch: ``"strided"`` (tf_keras's
+            reshape, sample ``n`` in group ``n mod (N / virtual_batch_size)``) or
+            ``"consecutive"`` (samples ``[0, size)``, ``[size, 2 size)``, ...).
+        adjustment: in training only, a callable ``input shape -> (scale, bias)``
+            (scalars, feature-shaped, or of the input's rank) applied to the normalized
+            value before ``gamma``/``beta``: ``y = gamma * (scale * xhat + bias) + beta``.
+        fused: None picks the fastest kernel for the configuration; True demands a fused
+            kernel (a ``ValueError`` here when the options have none); False forces the
+            composite path. Every path gives the same results within float rounding.
         synchronized: in training, take the statistics of the global batch across the
             processes of ``process_group`` (``torch.distributed``, any backend), with
             exact gradients; see :mod:`batchnorm.distributed`. Inference, ghost
@@ -127,6 +224,19 @@ class BatchNorm(nn.Module):
         process_group: the group to synchronize over; None is the default group. Not
             part of :meth:`get_config` (a group cannot be serialized).
         trainable: False freezes the layer (see above).
+        device: where the parameters and buffers are created (None: torch's default).
+        dtype: the parameters' floating-point dtype (None: torch's default); the moving
+            statistics are float32, or float64 for float64 parameters.
+
+    ``torch.nn`` habits: ``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked`` and ``eps`` are read-only aliases of ``gamma``, ``beta``,
+    ``moving_mean``, ``moving_variance``, ``num_updates`` and ``epsilon`` (the objects
+    themselves: ``nn.init.ones_(layer.weight)`` works; they are not extra entries of
+    ``named_parameters()`` or ``state_dict()``, whose keys stay TensorFlow's). A
+    ``torch.nn`` batch norm's state dict loads into the layer (its keys are mapped to
+    ours). ``momentum`` is not an alias: it keeps TensorFlow's meaning. torch's
+    constructor arguments (``eps=``, ``affine=``, ``track_running_stats=``) raise a
+    ``TypeError`` naming ours.
 
     Example:
         >>> import torch, batchnorm as bn
@@ -138,6 +248,8 @@ class BatchNorm(nn.Module):
         tensor([-1.2247,  0.0000,  1.2247], grad_fn=<ViewBackward0>)
         >>> layer.moving_mean, layer.moving_variance
         (tensor([0.]), tensor([1.6567]))
+        >>> layer.running_var is layer.moving_variance   # torch.nn's names read ours
+        True
     """
 
     gamma: nn.Parameter | None
@@ -145,6 +257,17 @@ class BatchNorm(nn.Module):
     moving_mean: Tensor
     moving_variance: Tensor
     num_updates: Tensor
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> BatchNorm:
+        # torch.nn.BatchNorm2d(64, 1e-5, 0.1) passes its options by position: say what to pass.
+        if len(args) > 1 and cls.__init__ is BatchNorm.__init__:
+            shown = ", ".join(map(repr, args))
+            raise TypeError(
+                f"BatchNorm({shown}): only num_features is positional; the options are "
+                "keyword-only, with TensorFlow's names and meanings: "
+                "torch.nn.BatchNorm2d(64, eps, m) is bn.BatchNorm(64, epsilon=eps, "
+                "momentum=1 - m)")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -177,7 +300,10 @@ class BatchNorm(nn.Module):
         trainable: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **torch_style: Any,
     ) -> None:
+        if torch_style:
+            _reject_unknown_arguments(list(torch_style))
         super().__init__()
         config = BatchNormConfig(
             axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale,
@@ -195,6 +321,7 @@ class BatchNorm(nn.Module):
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         feature_shape = _normalize_num_features(num_features, config.axis)
+        _warn_small_momentum(config.momentum)
         self._config = config
         self._axis_is_int = isinstance(axis, int)
         self._process_group = process_group
@@ -254,6 +381,24 @@ class BatchNorm(nn.Module):
     fused = _Option()
     synchronized = _Option()
 
+    # ------------------------------------------------------------------ torch.nn's names
+
+    weight = _TorchAlias("gamma")
+    bias = _TorchAlias("beta")
+    running_mean = _TorchAlias("moving_mean")
+    running_var = _TorchAlias("moving_variance")
+    num_batches_tracked = _TorchAlias("num_updates")
+    eps = _TorchAlias("epsilon")
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise RuntimeError(
+            "bn.BatchNorm cannot be compiled by torch.jit.script (its Python forward picks a "
+            "kernel per call). To deploy, export the model in inference mode with "
+            "torch.export.export(model.eval(), (x,)) (or torch.onnx.export(..., dynamo=True)); "
+            "torch.jit.trace(model.eval(), x) also works; or bn.to_torch(model) for torch.nn "
+            "layers where they can represent the layer")
+
     @property
     def config(self) -> BatchNormConfig:
         """The layer's options, validated and frozen (see :meth:`reconfigure`)."""
@@ -290,7 +435,10 @@ class BatchNorm(nn.Module):
                                          if f.init})
         if unknown:
             raise TypeError(f"reconfigure got unknown option(s) {unknown}")
-        self._config = self._config.replace(**changes)
+        config = self._config.replace(**changes)
+        if "momentum" in changes:
+            _warn_small_momentum(config.momentum)
+        self._config = config
         self._process_group = process_group
         return self
 
@@ -358,6 +506,7 @@ class BatchNorm(nn.Module):
         self._lazy = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _torch_state_keys(state_dict, prefix)  # a torch.nn BatchNorm*d checkpoint loads too
         if self.num_features is None and prefix + "moving_mean" in state_dict:
             self._build(tuple(state_dict[prefix + "moving_mean"].shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -564,6 +713,10 @@ class BatchNorm(nn.Module):
             return cls(num_features, **kwargs)
         except TypeError as error:
             raise ValueError(f"cannot build a BatchNorm from config {config!r}: {error}") from None
+
+
+# help() and inspect.signature() read a class's __new__ before its __init__: show __init__'s.
+BatchNorm.__new__.__signature__ = inspect.signature(BatchNorm.__init__)  # type: ignore[attr-defined]
 
 
 def _layers(module: nn.Module):

@@ -3,15 +3,19 @@
 By default a :class:`~batchnorm.BatchNorm` called in training mode updates its
 moving averages at once. Inside ``with deferred_updates() as updates:`` it
 records the update instead; ``updates.apply()`` applies everything recorded, in
-call order, and leaving the block discards whatever was not applied.
+call order, and ``updates.discard()`` drops it. Leaving the block drops whatever is
+still pending, with a ``RuntimeWarning`` unless an exception is leaving it (forgotten
+updates are TensorFlow 1's ``UPDATE_OPS`` trap).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
+from .callsite import user_stacklevel
 from .state import BatchStatistics
 
 __all__ = ["DeferredUpdates", "StatisticsSink", "deferred_updates"]
@@ -74,7 +78,9 @@ def deferred_updates() -> Iterator[DeferredUpdates]:
 
     Use it for a training-mode forward pass that must not touch the statistics
     (the second pass of SAM, adversarial examples), or to apply the updates only
-    once the optimizer step succeeded:
+    once the optimizer step succeeded. Updates neither applied nor discarded when the
+    block ends are dropped with a ``RuntimeWarning`` saying how many (an exception leaving
+    the block drops them silently):
 
     >>> import torch, batchnorm as bn
     >>> layer = bn.BatchNorm(2)
@@ -89,12 +95,24 @@ def deferred_updates() -> Iterator[DeferredUpdates]:
     """
     recorder = DeferredUpdates()
     _ACTIVE.append(recorder)
+    raised = False
     try:
         yield recorder
+    except BaseException:
+        raised = True  # a failed step: dropping its updates is the point, no warning
+        raise
     finally:
         _ACTIVE.remove(recorder)
-        recorder.discard()
+        dropped = recorder.discard()
         recorder._open = False
+        if dropped and not raised:
+            warnings.warn(
+                f"{dropped} moving-statistics update(s) recorded in this deferred_updates() "
+                "block were neither applied nor discarded, and were dropped on leaving it (the "
+                "moving averages did not change: TensorFlow 1's forgotten UPDATE_OPS); call "
+                "updates.apply() inside the block to keep them, or updates.discard() to drop "
+                "them on purpose without this warning", RuntimeWarning,
+                stacklevel=user_stacklevel())
 
 
 def active_recorder() -> DeferredUpdates | None:

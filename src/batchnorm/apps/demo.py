@@ -107,12 +107,13 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 512,
     correct, total_loss = 0, 0.0
     # A mistaken training-mode evaluation must not also corrupt the statistics:
     # its updates are recorded and dropped.
-    with torch.no_grad(), deferred_updates():
+    with torch.no_grad(), deferred_updates() as updates:
         for start in range(0, len(y), batch_size):
             logits = model(x[start:start + batch_size])
             target = y[start:start + batch_size]
             total_loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
             correct += (logits.argmax(1) == target).sum().item()
+        updates.discard()
     model.eval()
     return correct / len(y), total_loss / len(y)
 
@@ -144,6 +145,8 @@ def train(model: nn.Module, data: Data, *, epochs: int, batch_size: int, lr: flo
                 optimizer.step()
                 if apply_updates:
                     updates.apply()
+                else:  # the forgotten-UPDATE_OPS row: dropped on purpose
+                    updates.discard()
             losses.append(loss.item())
             step += 1
             if bar:

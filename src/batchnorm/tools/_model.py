@@ -124,8 +124,10 @@ def run_without_updates(model: nn.Module, example_input: Tensor | tuple) -> Any:
     current train/eval mode, with every BatchNorm moving-statistics update discarded
     (:func:`batchnorm.deferred_updates`; a lazy BatchNorm is built by the call).
     Returns the output."""
-    with torch.no_grad(), deferred_updates():
-        return model(*example_args(example_input))
+    with torch.no_grad(), deferred_updates() as updates:
+        output = model(*example_args(example_input))
+        updates.discard()
+    return output
 
 
 # ---------------------------------------------------------------- statistics
