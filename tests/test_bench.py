@@ -77,6 +77,15 @@ def test_thread_contention_flags_every_row_of_that_process():
                                  "average 3.5 on 2 cores")
 
 
+def test_a_rows_own_contention_probe_takes_precedence():
+    quiet = {"threads": 2, "parallel_ms": 0.5, "serial_ms": 1.0, "slowdown": 0.5}
+    busy = {**quiet, "parallel_ms": 4.0, "slowdown": 4.0}
+    rows = [layer_row(), layer_row()]
+    rows[0]["contention"] = quiet
+    bench.flag_rows(rows, contention={"reuse": busy})
+    assert rows[0]["flags"] == [] and rows[1]["flags"][0].startswith("thread contention")
+
+
 def test_thread_contention_check_measures_both_thread_counts():
     threads = torch.get_num_threads()
     check = bench.thread_contention(repeats=3)
@@ -165,7 +174,12 @@ def test_models_and_their_norm_free_copies():
 
 
 def test_end_to_end_measurement_smoke():
-    rows = e2e.measure([("mlp", 32)], repeats=2, budget=0.001, warmup=1)
+    probes = iter([{"slowdown": 1.0}, {"slowdown": 3.0}] + [{"slowdown": 1.0}] * 10)
+    rows = e2e.measure([("mlp", 32)], repeats=2, budget=0.001, warmup=1,
+                       probe=lambda: next(probes),
+                       flag_probe=lambda c: "contended" if c["slowdown"] > 2 else None)
+    assert rows[0]["contention"] == {"slowdown": 3.0}  # the worst of its probes
+    assert rows[0]["flags"][0] == "contended" and "contended" not in rows[1]["flags"]
     assert [r["phase"] for r in rows] == list(e2e.PHASES)
     for row in rows:
         assert {e2e.TORCH, e2e.OURS, e2e.NONE} <= set(row["samples_ms"])

@@ -33,11 +33,12 @@ back to back). A row is flagged, and the output says so at its top, when
   forward alone (same case, same allocator), or a contender faster than the
   bandwidth limit by more than ``LIMIT_MARGIN`` (1.5x: either the timing or the
   copy that sets the limit is wrong);
-- its process saw thread contention: torch's threads more than
+- thread contention was seen while it ran: torch's threads more than
   ``CONTENTION_LIMIT`` (1.5x) slower than one thread on a parallel elementwise op,
-  checked before and after the measurements (other jobs hold the cores, and every
-  parallel region waits for a descheduled thread: figures inflate throughout, by
-  up to a scheduler tick per call, with spreads that may stay narrow).
+  probed before and after every layer row and after every round of an end-to-end
+  row (other jobs hold the cores, and every parallel region waits for a
+  descheduled thread: figures inflate throughout, by up to a scheduler tick per
+  call, with spreads that may stay narrow).
 
 The top of the output also says when the load average was over half the core
 count before the run. ``--threads N`` runs every measuring process on N torch and
@@ -100,6 +101,7 @@ CONTENDERS = ("ours", "native", "compiled", "tf_keras")
 # then inflated throughout (small ops by up to a scheduler tick per call) with spreads that
 # can stay narrow, so the spread check alone does not catch it.
 CONTENTION_LIMIT = 1.5
+PROBE_REPEATS = 5  # calls per thread count of the contention probe run between measurements
 
 
 @dataclass(frozen=True)
@@ -147,11 +149,12 @@ def flag_rows(results: list[dict], spread_limit: float = SPREAD_LIMIT,
 
     A row needs ``samples_ms`` (contender -> repeats, ms), ``limit_ms``, ``allocator``,
     ``label`` and ``phase``; ``<contender>_ms`` medians are computed when missing.
-    ``contention``: allocator -> the :func:`thread_contention` check of its process.
+    ``contention``: allocator -> the :func:`thread_contention` check of its process, for
+    rows without a ``contention`` check of their own.
     """
     for r in results:
         r["flags"] = []
-        check = (contention or {}).get(r["allocator"])
+        check = r.get("contention") or (contention or {}).get(r["allocator"])
         if check and contention_flag(check):
             r["flags"].append(contention_flag(check))
         for name, samples in r["samples_ms"].items():
@@ -401,18 +404,20 @@ def contention_flag(check: dict) -> str | None:
 def run_child(args) -> dict:
     set_threads(args.threads)
     env = environment()
-    before = thread_contention()
+    at_start = thread_contention()
     results = []
     copies: dict[int, list[float]] = {}
     for case in cases(args.shapes, args.layouts, args.dtypes, args.modes):
         compile_ = args.compile == "all" or (args.compile == "plain" and case.mode == "plain")
         phases, notes, compile_seconds, nbytes = _contenders(case, compile_)
         for phase in args.phases:
+            before = thread_contention(PROBE_REPEATS)
             samples = _time(phases[phase], args.repeats, args.budget)
+            check = _worst(before, thread_contention(PROBE_REPEATS))
             copies.setdefault(nbytes, []).extend(samples["copy"])
             row = {"case": asdict(case), "label": case.label, "phase": phase,
                    "allocator": args.allocator, "nbytes": nbytes,
-                   "bytes": PASSES[phase] * nbytes, "notes": notes,
+                   "bytes": PASSES[phase] * nbytes, "notes": notes, "contention": check,
                    "samples_ms": {k: [s * 1e3 for s in v] for k, v in samples.items()}}
             for name, s in samples.items():
                 if name != "copy":
@@ -435,7 +440,8 @@ def run_child(args) -> dict:
         row.update(copy_ms=copy, bandwidth_gbs=bandwidth / 1e9,
                    limit_ms=row["bytes"] / bandwidth * 1e3,
                    limit_spread_ms={k: passes * v * 1e3 for k, v in spread(pooled).items()})
-    env["contention"] = _worst(before, thread_contention())
+    env["contention"] = _worst(at_start, *(r["contention"] for r in results),
+                               thread_contention())
     return {"environment": env, "results": results}
 
 
@@ -713,26 +719,22 @@ def end_to_end_child(args) -> dict:
 
     set_threads(args.threads)
     env = environment()
-    settings = QUICK_END_TO_END if args.quick else FULL_END_TO_END
+    settings = dict(QUICK_END_TO_END if args.quick else FULL_END_TO_END)
+    settings["repeats"] = args.end_to_end_repeats or settings["repeats"]
 
     def log(line: str) -> None:
         print(line, file=sys.stderr)
 
     def measured(load: str = "none") -> list[dict]:
-        before = thread_contention()
-        rows = e2e.measure(repeats=settings["repeats"], budget=settings["budget"],
-                           warmup=settings["warmup"], load=load, progress=log)
-        check = _worst(before, thread_contention())
-        for row in rows:
-            row["contention"] = check
-            if contention_flag(check):
-                row["flags"].insert(0, contention_flag(check))
-        return rows
+        return e2e.measure(repeats=settings["repeats"], budget=settings["budget"],
+                           warmup=settings["warmup"], load=load, progress=log,
+                           probe=lambda: thread_contention(PROBE_REPEATS),
+                           flag_probe=contention_flag)
 
     start = time.perf_counter()
     rows = measured()
     quiet = time.perf_counter() - start
-    env["contention"] = rows[0]["contention"]
+    env["contention"] = _worst(*(row["contention"] for row in rows))
     if args.load:
         # Bounded: three times as long as the quiet rows took, a minute more; killed at the end.
         with e2e.busy(3 * quiet + 60) as load:
@@ -808,7 +810,9 @@ def run(args) -> int:
     if args.end_to_end:
         allocator = "reuse" if "reuse" in args.allocators else args.allocators[0]
         e2e_argv = ["--end-to-end-child", *threads, *(["--quick"] if args.quick else []),
-                    *(["--load"] if args.load else [])]
+                    *(["--load"] if args.load else []),
+                    *(["--end-to-end-repeats", str(args.end_to_end_repeats)]
+                      if args.end_to_end_repeats else [])]
         report["end_to_end"] = {"allocator": allocator,
                                 **_child(e2e_argv, ALLOCATORS[allocator])}
         since = lap("end-to-end" + (", quiet and under load" if args.load else ""), since)
@@ -964,6 +968,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time a training step and an evaluation pass of a CIFAR ResNet-18 "
                         "and an MLP with torch.nn batch norm, with bn.convert and without batch "
                         "norm (default: on; quick: 3 repeats)")
+    parser.add_argument("--end-to-end-repeats", type=int,
+                        help="repeats of each end-to-end contender (11; quick: 3)")
     parser.add_argument("--threads", type=int,
                         help="torch and numba threads in every measuring process (default: "
                         "theirs, one per core); 1 keeps thread contention on a shared machine "

@@ -157,12 +157,14 @@ def _step_fns(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, budget: float,
-                warmup: int = 2) -> dict[str, list[float]]:
+                warmup: int = 2, after_round: Callable[[], None] | None = None,
+                ) -> dict[str, list[float]]:
     """Seconds per call of each function, ``repeats`` samples each, contenders in an order
     that rotates every repeat; sample ``r`` of every contender comes from the same round.
 
     Each sample runs the function enough times to last about ``budget`` seconds (at least
     once), as measured on the last of ``warmup`` (at least 1) untimed rounds.
+    ``after_round`` runs after each round, untimed (e.g. a thread-contention probe).
     """
     calls = {}
     for _ in range(max(1, warmup)):
@@ -180,6 +182,8 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, budget: float,
             for _ in range(n):
                 fn()
             samples[name].append((time.perf_counter() - start) / n)
+        if after_round:
+            after_round()
     return samples
 
 
@@ -221,11 +225,14 @@ def flags(row: dict, limit: float) -> list[str]:
 def measure(configs: Sequence[tuple[str, int]] = CONFIGS, phases: Sequence[str] = PHASES, *,
             repeats: int = 7, budget: float = 0.3, warmup: int = 2, load: str = "none",
             spread_limit: float = 1.5, progress: Callable[[str], None] | None = None,
-            ) -> list[dict]:
+            probe: Callable[[], dict] | None = None,
+            flag_probe: Callable[[dict], str | None] | None = None) -> list[dict]:
     """Time every (model, batch) of ``configs`` in every phase; one row each.
 
     ``load`` only labels the rows ("none", or a description of the competing load
-    that the caller runs around this call).
+    that the caller runs around this call). ``probe`` (optional) runs before each row
+    and after each of its rounds and returns a dict with a ``slowdown``; the row keeps
+    the worst as ``contention``, and ``flag_probe`` turns it into a flag (or None).
     """
     rows = []
     for model_name, batch in configs:
@@ -234,11 +241,19 @@ def measure(configs: Sequence[tuple[str, int]] = CONFIGS, phases: Sequence[str] 
         x = torch.randn(input_shape(model_name, batch), generator=generator)
         y = torch.randint(0, 10, (batch,), generator=generator)
         for phase in phases:
-            samples = interleaved(_step_fns(models, x, y, phase), repeats, budget, warmup)
+            probes: list[dict] = [probe()] if probe else []
+            after_round = (lambda probes=probes: probes.append(probe())) if probe else None
+            samples = interleaved(_step_fns(models, x, y, phase), repeats, budget, warmup,
+                                  after_round=after_round)
             samples_ms = {k: [s * 1e3 for s in v] for k, v in samples.items()}
             row = {"model": model_name, "batch": batch, "phase": phase, "load": load,
                    "repeats": repeats, "samples_ms": samples_ms, **summarize(samples_ms)}
             row["flags"] = flags(row, spread_limit)
+            if probes:
+                row["contention"] = max(probes, key=lambda c: c["slowdown"])
+                flag = flag_probe(row["contention"]) if flag_probe else None
+                if flag:
+                    row["flags"].insert(0, flag)
             rows.append(row)
             if progress:
                 progress(f"  [end-to-end, load {load}] {model_name} batch {batch} {phase}: "
