@@ -854,9 +854,14 @@ def _settings(env: dict) -> str:
                f"({env.get('numba_threading_layer')} layer)")
     extra = f", {env['thread_env']}" if env.get("thread_env") else ""
     check = env.get("contention")
-    contention = "" if not check else (
-        f"; thread check: {check['threads']} threads {check['parallel_ms']:.2f} ms vs 1 thread "
-        f"{check['serial_ms']:.2f} ms on a 1M-value multiply ({check['slowdown']:.2f}x)")
+    if not check:
+        contention = ""
+    elif check["threads"] == 1:
+        contention = "; one thread: no contention between torch's threads"
+    else:
+        contention = (f"; worst thread check: {check['threads']} threads "
+                      f"{check['parallel_ms']:.2f} ms vs 1 thread {check['serial_ms']:.2f} ms "
+                      f"on a 1M-value multiply ({check['slowdown']:.2f}x)")
     return (f"malloc {malloc or 'glibc defaults'}; {threads}{extra}; load average at start "
             f"{env.get('load_average', '?')}{contention}")
 
@@ -904,7 +909,9 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
                   f"evaluation = eval-mode forward under no_grad. Median (min-max) of "
                   f"{e2e['settings']['repeats']} interleaved repeats, ms. BN cost = the paired "
                   f"difference with `no norm`, repeat by repeat; the cost ratio is that of their "
-                  f"medians. {fused}.", "", bench_end_to_end.table(e2e["rows"])]
+                  f"medians; the step ratio (whole step, ours over torch.nn) is median (min-max) "
+                  f"of the ratios within each repeat. {fused}.", "",
+                  bench_end_to_end.table(e2e["rows"])]
     if "memory" in report:
         lines += ["", "## Peak memory, one training step through 20 Conv-BatchNorm-ReLU blocks",
                   "(16x32x32x32 float32 activations, 2 MiB each; peak resident set above the "

@@ -18,8 +18,9 @@ contenders run side by side in one process: within each repeat every contender i
 timed once, in an order that rotates from repeat to repeat, so that a change of
 load hits them all. Reported per contender: median, minimum and maximum over the
 repeats. The cost of batch normalization is the paired difference, repeat by
-repeat, between a contender and ``no norm`` (median and range); the ratio is that
-of the medians of the costs.
+repeat, between a contender and ``no norm`` (median and range); the cost ratio is
+that of the medians of the costs; the step ratio (whole step, ours over torch.nn) is
+taken repeat by repeat, median and range.
 
 ``--load`` measures the rows a second time while another process keeps every
 core busy (torch matrix products on as many threads as there are cores, ended
@@ -201,7 +202,9 @@ def summarize(samples_ms: dict[str, list[float]]) -> dict:
     row["cost_ratio"] = {name: costs[name]["median"] / costs[TORCH]["median"]
                          if costs[TORCH]["median"] > 0 else float("nan")
                          for name in costs if name != TORCH}
-    row["step_ratio"] = {name: row["ms"][name]["median"] / row["ms"][TORCH]["median"]
+    # Whole-step ratios, repeat by repeat (the contenders of a repeat ran back to back).
+    row["step_ratio"] = {name: spread([a / b for a, b in zip(samples_ms[name], samples_ms[TORCH],
+                                                               strict=True)])
                          for name in costs if name != TORCH}
     return row
 
@@ -319,7 +322,8 @@ def table(rows: Sequence[dict]) -> str:
         for n in (OURS, *([FUSED] if fused else [])):
             ratio = r["cost_ratio"].get(n)
             cells.append("-" if ratio is None or ratio != ratio else f"{ratio:.2f}x")
-        cells.append(f"{r['step_ratio'][OURS]:.2f}x")
+        step = r["step_ratio"][OURS]
+        cells.append(f"{step['median']:.2f}x ({step['min']:.2f}-{step['max']:.2f})")
         cells.append("; ".join(r["flags"]) or "ok")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
