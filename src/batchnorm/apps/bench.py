@@ -945,7 +945,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="64x64x56x56 and 32x64, NCHW, float32, reuse allocator, 5 repeats, "
                         "no torch.compile; end-to-end rows with 3 repeats; no memory, "
-                        "first-call or distributed parts (about a minute)")
+                        "first-call or distributed parts (1.5 to 2 minutes on a shared "
+                        "2-core machine)")
     parser.add_argument("--shapes", nargs="+", type=shape, help="e.g. 64,64,56,56 65536,256")
     parser.add_argument("--layouts", nargs="+", choices=["nchw", "nhwc"])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
