@@ -33,16 +33,18 @@ from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
 from typing import Any as _Any
 
+import torch as _torch
 from torch import Tensor as _Tensor
 
 from . import kernels as _kernels
-from .config import GHOST_LAYOUTS, Adjustment, BatchNormConfig
+from .config import GHOST_LAYOUTS, Adjustment, BatchNormConfig, check_epsilon
 from .kernels.inference import infer as _infer
 from .kernels.inference import normalize
 from .kernels.protocol import KernelCall as _KernelCall
 from .kernels.synchronized import resolve_group as _resolve_group
 from .shapes import (
     broadcast,
+    check_features,
     check_input,
     mask_shape,
     reduction_axes,
@@ -50,6 +52,7 @@ from .shapes import (
     values_per_feature,
 )
 from .state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
+from .state import state_fields as _state_fields
 from .statistics import (
     apply_update,
     inference_statistics,
@@ -134,13 +137,26 @@ def forward(
 
     Returns:
         ``(y, stats)``: ``y`` in ``x``'s dtype and shape; ``stats`` a
-        :class:`BatchStatistics` in training, else None.
+        :class:`BatchStatistics` in training, else None. An empty batch in training (no
+        value per feature, e.g. shape ``(0, C)``) has no statistics: ``stats`` is None and
+        ``y`` is empty (its gradients are zeros), unless the statistics are synchronized,
+        where the process still takes part with its zero values.
+
+    ``gamma``, ``beta`` and the state's tensors may have another floating dtype than ``x``
+    (a float64 layer called with float32): they are cast, on every kernel; the output has
+    ``x``'s dtype and the statistics :func:`statistics_dtype` of it.
 
     Raises:
-        TypeError: a non-tensor or non-floating input, a non-boolean mask.
+        TypeError: a non-tensor or non-floating input, a non-boolean mask, ``training`` that
+            is not a bool, a state that is not a :class:`BatchNormState`, ``gamma``/``beta``/
+            state tensors that are not floating-point tensors (``num_updates``: an integer
+            scalar).
         ValueError: an axis out of range, feature sizes that differ from the state's, a
             batch that ``virtual_batch_size`` does not divide, one value per feature in
-            training, a mask that does not broadcast, ``fused=True`` with a mask.
+            training, a mask that does not broadcast, ``fused=True`` with a mask; ``gamma``,
+            ``beta``, a state tensor or the mask not of the input's feature shape or not on
+            its device; a renorm configuration without a renorm state; an ``epsilon`` that is
+            0 in a float16 state's dtype. Every check is made before anything is computed.
 
     >>> import torch
     >>> config = BatchNormConfig(axis=-1)
@@ -149,16 +165,56 @@ def forward(
     >>> y.flatten(), stats.mean, stats.variance
     (tensor([-0.9995,  0.9995]), tensor([[0.]]), tensor([[1.]]))
     """
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {training!r} "
+                        f"({type(training).__name__})")
+    if not isinstance(state, BatchNormState):
+        raise TypeError(f"state must be a BatchNormState (see initial_state), got "
+                        f"{type(state).__name__}")
     group = synchronization_group(config.synchronized, training, process_group)
-    axes = check_input(x, config.axis, tuple(state.moving_mean.shape), training=training,
+    axes = check_input(x, config.axis, _feature_shape(state.moving_mean), training=training,
                        virtual_batch_size=config.virtual_batch_size, mask=mask,
                        synchronized=group is not None)
+    _check_tensors(x, axes, state, config, gamma, beta)
     if config.virtual_batch_size is not None:
         group = None  # ghost batches stay within each process: synchronized they would grow
     call = _KernelCall(config, axes, gamma, beta, mask, group)
     if not training:
         return _infer(x, state, call), None
+    if group is None and values_per_feature(x, axes) == 0:
+        # An empty batch (a detection model's batch without boxes): an empty output whose
+        # gradients are zeros, and no statistics, so no update (as PyTorch and tf_keras).
+        return _infer(x, state, call), None
     return _kernels.select(x, state, call).train(x, state, call)
+
+
+def _feature_shape(t: _Any) -> tuple[int, ...] | None:
+    return tuple(t.shape) if isinstance(t, _Tensor) else None
+
+
+def _check_tensors(x: _Tensor, axes: tuple[int, ...], state: BatchNormState,
+                   config: BatchNormConfig, gamma: _Tensor | None, beta: _Tensor | None) -> None:
+    """gamma, beta and the state against the input, before any kernel runs (metadata only)."""
+    needed = _state_fields(debias=False, renorm=config.renorm)
+    missing = [f for f in needed if getattr(state, f) is None]
+    if missing:
+        raise ValueError(f"renorm=True needs a renorm state ({missing} are None): "
+                         "initial_state(..., renorm=True)")
+    tensors = [("gamma", gamma), ("beta", beta)]
+    tensors += [(f"state.{f}", getattr(state, f)) for f in state._fields if f != "num_updates"]
+    check_features(x, axes, tensors)
+    count = state.num_updates
+    if not isinstance(count, _Tensor) or count.shape != () or count.is_floating_point() \
+            or count.is_complex() or count.dtype == _torch.bool:
+        shown = (f"a {count.dtype} tensor of shape {tuple(count.shape)}"
+                 if isinstance(count, _Tensor) else type(count).__name__)
+        raise TypeError(f"state.num_updates must be an integer scalar tensor (the update "
+                        f"count, int64), got {shown}")
+    if count.device != x.device:
+        raise ValueError(f"state.num_updates is on {count.device} but the input is on "
+                         f"{x.device}: move the state with .to(x.device)")
+    if state.moving_mean.dtype == _torch.float16:  # float32/64 are checked at construction
+        check_epsilon(config.epsilon, _torch.float16)
 
 
 def batch_norm(
@@ -237,8 +293,6 @@ def batch_norm(
                             f"not both (got config and {given})")
         if not isinstance(config, BatchNormConfig):
             raise TypeError(f"config must be a BatchNormConfig, got {type(config).__name__}")
-    if config.renorm and state.moving_stddev is None:
-        raise ValueError("renorm=True needs a renorm state: initial_state(..., renorm=True)")
     y, stats = forward(x, state, config, training=training, gamma=gamma, beta=beta, mask=mask,
                        process_group=process_group)
     if stats is None:
