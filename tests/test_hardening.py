@@ -632,87 +632,148 @@ def test_an_axis_list_naming_one_axis_twice_at_the_input_rank_is_the_error():
 
 # ---------------------------------------------------------------- the contract, by property
 
-
-def _bad_calls():
-    """(description, call(layer, state) -> None, exception type(s), text the message names)."""
-    x = torch.randn(8, 4)
-
-    def layer_call(**kwargs):
-        inputs = kwargs.pop("x", x)
-        return lambda layer, state: layer(inputs, **kwargs)
-
-    def functional(**kwargs):
-        inputs = kwargs.pop("x", x)
-        kwargs.setdefault("training", True)
-        kwargs.setdefault("axis", -1)
-        return lambda layer, state: F.batch_norm(inputs, state, **kwargs)
-
-    def load(mutate):
-        def call(layer, state):
-            source = {k: v.clone() + 1 for k, v in layer.state_dict().items()}
-            layer.load_state_dict(mutate(source))
-        return call
-
-    def reconfigure(**kwargs):
-        return lambda layer, state: layer.reconfigure(**kwargs)
-
-    cases = {
-        "wrong feature size": (layer_call(x=torch.randn(8, 5), training=True), ValueError,
-                               "(5,)"),
-        "integer input": (layer_call(x=torch.ones(8, 4, dtype=torch.int64), training=True),
-                          TypeError, "int64"),
-        "list input": (layer_call(x=[[1.0] * 4] * 8, training=True), TypeError, "list"),
-        "string training": (layer_call(training="False"), TypeError, "'False'"),
-        "float mask": (layer_call(training=True, mask=torch.ones(8)), TypeError, "float32"),
-        "mask shape": (layer_call(training=True, mask=torch.ones(5, dtype=torch.bool)),
-                       ValueError, "(5,)"),
-        "one value per feature": (layer_call(x=torch.randn(1, 4), training=True),
-                                  ValueError, "(1, 4)"),
-        "axis out of range": (functional(axis=3), ValueError, "axis 3"),
-        "functional training": (functional(training=1), TypeError, "1"),
-        "functional gamma size": (functional(gamma=torch.ones(3)), ValueError, "gamma"),
-        "functional beta dtype": (functional(beta=torch.zeros(4, dtype=torch.int32)),
-                                  TypeError, "beta"),
-        "functional momentum": (functional(momentum=1.5), ValueError, "momentum=1.5"),
-        "functional epsilon": (functional(epsilon=1e-50), ValueError, "epsilon=1e-50"),
-        "functional fused": (functional(fused=1), TypeError, "fused"),
-        "functional ghost": (functional(virtual_batch_size=3), ValueError,
-                             "virtual_batch_size=3"),
-        "functional renorm state": (functional(renorm=True), ValueError, "renorm"),
-        "reconfigure momentum": (reconfigure(momentum=-0.1), ValueError, "momentum=-0.1"),
-        "reconfigure fused": (reconfigure(fused="yes"), TypeError, "'yes'"),
-        "load missing": (load(lambda d: {k: v for k, v in d.items() if k != "beta"}),
-                         RuntimeError, "beta"),
-        "load shape": (load(lambda d: {**d, "moving_mean": torch.zeros(2)}), RuntimeError,
-                       "moving_mean"),
-        "load dtype": (load(lambda d: {**d, "gamma": torch.ones(4, dtype=torch.bool)}),
-                       RuntimeError, "gamma"),
-        "load count": (load(lambda d: {**d, "num_updates": torch.zeros(4)}), RuntimeError,
-                       "num_updates"),
-    }
-    return cases
+# Each builder draws one bad call: (call(layer, state), exception type, text the message must
+# contain to name the offending value). The layer is built with 4 features on axis -1.
+X = torch.randn(8, 4)
+NON_FLOATING = [torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool,
+                torch.complex64]
+OWN_KEYS = ["gamma", "beta", "moving_mean", "moving_variance", "num_updates"]
 
 
-BAD_CALLS = _bad_calls()
+def _sizes(exclude: int):
+    return st.integers(1, 9).filter(lambda n: n != exclude)
+
+
+def _bad_input(data):
+    kind = data.draw(st.sampled_from(["features", "dtype", "type", "one value", "rank"]))
+    training = data.draw(st.booleans())
+    if kind == "features":
+        x = torch.randn(data.draw(st.integers(2, 6)), data.draw(_sizes(4)))
+        return lambda layer, state: layer(x, training=training), ValueError, str(tuple(x.shape))
+    if kind == "dtype":
+        dtype = data.draw(st.sampled_from(NON_FLOATING))
+        x = torch.ones(8, 4).to(dtype)
+        return lambda layer, state: layer(x, training=training), TypeError, str(dtype)
+    if kind == "type":
+        value = data.draw(st.sampled_from([[[1.0] * 4] * 8, 3.0, np.ones((8, 4)), None]))
+        return (lambda layer, state: layer(value, training=training), TypeError,
+                type(value).__name__)
+    if kind == "one value":
+        x = torch.randn(1, 4) if data.draw(st.booleans()) else torch.randn(1, 1, 4)
+        return lambda layer, state: layer(x, training=True), ValueError, str(tuple(x.shape))
+    x = torch.randn(8)  # rank 1: axis -1 is the batch axis; fine, but 8 features, not 4
+    return lambda layer, state: layer(x, training=training), ValueError, "(8,)"
+
+
+def _bad_training(data):
+    value = data.draw(st.sampled_from(["False", "True", 0, 1, 1.0, np.bool_(False), "no"]))
+    if data.draw(st.booleans()):
+        return lambda layer, state: layer(X, training=value), TypeError, repr(value)
+    return (lambda layer, state: F.batch_norm(X, state, training=value, axis=-1), TypeError,
+            repr(value))
+
+
+def _bad_mask(data):
+    if data.draw(st.booleans()):
+        dtype = data.draw(st.sampled_from([torch.float32, torch.int64, torch.uint8]))
+        mask = torch.ones(8).to(dtype)
+        return (lambda layer, state: layer(X, training=True, mask=mask), TypeError,
+                str(dtype))
+    shape = data.draw(st.sampled_from([(3,), (7,), (8, 5), (2, 8, 4), (4, 3)]))
+    mask = torch.ones(shape, dtype=torch.bool)
+    return (lambda layer, state: layer(X, training=True, mask=mask), ValueError,
+            str(tuple(shape)))
+
+
+def _bad_tensor(data):
+    name = data.draw(st.sampled_from(["gamma", "beta", "state.moving_mean",
+                                      "state.moving_variance"]))
+    if data.draw(st.booleans()):
+        bad, error = torch.ones(data.draw(_sizes(4))), ValueError
+    else:
+        bad, error = torch.ones(4, dtype=data.draw(st.sampled_from(NON_FLOATING))), TypeError
+    training = data.draw(st.booleans())
+
+    def call(layer, state):
+        if name.startswith("state."):
+            state = state._replace(**{name[6:]: bad})
+            return F.batch_norm(X, state, training=training, axis=-1)
+        return F.batch_norm(X, state, training=training, axis=-1, **{name: bad})
+    return call, error, name
+
+
+def _bad_option(data):
+    name = data.draw(st.sampled_from(["momentum", "epsilon", "fused", "virtual_batch_size",
+                                      "renorm_momentum", "axis"]))
+    value = data.draw({
+        "momentum": st.one_of(st.floats(1.0, 1e6), st.floats(-1e6, -1e-6)),
+        "renorm_momentum": st.floats(1.0, 10.0),
+        "epsilon": st.one_of(st.floats(0.0, 1e-39), st.floats(-1.0, 0.0)),
+        "fused": st.sampled_from([1, 0, 1.0, "yes"]),
+        "virtual_batch_size": st.sampled_from([3, 5, 7, 0, -2]),
+        "axis": st.sampled_from([2, -3, 5]),
+    }[name])
+    error = TypeError if name == "fused" else ValueError
+    named = {"fused": f"fused must be None, True or False, got {value!r}",
+             "axis": f"axis {value}"}.get(name, f"{name}={value!r}")
+    # A positive virtual_batch_size is a valid option, refused at the call (8 % 3 != 0).
+    valid_option = name == "axis" or (name == "virtual_batch_size" and value > 0)
+    if data.draw(st.booleans()) and not valid_option:
+        return lambda layer, state: layer.reconfigure(**{name: value}), error, named
+    return (lambda layer, state: F.batch_norm(X, state, training=True,
+                                              **{"axis": -1, name: value}), error, named)
+
+
+def _bad_state_dict(data):
+    key = data.draw(st.sampled_from(OWN_KEYS))
+    how = data.draw(st.sampled_from(["delete", "size", "dtype", "list", "extra"]))
+    size = data.draw(_sizes(4))
+
+    def mutate(source):
+        if how == "delete":
+            del source[key]
+        elif how == "size":
+            source[key] = torch.ones(size) if key != "num_updates" else torch.ones(size)
+        elif how == "dtype":
+            source[key] = torch.ones(4, dtype=torch.bool) if key != "num_updates" \
+                else torch.tensor(1.5)
+        elif how == "list":
+            source[key] = [1.0] * 4
+        else:
+            source[key + "_extra"] = torch.ones(4)
+        return source
+
+    def call(layer, state):
+        source = {k: v + 1 if v.is_floating_point() else v + 3
+                  for k, v in layer.state_dict().items()}
+        layer.load_state_dict(mutate(source))
+    return call, RuntimeError, key
+
+
+BUILDERS = [_bad_input, _bad_training, _bad_mask, _bad_tensor, _bad_option, _bad_state_dict]
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=st.sampled_from(sorted(BAD_CALLS)),
+@given(data=st.data(),
+       builder=st.sampled_from(BUILDERS),
        options=st.fixed_dictionaries({
            "renorm": st.booleans(), "debias": st.booleans(),
            "unbiased_moving_variance": st.booleans(),
            "fused": st.sampled_from([None, False])}),
        prefer=st.sampled_from([None, "composite", "native", "cpu"]))
-def test_bad_input_gets_a_typed_error_naming_it_and_changes_nothing(case, options, prefer):
-    call, error, named = BAD_CALLS[case]
+def test_bad_input_gets_a_typed_error_naming_it_and_changes_nothing(data, builder, options,
+                                                                   prefer):
+    call, error, named = builder(data)
     layer = trained(**options)
-    state = F.initial_state(4, renorm=False)
+    state = F.initial_state(4)
     state_before = [None if t is None else t.clone() for t in state]
     before = snapshot(layer)
     config_before = layer.config
+    # Load errors are torch's RuntimeError (load_state_dict raises them after visiting every
+    # module); everything else is a TypeError or a ValueError.
     with kernel(prefer), pytest.raises(error) as raised:
         call(layer, state)
-    assert named in str(raised.value), (case, str(raised.value))
+    assert named in str(raised.value), (builder.__name__, named, str(raised.value))
     assert_bit_identical(layer, before)
     assert layer.config is config_before
     for old, new in zip(state_before, state, strict=True):

@@ -174,7 +174,8 @@ def forward(
     group = synchronization_group(config.synchronized, training, process_group)
     axes = check_input(x, config.axis, _feature_shape(state.moving_mean), training=training,
                        virtual_batch_size=config.virtual_batch_size, mask=mask,
-                       synchronized=group is not None)
+                       synchronized=group is not None,
+                       feature_source="the shape of state.moving_mean, a layer's moving_mean")
     _check_tensors(x, axes, state, config, gamma, beta)
     if config.virtual_batch_size is not None:
         group = None  # ghost batches stay within each process: synchronized they would grow
@@ -188,6 +189,12 @@ def forward(
     return _kernels.select(x, state, call).train(x, state, call)
 
 
+_COUNT_DTYPES = frozenset({_torch.int64, _torch.int32, _torch.int16, _torch.int8, _torch.uint8})
+# "state.moving_mean", ... for every field but num_updates (the third), checked apart.
+_STATE_NAMES = tuple(f"state.{f}" for f in BatchNormState._fields if f != "num_updates")
+assert BatchNormState._fields[2] == "num_updates"
+
+
 def _feature_shape(t: _Any) -> tuple[int, ...] | None:
     return tuple(t.shape) if isinstance(t, _Tensor) else None
 
@@ -195,17 +202,15 @@ def _feature_shape(t: _Any) -> tuple[int, ...] | None:
 def _check_tensors(x: _Tensor, axes: tuple[int, ...], state: BatchNormState,
                    config: BatchNormConfig, gamma: _Tensor | None, beta: _Tensor | None) -> None:
     """gamma, beta and the state against the input, before any kernel runs (metadata only)."""
-    needed = _state_fields(debias=False, renorm=config.renorm)
-    missing = [f for f in needed if getattr(state, f) is None]
-    if missing:
+    if config.renorm and (state.moving_stddev is None or state.renorm_mean is None
+                          or state.renorm_stddev is None):
+        missing = [f for f in _state_fields(debias=False, renorm=True) if getattr(state, f) is None]
         raise ValueError(f"renorm=True needs a renorm state ({missing} are None): "
                          "initial_state(..., renorm=True)")
-    tensors = [("gamma", gamma), ("beta", beta)]
-    tensors += [(f"state.{f}", getattr(state, f)) for f in state._fields if f != "num_updates"]
-    check_features(x, axes, tensors)
+    check_features(x, axes, (("gamma", gamma), ("beta", beta),
+                             *zip(_STATE_NAMES, state[:2] + state[3:], strict=True)))
     count = state.num_updates
-    if not isinstance(count, _Tensor) or count.shape != () or count.is_floating_point() \
-            or count.is_complex() or count.dtype == _torch.bool:
+    if not isinstance(count, _Tensor) or count.dtype not in _COUNT_DTYPES or count.ndim:
         shown = (f"a {count.dtype} tensor of shape {tuple(count.shape)}"
                  if isinstance(count, _Tensor) else type(count).__name__)
         raise TypeError(f"state.num_updates must be an integer scalar tensor (the update "

@@ -66,12 +66,15 @@ def _check_mask(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> None:
         raise ValueError(f"mask is on {mask.device} but the input is on {x.device}: move it "
                          "with mask.to(x.device)")
     try:
-        torch.broadcast_shapes(mask_shape(mask, x, axes), x.shape)
+        # The mask must broadcast to the input's shape, not to a larger one.
+        fits = torch.broadcast_shapes(mask_shape(mask, x, axes), x.shape) == x.shape
     except RuntimeError:
+        fits = False
+    if not fits:
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast over the input's non-feature "
             f"axes: input shape {tuple(x.shape)}, feature axis {axes}"
-        ) from None
+        )
 
 
 def check_features(x: Tensor, axes: tuple[int, ...],
@@ -83,22 +86,24 @@ def check_features(x: Tensor, axes: tuple[int, ...],
     ``TypeError`` for a non-tensor or a non-floating dtype, ``ValueError`` for another shape
     or device; the message names the tensor.
     """
-    features = tuple(x.shape[a] for a in axes)
-    for name, t in tensors:
+    shape = x.shape
+    features = tuple(shape[a] for a in axes)
+    device = x.device
+    for name, t in tensors:  # per call: the fast path is four cheap tests per tensor
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
-        if not t.is_floating_point():
+        if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}; "
                             "convert it first, e.g. .float()")
-        if tuple(t.shape) != features:
+        if t.shape != features:
             raise ValueError(
-                f"{name} has shape {tuple(t.shape)}, but the input of shape {tuple(x.shape)} "
+                f"{name} has shape {tuple(t.shape)}, but the input of shape {tuple(shape)} "
                 f"has feature shape {features} (axis {axes}): {name} must have exactly that "
                 "shape")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}: move "
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}: move "
                              "it with .to(x.device)")
 
 
@@ -121,8 +126,11 @@ def check_input(
     virtual_batch_size: int | None = None,
     mask: Tensor | None = None,
     synchronized: bool = False,
+    feature_source: str | None = None,
 ) -> tuple[int, ...]:
     """Validate an input against the layer's configuration; return its feature axes.
+
+    ``feature_source`` says, in the message, where ``feature_shape`` comes from.
 
     ``TypeError`` for a non-floating dtype or a non-boolean mask; ``ValueError``
     for an axis out of range, feature sizes that differ from ``feature_shape``,
@@ -146,6 +154,7 @@ def check_input(
         raise ValueError(
             f"input of shape {tuple(x.shape)} has feature size(s) {actual} along axis {axes}, "
             f"expected {tuple(feature_shape)}"
+            + (f" ({feature_source})" if feature_source else "")
         )
     if mask is not None:
         _check_mask(mask, x, axes)
