@@ -111,7 +111,7 @@ def test_functional_api_validates_gamma_beta_and_state_before_any_kernel(prefer,
         expected, error = "state.moving_variance", ValueError
     elif bad == "state_int":
         state = state._replace(moving_mean=torch.zeros(4, dtype=torch.int32))
-        expected, error = "state.moving_mean", (TypeError, ValueError)
+        expected, error = "state.moving_mean", TypeError
     else:
         state = state._replace(num_updates=torch.tensor(0.0))
         expected, error = "num_updates", TypeError
@@ -257,7 +257,6 @@ def test_huge_finite_padding_gives_finite_gradients_at_selected_positions(prefer
 def test_recalibrate_ignores_nan_padding_at_masked_out_positions():
     x, mask = padded_batch(math.nan, at_first_row=True)
     layer = bn.BatchNorm(4, axis=1)
-    model = nn.Sequential(layer)
 
     class Masked(nn.Module):
         def __init__(self):
@@ -275,7 +274,6 @@ def test_recalibrate_ignores_nan_padding_at_masked_out_positions():
                                atol=1e-6)
     torch.testing.assert_close(layer.moving_variance.double(), selected.var(0, unbiased=False),
                                rtol=1e-6, atol=1e-6)
-    assert model is not None
 
 
 # ---------------------------------------------------------------- item 10: degenerate masks
