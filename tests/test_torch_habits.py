@@ -51,7 +51,7 @@ def test_aliases_add_no_parameters_buffers_or_state_dict_keys():
     layer = bn.BatchNorm(4)
     assert [name for name, _ in layer.named_parameters()] == ["gamma", "beta"]
     assert [name for name, _ in layer.named_buffers()] == [
-        "moving_mean", "moving_variance", "num_updates"]
+        "moving_mean", "moving_variance", "num_updates", "num_skipped"]  # health counter
     assert list(layer.state_dict()) == [
         "gamma", "beta", "moving_mean", "moving_variance", "num_updates"]
     assert len(list(nn.Sequential(layer).parameters())) == 2

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import inspect
 import numbers
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -318,8 +319,9 @@ class BatchNorm(nn.Module):
             adjustment=adjustment, fused=fused, synchronized=synchronized)
         if not isinstance(trainable, bool):
             raise TypeError(f"trainable must be a bool, got {trainable!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32) or "
+                            f"None, got {dtype!r} ({type(dtype).__name__})")
         feature_shape = _normalize_num_features(num_features, config.axis)
         _warn_small_momentum(config.momentum)
         self._config = config
@@ -458,7 +460,8 @@ class BatchNorm(nn.Module):
         mean = initializers.initial_value(
             config.moving_mean_initializer, shape, name="moving_mean_initializer", **kw)
         variance = initializers.initial_value(
-            config.moving_variance_initializer, shape, name="moving_variance_initializer", **kw)
+            config.moving_variance_initializer, shape, name="moving_variance_initializer",
+            nonnegative=True, **kw)
         state = F.initial_state(shape, moving_mean=mean, moving_variance=variance,
                                 debias=config.debias, renorm=config.renorm, **kw)
         values = {BUFFER_NAMES[field]: value for field, value in state._asdict().items()
@@ -505,11 +508,110 @@ class BatchNorm(nn.Module):
                     setattr(self, name, value.clone())
         self._lazy = False
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self._lazy:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        # An unbuilt lazy layer (as torch's Lazy* modules allow): its parameters have no
+        # value yet, and are saved as empty tensors, which load_state_dict recognizes.
+        for name, param in self._parameters.items():
+            if param is not None:
+                destination[prefix + name] = torch.empty(0, dtype=param.dtype,
+                                                         device=param.device)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and name not in self._non_persistent_buffers_set:
+                destination[prefix + name] = buffer if keep_vars else buffer.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Check every key of this layer first, then copy: all of them or none.
+
+        Missing or unexpected keys (with ``strict=True``), non-tensors, wrong shapes and
+        non-floating values for floating tensors are reported through torch's lists, which
+        ``load_state_dict`` raises from after visiting every module, and nothing of this
+        layer is changed (a lazy layer stays unbuilt). Other modules of a larger model are
+        loaded by torch as usual: the promise is per BatchNorm layer. ``strict=False`` loads
+        the keys that are present (after the same checks).
+        """
         _torch_state_keys(state_dict, prefix)  # a torch.nn BatchNorm*d checkpoint loads too
-        if self.num_features is None and prefix + "moving_mean" in state_dict:
-            self._build(tuple(state_dict[prefix + "moving_mean"].shape))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # torch passes strict=True here whatever the user asked (it reports missing keys
+        # then, and applies the user's flag when raising); all or nothing follows the user's.
+        reported_strict = strict
+        strict = strict and _load_is_strict()
+        key = prefix + "num_updates"
+        if key not in state_dict and not strict and self.num_updates.is_meta:
+            # As torch does for num_batches_tracked: a real counter, not a meta tensor.
+            state_dict[key] = torch.zeros((), dtype=torch.int64)
+        missing, unexpected, errors, shape = self._state_dict_problems(state_dict, prefix,
+                                                                       strict)
+        if missing or unexpected or errors:
+            missing_keys.extend(missing)
+            unexpected_keys.extend(unexpected)
+            error_msgs.extend(errors)
+            if strict and not errors:  # torch reports them; say that nothing was loaded
+                error_msgs.append(f"{self._get_name()} at {prefix[:-1] or '(root)'!r}: no "
+                                  "parameter or buffer was loaded (all or nothing)")
+            return
+        if shape is None:  # a state dict saved from an unbuilt lazy layer: nothing to load
+            return
+        if self._lazy:
+            self._build(shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, reported_strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def _state_dict_problems(self, state_dict, prefix: str, strict: bool):
+        """``(missing, unexpected, errors, feature_shape)`` of this layer's keys in
+        ``state_dict``; ``feature_shape`` is None for a state dict of an unbuilt layer."""
+        own = {name: t for name, t in self._parameters.items() if t is not None}
+        own.update({name: b for name, b in self._buffers.items()
+                    if b is not None and name not in self._non_persistent_buffers_set})
+        missing, errors = [], []
+        if self._lazy:
+            reference = state_dict.get(prefix + "moving_mean")
+            shape = tuple(reference.shape) if isinstance(reference, Tensor) else None
+        else:
+            shape = tuple(self.moving_mean.shape)
+        if shape is not None and 0 in shape:
+            shape = None  # saved from an unbuilt lazy layer
+        for name in own:
+            key = prefix + name
+            if key not in state_dict:
+                if strict:
+                    missing.append(key)
+                continue
+            value = state_dict[key]
+            if not isinstance(value, Tensor):
+                errors.append(f"{key}: expected a tensor, got {type(value).__name__}")
+                continue
+            if name == "num_updates":
+                if value.shape != () or value.is_floating_point() or value.is_complex() \
+                        or value.dtype == torch.bool:
+                    errors.append(f"{key}: expected an integer scalar (the update count), got "
+                                  f"a {value.dtype} tensor of shape {tuple(value.shape)}")
+                continue
+            if not value.is_floating_point():
+                errors.append(f"{key}: expected a floating-point tensor, got {value.dtype}")
+            expected = shape if shape is not None else (0,)
+            if tuple(value.shape) != expected:
+                if shape is not None and tuple(value.shape) == (0,):
+                    how = "the state dict was saved from a lazy layer that was never built"
+                elif shape is not None:
+                    how = f"the feature shape is {shape}"
+                elif prefix + "moving_mean" not in state_dict:
+                    how = "an unbuilt lazy layer takes its feature shape from moving_mean, " \
+                          "which the state dict lacks"
+                else:
+                    how = "the state dict's moving_mean is empty: it was saved from a lazy " \
+                          "layer that was never built"
+                errors.append(f"size mismatch for {key}: got shape {tuple(value.shape)}, "
+                              f"expected {expected} ({how})")
+        unexpected = []
+        if strict:
+            for key in state_dict:  # torch's rule for unexpected keys
+                name = key[len(prefix):].split(".", 1)[0]
+                if key.startswith(prefix) and name not in own and name not in self._modules:
+                    unexpected.append(key)
+        return missing, unexpected, errors, shape
 
     def state(self) -> BatchNormState:
         """The layer's moving statistics as a :class:`~batchnorm.functional.BatchNormState`
@@ -596,7 +698,8 @@ class BatchNorm(nn.Module):
 
     def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
         for stats in skipped:
-            reason = F.skip_reason(stats, unbiased=self._config.unbiased_moving_variance)
+            reason = F.skip_reason(stats, unbiased=self._config.unbiased_moving_variance,
+                                   dtype=self.moving_mean.dtype)
             warnings.warn(
                 f"{self._get_name()}: {reason}; the moving averages were left unchanged for "
                 "this batch", RuntimeWarning, stacklevel=user_stacklevel(),
@@ -717,6 +820,24 @@ class BatchNorm(nn.Module):
 
 # help() and inspect.signature() read a class's __new__ before its __init__: show __init__'s.
 BatchNorm.__new__.__signature__ = inspect.signature(BatchNorm.__init__)  # type: ignore[attr-defined]
+
+
+def _load_is_strict() -> bool:
+    """The ``strict`` flag of the running ``Module.load_state_dict``.
+
+    torch passes ``strict=True`` to every module's ``_load_from_state_dict`` and applies
+    the user's flag only after visiting them all, too late for a layer that must decide
+    before copying whether a missing key is an error (strict) or a partial load (not).
+    The flag is read from that call's frame; without one (a direct call), True, as torch
+    passes.
+    """
+    code = nn.Module.load_state_dict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return True
 
 
 def _layers(module: nn.Module):

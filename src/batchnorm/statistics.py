@@ -62,8 +62,8 @@ def pooled_statistics(
 
     Ghost batches contribute with equal weight, as in tf_keras (the mean of the
     group variances, not the variance of the whole batch). With a mask, groups
-    with no selected value are left out; if none is left the result is NaN.
-    With ``unbiased`` each group's variance is Bessel-corrected first.
+    with fewer than two selected values (no variance) are left out; if none is left
+    the result is NaN. With ``unbiased`` each group's variance is Bessel-corrected first.
     """
     mean, variance, count = stats
     if unbiased:
@@ -72,7 +72,7 @@ def pooled_statistics(
         if mean.shape[0] == 1:
             return mean[0], variance[0]
         return mean.mean(0), variance.mean(0)
-    valid = (torch.as_tensor(count) > 0).expand_as(mean)
+    valid = (torch.as_tensor(count) > 1).expand_as(mean)
     groups = valid.sum(0)
     return (torch.where(valid, mean, 0).sum(0) / groups,
             torch.where(valid, variance, 0).sum(0) / groups)
@@ -192,7 +192,8 @@ def update_state(
     """
     stats = stats._replace(mean=stats.mean.detach(), variance=stats.variance.detach())
     mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
-    finite = torch.isfinite(mean).all() & torch.isfinite(variance).all()
+    stored_mean, stored_variance = _as_stored(state, mean, variance)
+    finite = torch.isfinite(stored_mean).all() & torch.isfinite(stored_variance).all()
     new = {"num_updates": state.num_updates + finite.to(state.num_updates.dtype)}
     averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
                          renorm_momentum=renorm_momentum)
@@ -236,18 +237,42 @@ def update_state_(
     return bool(apply_update(state, stats, config))
 
 
-def skip_reason(stats: BatchStatistics, *, unbiased: bool = False) -> str:
+def _as_stored(state: BatchNormState, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+    """The pooled statistics in the dtype of the buffers they move (no copy when it is theirs)."""
+    dtype = state.moving_mean.dtype
+    return (mean if mean.dtype == dtype else mean.to(dtype),
+            variance if variance.dtype == dtype else variance.to(dtype))
+
+
+
+
+def skip_reason(stats: BatchStatistics, *, unbiased: bool = False,
+                dtype: torch.dtype | None = None) -> str:
     """Why a batch's statistics could not enter the moving averages (after a skipped update:
-    this reads values back from the device)."""
+    this reads values back from the device). ``dtype``: the moving averages' dtype."""
     if stats.mean.shape[0] == 0:
         return "the batch is empty (no ghost batch in this process)"
     if not isinstance(stats.count, int):
         count = stats.count.expand_as(stats.mean)
         if not bool((count > 0).any(0).all()):
             return "the mask selects no position for some feature"
-        if unbiased and bool((count == 1).any()):
-            return ("the mask selects a single value in some group, whose unbiased variance "
-                    "is undefined")
+        if not bool((count > 1).any(0).all()):
+            return ("the mask selects a single value for some feature (in every group), which "
+                    "has no variance; such a group is normalized with the moving statistics")
+    mean, variance = pooled_statistics(stats, unbiased=unbiased)
+    if bool(torch.isfinite(mean).all()):
+        name = str(variance.dtype).removeprefix("torch.")
+        if not bool(torch.isfinite(variance).all()):
+            return (f"the batch variance overflowed {name}, the statistics dtype (largest "
+                    f"{torch.finfo(variance.dtype).max:.3g}): the input's values are finite but "
+                    "too far from their mean; scale the input down, or normalize it in float64")
+        for what, t in (("mean", mean), ("variance", variance)):
+            if dtype is not None and dtype != t.dtype and not bool(
+                    torch.isfinite(t.to(dtype)).all()):
+                return (f"the batch {what} (up to {float(t.abs().max()):.3g}) overflowed "
+                        f"{str(dtype).removeprefix('torch.')}, the moving averages' dtype "
+                        f"(largest {torch.finfo(dtype).max:.3g}); keep the layer's statistics "
+                        "in a wider dtype, e.g. layer.double()")
     return "the batch statistics are not finite (NaN or Inf in the input)"
 
 
@@ -275,7 +300,9 @@ def apply_update(state: BatchNormState, stats: BatchStatistics,
     """
     with torch.no_grad():
         mean, variance = pooled_statistics(stats, unbiased=config.unbiased_moving_variance)
-        finite = torch.isfinite(torch.cat([mean.reshape(-1), variance.reshape(-1)])).all()
+        # Checked as they will be stored: a float64 variance of 1e60 is inf in float32 buffers.
+        stored = _as_stored(state, mean, variance)
+        finite = torch.isfinite(torch.cat([stored[0].reshape(-1), stored[1].reshape(-1)])).all()
         averages = _averages(state, mean, variance, momentum=config.momentum,
                              epsilon=config.epsilon, renorm_momentum=config.renorm_momentum)
         for decay in {d for *_, d in averages}:
