@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from . import functional as F
-from . import initializers
+from . import initializers, recompute
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .initializers import Initializer
@@ -407,10 +407,19 @@ class BatchNorm(nn.Module):
                                  synchronized=group is not None)
             self._build(tuple(x.shape[a] for a in axes))
         state = self.state()
+        # Activation checkpointing runs a training call again during backward: it must not
+        # update twice, and must normalize with the state the original call saw.
+        recomputing = training and recompute.in_backward()
+        if recomputing and (config.renorm or mask is not None):
+            with torch.no_grad():  # its statistics only, keeping no tensor for backward
+                _, stats = F.forward(x, state, config, training=True, gamma=self.gamma,
+                                     beta=self.beta, mask=mask,
+                                     process_group=self._process_group)
+            state = recompute.original_state(self, stats, state)
         y, stats = F.forward(x, state, config, training=training, gamma=self.gamma,
                              beta=self.beta, mask=mask, process_group=self._process_group)
-        if stats is not None:
-            recorder = active_recorder()
+        if stats is not None and not recomputing:
+            recorder = active_recorder(self)
             if recorder is None:
                 self._update(stats, state)
             else:
@@ -427,6 +436,8 @@ class BatchNorm(nn.Module):
         self._update(stats, self.state())
 
     def _update(self, stats: BatchStatistics, state: BatchNormState) -> None:
+        if self._config.renorm or not isinstance(stats.count, int):
+            recompute.remember(self, state, (stats,))  # the state enters the output
         reason = F.apply_update(state, stats, self._config)
         if reason is not None:
             warnings.warn(

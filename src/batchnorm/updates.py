@@ -1,20 +1,56 @@
-"""Control over when moving-statistics updates happen (TensorFlow's UPDATE_OPS, made safe).
+"""When moving-statistics updates happen, and with which statistics (TensorFlow's UPDATE_OPS,
+made safe; gradient accumulation, made exact).
 
-By default a :class:`~batchnorm.BatchNorm` called in training mode updates its
-moving averages at once. Inside ``with deferred_updates() as updates:`` it
-records the update instead; ``updates.apply()`` applies everything recorded, in
-call order, and leaving the block discards whatever was not applied.
+By default a :class:`~batchnorm.BatchNorm` called in training mode updates its moving
+averages at once. Two blocks change that for the training calls made inside them:
+
+- ``with deferred_updates() as updates:`` records every layer's updates instead;
+  ``updates.apply()`` applies what was recorded, in call order, and leaving the block
+  discards whatever was not applied (:func:`deferred_updates`).
+- ``with accumulate(model):`` declares the micro-batches of one optimizer step: each
+  micro-batch is normalized with its own statistics, and at the end of the block every layer
+  of ``model`` moves its averages once, with the statistics of all its micro-batches
+  together (:func:`accumulate`).
+
+**Nesting.** A training call goes to the innermost open block that takes it (a
+``deferred_updates`` block takes every layer, an ``accumulate`` block the layers of its
+model), or updates the layer at once. What leaves a block goes where the calls would have
+gone without it:
+
+- an ``accumulate`` block's one update per layer goes, at its end, to the innermost block
+  around it that takes the layer: an enclosing ``deferred_updates`` block records it (and
+  discards it unless applied), an enclosing ``accumulate`` block pools it with its other
+  micro-batches (exactly: the pooling is associative);
+- ``updates.apply()`` of a ``deferred_updates`` block sends each recorded call to the
+  innermost ``accumulate`` block around it that takes the layer, else applies it to the
+  layer; an enclosing ``deferred_updates`` block does not hold applied updates back.
+
+**Threads and tasks.** The open blocks are per thread and per asyncio task (a
+:class:`contextvars.ContextVar`): a block opened in one thread or task does not capture
+another's training calls. ``torch.compile`` cannot trace a ``ContextVar`` (it would break the
+graph, an error under ``fullgraph=True``), so compiled code reads a per-thread copy of the
+open blocks instead (a :class:`threading.local` attribute, which ``torch.compile`` guards on
+at every call): compiled calls are kept apart per thread, but two asyncio tasks of one thread
+that interleave inside open blocks are told apart only by uncompiled code.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import partial, reduce
 from typing import Protocol, runtime_checkable
 
-from .state import BatchStatistics
+import torch
 
-__all__ = ["DeferredUpdates", "StatisticsSink", "deferred_updates"]
+from . import recompute
+from .state import BatchStatistics
+from .statistics import combine_statistics
+
+__all__ = ["Accumulation", "DeferredUpdates", "StatisticsSink", "accumulate", "active_recorder",
+           "deferred_updates"]
 
 
 @runtime_checkable
@@ -26,9 +62,52 @@ class StatisticsSink(Protocol):
         """Fold ``stats`` into the moving averages now."""
         ...
 
-# The innermost active recorder is last. A plain list (not a ContextVar) so that
-# torch.compile can read it without a graph break.
-_ACTIVE: list[DeferredUpdates] = []
+
+# The open blocks of this thread or task, innermost last. Uncompiled code reads the ContextVar;
+# compiled code the thread's copy, which every change also writes (see the module docstring).
+_BLOCKS: ContextVar[tuple] = ContextVar("batchnorm_update_blocks", default=())
+
+
+class _ThreadBlocks(threading.local):
+    blocks: tuple = ()
+
+
+_THREAD = _ThreadBlocks()
+
+
+def _open_blocks() -> tuple:
+    if torch.compiler.is_compiling():
+        return _THREAD.blocks
+    return _BLOCKS.get()
+
+
+def _set_blocks(blocks: tuple) -> None:
+    _BLOCKS.set(blocks)
+    _THREAD.blocks = blocks
+
+
+@contextmanager
+def _opened(block):
+    block._enclosing = _BLOCKS.get()
+    _set_blocks((*block._enclosing, block))
+    try:
+        yield block
+    finally:
+        _set_blocks(tuple(b for b in _BLOCKS.get() if b is not block))
+        block._open = False
+
+
+def active_recorder(layer: StatisticsSink | None = None) -> DeferredUpdates | Accumulation | None:
+    """The block that takes ``layer``'s training calls: the innermost open block of this thread
+    or task that takes it, or None when its updates apply at once."""
+    for block in reversed(_open_blocks()):
+        if block.takes(layer):
+            return block
+    return None
+
+
+def _detached(stats: BatchStatistics) -> BatchStatistics:
+    return BatchStatistics(stats.mean.detach(), stats.variance.detach(), stats.count)
 
 
 class DeferredUpdates:
@@ -37,14 +116,22 @@ class DeferredUpdates:
     def __init__(self) -> None:
         self._pending: list[tuple[StatisticsSink, BatchStatistics]] = []
         self._open = True
+        self._enclosing: tuple = ()
+
+    def takes(self, layer: StatisticsSink | None) -> bool:
+        """Every layer's training calls: True."""
+        return True
 
     def record(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
         """Keep ``layer``'s batch statistics until :meth:`apply` or :meth:`discard`."""
-        detached = BatchStatistics(stats.mean.detach(), stats.variance.detach(), stats.count)
-        self._pending.append((layer, detached))
+        self._pending.append((layer, _detached(stats)))
 
     def apply(self) -> int:
-        """Apply every recorded update in the order the layers were called; return how many."""
+        """Apply every recorded update in the order the layers were called; return how many.
+
+        Inside an :func:`accumulate` block (opened before this block) whose model holds the
+        layer, the update joins that block's micro-batches instead.
+        """
         if not self._open:
             raise RuntimeError(
                 "this deferred_updates block has already exited and its pending updates were "
@@ -52,7 +139,12 @@ class DeferredUpdates:
             )
         pending, self._pending = self._pending, []
         for layer, stats in pending:
-            layer.update_statistics(stats)
+            target = next((b for b in reversed(self._enclosing)
+                           if isinstance(b, Accumulation) and b._open and b.takes(layer)), None)
+            if target is None:
+                layer.update_statistics(stats)
+            else:
+                target.record(layer, stats)
         return len(pending)
 
     def discard(self) -> int:
@@ -74,7 +166,8 @@ def deferred_updates() -> Iterator[DeferredUpdates]:
 
     Use it for a training-mode forward pass that must not touch the statistics
     (the second pass of SAM, adversarial examples), or to apply the updates only
-    once the optimizer step succeeded:
+    once the optimizer step succeeded. It records the training calls of its own thread (or
+    asyncio task) only; see the module's docstring for nested blocks.
 
     >>> import torch, batchnorm as bn
     >>> layer = bn.BatchNorm(2)
@@ -88,15 +181,132 @@ def deferred_updates() -> Iterator[DeferredUpdates]:
     1
     """
     recorder = DeferredUpdates()
-    _ACTIVE.append(recorder)
-    try:
-        yield recorder
-    finally:
-        _ACTIVE.remove(recorder)
-        recorder.discard()
-        recorder._open = False
+    with _opened(recorder):
+        try:
+            yield recorder
+        finally:
+            recorder.discard()
 
 
-def active_recorder() -> DeferredUpdates | None:
-    """The innermost open :class:`DeferredUpdates`, or None when updates apply at once."""
-    return _ACTIVE[-1] if _ACTIVE else None
+def _ghost(layer: StatisticsSink) -> bool:
+    """Whether ``layer``'s statistics are per ghost batch (groups to concatenate, not merge)."""
+    return getattr(getattr(layer, "config", None), "virtual_batch_size", None) is not None
+
+
+class Accumulation:
+    """The micro-batches of one optimizer step, recorded inside an :func:`accumulate` block."""
+
+    def __init__(self, layers: tuple[StatisticsSink, ...]) -> None:
+        self._layers = layers
+        self._ids = frozenset(id(layer) for layer in layers)
+        self._records: list[tuple[StatisticsSink, BatchStatistics]] = []
+        self._open = True
+        self._enclosing: tuple = ()
+
+    def takes(self, layer: StatisticsSink | None) -> bool:
+        """Whether ``layer`` is one of the block's model's layers."""
+        return id(layer) in self._ids
+
+    def record(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
+        """Keep one micro-batch's statistics of ``layer`` until the block ends."""
+        self._records.append((layer, _detached(stats)))
+
+    def statistics(self) -> dict[StatisticsSink, BatchStatistics]:
+        """Each recorded layer's statistics of all its micro-batches so far, together (what the
+        end of the block folds into its moving averages), in the order of their first calls.
+        """
+        return {layer: reduce(partial(combine_statistics, ghost=_ghost(layer)), micro)
+                for layer, micro in self._by_layer().items()}
+
+    def _by_layer(self) -> dict[StatisticsSink, list[BatchStatistics]]:
+        grouped: dict[StatisticsSink, list[BatchStatistics]] = {}
+        for layer, stats in self._records:
+            grouped.setdefault(layer, []).append(stats)
+        return grouped
+
+    def discard(self) -> int:
+        """Drop every recorded micro-batch (the block's end then changes nothing, e.g. when the
+        optimizer step is skipped); return how many were dropped."""
+        count = len(self._records)
+        self._records = []
+        return count
+
+    def _finish(self) -> None:
+        """One update per layer, or its statistics to the enclosing block that takes it."""
+        micro = self._by_layer()
+        pooled = self.statistics()  # every fold before any update: an error changes nothing
+        self._records = []
+        for layer, stats in pooled.items():
+            target = next((b for b in reversed(self._enclosing) if b._open and b.takes(layer)),
+                          None)
+            if target is not None:
+                target.record(layer, stats)
+                continue
+            state = getattr(layer, "state", None)
+            if callable(state):  # a checkpointed micro-batch recomputed after the block
+                recompute.remember(layer, state(), micro[layer])
+            layer.update_statistics(stats)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __repr__(self) -> str:
+        return (f"Accumulation(layers={len(self._layers)}, micro_batches={len(self._records)}, "
+                f"open={self._open})")
+
+
+@contextmanager
+def accumulate(model: torch.nn.Module) -> Iterator[Accumulation]:
+    """Declare one optimizer step's micro-batches (gradient accumulation): the moving averages
+    of ``model``'s layers move once, at the end of the block, with the statistics of all the
+    block's training calls together.
+
+    Each micro-batch is still normalized with its own statistics (and, with renorm or a masked
+    empty group, with the state as it was when the block opened). At the end of the block each
+    layer that was called folds the count-weighted pooled statistics of its micro-batches
+    (:func:`batchnorm.functional.combine_statistics`: exact for micro-batches of any sizes and
+    for masks) into its averages in one update, so that ``num_updates`` counts one step, and
+    the averages equal (to float rounding) those of one training call on the concatenated
+    batch. With ghost batches that batch has the ghost batches of all the micro-batches
+    (``ghost_layout="consecutive"`` on the concatenation, when every micro-batch is a multiple
+    of ``virtual_batch_size``). Synchronized layers already get the statistics of every
+    process's micro-batch, so the step's update is that of the global batch.
+
+    Leaving the block by an exception, or after :meth:`Accumulation.discard`, changes nothing.
+    Layers that are not in ``model`` update as usual. See the module's docstring for blocks
+    inside blocks (an update recorded by an enclosing :func:`deferred_updates` block, for
+    instance, is applied only if that block applies it).
+
+    Args:
+        model: the module whose :class:`~batchnorm.BatchNorm` layers (itself included) the
+            block takes.
+
+    Yields:
+        The :class:`Accumulation`: ``len()`` micro-batch calls recorded,
+        :meth:`~Accumulation.statistics`, :meth:`~Accumulation.discard`.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+
+    >>> import torch, batchnorm as bn
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), bn.BatchNorm(3, axis=-1))
+    >>> with bn.accumulate(model) as step:
+    ...     for micro in torch.randn(64, 4).split(16):
+    ...         model(micro).sum().backward()
+    ...     print(len(step), model[1].num_updates.item())
+    4 0
+    >>> model[1].num_updates.item()
+    1
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"accumulate takes a torch.nn.Module, got {type(model).__name__}")
+    layers = tuple(m for m in model.modules()
+                   if callable(getattr(m, "update_statistics", None)))
+    accumulation = Accumulation(layers)
+    with _opened(accumulation):
+        try:
+            yield accumulation
+        except BaseException:
+            accumulation.discard()
+            raise
+        accumulation._finish()
