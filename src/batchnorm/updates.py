@@ -110,11 +110,45 @@ def _detached(stats: BatchStatistics) -> BatchStatistics:
     return BatchStatistics(stats.mean.detach(), stats.variance.detach(), stats.count)
 
 
+class _Link:
+    """One recorded call, linked to the one before it. A chain, not a list: torch.compile
+    guards on a list's length, so appending to one would compile a graph per call of a block
+    (it guards only on the type of this attribute, the same for every call)."""
+
+    def __init__(self, before: _Link | None, layer: StatisticsSink | None,
+                 stats: BatchStatistics | None) -> None:
+        self.before, self.layer, self.stats = before, layer, stats
+
+
+class _Records:
+    """The calls recorded by a block, in call order. Nothing but the chain's end changes when
+    one is recorded (a counter would be an int torch.compile specializes on, too)."""
+
+    def __init__(self) -> None:
+        self.last = _Link(None, None, None)
+
+    def append(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
+        self.last = _Link(self.last, layer, _detached(stats))
+
+    def items(self) -> list[tuple[StatisticsSink, BatchStatistics]]:
+        found, link = [], self.last
+        while link.before is not None:
+            found.append((link.layer, link.stats))
+            link = link.before
+        return found[::-1]
+
+    def take(self) -> list[tuple[StatisticsSink, BatchStatistics]]:
+        """Every record, in call order; the block keeps none."""
+        found = self.items()
+        self.last = _Link(None, None, None)
+        return found
+
+
 class DeferredUpdates:
     """Moving-statistics updates recorded inside a :func:`deferred_updates` block."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[StatisticsSink, BatchStatistics]] = []
+        self._pending = _Records()
         self._open = True
         self._enclosing: tuple = ()
 
@@ -124,7 +158,7 @@ class DeferredUpdates:
 
     def record(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
         """Keep ``layer``'s batch statistics until :meth:`apply` or :meth:`discard`."""
-        self._pending.append((layer, _detached(stats)))
+        self._pending.append(layer, stats)
 
     def apply(self) -> int:
         """Apply every recorded update in the order the layers were called; return how many.
@@ -137,7 +171,7 @@ class DeferredUpdates:
                 "this deferred_updates block has already exited and its pending updates were "
                 "discarded; call updates.apply() inside the `with` block"
             )
-        pending, self._pending = self._pending, []
+        pending = self._pending.take()
         for layer, stats in pending:
             target = next((b for b in reversed(self._enclosing)
                            if isinstance(b, Accumulation) and b._open and b.takes(layer)), None)
@@ -149,15 +183,13 @@ class DeferredUpdates:
 
     def discard(self) -> int:
         """Drop every recorded update; return how many were dropped."""
-        count = len(self._pending)
-        self._pending = []
-        return count
+        return len(self._pending.take())
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending.items())
 
     def __repr__(self) -> str:
-        return f"DeferredUpdates(pending={len(self._pending)}, open={self._open})"
+        return f"DeferredUpdates(pending={len(self)}, open={self._open})"
 
 
 @contextmanager
@@ -199,7 +231,7 @@ class Accumulation:
     def __init__(self, layers: tuple[StatisticsSink, ...]) -> None:
         self._layers = layers
         self._ids = frozenset(id(layer) for layer in layers)
-        self._records: list[tuple[StatisticsSink, BatchStatistics]] = []
+        self._records = _Records()
         self._open = True
         self._enclosing: tuple = ()
 
@@ -209,7 +241,7 @@ class Accumulation:
 
     def record(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
         """Keep one micro-batch's statistics of ``layer`` until the block ends."""
-        self._records.append((layer, _detached(stats)))
+        self._records.append(layer, stats)
 
     def statistics(self) -> dict[StatisticsSink, BatchStatistics]:
         """Each recorded layer's statistics of all its micro-batches so far, together (what the
@@ -218,24 +250,23 @@ class Accumulation:
         return {layer: reduce(partial(combine_statistics, ghost=_ghost(layer)), micro)
                 for layer, micro in self._by_layer().items()}
 
-    def _by_layer(self) -> dict[StatisticsSink, list[BatchStatistics]]:
+    def _by_layer(self, *, take: bool = False) -> dict[StatisticsSink, list[BatchStatistics]]:
+        records = self._records.take() if take else self._records.items()
         grouped: dict[StatisticsSink, list[BatchStatistics]] = {}
-        for layer, stats in self._records:
+        for layer, stats in records:
             grouped.setdefault(layer, []).append(stats)
         return grouped
 
     def discard(self) -> int:
         """Drop every recorded micro-batch (the block's end then changes nothing, e.g. when the
         optimizer step is skipped); return how many were dropped."""
-        count = len(self._records)
-        self._records = []
-        return count
+        return len(self._records.take())
 
     def _finish(self) -> None:
         """One update per layer, or its statistics to the enclosing block that takes it."""
-        micro = self._by_layer()
-        pooled = self.statistics()  # every fold before any update: an error changes nothing
-        self._records = []
+        micro = self._by_layer(take=True)
+        pooled = {layer: reduce(partial(combine_statistics, ghost=_ghost(layer)), records)
+                  for layer, records in micro.items()}  # every fold before any update
         for layer, stats in pooled.items():
             target = next((b for b in reversed(self._enclosing) if b._open and b.takes(layer)),
                           None)
@@ -248,10 +279,10 @@ class Accumulation:
             layer.update_statistics(stats)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._records.items())
 
     def __repr__(self) -> str:
-        return (f"Accumulation(layers={len(self._layers)}, micro_batches={len(self._records)}, "
+        return (f"Accumulation(layers={len(self._layers)}, micro_batches={len(self)}, "
                 f"open={self._open})")
 
 
