@@ -361,3 +361,21 @@ def test_compiled_calls_of_another_thread_are_not_captured():
     done.set()
     thread.join(timeout=30)
     assert layer.num_updates.item() == 2
+
+
+def test_a_task_started_inside_a_block_that_has_closed_updates_at_once():
+    layer = make_layer()
+
+    async def train_later(release: asyncio.Event) -> None:
+        await release.wait()
+        layer(batch(80), training=True)  # its context still lists the closed block
+
+    async def main() -> None:
+        release = asyncio.Event()
+        with bn.deferred_updates():
+            task = asyncio.create_task(train_later(release))
+        release.set()
+        await task
+
+    asyncio.run(main())
+    assert layer.num_updates.item() == 1

@@ -70,7 +70,7 @@ def in_backward() -> bool:
     >>> in_backward()
     False
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():  # (cheaper than is_compiling: no jit check)
         return False
     return _graph_task_id() != -1
 
@@ -79,7 +79,7 @@ def remember(layer: object, state: BatchNormState, stats: Iterable[BatchStatisti
     """Keep ``state``'s values that the training kernels read, before an update overwrites them,
     for the recomputation of the calls whose statistics are ``stats``. Nothing while traced.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return
     fields = {name: getattr(state, name).clone() for name in _FIELDS
               if getattr(state, name) is not None}

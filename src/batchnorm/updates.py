@@ -73,12 +73,10 @@ class _ThreadBlocks(threading.local):
 
 
 _THREAD = _ThreadBlocks()
-
-
-def _open_blocks() -> tuple:
-    if torch.compiler.is_compiling():
-        return _THREAD.blocks
-    return _BLOCKS.get()
+# How many blocks are open in the whole process: when none is (nearly always), a training call
+# looks no further (one list read, which torch.compile guards on).
+_OPEN = [0]
+_OPEN_LOCK = threading.Lock()
 
 
 def _set_blocks(blocks: tuple) -> None:
@@ -89,19 +87,26 @@ def _set_blocks(blocks: tuple) -> None:
 @contextmanager
 def _opened(block):
     block._enclosing = _BLOCKS.get()
+    with _OPEN_LOCK:
+        _OPEN[0] += 1
     _set_blocks((*block._enclosing, block))
     try:
         yield block
     finally:
         _set_blocks(tuple(b for b in _BLOCKS.get() if b is not block))
         block._open = False
+        with _OPEN_LOCK:
+            _OPEN[0] -= 1
 
 
 def active_recorder(layer: StatisticsSink | None = None) -> DeferredUpdates | Accumulation | None:
     """The block that takes ``layer``'s training calls: the innermost open block of this thread
     or task that takes it, or None when its updates apply at once."""
-    for block in reversed(_open_blocks()):
-        if block.takes(layer):
+    if not _OPEN[0]:
+        return None
+    blocks = _THREAD.blocks if torch.compiler.is_dynamo_compiling() else _BLOCKS.get()
+    for block in reversed(blocks):
+        if block._open and block.takes(layer):  # a task started in a block outlives it
             return block
     return None
 
