@@ -154,14 +154,19 @@ def test_recomputation_after_the_accumulate_block_uses_the_state_of_its_step():
         torch.testing.assert_close(got, want, **TOL)
 
 
-def test_a_forward_outside_backward_is_not_a_recomputation():
+def test_a_recomputation_is_a_forward_inside_backward_with_gradients_enabled():
     assert not recompute.in_backward()
     seen = []
-    x = torch.randn(3, requires_grad=True)
-    y = x * 2
-    y.register_hook(lambda g: seen.append(recompute.in_backward()))
+
+    def hook(grad):
+        seen.append(recompute.in_backward())  # backward runs without gradients
+        with torch.enable_grad():  # as both checkpoint implementations recompute
+            seen.append(recompute.in_backward())
+
+    y = torch.randn(3, requires_grad=True) * 2
+    y.register_hook(hook)
     y.sum().backward()
-    assert seen == [True]
+    assert seen == [False, True]
 
 
 def test_compiled_checkpoint_recomputes_without_a_second_update():
@@ -174,3 +179,25 @@ def test_compiled_checkpoint_recomputes_without_a_second_update():
     for step in range(2):
         compiled(torch.randn(16, 4, dtype=torch.float64, requires_grad=True)).sum().backward()
         assert model[1].num_updates.item() == step + 1
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_layer_called_twice_before_backward_recomputes_each_call_with_its_own_state(
+        use_reentrant):
+    """A GAN's discriminator on real and on fake data, one backward: two updates happened
+    before the recomputations, each of which must find the state of its own call."""
+    options = {"axis": -1, "renorm": True, "renorm_momentum": 0.5, "dtype": torch.float64,
+               "renorm_clipping": {"rmax": 1.25, "dmax": 0.2}}
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(8, 3, generator=g, dtype=torch.float64) * s + s for s in (1, 3)]
+    grads = {}
+    for checkpointed in (False, True):
+        layer = bn.BatchNorm(3, **options)
+        xs = [x.clone().requires_grad_() for x in inputs]
+        ys = [checkpoint(layer, x, use_reentrant=use_reentrant) if checkpointed else layer(x)
+              for x in xs]
+        (ys[0].square().sum() + (ys[1] * 3).sin().sum()).backward()
+        grads[checkpointed] = [*(x.grad for x in xs), layer.gamma.grad, layer.beta.grad]
+        assert layer.num_updates.item() == 2
+    for got, want in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(got, want, **TOL)

@@ -2,15 +2,18 @@
 
 Run (from the repository root)::
 
-    python tools/time_per_call.py OLD_SRC NEW_SRC [--rounds 5] [--calls 3000]
+    python tools/time_per_call.py OLD_SRC NEW_SRC [--rounds 5] [--pairs 200] [--calls 50]
 
 ``OLD_SRC``/``NEW_SRC`` are ``src`` directories (e.g. ``git archive <commit> src | tar -x -C
-/tmp/old``). Each round starts one fresh process per side, alternating which goes first, with
-one torch thread; each process times three calls on a 32x64 float32 input (axis 1, 64
-features): a training forward pass without autograd, a training forward and backward pass,
-and an inference forward pass without autograd, each as the best of 5 repeats of ``--calls``
-calls (the least disturbed by other jobs). The table gives the median over the rounds, in
-microseconds per call, and the change.
+/tmp/old``). Each round is a fresh process with one torch thread that imports both versions
+(in alternating order from round to round) and times three calls on a 32x64 float32 input
+(axis 1, 64 features): a training forward pass without autograd, a training forward and
+backward pass, and an inference forward pass without autograd. It alternates the two versions
+``--pairs`` times, ``--calls`` calls each, in CPU time of the thread (``time.thread_time``:
+waiting for a core that other jobs hold is not counted), and keeps the median time of each
+side and the median of the per-pair ratios: the two sides of a pair run a few milliseconds
+apart, so a shared machine's slow drifts cancel in the ratio. The table gives the medians
+over the rounds.
 """
 
 from __future__ import annotations
@@ -22,48 +25,63 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, sys, time, warnings
+import json, statistics, sys, time
 import torch
 torch.set_num_threads(1)
-import batchnorm as bn
-assert bn.__file__.startswith(sys.argv[1]), bn.__file__
-calls = int(sys.argv[2])
-layer = bn.BatchNorm(64)
+
+def load(src):
+    for name in [n for n in sys.modules if n == "batchnorm" or n.startswith("batchnorm.")]:
+        del sys.modules[name]
+    sys.path.insert(0, src)
+    import batchnorm
+    sys.path.pop(0)
+    assert batchnorm.__file__.startswith(src), batchnorm.__file__
+    return batchnorm
+
+old_src, new_src, pairs, calls, new_first = sys.argv[1:6]
+pairs, calls = int(pairs), int(calls)
+order = [("new", new_src), ("old", old_src)] if new_first == "1" else [
+    ("old", old_src), ("new", new_src)]
+layers = {side: load(src).BatchNorm(64) for side, src in order}
 x = torch.randn(32, 64)
 xg = x.clone().requires_grad_()
 dy = torch.randn(32, 64)
 
-def forward():
+def forward(layer):
     with torch.no_grad():
         layer(x, training=True)
 
-def forward_backward():
+def forward_backward(layer):
     layer(xg, training=True).backward(dy)
 
-def inference():
+def inference(layer):
     with torch.no_grad():
         layer(x, training=False)
 
 out = {}
 for name, fn in (("forward", forward), ("forward+backward", forward_backward),
                  ("inference", inference)):
-    for _ in range(200):
-        fn()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    out[name] = best * 1e6
+    for layer in layers.values():
+        for _ in range(200):
+            fn(layer)
+    times = {side: [] for side in layers}
+    for _ in range(pairs):
+        for side, layer in layers.items():
+            start = time.thread_time()
+            for _ in range(calls):
+                fn(layer)
+            times[side].append((time.thread_time() - start) / calls * 1e6)
+    ratios = [n / o for n, o in zip(times["new"], times["old"])]
+    out[name] = {"old": statistics.median(times["old"]), "new": statistics.median(times["new"]),
+                 "ratio": statistics.median(ratios)}
 print(json.dumps(out))
 """
 
 
-def measure(src: str, calls: int) -> dict[str, float]:
-    result = subprocess.run([sys.executable, "-c", CHILD, src, str(calls)], check=True,
-                            capture_output=True, text=True, env={"PYTHONPATH": src,
-                                                                 "PATH": "/usr/bin:/bin"})
+def measure(old: str, new: str, pairs: int, calls: int, new_first: bool) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, old, new, str(pairs), str(calls), str(int(new_first))],
+        check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -72,19 +90,21 @@ def main() -> None:
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--pairs", type=int, default=200)
+    parser.add_argument("--calls", type=int, default=50)
     args = parser.parse_args()
-    runs: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
-    for i in range(args.rounds):
-        order = ("old", "new") if i % 2 == 0 else ("new", "old")
-        for side in order:
-            runs[side].append(measure(getattr(args, side), args.calls))
-    print("| call (32x64 float32, 1 thread) | before µs | after µs | change |")
-    print("|---|---:|---:|---:|")
-    for name in runs["old"][0]:
-        old = statistics.median(r[name] for r in runs["old"])
-        new = statistics.median(r[name] for r in runs["new"])
-        print(f"| {name} | {old:.1f} | {new:.1f} | {100 * (new / old - 1):+.1f}% |")
+    rounds = [measure(args.old, args.new, args.pairs, args.calls, new_first=i % 2 == 1)
+              for i in range(args.rounds)]
+    print("| call (32x64 float32, 1 thread) | before µs | after µs | after / before "
+          "(median of pairs) | per round |")
+    print("|---|---:|---:|---:|---|")
+    for name in rounds[0]:
+        old = statistics.median(r[name]["old"] for r in rounds)
+        new = statistics.median(r[name]["new"] for r in rounds)
+        ratios = [r[name]["ratio"] for r in rounds]
+        shown = " ".join(f"{100 * (q - 1):+.1f}%" for q in ratios)
+        print(f"| {name} | {old:.1f} | {new:.1f} | {100 * (statistics.median(ratios) - 1):+.1f}% "
+              f"| {shown} |")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,19 @@ normalization, and :class:`~batchnorm.BatchNorm` does neither:
   value (normalized with the moving statistics) depends on the state, which the original
   call's update has changed since. The recomputation must normalize with the state the
   original call saw, or its gradients differ. Before each update in those modes the layer
-  keeps the values it is about to overwrite (:func:`remember`: a few feature-sized
-  tensors, the last :data:`KEPT` updates per layer), keyed by the batch statistics of the
-  calls that the update folds in; the recomputation computes its batch statistics again
-  (bit for bit: the same input, the same kernel) and :func:`original_state` picks the
-  values kept before the update of the call with those statistics, or the current state
-  when no update followed it yet (inside a block, or before the update). The selection runs
-  on the device: nothing is read back.
+  keeps the values it is about to overwrite (:func:`remember`: the renorm averages, and the
+  moving statistics with a mask; for the last :data:`KEPT` updates of each layer), keyed by
+  the batch statistics of the calls that the update folds in. The recomputation computes
+  its batch statistics again (bit for bit: the same input, the same kernel), and
+  :func:`original_state` picks the values kept before the update of the call with those
+  statistics, or the current state when no update followed that call yet (inside a block,
+  or before the update). The selection runs on the device: nothing is read back.
 
-A forward that runs in a backward pass for another reason (a model called from a backward
-hook) is treated as a recomputation too. ``torch.compile`` traces neither check: a compiled
-model's activation checkpointing recomputes in the compiled backward, which contains no
-update (tested), and a compiled module called again by an eager checkpoint is not detected.
+A forward that runs in a backward pass, with gradients enabled, for another reason (a model
+called from a backward hook) is treated as a recomputation too. ``torch.compile`` traces
+neither check: a compiled model's activation checkpointing recomputes in the compiled
+backward, which contains no update (tested), and a compiled module called again by an eager
+checkpoint is not detected.
 
 This module imports only :mod:`batchnorm.state`.
 """
@@ -34,7 +35,7 @@ This module imports only :mod:`batchnorm.state`.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
@@ -45,13 +46,16 @@ from .state import BatchNormState, BatchStatistics
 
 __all__ = ["KEPT", "in_backward", "original_state", "remember"]
 
-KEPT = 16
+KEPT = 4
 """Updates per layer whose previous values are kept for a recomputation: a layer called up to
-this many times before the backward pass that recomputes its calls."""
+this many times before the backward pass that recomputes its calls (a GAN's discriminator:
+real, fake, and the generator's pass). Each keeps two to four feature-sized tensors and the
+two of the batch statistics."""
 
 # The state fields a training kernel reads: the moving statistics (a masked group with no
 # selected value) and the renorm averages (r and d).
-_FIELDS = ("moving_mean", "moving_variance", "renorm_mean", "renorm_stddev")
+_MOVING = ("moving_mean", "moving_variance")
+_RENORM = ("renorm_mean", "renorm_stddev")
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
@@ -64,30 +68,37 @@ _KEPT: WeakKeyDictionary[object, deque[_Kept]] = WeakKeyDictionary()
 
 
 def in_backward() -> bool:
-    """Whether the current forward runs inside a backward pass: activation checkpointing's
-    recomputation. Always False while ``torch.compile`` traces.
+    """Whether the current forward runs inside a backward pass with gradients enabled:
+    activation checkpointing's recomputation (both implementations recompute with gradients
+    enabled; without them the recomputed activations would be of no use to backward).
+    Always False while ``torch.compile`` traces.
 
     >>> in_backward()
     False
     """
-    if torch.compiler.is_dynamo_compiling():  # (cheaper than is_compiling: no jit check)
-        return False
-    return _graph_task_id() != -1
+    # Grad mode first: it is the cheapest check, it settles no_grad calls, and torch.compile
+    # traces it (is_dynamo_compiling, unlike is_compiling, has no TorchScript check).
+    return (torch.is_grad_enabled() and not torch.compiler.is_dynamo_compiling()
+            and _graph_task_id() != -1)
 
 
-def remember(layer: object, state: BatchNormState, stats: Iterable[BatchStatistics]) -> None:
+def remember(layer: object, state: BatchNormState, stats: Sequence[BatchStatistics]) -> None:
     """Keep ``state``'s values that the training kernels read, before an update overwrites them,
-    for the recomputation of the calls whose statistics are ``stats``. Nothing while traced.
-    """
+    for the recomputation of the calls whose statistics are ``stats``: the renorm averages
+    of a renorm state, the moving statistics when a count is a tensor (a mask). Nothing when
+    neither applies, or while traced."""
     if torch.compiler.is_dynamo_compiling():
         return
-    fields = {name: getattr(state, name).clone() for name in _FIELDS
-              if getattr(state, name) is not None}
+    names = [*_RENORM] if state.renorm_mean is not None else []
+    if any(not isinstance(s.count, int) for s in stats):
+        names += _MOVING
+    if not names:
+        return
     keys = tuple((s.mean.detach(), s.variance.detach()) for s in stats)
     kept = _KEPT.get(layer)
     if kept is None:
         kept = _KEPT[layer] = deque(maxlen=KEPT)
-    kept.append(_Kept(keys, fields))
+    kept.append(_Kept(keys, {name: getattr(state, name).clone() for name in names}))
 
 
 def original_state(layer: object, stats: BatchStatistics,
@@ -108,8 +119,8 @@ def original_state(layer: object, stats: BatchStatistics,
     order = torch.arange(1, len(candidates) + 1, device=mean.device)
     index = torch.where(same, order, 0).amax().reshape(1)  # 0: the current state
     chosen = {}
-    for name, current in state._asdict().items():
-        if name in _FIELDS and current is not None:
-            stacked = torch.stack([current, *(fields[name] for *_, fields in candidates)])
-            chosen[name] = stacked.index_select(0, index)[0]
+    for name in {name for *_, fields in candidates for name in fields}:
+        current = getattr(state, name)  # also for a call whose update did not need this field
+        stacked = torch.stack([current, *(fields.get(name, current) for *_, fields in candidates)])
+        chosen[name] = stacked.index_select(0, index)[0]
     return state._replace(**chosen)
