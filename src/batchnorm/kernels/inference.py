@@ -73,7 +73,7 @@ def infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
     config = call.config
     mean, variance = inference_statistics(state, momentum=config.momentum,
                                           epsilon=config.epsilon, debias=config.debias)
-    if mean is state.moving_mean and torch.is_grad_enabled() and _differentiable(x, call):
+    if torch.is_grad_enabled() and mean is state.moving_mean and _differentiable(x, call):
         # ATen's kernel keeps the statistics it is given for backward: give it copies, so
         # that writing the buffers before backward (DDP's broadcast_buffers, an EMA, a
         # second training call) cannot fail or change the gradient.
