@@ -85,7 +85,10 @@ class BatchNorm(nn.Module):
     :math:`\mu, \sigma^2` are the batch's mean and biased variance over every
     axis except the feature ``axis``; the moving averages are updated,
     ``moving = momentum * moving + (1 - momentum) * batch_statistic``
-    (recorded instead of applied inside :func:`batchnorm.deferred_updates`).
+    (recorded instead of applied inside :func:`batchnorm.deferred_updates`; once per
+    optimizer step, with the statistics of all its micro-batches, inside
+    :func:`batchnorm.accumulate`; not again when activation checkpointing recomputes the
+    call during backward).
 
     **Inference** (``training=False``, or ``None`` after ``model.eval()``):
     :math:`\mu, \sigma^2` are ``moving_mean`` and ``moving_variance``. This is
@@ -431,7 +434,8 @@ class BatchNorm(nn.Module):
         enter them (not finite, ...) is skipped with a ``RuntimeWarning`` saying why.
 
         The layer calls it after each training call (or :class:`~batchnorm.DeferredUpdates`
-        does, for recorded calls).
+        does, for recorded calls; :class:`~batchnorm.Accumulation` once per step, with the
+        pooled statistics of the step's micro-batches).
         """
         self._update(stats, self.state())
 
