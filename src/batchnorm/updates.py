@@ -309,6 +309,8 @@ def accumulate(model: torch.nn.Module) -> Iterator[Accumulation]:
     process's micro-batch, so the step's update is that of the global batch.
 
     Leaving the block by an exception, or after :meth:`Accumulation.discard`, changes nothing.
+    A micro-batch whose statistics are not finite makes the step's not finite: the layer
+    skips the step's update, with its usual warning.
     Layers that are not in ``model`` update as usual. See the module's docstring for blocks
     inside blocks (an update recorded by an enclosing :func:`deferred_updates` block, for
     instance, is applied only if that block applies it).
