@@ -86,7 +86,24 @@ def namespace() -> dict:
                           nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).train()
     train_loader = [(torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))) for _ in range(4)]
     return {"__name__": "readme", "torch": torch, "bn": bn, "model": model,
-            "x": torch.randn(16, 3, 8, 8), "train_loader": train_loader}
+            "x": torch.randn(16, 3, 8, 8), "train_loader": train_loader,
+            # The training-loop fragments' names: micro-batches, a loss, an optimizer, a
+            # checkpointed block (the model), a GAN's two batches and an EMA of the buffers.
+            "chunks": [torch.randn(8, 3, 8, 8) for _ in range(4)],
+            "loss_fn": lambda *ys: sum(y.square().mean() for y in ys),
+            "optimizer": torch.optim.SGD(model.parameters(), lr=0.01), "block": model,
+            "real": torch.randn(8, 3, 8, 8), "fake": torch.randn(8, 3, 8, 8),
+            "ema": _BufferEMA()}
+
+
+class _BufferEMA:
+    """Stands in for an EMA of the model's statistics: writes every buffer in place."""
+
+    def update(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for buffer in model.buffers():
+                if buffer.is_floating_point():
+                    buffer.mul_(0.5)
 
 
 def run_section(section: str, directory: Path) -> dict:
@@ -146,8 +163,16 @@ def tools(ns: dict) -> None:
     assert len(ns["pairs"]) == 1 and ns["not_folded"] == []
 
 
+def training_loops(ns: dict) -> None:
+    # accumulate: one update for 4 micro-batches; checkpoint (forward only): one; the GAN's
+    # two training calls: two, and their backward ran after the buffers were written.
+    assert ns["model"][1].num_updates.item() == 4
+    assert all(p.grad is not None for p in ns["model"].parameters())
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "Usage": usage,
+    "Training loops": training_loops,
     "The layer": the_layer,
     "Training modes": training_modes,
     "Deployment": deployment,

@@ -16,7 +16,9 @@ Two levels:
   the options as keywords (or a :class:`BatchNormConfig`);
 - :func:`forward` ``(x, state, config, ...) -> (y, stats)`` and the update
   (:func:`update_state`, or in place :func:`apply_update`, which reports why it
-  skipped a batch): the seam :class:`batchnorm.BatchNorm` is built on.
+  skipped a batch): the seam :class:`batchnorm.BatchNorm` is built on;
+  :func:`combine_statistics` folds several batches' statistics into those of their
+  concatenation (gradient accumulation: one update per optimizer step).
 
 The training modes of TensorFlow live here too: Batch Renormalization
 (``renorm``), ghost batches (``virtual_batch_size``), ``adjustment``, and
@@ -56,6 +58,7 @@ from .state import BatchNormState, BatchStatistics, initial_state, statistics_dt
 from .state import state_fields as _state_fields
 from .statistics import (
     apply_update,
+    combine_statistics,
     inference_statistics,
     moments,
     pooled_statistics,
@@ -78,6 +81,7 @@ __all__ = [
     "broadcast",
     "check_input",
     "check_options",
+    "combine_statistics",
     "forward",
     "inference_statistics",
     "initial_state",

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from . import functional as F
-from . import initializers
+from . import initializers, recompute
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch
@@ -158,7 +158,10 @@ class BatchNorm(nn.Module):
     :math:`\mu, \sigma^2` are the batch's mean and biased variance over every
     axis except the feature ``axis``; the moving averages are updated,
     ``moving = momentum * moving + (1 - momentum) * batch_statistic``
-    (recorded instead of applied inside :func:`batchnorm.deferred_updates`).
+    (recorded instead of applied inside :func:`batchnorm.deferred_updates`; once per
+    optimizer step, with the statistics of all its micro-batches, inside
+    :func:`batchnorm.accumulate`; not again when activation checkpointing recomputes the
+    call during backward).
 
     **Inference** (``training=False``, or ``None`` after ``model.eval()``):
     :math:`\mu, \sigma^2` are ``moving_mean`` and ``moving_variance``. This is
@@ -664,10 +667,19 @@ class BatchNorm(nn.Module):
                                  synchronized=group is not None)
             self._build(tuple(x.shape[a] for a in axes))
         state = self.state()
+        # Activation checkpointing runs a training call again during backward: it must not
+        # update twice, and must normalize with the state the original call saw.
+        recomputing = training and recompute.in_backward()
+        if recomputing and (config.renorm or mask is not None):
+            with torch.no_grad():  # its statistics only, keeping no tensor for backward
+                _, stats = F.forward(x, state, config, training=True, gamma=self.gamma,
+                                     beta=self.beta, mask=mask,
+                                     process_group=self._process_group)
+            state = recompute.original_state(self, stats, state)
         y, stats = F.forward(x, state, config, training=training, gamma=self.gamma,
                              beta=self.beta, mask=mask, process_group=self._process_group)
-        if stats is not None:
-            recorder = active_recorder()
+        if stats is not None and not recomputing:
+            recorder = active_recorder(self)
             if recorder is None:
                 self._update(stats, state)
             else:
@@ -679,11 +691,14 @@ class BatchNorm(nn.Module):
         enter them (not finite, ...) is skipped with a ``RuntimeWarning`` saying why.
 
         The layer calls it after each training call (or :class:`~batchnorm.DeferredUpdates`
-        does, for recorded calls).
+        does, for recorded calls; :class:`~batchnorm.Accumulation` once per step, with the
+        pooled statistics of the step's micro-batches).
         """
         self._update(stats, self.state())
 
     def _update(self, stats: BatchStatistics, state: BatchNormState) -> None:
+        if self._config.renorm or not isinstance(stats.count, int):
+            recompute.remember(self, state, (stats,))  # the state enters the output
         applied = F.apply_update(state, stats, self._config)
         if applied.device.type == "cpu" and not torch.compiler.is_compiling():
             if not applied.numpy():  # a NumPy view of CPU memory: there is no device to wait for

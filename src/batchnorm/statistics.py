@@ -21,8 +21,8 @@ from .config import BatchNormConfig
 from .shapes import resolve_axes
 from .state import BatchNormState, BatchStatistics, statistics_dtype
 
-__all__ = ["affine_terms", "apply_update", "inference_statistics", "moments",
-           "output_affine", "pooled_statistics", "renorm_correction", "skip_reason",
+__all__ = ["affine_terms", "apply_update", "combine_statistics", "inference_statistics",
+           "moments", "output_affine", "pooled_statistics", "renorm_correction", "skip_reason",
            "update_state", "update_state_"]
 
 
@@ -76,6 +76,81 @@ def pooled_statistics(
     groups = valid.sum(0)
     return (torch.where(valid, mean, 0).sum(0) / groups,
             torch.where(valid, variance, 0).sum(0) / groups)
+
+
+def combine_statistics(
+    a: BatchStatistics, b: BatchStatistics, *, ghost: bool = False
+) -> BatchStatistics:
+    """The statistics of two batches together, as if they had been one batch (a pure fold).
+
+    Without ghost batches each group of ``a`` is merged with the same group of ``b``
+    (one group each: the whole batch) by the parallel-variance formula (Chan, Golub and
+    LeVeque), weighted by the counts: with ``w = n_b / (n_a + n_b)``,
+    ``mean = m_a + (m_b - m_a) w`` and
+    ``variance = v_a + (v_b - v_a) w + (m_b - m_a)**2 w (1 - w)``, which is exact for
+    any two sizes, and for masked counts (a tensor: per group and feature; a side with no
+    value contributes nothing, whatever its mean). With ``ghost=True`` the groups are
+    concatenated instead: the ghost batches of both batches together, which
+    :func:`pooled_statistics` then averages with equal weight, as it does within a batch.
+
+    Folding a sequence of micro-batches' statistics with it gives the statistics of their
+    concatenation (to float rounding): one moving-average update with them is the update of
+    the concatenated batch (:func:`batchnorm.accumulate`).
+
+    Args:
+        a, b: statistics of the same features (from training calls of the same layer, or
+            :func:`~batchnorm.functional.forward`).
+        ghost: concatenate the groups (ghost batches) instead of merging them.
+
+    Returns:
+        A :class:`BatchStatistics` (its count an int when both counts are ints that add up
+        or, with ``ghost``, are equal; a tensor otherwise).
+
+    Raises:
+        ValueError: statistics whose shapes cannot be combined.
+
+    >>> a = BatchStatistics(torch.tensor([[0.0]]), torch.tensor([[1.0]]), 2)  # [-1, 1]
+    >>> b = BatchStatistics(torch.tensor([[3.0]]), torch.tensor([[0.0]]), 1)  # [3]
+    >>> combine_statistics(a, b)                                         # [-1, 1, 3]
+    BatchStatistics(mean=tensor([[1.]]), variance=tensor([[2.6667]]), count=3)
+    >>> combine_statistics(a, b, ghost=True).mean.flatten()
+    tensor([0., 3.])
+    """
+    if a.mean.shape[1:] != b.mean.shape[1:]:
+        raise ValueError(f"cannot combine statistics of feature shapes {tuple(a.mean.shape[1:])} "
+                         f"and {tuple(b.mean.shape[1:])}")
+    if ghost:
+        if isinstance(a.count, int) and isinstance(b.count, int) and a.count == b.count:
+            count: int | Tensor = a.count
+        else:
+            count = torch.cat([_count_tensor(s) for s in (a, b)])
+        return BatchStatistics(torch.cat([a.mean, b.mean]), torch.cat([a.variance, b.variance]),
+                               count)
+    if a.mean.shape != b.mean.shape:
+        raise ValueError(f"cannot merge statistics of {a.mean.shape[0]} and {b.mean.shape[0]} "
+                         "groups group by group; ghost batches are combined with ghost=True")
+    delta = b.mean - a.mean
+    if isinstance(a.count, int) and isinstance(b.count, int):
+        total = a.count + b.count
+        w = b.count / total if total else 0.0
+        return BatchStatistics(a.mean + delta * w,
+                               a.variance + (b.variance - a.variance) * w
+                               + delta.square() * (w * (1.0 - w)), total)
+    na, nb = _count_tensor(a), _count_tensor(b)
+    total = na + nb
+    w = nb / total.clamp_min(1)
+    mean = a.mean + delta * w
+    variance = a.variance + (b.variance - a.variance) * w + delta.square() * (w * (1 - w))
+    # A side with no value contributes nothing, even if its statistics are not finite.
+    mean = torch.where(nb == 0, a.mean, torch.where(na == 0, b.mean, mean))
+    variance = torch.where(nb == 0, a.variance, torch.where(na == 0, b.variance, variance))
+    return BatchStatistics(mean, variance, total)
+
+
+def _count_tensor(stats: BatchStatistics) -> Tensor:
+    """The count of every entry of ``stats``, as a tensor of the statistics' shape and dtype."""
+    count = torch.as_tensor(stats.count, dtype=stats.mean.dtype, device=stats.mean.device)
+    return count.expand_as(stats.mean)
 
 
 def renorm_correction(

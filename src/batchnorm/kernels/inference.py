@@ -95,8 +95,18 @@ def infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
     config = call.config
     mean, variance = inference_statistics(state, momentum=config.momentum,
                                           epsilon=config.epsilon, debias=config.debias)
+    if torch.is_grad_enabled() and mean is state.moving_mean and _differentiable(x, call):
+        # ATen's kernel keeps the statistics it is given for backward: give it copies, so
+        # that writing the buffers before backward (DDP's broadcast_buffers, an EMA, a
+        # second training call) cannot fail or change the gradient.
+        mean, variance = mean.clone(), variance.clone()
     return normalize_features(x, call.axes, mean, variance, call.beta, call.gamma,
                               config.epsilon)
+
+
+def _differentiable(x: Tensor, call: KernelCall) -> bool:
+    return x.requires_grad or any(t is not None and t.requires_grad
+                                  for t in (call.gamma, call.beta))
 
 
 def normalize_features(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance: Tensor,
