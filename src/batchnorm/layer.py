@@ -395,6 +395,15 @@ class BatchNorm(nn.Module):
     num_batches_tracked = _TorchAlias("num_updates")
     eps = _TorchAlias("epsilon")
 
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """``nn.Module.register_parameter``; a torch.nn alias's name (``layer.weight =
+        nn.Parameter(...)``) raises the alias's ``AttributeError`` instead of registering a
+        second parameter."""
+        alias = type(self).__dict__.get(name) if name in _TORCH_STATE_KEYS else None
+        if isinstance(alias, _TorchAlias):
+            alias.__set__(self, param)
+        super().register_parameter(name, param)
+
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script calls this on every submodule before compiling it.
         raise RuntimeError(
