@@ -84,7 +84,10 @@ def test_torch_jit_trace_in_inference_mode_gives_the_eager_outputs():
     model = conv_model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks are constant
-        traced = torch.jit.trace(model, torch.randn(4, 3, 8, 8))
+        # check_trace=False: the check re-traces and compares graphs node by node, and the
+        # second trace reuses per-rank values cached by the first (the same ops, numbered
+        # differently); the outputs are compared below, at the traced and another size.
+        traced = torch.jit.trace(model, torch.randn(4, 3, 8, 8), check_trace=False)
     for size in (4, 9):
         x = torch.randn(size, 3, 8, 8)
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
