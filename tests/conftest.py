@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: generic only (every test file may rely on them)."""
+"""Shared pytest fixtures: generic only (every test file may rely on them); and which tests
+are ``slow``."""
 
 import os
 
@@ -9,6 +10,44 @@ import torch
 # this when its kernels are defined, so it is set here, before any test imports them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The slowest tests (``python -m pytest --durations=30``), marked ``slow`` so that
+# ``python -m pytest -m "not slow"`` is a quick run; ``.ci/run`` runs everything.
+# file -> test functions (None: the whole file). Measured on the 2-core machine, loaded:
+SLOW_TESTS: dict[str, set[str] | None] = {
+    "test_demo.py": None,  # trains the demo's networks: minutes
+    "test_bench.py": {"test_bench_command_writes_json_and_a_table"},  # the bench command: ~1 min
+    "test_functional.py": {  # torch.compile's first compilation: ~20 s
+        "test_compiled_layer_in_training_updates_its_buffers_like_eager",
+        "test_compiled_layer_in_inference_matches_eager_and_keeps_its_buffers",
+        "test_compiled_functional_batch_norm_matches_eager",
+    },
+    "test_kernels.py": {"test_compile_and_torch_func_fall_back_from_the_fast_path"},
+    "test_activation.py": {"test_compiled_layer_with_activation_matches_eager"},  # ~25 s
+}
+# Tests that use these fixtures start processes (torch.distributed over gloo): ~1 min.
+SLOW_FIXTURES = {"spawned"}
+
+
+def is_slow(item: pytest.Item) -> bool:
+    """Whether ``item`` is one of :data:`SLOW_TESTS` or uses one of :data:`SLOW_FIXTURES`."""
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    if item.path.name not in SLOW_TESTS:
+        return False
+    names = SLOW_TESTS[item.path.name]
+    return names is None or getattr(item, "originalname", item.name) in names
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Triton's interpreter is slow: its tests run only when asked for by name or marker
+    # (.ci/run runs `python -m pytest -m triton` after the default run).
+    asked = "triton" in (config.getoption("markexpr") or "") + (config.getoption("keyword") or "")
+    for item in items:
+        if is_slow(item):
+            item.add_marker(pytest.mark.slow)
+        if not asked and "triton" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="Triton kernel test: run it with -m triton"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,16 +1,23 @@
-"""The training demo's quick version, end to end, and the directions it must show.
+"""The training demo's quick version, end to end: reproducible at any thread count, and the
+directions its lessons claim.
 
-Margins come from measured quick runs (seed 0): with BatchNorm 98.9% against
-87.5% without; training-mode evaluation on batches of 8 92.8% against 98.9% in
-inference mode; never-updated statistics 45.0%; a head fine-tuned on batches
-of 2 68.9% without bn.freeze against 95.3% with it. Each assertion keeps less
-than half of the measured gap, so that a change of library version or
-platform that moves the numbers a little does not fail the test, while a
-demo that stops showing the effect does.
+The margins come from quick runs of seeds 0 to 4 (``python -m batchnorm.apps.demo --quick
+--seeds 0 1 2 3 4``). For every claim that held on all five, the smallest gap they showed
+was (accuracy points unless said otherwise):
+
+    ahead_early 47.5, eval_train_worse 0.3, slow_momentum_early 5.0, never_updated 29.2,
+    debias 6.9, finetune_drops 0.8, freeze 0.8, renorm_loss 0.330 (loss), ghost 17.5
+
+and each assertion below keeps less than half of it, so that a library or platform change
+that moves the numbers a little does not fail the test, while a demo that stops showing
+the effect does. The claims that did not hold on every quick seed (BatchNorm ahead at the
+end of 3 epochs: 4 of 5; momentum 0.99 behind at the end: 4 of 5; renorm more accurate
+than plain: 3 of 5) are not asserted; the table says on how many seeds they hold.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -18,64 +25,118 @@ import torch
 
 from batchnorm.apps import demo
 
+MARGINS = {  # claim key -> the gap its seed-0 quick run must exceed
+    "ahead_early": 0.20,
+    "eval_train_worse": 0.001,
+    "slow_momentum_early": 0.02,
+    "never_updated": 0.12,
+    "debias": 0.03,
+    "finetune_drops": 0.003,
+    "freeze": 0.003,
+    "renorm_loss": 0.13,
+    "ghost": 0.07,
+}
+
+
+def _quick(out, threads: int) -> dict[str, demo.Run]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        per_seed = demo.main(quick=True, seed=0, out=out)
+        assert torch.get_num_threads() == threads  # restored after the demo's one thread
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(saved)
+    return {run.key: run for run in per_seed[0]}
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    runs = demo.main(quick=True, seed=0, out=out)
-    torch.use_deterministic_algorithms(False)
-    return {run.name.strip(): run for run in runs}, out
+    return _quick(out, threads=2), out
 
 
-def accuracy(runs, prefix: str) -> float:
-    (run,) = [r for name, r in runs.items() if name.startswith(prefix)]
-    return run.accuracy
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
 
 
-def test_batchnorm_trains_to_a_higher_accuracy_than_the_same_budget_without(quick_run):
+def test_results_are_identical_at_one_and_two_threads(quick_run, tmp_path):
+    _, out = quick_run
+    _quick(tmp_path, threads=1)
+    two = json.loads((out / "results.json").read_text())
+    one = json.loads((tmp_path / "results.json").read_text())
+    assert _without_timings(one) == _without_timings(two)
+    assert one["threads"] == {"torch": 1, "numba": 1}
+
+
+@pytest.mark.parametrize("key", sorted(MARGINS))
+def test_claim_holds_with_its_margin(quick_run, key):
     runs, _ = quick_run
-    assert accuracy(runs, "with BatchNorm") > accuracy(runs, "without BatchNorm") + 0.05
-
-
-def test_training_mode_evaluation_is_worse_than_inference_mode(quick_run):
-    runs, _ = quick_run
-    inference = accuracy(runs, "with BatchNorm")
-    assert accuracy(runs, "evaluated with training=True, batches of 8") < inference - 0.02
+    (claim,) = [c for c in demo.CLAIMS if c.key == key]
+    assert claim.gap(runs) > MARGINS[key]
 
 
 def test_training_mode_evaluation_on_single_samples_is_refused(quick_run):
     runs, _ = quick_run
-    (single,) = [r for name, r in runs.items() if "batches of 1" in name]
+    single = runs["eval_train_1"]
     assert single.accuracy is None and single.note == "ValueError"
-
-
-def test_statistics_never_updated_ruin_inference(quick_run):
-    runs, _ = quick_run
-    assert accuracy(runs, "statistics never updated") < accuracy(runs, "with BatchNorm") - 0.2
-
-
-def test_freezing_keeps_fine_tuning_from_destroying_the_statistics(quick_run):
-    runs, _ = quick_run
-    frozen = accuracy(runs, "head fine-tuned on batches of 2, with bn.freeze")
-    unfrozen = accuracy(runs, "head fine-tuned on batches of 2, without bn.freeze")
-    assert frozen > unfrozen + 0.1
+    (claim,) = [c for c in demo.CLAIMS if c.key == "single_refused"]
+    assert claim.gap(runs) > 0
 
 
 def test_demo_writes_results_and_chart(quick_run):
     runs, out = quick_run
     saved = json.loads((out / "results.json").read_text())
-    assert [r["name"].strip() for r in saved["runs"]] == list(runs)
+    assert saved["seeds"] == [0]
+    assert [r["key"] for r in saved["runs"]["0"]] == list(runs)
+    assert {c["key"] for c in saved["claims"]} == {c.key for c in demo.CLAIMS}
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_training_is_deterministic_for_a_seed():
-    data = demo.load_digits(1)
-    small = tuple(t[:64] for t in data[:2]) + data[2:]
+def test_every_lesson_rests_on_known_claims(quick_run):
+    runs, _ = quick_run
+    keys = {c.key for c in demo.CLAIMS}
+    assert all(set(run.claims) <= keys for run in runs.values())
+    assert all({c.better, c.worse} <= set(runs) | {"ValueError"} for c in demo.CLAIMS)
 
-    def trained():
-        torch.manual_seed(1)
-        model = demo.make_cnn()
-        demo.train(model, small, epochs=1, batch_size=16, lr=0.05, seed=1)
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
 
-    assert torch.equal(trained(), trained())
+def test_several_seeds_give_mean_and_range_and_say_where_a_lesson_fails(quick_run):
+    runs, _ = quick_run
+    other = {key: copy.deepcopy(run) for key, run in runs.items()}
+    other["small_ghost"].accuracy = other["small"].accuracy + 0.01  # ghost ahead: claim fails
+    per_seed = {0: list(runs.values()), 1: list(other.values())}
+    text = demo.table(per_seed)
+    assert "| run | test accuracy, mean (min-max) of 2 seeds |" in text
+    (ghost,) = [line for line in text.splitlines() if "ghost batches of 2 |" in line]
+    assert ghost.endswith("behind plain (holds on 1 of 2 seeds only) |")
+    (plain,) = [line for line in text.splitlines() if "| with BatchNorm |" in line]
+    assert "seeds only" not in plain
+    claims = {c["key"]: c for c in demo.check_claims(per_seed)}
+    assert claims["ghost"]["holds"] == 1 and claims["never_updated"]["holds"] == 2
+    assert "| 1/2 seeds |" in demo.claims_table(per_seed)
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(monkeypatch):
+    class Log:
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr("sys.stderr", Log())
+    assert demo._progress_bars() is None
+
+
+def test_reproducible_restores_threads_determinism_and_the_callers_random_state():
+    threads = torch.get_num_threads()
+    state = torch.get_rng_state()
+    with demo.reproducible():
+        assert torch.get_num_threads() == 1
+        assert torch.are_deterministic_algorithms_enabled()
+        torch.manual_seed(123)
+        torch.rand(3)
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.get_rng_state(), state)

@@ -125,6 +125,34 @@ def test_normalize_returns_the_input_dtype(dtype):
     assert y.dtype == dtype
 
 
+@pytest.mark.parametrize("axis", [1, -1, (1, 3)], ids=str)
+def test_normalize_takes_feature_shaped_statistics_with_axis(axis):
+    # moments(x, axes) without keepdims returns feature-shaped statistics: axis= says where.
+    x = torch.randn(4, 3, 5, 2, dtype=torch.float64)
+    axes = F.resolve_axes(axis, x.ndim)
+    mean, variance = F.moments(x, axes=F.reduction_axes(x.ndim, axes))
+    offset, scale = torch.randn_like(mean), torch.randn_like(mean)
+    kept = F.moments(x, axes=F.reduction_axes(x.ndim, axes), keepdims=True)
+    expected = F.normalize(x, *kept, F.broadcast(offset, x, axes), F.broadcast(scale, x, axes),
+                           1e-3)
+    assert_close(F.normalize(x, mean, variance, offset, scale, 1e-3, axis=axis), expected)
+
+
+def test_normalize_without_axis_names_the_fix_for_reduced_statistics():
+    x = torch.randn(8, 16, 4, 4)
+    mean, variance = F.moments(x, axes=[0, 2, 3])  # shape (16,): does not broadcast
+    with pytest.raises(ValueError, match=r"mean of shape \(16,\).*\(8, 16, 4, 4\).*axis=1.*"
+                                         r"keepdims=True"):
+        F.normalize(x, mean, variance, None, None, 1e-3)
+
+
+def test_normalize_with_axis_rejects_statistics_of_another_shape():
+    x = torch.randn(8, 16, 4, 4)
+    mean, variance = F.moments(x, axes=[0, 2, 3], keepdims=True)
+    with pytest.raises(ValueError, match=r"mean has shape \(1, 16, 1, 1\).*\(16,\)"):
+        F.normalize(x, mean, variance, None, None, 1e-3, axis=1)
+
+
 # ---------------------------------------------------------------------------- batch_norm
 
 

@@ -60,9 +60,11 @@ def make_layer(shape, axis, **kwargs) -> bn.BatchNorm:
 
 def as_function(layer: bn.BatchNorm, training: bool, mask: torch.Tensor | None):
     def f(x, gamma, beta):
-        with bn.deferred_updates():  # discarded on exit: the state never moves
-            return torch.func.functional_call(
+        with bn.deferred_updates() as updates:  # discarded: the state never moves
+            y = torch.func.functional_call(
                 layer, {"gamma": gamma, "beta": beta}, (x,), {"training": training, "mask": mask})
+            updates.discard()
+        return y
     return f
 
 

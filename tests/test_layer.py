@@ -173,7 +173,8 @@ def test_unbiased_moving_variance_only_changes_the_moving_average():
 
 def test_momentum_zero_replaces_moving_averages_with_batch_statistics():
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(6))
-    layer = bn.BatchNorm(3, axis=-1, momentum=0.0)
+    with pytest.warns(UserWarning, match="momentum=0.0 is TensorFlow's"):  # meant here
+        layer = bn.BatchNorm(3, axis=-1, momentum=0.0)
     layer(x, training=True)
     mean, var = manual_stats(x, [0])
     torch.testing.assert_close(layer.moving_mean.double(), mean)

@@ -33,6 +33,7 @@ axes in ascending order, whatever order ``axis`` names them in (the oracle does 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -255,10 +256,12 @@ class Functional:
 
 
 def make_layer(case: Case, dtype: torch.dtype) -> bn.BatchNorm:
-    layer = bn.BatchNorm(
-        case.feature_shape, axis=case.axis, momentum=case.momentum, epsilon=case.epsilon,
-        center=case.beta is not None, scale=case.gamma is not None,
-        unbiased_moving_variance=case.unbiased, dtype=dtype)
+    with warnings.catch_warnings():  # momentum 0.0 is drawn on purpose: no PyTorch habit
+        warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
+        layer = bn.BatchNorm(
+            case.feature_shape, axis=case.axis, momentum=case.momentum, epsilon=case.epsilon,
+            center=case.beta is not None, scale=case.gamma is not None,
+            unbiased_moving_variance=case.unbiased, dtype=dtype)
     with torch.no_grad():
         if layer.gamma is not None:
             layer.gamma.copy_(tensor(case.gamma, dtype))

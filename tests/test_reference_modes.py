@@ -422,6 +422,7 @@ def test_ghost_groups_are_the_documented_samples(layout, fused):
 
 
 @FUSED
+@pytest.mark.filterwarnings("ignore:momentum=0.0:UserWarning")  # momentum 0 is meant here
 def test_mask_statistics_come_from_the_selected_samples_only(fused):
     """By hand: with momentum 0 the moving statistics become those of ``x[mask]``."""
     x = np.random.default_rng(7).standard_normal((10, 3)) * 2 + 1

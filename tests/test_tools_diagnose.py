@@ -58,11 +58,33 @@ def test_loaded_statistics_with_zero_num_updates_are_not_never_updated() -> None
     assert "never_updated" not in kinds(bn.diagnose(layer, verbose=False))
 
 
-def test_training_mode_layer_under_no_grad_with_a_batch() -> None:
+def test_training_mode_model_evaluated_under_no_grad_with_a_batch() -> None:
     model = healthy_model().train()
-    findings = bn.diagnose(model, torch.randn(32, 3, 4, 4), verbose=False)
+    with torch.no_grad():  # the caller evaluates, but the model is still in train()
+        findings = bn.diagnose(model, torch.randn(32, 3, 4, 4), verbose=False)
     assert kinds(findings, "1") == ["training_in_eval"]
     assert kinds(findings, "5") == ["training_in_eval"]
+
+
+def test_training_mode_model_with_a_batch_is_not_blamed_for_diagnose_s_own_no_grad() -> None:
+    model = healthy_model().train()
+    assert bn.diagnose(model, torch.randn(32, 3, 4, 4), verbose=False) == []
+
+
+def test_training_true_call_inside_an_eval_model_with_a_batch() -> None:
+    class ForcedTraining(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = bn.BatchNorm(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x, training=True)
+
+    model = ForcedTraining()
+    model(torch.randn(32, 4))  # trained once: never_updated stays out of the way
+    findings = bn.diagnose(model.eval(), torch.randn(32, 4), verbose=False)
+    assert kinds(findings) == ["training_in_eval"]
+    assert findings[0].layer == "norm" and "eval mode" in findings[0].message
 
 
 def test_training_mode_layer_inside_an_eval_model() -> None:

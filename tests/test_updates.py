@@ -1,8 +1,13 @@
-"""Specification of ``bn.deferred_updates``: record, apply in call order, discard on exit."""
+"""Specification of ``bn.deferred_updates``: record, apply in call order, discard on exit (with
+a warning for updates left pending); blocks are per thread and per asyncio task, and work
+under ``torch.compile(fullgraph=True)``."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
+import warnings
 
 import pytest
 import torch
@@ -41,13 +46,15 @@ def test_training_call_inside_block_records_and_leaves_buffers_untouched():
         layer(batch(0), training=True)
         assert len(updates) == 1
         assert_untouched(layer)
+        updates.discard()
 
 
 def test_training_output_inside_block_equals_eager_output():
     eager, deferred = make_layer(), make_layer()
     expected = eager(batch(1), training=True)
-    with bn.deferred_updates():
+    with bn.deferred_updates() as updates:
         assert torch.equal(deferred(batch(1), training=True), expected)
+        updates.discard()
 
 
 def test_apply_applies_recorded_updates_like_eager_calls():
@@ -89,27 +96,56 @@ def test_apply_updates_every_recorded_layer():
     assert first.num_updates.item() == 1 and second.num_updates.item() == 1
 
 
-def test_leaving_block_without_apply_discards_updates():
+def test_leaving_block_without_apply_discards_updates_with_a_warning():
     layer = make_layer()
-    with bn.deferred_updates() as updates:
-        layer(batch(6), training=True)
-        layer(batch(7), training=True)
+    with pytest.warns(RuntimeWarning, match=r"2 moving-statistics update\(s\) .* neither "
+                                            r"applied nor discarded.*updates\.apply\(\).*"
+                                            r"updates\.discard\(\)") as caught:
+        with bn.deferred_updates() as updates:
+            layer(batch(6), training=True)
+            layer(batch(7), training=True)
+    assert len(caught) == 1
+    assert caught[0].filename == __file__  # points at the user's block, not the library
     assert len(updates) == 0
     assert_untouched(layer)
+
+
+def test_explicit_discard_leaves_the_block_silently():
+    layer = make_layer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bn.deferred_updates() as updates:
+            layer(batch(6), training=True)
+            assert updates.discard() == 1
+    assert_untouched(layer)
+
+
+def test_block_with_nothing_pending_leaves_silently():
+    layer = make_layer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bn.deferred_updates() as updates:
+            layer(batch(6), training=True)
+            updates.apply()
+        with bn.deferred_updates():
+            layer(batch(6), training=False)
+    assert layer.num_updates.item() == 1
 
 
 def test_apply_after_exit_raises_runtime_error_and_changes_nothing():
     layer = make_layer()
     with bn.deferred_updates() as updates:
         layer(batch(8), training=True)
+        updates.discard()
     with pytest.raises(RuntimeError, match="exited"):
         updates.apply()
     assert_untouched(layer)
 
 
-def test_exception_inside_block_discards_updates_and_closes_it():
+def test_exception_inside_block_discards_updates_silently_and_closes_it():
     layer = make_layer()
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed step's updates are dropped on purpose
         with bn.deferred_updates():
             layer(batch(9), training=True)
             raise KeyError("boom")
@@ -136,8 +172,10 @@ def test_nested_blocks_record_in_the_innermost():
             layer(batch(12), training=True)
             layer(batch(13), training=True)
             assert len(inner) == 2 and len(outer) == 1
+            inner.discard()
         assert len(outer) == 1
         assert_untouched(layer)
+        outer.discard()
 
 
 def test_nested_inner_exit_discards_only_inner_updates():
@@ -146,8 +184,9 @@ def test_nested_inner_exit_discards_only_inner_updates():
     eager(batch(16), training=True)
     with bn.deferred_updates() as outer:
         layer(batch(14), training=True)
-        with bn.deferred_updates():
-            layer(batch(15), training=True)
+        with pytest.warns(RuntimeWarning, match="1 moving-statistics update"):
+            with bn.deferred_updates():
+                layer(batch(15), training=True)
         layer(batch(16), training=True)
         assert outer.apply() == 2
     assert_same_buffers(buffers(layer), buffers(eager))
@@ -179,6 +218,7 @@ def test_frozen_layer_records_nothing():
     with bn.deferred_updates() as updates:
         layer(batch(19), training=True)
         assert len(updates) == 0
+    assert_untouched(layer)
 
 
 def test_second_apply_applies_only_new_records():
@@ -232,3 +272,147 @@ def test_non_finite_deferred_update_is_skipped_at_apply_with_warning():
         with pytest.warns(RuntimeWarning, match="not finite"):
             updates.apply()
     assert_untouched(layer)
+
+
+# ---------------------------------------------------------------- threads, tasks, torch.compile
+
+
+def test_a_block_in_one_thread_does_not_capture_another_threads_calls():
+    layer, other = make_layer(), make_layer()
+    opened, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def hold_a_block():
+        with bn.deferred_updates() as updates:
+            layer(batch(30), training=True)
+            opened.set()
+            done.wait(timeout=30)
+            seen["pending"] = len(updates)
+
+    thread = threading.Thread(target=hold_a_block)
+    thread.start()
+    assert opened.wait(timeout=30)
+    other(batch(31), training=True)  # this thread is in no block: applied at once
+    assert other.num_updates.item() == 1
+    assert active_recorder() is None
+    done.set()
+    thread.join(timeout=30)
+    assert seen["pending"] == 1  # its own call only
+    assert_untouched(layer)
+
+
+def test_two_threads_accumulate_their_own_steps():
+    layers = [make_layer(), make_layer()]
+    references = [make_layer(), make_layer()]
+    barrier = threading.Barrier(2, timeout=30)
+    errors = []
+
+    def train(i):
+        try:
+            with bn.accumulate(layers[i]):
+                for step in range(3):
+                    layers[i](batch(40 + 10 * i + step), training=True)
+                    barrier.wait()  # interleave the two threads' calls
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    for i in range(2):
+        references[i](torch.cat([batch(40 + 10 * i + step) for step in range(3)]),
+                      training=True)
+        assert layers[i].num_updates.item() == 1
+        torch.testing.assert_close(layers[i].moving_variance, references[i].moving_variance,
+                                   rtol=1e-6, atol=1e-6)  # float32, pooled vs one pass
+
+
+def test_asyncio_tasks_have_their_own_blocks():
+    layer, other = make_layer(), make_layer()
+
+    async def hold(opened: asyncio.Event, release: asyncio.Event) -> int:
+        with bn.deferred_updates() as updates:
+            layer(batch(50), training=True)
+            opened.set()
+            await release.wait()  # another task runs while this block is open
+            return len(updates)
+
+    async def main() -> int:
+        opened, release = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(hold(opened, release))
+        await opened.wait()
+        other(batch(51), training=True)
+        release.set()
+        return await task
+
+    assert asyncio.run(main()) == 1
+    assert other.num_updates.item() == 1
+    assert_untouched(layer)
+
+
+def graph_counter():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return graphs, backend
+
+
+def test_compiled_layer_records_inside_a_block_and_updates_outside_fullgraph():
+    graphs, backend = graph_counter()
+    layer = make_layer()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    with bn.deferred_updates() as updates:
+        compiled(batch(60), training=True)
+        compiled(batch(61), training=True)
+        assert len(updates) == 2
+        assert_untouched(layer)
+        updates.apply()
+    assert layer.num_updates.item() == 2
+    compiled(batch(62), training=True)
+    assert layer.num_updates.item() == 3
+    assert len(graphs) == 2  # one inside a block (both calls), one outside
+
+
+def test_compiled_calls_of_another_thread_are_not_captured():
+    graphs, backend = graph_counter()
+    layer = make_layer()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    compiled(batch(70), training=True)
+    opened, done = threading.Event(), threading.Event()
+
+    def hold_a_block():
+        with bn.deferred_updates():
+            opened.set()
+            done.wait(timeout=30)
+
+    thread = threading.Thread(target=hold_a_block)
+    thread.start()
+    assert opened.wait(timeout=30)
+    compiled(batch(71), training=True)
+    done.set()
+    thread.join(timeout=30)
+    assert layer.num_updates.item() == 2
+
+
+def test_a_task_started_inside_a_block_that_has_closed_updates_at_once():
+    layer = make_layer()
+
+    async def train_later(release: asyncio.Event) -> None:
+        await release.wait()
+        layer(batch(80), training=True)  # its context still lists the closed block
+
+    async def main() -> None:
+        release = asyncio.Event()
+        with bn.deferred_updates():
+            task = asyncio.create_task(train_later(release))
+        release.set()
+        await task
+
+    asyncio.run(main())
+    assert layer.num_updates.item() == 1

@@ -25,11 +25,12 @@ from .tools import (
     to_torch,
     unfreeze,
 )
-from .updates import DeferredUpdates, deferred_updates
+from .updates import Accumulation, DeferredUpdates, accumulate, deferred_updates
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulation",
     "BatchNorm",
     "BatchNormState",
     "ConversionResult",
@@ -38,6 +39,7 @@ __all__ = [
     "FoldResult",
     "Monitor",
     "RecalibrationReport",
+    "accumulate",
     "apply_constraints",
     "batchnorm_from_keras",
     "convert",

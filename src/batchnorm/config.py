@@ -19,13 +19,15 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from . import activations, initializers
 from .initializers import Initializer
 from .shapes import resolve_axes
 
-__all__ = ["GHOST_LAYOUTS", "Adjustment", "BatchNormConfig", "Constraint", "Regularizer"]
+__all__ = ["GHOST_LAYOUTS", "Adjustment", "BatchNormConfig", "Constraint", "Regularizer",
+           "check_epsilon"]
 
 GHOST_LAYOUTS = ("strided", "consecutive")
 CLIPPING_KEYS = ("rmin", "rmax", "dmax")
@@ -39,6 +41,25 @@ def _is_number(value: Any, *, integer: bool = False) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
+def check_epsilon(epsilon: float, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` for an ``epsilon`` too small to count in ``dtype``.
+
+    ``variance + epsilon`` must stay positive when the variance is 0 (a constant feature):
+    ``epsilon`` must be a normal number of ``dtype`` (at least ``finfo(dtype).tiny``;
+    smaller ones are subnormal, which flush-to-zero hardware turns into 0), except in
+    float16, whose normal range starts at 6.1e-5, where it must only not round to 0.
+    """
+    info = torch.finfo(dtype)
+    # float16's smallest subnormal is tiny * eps; half of it rounds to 0.
+    smallest = info.tiny if info.bits > 16 or dtype == torch.bfloat16 else info.tiny * info.eps / 2
+    if epsilon < smallest:
+        raise ValueError(
+            f"epsilon={epsilon!r} is too small for {str(dtype).removeprefix('torch.')} "
+            f"statistics: below {smallest:.3g} it is 0 (or flushed to 0) in that dtype, and a "
+            "feature with zero variance would be divided by zero; use a larger epsilon "
+            "(TensorFlow's default 1e-3, PyTorch's 1e-5)")
+
+
 def _canonical_axis(axis: int | Sequence[int]) -> tuple[int, ...]:
     axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
     try:
@@ -49,11 +70,9 @@ def _canonical_axis(axis: int | Sequence[int]) -> tuple[int, ...]:
         raise ValueError(f"axis must be an int or a non-empty sequence of ints, got {axis!r}")
     if len(set(axes)) != len(axes):
         raise ValueError(f"axis {axis!r} names the same axis twice")
-    if len({a >= 0 for a in axes}) == 2:
-        # (1, -1) may or may not be the same axis depending on the input's rank.
-        raise ValueError(
-            f"axis {axis!r} mixes negative and non-negative axes; use one convention"
-        )
+    # Negative and non-negative entries may be mixed, as in tf_keras: (1, -1) is resolved
+    # against the input's rank at the first call (resolve_axes), where naming one axis twice
+    # (rank 2: 1 and -1) is the error.
     return tuple(int(a) for a in axes)
 
 
@@ -121,9 +140,9 @@ average
         if self.adjustment is not None and not callable(self.adjustment):
             raise TypeError(
                 f"adjustment must be a callable shape -> (scale, bias), got {self.adjustment!r}")
-        if self.fused not in (None, True, False) or isinstance(self.fused, int) \
-                and not isinstance(self.fused, bool):
-            raise TypeError(f"fused must be None, True or False, got {self.fused!r}")
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise TypeError(f"fused must be None, True or False, got {self.fused!r} "
+                            f"({type(self.fused).__name__})")
         if not isinstance(self.synchronized, bool):
             raise TypeError(f"synchronized must be a bool, got {self.synchronized!r}")
         activations.check(self.activation)
@@ -134,7 +153,8 @@ average
                                  "use fused=None to pick the fastest available path")
         for name in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
                      "moving_variance_initializer"):
-            initializers.check(getattr(self, name), name)
+            initializers.check(getattr(self, name), name,
+                               nonnegative=name == "moving_variance_initializer")
         for name in ("beta_regularizer", "gamma_regularizer", "beta_constraint",
                      "gamma_constraint"):
             fn = getattr(self, name)
@@ -160,6 +180,9 @@ average
         epsilon = self.epsilon
         if not _is_number(epsilon) or not (epsilon > 0 and math.isfinite(epsilon)):
             raise ValueError(f"epsilon={epsilon!r} is invalid: expected a finite number > 0")
+        # Statistics are float32 or float64 (statistics_dtype); the input's dtype is not known
+        # yet, so float32's range decides here (check_epsilon checks the actual dtype per call).
+        check_epsilon(epsilon, torch.float32)
 
     def _check_clipping(self) -> tuple[tuple[str, float], ...] | None:
         clipping = self.renorm_clipping

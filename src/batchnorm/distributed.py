@@ -36,6 +36,7 @@ every collective; nccl's watchdog aborts the process after it, see
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -52,8 +53,11 @@ def convert_sync(module: nn.Module, process_group: Any = None, *,
     ``module``, in place; return ``module``.
 
     ``process_group`` (None: the default group) is the group synchronized over.
-    A layer built with ``fused=True`` cannot be synchronized: a ``ValueError``
-    naming it is raised before any layer changes.
+    A layer built with ``fused=True`` cannot be synchronized, and ``torch.nn`` batch
+    norms are not changed by this function (``bn.convert(model)`` them first): either
+    raises a ``ValueError`` naming the layers before any layer changes (for
+    ``enabled=False``, only a ``torch.nn.SyncBatchNorm``, which would stay synchronized).
+    A model without any batch norm is returned unchanged with a warning.
 
     >>> import torch, batchnorm as bn
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), bn.BatchNorm(8))
@@ -67,6 +71,23 @@ def convert_sync(module: nn.Module, process_group: Any = None, *,
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     layers = [(name, m) for name, m in module.named_modules() if isinstance(m, BatchNorm)]
+    theirs = [(name or type(module).__name__, m) for name, m in module.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if enabled and theirs:
+        raise ValueError(
+            f"convert_sync: layer(s) {[name for name, _ in theirs]} are torch.nn batch norms, "
+            "which convert_sync does not change; convert them first: "
+            "model = bn.convert_sync(bn.convert(model)) (or keep torch's layers and use "
+            "torch.nn.SyncBatchNorm.convert_sync_batchnorm)")
+    synced = [name for name, m in theirs if isinstance(m, nn.SyncBatchNorm)]
+    if not enabled and synced:
+        raise ValueError(
+            f"convert_sync(enabled=False): layer(s) {synced} are torch.nn.SyncBatchNorm, which "
+            "convert_sync does not change and would stay synchronized; convert them first: "
+            "bn.convert_sync(bn.convert(model), enabled=False)")
+    if not layers and not theirs:
+        warnings.warn(f"convert_sync: {type(module).__name__} contains no batch norm layer; "
+                      "nothing was changed", UserWarning, stacklevel=2)
     if enabled:
         fused = [name or type(module).__name__ for name, m in layers if m.fused]
         if fused:

@@ -16,7 +16,9 @@ Two levels:
   the options as keywords (or a :class:`BatchNormConfig`);
 - :func:`forward` ``(x, state, config, ...) -> (y, stats)`` and the update
   (:func:`update_state`, or in place :func:`apply_update`, which reports why it
-  skipped a batch): the seam :class:`batchnorm.BatchNorm` is built on.
+  skipped a batch): the seam :class:`batchnorm.BatchNorm` is built on;
+  :func:`combine_statistics` folds several batches' statistics into those of their
+  concatenation (gradient accumulation: one update per optimizer step).
 
 The training modes of TensorFlow live here too: Batch Renormalization
 (``renorm``), ghost batches (``virtual_batch_size``), ``adjustment``, and
@@ -33,10 +35,12 @@ from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
 from typing import Any as _Any
 
+import torch as _torch
 from torch import Tensor as _Tensor
 
 from . import kernels as _kernels
 from .config import GHOST_LAYOUTS, Adjustment, BatchNormConfig
+from .config import check_epsilon as _check_epsilon
 from .kernels.inference import infer as _infer
 from .kernels.inference import normalize
 from .kernels.protocol import KernelCall as _KernelCall
@@ -49,9 +53,12 @@ from .shapes import (
     resolve_axes,
     values_per_feature,
 )
+from .shapes import check_features as _check_features
 from .state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
+from .state import state_fields as _state_fields
 from .statistics import (
     apply_update,
+    combine_statistics,
     inference_statistics,
     moments,
     pooled_statistics,
@@ -60,6 +67,8 @@ from .statistics import (
     update_state,
     update_state_,
 )
+
+del annotations  # the __future__ feature object: dir() lists the API only (see __all__)
 
 __all__ = [
     "GHOST_LAYOUTS",
@@ -72,6 +81,7 @@ __all__ = [
     "broadcast",
     "check_input",
     "check_options",
+    "combine_statistics",
     "forward",
     "inference_statistics",
     "initial_state",
@@ -136,13 +146,26 @@ def forward(
 
     Returns:
         ``(y, stats)``: ``y`` in ``x``'s dtype and shape; ``stats`` a
-        :class:`BatchStatistics` in training, else None.
+        :class:`BatchStatistics` in training, else None. An empty batch in training (no
+        value per feature, e.g. shape ``(0, C)``) has no statistics: ``stats`` is None and
+        ``y`` is empty (its gradients are zeros), unless the statistics are synchronized,
+        where the process still takes part with its zero values.
+
+    ``gamma``, ``beta`` and the state's tensors may have another floating dtype than ``x``
+    (a float64 layer called with float32): they are cast, on every kernel; the output has
+    ``x``'s dtype and the statistics :func:`statistics_dtype` of it.
 
     Raises:
-        TypeError: a non-tensor or non-floating input, a non-boolean mask.
+        TypeError: a non-tensor or non-floating input, a non-boolean mask, ``training`` that
+            is not a bool, a state that is not a :class:`BatchNormState`, ``gamma``/``beta``/
+            state tensors that are not floating-point tensors (``num_updates``: an integer
+            scalar).
         ValueError: an axis out of range, feature sizes that differ from the state's, a
             batch that ``virtual_batch_size`` does not divide, one value per feature in
-            training, a mask that does not broadcast, ``fused=True`` with a mask.
+            training, a mask that does not broadcast, ``fused=True`` with a mask; ``gamma``,
+            ``beta``, a state tensor or the mask not of the input's feature shape or not on
+            its device; a renorm configuration without a renorm state; an ``epsilon`` that is
+            0 in a float16 state's dtype. Every check is made before anything is computed.
 
     >>> import torch
     >>> config = BatchNormConfig(axis=-1)
@@ -151,16 +174,61 @@ def forward(
     >>> y.flatten(), stats.mean, stats.variance
     (tensor([-0.9995,  0.9995]), tensor([[0.]]), tensor([[1.]]))
     """
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {training!r} "
+                        f"({type(training).__name__})")
+    if not isinstance(state, BatchNormState):
+        raise TypeError(f"state must be a BatchNormState (see initial_state), got "
+                        f"{type(state).__name__}")
     group = synchronization_group(config.synchronized, training, process_group)
-    axes = check_input(x, config.axis, tuple(state.moving_mean.shape), training=training,
+    axes = check_input(x, config.axis, _feature_shape(state.moving_mean), training=training,
                        virtual_batch_size=config.virtual_batch_size, mask=mask,
-                       synchronized=group is not None)
+                       synchronized=group is not None,
+                       feature_source="the shape of state.moving_mean, a layer's moving_mean")
+    _check_tensors(x, axes, state, config, gamma, beta)
     if config.virtual_batch_size is not None:
         group = None  # ghost batches stay within each process: synchronized they would grow
     call = _KernelCall(config, axes, gamma, beta, mask, group)
     if not training:
         return _infer(x, state, call), None
+    if group is None and values_per_feature(x, axes) == 0:
+        # An empty batch (a detection model's batch without boxes): an empty output whose
+        # gradients are zeros, and no statistics, so no update (as PyTorch and tf_keras).
+        return _infer(x, state, call), None
     return _kernels.select(x, state, call).train(x, state, call)
+
+
+_COUNT_DTYPES = frozenset({_torch.int64, _torch.int32, _torch.int16, _torch.int8, _torch.uint8})
+# "state.moving_mean", ... for every field but num_updates (the third), checked apart.
+_STATE_NAMES = tuple(f"state.{f}" for f in BatchNormState._fields if f != "num_updates")
+assert BatchNormState._fields[2] == "num_updates"
+
+
+def _feature_shape(t: _Any) -> tuple[int, ...] | None:
+    return tuple(t.shape) if isinstance(t, _Tensor) else None
+
+
+def _check_tensors(x: _Tensor, axes: tuple[int, ...], state: BatchNormState,
+                   config: BatchNormConfig, gamma: _Tensor | None, beta: _Tensor | None) -> None:
+    """gamma, beta and the state against the input, before any kernel runs (metadata only)."""
+    if config.renorm and (state.moving_stddev is None or state.renorm_mean is None
+                          or state.renorm_stddev is None):
+        missing = [f for f in _state_fields(debias=False, renorm=True) if getattr(state, f) is None]
+        raise ValueError(f"renorm=True needs a renorm state ({missing} are None): "
+                         "initial_state(..., renorm=True)")
+    _check_features(x, axes, (("gamma", gamma), ("beta", beta),
+                             *zip(_STATE_NAMES, state[:2] + state[3:], strict=True)))
+    count = state.num_updates
+    if not isinstance(count, _Tensor) or count.dtype not in _COUNT_DTYPES or count.ndim:
+        shown = (f"a {count.dtype} tensor of shape {tuple(count.shape)}"
+                 if isinstance(count, _Tensor) else type(count).__name__)
+        raise TypeError(f"state.num_updates must be an integer scalar tensor (the update "
+                        f"count, int64), got {shown}")
+    if count.device != x.device:
+        raise ValueError(f"state.num_updates is on {count.device} but the input is on "
+                         f"{x.device}: move the state with .to(x.device)")
+    if state.moving_mean.dtype == _torch.float16:  # float32/64 are checked at construction
+        _check_epsilon(config.epsilon, _torch.float16)
 
 
 def batch_norm(
@@ -243,8 +311,6 @@ def batch_norm(
                             f"not both (got config and {given})")
         if not isinstance(config, BatchNormConfig):
             raise TypeError(f"config must be a BatchNormConfig, got {type(config).__name__}")
-    if config.renorm and state.moving_stddev is None:
-        raise ValueError("renorm=True needs a renorm state: initial_state(..., renorm=True)")
     y, stats = forward(x, state, config, training=training, gamma=gamma, beta=beta, mask=mask,
                        process_group=process_group)
     if stats is None:

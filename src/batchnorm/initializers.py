@@ -23,10 +23,11 @@ _NAMED = {"zeros": 0.0, "ones": 1.0}
 _KERAS_CLASS = {"zeros": "Zeros", "ones": "Ones"}
 
 
-def check(init: Any, name: str) -> None:
-    """Raise ``ValueError``/``TypeError`` now for an initializer that could never work."""
+def check(init: Any, name: str, *, nonnegative: bool = False) -> None:
+    """Raise ``ValueError``/``TypeError`` now for an initializer that could never work
+    (``nonnegative``: a variance's, for which a negative constant is invalid too)."""
     if isinstance(init, dict):
-        _from_keras(init, name)
+        _check_constant(_from_keras(init, name), name, nonnegative)
     elif isinstance(init, str):
         if init.lower() not in _NAMED:
             raise ValueError(
@@ -34,13 +35,20 @@ def check(init: Any, name: str) -> None:
                 f"{sorted(_NAMED)}, a number, or a callable shape -> tensor"
             )
     elif isinstance(init, numbers.Real) and not isinstance(init, bool):
-        if not math.isfinite(init):
-            raise ValueError(f"{name}={init!r}: a constant initializer must be finite")
+        _check_constant(init, name, nonnegative)
     elif not callable(init):
         raise TypeError(
             f"{name} must be a name, a number or a callable shape -> tensor, "
             f"got {type(init).__name__}"
         )
+
+
+def _check_constant(value: float, name: str, nonnegative: bool) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: a constant initializer must be finite")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name}={value!r}: a variance cannot be negative; expected a "
+                         "constant >= 0 (usually 1, \"ones\")")
 
 
 def _from_keras(config: dict, name: str) -> float:
@@ -65,8 +73,10 @@ def initial_value(
     dtype: torch.dtype,
     device: torch.device | str | None,
     name: str,
+    nonnegative: bool = False,
 ) -> Tensor:
-    """Evaluate ``init`` for a tensor of ``shape``."""
+    """Evaluate ``init`` for a tensor of ``shape``; ``ValueError`` for a callable's result of
+    another shape, or with non-finite values (negative ones too with ``nonnegative``)."""
     if isinstance(init, dict):
         init = _from_keras(init, name)
     if isinstance(init, str):
@@ -78,7 +88,28 @@ def initial_value(
         raise ValueError(
             f"{name} returned a tensor of shape {tuple(value.shape)}, expected {tuple(shape)}"
         )
-    return value.to(dtype=dtype, device=device)
+    value = value.to(dtype=dtype, device=device)
+    _check_values(value, name, nonnegative=nonnegative)
+    return value
+
+
+def _check_values(value: Tensor, name: str, *, nonnegative: bool) -> None:
+    """A callable initializer's values: finite (and >= 0 for a variance). Run once, when a
+    layer is built or reset (it reads the values back); meta tensors have none to check."""
+    if value.device.type == "meta" or not value.numel():
+        return
+    if not value.is_floating_point():
+        return
+    bad = ~torch.isfinite(value)
+    if nonnegative:
+        bad |= value < 0
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} returned {value[index].item()!r} at index {index} (dtype "
+            f"{str(value.dtype).removeprefix('torch.')}): expected finite values"
+            + (" >= 0 (a variance)" if nonnegative else "")
+            + "; a value that does not fit the dtype becomes inf")
 
 
 def serialize(init: Initializer) -> Any:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import numbers
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from . import functional as F
-from . import initializers
+from . import initializers, recompute
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch
@@ -51,6 +54,75 @@ def _normalize_num_features(
     return tuple(int(s) for s in shape)
 
 
+# torch.nn.BatchNorm*d's constructor arguments that are named otherwise here: what to pass.
+_TORCH_ARGUMENTS = {
+    "eps": "pass epsilon= (the same number; TensorFlow's default is 1e-3, torch's 1e-5)",
+    "affine": "pass center= and scale= (affine=False is center=False, scale=False)",
+    "bias": "pass center= (bias=False is center=False: no beta)",
+    "track_running_stats": (
+        "there is no such option: the layer always keeps moving averages, and "
+        "track_running_stats=False (batch statistics in eval mode too) is a call with "
+        "training=True"),
+}
+
+
+def _reject_unknown_arguments(names: Sequence[str]) -> None:
+    """A ``TypeError`` for constructor keywords that are not ours, naming what to pass."""
+    name = sorted(names)[0]
+    if name in _TORCH_ARGUMENTS:
+        raise TypeError(f"BatchNorm got torch.nn's argument {name}=: {_TORCH_ARGUMENTS[name]}")
+    known = [p for p in inspect.signature(BatchNorm.__init__).parameters
+             if p not in ("self", "torch_style")]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]}=?" if close else f"; the arguments are {known}"
+    raise TypeError(f"BatchNorm got an unexpected keyword argument {name!r}{hint}")
+
+
+def _warn_small_momentum(momentum: float | None) -> None:
+    if momentum is None or momentum >= 0.5:
+        return
+    warnings.warn(
+        f"momentum={momentum} is TensorFlow's momentum here, the decay of the moving averages "
+        f"(moving = {momentum} * moving + {1 - momentum:.4g} * batch): each batch replaces "
+        f"{1 - momentum:.0%} of them. PyTorch's momentum={momentum} is "
+        f"momentum={1 - momentum:.4g} here; if a decay of {momentum} is what you mean, "
+        "silence this with warnings.filterwarnings('ignore', message='momentum=')",
+        UserWarning, stacklevel=user_stacklevel())
+
+
+class _TorchAlias:
+    """``torch.nn``'s name for one of the layer's attributes (``weight`` for ``gamma``, ...):
+    reads it, the object itself, so in-place initialization works; assigning raises."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: BatchNorm | None, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        return getattr(layer, self.target)
+
+    def __set__(self, layer: BatchNorm, value: Any) -> None:
+        raise AttributeError(
+            f"BatchNorm.{self.name} is a read-only alias of {self.target} (torch.nn's name, "
+            f"for code written for torch.nn layers); assign or modify layer.{self.target}")
+
+
+def _torch_state_keys(state_dict: dict[str, Any], prefix: str) -> None:
+    """Rename a ``torch.nn`` batch norm's state dict keys under ``prefix`` to ours, in place,
+    where ours is absent (a checkpoint with both keeps the torch key, reported unexpected)."""
+    for theirs, ours in _TORCH_STATE_KEYS.items():
+        if prefix + theirs in state_dict and prefix + ours not in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+
+
+_TORCH_STATE_KEYS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
+                     "running_var": "moving_variance", "num_batches_tracked": "num_updates"}
+
+
 class _Option:
     """A configuration option of the layer: read from its frozen :class:`BatchNormConfig`;
     assigning it raises, pointing to :meth:`BatchNorm.reconfigure`."""
@@ -86,7 +158,10 @@ class BatchNorm(nn.Module):
     :math:`\mu, \sigma^2` are the batch's mean and biased variance over every
     axis except the feature ``axis``; the moving averages are updated,
     ``moving = momentum * moving + (1 - momentum) * batch_statistic``
-    (recorded instead of applied inside :func:`batchnorm.deferred_updates`).
+    (recorded instead of applied inside :func:`batchnorm.deferred_updates`; once per
+    optimizer step, with the statistics of all its micro-batches, inside
+    :func:`batchnorm.accumulate`; not again when activation checkpointing recomputes the
+    call during backward).
 
     **Inference** (``training=False``, or ``None`` after ``model.eval()``):
     :math:`\mu, \sigma^2` are ``moving_mean`` and ``moving_variance``. This is
@@ -99,14 +174,16 @@ class BatchNorm(nn.Module):
 
     Args:
         num_features: size of the feature axis (a tuple for several axes), or
-            None to infer it at the first call.
+            None to infer it at the first call. The only positional argument: every
+            option is keyword-only, with TensorFlow's names.
         axis: feature axis or axes; ``1`` is PyTorch's ``(N, C, ...)``, ``-1``
-            TensorFlow's channels-last.
+            TensorFlow's channels-last. Statistics reduce over every other axis.
         momentum: decay of the moving averages, in [0, 1) (PyTorch's
-            ``momentum=0.1`` is ``0.9`` here), or None for the cumulative
-            average of every batch so far (PyTorch's ``momentum=None``).
-        epsilon: added to the variance, > 0.
-        center, scale: learn ``beta`` / ``gamma``; when False the parameter is None.
+            ``momentum=0.1`` is ``0.9`` here; a value below 0.5 warns), or None for
+            the cumulative average of every batch so far (PyTorch's ``momentum=None``).
+        epsilon: added to the variance, > 0 (PyTorch's ``eps``).
+        center, scale: learn ``beta`` / ``gamma``; when False the parameter is None
+            (PyTorch's ``affine=False`` is both False).
         beta_initializer, gamma_initializer, moving_mean_initializer,
             moving_variance_initializer: a name (``"zeros"``, ``"ones"``),
             a number, or a callable ``shape -> tensor``.
@@ -119,6 +196,30 @@ class BatchNorm(nn.Module):
         unbiased_moving_variance: feed the Bessel-corrected batch variance into
             ``moving_variance`` (PyTorch and the original paper) instead of the
             biased one (TensorFlow and Keras). Normalization always uses the biased one.
+        renorm: Batch Renormalization (Ioffe 2017) in training: the normalized value is
+            corrected by ``r = sigma_batch / sigma_moving`` and
+            ``d = (mu_batch - mu_moving) / sigma_moving`` (no gradient through them), so
+            training sees what inference will; adds the ``moving_stddev``,
+            ``renorm_mean`` and ``renorm_stddev`` buffers.
+        renorm_clipping: with ``renorm``, a dict of bounds for the correction, each key
+            optional: ``"rmin"`` (default 0) and ``"rmax"`` (default inf) clip ``r`` to
+            ``[rmin, rmax]``, ``"dmax"`` (default inf) clips ``d`` to ``[-dmax, dmax]``;
+            None clips nothing.
+        renorm_momentum: with ``renorm``, the decay of the averages ``r`` and ``d`` are
+            computed against (``renorm_mean``, ``renorm_stddev``), in [0, 1).
+        virtual_batch_size: ghost batches (Hoffer et al. 2017): in training each group of
+            this many samples is normalized with its own statistics, and the moving
+            averages take the mean of the group statistics; it must divide the batch.
+            None: the whole batch is one group. Not combinable with ``adjustment``.
+        ghost_layout: which samples form a ghost batch: ``"strided"`` (tf_keras's
+            reshape, sample ``n`` in group ``n mod (N / virtual_batch_size)``) or
+            ``"consecutive"`` (samples ``[0, size)``, ``[size, 2 size)``, ...).
+        adjustment: in training only, a callable ``input shape -> (scale, bias)``
+            (scalars, feature-shaped, or of the input's rank) applied to the normalized
+            value before ``gamma``/``beta``: ``y = gamma * (scale * xhat + bias) + beta``.
+        fused: None picks the fastest kernel for the configuration; True demands a fused
+            kernel (a ``ValueError`` here when the options have none); False forces the
+            composite path. Every path gives the same results within float rounding.
         synchronized: in training, take the statistics of the global batch across the
             processes of ``process_group`` (``torch.distributed``, any backend), with
             exact gradients; see :mod:`batchnorm.distributed`. Inference, ghost
@@ -133,6 +234,19 @@ class BatchNorm(nn.Module):
             pre-activation output is never stored (see :mod:`batchnorm.activations`).
             None (the default) applies nothing.
         trainable: False freezes the layer (see above).
+        device: where the parameters and buffers are created (None: torch's default).
+        dtype: the parameters' floating-point dtype (None: torch's default); the moving
+            statistics are float32, or float64 for float64 parameters.
+
+    ``torch.nn`` habits: ``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked`` and ``eps`` are read-only aliases of ``gamma``, ``beta``,
+    ``moving_mean``, ``moving_variance``, ``num_updates`` and ``epsilon`` (the objects
+    themselves: ``nn.init.ones_(layer.weight)`` works; they are not extra entries of
+    ``named_parameters()`` or ``state_dict()``, whose keys stay TensorFlow's). A
+    ``torch.nn`` batch norm's state dict loads into the layer (its keys are mapped to
+    ours). ``momentum`` is not an alias: it keeps TensorFlow's meaning. torch's
+    constructor arguments (``eps=``, ``affine=``, ``track_running_stats=``) raise a
+    ``TypeError`` naming ours.
 
     Example:
         >>> import torch, batchnorm as bn
@@ -144,6 +258,8 @@ class BatchNorm(nn.Module):
         tensor([-1.2247,  0.0000,  1.2247], grad_fn=<ViewBackward0>)
         >>> layer.moving_mean, layer.moving_variance
         (tensor([0.]), tensor([1.6567]))
+        >>> layer.running_var is layer.moving_variance   # torch.nn's names read ours
+        True
         >>> fused = bn.BatchNorm(1, axis=-1, activation="relu")   # BatchNorm + ReLU, one layer
         >>> fused(x, training=True).flatten()
         tensor([0.0000, 0.0000, 1.2247], grad_fn=<ViewBackward0>)
@@ -154,6 +270,17 @@ class BatchNorm(nn.Module):
     moving_mean: Tensor
     moving_variance: Tensor
     num_updates: Tensor
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> BatchNorm:
+        # torch.nn.BatchNorm2d(64, 1e-5, 0.1) passes its options by position: say what to pass.
+        if len(args) > 1 and cls.__init__ is BatchNorm.__init__:
+            shown = ", ".join(map(repr, args))
+            raise TypeError(
+                f"BatchNorm({shown}): only num_features is positional; the options are "
+                "keyword-only, with TensorFlow's names and meanings: "
+                "torch.nn.BatchNorm2d(64, eps, m) is bn.BatchNorm(64, epsilon=eps, "
+                "momentum=1 - m)")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -187,7 +314,10 @@ class BatchNorm(nn.Module):
         activation: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **torch_style: Any,
     ) -> None:
+        if torch_style:
+            _reject_unknown_arguments(list(torch_style))
         super().__init__()
         config = BatchNormConfig(
             axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale,
@@ -203,9 +333,11 @@ class BatchNorm(nn.Module):
             activation=activation)
         if not isinstance(trainable, bool):
             raise TypeError(f"trainable must be a bool, got {trainable!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32) or "
+                            f"None, got {dtype!r} ({type(dtype).__name__})")
         feature_shape = _normalize_num_features(num_features, config.axis)
+        _warn_small_momentum(config.momentum)
         self._config = config
         self._axis_is_int = isinstance(axis, int)
         self._process_group = process_group
@@ -266,6 +398,33 @@ class BatchNorm(nn.Module):
     synchronized = _Option()
     activation = _Option()
 
+    # ------------------------------------------------------------------ torch.nn's names
+
+    weight = _TorchAlias("gamma")
+    bias = _TorchAlias("beta")
+    running_mean = _TorchAlias("moving_mean")
+    running_var = _TorchAlias("moving_variance")
+    num_batches_tracked = _TorchAlias("num_updates")
+    eps = _TorchAlias("epsilon")
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """``nn.Module.register_parameter``; a torch.nn alias's name (``layer.weight =
+        nn.Parameter(...)``) raises the alias's ``AttributeError`` instead of registering a
+        second parameter."""
+        alias = type(self).__dict__.get(name) if name in _TORCH_STATE_KEYS else None
+        if isinstance(alias, _TorchAlias):
+            alias.__set__(self, param)
+        super().register_parameter(name, param)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise RuntimeError(
+            "bn.BatchNorm cannot be compiled by torch.jit.script (its Python forward picks a "
+            "kernel per call). To deploy, export the model in inference mode with "
+            "torch.export.export(model.eval(), (x,)) (or torch.onnx.export(..., dynamo=True)); "
+            "torch.jit.trace(model.eval(), x) also works; or bn.to_torch(model) for torch.nn "
+            "layers where they can represent the layer")
+
     @property
     def config(self) -> BatchNormConfig:
         """The layer's options, validated and frozen (see :meth:`reconfigure`)."""
@@ -302,7 +461,10 @@ class BatchNorm(nn.Module):
                                          if f.init})
         if unknown:
             raise TypeError(f"reconfigure got unknown option(s) {unknown}")
-        self._config = self._config.replace(**changes)
+        config = self._config.replace(**changes)
+        if "momentum" in changes:
+            _warn_small_momentum(config.momentum)
+        self._config = config
         self._process_group = process_group
         return self
 
@@ -322,7 +484,8 @@ class BatchNorm(nn.Module):
         mean = initializers.initial_value(
             config.moving_mean_initializer, shape, name="moving_mean_initializer", **kw)
         variance = initializers.initial_value(
-            config.moving_variance_initializer, shape, name="moving_variance_initializer", **kw)
+            config.moving_variance_initializer, shape, name="moving_variance_initializer",
+            nonnegative=True, **kw)
         state = F.initial_state(shape, moving_mean=mean, moving_variance=variance,
                                 debias=config.debias, renorm=config.renorm, **kw)
         values = {BUFFER_NAMES[field]: value for field, value in state._asdict().items()
@@ -369,10 +532,110 @@ class BatchNorm(nn.Module):
                     setattr(self, name, value.clone())
         self._lazy = False
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.num_features is None and prefix + "moving_mean" in state_dict:
-            self._build(tuple(state_dict[prefix + "moving_mean"].shape))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self._lazy:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        # An unbuilt lazy layer (as torch's Lazy* modules allow): its parameters have no
+        # value yet, and are saved as empty tensors, which load_state_dict recognizes.
+        for name, param in self._parameters.items():
+            if param is not None:
+                destination[prefix + name] = torch.empty(0, dtype=param.dtype,
+                                                         device=param.device)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and name not in self._non_persistent_buffers_set:
+                destination[prefix + name] = buffer if keep_vars else buffer.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Check every key of this layer first, then copy: all of them or none.
+
+        Missing or unexpected keys (with ``strict=True``), non-tensors, wrong shapes and
+        non-floating values for floating tensors are reported through torch's lists, which
+        ``load_state_dict`` raises from after visiting every module, and nothing of this
+        layer is changed (a lazy layer stays unbuilt). Other modules of a larger model are
+        loaded by torch as usual: the promise is per BatchNorm layer. ``strict=False`` loads
+        the keys that are present (after the same checks).
+        """
+        _torch_state_keys(state_dict, prefix)  # a torch.nn BatchNorm*d checkpoint loads too
+        # torch passes strict=True here whatever the user asked (it reports missing keys
+        # then, and applies the user's flag when raising); all or nothing follows the user's.
+        reported_strict = strict
+        strict = strict and _load_is_strict()
+        key = prefix + "num_updates"
+        if key not in state_dict and not strict and self.num_updates.is_meta:
+            # As torch does for num_batches_tracked: a real counter, not a meta tensor.
+            state_dict[key] = torch.zeros((), dtype=torch.int64)
+        missing, unexpected, errors, shape = self._state_dict_problems(state_dict, prefix,
+                                                                       strict)
+        if missing or unexpected or errors:
+            missing_keys.extend(missing)
+            unexpected_keys.extend(unexpected)
+            error_msgs.extend(errors)
+            if strict and not errors:  # torch reports them; say that nothing was loaded
+                error_msgs.append(f"{self._get_name()} at {prefix[:-1] or '(root)'!r}: no "
+                                  "parameter or buffer was loaded (all or nothing)")
+            return
+        if shape is None:  # a state dict saved from an unbuilt lazy layer: nothing to load
+            return
+        if self._lazy:
+            self._build(shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, reported_strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def _state_dict_problems(self, state_dict, prefix: str, strict: bool):
+        """``(missing, unexpected, errors, feature_shape)`` of this layer's keys in
+        ``state_dict``; ``feature_shape`` is None for a state dict of an unbuilt layer."""
+        own = {name: t for name, t in self._parameters.items() if t is not None}
+        own.update({name: b for name, b in self._buffers.items()
+                    if b is not None and name not in self._non_persistent_buffers_set})
+        missing, errors = [], []
+        if self._lazy:
+            reference = state_dict.get(prefix + "moving_mean")
+            shape = tuple(reference.shape) if isinstance(reference, Tensor) else None
+        else:
+            shape = tuple(self.moving_mean.shape)
+        if shape is not None and 0 in shape:
+            shape = None  # saved from an unbuilt lazy layer
+        for name in own:
+            key = prefix + name
+            if key not in state_dict:
+                if strict:
+                    missing.append(key)
+                continue
+            value = state_dict[key]
+            if not isinstance(value, Tensor):
+                errors.append(f"{key}: expected a tensor, got {type(value).__name__}")
+                continue
+            if name == "num_updates":
+                if value.shape != () or value.is_floating_point() or value.is_complex() \
+                        or value.dtype == torch.bool:
+                    errors.append(f"{key}: expected an integer scalar (the update count), got "
+                                  f"a {value.dtype} tensor of shape {tuple(value.shape)}")
+                continue
+            if not value.is_floating_point():
+                errors.append(f"{key}: expected a floating-point tensor, got {value.dtype}")
+            expected = shape if shape is not None else (0,)
+            if tuple(value.shape) != expected:
+                if shape is not None and tuple(value.shape) == (0,):
+                    how = "the state dict was saved from a lazy layer that was never built"
+                elif shape is not None:
+                    how = f"the feature shape is {shape}"
+                elif prefix + "moving_mean" not in state_dict:
+                    how = "an unbuilt lazy layer takes its feature shape from moving_mean, " \
+                          "which the state dict lacks"
+                else:
+                    how = "the state dict's moving_mean is empty: it was saved from a lazy " \
+                          "layer that was never built"
+                errors.append(f"size mismatch for {key}: got shape {tuple(value.shape)}, "
+                              f"expected {expected} ({how})")
+        unexpected = []
+        if strict:
+            for key in state_dict:  # torch's rule for unexpected keys
+                name = key[len(prefix):].split(".", 1)[0]
+                if key.startswith(prefix) and name not in own and name not in self._modules:
+                    unexpected.append(key)
+        return missing, unexpected, errors, shape
 
     def state(self) -> BatchNormState:
         """The layer's moving statistics as a :class:`~batchnorm.functional.BatchNormState`
@@ -425,10 +688,19 @@ class BatchNorm(nn.Module):
                                  synchronized=group is not None)
             self._build(tuple(x.shape[a] for a in axes))
         state = self.state()
+        # Activation checkpointing runs a training call again during backward: it must not
+        # update twice, and must normalize with the state the original call saw.
+        recomputing = training and recompute.in_backward()
+        if recomputing and (config.renorm or mask is not None):
+            with torch.no_grad():  # its statistics only, keeping no tensor for backward
+                _, stats = F.forward(x, state, config, training=True, gamma=self.gamma,
+                                     beta=self.beta, mask=mask,
+                                     process_group=self._process_group)
+            state = recompute.original_state(self, stats, state)
         y, stats = F.forward(x, state, config, training=training, gamma=self.gamma,
                              beta=self.beta, mask=mask, process_group=self._process_group)
-        if stats is not None:
-            recorder = active_recorder()
+        if stats is not None and not recomputing:
+            recorder = active_recorder(self)
             if recorder is None:
                 self._update(stats, state)
             else:
@@ -440,12 +712,20 @@ class BatchNorm(nn.Module):
         enter them (not finite, ...) is skipped with a ``RuntimeWarning`` saying why.
 
         The layer calls it after each training call (or :class:`~batchnorm.DeferredUpdates`
-        does, for recorded calls).
+        does, for recorded calls; :class:`~batchnorm.Accumulation` once per step, with the
+        pooled statistics of the step's micro-batches).
         """
         self._update(stats, self.state())
 
     def _update(self, stats: BatchStatistics, state: BatchNormState) -> None:
+        if self._config.renorm or not isinstance(stats.count, int):
+            recompute.remember(self, state, (stats,))  # the state enters the output
         applied = F.apply_update(state, stats, self._config)
+        if applied.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not applied.numpy():  # a NumPy view of CPU memory: there is no device to wait for
+                self.num_skipped.add_(1)
+                self._warn_skipped([stats])
+            return
         self.num_skipped.add_(~applied)
         if torch.compiler.is_compiling():
             return  # traced: the counter records skips; check_health() reports them
@@ -454,7 +734,8 @@ class BatchNorm(nn.Module):
 
     def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
         for stats in skipped:
-            reason = F.skip_reason(stats, unbiased=self._config.unbiased_moving_variance)
+            reason = F.skip_reason(stats, unbiased=self._config.unbiased_moving_variance,
+                                   dtype=self.moving_mean.dtype)
             warnings.warn(
                 f"{self._get_name()}: {reason}; the moving averages were left unchanged for "
                 "this batch", RuntimeWarning, stacklevel=user_stacklevel(),
@@ -574,6 +855,28 @@ class BatchNorm(nn.Module):
             return cls(num_features, **kwargs)
         except TypeError as error:
             raise ValueError(f"cannot build a BatchNorm from config {config!r}: {error}") from None
+
+
+# help() and inspect.signature() read a class's __new__ before its __init__: show __init__'s.
+BatchNorm.__new__.__signature__ = inspect.signature(BatchNorm.__init__)  # type: ignore[attr-defined]
+
+
+def _load_is_strict() -> bool:
+    """The ``strict`` flag of the running ``Module.load_state_dict``.
+
+    torch passes ``strict=True`` to every module's ``_load_from_state_dict`` and applies
+    the user's flag only after visiting them all, too late for a layer that must decide
+    before copying whether a missing key is an error (strict) or a partial load (not).
+    The flag is read from that call's frame; without one (a direct call), True, as torch
+    passes.
+    """
+    code = nn.Module.load_state_dict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return True
 
 
 def _layers(module: nn.Module):

@@ -13,15 +13,17 @@ and in group ``n // V`` for ``"consecutive"``.
 without a mask), per group and feature ``n = sum(w)``, ``mean = sum(w x) / n``,
 ``var = sum(w (x - mean)**2) / n`` (biased). Every position, selected or not, is
 normalized with its group's statistics, ``xhat = (x - mean) * inv`` with
-``inv = 1 / sqrt(var + epsilon)``; a group with ``n == 0`` is normalized with
-the moving statistics instead.
+``inv = 1 / sqrt(var + epsilon)``; a group with ``n < 2`` (no variance) is normalized
+with the moving statistics instead. Masked-out values are left out (selected, not
+multiplied by 0: a NaN there does not reach the statistics).
 
 **Pooled statistics** ``mu_b``/``var_b`` (what the moving averages and renorm
-see): the equal-weight average over the non-empty groups of the group means and
-biased variances; NaN where every group is empty.
+see): the equal-weight average over the groups with ``n >= 2`` of the group means and
+biased variances; NaN where no group has two values.
 
 **Output.** ``y = gamma * (adj_scale * (r * xhat + d) + adj_bias) + beta``, where
-the adjustment (arrays shaped like ``gamma``, or like ``x``) defaults to
+the adjustment (arrays broadcasting against ``x`` by NumPy's rules, as in TensorFlow, or
+else shaped like ``gamma``) defaults to
 ``(1, 0)`` and Batch Renormalization (when ``renorm_mean``/``renorm_stddev`` are
 given) uses, with ``s = max(renorm_stddev, sqrt(epsilon))``,
 ``r = clip(sqrt(var_b + epsilon) / s, rmin, rmax)`` and
@@ -37,7 +39,7 @@ normalized with the group's statistics):
 - ``dx_j = inv * dxhat_j - w_j * inv / n * sum(dxhat_i)
   - w_j * inv * xhat_j / n * sum(dxhat_i * xhat_i)``;
   without a mask this is ``inv / N * (N * dxhat - sum(dxhat) - xhat * sum(dxhat * xhat))``;
-- constant statistics (inference, empty groups): ``dx = dxhat * inv``;
+- constant statistics (inference, groups with ``n < 2``): ``dx = dxhat * inv``;
 - ``dgamma = sum(dy * (adj_scale * (r * xhat + d) + adj_bias))``, ``dbeta = sum(dy)``.
 
 **State update** (:func:`update`): ``moving -= (moving - value) * (1 - momentum)``
@@ -139,7 +141,11 @@ def _pass(
         if t is None:
             return np.float64(default)
         t = np.asarray(t, np.float64)
-        t = t if t.ndim in (0, x.ndim) else _expand(t, x, features)
+        try:
+            numpy_rule = np.broadcast_shapes(t.shape, x.shape) == x.shape
+        except ValueError:
+            numpy_rule = False
+        t = t if numpy_rule else _expand(t, x, features)
         return _group(np.broadcast_to(t, x.shape), size, ghost_layout)
 
     v = _group(x, size, ghost_layout)
@@ -157,11 +163,14 @@ def _pass(
     if training:
         n = w.sum(axis=reduce, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
-            group_mean = (w * v).sum(axis=reduce, keepdims=True) / n
-            group_var = (w * (v - group_mean) ** 2).sum(axis=reduce, keepdims=True) / n
-        constant = np.broadcast_to(n == 0, v.shape)
-        mean = group_mean if mm is None else np.where(n == 0, mm, group_mean)
-        var = group_var if mv is None else np.where(n == 0, mv, group_var)
+            selected = w > 0
+            group_mean = np.where(selected, v, 0.0).sum(axis=reduce, keepdims=True) / n
+            group_var = np.where(selected, (v - group_mean) ** 2, 0.0).sum(
+                axis=reduce, keepdims=True) / n
+        few = n < 2  # no variance: normalized with the moving statistics
+        constant = np.broadcast_to(few, v.shape)
+        mean = group_mean if mm is None else np.where(few, mm, group_mean)
+        var = group_var if mv is None else np.where(few, mv, group_var)
         squeeze = [s for a, s in enumerate(n.shape) if a not in reduce]
         stats = [t.reshape(squeeze) for t in (group_mean, group_var, n)]
         mu_b, var_b = _pool(*stats)
@@ -185,8 +194,9 @@ def _pass(
 
 
 def _pool(mean: np.ndarray, variance: np.ndarray, count: np.ndarray):
-    """Equal-weight average over the non-empty groups (axis 0); NaN where all are empty."""
-    valid = count > 0
+    """Equal-weight average over the groups with two values or more (axis 0); NaN where there
+    are none."""
+    valid = count > 1
     groups = valid.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (np.where(valid, mean, 0.0).sum(axis=0) / groups,

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["broadcast", "check_input", "mask_shape", "reduction_axes", "resolve_axes",
-           "values_per_feature"]
+__all__ = ["broadcast", "check_features", "check_input", "mask_shape", "reduction_axes",
+           "resolve_axes", "values_per_feature"]
 
 
 def resolve_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -62,13 +62,49 @@ def _check_mask(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> None:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(
             f"mask must be a boolean tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but the input is on {x.device}: move it "
+                         "with mask.to(x.device)")
     try:
-        torch.broadcast_shapes(mask_shape(mask, x, axes), x.shape)
+        # The mask must broadcast to the input's shape, not to a larger one.
+        fits = torch.broadcast_shapes(mask_shape(mask, x, axes), x.shape) == x.shape
     except RuntimeError:
+        fits = False
+    if not fits:
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast over the input's non-feature "
             f"axes: input shape {tuple(x.shape)}, feature axis {axes}"
-        ) from None
+        )
+
+
+def check_features(x: Tensor, axes: tuple[int, ...],
+                   tensors: Sequence[tuple[str, Tensor | None]]) -> None:
+    """Check that each named tensor (None: absent) fits the input ``x``: a floating-point
+    tensor of the feature shape (``x``'s sizes along ``axes``) on ``x``'s device; its dtype may
+    differ from ``x``'s (it is cast). Metadata only: nothing is read from the device.
+
+    ``TypeError`` for a non-tensor or a non-floating dtype, ``ValueError`` for another shape
+    or device; the message names the tensor.
+    """
+    shape = x.shape
+    features = tuple(shape[a] for a in axes)
+    device = x.device
+    for name, t in tensors:  # per call: the fast path is four cheap tests per tensor
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}; "
+                            "convert it first, e.g. .float()")
+        if t.shape != features:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, but the input of shape {tuple(shape)} "
+                f"has feature shape {features} (axis {axes}): {name} must have exactly that "
+                "shape")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}: move "
+                             "it with .to(x.device)")
 
 
 def mask_shape(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> list[int]:
@@ -90,16 +126,20 @@ def check_input(
     virtual_batch_size: int | None = None,
     mask: Tensor | None = None,
     synchronized: bool = False,
+    feature_source: str | None = None,
 ) -> tuple[int, ...]:
     """Validate an input against the layer's configuration; return its feature axes.
+
+    ``feature_source`` says, in the message, where ``feature_shape`` comes from.
 
     ``TypeError`` for a non-floating dtype or a non-boolean mask; ``ValueError``
     for an axis out of range, feature sizes that differ from ``feature_shape``,
     a batch that ``virtual_batch_size`` does not divide, a mask that does not
-    broadcast, or (in training) a single value per feature, whose variance
-    does not exist. ``synchronized`` (statistics across processes) accepts
-    any local batch size, 0 included: the statistics are those of every
-    process's batch; ghost batches, formed within the process, are still checked.
+    broadcast (or is on another device), or (in training) a single value per feature,
+    whose variance does not exist. An empty batch (no value per feature) passes.
+    ``synchronized`` (statistics across processes) accepts any local batch size, 0
+    included: the statistics are those of every process's batch; ghost batches, formed
+    within the process, are still checked.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
@@ -114,6 +154,7 @@ def check_input(
         raise ValueError(
             f"input of shape {tuple(x.shape)} has feature size(s) {actual} along axis {axes}, "
             f"expected {tuple(feature_shape)}"
+            + (f" ({feature_source})" if feature_source else "")
         )
     if mask is not None:
         _check_mask(mask, x, axes)
@@ -128,7 +169,9 @@ def check_input(
             raise ValueError(
                 f"virtual_batch_size={virtual_batch_size} does not divide the batch size "
                 f"{x.shape[0]} (input shape {tuple(x.shape)})")
-    if synchronized and (virtual_batch_size is None or x.shape[0] == 0):
+    if count == 0:  # an empty batch: no statistics, an empty output (see functional.forward)
+        return axes
+    if synchronized and virtual_batch_size is None:
         return axes
     if virtual_batch_size is not None:
         count = count // x.shape[0] * virtual_batch_size if x.shape[0] else 0

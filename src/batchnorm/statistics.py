@@ -21,8 +21,8 @@ from .config import BatchNormConfig
 from .shapes import resolve_axes
 from .state import BatchNormState, BatchStatistics, statistics_dtype
 
-__all__ = ["affine_terms", "apply_update", "inference_statistics", "moments",
-           "output_affine", "pooled_statistics", "renorm_correction", "skip_reason",
+__all__ = ["affine_terms", "apply_update", "combine_statistics", "inference_statistics",
+           "moments", "output_affine", "pooled_statistics", "renorm_correction", "skip_reason",
            "update_state", "update_state_"]
 
 
@@ -62,8 +62,8 @@ def pooled_statistics(
 
     Ghost batches contribute with equal weight, as in tf_keras (the mean of the
     group variances, not the variance of the whole batch). With a mask, groups
-    with no selected value are left out; if none is left the result is NaN.
-    With ``unbiased`` each group's variance is Bessel-corrected first.
+    with fewer than two selected values (no variance) are left out; if none is left
+    the result is NaN. With ``unbiased`` each group's variance is Bessel-corrected first.
     """
     mean, variance, count = stats
     if unbiased:
@@ -72,10 +72,85 @@ def pooled_statistics(
         if mean.shape[0] == 1:
             return mean[0], variance[0]
         return mean.mean(0), variance.mean(0)
-    valid = (torch.as_tensor(count) > 0).expand_as(mean)
+    valid = (torch.as_tensor(count) > 1).expand_as(mean)
     groups = valid.sum(0)
     return (torch.where(valid, mean, 0).sum(0) / groups,
             torch.where(valid, variance, 0).sum(0) / groups)
+
+
+def combine_statistics(
+    a: BatchStatistics, b: BatchStatistics, *, ghost: bool = False
+) -> BatchStatistics:
+    """The statistics of two batches together, as if they had been one batch (a pure fold).
+
+    Without ghost batches each group of ``a`` is merged with the same group of ``b``
+    (one group each: the whole batch) by the parallel-variance formula (Chan, Golub and
+    LeVeque), weighted by the counts: with ``w = n_b / (n_a + n_b)``,
+    ``mean = m_a + (m_b - m_a) w`` and
+    ``variance = v_a + (v_b - v_a) w + (m_b - m_a)**2 w (1 - w)``, which is exact for
+    any two sizes, and for masked counts (a tensor: per group and feature; a side with no
+    value contributes nothing, whatever its mean). With ``ghost=True`` the groups are
+    concatenated instead: the ghost batches of both batches together, which
+    :func:`pooled_statistics` then averages with equal weight, as it does within a batch.
+
+    Folding a sequence of micro-batches' statistics with it gives the statistics of their
+    concatenation (to float rounding): one moving-average update with them is the update of
+    the concatenated batch (:func:`batchnorm.accumulate`).
+
+    Args:
+        a, b: statistics of the same features (from training calls of the same layer, or
+            :func:`~batchnorm.functional.forward`).
+        ghost: concatenate the groups (ghost batches) instead of merging them.
+
+    Returns:
+        A :class:`BatchStatistics` (its count an int when both counts are ints that add up
+        or, with ``ghost``, are equal; a tensor otherwise).
+
+    Raises:
+        ValueError: statistics whose shapes cannot be combined.
+
+    >>> a = BatchStatistics(torch.tensor([[0.0]]), torch.tensor([[1.0]]), 2)  # [-1, 1]
+    >>> b = BatchStatistics(torch.tensor([[3.0]]), torch.tensor([[0.0]]), 1)  # [3]
+    >>> combine_statistics(a, b)                                         # [-1, 1, 3]
+    BatchStatistics(mean=tensor([[1.]]), variance=tensor([[2.6667]]), count=3)
+    >>> combine_statistics(a, b, ghost=True).mean.flatten()
+    tensor([0., 3.])
+    """
+    if a.mean.shape[1:] != b.mean.shape[1:]:
+        raise ValueError(f"cannot combine statistics of feature shapes {tuple(a.mean.shape[1:])} "
+                         f"and {tuple(b.mean.shape[1:])}")
+    if ghost:
+        if isinstance(a.count, int) and isinstance(b.count, int) and a.count == b.count:
+            count: int | Tensor = a.count
+        else:
+            count = torch.cat([_count_tensor(s) for s in (a, b)])
+        return BatchStatistics(torch.cat([a.mean, b.mean]), torch.cat([a.variance, b.variance]),
+                               count)
+    if a.mean.shape != b.mean.shape:
+        raise ValueError(f"cannot merge statistics of {a.mean.shape[0]} and {b.mean.shape[0]} "
+                         "groups group by group; ghost batches are combined with ghost=True")
+    delta = b.mean - a.mean
+    if isinstance(a.count, int) and isinstance(b.count, int):
+        total = a.count + b.count
+        w = b.count / total if total else 0.0
+        return BatchStatistics(a.mean + delta * w,
+                               a.variance + (b.variance - a.variance) * w
+                               + delta.square() * (w * (1.0 - w)), total)
+    na, nb = _count_tensor(a), _count_tensor(b)
+    total = na + nb
+    w = nb / total.clamp_min(1)
+    mean = a.mean + delta * w
+    variance = a.variance + (b.variance - a.variance) * w + delta.square() * (w * (1 - w))
+    # A side with no value contributes nothing, even if its statistics are not finite.
+    mean = torch.where(nb == 0, a.mean, torch.where(na == 0, b.mean, mean))
+    variance = torch.where(nb == 0, a.variance, torch.where(na == 0, b.variance, variance))
+    return BatchStatistics(mean, variance, total)
+
+
+def _count_tensor(stats: BatchStatistics) -> Tensor:
+    """The count of every entry of ``stats``, as a tensor of the statistics' shape and dtype."""
+    count = torch.as_tensor(stats.count, dtype=stats.mean.dtype, device=stats.mean.device)
+    return count.expand_as(stats.mean)
 
 
 def renorm_correction(
@@ -192,7 +267,8 @@ def update_state(
     """
     stats = stats._replace(mean=stats.mean.detach(), variance=stats.variance.detach())
     mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
-    finite = torch.isfinite(mean).all() & torch.isfinite(variance).all()
+    stored_mean, stored_variance = _as_stored(state, mean, variance)
+    finite = torch.isfinite(stored_mean).all() & torch.isfinite(stored_variance).all()
     new = {"num_updates": state.num_updates + finite.to(state.num_updates.dtype)}
     averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
                          renorm_momentum=renorm_momentum)
@@ -236,18 +312,42 @@ def update_state_(
     return bool(apply_update(state, stats, config))
 
 
-def skip_reason(stats: BatchStatistics, *, unbiased: bool = False) -> str:
+def _as_stored(state: BatchNormState, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+    """The pooled statistics in the dtype of the buffers they move (no copy when it is theirs)."""
+    dtype = state.moving_mean.dtype
+    return (mean if mean.dtype == dtype else mean.to(dtype),
+            variance if variance.dtype == dtype else variance.to(dtype))
+
+
+
+
+def skip_reason(stats: BatchStatistics, *, unbiased: bool = False,
+                dtype: torch.dtype | None = None) -> str:
     """Why a batch's statistics could not enter the moving averages (after a skipped update:
-    this reads values back from the device)."""
+    this reads values back from the device). ``dtype``: the moving averages' dtype."""
     if stats.mean.shape[0] == 0:
         return "the batch is empty (no ghost batch in this process)"
     if not isinstance(stats.count, int):
         count = stats.count.expand_as(stats.mean)
         if not bool((count > 0).any(0).all()):
             return "the mask selects no position for some feature"
-        if unbiased and bool((count == 1).any()):
-            return ("the mask selects a single value in some group, whose unbiased variance "
-                    "is undefined")
+        if not bool((count > 1).any(0).all()):
+            return ("the mask selects a single value for some feature (in every group), which "
+                    "has no variance; such a group is normalized with the moving statistics")
+    mean, variance = pooled_statistics(stats, unbiased=unbiased)
+    if bool(torch.isfinite(mean).all()):
+        name = str(variance.dtype).removeprefix("torch.")
+        if not bool(torch.isfinite(variance).all()):
+            return (f"the batch variance overflowed {name}, the statistics dtype (largest "
+                    f"{torch.finfo(variance.dtype).max:.3g}): the input's values are finite but "
+                    "too far from their mean; scale the input down, or normalize it in float64")
+        for what, t in (("mean", mean), ("variance", variance)):
+            if dtype is not None and dtype != t.dtype and not bool(
+                    torch.isfinite(t.to(dtype)).all()):
+                return (f"the batch {what} (up to {float(t.abs().max()):.3g}) overflowed "
+                        f"{str(dtype).removeprefix('torch.')}, the moving averages' dtype "
+                        f"(largest {torch.finfo(dtype).max:.3g}); keep the layer's statistics "
+                        "in a wider dtype, e.g. layer.double()")
     return "the batch statistics are not finite (NaN or Inf in the input)"
 
 
@@ -275,7 +375,9 @@ def apply_update(state: BatchNormState, stats: BatchStatistics,
     """
     with torch.no_grad():
         mean, variance = pooled_statistics(stats, unbiased=config.unbiased_moving_variance)
-        finite = torch.isfinite(torch.cat([mean.reshape(-1), variance.reshape(-1)])).all()
+        # Checked as they will be stored: a float64 variance of 1e60 is inf in float32 buffers.
+        stored = _as_stored(state, mean, variance)
+        finite = torch.isfinite(torch.cat([stored[0].reshape(-1), stored[1].reshape(-1)])).all()
         averages = _averages(state, mean, variance, momentum=config.momentum,
                              epsilon=config.epsilon, renorm_momentum=config.renorm_momentum)
         for decay in {d for *_, d in averages}:

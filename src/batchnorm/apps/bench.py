@@ -22,6 +22,36 @@ runs in a child process: ``default`` (glibc as it is) and ``reuse``
 (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` set high, so freed
 blocks are reused; these must be set before the process starts).
 
+Every figure comes with its spread: the minimum, median and maximum of its
+repeats (for a ratio, of the ratios within each repeat, where the contenders ran
+back to back). A row is flagged, and the output says so at its top, when
+
+- a contender's (or the reference copy's) repeats spread wider than
+  ``SPREAD_LIMIT`` (max/min > 1.5: the machine was busy, a median can be off by
+  that much and the ratios with it);
+- an ordering cannot be true: a contender's forward+backward faster than its
+  forward alone (same case, same allocator), or a contender faster than the
+  bandwidth limit by more than ``LIMIT_MARGIN`` (1.5x: either the timing or the
+  copy that sets the limit is wrong);
+- thread contention was seen while it ran: torch's threads more than
+  ``CONTENTION_LIMIT`` (1.5x) slower than one thread on a parallel elementwise op,
+  probed before and after every layer row and after every round of an end-to-end
+  row (other jobs hold the cores, and every parallel region waits for a
+  descheduled thread: figures inflate throughout, by up to a scheduler tick per
+  call, with spreads that may stay narrow).
+
+The top of the output also says when the load average was over half the core
+count before the run. ``--threads N`` runs every measuring process on N torch and
+numba threads (``--threads 1``: no contention between them, the steadiest figures on
+a shared machine); the environment section prints the allocator and thread
+settings of every process.
+
+The end-to-end rows (:mod:`batchnorm.apps.bench_end_to_end`; ``--no-end-to-end``
+leaves them out) time a training step and an evaluation pass of a CIFAR-style
+ResNet-18 and of an MLP with ``torch.nn`` batch norm, after ``bn.convert``, and
+without batch norm, side by side; ``--load`` measures them again beside a process
+that keeps every core busy.
+
 Writes ``bench.json`` (every raw timing) and ``bench.png`` (ours, native and
 compiled as a percentage of the limit) to ``--out``.
 """
@@ -42,6 +72,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .measure import spread
+
 ALLOCATORS = {
     "default": {},
     "reuse": {"MALLOC_MMAP_THRESHOLD_": str(1 << 40), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
@@ -56,6 +88,22 @@ MODES = ("plain", "renorm", "ghost", "masked")
 SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (65536, 256), (32, 64))
 DTYPES = ("float32", "bfloat16")
 VIRTUAL_BATCH_SIZE = 8
+# A figure whose repeats spread wider than this (max / min) is flagged as untrustworthy: on a
+# quiet machine they stay within a few percent, on a shared one a busy spell stretches some.
+SPREAD_LIMIT = 1.5
+# A contender faster than the bandwidth limit by more than this factor is flagged: no kernel
+# moves its bytes faster than a copy does, so the timing or the copy is off.
+LIMIT_MARGIN = 1.5
+# Shapes under this many values are left out of the chart: their time is per-call overhead,
+# not memory traffic, so a percentage of the bandwidth limit means nothing (see the table).
+CHART_MIN_NUMEL = 1 << 20
+CONTENDERS = ("ours", "native", "compiled", "tf_keras")
+# torch's threads slower than one thread by this factor on a parallel elementwise op: other
+# jobs hold the cores and every parallel region waits for a descheduled thread. Figures are
+# then inflated throughout (small ops by up to a scheduler tick per call) with spreads that
+# can stay narrow, so the spread check alone does not catch it.
+CONTENTION_LIMIT = 1.5
+PROBE_REPEATS = 5  # calls per thread count of the contention probe run between measurements
 
 
 @dataclass(frozen=True)
@@ -85,6 +133,80 @@ def cases(shapes, layouts, dtypes, modes) -> list[Case]:
 
 def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
+
+
+def _paired_ratios(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """Spread of ``numerator[r] / denominator[r]``: each repeat's contenders ran back to back."""
+    return spread([a / b for a, b in zip(numerator, denominator, strict=True) if b > 0])
+
+
+def flag_rows(results: list[dict], spread_limit: float = SPREAD_LIMIT,
+              limit_margin: float = LIMIT_MARGIN, contention: dict | None = None) -> list[dict]:
+    """Set every row's ``flags``: why its figures cannot be trusted (empty: nothing found).
+
+    A row needs ``samples_ms`` (contender -> repeats, ms), ``limit_ms``, ``allocator``,
+    ``label`` and ``phase``; ``<contender>_ms`` medians are computed when missing.
+    ``contention``: allocator -> the :func:`thread_contention` check of its process, for
+    rows without a ``contention`` check of their own.
+    """
+    for r in results:
+        r["flags"] = []
+        check = r.get("contention") or (contention or {}).get(r["allocator"])
+        if check and contention_flag(check):
+            r["flags"].append(contention_flag(check))
+        for name, samples in r["samples_ms"].items():
+            r.setdefault(f"{name}_ms", statistics.median(samples))
+        wide = [name for name, v in r["samples_ms"].items()
+                if v and min(v) > 0 and max(v) / min(v) > spread_limit]
+        if wide:
+            worst = max(max(r["samples_ms"][n]) / min(r["samples_ms"][n]) for n in wide)
+            r["flags"].append(f"spread over {spread_limit:g}x: {', '.join(wide)} "
+                              f"(up to {worst:.1f}x)")
+        for name in CONTENDERS:
+            t = r.get(f"{name}_ms")
+            if t and r.get("limit_ms") and t * limit_margin < r["limit_ms"]:
+                r["flags"].append(f"faster than the bandwidth limit: {name} at "
+                                  f"{100 * r['limit_ms'] / t:.0f}% (cannot be)")
+    by_key = {(r["allocator"], r["label"], r["phase"]): r for r in results}
+    for (allocator, label, phase), fb in by_key.items():
+        fw = by_key.get((allocator, label, "forward"))
+        if phase != "forward+backward" or fw is None:
+            continue
+        for name in CONTENDERS:
+            both = fb.get(f"{name}_ms"), fw.get(f"{name}_ms")
+            if all(both) and both[0] < both[1]:
+                text = f"forward+backward faster than forward: {name} (cannot be)"
+                fb["flags"].append(text)
+                fw["flags"].append(text)
+    return results
+
+
+def trust_summary(results: list[dict], end_to_end: list[dict] = (),
+                  load_average: float | None = None, cores: int | None = None) -> list[str]:
+    """Lines for the top of the output: which rows are flagged, and why."""
+    flagged = [r for r in results if r.get("flags")]
+    e2e_flagged = [r for r in end_to_end if r.get("flags")]
+    total = len(results) + len(end_to_end)
+    busy = []
+    if load_average is not None and cores and load_average > 0.5 * cores:
+        busy = [f"The machine was busy before the benchmark started: load average "
+                f"{load_average:.1f} on {cores} cores (other jobs compete for the cores).", ""]
+    if not flagged and not e2e_flagged:
+        return busy + [f"No row flagged ({total} rows): every figure's repeats within "
+                       f"{SPREAD_LIMIT:g}x (max/min), no forward+backward faster than its "
+                       "forward, nothing faster than the bandwidth limit, no thread "
+                       "contention."]
+    lines = busy + [f"**WARNING: {len(flagged) + len(e2e_flagged)} of {total} rows flagged "
+                    "(column `flags`): do not trust their figures; rerun on a quieter machine "
+                    "(or with `--threads 1`, which thread contention cannot stall) before "
+                    "quoting them.**", ""]
+    reasons: dict[str, int] = {}
+    for r in [*flagged, *e2e_flagged]:
+        for kind in dict.fromkeys(f.split(":")[0] for f in r["flags"]):
+            reasons[kind] = reasons.get(kind, 0) + 1
+    lines += [f"- {reason}: {count} row{'s' if count > 1 else ''}"
+              for reason, count in reasons.items()]
+    return lines
 
 
 def _contenders(case: Case, compile_: bool):
@@ -217,22 +339,89 @@ def _time(fns: dict, repeats: int, budget: float) -> dict[str, list[float]]:
     return samples
 
 
-def run_child(args) -> dict:
+def set_threads(threads: int | None) -> None:
+    """``threads`` torch (intra-op) and numba threads in this process (None: leave them)."""
+    if not threads:
+        return
+    import torch
 
+    torch.set_num_threads(threads)
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def thread_contention(repeats: int = 40) -> dict:
+    """How much slower torch's threads make a parallel elementwise op than one thread does.
+
+    A multiply of 1M float32 values (4 MiB each way), median of ``repeats`` calls, with
+    the process's thread count and with one thread. On a quiet machine two threads take
+    about half to the same time; when other jobs hold the cores they take several times
+    longer, as each parallel region waits for a thread the scheduler has set aside.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    a = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
+    out = torch.empty_like(a)
+
+    def median_ms() -> float:
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mul(a, 1.0001, out=out)
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples) * 1e3
+
+    median_ms()  # warm up
+    parallel = median_ms()
+    torch.set_num_threads(1)
+    try:
+        serial = median_ms()
+    finally:
+        torch.set_num_threads(threads)
+    return {"threads": threads, "parallel_ms": parallel, "serial_ms": serial,
+            "slowdown": parallel / serial}
+
+
+def _worst(*checks: dict) -> dict:
+    return max(checks, key=lambda c: c["slowdown"])
+
+
+def contention_flag(check: dict) -> str | None:
+    """The flag for rows measured while ``check`` (of :func:`thread_contention`) held."""
+    if check["threads"] > 1 and check["slowdown"] > CONTENTION_LIMIT:
+        return (f"thread contention: {check['threads']} threads {check['slowdown']:.1f}x "
+                "slower than 1 on a parallel op")
+    return None
+
+
+def run_child(args) -> dict:
+    set_threads(args.threads)
+    env = environment()
+    at_start = thread_contention()
     results = []
     copies: dict[int, list[float]] = {}
     for case in cases(args.shapes, args.layouts, args.dtypes, args.modes):
         compile_ = args.compile == "all" or (args.compile == "plain" and case.mode == "plain")
         phases, notes, compile_seconds, nbytes = _contenders(case, compile_)
         for phase in args.phases:
+            before = thread_contention(PROBE_REPEATS)
             samples = _time(phases[phase], args.repeats, args.budget)
-            copies.setdefault(nbytes, []).extend(samples.pop("copy"))
+            check = _worst(before, thread_contention(PROBE_REPEATS))
+            copies.setdefault(nbytes, []).extend(samples["copy"])
             row = {"case": asdict(case), "label": case.label, "phase": phase,
                    "allocator": args.allocator, "nbytes": nbytes,
-                   "bytes": PASSES[phase] * nbytes, "notes": notes,
+                   "bytes": PASSES[phase] * nbytes, "notes": notes, "contention": check,
                    "samples_ms": {k: [s * 1e3 for s in v] for k, v in samples.items()}}
             for name, s in samples.items():
-                row[f"{name}_ms"] = _median_ms(s)
+                if name != "copy":
+                    row[f"{name}_ms"] = _median_ms(s)
+            ours = row["samples_ms"]["ours"]
+            row["ratios"] = {name: _paired_ratios(row["samples_ms"][name], ours)
+                             for name in ("native", "compiled") if name in samples}
             if compile_seconds:
                 row["compile_s"] = compile_seconds["infer" if phase == "inference" else "train"]
             results.append(row)
@@ -241,11 +430,20 @@ def run_child(args) -> dict:
     # The copy was timed beside every contender of every case; its median over all the
     # cases that move tensors of one size gives that size's bandwidth.
     for row in results:
-        copy = _median_ms(copies[row["nbytes"]])
+        pooled = copies[row["nbytes"]]
+        copy = _median_ms(pooled)
         bandwidth = 2 * row["nbytes"] / (copy / 1e3)  # bytes/s: one read + one write
+        passes = row["bytes"] / row["nbytes"] / 2  # the limit is this many copies
         row.update(copy_ms=copy, bandwidth_gbs=bandwidth / 1e9,
-                   limit_ms=row["bytes"] / bandwidth * 1e3)
-    return {"environment": environment(), "results": results}
+                   limit_ms=row["bytes"] / bandwidth * 1e3,
+                   limit_spread_ms={k: passes * v * 1e3 for k, v in spread(pooled).items()})
+    env["contention"] = _worst(at_start, *(r["contention"] for r in results),
+                               thread_contention())
+    return {"environment": env, "results": results}
+
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_PROC_BIND",
+              "KMP_AFFINITY", "THP_MEM_ALLOC_ENABLE")
 
 
 def environment() -> dict:
@@ -253,8 +451,11 @@ def environment() -> dict:
 
     env = {"python": platform.python_version(), "platform": platform.platform(),
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "torch_interop_threads": torch.get_num_interop_threads(),
            "cpu": _cpu_model(), "cores": os.cpu_count(),
-           "allocator_env": {k: os.environ.get(k) for k in ALLOCATORS["reuse"]}}
+           "allocator_env": {k: os.environ.get(k) for k in ALLOCATORS["reuse"]},
+           "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+           "load_average": _load_average()}
     try:
         import numba
 
@@ -267,6 +468,13 @@ def environment() -> dict:
     except ImportError as error:
         env["numba"] = f"unavailable: {error}"
     return env
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return "unknown"
 
 
 def _cpu_model() -> str:
@@ -376,82 +584,202 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def _cell(r: dict, name: str) -> str:
+    """``median (min-max)`` of a contender's repeats, or ``-``."""
+    samples = r.get("samples_ms", {}).get(name)
+    if not samples:
+        return _fmt(r.get(f"{name}_ms"))
+    s = spread(samples)
+    return f"{_fmt(s['median'])} ({_fmt(s['min'])}-{_fmt(s['max'])})"
+
+
+def _ratio_cell(r: dict, name: str) -> str:
+    """``median (min-max)`` of the contender's time over ours, repeat by repeat."""
+    if r.get(f"{name}_ms") is None:
+        return "-"
+    s = r.get("ratios", {}).get(name)
+    if s is None:  # no paired repeats: the ratio of the medians
+        return f"{r[f'{name}_ms'] / r['ours_ms']:.2f}x"
+    return f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+
+
 def table(results: list[dict]) -> str:
+    """The rows as markdown: every time and ratio as ``median (min-max)`` of its repeats."""
     lines = ["| allocator | case | phase | ours ms | native ms | compiled ms | tf_keras ms | "
-             "limit ms | ours % of limit | native / ours | compiled / ours |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "limit ms | ours % of limit | native / ours | compiled / ours | flags |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        native = _fmt(r.get("native_ms")) + ("*" if r["notes"] else "")
-        ratio = r["native_ms"] / r["ours_ms"]
-        compiled = r.get("compiled_ms")
-        compiled_ratio = "-" if compiled is None else f"{compiled / r['ours_ms']:.2f}x"
+        native = _cell(r, "native") + ("*" if r["notes"] else "")
+        limit = r.get("limit_spread_ms")
+        limit_cell = _fmt(r["limit_ms"]) + (
+            f" ({_fmt(limit['min'])}-{_fmt(limit['max'])})" if limit else "")
+        flags = "; ".join(r.get("flags", [])) or "ok"
         lines.append(
-            f"| {r['allocator']} | {r['label']} | {r['phase']} | {_fmt(r['ours_ms'])} | {native} | "
-            f"{_fmt(compiled)} | {_fmt(r.get('tf_keras_ms'))} | {_fmt(r['limit_ms'])} | "
-            f"{100 * r['limit_ms'] / r['ours_ms']:.0f}% | {ratio:.2f}x | {compiled_ratio} |")
+            f"| {r['allocator']} | {r['label']} | {r['phase']} | {_cell(r, 'ours')} | {native} | "
+            f"{_cell(r, 'compiled')} | {_cell(r, 'tf_keras')} | {limit_cell} | "
+            f"{100 * r['limit_ms'] / r['ours_ms']:.0f}% | {_ratio_cell(r, 'native')} | "
+            f"{_ratio_cell(r, 'compiled')} | {flags} |")
     return "\n".join(lines)
 
 
-def chart(results: list[dict], path: Path) -> bool:
+def chart(results: list[dict], path: Path, repeats: int | None = None) -> bool:
+    """Bars: each contender's median as a % of the bandwidth limit, whiskers: its range.
+
+    Stand-in contenders (``*`` in the table) are hatched, flagged rows marked ``!``, and
+    the shapes too small for a bandwidth figure are named as left out.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return False
     allocators = sorted({r["allocator"] for r in results}, reverse=True)
-    rows = [r for r in results if math.prod(r["case"]["shape"]) >= 1 << 20] or results
+    big = [r for r in results if math.prod(r["case"]["shape"]) >= CHART_MIN_NUMEL]
+    rows = big or results
+    left_out = sorted({"x".join(map(str, r["case"]["shape"])) for r in results if r not in rows},
+                      key=len)
     labels = list(dict.fromkeys(r["label"] for r in rows))
+    flagged = {(r["allocator"], r["label"], r["phase"]) for r in rows if r.get("flags")}
+    stand_in = {r["label"] for r in rows if r["notes"]}
+    colors = dict(zip(CONTENDERS, plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                      strict=False))
+    names = [n for n in CONTENDERS if any(r.get(f"{n}_ms") for r in rows)]
+    height = 0.8 / max(len(names), 1)
     fig, axes = plt.subplots(len(PHASES), len(allocators), squeeze=False,
-                             figsize=(7 * len(allocators), 2 + 0.25 * len(labels) * len(PHASES)))
+                             figsize=(7.5 * len(allocators),
+                                      2.4 + 0.22 * len(labels) * len(names) * len(PHASES)))
     for j, allocator in enumerate(allocators):
         for i, phase in enumerate(PHASES):
             ax = axes[i][j]
             sel = {r["label"]: r for r in rows
                    if r["allocator"] == allocator and r["phase"] == phase}
-            names = [n for n in ("ours", "native", "compiled", "tf_keras")
-                     if any(r.get(f"{n}_ms") for r in sel.values())]
-            height = 0.8 / max(len(names), 1)
             for k, name in enumerate(names):
-                ys = [n + k * height for n in range(len(labels))]
-                vals = [100 * sel[lb]["limit_ms"] / sel[lb][f"{name}_ms"]
-                        if lb in sel and sel[lb].get(f"{name}_ms") else 0 for lb in labels]
-                ax.barh(ys, vals, height=height, label=name)
+                for n, lb in enumerate(labels):
+                    r = sel.get(lb)
+                    if not r or not r.get(f"{name}_ms"):
+                        continue
+                    value = 100 * r["limit_ms"] / r[f"{name}_ms"]
+                    samples = r.get("samples_ms", {}).get(name) or [r[f"{name}_ms"]]
+                    low = 100 * r["limit_ms"] / max(samples)
+                    high = 100 * r["limit_ms"] / min(samples)
+                    hatch = "///" if name == "native" and lb in stand_in else None
+                    ax.barh(n + k * height, value, height=height, color=colors[name],
+                            hatch=hatch, edgecolor="white" if hatch else None, linewidth=0,
+                            xerr=[[value - low], [high - value]], ecolor="0.3",
+                            error_kw={"elinewidth": 0.8, "capsize": 1.5})
             ax.axvline(100, color="black", linewidth=0.8)
-            ax.set_yticks([n + 0.4 - height / 2 for n in range(len(labels))], labels, fontsize=7)
+            ticks = [("! " if (allocator, lb, phase) in flagged else "") + lb
+                     + (" (native*)" if lb in stand_in else "") for lb in labels]
+            ax.set_yticks([n + (len(names) - 1) * height / 2 for n in range(len(labels))],
+                          ticks, fontsize=7)
             ax.invert_yaxis()
             ax.set_title(f"{phase}, allocator: {allocator}", fontsize=9)
-            ax.set_xlabel("% of the memory-bandwidth limit (higher is faster)", fontsize=8)
-            if names:
-                ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+            ax.set_xlabel("% of the memory-bandwidth limit (higher is faster; 100: the limit)",
+                          fontsize=8)
+            ax.tick_params(axis="x", labelsize=7)
+    over = f" of {repeats} repeats" if repeats else ""
+    handles = [Patch(color=colors[n], label=n) for n in names]
+    if stand_in:
+        handles.append(Patch(facecolor=colors["native"], hatch="///", edgecolor="white",
+                             label="native*: plain batch norm stands in (no PyTorch equivalent)"))
+    notes = []
+    if flagged:
+        notes.append("! flagged row: its figures are not to be trusted (see the table's flags)")
+    if left_out:
+        notes.append(f"left out: {', '.join(left_out)} (per-call overhead, not memory traffic; "
+                     "see the table)")
+    inch = 1 / fig.get_figheight()
+    # Title and legend above the panels, notes below them: laid out around the axes.
+    fig.tight_layout(rect=(0, (0.1 + 0.17 * len(notes)) * inch, 1, 1 - 0.95 * inch))
+    fig.suptitle("Batch normalization on CPU: speed as a % of the memory-bandwidth limit\n"
+                 f"bars: median, whiskers: min-max{over}", fontsize=11, y=1 - 0.08 * inch,
+                 va="top")
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.52 * inch),
+               ncol=len(handles), fontsize=8, frameon=False)
+    if notes:
+        fig.text(0.5, 0.08 * inch, "\n".join(notes), ha="center", va="bottom", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
+QUICK_END_TO_END = {"repeats": 3, "budget": 0.1, "warmup": 1}
+FULL_END_TO_END = {"repeats": 11, "budget": 0.3, "warmup": 2}
+
+
+def end_to_end_child(args) -> dict:
+    """The end-to-end rows, quiet, then (``--load``) beside a process keeping every core busy."""
+    from . import bench_end_to_end as e2e
+
+    set_threads(args.threads)
+    env = environment()
+    settings = dict(QUICK_END_TO_END if args.quick else FULL_END_TO_END)
+    settings["repeats"] = args.end_to_end_repeats or settings["repeats"]
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    def measured(load: str = "none") -> list[dict]:
+        return e2e.measure(repeats=settings["repeats"], budget=settings["budget"],
+                           warmup=settings["warmup"], load=load, progress=log,
+                           probe=lambda: thread_contention(PROBE_REPEATS),
+                           flag_probe=contention_flag)
+
+    start = time.perf_counter()
+    rows = measured()
+    quiet = time.perf_counter() - start
+    env["contention"] = _worst(*(row["contention"] for row in rows))
+    if args.load:
+        # Bounded: three times as long as the quiet rows took, a minute more; killed at the end.
+        with e2e.busy(3 * quiet + 60) as load:
+            rows += measured(load)
+    return {"environment": env, "rows": rows, "fused": e2e.fused_supported(),
+            "settings": settings}
+
+
 def run(args) -> int:
+    began = time.perf_counter()
     if args.quick:
         args.shapes = args.shapes or [SHAPES[0], SHAPES[-1]]
         args.layouts = args.layouts or ["nchw"]
         args.dtypes = args.dtypes or ["float32"]
+        args.allocators = args.allocators or ["reuse"]
+        args.compile = args.compile or "none"
         args.repeats = args.repeats or 5
-        args.budget = args.budget or 0.03
+        args.budget = args.budget or 0.02
     args.shapes = args.shapes or list(SHAPES)
     args.layouts = args.layouts or ["nchw", "nhwc"]
     args.dtypes = args.dtypes or list(DTYPES)
+    args.allocators = args.allocators or ["default", "reuse"]
+    args.compile = args.compile or "plain"
+    # Peak memory, first call and synchronized statistics take a process each (or several):
+    # on in the full run, off in the quick one unless asked for.
+    args.memory = not args.quick if args.memory is None else args.memory
+    args.distributed = not args.quick if args.distributed is None else args.distributed
     args.repeats = args.repeats or 11
     args.budget = args.budget or 0.1
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    child_argv = ["--child", "--repeats", str(args.repeats), "--budget", str(args.budget),
-                  "--compile", args.compile,
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    child_argv = ["--child", *threads, "--repeats", str(args.repeats),
+                  "--budget", str(args.budget), "--compile", args.compile,
                   "--shapes", *[",".join(map(str, s)) for s in args.shapes],
                   "--layouts", *args.layouts, "--dtypes", *args.dtypes, "--modes", *args.modes,
                   "--phases", *args.phases]
     tf_python = _tf_python(args) if args.tf else None
-    report = {"allocators": {}, "results": []}
+    report = {"allocators": {}, "results": [], "seconds": {}, "load_average": load_average,
+              "cores": os.cpu_count(), "threads": args.threads}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        report["seconds"][name] = now - since
+        return now
+
+    since = began
     for allocator in args.allocators:
         setting = ALLOCATORS[allocator] or "glibc defaults"
         print(f"allocator {allocator}: {setting}", file=sys.stderr)
@@ -460,7 +788,8 @@ def run(args) -> int:
         rows = child["results"]
         if tf_python:
             try:
-                tf = _child([*child_argv[1:], "--allocator", allocator], ALLOCATORS[allocator],
+                tf = _child([*child_argv[1 + len(threads):], "--allocator", allocator],
+                            ALLOCATORS[allocator],
                             python=tf_python, script=[str(Path(__file__).with_name("bench_tf.py"))])
                 report.setdefault("tf_environment", tf["environment"])
                 by_key = {(r["label"], r["phase"]): r for r in tf["results"]}
@@ -472,22 +801,38 @@ def run(args) -> int:
             except (RuntimeError, subprocess.TimeoutExpired) as error:
                 report["tf_error"] = str(error)
         report["results"].extend(rows)
-    report["memory"] = [_child(["--memory-child", name], MEMORY_ALLOCATOR)
-                        for name in ("torch.nn.BatchNorm2d", "ours", "ours (composite)")]
-    report["first_call"] = {"numba cache as found": _child(["--first-call-child"], {})}
-    if args.cold:
-        with tempfile.TemporaryDirectory() as cache:
-            report["first_call"]["empty numba cache"] = _child(
-                ["--first-call-child"], {"NUMBA_CACHE_DIR": cache})
+        since = lap(f"layers, {allocator} allocator", since)
+    flag_rows(report["results"], contention={
+        name: env["contention"] for name, env in report["allocators"].items()})
+    if args.end_to_end:
+        allocator = "reuse" if "reuse" in args.allocators else args.allocators[0]
+        e2e_argv = ["--end-to-end-child", *threads, *(["--quick"] if args.quick else []),
+                    *(["--load"] if args.load else []),
+                    *(["--end-to-end-repeats", str(args.end_to_end_repeats)]
+                      if args.end_to_end_repeats else [])]
+        report["end_to_end"] = {"allocator": allocator,
+                                **_child(e2e_argv, ALLOCATORS[allocator])}
+        since = lap("end-to-end" + (", quiet and under load" if args.load else ""), since)
+    if args.memory:
+        report["memory"] = [_child(["--memory-child", name], MEMORY_ALLOCATOR)
+                            for name in ("torch.nn.BatchNorm2d", "ours", "ours (composite)")]
+        report["first_call"] = {"numba cache as found": _child(["--first-call-child"], {})}
+        if args.cold:
+            with tempfile.TemporaryDirectory() as cache:
+                report["first_call"]["empty numba cache"] = _child(
+                    ["--first-call-child"], {"NUMBA_CACHE_DIR": cache})
+        since = lap("memory and first call", since)
     if args.distributed:
         from . import bench_distributed
 
         report["distributed"] = {
             "environment": bench_distributed.environment(),
             "rows": bench_distributed.measure([1, 2] if args.quick else [1, 2, 4])}
+        since = lap("synchronized statistics", since)
 
+    drew = chart(report["results"], out_dir / "bench.png", args.repeats)
+    report["seconds"]["total"] = time.perf_counter() - began
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
-    drew = chart(report["results"], out_dir / "bench.png")
     print(render(report, args, tf_python, drew, out_dir))
     return 0
 
@@ -498,45 +843,94 @@ def bench_distributed_table(rows: list[dict]) -> str:
     return distributed_table(rows)
 
 
+def _settings(env: dict) -> str:
+    """The allocator and thread settings of one benchmark process, in words."""
+    malloc = {k: v for k, v in env["allocator_env"].items() if v is not None}
+    threads = (f"torch {env['torch_threads']} intra-op / {env.get('torch_interop_threads')} "
+               f"inter-op threads, numba {env.get('numba_threads')} threads "
+               f"({env.get('numba_threading_layer')} layer)")
+    extra = f", {env['thread_env']}" if env.get("thread_env") else ""
+    check = env.get("contention")
+    if not check:
+        contention = ""
+    elif check["threads"] == 1:
+        contention = "; one thread: no contention between torch's threads"
+    else:
+        contention = (f"; worst thread check: {check['threads']} threads "
+                      f"{check['parallel_ms']:.2f} ms vs 1 thread {check['serial_ms']:.2f} ms "
+                      f"on a 1M-value multiply ({check['slowdown']:.2f}x)")
+    return (f"malloc {malloc or 'glibc defaults'}; {threads}{extra}; load average at start "
+            f"{env.get('load_average', '?')}{contention}")
+
+
 def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path) -> str:
-    lines = ["# batchnorm benchmark" + (" (quick)" if args.quick else ""), "", "## Environment", ""]
+    lines = ["# batchnorm benchmark" + (" (quick)" if args.quick else ""), ""]
+    e2e = report.get("end_to_end")
+    lines += trust_summary(report["results"], e2e["rows"] if e2e else (),
+                           report.get("load_average"), report.get("cores"))
+    lines += ["", "## Environment", ""]
     for allocator, env in report["allocators"].items():
-        lines.append(f"- `{allocator}` allocator process: torch {env['torch']} "
-                     f"({env['torch_threads']} threads), numba {env.get('numba')} "
-                     f"({env.get('numba_threads')} threads, {env.get('numba_threading_layer')} "
-                     f"layer), python {env['python']}, {env['cpu']} ({env['cores']} cores), "
-                     f"malloc env {env['allocator_env']}")
+        lines.append(f"- `{allocator}` allocator process: torch {env['torch']}, numba "
+                     f"{env.get('numba')}, python {env['python']}, {env['cpu']} "
+                     f"({env['cores']} cores); {_settings(env)}")
+    if e2e:
+        lines.append(f"- end-to-end process (`{e2e['allocator']}` allocator): "
+                     f"{_settings(e2e['environment'])}")
     if tf_python:
         tf_env = report.get("tf_environment")
         lines.append(f"- tf_keras: {tf_env['tensorflow'] if tf_env else report.get('tf_error')} "
                      f"(`{tf_python}`)")
     else:
         lines.append("- tf_keras: no TensorFlow interpreter (give one with --tf-python)")
-    lines += ["", "Medians of "
-              f"{args.repeats} alternated repeats. limit = bytes moved / copy bandwidth "
-              "(3, 8, 2 tensor-sized passes for forward, forward+backward, inference). "
-              "`*`: plain batch norm stands in (PyTorch has no such mode). "
-              "allocator `reuse`: MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set high "
-              "(freed heap reused); `default`: glibc defaults.", "", table(report["results"]), "",
-              "## Peak memory, one training step through 20 Conv-BatchNorm-ReLU blocks",
-              "(16x32x32x32 float32 activations, 2 MiB each; peak resident set above the one "
-              "before the step, with glibc's mmap threshold fixed at 64 KiB so that it "
-              "follows the live tensors)", "", "| contender | peak MiB |", "|---|---:|"]
-    for m in report["memory"]:
-        lines.append(f"| {m['contender']} | {m['peak_mib']:.1f} |")
-    lines += ["", "## First call (a fresh process's first 64x64x28x28 training step)", ""]
-    for name, fc in report["first_call"].items():
-        lines.append(f"- {name}: first training step {fc['first_step_s']:.2f} s")
+    lines += ["", "## Layers", "",
+              f"Every time: median (min-max) of {args.repeats} alternated repeats, in ms; ratios: "
+              "median (min-max) of the ratio within each repeat. limit = bytes moved / copy "
+              "bandwidth (3, 8, 2 tensor-sized passes for forward, forward+backward, "
+              "inference), its range from the copy's. `*`: plain batch norm stands in "
+              "(PyTorch has no such mode). allocator `reuse`: MALLOC_MMAP_THRESHOLD_/"
+              "MALLOC_TRIM_THRESHOLD_ set high (freed heap reused); `default`: glibc defaults. "
+              f"flags: repeats spread over {SPREAD_LIMIT:g}x (max/min), forward+backward "
+              f"faster than forward, or faster than the limit by over {LIMIT_MARGIN:g}x.",
+              "", table(report["results"])]
+    if e2e:
+        from . import bench_end_to_end
+
+        fused = ("`batchnorm fused activation` (`bn.convert(model, fuse_activation=True)`) "
+                 "included" if e2e["fused"] else "no `batchnorm fused activation` column: "
+                 "this `bn.convert` takes no `fuse_activation`")
+        lines += ["", "## End to end: what batch normalization adds to a step", "",
+                  f"CIFAR-style ResNet-18 (batch 32, 3x32x32, 10 classes) and an MLP "
+                  f"(Linear-BN-ReLU x3 at 256 features, then Linear; batches 32 and 256): "
+                  f"`torch.nn` batch norm, the same model after `bn.convert` (`batchnorm`), and "
+                  f"without batch norm (`no norm`); training step = forward, backward, SGD step; "
+                  f"evaluation = eval-mode forward under no_grad. Median (min-max) of "
+                  f"{e2e['settings']['repeats']} interleaved repeats, ms. BN cost = the paired "
+                  f"difference with `no norm`, repeat by repeat; the cost ratio is that of their "
+                  f"medians; the step ratio (whole step, ours over torch.nn) is median (min-max) "
+                  f"of the ratios within each repeat. {fused}.", "",
+                  bench_end_to_end.table(e2e["rows"])]
+    if "memory" in report:
+        lines += ["", "## Peak memory, one training step through 20 Conv-BatchNorm-ReLU blocks",
+                  "(16x32x32x32 float32 activations, 2 MiB each; peak resident set above the "
+                  "one before the step, with glibc's mmap threshold fixed at 64 KiB so that it "
+                  "follows the live tensors)", "", "| contender | peak MiB |", "|---|---:|"]
+        for m in report["memory"]:
+            lines.append(f"| {m['contender']} | {m['peak_mib']:.1f} |")
+        lines += ["", "## First call (a fresh process's first 64x64x28x28 training step)", ""]
+        for name, fc in report["first_call"].items():
+            lines.append(f"- {name}: first training step {fc['first_step_s']:.2f} s")
     compiles = [r["compile_s"] for r in report["results"] if "compile_s" in r]
     if compiles:
-        lines.append(f"- torch.compile of the native contender: {min(compiles):.1f}-"
+        lines.append(f"\ntorch.compile of the native contender: {min(compiles):.1f}-"
                      f"{max(compiles):.1f} s per graph")
     if "distributed" in report:
         lines += ["", "## Synchronized statistics across processes",
                   f"({report['distributed']['environment']}; communicating = time inside the "
                   "collectives, waiting for the slowest process included)", "",
                   bench_distributed_table(report["distributed"]["rows"])]
-    lines += ["", f"Wrote {out_dir / 'bench.json'}"
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items())
+    lines += ["", f"Took {timing}.",
+              f"Wrote {out_dir / 'bench.json'}"
               + (f" and {out_dir / 'bench.png'}" if drew else " (no PNG: matplotlib missing)")]
     return "\n".join(lines)
 
@@ -546,18 +940,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         return tuple(int(s) for s in text.replace("x", ",").split(",") if s)
 
     parser.add_argument("--quick", action="store_true",
-                        help="64x64x56x56 and 32x64, NCHW, float32, 5 repeats (about a minute)")
+                        help="64x64x56x56 and 32x64, NCHW, float32, reuse allocator, 5 repeats, "
+                        "no torch.compile; end-to-end rows with 3 repeats; no memory, "
+                        "first-call or distributed parts (1.5 to 2 minutes on a shared "
+                        "2-core machine)")
     parser.add_argument("--shapes", nargs="+", type=shape, help="e.g. 64,64,56,56 65536,256")
     parser.add_argument("--layouts", nargs="+", choices=["nchw", "nhwc"])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES))
     parser.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS),
-                        default=["default", "reuse"])
+                        help="default: both (quick: reuse)")
     parser.add_argument("--repeats", type=int, help="samples per contender (11; quick: 5)")
-    parser.add_argument("--budget", type=float, help="seconds per sample (0.1; quick: 0.03)")
-    parser.add_argument("--compile", choices=["all", "plain", "none"], default="plain",
-                        help="which modes get a torch.compile column (default: plain)")
+    parser.add_argument("--budget", type=float, help="seconds per sample (0.1; quick: 0.02)")
+    parser.add_argument("--compile", choices=["all", "plain", "none"],
+                        help="which modes get a torch.compile column (default: plain; quick: "
+                        "none, compiling takes about 20 s)")
     parser.add_argument("--tf", action=argparse.BooleanOptionalAction, default=True,
                         help="time tf_keras when a TensorFlow interpreter is found")
     parser.add_argument("--tf-python", help="a python with tensorflow and tf_keras "
@@ -565,23 +963,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cold", action="store_true",
                         help="also time the first call with an empty numba cache (compiles)")
     parser.add_argument("--out", default="bench-results", help="folder for bench.json/bench.png")
-    parser.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--distributed", action=argparse.BooleanOptionalAction,
                         help="also time synchronized statistics with 1, 2 and 4 gloo processes "
-                        "(quick: 1 and 2)")
+                        "(default: on; quick: off, or 1 and 2 processes when asked for)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction,
+                        help="also measure peak memory and the first call, in fresh processes "
+                        "(default: on; quick: off)")
+    parser.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
+                        help="time a training step and an evaluation pass of a CIFAR ResNet-18 "
+                        "and an MLP with torch.nn batch norm, with bn.convert and without batch "
+                        "norm (default: on; quick: 3 repeats)")
+    parser.add_argument("--end-to-end-repeats", type=int,
+                        help="repeats of each end-to-end contender (11; quick: 3)")
+    parser.add_argument("--threads", type=int,
+                        help="torch and numba threads in every measuring process (default: "
+                        "theirs, one per core); 1 keeps thread contention on a shared machine "
+                        "out of the figures")
+    parser.add_argument("--load", action="store_true",
+                        help="measure the end-to-end rows a second time beside a process that "
+                        "keeps every core busy (bounded in time, killed at the end)")
     # Internal: the child processes.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--first-call-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--end-to-end-child", action="store_true", help=argparse.SUPPRESS)
 
 
 def main(args) -> int:
-    if args.memory_child or args.first_call_child or args.child:
+    if args.memory_child or args.first_call_child or args.child or args.end_to_end_child:
         if args.memory_child:
             result = memory_child(args.memory_child)
         elif args.first_call_child:
             result = first_call_child()
+        elif args.end_to_end_child:
+            result = end_to_end_child(args)
         else:
             result = run_child(args)
         Path(args.json_out).write_text(json.dumps(result))

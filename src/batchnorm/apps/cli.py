@@ -21,10 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="command")
     demo = commands.add_parser(
         "demo", help="train small CNNs on handwritten digits: BatchNorm, its pitfalls and fixes")
-    demo.add_argument("--quick", action="store_true", help="a shorter run (under 30 s)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--out", default="demo-output",
-                      help="folder for results.json and curves.png (default demo-output)")
+    from . import demo as training_demo
+
+    training_demo.add_arguments(demo)
     commands.add_parser(
         "walkthrough", help="a printed walkthrough of training/inference modes, value by value")
     from . import bench
@@ -38,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return bench.main(args)
     if args.command == "demo":
-        from . import demo as training_demo
-
-        training_demo.main(quick=args.quick, seed=args.seed, out=args.out)
+        training_demo.main(quick=args.quick, seed=args.seed, out=args.out, seeds=args.seeds)
         return 0
     if args.command == "walkthrough":
         from . import walkthrough

@@ -52,14 +52,24 @@ def _group_view(x: Tensor, axes: tuple[int, ...], size: int | None, layout: str)
 
 
 def _adjustment_term(t, x: Tensor, axes: tuple[int, ...], name: str) -> Tensor:
+    """An adjustment's scale or bias, broadcast against ``x`` as TensorFlow broadcasts it: by
+    NumPy's rules (aligned on the last axis), so ``(C, 1, 1)`` for ``axis=1`` of a rank-4
+    input. A feature-shaped result that does not broadcast so (``(C,)`` for ``axis=1`` of
+    ``(N, C, L)`` with ``L != C``) is taken along the feature axes, a convenience TensorFlow
+    does not have; where both would apply (``L == C``), NumPy's rule wins, as in TensorFlow."""
     t = torch.as_tensor(t, device=x.device)
-    if t.ndim == x.ndim or t.numel() == 1:
-        return t
+    try:
+        if torch.broadcast_shapes(t.shape, x.shape) == x.shape:
+            return t
+    except RuntimeError:  # does not broadcast: the feature-shaped convenience, or an error
+        pass
     features = tuple(x.shape[a] for a in axes)
     if tuple(t.shape) != features:
         raise ValueError(
-            f"adjustment returned a {name} of shape {tuple(t.shape)}: expected a scalar, the "
-            f"feature shape {features}, or a tensor of the input's rank {x.ndim}")
+            f"adjustment returned a {name} of shape {tuple(t.shape)}, which does not broadcast "
+            f"against the input of shape {tuple(x.shape)} by NumPy's rules (as TensorFlow "
+            f"broadcasts it) and is not the feature shape {features}: return e.g. shape "
+            f"{tuple(n if d in axes else 1 for d, n in enumerate(x.shape))} or a scalar")
     return broadcast(t, x, axes)
 
 
@@ -101,20 +111,24 @@ def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, 
         stats = BatchStatistics(mean.reshape(group_shape), variance.reshape(group_shape), count)
     else:
         m = mask.reshape(mask_shape(mask, x, axes)).expand(x.shape).reshape(view.shape)
-        weights = m.to(xs.dtype)
-        count = weights.sum(dim=reduce, keepdim=True)
+        count = m.sum(dim=reduce, keepdim=True, dtype=xs.dtype)
         # Dividing by at least 1 keeps empty groups finite (0), so that no NaN reaches
         # the gradient through the torch.where below; pooled_statistics skips them.
         safe = count.clamp_min(1)
-        mean = (xs * weights).sum(dim=reduce, keepdim=True) / safe
-        variance = ((xs - mean).square() * weights).sum(dim=reduce, keepdim=True) / safe
+        # Selected with torch.where, never multiplied by 0: a NaN, Inf or 1e30 at a masked-out
+        # position (padding) must not reach the statistics (NaN * 0 is NaN, 1e30**2 is inf),
+        # nor their gradient (where's gradient is 0 there, without multiplying).
+        mean = torch.where(m, xs, 0).sum(dim=reduce, keepdim=True) / safe
+        centered = torch.where(m, xs - mean, 0)
+        variance = centered.square().sum(dim=reduce, keepdim=True) / safe
         if process_group is not None:
             mean, variance, count = global_moments(mean, variance, count, process_group,
                                                    mode="renorm" if config.renorm else "")
         stats = BatchStatistics(mean.reshape(group_shape), variance.reshape(group_shape),
                                 count.reshape(group_shape))
-        # A group with no selected position is normalized with the moving statistics.
-        empty = count == 0
+        # A group with fewer than two selected values has no variance: like a group with none,
+        # it is normalized with the moving statistics (and left out of the pooled statistics).
+        empty = count < 2
         mean = torch.where(empty, broadcast(state.moving_mean, view, feature_axes), mean)
         variance = torch.where(
             empty, broadcast(state.moving_variance, view, feature_axes), variance)

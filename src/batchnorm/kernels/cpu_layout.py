@@ -164,10 +164,15 @@ def moments_pass(x3: Tensor, layout: Layout, w3) -> tuple[Tensor, Tensor, Tensor
     """Per-(group, channel) float64 ``(k, sum(w (x - k)), sum(w (x - k)**2), sum w)``."""
     rows = layout.rows
     first = x3[torch.from_numpy(rows[:, 0]), :, 0].to(torch.float64)
+    if w3.shape[0]:
+        # A value the mask leaves out (padding: NaN, 1e30) must not be the shift: far from the
+        # data, it would cancel every digit of the float64 sums. 0 there instead.
+        selected = torch.from_numpy(w3[rows[:, 0], :, 0]).bool()
+        first = torch.where(selected, first, 0.0)
     shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
     xa = as_numpy(x3)
     # Sums of a float32 run are accurate when the shift is near the values summed; a masked
-    # shift may be a value the mask leaves out (padding, far from the data): float64 then.
+    # shift may be 0 (above), far from the data: float64 then.
     shift = shift.to(torch.float64 if w3.shape[0] else run_dtype(x3))  # exact: a value of x
     k = shift.numpy()
     if layout.inner == 1:

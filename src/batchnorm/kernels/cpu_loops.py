@@ -10,7 +10,8 @@ Pass 1 (statistics) and pass 3 (gradient sums) accumulate per (group, block,
 channel) partials in float64 from a per-(group, channel) shift, so that the
 one-pass ``sum((x - k)**2)`` does not cancel; the blocks are summed by the
 caller. Pass 2 writes ``y = x * a + b`` and pass 4 ``dx = p * dy - w * (q * (x - m) + u)``
-with per-(group, channel) coefficients.
+with per-(group, channel) coefficients. A mask ``w`` selects (``if w``), it never
+multiplies: a NaN or 1e30 at a masked-out position (padding) must not reach the sums.
 
 ``FASTMATH`` allows reassociation (so the reductions vectorize) and
 contraction (fused multiply-add), nothing else: NaN and Inf still propagate,
@@ -169,7 +170,8 @@ def moments_planes(x, rows, shift, w, blocks, cblocks, out):
                             n += np.float64(wr[i])
                     out[2, g, b, c] += n
                     for i in range(inner):
-                        v = (load(xr[i]) - k) * wr[i]
+                        # selected, not multiplied by the mask: NaN * 0 is NaN
+                        v = load(xr[i]) - k if wr[i] else zero_like(k)
                         s += v
                         q += v * v
                 else:
@@ -209,11 +211,12 @@ def moments_rows(x, rows, shift, w, blocks, out):
                 xr = x[o]
                 wr = w[o]
                 for c in range(channels):
-                    m = np.float32(wr[c] if per_channel else wr[0])
-                    v = (load(xr[c]) - k[c]) * m
-                    s[c] += v
-                    q[c] += v * v
-                    n[c] += m
+                    m = wr[c] if per_channel else wr[0]
+                    if m:  # selected, not multiplied by the mask: NaN * 0 is NaN
+                        v = load(xr[c]) - k[c]
+                        s[c] += v
+                        q[c] += v * v
+                        n[c] += 1
                 j += 1
             elif j + 4 <= stop:
                 x0 = x[rows[g, j]]
@@ -357,7 +360,8 @@ def grad_sums_rows(x, dy, rows, mean, blocks, out):
 
 @njit(**_JIT)
 def grad_input_planes(x, dy, gid, m, p, q, u, w, cblocks, dx):
-    """``dx = p * dy - w * (q * (x - m) + u)`` with per-(group, channel) coefficients."""
+    """``dx = p * dy - w * (q * (x - m) + u)`` with per-(group, channel) coefficients
+    (``w`` selects which of the two terms; it does not multiply)."""
     outer, channels, inner = x.shape
     masked = w.shape[0] > 0
     per_channel = w.shape[1] > 1
@@ -376,8 +380,10 @@ def grad_input_planes(x, dy, gid, m, p, q, u, w, cblocks, dx):
             if masked:
                 wr = w[o, c] if per_channel else w[o, 0]
                 for i in range(inner):
-                    wv = np.float32(wr[i])
-                    store(dxr, i, pc * load(dr[i]) - wv * (qc * (load(xr[i]) - mc) + uc))
+                    if wr[i]:
+                        store(dxr, i, pc * load(dr[i]) - (qc * (load(xr[i]) - mc) + uc))
+                    else:  # a masked-out value does not enter the statistics
+                        store(dxr, i, pc * load(dr[i]))
             else:
                 for i in range(inner):
                     store(dxr, i, pc * load(dr[i]) - (qc * (load(xr[i]) - mc) + uc))
@@ -401,9 +407,11 @@ def grad_input_rows(x, dy, gid, m, p, q, u, w, blocks, dx):
             if masked:
                 wr = w[o]
                 for c in range(channels):
-                    wv = np.float32(wr[c] if per_channel else wr[0])
-                    d = qr[c] * (load(xr[c]) - mr[c]) + ur[c]
-                    store(dxr, c, pr[c] * load(dr[c]) - wv * d)
+                    if wr[c] if per_channel else wr[0]:
+                        d = qr[c] * (load(xr[c]) - mr[c]) + ur[c]
+                        store(dxr, c, pr[c] * load(dr[c]) - d)
+                    else:  # a masked-out value does not enter the statistics
+                        store(dxr, c, pr[c] * load(dr[c]))
             else:
                 for c in range(channels):
                     store(dxr, c, pr[c] * load(dr[c]) - (qr[c] * (load(xr[c]) - mr[c]) + ur[c]))

@@ -20,11 +20,13 @@ first); elsewhere the activation is applied in place to the fresh output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from ..activations import apply as activate
-from ..shapes import broadcast
+from ..shapes import broadcast, resolve_axes
 from ..state import BatchNormState, statistics_dtype
 from ..statistics import affine_terms, inference_statistics
 from . import cpu_layout
@@ -40,10 +42,14 @@ def normalize(
     offset: Tensor | None,
     scale: Tensor | None,
     epsilon: float,
+    *,
+    axis: int | Sequence[int] | None = None,
 ) -> Tensor:
     """``scale * (x - mean) / sqrt(variance + epsilon) + offset``, as ``tf.nn.batch_normalization``.
 
-    ``mean``, ``variance``, ``offset`` and ``scale`` broadcast against ``x``;
+    ``mean``, ``variance``, ``offset`` and ``scale`` broadcast against ``x``
+    (as TensorFlow's do), or with ``axis`` are feature-shaped: the sizes of ``x``
+    along ``axis``, what ``moments(x, axes)`` returns without ``keepdims``;
     ``offset``/``scale`` may be None. Computed as ``x * inv + (offset - mean * inv)``
     with ``inv = scale * rsqrt(variance + epsilon)``, the way TensorFlow does,
     in the statistics' precision; the result has ``x``'s dtype, in one pass
@@ -52,25 +58,41 @@ def normalize(
     Args:
         x: the input.
         mean, variance: statistics that broadcast against ``x`` (e.g. from
-            ``moments(x, axes, keepdims=True)``).
-        offset, scale: ``beta`` and ``gamma``, broadcasting likewise, or None.
+            ``moments(x, axes, keepdims=True)``), or feature-shaped with ``axis``.
+        offset, scale: ``beta`` and ``gamma``, shaped likewise, or None.
         epsilon: added to the variance.
+        axis: None for statistics that broadcast; else the feature axis or axes of
+            ``x`` (negative allowed) that feature-shaped statistics run along.
 
     Returns:
         The normalized tensor, ``x``'s dtype and shape.
 
     Raises:
-        RuntimeError: statistics that do not broadcast against ``x`` (torch's message).
+        ValueError: statistics that do not broadcast against ``x`` (without ``axis``),
+            or are not feature-shaped (with ``axis``); an axis out of range.
 
     >>> normalize(torch.tensor([-10.0, 0.0, 10.0]), torch.tensor(0.0), torch.tensor(66.6667),
     ...           None, None, 1e-3)
     tensor([-1.2247,  0.0000,  1.2247])
+    >>> from batchnorm.functional import moments
+    >>> x = torch.tensor([[[-1.0], [5.0]], [[1.0], [7.0]]])      # (N, C, L) = (2, 2, 1)
+    >>> mean, variance = moments(x, axes=[0, 2])                 # shape (2,): per channel
+    >>> normalize(x, mean, variance, None, None, 1e-3, axis=1).flatten()
+    tensor([-0.9995, -0.9995,  0.9995,  0.9995])
     """
-    axis = _feature_axis(x, mean, variance, offset, scale)
     if axis is not None:
+        axes = resolve_axes(axis, x.ndim)
+        _check_feature_shaped(x, axes, mean=mean, variance=variance, offset=offset, scale=scale)
+        return normalize_features(x, axes, mean, variance, offset, scale, epsilon)
+    feature = _feature_axis(x, mean, variance, offset, scale)
+    if feature is not None:
         flat = [None if t is None else t.reshape(-1) for t in (mean, variance, offset, scale)]
-        return normalize_features(x, (axis,), *flat, epsilon)
-    return _affine(x, mean, variance, offset, scale, epsilon)
+        return normalize_features(x, (feature,), *flat, epsilon)
+    try:
+        return _affine(x, mean, variance, offset, scale, epsilon)
+    except RuntimeError:
+        _check_broadcast(x, mean=mean, variance=variance, offset=offset, scale=scale)
+        raise
 
 
 def infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
@@ -78,8 +100,18 @@ def infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
     config = call.config
     mean, variance = inference_statistics(state, momentum=config.momentum,
                                           epsilon=config.epsilon, debias=config.debias)
+    if torch.is_grad_enabled() and mean is state.moving_mean and _differentiable(x, call):
+        # ATen's kernel keeps the statistics it is given for backward: give it copies, so
+        # that writing the buffers before backward (DDP's broadcast_buffers, an EMA, a
+        # second training call) cannot fail or change the gradient.
+        mean, variance = mean.clone(), variance.clone()
     return normalize_features(x, call.axes, mean, variance, call.beta, call.gamma,
                               config.epsilon, config.activation)
+
+
+def _differentiable(x: Tensor, call: KernelCall) -> bool:
+    return x.requires_grad or any(t is not None and t.requires_grad
+                                  for t in (call.gamma, call.beta))
 
 
 def normalize_features(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance: Tensor,
@@ -124,6 +156,35 @@ def _feature_axis(x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | No
     if len(axes) != 1 or any(t is not None and t.shape != mean.shape for t in (offset, scale)):
         return None
     return axes[0] if mean.shape[axes[0]] == x.shape[axes[0]] else None
+
+
+def _check_feature_shaped(x: Tensor, axes: tuple[int, ...], **tensors: Tensor | None) -> None:
+    features = tuple(x.shape[a] for a in axes)
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != features:
+            raise ValueError(
+                f"normalize: {name} has shape {tuple(t.shape)}, but with axis={axes} the "
+                f"statistics must be feature-shaped, {features} (the sizes of x "
+                f"{tuple(x.shape)} along axis); pass statistics from moments(x, axes) over the "
+                "other axes, or axis=None with statistics that broadcast against x")
+
+
+def _check_broadcast(x: Tensor, **tensors: Tensor | None) -> None:
+    """Raise a ``ValueError`` saying what to do when the statistics do not broadcast."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        try:
+            torch.broadcast_shapes(tuple(t.shape), tuple(x.shape))
+        except RuntimeError:
+            axis = "the feature axis"
+            if t.ndim == 1 and t.shape[0] in x.shape:
+                axis = str(list(x.shape).index(t.shape[0]))
+            raise ValueError(
+                f"normalize: {name} of shape {tuple(t.shape)} does not broadcast against x of "
+                f"shape {tuple(x.shape)}: for per-feature statistics (what moments(x, axes) "
+                f"returns without keepdims) pass axis={axis}, or compute them with "
+                "moments(x, axes, keepdims=True)") from None
 
 
 def _affine(x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | None,

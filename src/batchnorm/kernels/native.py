@@ -36,17 +36,25 @@ class NativeKernel:
         # layouts keep their fast path).
         xm = x if axis == 1 else x.movedim(axis, 1)
         features = xm.shape[1]
+        dtype = statistics_dtype(x.dtype)
         if x.dtype in (torch.float16, torch.bfloat16):
             # ATen keeps its statistics in the parameters' dtype: float32 parameters make it
             # accumulate and return float32 statistics for half-precision inputs.
-            gamma = torch.ones(features, device=x.device) if gamma is None else gamma.float()
-            beta = torch.zeros(features, device=x.device) if beta is None else beta.float()
+            if gamma is None:
+                gamma = torch.ones(features, device=x.device)
+            if beta is None:
+                beta = torch.zeros(features, device=x.device)
+        # Parameters of another dtype (a float64 layer, a float32 input) are cast, as on every
+        # kernel: ATen refuses mixed dtypes ("mixed dtype (CPU)").
+        if gamma is not None and gamma.dtype != dtype:
+            gamma = gamma.to(dtype)
+        if beta is not None and beta.dtype != dtype:
+            beta = beta.to(dtype)
         count = values_per_feature(x, call.axes)
         if count > 1 and not traced(x):
             # ATen moves "running" statistics it is given by momentum * (batch statistic, the
             # unbiased variance) + (1 - momentum) * running. From zeros with momentum
             # (n - 1) / n that is the biased variance, written by the kernel itself.
-            dtype = statistics_dtype(x.dtype)
             unused = torch.zeros(features, dtype=dtype, device=x.device)
             variance = torch.zeros(1, features, dtype=dtype, device=x.device)
             y, mean, _ = torch.ops.aten.native_batch_norm(

@@ -152,8 +152,8 @@ class TwoPassFunction(torch.autograd.Function):
         sdtype = statistics_dtype(x.dtype)
         stats = BatchStatistics(mean.to(sdtype), variance.to(sdtype),
                                 count.to(sdtype) if masked else count)
-        if masked:  # a group with no selected position is normalized with the moving statistics
-            empty = n == 0
+        if masked:  # a group with fewer than two selected values is normalized with the moving
+            empty = n < 2  # statistics (composite: it has no variance)
             mean = torch.where(empty, o.state.moving_mean.to(torch.float64), mean)
             variance = torch.where(empty, o.state.moving_variance.to(torch.float64), variance)
 

@@ -129,8 +129,10 @@ def run_without_updates(model: nn.Module, example_input: Tensor | tuple) -> Any:
     current train/eval mode, with every BatchNorm moving-statistics update discarded
     (:func:`batchnorm.deferred_updates`; a lazy BatchNorm is built by the call).
     Returns the output."""
-    with torch.no_grad(), deferred_updates():
-        return model(*example_args(example_input))
+    with torch.no_grad(), deferred_updates() as updates:
+        output = model(*example_args(example_input))
+        updates.discard()
+    return output
 
 
 # ---------------------------------------------------------------- statistics
@@ -148,7 +150,9 @@ def layer_moments(
 
     The whole batch counts as one sample of values: ghost-batch groups are not
     separated (population statistics do not depend on how a batch is split).
-    ``x`` is detached; the biased variance is ``M2 / count``.
+    ``x`` is detached; the biased variance is ``M2 / count``. Masked-out values (NaN,
+    Inf or huge padding included) do not enter them; a feature the mask leaves empty has
+    count 0, mean 0 and M2 0.
     """
     axes = F.resolve_axes(layer.axis, x.ndim)
     dims = F.reduction_axes(x.ndim, axes)
@@ -157,11 +161,15 @@ def layer_moments(
         variance, mean = torch.var_mean(xd, dim=dims, correction=0)
         count = torch.full_like(mean, float(math.prod(x.shape[d] for d in dims)))
         return count, mean, variance * count
-    weight = mask.reshape(F.mask_shape(mask, x, axes)).to(xd.dtype).expand(xd.shape)
-    count = weight.sum(dims)
-    mean = (xd * weight).sum(dims) / count.clamp_min(1)
-    centered = xd - F.broadcast(mean, xd, axes)
-    return count, mean, (centered.square() * weight).sum(dims)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(  # as the layer's own check, which runs after the hooks calling this
+            f"mask must be a boolean tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    selected = mask.reshape(F.mask_shape(mask, x, axes)).expand(xd.shape)
+    count = selected.sum(dims, dtype=xd.dtype)
+    # Selected, never multiplied by the mask: NaN or 1e30 padding must not reach the sums.
+    mean = torch.where(selected, xd, 0).sum(dims) / count.clamp_min(1)
+    centered = torch.where(selected, xd - F.broadcast(mean, xd, axes), 0)
+    return count, mean, centered.square().sum(dims)
 
 
 # ---------------------------------------------------------------- tracing

@@ -122,12 +122,14 @@ def _from_torch(module: nn.Module) -> BatchNorm:
     lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
     weight, bias = module.weight, module.bias
     reference = weight if weight is not None else module.running_mean
-    layer = BatchNorm(
-        None if lazy else module.num_features, axis=1, momentum=momentum,
-        epsilon=float(module.eps), center=bias is not None, scale=weight is not None,
-        unbiased_moving_variance=True, device=module.running_mean.device,
-        dtype=reference.dtype,
-    )
+    with warnings.catch_warnings():  # 1 - m is meant: not a PyTorch momentum passed by mistake
+        warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
+        layer = BatchNorm(
+            None if lazy else module.num_features, axis=1, momentum=momentum,
+            epsilon=float(module.eps), center=bias is not None, scale=weight is not None,
+            unbiased_moving_variance=True, device=module.running_mean.device,
+            dtype=reference.dtype,
+        )
     if not lazy:
         with torch.no_grad():
             layer.moving_mean.copy_(module.running_mean)

@@ -223,9 +223,12 @@ def _values_per_feature(layer: BatchNorm, x: Tensor, mask: Tensor | None) -> int
 
 
 def _run_batch(
-    model: nn.Module, batch: Any, min_values: int
+    model: nn.Module, batch: Any, min_values: int, evaluating: bool
 ) -> tuple[list[Finding], dict[str, int]]:
-    """Run ``batch`` under no_grad in the model's current mode; nothing in the model changes."""
+    """Run ``batch`` under no_grad in the model's current mode; nothing in the model changes.
+
+    ``evaluating``: the caller evaluates (the model is in eval mode, or the caller runs
+    under ``torch.no_grad()``), so batch statistics computed now are a mistake."""
     layers = batch_norm_layers(model)
     findings: list[Finding] = []
     ranks: dict[str, int] = {}
@@ -238,14 +241,16 @@ def _run_batch(
             if not computes or name in seen:
                 return
             seen.add(name)
-            findings.append(Finding(
-                name, "training_in_eval",
-                "the layer computed batch statistics in a forward pass under torch.no_grad(), "
-                "which looks like evaluation: outputs depend on which samples share the batch, "
-                "and evaluation data leaks into the moving averages",
-                "call model.eval() before evaluating (and model.train() again after), or pass "
-                "training=False",
-            ))
+            if evaluating:
+                findings.append(Finding(
+                    name, "training_in_eval",
+                    "the layer computed batch statistics in a forward pass that looks like "
+                    "evaluation (the model in eval mode, or diagnose called under "
+                    "torch.no_grad()): outputs depend on which samples share the batch, and "
+                    "evaluation data leaks into the moving averages",
+                    "call model.eval() before evaluating (and model.train() again after), or "
+                    "pass training=False",
+                ))
             count = _values_per_feature(layer, x, mask)
             if count < min_values:
                 ghost = layer.virtual_batch_size is not None
@@ -266,8 +271,9 @@ def _run_batch(
                for name, layer in layers.items()]
     buffers = snapshot_buffers(model)
     try:
-        with torch.no_grad(), deferred_updates():
+        with torch.no_grad(), deferred_updates() as updates:
             model(model_input(batch))
+            updates.discard()
     except Exception as error:  # report what was found so far, and the failure
         findings.append(Finding(
             "", "forward_failed",
@@ -313,10 +319,13 @@ def diagnose(
           ``torch.fx`` graph when the model is traceable) that normalizes along the
           bias's axis, which removes the bias exactly.
 
-    With ``batch`` (an input, or an ``(input, target)`` tuple; pass it the way the
-    model is evaluated), the model also runs once under ``torch.no_grad()`` in its
-    current train/eval mode, with every buffer restored afterwards:
-        - ``training_in_eval``: a layer that computed batch statistics under no_grad;
+    With ``batch`` (an input, or an ``(input, target)`` tuple), the model also runs
+    once in its current train/eval mode (under ``torch.no_grad()``, with every buffer
+    restored afterwards):
+        - ``training_in_eval``: a layer that computed batch statistics although the model
+          is in eval mode (a ``training=True`` call inside it), or, for a model in
+          training mode, when ``diagnose`` itself is called under ``torch.no_grad()``
+          (which is how evaluation code runs);
         - ``small_batch``: such a layer got fewer than ``min_values_per_feature``
           values per feature (per ghost batch);
         - ``forward_failed``: the model raised (reported, not raised).
@@ -341,7 +350,8 @@ def diagnose(
         findings += _mixed_modes(name, layer, model)
         findings += _frozen_affine(name, layer)
     if batch is not None:
-        found, ranks = _run_batch(model, batch, min_values_per_feature)
+        evaluating = not model.training or not torch.is_grad_enabled()  # the caller's no_grad
+        found, ranks = _run_batch(model, batch, min_values_per_feature, evaluating)
         already = {(f.layer, f.kind) for f in findings}
         findings += [f for f in found if (f.layer, f.kind) not in already]
     findings += _redundant_bias(model, ranks)

@@ -542,7 +542,9 @@ def _build(config: dict[str, Any], weights: dict[str, np.ndarray] | None,
             raise ValueError(f"{where}: {key}={reprlib.repr(value)}, expected a dict there as "
                              f"Keras saves it; {_HINT}")
     try:
-        layer = BatchNorm.from_config(config)
+        with warnings.catch_warnings():  # Keras's momentum is ours: no PyTorch habit here
+            warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
+            layer = BatchNorm.from_config(config)
     except (AttributeError, TypeError, ValueError) as error:
         # Every refusal of a Keras config is a ValueError here, whatever BatchNorm raises.
         raise ValueError(f"{where}: cannot build a BatchNorm from this Keras config: {error}; "

@@ -89,6 +89,9 @@ class LayerRecalibration:
     new_mean: Tensor
     new_variance: Tensor
     num_batches: int
+    kept: list[tuple[int, ...]] = field(default_factory=list)
+    """Features (index tuples) with fewer than two values over every batch, which the masks
+    (nearly) never selected: no variance to measure, so their previous statistics are kept."""
 
     @staticmethod
     def _abs(old: Tensor, new: Tensor) -> float:
@@ -148,6 +151,13 @@ class RecalibrationReport(Mapping):
                 f"{name or '(model)':<24} {r.num_batches:>7} {r.mean_max_abs_diff:>17.4g} "
                 f"{r.mean_max_rel_diff:>9.2%} {r.variance_max_abs_diff:>16.4g} "
                 f"{r.variance_max_rel_diff:>9.2%}")
+        for name, r in self.layers.items():
+            if r.kept:
+                shown = ", ".join(str(i[0] if len(i) == 1 else i) for i in r.kept[:10])
+                more = f" and {len(r.kept) - 10} more" if len(r.kept) > 10 else ""
+                lines.append(f"{name or '(model)'}: feature(s) {shown}{more} had fewer than two "
+                             "selected values over all batches; their previous statistics "
+                             "were kept")
         if self.skipped:
             lines.append(f"skipped (no batch statistics: frozen or not run in training): "
                          f"{', '.join(self.skipped)}")
@@ -157,28 +167,33 @@ class RecalibrationReport(Mapping):
 # ---------------------------------------------------------------- recalibrate
 
 
-def _write(layer: BatchNorm, acc: _Moments) -> None:
-    """Set the layer's moving statistics to the population statistics in ``acc``."""
+def _write(layer: BatchNorm, acc: _Moments) -> list[tuple[int, ...]]:
+    """Set the layer's moving statistics to the population statistics in ``acc``; return the
+    features that kept their previous statistics (fewer than two values: no variance)."""
     count = acc.count
     denominator = count - 1 if layer.unbiased_moving_variance else count
     variance = acc.m2 / denominator.clamp_min(1)
     mean = acc.mean
     dtype = layer.moving_mean.dtype
+    few = (count < 2).to(layer.moving_mean.device)  # as a layer's update: no variance
+    kept = [tuple(index) for index in few.nonzero().tolist()]
+    values = {"moving_mean": mean, "moving_variance": variance}
+    if layer.renorm:
+        stddev = torch.sqrt(variance + layer.epsilon)
+        values.update(moving_stddev=stddev, renorm_mean=mean, renorm_stddev=stddev)
+    if layer.debias:
+        # The correction (m - momentum**t m0) / (1 - momentum**t) is the identity when
+        # m0 == m: inference uses exactly the recalibrated values.
+        values.update(initial_moving_mean=mean, initial_moving_variance=(
+            variance + layer.epsilon if layer.renorm else variance))
     with torch.no_grad():
-        layer.moving_mean.copy_(mean.to(dtype))
-        layer.moving_variance.copy_(variance.to(dtype))
-        if layer.renorm:
-            stddev = torch.sqrt(variance + layer.epsilon).to(dtype)
-            layer.moving_stddev.copy_(stddev)
-            layer.renorm_mean.copy_(mean.to(dtype))
-            layer.renorm_stddev.copy_(stddev)
-        if layer.debias:
-            # The correction (m - momentum**t m0) / (1 - momentum**t) is the identity when
-            # m0 == m: inference uses exactly the recalibrated values.
-            layer.initial_moving_mean.copy_(mean.to(dtype))
-            initial = variance + layer.epsilon if layer.renorm else variance
-            layer.initial_moving_variance.copy_(initial.to(dtype))
+        for name, value in values.items():
+            buffer = getattr(layer, name)
+            value = value.to(device=buffer.device, dtype=dtype)
+            # A feature without a variance keeps every statistic it had.
+            buffer.copy_(torch.where(few, buffer, value) if kept else value)
         layer.num_updates.fill_(acc.batches)
+    return kept
 
 
 def recalibrate(
@@ -232,7 +247,11 @@ def recalibrate(
           buffer outside the BatchNorm layers (a ``torch.nn.BatchNorm2d``'s running
           statistics included);
         - a batch whose values at a layer are not finite is left out for that
-          layer, with a warning.
+          layer, with a warning (masked-out values do not count: padding may be
+          NaN);
+        - a feature with fewer than two selected values over all batches (a mask
+          that never selects it) keeps its previous statistics, listed in
+          ``report[name].kept`` and in the printed report.
 
     Example:
         >>> import torch, batchnorm as bn
@@ -292,8 +311,8 @@ def recalibrate(
             continue
         old_mean = layer.moving_mean.detach().cpu().clone()
         old_variance = layer.moving_variance.detach().cpu().clone()
-        _write(layer, acc)
+        kept = _write(layer, acc)
         report.layers[name] = LayerRecalibration(
             name, old_mean, old_variance, layer.moving_mean.detach().cpu().clone(),
-            layer.moving_variance.detach().cpu().clone(), acc.batches)
+            layer.moving_variance.detach().cpu().clone(), acc.batches, kept)
     return report

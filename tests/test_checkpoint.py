@@ -1,0 +1,203 @@
+"""Specification of activation checkpointing (``torch.utils.checkpoint``): the recomputation in
+backward never updates the moving averages a second time, and normalizes exactly as the
+original forward did (renorm's r and d, an empty masked ghost batch: the state before the
+original call's update).
+
+Each test trains the same float64 model with and without checkpointing and compares moving
+statistics and gradients. Tolerance ``rtol=atol=1e-12``: the recomputed forward is the same
+computation on the same values, but ``use_reentrant=True`` runs backward through the
+segment separately and sums a parameter's gradient contributions in another order (gamma
+reaches the renorm output twice), a difference of a few ulps that the optimizer then
+carries into the next steps' statistics; the bugs these tests catch are differences of 1e-3
+and more (shown by turning the fix off).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import batchnorm as bn
+from batchnorm import recompute
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*use_reentrant.*")]
+
+TOL = {"rtol": 1e-12, "atol": 1e-12}
+STEPS = 3
+FEATURES = 6
+
+MODES = {
+    "plain": {},
+    "renorm": {"renorm": True, "renorm_momentum": 0.5,
+               "renorm_clipping": {"rmin": 0.8, "rmax": 1.25, "dmax": 0.2}},
+    "ghost_masked_empty_group": {"virtual_batch_size": 4, "ghost_layout": "consecutive"},
+    "renorm_ghost_masked": {"renorm": True, "renorm_momentum": 0.5, "virtual_batch_size": 4,
+                            "ghost_layout": "consecutive"},
+}
+
+
+def model_for(mode: str) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, FEATURES, dtype=torch.float64),
+        bn.BatchNorm(FEATURES, axis=-1, momentum=0.5, dtype=torch.float64, **MODES[mode]),
+        torch.nn.Tanh(), torch.nn.Linear(FEATURES, 1, dtype=torch.float64))
+
+
+def batches(mode: str):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(16, 4, generator=g, dtype=torch.float64) * 2 + 1
+        mask = None
+        if "masked" in mode:
+            mask = torch.rand(16, 1, generator=g) < 0.7
+            mask[4:8] = False  # the second ghost batch selects nothing
+        yield x.requires_grad_(), mask
+
+
+def train(mode: str, use_reentrant: bool | None, kernel: str = "composite"):
+    """Per step: the gradients; at the end: the state. ``use_reentrant=None``: no checkpoint."""
+    model = model_for(mode)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads = []
+    with bn.kernels.prefer(kernel):
+        for x, mask in batches(mode):
+
+            def segment(x, mask=mask):
+                return model[3](model[2](model[1](model[0](x), mask=mask)))
+
+            y = segment(x) if use_reentrant is None else checkpoint(
+                segment, x, use_reentrant=use_reentrant)
+            optimizer.zero_grad()
+            y.square().sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            optimizer.step()
+    return grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_training(result, expected) -> None:
+    (grads, state), (expected_grads, expected_state) = result, expected
+    for step, (got, want) in enumerate(zip(grads, expected_grads, strict=True)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            torch.testing.assert_close(g, w, **TOL, msg=lambda m, s=step, i=i:
+                                       f"gradient {i}, step {s}: {m}")
+    for key, value in expected_state.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(state[key], value, **TOL, msg=lambda m, k=key: f"{k}: {m}")
+        else:
+            assert torch.equal(state[key], value), f"{key}: {state[key]} != {value}"
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_torch_nn_counts_two_batches_per_checkpointed_step(use_reentrant):
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm1d(3)
+    for _ in range(STEPS):
+        x = torch.randn(8, 3, requires_grad=True)
+        checkpoint(layer, x, use_reentrant=use_reentrant).sum().backward()
+    assert layer.num_batches_tracked.item() == 2 * STEPS  # torch.nn: twice per step
+
+
+@pytest.mark.parametrize("kernel", ["composite", "cpu"])
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_checkpointed_training_equals_training_without_checkpoint(mode, use_reentrant, kernel):
+    expected = train(mode, None, kernel)
+    result = train(mode, use_reentrant, kernel)
+    assert result[1]["1.num_updates"].item() == STEPS  # one update per step, not two
+    assert_same_training(result, expected)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_without_the_fix_the_recomputation_would_update_twice_and_renormalize_wrongly(
+        use_reentrant, monkeypatch):
+    """The comparison above is sensitive: without the recomputation's detection the averages
+    move twice per step, and without the original state renorm's gradients differ."""
+    expected = train("renorm", None)
+    monkeypatch.setattr(recompute, "original_state", lambda layer, stats, state: state)
+    grads, _ = train("renorm", use_reentrant)
+    assert max((g - w).abs().max() for g, w in zip(grads[-1], expected[0][-1],
+                                                    strict=True)) > 1e-3
+    monkeypatch.setattr(recompute, "in_backward", lambda: False)
+    _, state = train("renorm", use_reentrant)
+    assert state["1.num_updates"].item() == 2 * STEPS
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_recomputation_inside_accumulate_records_each_micro_batch_once(use_reentrant):
+    layer = bn.BatchNorm(3, axis=-1, renorm=True, dtype=torch.float64)
+    parts = [torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (5, 7)]
+    with bn.accumulate(layer) as step:
+        for part in parts:
+            checkpoint(layer, part, use_reentrant=use_reentrant).square().sum().backward()
+        assert len(step) == 2
+    assert layer.num_updates.item() == 1
+
+
+def test_recomputation_after_the_accumulate_block_uses_the_state_of_its_step():
+    """Micro-batches whose backward runs after the block (one loss summed over them) are
+    recomputed after the step's update: they still normalize with the state of the step."""
+    options = {"axis": -1, "renorm": True, "renorm_momentum": 0.5, "dtype": torch.float64}
+    plain, checkpointed = bn.BatchNorm(3, **options), bn.BatchNorm(3, **options)
+    parts = [torch.randn(n, 3, dtype=torch.float64) * 3 + 2 for n in (5, 7)]
+    losses = {}
+    for name, layer in (("plain", plain), ("checkpointed", checkpointed)):
+        inputs = [p.clone().requires_grad_() for p in parts]
+        with bn.accumulate(layer):
+            outputs = [layer(x) if name == "plain" else checkpoint(layer, x, use_reentrant=False)
+                       for x in inputs]
+        sum(y.square().sum() for y in outputs).backward()
+        losses[name] = [x.grad for x in inputs]
+    for got, want in zip(losses["checkpointed"], losses["plain"], strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_a_recomputation_is_a_forward_inside_backward_with_gradients_enabled():
+    assert not recompute.in_backward()
+    seen = []
+
+    def hook(grad):
+        seen.append(recompute.in_backward())  # backward runs without gradients
+        with torch.enable_grad():  # as both checkpoint implementations recompute
+            seen.append(recompute.in_backward())
+
+    y = torch.randn(3, requires_grad=True) * 2
+    y.register_hook(hook)
+    y.sum().backward()
+    assert seen == [False, True]
+
+
+def test_compiled_checkpoint_recomputes_without_a_second_update():
+    """torch.compile traces the checkpoint and recomputes inside the compiled backward, which
+    holds no update: one update per step."""
+    torch.manual_seed(0)
+    model = model_for("renorm")
+    compiled = torch.compile(lambda x: checkpoint(model, x, use_reentrant=False),
+                             backend="aot_eager")
+    for step in range(2):
+        compiled(torch.randn(16, 4, dtype=torch.float64, requires_grad=True)).sum().backward()
+        assert model[1].num_updates.item() == step + 1
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_layer_called_twice_before_backward_recomputes_each_call_with_its_own_state(
+        use_reentrant):
+    """A GAN's discriminator on real and on fake data, one backward: two updates happened
+    before the recomputations, each of which must find the state of its own call."""
+    options = {"axis": -1, "renorm": True, "renorm_momentum": 0.5, "dtype": torch.float64,
+               "renorm_clipping": {"rmax": 1.25, "dmax": 0.2}}
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(8, 3, generator=g, dtype=torch.float64) * s + s for s in (1, 3)]
+    grads = {}
+    for checkpointed in (False, True):
+        layer = bn.BatchNorm(3, **options)
+        xs = [x.clone().requires_grad_() for x in inputs]
+        ys = [checkpoint(layer, x, use_reentrant=use_reentrant) if checkpointed else layer(x)
+              for x in xs]
+        (ys[0].square().sum() + (ys[1] * 3).sin().sum()).backward()
+        grads[checkpointed] = [*(x.grad for x in xs), layer.gamma.grad, layer.beta.grad]
+        assert layer.num_updates.item() == 2
+    for got, want in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(got, want, **TOL)
