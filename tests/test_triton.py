@@ -161,7 +161,9 @@ def by_group(t3, rows):
 def test_triton_moments(layout, groups, mask, dtype, device, monkeypatch):
     case = make_case(layout, groups, dtype, device, monkeypatch, mask)
     run = compute_dtype(dtype)
-    shift = case.x3[case.rows[:, 0], :, 0].to(run)  # as cpu._moments: a value of x
+    shift = case.x3[case.rows[:, 0], :, 0].to(run)  # as cpu_layout.moments_pass: a value
+    if case.w3 is not None:  # of x, or 0 where the mask leaves that value out
+        shift = torch.where(case.w3[case.rows[:, 0], :, 0].bool(), shift, 0.0)
     got = tp.moments(case.on(case.x3), case.on(case.rows), case.on(shift), case.on(case.w3))
     assert got.dtype == torch.float64 and got.shape == (3, case.groups, case.channels)
 
@@ -170,7 +172,7 @@ def test_triton_moments(layout, groups, mask, dtype, device, monkeypatch):
         w = torch.ones_like(v)
     else:
         w = by_group(case.w3, case.rows).expand_as(v)
-        v = v * w
+        v = torch.where(w != 0, v, 0.0)  # selected, as the kernels do
     # Tolerance: float32 (float64) accumulation, rtol relative to sum|terms| (docstring).
     assert_close(got[0], v.sum((1, 3)), RTOL[run] * v.abs().sum((1, 3)), "sum w(x-k)")
     assert_close(got[1], v.square().sum((1, 3)), RTOL[run] * v.square().sum((1, 3)),
@@ -192,8 +194,9 @@ def test_triton_moments(layout, groups, mask, dtype, device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask", MASKS, ids=str)
 def test_triton_moments_propagate_nan(mask, device, monkeypatch):
-    """A NaN poisons its own (group, channel) sums, even where the mask is 0 (as the numba
-    loops: the moving-average update detects a bad batch by it), and nothing else."""
+    """A selected NaN poisons its own (group, channel) sums and nothing else (as the numba
+    loops: the moving-average update detects a bad batch by it); a NaN the mask leaves out
+    (padding) reaches no sum."""
     case = make_case("planes", "ghost", torch.float32, device, monkeypatch, mask)
     case.x3[1, 2, 5] = float("nan")  # row 1 is in group 1 of 4 (strided)
     if case.w3 is not None:
@@ -201,7 +204,7 @@ def test_triton_moments_propagate_nan(mask, device, monkeypatch):
     shift = case.x3[case.rows[:, 0], :, 0].contiguous()
     got = tp.moments(case.on(case.x3), case.on(case.rows), case.on(shift), case.on(case.w3))
     nan = torch.zeros(case.groups, case.channels, dtype=torch.bool)
-    nan[1, 2] = True
+    nan[1, 2] = case.w3 is None  # masked out: padding, which the sums never see
     assert torch.equal(got[0].isnan().cpu(), nan) and torch.equal(got[1].isnan().cpu(), nan)
     assert not got[2].isnan().any()
 

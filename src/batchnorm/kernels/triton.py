@@ -87,6 +87,8 @@ class TritonPasses:
         # Each (group, channel) is summed from a value of its own: sums of a float32 run
         # are accurate when the shift is near the values summed.
         first = x3[rows[:, 0], :, 0].to(torch.float64)
+        if w3 is not None:  # as on the CPU: a masked-out value (padding) is no shift; 0 there
+            first = torch.where(w3[rows[:, 0], :, 0].bool(), first, 0.0)
         shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
         # A masked shift may be a value the mask leaves out (padding, far from the data):
         # those sums run in float64, as on the CPU.

@@ -122,12 +122,12 @@ if triton is not None:
                 m = pm & cm[None, :, None]
                 off = (o * C + c[None, :, None]) * inner + i
                 x = tl.load(x_ptr + off, mask=m, other=0).to(s.dtype)
-                if MASKED:  # v = (x - k) * w as in cpu_loops: NaN at w = 0 still propagates
+                if MASKED:  # as cpu_loops: w selects, it does not multiply (NaN * 0 is NaN)
                     if PER_CHANNEL:
                         w = tl.load(w_ptr + off, mask=m, other=0).to(s.dtype)
                     else:  # one load per (row, position), broadcast over the channels
                         w = tl.load(w_ptr + o * inner + i, mask=pm, other=0).to(s.dtype)
-                    v = (x - k) * w  # x = k = 0 outside the tile's range
+                    v = tl.where(w != 0, x - k, 0.0)  # x = k = 0 outside the tile's range
                     n += w
                 else:
                     v = tl.where(m, x - k, 0.0)
@@ -247,7 +247,7 @@ if triton is not None:
             else:
                 pm = (o < outer)[:, None, None] & (i < inner)
                 w = tl.load(w_ptr + o[:, None, None] * inner + i, mask=pm, other=0)
-            r = w.to(p.dtype) * r
+            r = tl.where(w != 0, r, 0.0)  # selected, not multiplied: NaN * 0 is NaN
         tl.store(dx_ptr + off, (p * d - r).to(dx_ptr.dtype.element_ty), mask=m)
 
     from triton.runtime.interpreter import InterpretedFunction
