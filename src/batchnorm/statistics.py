@@ -377,7 +377,11 @@ def apply_update(state: BatchNormState, stats: BatchStatistics,
         mean, variance = pooled_statistics(stats, unbiased=config.unbiased_moving_variance)
         # Checked as they will be stored: a float64 variance of 1e60 is inf in float32 buffers.
         stored = _as_stored(state, mean, variance)
-        finite = torch.isfinite(torch.cat([stored[0].reshape(-1), stored[1].reshape(-1)])).all()
+        values = torch.cat([stored[0].reshape(-1), stored[1].reshape(-1)])
+        # Finite iff the largest magnitude is (NaN propagates through it; a sum could overflow):
+        # two small kernels where isfinite().all() launches five.
+        finite = (torch.linalg.vector_norm(values, math.inf) < math.inf if values.numel()
+                  else torch.ones((), dtype=torch.bool, device=values.device))
         averages = _averages(state, mean, variance, momentum=config.momentum,
                              epsilon=config.epsilon, renorm_momentum=config.renorm_momentum)
         for decay in {d for *_, d in averages}:
