@@ -267,8 +267,7 @@ def update_state(
     """
     stats = stats._replace(mean=stats.mean.detach(), variance=stats.variance.detach())
     mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
-    stored_mean, stored_variance = _as_stored(state, mean, variance)
-    finite = torch.isfinite(stored_mean).all() & torch.isfinite(stored_variance).all()
+    finite = _finite_as_stored(state, mean, variance)
     new = {"num_updates": state.num_updates + finite.to(state.num_updates.dtype)}
     averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
                          renorm_momentum=renorm_momentum)
@@ -312,11 +311,16 @@ def update_state_(
     return bool(apply_update(state, stats, config))
 
 
-def _as_stored(state: BatchNormState, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
-    """The pooled statistics in the dtype of the buffers they move (no copy when it is theirs)."""
+def _finite_as_stored(state: BatchNormState, mean: Tensor, variance: Tensor) -> Tensor:
+    """0-d bool on the device: whether every statistic is finite in the dtype of the buffers
+    it moves (a float64 variance of 1e60 is inf in float32 buffers). The largest magnitude
+    is finite iff every value is (NaN propagates through it; a sum could overflow): two
+    small kernels where ``isfinite().all()`` launches five."""
     dtype = state.moving_mean.dtype
-    return (mean if mean.dtype == dtype else mean.to(dtype),
-            variance if variance.dtype == dtype else variance.to(dtype))
+    values = torch.cat([mean.reshape(-1), variance.reshape(-1)]).to(dtype)
+    if not values.numel():
+        return torch.ones((), dtype=torch.bool, device=values.device)
+    return torch.linalg.vector_norm(values, math.inf) < math.inf
 
 
 
@@ -375,13 +379,7 @@ def apply_update(state: BatchNormState, stats: BatchStatistics,
     """
     with torch.no_grad():
         mean, variance = pooled_statistics(stats, unbiased=config.unbiased_moving_variance)
-        # Checked as they will be stored: a float64 variance of 1e60 is inf in float32 buffers.
-        stored = _as_stored(state, mean, variance)
-        values = torch.cat([stored[0].reshape(-1), stored[1].reshape(-1)])
-        # Finite iff the largest magnitude is (NaN propagates through it; a sum could overflow):
-        # two small kernels where isfinite().all() launches five.
-        finite = (torch.linalg.vector_norm(values, math.inf) < math.inf if values.numel()
-                  else torch.ones((), dtype=torch.bool, device=values.device))
+        finite = _finite_as_stored(state, mean, variance)
         averages = _averages(state, mean, variance, momentum=config.momentum,
                              epsilon=config.epsilon, renorm_momentum=config.renorm_momentum)
         for decay in {d for *_, d in averages}:

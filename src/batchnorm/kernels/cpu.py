@@ -46,7 +46,7 @@ from .cpu_layout import (
     mask_array,
     moments_pass,
 )
-from .protocol import KernelCall, traced
+from .protocol import KernelCall
 
 __all__ = ["CPU", "IMPORT_ERROR", "MIN_NUMEL", "MIN_PLAIN_NUMEL", "NUMBA_PASSES", "CpuKernel",
            "available", "warm_up"]
@@ -88,20 +88,9 @@ class CpuKernel:
             return f"the input is on {x.device}"
         if x.dtype not in DTYPES:
             return f"dtype {x.dtype}"
-        if len(call.axes) != 1:
-            return "several feature axes"
-        if call.config.adjustment is not None:
-            return "adjustment"
-        if call.process_group is not None:
-            return "synchronized statistics"
-        if x.numel() == 0:
-            return "an empty input"
-        if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
-            return f"a tensor subclass ({type(x).__name__})"
-        if x.layout != torch.strided:
-            return f"layout {x.layout}"
-        if traced(x):
-            return "tracing (torch.compile or torch.func)"
+        reason = two_pass.unsupported(x, call)
+        if reason is not None:
+            return reason
         if state is not None and (state.moving_mean.requires_grad
                                   or state.moving_variance.requires_grad):
             return "moving statistics that require grad"

@@ -32,7 +32,7 @@ from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics
 from . import two_pass
 from .cpu_layout import Layout, mask_tensor
-from .protocol import KernelCall, traced
+from .protocol import KernelCall
 
 __all__ = ["TRITON", "TritonKernel", "TritonPasses", "available"]
 
@@ -143,21 +143,7 @@ class TritonKernel:
                     + " its kernels for the other device")
         if x.dtype not in DTYPES:
             return f"dtype {x.dtype}"
-        if len(call.axes) != 1:
-            return "several feature axes"
-        if call.config.adjustment is not None:
-            return "adjustment"
-        if call.process_group is not None:
-            return "synchronized statistics"
-        if x.numel() == 0:
-            return "an empty input"
-        if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
-            return f"a tensor subclass ({type(x).__name__})"
-        if x.layout != torch.strided:
-            return f"layout {x.layout}"
-        if traced(x):
-            return "tracing (torch.compile or torch.func)"
-        return None
+        return two_pass.unsupported(x, call)
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:

@@ -34,7 +34,7 @@ from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import affine_terms, output_affine, pooled_statistics, renorm_correction
 from .composite import COMPOSITE
-from .protocol import KernelCall
+from .protocol import KernelCall, traced
 
 __all__ = ["Context", "FusedActivation", "Passes", "TwoPassFunction", "train"]
 
@@ -83,6 +83,27 @@ class Passes(Protocol):
         """``dx3 = p * dz - w * (q * (x - m) + u)``, ``dz`` as in :meth:`grad_sums`;
         returns ``dx3``."""
         ...
+
+
+def unsupported(x: Tensor, call: KernelCall) -> str | None:
+    """Why no four-pass kernel (CPU or Triton) computes this call, whatever the device, or
+    None: several feature axes, adjustment, synchronized statistics, an empty input, a
+    tensor subclass, a non-strided layout, or tracing."""
+    if len(call.axes) != 1:
+        return "several feature axes"
+    if call.config.adjustment is not None:
+        return "adjustment"
+    if call.process_group is not None:
+        return "synchronized statistics"
+    if x.numel() == 0:
+        return "an empty input"
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+        return f"a tensor subclass ({type(x).__name__})"
+    if x.layout != torch.strided:
+        return f"layout {x.layout}"
+    if traced(x):
+        return "tracing (torch.compile or torch.func)"
+    return None
 
 
 def train(x: Tensor, state: BatchNormState, call: KernelCall,
