@@ -40,6 +40,7 @@ from ..updates import deferred_updates
 
 __all__ = [
     "BatchNormTracer",
+    "ModuleUses",
     "activation_module",
     "activation_name",
     "batch_norm_layers",
@@ -307,3 +308,25 @@ def restore_modes(saved: Iterable[tuple[nn.Module, bool]]) -> None:
     (the flag only: no ``train()`` overrides run)."""
     for module, training in saved:
         module.training = training
+
+
+class ModuleUses:
+    """How a traced forward uses its submodules: how often each is called, and whether it is
+    reached as an attribute too (``get_attr``: its parameters or buffers read directly)."""
+
+    def __init__(self, graph: torch.fx.Graph) -> None:
+        self.calls: dict[str, int] = {}
+        self._attributes: list[str] = []
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+            elif node.op == "get_attr":
+                self._attributes.append(node.target)
+
+    def read_directly(self, target: str) -> bool:
+        """Whether the forward reads ``target`` (or something inside it) as an attribute."""
+        return any(a == target or a.startswith(target + ".") for a in self._attributes)
+
+    def used_once(self, target: str) -> bool:
+        """Called exactly once and never read as an attribute."""
+        return self.calls[target] == 1 and not self.read_directly(target)

@@ -40,6 +40,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..layer import BatchNorm
 from ._model import (
     BatchNormTracer,
+    ModuleUses,
     activation_module,
     activation_name,
     batch_norm_layers,
@@ -267,17 +268,7 @@ class _ActivationFuser:
         return self._fuse_graph(module, graph)
 
     def _fuse_graph(self, root: nn.Module, graph: torch.fx.Graph) -> nn.Module:
-        calls: dict[str, int] = {}
-        attributes: list[str] = []
-        for node in graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-            elif node.op == "get_attr":
-                attributes.append(node.target)
-
-        def used_once(target: str) -> bool:
-            return calls[target] == 1 and not any(
-                a == target or a.startswith(target + ".") for a in attributes)
+        used_once = ModuleUses(graph).used_once
 
         # The calls to take out of a forward, by the module whose forward makes them.
         rewrites: dict[str, dict[str, str]] = {}

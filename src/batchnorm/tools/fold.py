@@ -21,6 +21,7 @@ from .. import functional as F
 from ..layer import BatchNorm
 from ._model import (
     BatchNormTracer,
+    ModuleUses,
     activation_module,
     batch_norm_layers,
     has_hooks,
@@ -133,16 +134,8 @@ class _Folder:
             self._walk_graph(module, graph, prefix)
 
     def _walk_graph(self, root: nn.Module, graph: torch.fx.Graph, prefix: str) -> None:
-        calls: dict[str, int] = {}
-        attributes: list[str] = []
-        for node in graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-            elif node.op == "get_attr":
-                attributes.append(node.target)
-
-        def used_directly(target: str) -> bool:
-            return any(a == target or a.startswith(target + ".") for a in attributes)
+        uses = ModuleUses(graph)
+        calls, used_directly = uses.calls, uses.read_directly
 
         for node in graph.nodes:
             if node.op != "call_module" or not is_batch_norm(root.get_submodule(node.target)):
