@@ -35,16 +35,12 @@ from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
 from typing import Any as _Any
 
-import torch as _torch
 from torch import Tensor as _Tensor
 
-from . import kernels as _kernels
+from . import plan as _plan
 from .config import GHOST_LAYOUTS, Adjustment, BatchNormConfig
-from .config import check_epsilon as _check_epsilon
-from .kernels.inference import infer as _infer
 from .kernels.inference import normalize
-from .kernels.protocol import KernelCall as _KernelCall
-from .kernels.synchronized import resolve_group as _resolve_group
+from .plan import synchronization_group
 from .shapes import (
     broadcast,
     check_input,
@@ -53,9 +49,7 @@ from .shapes import (
     resolve_axes,
     values_per_feature,
 )
-from .shapes import check_features as _check_features
 from .state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
-from .state import state_fields as _state_fields
 from .statistics import (
     apply_update,
     combine_statistics,
@@ -105,16 +99,6 @@ def check_options(**options: _Any) -> None:
     """Raise ``ValueError``/``TypeError`` for options that are invalid or meaningless together
     (the checks of :class:`BatchNormConfig`, which takes the same keywords)."""
     BatchNormConfig(**options)
-
-
-def synchronization_group(synchronized: bool, training: bool, process_group: _Any = None
-                          ) -> _Any:
-    """The ``torch.distributed`` group whose global batch gives the statistics, or None for
-    local statistics: inference, ``synchronized=False``, or torch.distributed not
-    initialized (which warns once)."""
-    if not (synchronized and training):
-        return None
-    return _resolve_group(process_group)
 
 
 def forward(
@@ -174,61 +158,9 @@ def forward(
     >>> y.flatten(), stats.mean, stats.variance
     (tensor([-0.9995,  0.9995]), tensor([[0.]]), tensor([[1.]]))
     """
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be True or False, got {training!r} "
-                        f"({type(training).__name__})")
-    if not isinstance(state, BatchNormState):
-        raise TypeError(f"state must be a BatchNormState (see initial_state), got "
-                        f"{type(state).__name__}")
-    group = synchronization_group(config.synchronized, training, process_group)
-    axes = check_input(x, config.axis, _feature_shape(state.moving_mean), training=training,
-                       virtual_batch_size=config.virtual_batch_size, mask=mask,
-                       synchronized=group is not None,
-                       feature_source="the shape of state.moving_mean, a layer's moving_mean")
-    _check_tensors(x, axes, state, config, gamma, beta)
-    if config.virtual_batch_size is not None:
-        group = None  # ghost batches stay within each process: synchronized they would grow
-    call = _KernelCall(config, axes, gamma, beta, mask, group)
-    if not training:
-        return _infer(x, state, call), None
-    if group is None and values_per_feature(x, axes) == 0:
-        # An empty batch (a detection model's batch without boxes): an empty output whose
-        # gradients are zeros, and no statistics, so no update (as PyTorch and tf_keras).
-        return _infer(x, state, call), None
-    return _kernels.select(x, state, call).train(x, state, call)
-
-
-_COUNT_DTYPES = frozenset({_torch.int64, _torch.int32, _torch.int16, _torch.int8, _torch.uint8})
-# "state.moving_mean", ... for every field but num_updates (the third), checked apart.
-_STATE_NAMES = tuple(f"state.{f}" for f in BatchNormState._fields if f != "num_updates")
-assert BatchNormState._fields[2] == "num_updates"
-
-
-def _feature_shape(t: _Any) -> tuple[int, ...] | None:
-    return tuple(t.shape) if isinstance(t, _Tensor) else None
-
-
-def _check_tensors(x: _Tensor, axes: tuple[int, ...], state: BatchNormState,
-                   config: BatchNormConfig, gamma: _Tensor | None, beta: _Tensor | None) -> None:
-    """gamma, beta and the state against the input, before any kernel runs (metadata only)."""
-    if config.renorm and (state.moving_stddev is None or state.renorm_mean is None
-                          or state.renorm_stddev is None):
-        missing = [f for f in _state_fields(debias=False, renorm=True) if getattr(state, f) is None]
-        raise ValueError(f"renorm=True needs a renorm state ({missing} are None): "
-                         "initial_state(..., renorm=True)")
-    _check_features(x, axes, (("gamma", gamma), ("beta", beta),
-                             *zip(_STATE_NAMES, state[:2] + state[3:], strict=True)))
-    count = state.num_updates
-    if not isinstance(count, _Tensor) or count.dtype not in _COUNT_DTYPES or count.ndim:
-        shown = (f"a {count.dtype} tensor of shape {tuple(count.shape)}"
-                 if isinstance(count, _Tensor) else type(count).__name__)
-        raise TypeError(f"state.num_updates must be an integer scalar tensor (the update "
-                        f"count, int64), got {shown}")
-    if count.device != x.device:
-        raise ValueError(f"state.num_updates is on {count.device} but the input is on "
-                         f"{x.device}: move the state with .to(x.device)")
-    if state.moving_mean.dtype == _torch.float16:  # float32/64 are checked at construction
-        _check_epsilon(config.epsilon, _torch.float16)
+    prepared = _plan.prepare(x, state, config, training=training, gamma=gamma, beta=beta,
+                             mask=mask, process_group=process_group)
+    return _plan.run(x, state, prepared)
 
 
 def batch_norm(

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from . import functional as F
-from . import initializers, recompute
+from . import initializers, kernels, plan, recompute
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch
@@ -368,6 +368,7 @@ class BatchNorm(nn.Module):
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.int64, device=device),
                              persistent=False)
         self._health = SkipWatch()
+        self._plans: dict[tuple, plan.CallPlan] = {}
         if not lazy:
             self.reset_parameters()
 
@@ -681,6 +682,16 @@ class BatchNorm(nn.Module):
         """
         training = self._resolve_training(training)
         config = self._config
+        key = None
+        if (mask is None and plan.plannable(x) and kernels.preferred() is None
+                and not (training and (config.synchronized or recompute.in_backward()
+                                       or active_recorder(self) is not None))):
+            # The checks and the kernel choice of an earlier call with this signature hold
+            # while the layer's tensors and options are those they saw (see batchnorm.plan).
+            key = plan.signature(x, training)
+            known = self._plans.get(key)
+            if known is not None and known.current(config, self._parameters, self._buffers):
+                return known.run(x)
         if self._lazy:
             group = F.synchronization_group(config.synchronized, training, self._process_group)
             axes = F.check_input(x, config.axis, None, training=training,
@@ -688,6 +699,8 @@ class BatchNorm(nn.Module):
                                  synchronized=group is not None)
             self._build(tuple(x.shape[a] for a in axes))
         state = self.state()
+        if key is not None:
+            return self._plan(key, x, state, training).run(x)
         # Activation checkpointing runs a training call again during backward: it must not
         # update twice, and must normalize with the state the original call saw.
         recomputing = training and recompute.in_backward()
@@ -707,6 +720,32 @@ class BatchNorm(nn.Module):
                 recorder.record(self, stats)
         return y
 
+    def _apply(self, fn: Any, recurse: bool = True) -> BatchNorm:
+        self._plans.clear()  # to(), cuda(), half(), ...: the plans would keep the old tensors
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_plans": {}}  # plans hold closures: not pickled
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_plans", {})  # a layer pickled before plans existed
+
+    def _plan(self, key: tuple, x: Tensor, state: BatchNormState,
+              training: bool) -> plan.CallPlan:
+        """Check this call (raising what the full path raises) and keep its plan."""
+        prepared = plan.prepare(x, state, self._config, training=training, gamma=self.gamma,
+                                beta=self.beta, mask=None, process_group=self._process_group)
+        run = (plan.training_run(self, x, state, prepared) if training
+               else plan.inference_run(x, state, prepared))
+        buffers = tuple(BUFFER_NAMES[f] for f in state._fields if getattr(state, f) is not None)
+        made = plan.CallPlan(self._config, ("gamma", "beta"), buffers,
+                             (self.gamma, self.beta, *(getattr(self, b) for b in buffers)), run)
+        if len(self._plans) >= plan.MAX_PLANS:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = made
+        return made
+
     def update_statistics(self, stats: BatchStatistics) -> None:
         """Fold one batch's statistics into the moving averages, in place; a batch that cannot
         enter them (not finite, ...) is skipped with a ``RuntimeWarning`` saying why.
@@ -723,14 +762,18 @@ class BatchNorm(nn.Module):
         applied = F.apply_update(state, stats, self._config)
         if applied.device.type == "cpu" and not torch.compiler.is_compiling():
             if not applied.numpy():  # a NumPy view of CPU memory: there is no device to wait for
-                self.num_skipped.add_(1)
-                self._warn_skipped([stats])
+                self._skipped(stats)
             return
         self.num_skipped.add_(~applied)
         if torch.compiler.is_compiling():
             return  # traced: the counter records skips; check_health() reports them
         self._health.watch(applied, stats)
         self._warn_skipped(self._health.skipped())
+
+    def _skipped(self, stats: BatchStatistics) -> None:
+        """Count and report a batch the update left out (on CPU, at once)."""
+        self.num_skipped.add_(1)
+        self._warn_skipped([stats])
 
     def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
         for stats in skipped:

@@ -44,7 +44,8 @@ from .native import NATIVE
 from .protocol import KernelCall, TrainingKernel
 from .triton import TRITON
 
-__all__ = ["FAST_PATHS", "KERNELS", "KernelCall", "TrainingKernel", "prefer", "select"]
+__all__ = ["FAST_PATHS", "KERNELS", "KernelCall", "TrainingKernel", "prefer", "preferred",
+           "select"]
 
 # Every kernel by name, for prefer().
 KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, "cpu": CPU,
@@ -79,6 +80,11 @@ def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel
     if fast is None or fast.prefers_fallback(x, call) or fast.unsupported(x, state, call):
         return fallback
     return fast
+
+
+def preferred() -> TrainingKernel | None:
+    """The kernel the innermost :func:`prefer` block forces, or None outside them."""
+    return _PREFERRED[-1] if _PREFERRED else None
 
 
 @contextmanager

@@ -26,7 +26,9 @@ the registry in :mod:`batchnorm.kernels` then uses the native or composite kerne
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,12 +51,48 @@ from .cpu_layout import (
 from .protocol import KernelCall
 
 __all__ = ["CPU", "IMPORT_ERROR", "MIN_NUMEL", "MIN_PLAIN_NUMEL", "NUMBA_PASSES", "CpuKernel",
-           "available", "warm_up"]
+           "available", "prepared_update", "warm_up"]
 
 
 def available() -> bool:
     """True when numba imported and the kernels can run."""
     return cpu_layout.loops is not None
+
+
+_UPDATE_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def prepared_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.dtype,
+                    count: int) -> Callable[[Tensor, Tensor], bool] | None:
+    """:func:`batchnorm.statistics.apply_update` of ``state`` with ``config``'s options, as
+    one numba loop (:func:`batchnorm.kernels.cpu_loops.lerp_if_finite`):
+    ``update(mean, variance) -> bool``, whether the batch entered the averages.
+
+    ``mean`` and ``variance`` are one batch's statistics (one group of ``count`` values per
+    feature), 1-D, contiguous, of ``dtype``, on CPU: the caller guarantees it, and that the
+    state's tensors keep their storage, shape and dtype (:class:`batchnorm.plan.CallPlan`
+    checks them before every call). None where the loop does not apply: numba missing, a
+    state not on CPU, a renorm state, the cumulative average (``momentum=None``), dtypes
+    other than float32/float64 (and int64 for ``num_updates``), non-contiguous buffers.
+    """
+    mm, mv, updates = state.moving_mean, state.moving_variance, state.num_updates
+    kind, stat = _UPDATE_DTYPES.get(mm.dtype), _UPDATE_DTYPES.get(dtype)
+    if (not available() or state.moving_stddev is not None or config.momentum is None
+            or kind is None or stat is None or mv.dtype != mm.dtype
+            or updates.dtype != torch.int64 or mm.shape != mv.shape or mm.ndim != 1
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (mm, mv, updates))):
+        return None
+    loop = cpu_layout.loops.lerp_if_finite
+    addresses = (mm.data_ptr(), mv.data_ptr(), updates.data_ptr())
+    n = mm.numel()
+    weight = kind(1.0 - config.momentum)  # as torch.lerp rounds a Python weight
+    correction = stat(count / (count - 1) if config.unbiased_moving_variance else 1.0)
+    zero = stat(0)
+
+    def update(mean: Tensor, variance: Tensor) -> bool:
+        return loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, weight, correction,
+                    zero)
+    return update
 
 
 class CpuKernel:

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.core.extending import intrinsic, overload
 
 FASTMATH = frozenset({"reassoc", "contract"})
@@ -131,6 +131,19 @@ def _one_like(v):
 
     def impl(v):
         return kind(1)
+    return impl
+
+
+def as_type(v, like):
+    """``v`` converted to ``like``'s type (rounded to nearest, as ``Tensor.to``)."""
+
+
+@overload(as_type, inline="always")
+def _as_type(v, like):
+    kind = like
+
+    def impl(v, like):
+        return kind(v)
     return impl
 
 
@@ -660,3 +673,54 @@ def grad_input_act_rows(x, dy, gid, m, p, q, u, a, b, kind, w, blocks, dx):
                     v = load(xr[c])
                     d = activation_grad(load(dr[c]), v * ar[c] + br[c], kind)
                     store(dxr, c, pr[c] * d - (qr[c] * (v - mr[c]) + ur[c]))
+
+
+# ---------------------------------------------------------------- the moving-average update
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """The integer ``address`` as a pointer to values of ``like``'s type."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Number):
+        return None
+    pointer = types.CPointer(like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def lerp_if_finite(moving_mean, moving_variance, count, mean, variance, n, weight,
+                   correction, stat):
+    """Move two moving averages toward one batch's statistics, in place, if every value is
+    finite in the averages' dtype; return whether they moved.
+
+    The arguments are addresses of contiguous memory (the caller checks sizes and dtypes):
+    ``moving_mean``/``moving_variance`` hold ``n`` values of ``weight``'s type, ``mean``/
+    ``variance`` ``n`` values of ``stat``'s type, ``count`` one int64, incremented when the
+    averages move. ``variance`` is multiplied by ``correction`` first (Bessel's, or 1), in
+    its own dtype. The update is ``torch.lerp``'s, as ATen vectorizes it: a fused
+    multiply-add, ``moving + weight * (value - moving)`` for a weight under 0.5 (TensorFlow's
+    update), ``value + (weight - 1) * (value - moving)`` from 0.5 on.
+    """
+    mm = carray(_pointer(moving_mean, weight), n)
+    mv = carray(_pointer(moving_variance, weight), n)
+    m = carray(_pointer(mean, stat), n)
+    v = carray(_pointer(variance, stat), n)
+    finite = True
+    for i in range(n):  # no early exit: the loop vectorizes
+        finite &= np.isfinite(as_type(m[i], weight)) & np.isfinite(
+            as_type(v[i] * correction, weight))
+    if not finite:
+        return False
+    small = abs(weight) < 0.5
+    coefficient = weight if small else weight - one_like(weight)
+    for i in range(n):
+        value = as_type(m[i], weight)
+        mm[i] = coefficient * (value - mm[i]) + (mm[i] if small else value)
+        value = as_type(v[i] * correction, weight)
+        mv[i] = coefficient * (value - mv[i]) + (mv[i] if small else value)
+    carray(_pointer(count, np.int64(0)), 1)[0] += 1
+    return True

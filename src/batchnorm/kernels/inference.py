@@ -20,7 +20,7 @@ first); elsewhere the activation is applied in place to the fresh output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from ..statistics import affine_terms, inference_statistics
 from . import cpu_layout
 from .protocol import KernelCall
 
-__all__ = ["infer", "normalize", "normalize_features"]
+__all__ = ["infer", "normalize", "normalize_features", "prepared_inference"]
 
 
 def normalize(
@@ -107,6 +107,30 @@ def infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
         mean, variance = mean.clone(), variance.clone()
     return normalize_features(x, call.axes, mean, variance, call.beta, call.gamma,
                               config.epsilon, config.activation)
+
+
+def prepared_inference(x: Tensor, state: BatchNormState,
+                       call: KernelCall) -> Callable[[Tensor], Tensor]:
+    """``lambda x: infer(x, state, call)`` for inputs of ``x``'s signature (shape, strides,
+    dtype, device, ``requires_grad``, grad mode), with what does not depend on the values
+    decided once: where :func:`infer` would end in ATen's kernel with the state's own
+    tensors, a direct call of it."""
+    config = call.config
+    mean, variance = inference_statistics(state, momentum=config.momentum,
+                                          epsilon=config.epsilon, debias=config.debias)
+    gamma, beta, epsilon = call.gamma, call.beta, config.epsilon
+    dtype = statistics_dtype(x.dtype)
+    if (config.activation is not None or call.axes != (1,) or x.ndim < 2
+            or mean is not state.moving_mean or mean.dtype != dtype or variance.dtype != dtype
+            or any(t is not None and t.dtype != dtype for t in (gamma, beta))
+            or (torch.is_grad_enabled() and (_differentiable(x, call) or mean.requires_grad
+                                             or variance.requires_grad))):
+        return lambda x: infer(x, state, call)
+
+    def aten(x: Tensor) -> Tensor:  # _aten's call, its conditions checked above
+        return torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
+                                torch.backends.cudnn.enabled)
+    return aten
 
 
 def _differentiable(x: Tensor, call: KernelCall) -> bool:

@@ -4,6 +4,8 @@ one for the output, and a fused backward); an ``activation`` is one more pass af
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -12,7 +14,7 @@ from ..shapes import values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from .protocol import KernelCall, traced
 
-__all__ = ["NATIVE", "NativeKernel"]
+__all__ = ["NATIVE", "NativeCall", "NativeKernel"]
 
 
 class NativeKernel:
@@ -30,47 +32,127 @@ class NativeKernel:
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:
+        prepared = self.prepared(x, call)
+        if prepared is not None:
+            return prepared.train(x)
+        # traced: torch.func transforms cannot write into the unbatched running statistics
         (axis,) = call.axes
-        gamma, beta, epsilon = call.gamma, call.beta, call.config.epsilon
+        xm = x if axis == 1 else x.movedim(axis, 1)
+        gamma, beta = _parameters(x, axis, call.gamma, call.beta)
+        y, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
+            xm, gamma, beta, True, 0.0, call.config.epsilon)
+        # The kernel keeps 1 / sqrt(var + eps); the biased variance is recovered from it.
+        variance = invstd.detach().pow(-2).sub_(call.config.epsilon).clamp_min_(0.0)
+        y = _activated(y, call.config.activation)
+        y = y if axis == 1 else y.movedim(1, axis)
+        return y, BatchStatistics(mean.detach()[None], variance[None],
+                                  values_per_feature(x, call.axes))
+
+    def prepared(self, x: Tensor, call: KernelCall) -> NativeCall | None:
+        """The kernel for inputs of ``x``'s shape, dtype and device, decided once; None when
+        ``x`` is traced or has one value per feature (no unbiased variance to move)."""
+        if values_per_feature(x, call.axes) < 2 or traced(x):
+            return None
+        return NativeCall(x, call)
+
+
+class NativeCall:
+    """ATen's kernel for inputs like ``x``: ``call(x) -> (y, mean, variance)``, the batch's
+    mean and biased variance 1-D, contiguous, in :func:`statistics_dtype` of the input.
+
+    ATen moves "running" statistics it is given by momentum * (batch statistic, the
+    unbiased variance) + (1 - momentum) * running. From zeros with momentum (n - 1) / n
+    that is the biased variance, written by the kernel itself, exact even far below
+    ``epsilon`` (recovering it from ``1 / sqrt(var + eps)`` would not be).
+    """
+
+    __slots__ = ("axis", "gamma", "beta", "cast", "epsilon", "activation", "features",
+                 "statistics_dtype", "count", "momentum", "device", "workspace")
+
+    def __init__(self, x: Tensor, call: KernelCall) -> None:
+        (self.axis,) = call.axes
+        self.features = x.shape[self.axis]
+        self.statistics_dtype = statistics_dtype(x.dtype)
+        self.gamma, self.beta = call.gamma, call.beta
+        self.cast = any(t is not None and t.dtype != self.statistics_dtype
+                        for t in (call.gamma, call.beta))
+        if not self.cast:
+            self.gamma, self.beta = _parameters(x, self.axis, call.gamma, call.beta)
+        self.epsilon = call.config.epsilon
+        self.activation = call.config.activation
+        self.count = values_per_feature(x, call.axes)
+        self.momentum = (self.count - 1) / self.count
+        self.device = x.device
+        self.workspace = None
+
+    def __call__(self, x: Tensor, borrow: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``(y, mean, variance)``. With ``borrow`` the variance is this thread's workspace,
+        valid until the next borrowing call on the thread (read it, or copy it, at once);
+        else a fresh tensor."""
+        axis = self.axis
         # ATen normalizes along dim 1; moving another axis there is a view (channels-last
         # layouts keep their fast path).
         xm = x if axis == 1 else x.movedim(axis, 1)
-        features = xm.shape[1]
-        dtype = statistics_dtype(x.dtype)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # ATen keeps its statistics in the parameters' dtype: float32 parameters make it
-            # accumulate and return float32 statistics for half-precision inputs.
-            if gamma is None:
-                gamma = torch.ones(features, device=x.device)
-            if beta is None:
-                beta = torch.zeros(features, device=x.device)
-        # Parameters of another dtype (a float64 layer, a float32 input) are cast, as on every
-        # kernel: ATen refuses mixed dtypes ("mixed dtype (CPU)").
-        if gamma is not None and gamma.dtype != dtype:
-            gamma = gamma.to(dtype)
-        if beta is not None and beta.dtype != dtype:
-            beta = beta.to(dtype)
-        count = values_per_feature(x, call.axes)
-        if count > 1 and not traced(x):
-            # ATen moves "running" statistics it is given by momentum * (batch statistic, the
-            # unbiased variance) + (1 - momentum) * running. From zeros with momentum
-            # (n - 1) / n that is the biased variance, written by the kernel itself.
-            unused = torch.zeros(features, dtype=dtype, device=x.device)
-            variance = torch.zeros(1, features, dtype=dtype, device=x.device)
-            y, mean, _ = torch.ops.aten.native_batch_norm(
-                xm, gamma, beta, unused, variance[0], True, (count - 1) / count, epsilon)
-            mean = mean.detach()[None]
-        else:  # traced: torch.func transforms cannot write into the unbatched tensor above
-            y, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
-                xm, gamma, beta, True, 0.0, epsilon)
-            # The kernel keeps 1 / sqrt(var + eps); the biased variance is recovered from it.
-            variance = invstd.detach().pow(-2).sub_(epsilon).clamp_min_(0.0)
-            mean, variance = mean.detach()[None], variance[None]
-        activation = call.config.activation
-        if activation is not None:  # y is fresh: ReLU overwrites it (its backward reads y)
-            y = activate(y, activation, inplace=activation == "relu")
-        y = y if axis == 1 else y.movedim(1, axis)
-        return y, BatchStatistics(mean, variance, count)
+        gamma, beta = self.gamma, self.beta
+        if self.cast:
+            gamma, beta = _parameters(x, axis, gamma, beta)
+        if borrow:
+            workspace = self.workspace
+            if workspace is None:
+                workspace = self.workspace = _Workspace(self.features, self.statistics_dtype,
+                                                        self.device)
+            workspace.zeros.zero_()
+            unused, variance = workspace.mean, workspace.variance
+        else:
+            unused, variance = torch.zeros(2, self.features, dtype=self.statistics_dtype,
+                                           device=self.device).unbind()
+        y, mean, _ = torch.ops.aten.native_batch_norm(xm, gamma, beta, unused, variance, True,
+                                                      self.momentum, self.epsilon)
+        y = _activated(y, self.activation)
+        return (y if axis == 1 else y.movedim(1, axis)), mean, variance
+
+    def train(self, x: Tensor) -> tuple[Tensor, BatchStatistics]:
+        """:meth:`NativeKernel.train`'s result: ``(y, stats)``, the statistics fresh."""
+        y, mean, variance = self(x)
+        return y, BatchStatistics(mean.detach()[None], variance[None], self.count)
+
+
+class _Workspace(threading.local):
+    """The running statistics ATen's kernel writes into, kept per thread (concurrent calls
+    must not share them) and zeroed before each use through ``zeros``, a view that shares
+    their memory but not their version counter: autograd saved the earlier call's views
+    (ATen's backward takes them, and reads them only in inference mode), and a version bump
+    would fail that call's backward."""
+
+    def __init__(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
+        running = torch.zeros(2, features, dtype=dtype, device=device)
+        self.mean, self.variance = running.unbind()
+        self.zeros = running.data
+
+
+def _parameters(x: Tensor, axis: int, gamma: Tensor | None,
+                beta: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """gamma and beta as ATen's kernel takes them: in the input's statistics dtype (ATen
+    refuses mixed float32/float64, "mixed dtype (CPU)"), and present for half-precision
+    inputs (ATen keeps its statistics in the parameters' dtype: float32 parameters make it
+    accumulate and return float32 statistics)."""
+    dtype = statistics_dtype(x.dtype)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        features = x.shape[axis]
+        if gamma is None:
+            gamma = torch.ones(features, device=x.device)
+        if beta is None:
+            beta = torch.zeros(features, device=x.device)
+    if gamma is not None and gamma.dtype != dtype:
+        gamma = gamma.to(dtype)
+    if beta is not None and beta.dtype != dtype:
+        beta = beta.to(dtype)
+    return gamma, beta
+
+
+def _activated(y: Tensor, activation: str | None) -> Tensor:
+    """y is fresh: ReLU overwrites it (its backward reads y)."""
+    return y if activation is None else activate(y, activation, inplace=activation == "relu")
 
 
 NATIVE = NativeKernel()

@@ -1,0 +1,228 @@
+"""A call's checks and kernel choice (:func:`prepare`), and the layer's cache of them
+(:class:`CallPlan`).
+
+Before it computes anything, a call checks its input against the options, the
+parameters and the state, resolves the feature axes and picks a kernel
+(:func:`prepare`). None of that depends on the values in the tensors, only on
+their metadata. :class:`batchnorm.BatchNorm` keeps what a call concluded in a
+:class:`CallPlan`, under the call's :func:`signature` (the training flag, grad
+mode, the input's shape, strides, dtype, device and ``requires_grad``); a later
+call with the same signature runs the plan directly while the parameters and
+buffers the checks saw are still the layer's, with the same storage, shape,
+dtype and ``requires_grad`` (:meth:`CallPlan.current`). Any other call (a new
+shape, a replaced or resized parameter, ``reconfigure``, a mask, activation
+checkpointing's recomputation, a :class:`~batchnorm.DeferredUpdates` block,
+``torch.compile`` tracing, ...) takes the full path, which raises every error
+it raises, and may leave a new plan.
+
+A training plan prepares the moving-average update too: on CPU, where the
+batch's statistics come from ATen's kernel, one numba loop checks them and
+moves both averages (:func:`batchnorm.kernels.cpu.prepared_update`); elsewhere
+the layer's update runs as on the full path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .config import BatchNormConfig, check_epsilon
+from .kernels.cpu import prepared_update
+from .kernels.inference import infer, prepared_inference
+from .kernels.native import NATIVE
+from .kernels.protocol import KernelCall, TrainingKernel
+from .kernels.synchronized import resolve_group
+from .shapes import check_features, check_input, values_per_feature
+from .state import BatchNormState, BatchStatistics, state_fields
+
+__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "inference_run", "plannable",
+           "prepare", "run", "signature", "synchronization_group", "training_run"]
+
+# Signatures a layer keeps plans for (a training and an inference shape, a smaller last
+# batch, ...); the oldest plan is dropped beyond that.
+MAX_PLANS = 8
+
+
+class Prepared(NamedTuple):
+    """What :func:`prepare` concluded: the kernel's arguments and the kernel (None: the
+    inference pass, for inference or an empty training batch)."""
+
+    call: KernelCall
+    kernel: TrainingKernel | None
+
+
+def prepare(x: Tensor, state: BatchNormState, config: BatchNormConfig, *, training: bool,
+            gamma: Tensor | None, beta: Tensor | None, mask: Tensor | None,
+            process_group: Any) -> Prepared:
+    """Check one call (every check :func:`batchnorm.functional.forward` documents) and pick
+    its kernel; nothing is computed and nothing changes."""
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {training!r} "
+                        f"({type(training).__name__})")
+    if not isinstance(state, BatchNormState):
+        raise TypeError(f"state must be a BatchNormState (see initial_state), got "
+                        f"{type(state).__name__}")
+    group = synchronization_group(config.synchronized, training, process_group)
+    axes = check_input(x, config.axis, _feature_shape(state.moving_mean), training=training,
+                       virtual_batch_size=config.virtual_batch_size, mask=mask,
+                       synchronized=group is not None,
+                       feature_source="the shape of state.moving_mean, a layer's moving_mean")
+    _check_tensors(x, axes, state, config, gamma, beta)
+    if config.virtual_batch_size is not None:
+        group = None  # ghost batches stay within each process: synchronized they would grow
+    call = KernelCall(config, axes, gamma, beta, mask, group)
+    if not training or (group is None and values_per_feature(x, axes) == 0):
+        # An empty batch (a detection model's batch without boxes): an empty output whose
+        # gradients are zeros, and no statistics, so no update (as PyTorch and tf_keras).
+        return Prepared(call, None)
+    return Prepared(call, kernels.select(x, state, call))
+
+
+def synchronization_group(synchronized: bool, training: bool, process_group: Any = None
+                          ) -> Any:
+    """The ``torch.distributed`` group whose global batch gives the statistics, or None for
+    local statistics: inference, ``synchronized=False``, or torch.distributed not
+    initialized (which warns once)."""
+    if not (synchronized and training):
+        return None
+    return resolve_group(process_group)
+
+
+def run(x: Tensor, state: BatchNormState,
+        prepared: Prepared) -> tuple[Tensor, BatchStatistics | None]:
+    """Compute a prepared call: ``(y, stats)``, ``stats`` None without a training kernel."""
+    call, kernel = prepared
+    if kernel is None:
+        return infer(x, state, call), None
+    return kernel.train(x, state, call)
+
+
+_COUNT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+# "state.moving_mean", ... for every field but num_updates (the third), checked apart.
+_STATE_NAMES = tuple(f"state.{f}" for f in BatchNormState._fields if f != "num_updates")
+assert BatchNormState._fields[2] == "num_updates"
+
+
+def _feature_shape(t: Any) -> tuple[int, ...] | None:
+    return tuple(t.shape) if isinstance(t, Tensor) else None
+
+
+def _check_tensors(x: Tensor, axes: tuple[int, ...], state: BatchNormState,
+                   config: BatchNormConfig, gamma: Tensor | None, beta: Tensor | None) -> None:
+    """gamma, beta and the state against the input, before any kernel runs (metadata only)."""
+    if config.renorm and (state.moving_stddev is None or state.renorm_mean is None
+                          or state.renorm_stddev is None):
+        missing = [f for f in state_fields(debias=False, renorm=True) if getattr(state, f) is None]
+        raise ValueError(f"renorm=True needs a renorm state ({missing} are None): "
+                         "initial_state(..., renorm=True)")
+    check_features(x, axes, (("gamma", gamma), ("beta", beta),
+                             *zip(_STATE_NAMES, state[:2] + state[3:], strict=True)))
+    count = state.num_updates
+    if not isinstance(count, Tensor) or count.dtype not in _COUNT_DTYPES or count.ndim:
+        shown = (f"a {count.dtype} tensor of shape {tuple(count.shape)}"
+                 if isinstance(count, Tensor) else type(count).__name__)
+        raise TypeError(f"state.num_updates must be an integer scalar tensor (the update "
+                        f"count, int64), got {shown}")
+    if count.device != x.device:
+        raise ValueError(f"state.num_updates is on {count.device} but the input is on "
+                         f"{x.device}: move the state with .to(x.device)")
+    if state.moving_mean.dtype == torch.float16:  # float32/64 are checked at construction
+        check_epsilon(config.epsilon, torch.float16)
+
+
+# ---------------------------------------------------------------- the layer's cache
+
+
+def signature(x: Tensor, training: bool) -> tuple:
+    """What a call's checks and kernel choice depend on besides the layer: the key of its
+    plan."""
+    return (training, torch.is_grad_enabled(), x.requires_grad, x.dtype, x.device, x.shape,
+            x.stride())
+
+
+def plannable(x: Tensor) -> bool:
+    """Whether a call on ``x`` may use or leave a plan: a plain tensor, not traced by
+    ``torch.compile``, ``torch.jit.trace`` or a ``torch.func`` transform (which see the full
+    path, as they always did)."""
+    return (type(x) is Tensor and not torch.compiler.is_dynamo_compiling()
+            and not torch._C._get_tracing_state()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def fingerprint(tensors: Sequence[Tensor | None]) -> list:
+    """Identity, storage, shape, dtype and ``requires_grad`` of each tensor (None for None):
+    what a plan's checks saw of the layer's parameters and buffers."""
+    return [None if t is None else (id(t), t.data_ptr(), t.shape, t.dtype, t.requires_grad)
+            for t in tensors]
+
+
+class CallPlan:
+    """One input signature's call of one layer, checked once: ``run(x) -> y``.
+
+    It remembers the configuration object and the :func:`fingerprint` of the
+    parameters and buffers (by the layer's names) the checks saw.
+    """
+
+    __slots__ = ("config", "parameters", "buffers", "fingerprint", "run")
+
+    def __init__(self, config: BatchNormConfig, parameters: tuple[str, ...],
+                 buffers: tuple[str, ...], tensors: tuple[Tensor | None, ...],
+                 run: Callable[[Tensor], Tensor]) -> None:
+        self.config, self.parameters, self.buffers = config, parameters, buffers
+        self.fingerprint = fingerprint(tensors)
+        self.run = run
+
+    def current(self, config: BatchNormConfig, parameters: dict[str, Any],
+                buffers: dict[str, Any]) -> bool:
+        """Whether a layer with this configuration object, parameters and buffers (its
+        ``_parameters``/``_buffers``) still has the tensors this plan's checks saw."""
+        if config is not self.config:
+            return False
+        return fingerprint([*map(parameters.get, self.parameters),
+                            *map(buffers.get, self.buffers)]) == self.fingerprint
+
+
+def training_run(layer: Any, x: Tensor, state: BatchNormState,
+                 prepared: Prepared) -> Callable[[Tensor], Tensor]:
+    """The training call of ``layer`` for ``x``'s signature: the kernel and the update.
+
+    ``layer`` provides ``_update(stats, state)`` (the full update) and
+    ``_skipped(stats)`` (count and report a batch the prepared update left out).
+    """
+    call, kernel = prepared
+    if kernel is None:
+        return lambda x: infer(x, state, call)
+    native = NATIVE.prepared(x, call) if kernel is NATIVE else None
+    if native is None:
+        def run_kernel(x: Tensor) -> Tensor:
+            y, stats = kernel.train(x, state, call)
+            layer._update(stats, state)
+            return y
+        return run_kernel
+    update = None
+    if x.device.type == "cpu":
+        update = prepared_update(state, call.config, native.statistics_dtype, native.count)
+    if update is None:
+        def run_native(x: Tensor) -> Tensor:
+            y, stats = native.train(x)
+            layer._update(stats, state)
+            return y
+        return run_native
+
+    def run_fused(x: Tensor) -> Tensor:
+        y, mean, variance = native(x, borrow=True)
+        if not update(mean, variance):
+            layer._skipped(BatchStatistics(mean.detach()[None], variance.clone()[None],
+                                           native.count))
+        return y
+    return run_fused
+
+
+def inference_run(x: Tensor, state: BatchNormState,
+                  prepared: Prepared) -> Callable[[Tensor], Tensor]:
+    """The inference call for ``x``'s signature (also a training call of an empty batch)."""
+    return prepared_inference(x, state, prepared.call)

@@ -1,0 +1,378 @@
+"""Call plans (batchnorm/plan.py): a layer's checks and kernel choice are paid once per input
+signature, and a plan is used only while everything its checks saw is unchanged.
+
+The reference for every comparison is the full path: the same layer's calls inside a
+``kernels.prefer("native")`` block, which never uses or leaves a plan and picks the same
+kernel for these small inputs (ATen's in the plain mode, the composite in the others).
+Outputs, gradients and buffers are compared bit for bit: the plan runs the same kernel, and
+its moving-average loop computes ``moving + w * (value - moving)`` with a fused multiply-add
+as ATen's vectorized ``lerp`` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm as bn
+from batchnorm import kernels, plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIGS = {
+    "plain": {},
+    "unbiased": {"unbiased_moving_variance": True},
+    "momentum-0.5": {"momentum": 0.5},
+    "cumulative": {"momentum": None},
+    "debias": {"debias": True},
+    "renorm": {"renorm": True},
+    "ghost": {"virtual_batch_size": 4},
+    "relu": {"activation": "relu"},
+    "no-affine": {"center": False, "scale": False},
+}
+
+
+def _pair(**options) -> tuple[bn.BatchNorm, bn.BatchNorm]:
+    torch.manual_seed(1)
+    layer = bn.BatchNorm(6, **options)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+    return layer, copy.deepcopy(layer)
+
+
+def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def _full_path(layer: bn.BatchNorm, *args, **kwargs) -> torch.Tensor:
+    with kernels.prefer("native"):
+        return layer(*args, **kwargs)
+
+
+def _count_prepares(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    original = plan.prepare
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "prepare", counting)
+    return calls
+
+
+def test_the_checks_run_once_per_signature(monkeypatch):
+    calls = _count_prepares(monkeypatch)
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        layer(x, training=True)
+    assert calls[0] == 1
+    layer(x, training=False)
+    assert calls[0] == 2
+    layer(torch.randn(4, 6), training=True)  # a smaller last batch: a signature of its own
+    assert calls[0] == 3
+    for _ in range(2):
+        layer(x, training=True)
+        layer(x, training=False)
+    assert calls[0] == 3
+    with torch.no_grad():  # grad mode is part of the signature (inference clones otherwise)
+        layer(x, training=False)
+    assert calls[0] == 4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_planned_calls_equal_the_full_path_bit_for_bit(name):
+    planned, full = _pair(**CONFIGS[name])
+    for step in range(4):
+        x = torch.randn(8, 6) * (step + 1) + step
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = planned(xa, training=True), _full_path(full, xb, training=True)
+        assert torch.equal(ya, yb)
+        dy = torch.randn_like(ya)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert torch.equal(xa.grad, xb.grad)
+        for pa, pb in zip(planned.parameters(), full.parameters(), strict=True):
+            assert torch.equal(pa.grad, pb.grad)
+        _assert_same_state(planned, full)
+        assert torch.equal(planned(x, training=False), _full_path(full, x, training=False))
+    assert int(planned.num_updates) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes_equal_the_full_path(dtype):
+    planned, full = _pair()
+    planned.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    full.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    for _ in range(3):
+        x = torch.randn(8, 6).to(dtype)
+        assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
+        _assert_same_state(planned, full)
+
+
+def test_a_float32_input_into_a_float64_layer_equals_the_full_path():
+    planned, full = _pair(dtype=torch.float64)
+    for _ in range(3):
+        x = torch.randn(8, 6)
+        assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
+        _assert_same_state(planned, full)
+
+
+def test_channels_last_and_another_axis_equal_the_full_path():
+    planned, full = _pair(axis=-1)
+    x = torch.randn(4, 3, 5, 6)
+    for _ in range(2):
+        assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
+    _assert_same_state(planned, full)
+    planned, full = _pair()
+    x = torch.randn(4, 6, 3, 5).to(memory_format=torch.channels_last)
+    for _ in range(2):
+        assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
+    _assert_same_state(planned, full)
+
+
+def test_a_shared_layer_called_twice_before_backward():
+    """Both calls' graphs keep ATen's running-statistics arguments (the plan's per-thread
+    workspace): the second call must not invalidate the first call's backward."""
+    planned, full = _pair()
+    xs = [torch.randn(8, 6, requires_grad=True) for _ in range(2)]
+    (planned(xs[0], training=True) * 2 + planned(xs[1], training=True)).sum().backward()
+    ref = [x.detach().clone().requires_grad_() for x in xs]
+    (_full_path(full, ref[0], training=True) * 2
+     + _full_path(full, ref[1], training=True)).sum().backward()
+    for x, r in zip(xs, ref, strict=True):
+        assert torch.equal(x.grad, r.grad)
+    _assert_same_state(planned, full)
+
+
+# ---------------------------------------------------------------- a plan is used only while current
+
+
+def test_a_replaced_parameter_of_the_wrong_size_raises_as_on_the_first_call():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6)
+    layer(x, training=True)
+    layer.gamma = nn.Parameter(torch.ones(5))
+    before = _state(layer)
+    with pytest.raises(ValueError, match="gamma"):
+        layer(x, training=True)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_parameter_resized_through_data_raises_as_on_the_first_call():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6)
+    layer(x, training=True)
+    layer(x, training=False)
+    layer.beta.data = layer.beta.data[:3]  # same storage, another shape
+    for training in (True, False):
+        with pytest.raises(ValueError, match="beta"):
+            layer(x, training=training)
+
+
+def test_a_parameter_swapped_through_data_is_the_one_used():
+    planned, full = _pair()
+    x = torch.randn(8, 6)
+    planned(x, training=True)
+    full(x, training=True)
+    for layer in (planned, full):
+        layer.gamma.data = torch.full((6,), 3.0)
+    assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
+    assert torch.equal(planned(x, training=False), _full_path(full, x, training=False))
+
+
+def test_a_replaced_buffer_receives_the_update():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6) + 5
+    layer(x, training=True)
+    old = layer.moving_mean
+    layer.moving_mean = torch.zeros(6)
+    layer(x, training=True)
+    assert layer.moving_mean is not old
+    assert torch.allclose(layer.moving_mean, 0.01 * x.mean(0), rtol=1e-5)
+
+
+def test_freezing_gamma_in_inference_with_grad_enabled():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6)
+    layer(x, training=False).sum().backward()
+    assert layer.gamma.grad is not None
+    layer.gamma.grad = None
+    layer.gamma.requires_grad_(False)
+    y = layer(x, training=False)
+    y.sum().backward()
+    assert layer.gamma.grad is None and layer.beta.grad is not None
+
+
+def test_reconfigure_takes_effect_at_the_next_call():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6) + 4
+    layer(x, training=True)
+    before = layer.moving_mean.clone()
+    layer.reconfigure(momentum=0.5)
+    layer(x, training=True)
+    expected = before + 0.5 * (x.mean(0) - before)
+    assert torch.allclose(layer.moving_mean, expected, rtol=1e-6)
+
+
+def test_moving_the_layer_drops_its_plans_and_works_in_the_new_dtype():
+    layer = bn.BatchNorm(6)
+    layer(torch.randn(8, 6), training=True)
+    layer.double()
+    y = layer(torch.randn(8, 6, dtype=torch.float64), training=True)
+    assert y.dtype == torch.float64 and layer.moving_mean.dtype == torch.float64
+    assert int(layer.num_updates) == 2
+
+
+def test_functional_call_uses_the_given_tensors():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6)
+    layer(x, training=False)
+    given = {"gamma": torch.full((6,), 2.0), "beta": torch.full((6,), 1.0)}
+    y = torch.func.functional_call(layer, given, (x,), {"training": False})
+    expected = layer(x, training=False) * 2 + 1
+    assert torch.allclose(y, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_load_state_dict_values_are_used():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6)
+    layer(x, training=False)
+    other = bn.BatchNorm(6)
+    with torch.no_grad():
+        other.moving_mean.fill_(3.0)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x, training=False), other(x, training=False))
+
+
+def test_every_input_error_is_still_raised_after_a_plan_exists():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6)
+    layer(x, training=True)
+    layer(x, training=False)
+    with pytest.raises(ValueError, match="value per feature|one value"):
+        layer(torch.randn(1, 6), training=True)
+    with pytest.raises(TypeError):
+        layer(torch.ones(8, 6, dtype=torch.int64), training=True)
+    with pytest.raises(ValueError):
+        layer(torch.randn(8, 5), training=False)
+    with pytest.raises(TypeError):
+        layer(x, training="yes")
+
+
+def test_prefer_blocks_bypass_the_plans(monkeypatch):
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6)
+    layer(x, training=True)
+    used = []
+    composite = kernels.KERNELS["composite"]
+    original = type(composite).train
+    monkeypatch.setattr(type(composite), "train",
+                        lambda self, *a: used.append(1) or original(self, *a))
+    with kernels.prefer("composite"):
+        layer(x, training=True)
+    assert used == [1]
+    layer(x, training=True)
+    assert used == [1]
+
+
+def test_deferred_updates_record_calls_of_a_planned_layer():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6) + 3
+    layer(x, training=True)
+    before = layer.moving_mean.clone()
+    with bn.deferred_updates() as updates:
+        layer(x, training=True)
+        assert torch.equal(layer.moving_mean, before)
+        updates.apply()
+    assert not torch.equal(layer.moving_mean, before)
+
+
+# ---------------------------------------------------------------- the prepared update
+
+
+def test_a_non_finite_batch_is_skipped_loudly_and_the_next_one_counts():
+    planned, full = _pair()
+    x = torch.randn(8, 6)
+    planned(x, training=True)
+    full(x, training=True)
+    before = _state(planned)
+    bad = x.clone()
+    bad[0, 2] = math.nan
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        planned(bad, training=True)
+    assert int(planned.num_skipped) == 1
+    for key, value in planned.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    planned(x * 2, training=True)  # the workspace the skipped call left is not reused as is
+    _full_path(full, x * 2, training=True)
+    _assert_same_state(planned, full)
+
+
+def test_a_variance_that_overflows_is_named():
+    layer = bn.BatchNorm(2)
+    layer(torch.randn(4, 2), training=True)
+    with pytest.warns(RuntimeWarning, match="overflowed"):
+        layer(torch.tensor([[3e38, 0.0], [-3e38, 0.0], [3e38, 1.0], [-3e38, 1.0]]),
+              training=True)
+    assert int(layer.num_skipped) == 1
+
+
+def test_threads_calling_one_layer_get_their_own_batch_statistics():
+    layer = bn.BatchNorm(6)
+    layer(torch.randn(8, 6), training=True)
+    errors = []
+
+    def work(seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(200):
+            x = torch.randn(8, 6, generator=generator) * (seed + 1)
+            y = layer(x, training=True)
+            expected = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-3)
+            if not torch.allclose(y, expected, rtol=1e-4, atol=1e-4):
+                errors.append(seed)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+# ---------------------------------------------------------------- copies
+
+
+def test_copies_and_pickles_start_without_plans_and_update_their_own_buffers():
+    layer = bn.BatchNorm(6)
+    x = torch.randn(8, 6) + 2
+    layer(x, training=True)
+    layer(x, training=False)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.load(buffer, weights_only=False)
+    for other in (copy.deepcopy(layer), loaded):
+        before = layer.moving_mean.clone()
+        other(x, training=True)
+        assert torch.equal(layer.moving_mean, before)
+        assert not torch.equal(other.moving_mean, before)
