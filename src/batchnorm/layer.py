@@ -683,9 +683,9 @@ class BatchNorm(nn.Module):
         training = self._resolve_training(training)
         config = self._config
         key = None
-        if (mask is None and plan.plannable(x) and kernels.preferred() is None
-                and not (training and (config.synchronized or recompute.in_backward()
-                                       or active_recorder(self) is not None))):
+        if mask is None and kernels.preferred() is None and not (
+                training and (config.synchronized or recompute.in_backward()
+                              or active_recorder(self) is not None)):
             # The checks and the kernel choice of an earlier call with this signature hold
             # while the layer's tensors and options are those they saw (see batchnorm.plan).
             key = plan.signature(x, training)

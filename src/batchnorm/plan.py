@@ -23,6 +23,7 @@ the layer's update runs as on the full path.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -39,8 +40,8 @@ from .kernels.synchronized import resolve_group
 from .shapes import check_features, check_input, values_per_feature
 from .state import BatchNormState, BatchStatistics, state_fields
 
-__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "inference_run", "plannable",
-           "prepare", "run", "signature", "synchronization_group", "training_run"]
+__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "inference_run", "prepare", "run",
+           "signature", "synchronization_group", "training_run"]
 
 # Signatures a layer keeps plans for (a training and an inference shape, a smaller last
 # batch, ...); the oldest plan is dropped beyond that.
@@ -137,53 +138,52 @@ def _check_tensors(x: Tensor, axes: tuple[int, ...], state: BatchNormState,
 # ---------------------------------------------------------------- the layer's cache
 
 
-def signature(x: Tensor, training: bool) -> tuple:
-    """What a call's checks and kernel choice depend on besides the layer: the key of its
-    plan."""
+def signature(x: Tensor, training: bool) -> tuple | None:
+    """The key of a call's plan: what its checks and kernel choice depend on besides the
+    layer (the training flag, grad mode, the input's shape, strides, dtype, device and
+    ``requires_grad``); None where a call on ``x`` may neither use nor leave a plan: a tensor
+    subclass, or tracing by ``torch.compile``, ``torch.jit.trace`` or a ``torch.func``
+    transform (which see the full path, as they always did)."""
+    if (type(x) is not Tensor or torch.compiler.is_dynamo_compiling()
+            or torch._C._get_tracing_state()
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        return None
     return (training, torch.is_grad_enabled(), x.requires_grad, x.dtype, x.device, x.shape,
             x.stride())
 
 
-def plannable(x: Tensor) -> bool:
-    """Whether a call on ``x`` may use or leave a plan: a plain tensor, not traced by
-    ``torch.compile``, ``torch.jit.trace`` or a ``torch.func`` transform (which see the full
-    path, as they always did)."""
-    return (type(x) is Tensor and not torch.compiler.is_dynamo_compiling()
-            and not torch._C._get_tracing_state()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
-
-
 def fingerprint(tensors: Sequence[Tensor | None]) -> list:
-    """Identity, storage, shape, dtype and ``requires_grad`` of each tensor (None for None):
-    what a plan's checks saw of the layer's parameters and buffers."""
-    return [None if t is None else (id(t), t.data_ptr(), t.shape, t.dtype, t.requires_grad)
+    """Storage, shape, dtype and ``requires_grad`` of each tensor (None for None): what a
+    plan's checks saw of the layer's parameters and buffers, besides their identity."""
+    return [None if t is None else (t.data_ptr(), t.shape, t.dtype, t.requires_grad)
             for t in tensors]
 
 
 class CallPlan:
     """One input signature's call of one layer, checked once: ``run(x) -> y``.
 
-    It remembers the configuration object and the :func:`fingerprint` of the
-    parameters and buffers (by the layer's names) the checks saw.
+    It remembers the configuration object, and the parameters and buffers (by the layer's
+    names) the checks saw with their :func:`fingerprint`.
     """
 
-    __slots__ = ("config", "parameters", "buffers", "fingerprint", "run")
+    __slots__ = ("config", "parameters", "buffers", "tensors", "fingerprint", "run")
 
     def __init__(self, config: BatchNormConfig, parameters: tuple[str, ...],
                  buffers: tuple[str, ...], tensors: tuple[Tensor | None, ...],
                  run: Callable[[Tensor], Tensor]) -> None:
-        self.config, self.parameters, self.buffers = config, parameters, buffers
+        self.config, self.run = config, run
+        self.parameters, self.buffers, self.tensors = parameters, buffers, tensors
         self.fingerprint = fingerprint(tensors)
-        self.run = run
 
     def current(self, config: BatchNormConfig, parameters: dict[str, Any],
                 buffers: dict[str, Any]) -> bool:
         """Whether a layer with this configuration object, parameters and buffers (its
-        ``_parameters``/``_buffers``) still has the tensors this plan's checks saw."""
+        ``_parameters``/``_buffers``) still has the tensors this plan's checks saw, unchanged
+        in storage, shape, dtype and ``requires_grad``."""
         if config is not self.config:
             return False
-        return fingerprint([*map(parameters.get, self.parameters),
-                            *map(buffers.get, self.buffers)]) == self.fingerprint
+        now = [*map(parameters.get, self.parameters), *map(buffers.get, self.buffers)]
+        return all(map(operator.is_, now, self.tensors)) and fingerprint(now) == self.fingerprint
 
 
 def training_run(layer: Any, x: Tensor, state: BatchNormState,

@@ -46,26 +46,31 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def threads() -> int:
+    """The threads a large pass runs on: torch's intra-op thread count
+    (``torch.set_num_threads``, ``OMP_NUM_THREADS``), up to the threads numba started. One
+    setting sizes both pools, so that a user who gives torch one thread does not get two
+    from numba beside it."""
     import numba
 
-    return numba.get_num_threads()
+    return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
 
 
-class serial_if_small:
-    """Run the enclosed loops on one thread when the pass touches few elements."""
+class pass_threads:
+    """Run the enclosed loops on :func:`threads` threads, or on the calling thread alone when
+    the pass touches few elements; restore numba's setting (per calling thread) after."""
 
     def __init__(self, numel: int):
-        self.small = numel < PARALLEL_MIN_NUMEL
+        self.want = 1 if numel < PARALLEL_MIN_NUMEL else threads()
 
     def __enter__(self):
-        if self.small:
-            import numba
+        import numba
 
-            self.threads = numba.get_num_threads()
-            numba.set_num_threads(1)
+        self.threads = numba.get_num_threads()
+        if self.want != self.threads:
+            numba.set_num_threads(self.want)
 
     def __exit__(self, *exc):
-        if self.small:
+        if self.want != self.threads:
             import numba
 
             numba.set_num_threads(self.threads)
@@ -178,13 +183,13 @@ def moments_pass(x3: Tensor, layout: Layout, w3) -> tuple[Tensor, Tensor, Tensor
     if layout.inner == 1:
         blocks = blocks_per_item(layout.groups, rows.shape[1])
         out = torch.zeros(3, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.moments_rows(xa[:, :, 0], rows, k, w3[:, :, 0], blocks, out.numpy())
     else:
         cblocks = blocks_per_item(layout.groups, layout.channels)
         blocks = blocks_per_item(layout.groups * cblocks, rows.shape[1])
         out = torch.zeros(3, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.moments_planes(xa, rows, k, w3, blocks, cblocks, out.numpy())
     s, q, n = out.sum(2)
     return shift.to(torch.float64), s, q, n
@@ -197,7 +202,7 @@ def affine_pass(x3: Tensor, layout: Layout, a: Tensor, b: Tensor,
     xa, ya = as_numpy(x3), as_numpy(y3)
     if activation is not None:
         kind = loops.ACTIVATIONS[activation]
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             if layout.inner == 1:
                 loops.affine_act_rows(xa[:, :, 0], layout.gid, a.numpy(), b.numpy(), kind,
                                       blocks_per_item(1, layout.outer), ya[:, :, 0])
@@ -207,11 +212,11 @@ def affine_pass(x3: Tensor, layout: Layout, a: Tensor, b: Tensor,
         return y3
     if layout.inner == 1:
         blocks = blocks_per_item(1, layout.outer)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.affine_rows(xa[:, :, 0], layout.gid, a.numpy(), b.numpy(), blocks, ya[:, :, 0])
     else:
         cblocks = blocks_per_item(layout.outer, layout.channels)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.affine_planes(xa, layout.gid, a.numpy(), b.numpy(), cblocks, ya)
     return y3
 
@@ -229,13 +234,13 @@ def grad_sums_pass(x3: Tensor, dy3: Tensor, layout: Layout, mean: Tensor,
     if layout.inner == 1:
         blocks = blocks_per_item(layout.groups, rows.shape[1])
         out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.grad_sums_rows(xa[:, :, 0], da[:, :, 0], rows, m, blocks, out.numpy())
     else:
         cblocks = blocks_per_item(layout.groups, layout.channels)
         blocks = blocks_per_item(layout.groups * cblocks, rows.shape[1])
         out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.grad_sums_planes(xa, da, rows, m, blocks, cblocks, out.numpy())
     s, p = out.sum(2)
     return s, p
@@ -248,14 +253,14 @@ def _grad_sums_act(xa, da, layout: Layout, m, activation) -> tuple[Tensor, Tenso
     if layout.inner == 1:
         blocks = blocks_per_item(layout.groups, rows.shape[1])
         out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.grad_sums_act_rows(xa[:, :, 0], da[:, :, 0], rows, m, a, b, kind, blocks,
                                      out.numpy())
     else:
         cblocks = blocks_per_item(layout.groups, layout.channels)
         blocks = blocks_per_item(layout.groups * cblocks, rows.shape[1])
         out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.grad_sums_act_planes(xa, da, rows, m, a, b, kind, blocks, cblocks, out.numpy())
     s, p = out.sum(2)
     return s, p
@@ -270,7 +275,7 @@ def grad_input_pass(x3, dy3, layout: Layout, m, p, q, u, w3, dx3: Tensor,
     if activation is not None:
         name, a, b = activation
         args += [a.numpy(), b.numpy(), loops.ACTIVATIONS[name]]
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             if layout.inner == 1:
                 loops.grad_input_act_rows(xa[:, :, 0], da[:, :, 0], layout.gid, *args,
                                           w3[:, :, 0], blocks_per_item(1, layout.outer),
@@ -281,12 +286,12 @@ def grad_input_pass(x3, dy3, layout: Layout, m, p, q, u, w3, dx3: Tensor,
         return dx3
     if layout.inner == 1:
         blocks = blocks_per_item(1, layout.outer)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.grad_input_rows(xa[:, :, 0], da[:, :, 0], layout.gid, *args, w3[:, :, 0],
                                   blocks, dxa[:, :, 0])
     else:
         cblocks = blocks_per_item(layout.outer, layout.channels)
-        with serial_if_small(xa.size):
+        with pass_threads(xa.size):
             loops.grad_input_planes(xa, da, layout.gid, *args, w3, cblocks, dxa)
     return dx3
 

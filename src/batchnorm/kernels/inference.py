@@ -127,10 +127,15 @@ def prepared_inference(x: Tensor, state: BatchNormState,
                                              or variance.requires_grad))):
         return lambda x: infer(x, state, call)
 
-    def aten(x: Tensor) -> Tensor:  # _aten's call, its conditions checked above
+    if x.device.type != "cuda":  # cuDNN's flag matters to CUDA tensors only: not read
+        def aten(x: Tensor) -> Tensor:  # _aten's call, its conditions checked above
+            return torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon, False)
+        return aten
+
+    def aten_cuda(x: Tensor) -> Tensor:
         return torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
                                 torch.backends.cudnn.enabled)
-    return aten
+    return aten_cuda
 
 
 def _differentiable(x: Tensor, call: KernelCall) -> bool:
