@@ -115,10 +115,13 @@ def test_activation_is_a_read_only_option_in_the_config_and_repr():
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("fused", [None, False, True], ids=["fast", "composite", "aten"])
-def test_layer_is_activation_of_batch_norm_in_training_and_inference(activation, fused):
+def test_layer_is_activation_of_batch_norm_in_training_and_inference(activation, fused,
+                                                                      monkeypatch):
     # Every path against torch's activation of the plain layer, same statistics. The plain
     # and the activated layer take the same kernel, so y differs only by the activation's
-    # rounding: rtol = atol = 1e-6 (float32 values of magnitude ~3).
+    # rounding: rtol = atol = 1e-6 (float32 values of magnitude ~3). The activation's fast
+    # path threshold is lowered to the plain one's, so that both take it.
+    monkeypatch.setattr(cpu_layout, "MIN_ACTIVATION_NUMEL", cpu.MIN_PLAIN_NUMEL)
     x = torch.randn(64, 16, 9, 9) * 2 + 1  # large enough for the fast path
     plain, fused_layer = (bn.BatchNorm(16, fused=fused, activation=a) for a in (None, activation))
     with torch.no_grad():
@@ -219,9 +222,11 @@ def test_nan_stays_nan_through_the_fused_activation(activation):
 
 
 @needs_numba
-def test_the_fast_path_takes_the_activation_and_keeps_only_x():
+def test_the_fast_path_takes_the_activation_and_keeps_only_x(monkeypatch):
     # The fused kernel saves x (and gamma, beta) for the backward, as without an activation:
-    # no pre-activation output is kept.
+    # no pre-activation output is kept. (Threshold lowered: fused=None selects the loops for
+    # this input.)
+    monkeypatch.setattr(cpu_layout, "MIN_ACTIVATION_NUMEL", cpu.MIN_PLAIN_NUMEL)
     x = torch.randn(64, 16, 8, 8, requires_grad=True)
     call = KernelCall(BatchNormConfig(activation="relu"), (1,), torch.ones(16), torch.zeros(16))
     assert kernels.select(x, initial_state(16), call) is cpu.CPU
@@ -253,10 +258,13 @@ def test_aten_path_applies_relu_in_place_without_breaking_autograd():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_inference_pass_with_activation_matches_the_elementwise_formula(dtype, fmt, activation):
+def test_inference_pass_with_activation_matches_the_elementwise_formula(dtype, fmt, activation,
+                                                                        monkeypatch):
     # One numba pass act(x * inv + shift) against torch's ops on the same float32 (float64)
     # values: the activation in float32 differs from torch's by its rounding (rtol 1e-6;
-    # bfloat16 outputs: one rounding step, 2**-7).
+    # bfloat16 outputs: one rounding step, 2**-7). The pass is taken from 2M values on; the
+    # threshold is lowered to test it on a small input.
+    monkeypatch.setattr(cpu_layout, "MIN_ACTIVATION_NUMEL", 1 << 16)
     x = torch.randn(64, 16, 8, 8).to(dtype).contiguous(memory_format=fmt)
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
     inv = torch.rand(1, 16, 1, 1, dtype=cdtype) + 0.5
@@ -271,6 +279,7 @@ def test_inference_pass_with_activation_matches_the_elementwise_formula(dtype, f
 @needs_numba
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_inference_takes_the_fused_pass_without_autograd(activation, monkeypatch):
+    monkeypatch.setattr(cpu_layout, "MIN_ACTIVATION_NUMEL", 1 << 16)
     calls = []
     affine = cpu_layout.affine
     monkeypatch.setattr(cpu_layout, "affine", lambda *a: calls.append(a[3:]) or affine(*a))
@@ -283,6 +292,23 @@ def test_inference_takes_the_fused_pass_without_autograd(activation, monkeypatch
     # The same float32 coefficients through two routes (the ATen kernel, then torch's
     # activation): rtol = atol = 1e-6.
     torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_numba
+def test_small_inputs_take_atens_kernel_and_the_activation_in_place(monkeypatch):
+    # Below MIN_ACTIVATION_NUMEL the loops' glue costs more than the activation's extra pass
+    # (the measurements are in cpu_layout): training selects ATen's kernel, inference does not
+    # call the fused loop.
+    x = torch.randn(256, 256)
+    assert x.numel() < cpu_layout.MIN_ACTIVATION_NUMEL
+    call = KernelCall(BatchNormConfig(activation="relu"), (1,), None, None)
+    assert kernels.select(x, initial_state(256), call) is kernels.KERNELS["native"]
+    calls = []
+    affine = cpu_layout.affine
+    monkeypatch.setattr(cpu_layout, "affine", lambda *a: calls.append(a) or affine(*a))
+    with torch.no_grad():
+        bn.BatchNorm(256, activation="relu").eval()(x)
+    assert calls == []
 
 
 def test_normalize_has_no_activation_and_infer_applies_it_to_features_on_any_axis():
@@ -302,8 +328,10 @@ def test_normalize_has_no_activation_and_infer_applies_it_to_features_on_any_axi
 @needs_numba
 def test_fused_none_takes_the_fused_passes_for_channels_last_with_an_activation():
     # Plain channels-last keeps ATen's kernel; with an activation the fused passes save the
-    # activation's own pass over memory, so the CPU kernel takes it.
-    x = torch.randn(64, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    # activation's own pass over memory, so the CPU kernel takes it (from
+    # MIN_ACTIVATION_NUMEL values on; only the selection is made, nothing computed).
+    x = torch.empty(64, 16, 48, 48).contiguous(memory_format=torch.channels_last)
+    assert x.numel() >= cpu_layout.MIN_ACTIVATION_NUMEL
     for activation, expected in ((None, native.NATIVE), ("relu", cpu.CPU)):
         call = KernelCall(BatchNormConfig(activation=activation), (1,))
         assert kernels.select(x, initial_state(16), call) is expected

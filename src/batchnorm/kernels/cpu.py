@@ -105,18 +105,20 @@ class CpuKernel:
         composite) is the faster one for this input.
 
         Small inputs: their per-call cost is lower (below ``MIN_PLAIN_NUMEL`` values for
-        ATen's kernel, ``MIN_NUMEL`` for the composite; see the benchmark's 32x64 rows).
-        Plain channels-last and other layouts whose feature axis is innermost in memory:
-        ATen's vectorized per-row kernel beats these loops (which sum such rows at about 60%
-        of the bandwidth limit), unless there is an ``activation``, which ATen's path
-        applies in a pass of its own and these loops in theirs (measured, 64x64x56x56
-        channels-last float32 with ReLU, 2 threads: forward 28 ms against 64, forward and
-        backward 47 against 102).
+        ATen's kernel, ``MIN_NUMEL`` for the composite; see the benchmark's 32x64 rows; with
+        an ``activation``, ATen's kernel and the activation in place below
+        ``MIN_ACTIVATION_NUMEL``). Plain channels-last and other layouts whose feature axis
+        is innermost in memory: ATen's vectorized per-row kernel beats these loops (which
+        sum such rows at about 60% of the bandwidth limit), unless there is an
+        ``activation``, which ATen's path applies in a pass of its own and these loops in
+        theirs (measured, 64x64x56x56 channels-last float32 with ReLU, 2 threads: forward 28
+        ms against 64, forward and backward 47 against 102).
         """
         if call.mask is not None or call.process_group is not None or not call.config.plain:
             return x.numel() < MIN_NUMEL
-        return x.numel() < MIN_PLAIN_NUMEL or (x.ndim > 1 and x.stride(call.axes[0]) == 1
-                                               and call.config.activation is None)
+        if call.config.activation is not None:
+            return x.numel() < cpu_layout.MIN_ACTIVATION_NUMEL  # read here: tests lower it
+        return x.numel() < MIN_PLAIN_NUMEL or (x.ndim > 1 and x.stride(call.axes[0]) == 1)
 
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
         """Why this kernel does not handle the call, or None when it does."""

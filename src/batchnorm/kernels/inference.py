@@ -163,7 +163,7 @@ def _activated(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance: Tensor,
                activation: str) -> Tensor:
     """``act(normalize(x))``: the CPU loop's single pass where it applies, else the
     normalization's pass and the activation in place on its fresh output."""
-    if (x.device.type == "cpu" and x.numel() >= cpu_layout.MIN_PLAIN_NUMEL
+    if (x.device.type == "cpu" and x.numel() >= cpu_layout.MIN_ACTIVATION_NUMEL
             and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, mean, variance, offset, scale)))):
         stats = [broadcast(t, x, axes) for t in (mean, variance, offset, scale)]
