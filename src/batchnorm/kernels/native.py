@@ -106,8 +106,10 @@ class NativeCall:
         else:
             unused, variance = torch.zeros(2, self.features, dtype=self.statistics_dtype,
                                            device=self.device).unbind()
-        y, mean, _ = torch.ops.aten.native_batch_norm(xm, gamma, beta, unused, variance, True,
-                                                      self.momentum, self.epsilon)
+        # torch.native_batch_norm, not torch.ops.aten's overload packet: the public binding
+        # costs about 2 us less per call.
+        y, mean, _ = torch.native_batch_norm(xm, gamma, beta, unused, variance, True,
+                                             self.momentum, self.epsilon)
         y = _activated(y, self.activation)
         return (y if axis == 1 else y.movedim(1, axis)), mean, variance
 
