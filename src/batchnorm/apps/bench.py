@@ -505,14 +505,18 @@ def memory_child(contender: str) -> dict:
     torch.manual_seed(0)
     channels, blocks = 32, 20
 
+    fused = contender == "ours (activation=relu)"
+
     def norm():
         if contender == "torch.nn.BatchNorm2d":
             return torch.nn.BatchNorm2d(channels)
-        return bn.BatchNorm(channels, fused=False if contender == "ours (composite)" else None)
+        return bn.BatchNorm(channels, fused=False if contender == "ours (composite)" else None,
+                            activation="relu" if fused else None)
 
     model = torch.nn.Sequential(*[
         torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                            norm(), torch.nn.ReLU()) for _ in range(blocks)])
+                            norm(), torch.nn.Identity() if fused else torch.nn.ReLU())
+        for _ in range(blocks)])
     x = torch.randn(16, channels, 32, 32)
 
     def step():
@@ -819,7 +823,8 @@ def run(args) -> int:
         since = lap("end-to-end" + (", quiet and under load" if args.load else ""), since)
     if args.memory:
         report["memory"] = [_child(["--memory-child", name], MEMORY_ALLOCATOR)
-                            for name in ("torch.nn.BatchNorm2d", "ours", "ours (composite)")]
+                            for name in ("torch.nn.BatchNorm2d", "ours", "ours (composite)",
+                                         "ours (activation=relu)")]
         report["first_call"] = {"numba cache as found": _child(["--first-call-child"], {})}
         if args.cold:
             with tempfile.TemporaryDirectory() as cache:

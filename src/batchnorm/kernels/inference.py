@@ -118,24 +118,23 @@ def prepared_inference(x: Tensor, state: BatchNormState,
     config = call.config
     mean, variance = inference_statistics(state, momentum=config.momentum,
                                           epsilon=config.epsilon, debias=config.debias)
-    gamma, beta, epsilon = call.gamma, call.beta, config.epsilon
+    gamma, beta, epsilon, activation = call.gamma, call.beta, config.epsilon, config.activation
     dtype = statistics_dtype(x.dtype)
-    if (config.activation is not None or call.axes != (1,) or x.ndim < 2
+    if (call.axes != (1,) or x.ndim < 2
             or mean is not state.moving_mean or mean.dtype != dtype or variance.dtype != dtype
             or any(t is not None and t.dtype != dtype for t in (gamma, beta))
             or (torch.is_grad_enabled() and (_differentiable(x, call) or mean.requires_grad
-                                             or variance.requires_grad))):
+                                             or variance.requires_grad))
+            or (activation is not None and x.device.type == "cpu"
+                and x.numel() >= cpu_layout.MIN_ACTIVATION_NUMEL)):  # the fused loop's size
         return lambda x: infer(x, state, call)
+    cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
 
-    if x.device.type != "cuda":  # cuDNN's flag matters to CUDA tensors only: not read
-        def aten(x: Tensor) -> Tensor:  # _aten's call, its conditions checked above
-            return torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon, False)
-        return aten
-
-    def aten_cuda(x: Tensor) -> Tensor:
-        return torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
-                                torch.backends.cudnn.enabled)
-    return aten_cuda
+    def aten(x: Tensor) -> Tensor:  # _aten's call (its conditions checked above), _activated's
+        y = torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
+                             cuda and torch.backends.cudnn.enabled)
+        return y if activation is None else activate(y, activation, inplace=True)
+    return aten
 
 
 def _differentiable(x: Tensor, call: KernelCall) -> bool:
