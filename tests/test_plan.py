@@ -36,6 +36,7 @@ CONFIGS = {
     "ghost": {"virtual_batch_size": 4},
     "relu": {"activation": "relu"},
     "no-affine": {"center": False, "scale": False},
+    "composite": {"fused": False},
 }
 
 
@@ -123,6 +124,19 @@ def test_other_dtypes_equal_the_full_path(dtype):
     for _ in range(3):
         x = torch.randn(8, 6).to(dtype)
         assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
+        _assert_same_state(planned, full)
+
+
+def test_the_cpu_kernels_planned_update_equals_the_full_path():
+    """A large input takes the numba passes; the plan moves the averages with its loop, the
+    full path (prefer("cpu")) with torch's operations."""
+    planned, full = _pair(unbiased_moving_variance=True)
+    for _ in range(3):
+        x = torch.randn(64, 6, 16, 16)
+        assert x.numel() >= kernels.cpu.MIN_PLAIN_NUMEL
+        with kernels.prefer("cpu"):
+            expected = full(x, training=True)
+        assert torch.equal(planned(x, training=True), expected)
         _assert_same_state(planned, full)
 
 
@@ -355,6 +369,22 @@ def test_threads_calling_one_layer_get_their_own_batch_statistics():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_inference_mode_and_no_grad_calls_share_a_plan():
+    """Both disable grad (one signature): the workspace a call under inference_mode creates
+    must still be writable by a later no_grad or grad-mode call, and the other way round."""
+    x = torch.randn(8, 6)
+    for first, second in ((torch.inference_mode, torch.no_grad),
+                          (torch.no_grad, torch.inference_mode)):
+        planned, full = _pair()
+        for mode in (first, second, first):
+            with mode():
+                y = planned(x, training=True)
+            assert torch.equal(y, _full_path(full, x, training=True))
+        planned(x, training=True)
+        _full_path(full, x, training=True)
+        _assert_same_state(planned, full)
 
 
 # ---------------------------------------------------------------- copies

@@ -38,7 +38,7 @@ from .kernels.native import NATIVE
 from .kernels.protocol import KernelCall, TrainingKernel
 from .kernels.synchronized import resolve_group
 from .shapes import check_features, check_input, values_per_feature
-from .state import BatchNormState, BatchStatistics, state_fields
+from .state import BatchNormState, BatchStatistics, state_fields, statistics_dtype
 
 __all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "inference_run", "prepare", "run",
            "signature", "synchronization_group", "training_run"]
@@ -198,9 +198,22 @@ def training_run(layer: Any, x: Tensor, state: BatchNormState,
         return lambda x: infer(x, state, call)
     native = NATIVE.prepared(x, call) if kernel is NATIVE else None
     if native is None:
+        # One group of int-counted statistics (no ghost batches, no mask): the prepared
+        # update takes them as they come, (1, C) and contiguous, checked per call.
+        update = None
+        if (x.device.type == "cpu" and call.mask is None
+                and call.config.virtual_batch_size is None):
+            dtype = statistics_dtype(x.dtype)
+            update = prepared_update(state, call.config, dtype, values_per_feature(x, call.axes))
+
         def run_kernel(x: Tensor) -> Tensor:
             y, stats = kernel.train(x, state, call)
-            layer._update(stats, state)
+            mean, variance = stats.mean, stats.variance
+            if (update is None or mean.dtype != dtype or variance.dtype != dtype
+                    or not (mean.is_contiguous() and variance.is_contiguous())):
+                layer._update(stats, state)
+            elif not update(mean, variance):
+                layer._skipped(stats)
             return y
         return run_kernel
     update = None

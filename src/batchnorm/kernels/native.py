@@ -127,7 +127,10 @@ class _Workspace(threading.local):
     would fail that call's backward."""
 
     def __init__(self, features: int, dtype: torch.dtype, device: torch.device) -> None:
-        running = torch.zeros(2, features, dtype=dtype, device=device)
+        # A normal tensor even when first used under torch.inference_mode(): an inference
+        # tensor could not be zeroed by a later call outside it.
+        with torch.inference_mode(False):
+            running = torch.zeros(2, features, dtype=dtype, device=device)
         self.mean, self.variance = running.unbind()
         self.zeros = running.data
 
