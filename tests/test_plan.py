@@ -406,3 +406,14 @@ def test_copies_and_pickles_start_without_plans_and_update_their_own_buffers():
         other(x, training=True)
         assert torch.equal(layer.moving_mean, before)
         assert not torch.equal(other.moving_mean, before)
+
+
+def test_a_layer_keeps_a_bounded_number_of_plans(monkeypatch):
+    calls = _count_prepares(monkeypatch)
+    layer = bn.BatchNorm(6)
+    shapes = [(n, 6) for n in range(2, 3 + plan.MAX_PLANS)]  # one more than it keeps
+    for shape in shapes:
+        layer(torch.randn(shape), training=True)
+    assert len(layer._plans) <= plan.MAX_PLANS
+    layer(torch.randn(shapes[-1]), training=True)  # the newest is kept
+    assert calls[0] == len(shapes)

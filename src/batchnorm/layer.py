@@ -742,7 +742,7 @@ class BatchNorm(nn.Module):
         made = plan.CallPlan(self._config, ("gamma", "beta"), buffers,
                              (self.gamma, self.beta, *(getattr(self, b) for b in buffers)), run)
         if len(self._plans) >= plan.MAX_PLANS:
-            del self._plans[next(iter(self._plans))]
+            self._plans.clear()  # atomic, unlike evicting one while another thread reads
         self._plans[key] = made
         return made
 

@@ -44,7 +44,7 @@ __all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "inference_run", 
            "signature", "synchronization_group", "training_run"]
 
 # Signatures a layer keeps plans for (a training and an inference shape, a smaller last
-# batch, ...); the oldest plan is dropped beyond that.
+# batch, ...); beyond that the layer starts over.
 MAX_PLANS = 8
 
 
