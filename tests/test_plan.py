@@ -417,3 +417,24 @@ def test_a_layer_keeps_a_bounded_number_of_plans(monkeypatch):
     assert len(layer._plans) <= plan.MAX_PLANS
     layer(torch.randn(shapes[-1]), training=True)  # the newest is kept
     assert calls[0] == len(shapes)
+
+
+def test_the_prepared_update_keeps_the_tensors_it_writes_alive():
+    """The numba loop writes through raw addresses: the update must own its tensors, or a
+    state built for one call and dropped would leave it writing into freed memory."""
+    import gc
+    import weakref
+
+    from batchnorm.functional import BatchNormConfig, initial_state
+    from batchnorm.kernels.cpu import prepared_update
+
+    state = initial_state(3)
+    refs = [weakref.ref(t) for t in state[:3]]
+    update = prepared_update(state, BatchNormConfig(momentum=0.5), torch.float32, 8)
+    del state
+    gc.collect()
+    assert all(ref() is not None for ref in refs)
+    assert update(torch.full((3,), 2.0), torch.full((3,), 4.0))
+    mean, variance, count = (ref() for ref in refs)
+    assert torch.equal(mean, torch.full((3,), 1.0)) and torch.equal(variance, torch.full((3,), 2.5))
+    assert int(count) == 1

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..activations import ACTIVATIONS
 from ..config import BatchNormConfig
-from ..state import BatchNormState, BatchStatistics
+from ..state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
 from . import cpu_layout, two_pass
 from .cpu_layout import (
     DTYPES,
@@ -83,13 +83,16 @@ def prepared_update(state: BatchNormState, config: BatchNormConfig, dtype: torch
             or any(t.device.type != "cpu" or not t.is_contiguous() for t in (mm, mv, updates))):
         return None
     loop = cpu_layout.loops.lerp_if_finite
+    # The tensors themselves are kept with their addresses: the loop must never write into
+    # memory that was freed (a state built for the call and dropped after it).
+    kept = (mm, mv, updates)
     addresses = (mm.data_ptr(), mv.data_ptr(), updates.data_ptr())
     n = mm.numel()
     weight = kind(1.0 - config.momentum)  # as torch.lerp rounds a Python weight
     correction = stat(count / (count - 1) if config.unbiased_moving_variance else 1.0)
     zero = stat(0)
 
-    def update(mean: Tensor, variance: Tensor) -> bool:
+    def update(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
         return loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, weight, correction,
                     zero)
     return update
@@ -183,4 +186,9 @@ def warm_up() -> float:
                                       torch.zeros(3, requires_grad=True), mask)
                     y, _ = CPU.train(x, state, call)
                     y.sum().backward()
+        update = prepared_update(initial_state(3, dtype=statistics_dtype(dtype)),
+                                 BatchNormConfig(), statistics_dtype(dtype), 8)
+        if update is not None:  # the moving-average loop of the layer's plans
+            update(torch.zeros(3, dtype=statistics_dtype(dtype)),
+                   torch.ones(3, dtype=statistics_dtype(dtype)))
     return time.perf_counter() - start
