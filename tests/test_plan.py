@@ -438,3 +438,26 @@ def test_the_prepared_update_keeps_the_tensors_it_writes_alive():
     mean, variance, count = (ref() for ref in refs)
     assert torch.equal(mean, torch.full((3,), 1.0)) and torch.equal(variance, torch.full((3,), 2.5))
     assert int(count) == 1
+
+
+def test_a_parametrized_gamma_is_read_on_every_call():
+    """torch.nn.utils.parametrize moves gamma out of the layer's parameters and computes it
+    on each access: no plan may keep a computed gamma."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, gamma):
+            return 2 * gamma
+
+    layer = bn.BatchNorm(4)
+    x = torch.randn(8, 4)
+    for training in (True, False):
+        layer(x, training=training)
+    parametrize.register_parametrization(layer, "gamma", Double())
+    for training in (True, False):
+        with torch.no_grad():
+            layer.parametrizations.gamma.original.fill_(1.5)
+        first = layer(x, training=training)
+        with torch.no_grad():
+            layer.parametrizations.gamma.original.fill_(4.5)
+        torch.testing.assert_close(layer(x, training=training), first * 3, rtol=1e-6, atol=1e-6)
