@@ -389,7 +389,9 @@ print('compiled', len(launches))
 """
 
 
-def test_triton_kernels_compile_for_h200():
+def compile_for_h200(script: str, timeout: float) -> str:
+    """Run ``script`` (it compiles Triton kernels for an H200) in a fresh process without
+    Triton's interpreter; skip where Triton has no NVIDIA backend; return its output."""
     import triton.backends
 
     if "nvidia" not in triton.backends.backends:
@@ -400,7 +402,11 @@ def test_triton_kernels_compile_for_h200():
     src = str(Path(batchnorm.__file__).parents[1])
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default of Triton 3.9 (silences its warning)
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled 16" in done.stdout
+    return done.stdout
+
+
+def test_triton_kernels_compile_for_h200():
+    assert "compiled 16" in compile_for_h200(COMPILE_SCRIPT, timeout=300)

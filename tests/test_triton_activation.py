@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import test_activation
 import test_kernels as cpu_tests
+import test_triton
 import test_triton_kernel
 import torch
 
@@ -126,22 +127,4 @@ print('compiled', len(launches))
 
 
 def test_triton_activation_kernels_compile_for_h200():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    import batchnorm
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = str(Path(batchnorm.__file__).parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default of Triton 3.9 (silences its warning)
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled 18" in done.stdout
+    assert "compiled 18" in test_triton.compile_for_h200(COMPILE_SCRIPT, timeout=600)

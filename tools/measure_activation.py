@@ -11,9 +11,9 @@ turn), 5 timed rounds after 2 warm-up rounds, median reported, at 1 and 2 torch 
 (numba's threads follow), in a child process per allocator setting (``reuse``: glibc's
 mmap/trim thresholds set high so freed blocks are reused; ``default``: glibc as it is).
 
-``memory``: the method of ``batchnorm.apps.bench`` (its ``memory_child``): a child per
-contender with every allocation over 64 KiB its own mapping, so the resident set follows
-the live tensors; peak RSS (VmHWM) of one training step above the RSS before it.
+``memory``: ``batchnorm.apps.bench.peak_memory``, in a child per contender with every
+allocation over 64 KiB its own mapping, so the resident set follows the live tensors;
+peak RSS (VmHWM) of one training step above the RSS before it.
 """
 
 from __future__ import annotations
@@ -25,13 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ALLOCATORS = {
-    "reuse": {"MALLOC_MMAP_THRESHOLD_": str(1 << 40), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
-    "default": {},
-}
-MEMORY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16), "MALLOC_TRIM_THRESHOLD_": str(1 << 16)}
+from batchnorm.apps.bench import ALLOCATORS, MEMORY_ALLOCATOR, peak_memory
+
 SPEED_CONTENDERS = ("torch.nn BN + {act}", "ours BN + nn.{Act}", "ours activation={act!r}")
 MEMORY_CONTENDERS = ("torch.nn BN + ReLU", "torch.nn BN + ReLU(inplace)", "ours BN + nn.ReLU",
                      "ours activation='relu'", "ours fused=False activation='relu'",
@@ -91,37 +87,7 @@ def speed_child(allocator: str) -> list[dict]:
 
 
 def memory_child(contender: str) -> dict:
-    import gc
-
-    import torch
-
-    torch.manual_seed(0)
-    channels, blocks = 32, 20
-    model = torch.nn.Sequential(*[
-        torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                            _module(contender, channels)) for _ in range(blocks)])
-    x = torch.randn(16, channels, 32, 32)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-
-    step()  # load kernels, allocate gradients
-    model.zero_grad(set_to_none=True)
-    gc.collect()
-    base = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    step()
-    peak = _status_kb("VmHWM")
-    return {"contender": contender, "peak_mib": (peak - base) / 1024,
-            "activation_mib": x.numel() * 4 * blocks / 2**20}
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    return peak_memory(contender, lambda channels: _module(contender, channels))
 
 
 def _child(args: list[str], env: dict) -> object:

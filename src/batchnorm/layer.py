@@ -21,6 +21,7 @@ from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch
 from .initializers import Initializer
+from .kernels.inference import prepared_inference
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
 from .updates import active_recorder
 
@@ -737,10 +738,11 @@ class BatchNorm(nn.Module):
         prepared = plan.prepare(x, state, self._config, training=training, gamma=self.gamma,
                                 beta=self.beta, mask=None, process_group=self._process_group)
         run = (plan.training_run(self, x, state, prepared) if training
-               else plan.inference_run(x, state, prepared))
-        buffers = tuple(BUFFER_NAMES[f] for f in state._fields if getattr(state, f) is not None)
-        made = plan.CallPlan(self._config, ("gamma", "beta"), buffers,
-                             (self.gamma, self.beta, *(getattr(self, b) for b in buffers)), run)
+               else prepared_inference(x, state, prepared.call))
+        held = [(BUFFER_NAMES[f], t) for f, t in zip(state._fields, state, strict=True)
+                if t is not None]
+        made = plan.CallPlan(self._config, ("gamma", "beta"), tuple(name for name, _ in held),
+                             (self.gamma, self.beta, *(t for _, t in held)), run)
         if len(self._plans) >= plan.MAX_PLANS:
             self._plans.clear()  # atomic, unlike evicting one while another thread reads
         self._plans[key] = made

@@ -33,15 +33,15 @@ from torch import Tensor
 from . import kernels
 from .config import BatchNormConfig, check_epsilon
 from .kernels.cpu import prepared_update
-from .kernels.inference import infer, prepared_inference
+from .kernels.inference import infer
 from .kernels.native import NATIVE
 from .kernels.protocol import KernelCall, TrainingKernel
 from .kernels.synchronized import resolve_group
 from .shapes import check_features, check_input, values_per_feature
 from .state import BatchNormState, BatchStatistics, state_fields, statistics_dtype
 
-__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "inference_run", "prepare", "run",
-           "signature", "synchronization_group", "training_run"]
+__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "prepare", "run", "signature",
+           "synchronization_group", "training_run"]
 
 # Signatures a layer keeps plans for (a training and an inference shape, a smaller last
 # batch, ...); beyond that the layer starts over.
@@ -197,45 +197,28 @@ def training_run(layer: Any, x: Tensor, state: BatchNormState,
     if kernel is None:
         return lambda x: infer(x, state, call)
     native = NATIVE.prepared(x, call) if kernel is NATIVE else None
-    if native is None:
-        # One group of int-counted statistics (no ghost batches, no mask): the prepared
-        # update takes them as they come, (1, C) and contiguous, checked per call.
-        update = None
-        if (x.device.type == "cpu" and call.mask is None
-                and call.config.virtual_batch_size is None):
-            dtype = statistics_dtype(x.dtype)
-            update = prepared_update(state, call.config, dtype, values_per_feature(x, call.axes))
-
-        def run_kernel(x: Tensor) -> Tensor:
-            y, stats = kernel.train(x, state, call)
-            mean, variance = stats.mean, stats.variance
-            if (update is None or mean.dtype != dtype or variance.dtype != dtype
-                    or not (mean.is_contiguous() and variance.is_contiguous())):
-                layer._update(stats, state)
-            elif not update(mean, variance):
-                layer._skipped(stats)
-            return y
-        return run_kernel
+    dtype = statistics_dtype(x.dtype)
     update = None
-    if x.device.type == "cpu":
-        update = prepared_update(state, call.config, native.statistics_dtype, native.count)
-    if update is None:
-        def run_native(x: Tensor) -> Tensor:
-            y, stats = native.train(x)
-            layer._update(stats, state)
+    # One group of int-counted statistics (no ghost batches, no mask) on CPU: the numba loop.
+    if x.device.type == "cpu" and call.mask is None and call.config.virtual_batch_size is None:
+        update = prepared_update(state, call.config, dtype, values_per_feature(x, call.axes))
+    if native is not None and update is not None:
+        def run_fused(x: Tensor) -> Tensor:  # ATen's statistics in this thread's workspace
+            y, mean, variance = native(x, borrow=True)
+            if not update(mean, variance):
+                layer._skipped(BatchStatistics(mean.detach()[None], variance.clone()[None],
+                                               native.count))
             return y
-        return run_native
+        return run_fused
+    train = native.train if native is not None else (lambda x: kernel.train(x, state, call))
 
-    def run_fused(x: Tensor) -> Tensor:
-        y, mean, variance = native(x, borrow=True)
-        if not update(mean, variance):
-            layer._skipped(BatchStatistics(mean.detach()[None], variance.clone()[None],
-                                           native.count))
+    def run(x: Tensor) -> Tensor:
+        y, stats = train(x)
+        mean, variance = stats.mean, stats.variance
+        if (update is None or mean.dtype != dtype or variance.dtype != dtype
+                or not (mean.is_contiguous() and variance.is_contiguous())):
+            layer._update(stats, state)
+        elif not update(mean, variance):
+            layer._skipped(stats)
         return y
-    return run_fused
-
-
-def inference_run(x: Tensor, state: BatchNormState,
-                  prepared: Prepared) -> Callable[[Tensor], Tensor]:
-    """The inference call for ``x``'s signature (also a training call of an empty batch)."""
-    return prepared_inference(x, state, prepared.call)
+    return run

@@ -69,10 +69,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from .measure import spread
+from .measure import rounds, spread
 
 ALLOCATORS = {
     "default": {},
@@ -331,16 +333,7 @@ def _time(fns: dict, repeats: int, budget: float) -> dict[str, list[float]]:
         fn()
         first = time.perf_counter() - start
         calls[name] = max(1, min(200, int(budget / max(first, 1e-7))))
-    samples = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn, n = fns[name], calls[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
-    return samples
+    return rounds(fns, calls, repeats)
 
 
 def set_threads(threads: int | None) -> None:
@@ -496,27 +489,36 @@ def _cpu_model() -> str:
 
 def memory_child(contender: str) -> dict:
     """Peak resident memory of one training step through 20 Conv-BatchNorm-ReLU blocks."""
-    import gc
-
     import torch
 
     import batchnorm as bn
 
+    def norm_act(channels: int) -> torch.nn.Module:
+        if contender == "ours (activation=relu)":
+            return bn.BatchNorm(channels, activation="relu")
+        if contender == "torch.nn.BatchNorm2d":
+            norm = torch.nn.BatchNorm2d(channels)
+        else:
+            norm = bn.BatchNorm(channels, fused=False if contender == "ours (composite)" else None)
+        return torch.nn.Sequential(norm, torch.nn.ReLU())
+
+    return peak_memory(contender, norm_act)
+
+
+def peak_memory(contender: str, norm_act: Callable[[int], Any]) -> dict:
+    """Peak resident memory of one training step (forward, backward) through 20
+    Conv-``norm_act(channels)`` blocks of 16x32x32x32 float32 activations, above the
+    resident set before it (run it in a process where every large allocation is its own
+    mapping, :data:`MEMORY_ALLOCATOR`, so that the resident set follows the live tensors)."""
+    import gc
+
+    import torch
+
     torch.manual_seed(0)
     channels, blocks = 32, 20
-
-    fused = contender == "ours (activation=relu)"
-
-    def norm():
-        if contender == "torch.nn.BatchNorm2d":
-            return torch.nn.BatchNorm2d(channels)
-        return bn.BatchNorm(channels, fused=False if contender == "ours (composite)" else None,
-                            activation="relu" if fused else None)
-
     model = torch.nn.Sequential(*[
         torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                            norm(), torch.nn.Identity() if fused else torch.nn.ReLU())
-        for _ in range(blocks)])
+                            norm_act(channels)) for _ in range(blocks)])
     x = torch.randn(16, channels, 32, 32)
 
     def step():

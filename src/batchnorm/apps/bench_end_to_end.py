@@ -44,7 +44,7 @@ from torch import nn
 
 import batchnorm as bn
 
-from .measure import spread
+from .measure import rounds, spread
 
 TORCH = "torch.nn"
 OURS = "batchnorm"
@@ -176,18 +176,7 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, budget: float,
             fn()
             calls[name] = max(1, min(1000, round(budget / max(time.perf_counter() - start,
                                                               1e-7))))
-    names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn, n = fns[name], calls[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
-        if after_round:
-            after_round()
-    return samples
+    return rounds(fns, calls, repeats, after_round)
 
 
 def summarize(samples_ms: dict[str, list[float]]) -> dict:
