@@ -14,7 +14,6 @@ micro-batches, instead of one pass over the concatenated batch.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -24,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import free_port
 from torch import nn
 
 import batchnorm as bn
@@ -126,16 +126,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os._exit(0)  # skip the process group's teardown
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp_loops")
-    context = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD,
+    context = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):

@@ -223,14 +223,16 @@ def _dies(rank: int, group, out: Path) -> None:
 # ---------------------------------------------------------------- the parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now, for a process group's rendezvous (the other
+    multi-process test files use it too)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _spawn(world: int, out: Path, limit: float = 240.0) -> list[dict]:
-    context = mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world,
+    context = mp.start_processes(_worker, args=(world, free_port(), str(out)), nprocs=world,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + limit
     while not context.join(timeout=1):

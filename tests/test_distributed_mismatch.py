@@ -13,7 +13,6 @@ saves each process's results after each case; the tests below read them.
 
 from __future__ import annotations
 
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -23,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import free_port
 
 import batchnorm as bn
 from batchnorm.kernels.synchronized import global_moments
@@ -120,16 +120,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 # ---------------------------------------------------------------- the parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("mismatch")
-    context = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2,
+    context = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=2,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_LIMIT
     problem = None
