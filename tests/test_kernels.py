@@ -429,3 +429,30 @@ def test_masked_statistics_stay_accurate_when_the_padding_is_far_from_the_data(l
                          ghost_layout="strided", adjustment=None, mask=mask)
     exact = x.float().double()[:, :, :25].var(dim=(0, 2), unbiased=False)
     torch.testing.assert_close(stats.variance[0].double(), exact, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "native", "composite"])
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last])
+def test_training_output_can_be_modified_in_place(kernel, memory_format):
+    """``nn.ReLU(inplace=True)`` and ``out += identity`` (every ResNet) after a training call
+    on an input large enough for the four-pass kernel: the output is no view a Function made,
+    and the gradients equal those of the out-of-place ops."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 32, 32, dtype=torch.float64)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    grads = []
+    for in_place in (True, False):
+        xi = x.clone().requires_grad_()
+        layer = bn.BatchNorm(16, dtype=torch.float64)
+        with kernels.prefer(kernel):
+            y = layer(xi, training=True)
+        if in_place:
+            y += xi
+            y.relu_()
+        else:
+            y = (y + xi).relu()
+        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).cos()).sum().backward()
+        grads.append((xi.grad, layer.gamma.grad, layer.beta.grad))
+    for got, want in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -111,6 +111,11 @@ class Layout:
             t = t.contiguous()
         return t.view(self.outer, self.channels, self.inner)
 
+    def empty(self, x: Tensor) -> Tensor:
+        """A new tensor shaped like ``x`` in this layout's memory order: not a view, so an
+        autograd Function can return it and callers may modify it in place."""
+        return torch.empty_permuted(x.shape, self.perm, dtype=x.dtype, device=x.device)
+
     def unview(self, t3: Tensor) -> Tensor:
         """The inverse of :meth:`view`: x's shape, in x's memory order."""
         return t3.view(self.permuted_shape).permute(self.inverse)

@@ -159,7 +159,10 @@ class TwoPassFunction(torch.autograd.Function):
         x3 = layout.view(x if layout.contiguous else x.contiguous())
         # The output first: allocated after the small temporaries, it would land above them
         # and fault in fresh pages on every call instead of reusing the last call's block.
-        y3 = torch.empty_like(x3)
+        # It is returned as allocated (not as a view of ``y3``): autograd refuses in-place
+        # changes (``relu_``, ``+=``) to a view a Function made itself.
+        y = layout.empty(x)
+        y3 = layout.view(y)
         passes = o.passes
         w3 = passes.mask(o.mask, x, o.axis, layout)
         shift, s, q, n = passes.moments(x3, layout, w3)
@@ -193,9 +196,9 @@ class TwoPassFunction(torch.autograd.Function):
         a, shift_out = a.to(cdtype).contiguous(), shift_out.to(cdtype).contiguous()
         activation = None
         if config.activation is None:
-            y3 = passes.affine(x3, layout, a, shift_out, y3)
+            passes.affine(x3, layout, a, shift_out, y3)
         else:
-            y3 = passes.affine(x3, layout, a, shift_out, y3, config.activation)
+            passes.affine(x3, layout, a, shift_out, y3, config.activation)
             activation = FusedActivation(config.activation, a, shift_out)
 
         ctx.save_for_backward(x, gamma, beta)
@@ -203,7 +206,7 @@ class TwoPassFunction(torch.autograd.Function):
         ctx.saved = _Saved(mean, invstd, scale, r, d, n if masked else None, count, w3,
                            activation)
         ctx.mark_non_differentiable(*(t for t in stats if isinstance(t, Tensor)))
-        return layout.unview(y3), stats.mean, stats.variance, stats.count
+        return y, stats.mean, stats.variance, stats.count
 
     @staticmethod
     def backward(ctx, dy: Tensor, *_unused):
