@@ -74,6 +74,8 @@ MODES = {
     "mask_positions": ({}, "positions"),
     "mask_values": ({}, "values"),
     "mask_ghost_empty_group": ({"virtual_batch_size": 4}, "empty_group"),
+    "mask_few_values": ({}, "few_values"),
+    "mask_ghost_few_values": ({"virtual_batch_size": 4}, "few_values"),
     "no_gamma_beta": ({"center": False, "scale": False}, None),
 }
 
@@ -95,6 +97,13 @@ def make_mask(kind: str | None, x: torch.Tensor, axis: int) -> torch.Tensor | No
     g = torch.Generator().manual_seed(7)
     if kind == "values":
         return torch.rand(x.shape, generator=g) < 0.6
+    if kind == "few_values":  # channel c < 3 selects its first c values (none or one: no
+        mask = torch.rand(x.shape, generator=g) < 0.6  # variance, the moving statistics)
+        for c in range(3):
+            channel = mask.select(axis, c)
+            channel.zero_()
+            channel[torch.unravel_index(torch.arange(c), channel.shape)] = True
+        return mask
     shape = [s for d, s in enumerate(x.shape) if d != axis]
     mask = torch.rand(shape, generator=g) < 0.6
     if kind == "empty_group":  # strided groups: samples n and n + 2 (batch 8, size 4)
@@ -220,7 +229,8 @@ def gradcheck_function(options, mask, axis):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
 @pytest.mark.parametrize("mode", ["plain", "ghost_strided", "ghost_consecutive", "mask_positions",
-                                  "mask_values", "mask_ghost_empty_group", "renorm_clipped"])
+                                  "mask_values", "mask_ghost_empty_group", "mask_few_values",
+                                  "mask_ghost_few_values", "renorm_clipped"])
 def test_gradcheck_cpu_kernel(mode, layout):
     options, mask_kind = MODES[mode]
     shape, axis, fmt = {"nchw": ((8, 3, 2, 2), 1, None),
@@ -456,3 +466,4 @@ def test_training_output_can_be_modified_in_place(kernel, memory_format):
         grads.append((xi.grad, layer.gamma.grad, layer.beta.grad))
     for got, want in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+

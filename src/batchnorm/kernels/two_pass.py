@@ -233,11 +233,15 @@ class TwoPassFunction(torch.autograd.Function):
             dbeta = s1.sum(0).to(beta.dtype)
         dx = None
         if ctx.needs_input_grad[0]:
+            # 1 / count behind each group's statistics; 0 for a group a mask leaves fewer than
+            # two values, normalized with the moving statistics: constants, so no term from
+            # the batch statistics reaches its gradient (dx = p * dy there).
             n = saved.selected
-            safe = n.clamp_min(1.0) if n is not None else saved.count
+            per_value = (1.0 / saved.count if n is None
+                         else torch.where(n < 2, 0.0, n.clamp_min(1.0).reciprocal()))
             p = saved.invstd * saved.scale
-            u = p * s1 / safe
-            q = p * saved.invstd * s2 / safe
+            u = p * s1 * per_value
+            q = p * saved.invstd * s2 * per_value
             cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             coeffs = [c.to(cdtype).contiguous()
                       for c in (saved.mean, p.expand_as(saved.mean), q, u)]
