@@ -26,6 +26,7 @@ both paths: ``tests/test_conformance.py`` does the same for the tf_keras fixture
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -467,3 +468,83 @@ def test_training_output_can_be_modified_in_place(kernel, memory_format):
     for got, want in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
+
+# ---------------------------------------------------------------- ATen's kernel and strides
+
+
+def _aten_gradients(x, training, dy):
+    """Gradients of ``sum(y * dy)`` (x, gamma, beta) through ATen's own batch-norm kernel."""
+    x = x.detach().requires_grad_()
+    channels = x.shape[1]
+    gamma = torch.linspace(0.5, 2.0, channels, dtype=x.dtype).requires_grad_()
+    beta = torch.zeros(channels, dtype=x.dtype, requires_grad=True)
+    y = torch.batch_norm(x, gamma, beta, torch.zeros(channels, dtype=x.dtype),
+                         torch.ones(channels, dtype=x.dtype), training, 0.1, 1e-3, False)
+    y.backward(dy)
+    return x.grad, gamma.grad, beta.grad
+
+
+def _every_layout(sizes):
+    """``torch.randn(sizes)`` dense in each order of its dimensions (every permutation)."""
+    for order in itertools.permutations(range(len(sizes))):
+        dense = torch.randn([sizes[d] for d in order], dtype=torch.float64)
+        yield dense.permute([order.index(d) for d in range(len(sizes))])
+
+
+@pytest.mark.parametrize("sizes", [(2, 3, 1, 2), (2, 3, 2, 1), (1, 3, 2, 1), (2, 3, 1, 2, 1)])
+def test_misread_by_cpu_backward_names_exactly_the_strides_aten_gets_wrong(sizes):
+    # ATen's gradients for x, against those for x.contiguous() (float64, the same sums in
+    # another order: 1e-9), with an NCHW-contiguous gradient, in training and inference.
+    for x in _every_layout(sizes):
+        dy = torch.randn(x.shape, dtype=torch.float64)
+        wrong = any(not torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+                    for training in (True, False)
+                    for a, b in zip(_aten_gradients(x, training, dy),
+                                    _aten_gradients(x.contiguous(), training, dy), strict=True))
+        assert native.misread_by_cpu_backward(x) == wrong, (x.shape, x.stride())
+
+
+def _size_one_channels_last():
+    """``(8, 16, 4, 1)`` with strides ``(64, 1, 16, 1)``: channels-last through its size-1
+    dimension only, which ATen's CPU backward misreads."""
+    x = torch.randn(8, 4, 16, dtype=torch.float64).transpose(1, 2).unsqueeze(-1)
+    assert x.stride() == (64, 1, 16, 1) and native.misread_by_cpu_backward(x)
+    return x
+
+
+@pytest.mark.parametrize("fused", [True, None], ids=["native", "fused_none"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_gradients_of_size_one_channels_last_input_equal_those_of_its_contiguous_copy(
+        training, fused):
+    # Both sides float64, the same values summed in another order: 1e-9. Two calls each, the
+    # second through the layer's plan for the signature.
+    x = _size_one_channels_last()
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    grads = []
+    for xi in (x, x.contiguous()):
+        layer = bn.BatchNorm(16, fused=fused, dtype=torch.float64)
+        for _ in range(2):
+            xg = xi.detach().requires_grad_()
+            layer.zero_grad()
+            layer(xg, training=training).backward(dy)
+        grads.append((xg.grad, layer.gamma.grad, layer.beta.grad))
+    for actual, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_only_the_misread_strides_are_copied_for_aten():
+    misread = _size_one_channels_last()
+    gamma = torch.ones(16, dtype=torch.float64, requires_grad=True)
+    assert native.aten_input(misread, None, None) is misread  # no gradient: no backward
+    assert native.aten_input(misread, gamma, None).is_contiguous()  # dgamma reads x and dy
+    assert native.aten_input(misread.requires_grad_(), None, None).is_contiguous()
+    with torch.no_grad():
+        assert native.aten_input(misread, gamma, None) is misread
+    for x in (torch.randn(8, 16, 4, 3).contiguous(memory_format=torch.channels_last),
+              torch.randn(8, 16, 4, 1).contiguous(memory_format=torch.channels_last),
+              torch.randn(8, 16, 4, 1, 3).contiguous(memory_format=torch.channels_last_3d),
+              torch.randn(8, 16, 4, 1).transpose(2, 3),
+              torch.randn(8, 16, 4, 1)):
+        x.requires_grad_()
+        assert not native.misread_by_cpu_backward(x), x.stride()
+        assert native.aten_input(x, gamma, None) is x, x.stride()

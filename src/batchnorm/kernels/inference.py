@@ -30,6 +30,7 @@ from ..shapes import broadcast, resolve_axes
 from ..state import BatchNormState, statistics_dtype
 from ..statistics import affine_terms, inference_statistics
 from . import cpu_layout
+from .native import aten_input
 from .protocol import KernelCall
 
 __all__ = ["infer", "normalize", "normalize_features", "prepared_inference"]
@@ -129,6 +130,7 @@ def prepared_inference(x: Tensor, state: BatchNormState,
                 and x.numel() >= cpu_layout.MIN_ACTIVATION_NUMEL)):  # the fused loop's size
         return lambda x: infer(x, state, call)
     cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
+    # No gradient flows through it (checked above): no copy for ATen's backward (aten_input).
 
     def aten(x: Tensor) -> Tensor:  # _aten's call (its conditions checked above), _activated's
         y = torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
@@ -238,7 +240,7 @@ def _aten(x: Tensor, axis: int, mean: Tensor, variance: Tensor, offset: Tensor |
         scale = scale.to(dtype)
     if offset is not None and offset.dtype != dtype:
         offset = offset.to(dtype)
-    xm = x if axis == 1 else x.movedim(axis, 1)
+    xm = aten_input(x if axis == 1 else x.movedim(axis, 1), scale, offset)
     y = torch.batch_norm(xm, scale, offset, mean, variance, False, 0.0, epsilon,
                          torch.backends.cudnn.enabled)
     return y if axis == 1 else y.movedim(1, axis)

@@ -14,7 +14,7 @@ from ..shapes import values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from .protocol import KernelCall, traced
 
-__all__ = ["NATIVE", "NativeCall", "NativeKernel"]
+__all__ = ["NATIVE", "NativeCall", "NativeKernel", "aten_input", "misread_by_cpu_backward"]
 
 
 class NativeKernel:
@@ -37,7 +37,7 @@ class NativeKernel:
             return prepared.train(x)
         # traced: torch.func transforms cannot write into the unbatched running statistics
         (axis,) = call.axes
-        xm = x if axis == 1 else x.movedim(axis, 1)
+        xm = aten_input(x if axis == 1 else x.movedim(axis, 1), call.gamma, call.beta)
         gamma, beta = _parameters(x, axis, call.gamma, call.beta)
         y, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
             xm, gamma, beta, True, 0.0, call.config.epsilon)
@@ -67,10 +67,13 @@ class NativeCall:
     """
 
     __slots__ = ("axis", "gamma", "beta", "cast", "epsilon", "activation", "features",
-                 "statistics_dtype", "count", "momentum", "device", "workspace")
+                 "statistics_dtype", "count", "momentum", "device", "workspace", "copy")
 
     def __init__(self, x: Tensor, call: KernelCall) -> None:
         (self.axis,) = call.axes
+        xm = x if self.axis == 1 else x.movedim(self.axis, 1)
+        # Inputs of these strides (and grad mode, requires_grad) need a contiguous copy.
+        self.copy = aten_input(xm, call.gamma, call.beta) is not xm
         self.features = x.shape[self.axis]
         self.statistics_dtype = statistics_dtype(x.dtype)
         self.gamma, self.beta = call.gamma, call.beta
@@ -93,6 +96,8 @@ class NativeCall:
         # ATen normalizes along dim 1; moving another axis there is a view (channels-last
         # layouts keep their fast path).
         xm = x if axis == 1 else x.movedim(axis, 1)
+        if self.copy:
+            xm = xm.contiguous()
         gamma, beta = self.gamma, self.beta
         if self.cast:
             gamma, beta = _parameters(x, axis, gamma, beta)
@@ -133,6 +138,56 @@ class _Workspace(threading.local):
             running = torch.zeros(2, features, dtype=dtype, device=device)
         self.mean, self.variance = running.unbind()
         self.zeros = running.data
+
+
+def aten_input(x: Tensor, gamma: Tensor | None, beta: Tensor | None) -> Tensor:
+    """``x`` (features along dim 1) as ATen's batch-norm kernels should be given it: itself,
+    or a contiguous copy where their backward would run and misread its gradients
+    (:func:`misread_by_cpu_backward`)."""
+    if (misread_by_cpu_backward(x) and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, gamma, beta))):
+        return x.contiguous()
+    return x
+
+
+def misread_by_cpu_backward(x: Tensor) -> bool:
+    """Whether ATen's CPU batch-norm backward (training and inference) computes wrong input,
+    gamma and beta gradients for an input of ``x``'s strides, features along dim 1.
+
+    That is a 4-D (5-D) ``x`` dense in channels-last order but not in NCHW order, which
+    ``suggest_memory_format`` still calls contiguous because of the strides of its size-1
+    dimensions: ``torch.randn(8, 4, 16).transpose(1, 2).unsqueeze(-1)``, shape
+    ``(8, 16, 4, 1)``, strides ``(64, 1, 16, 1)``. The backward then takes its pointer path
+    for an NCHW-contiguous gradient (the formats it suggests agree) but reads the input as
+    channels-last and the gradient as if it were laid out the same. Channels-last inputs
+    whose strides say so (``x.contiguous(memory_format=torch.channels_last)``, size-1
+    dimensions or not) are read right.
+
+    >>> misread_by_cpu_backward(torch.randn(8, 4, 16).transpose(1, 2).unsqueeze(-1))
+    True
+    >>> misread_by_cpu_backward(torch.randn(8, 16, 4, 1).contiguous(
+    ...     memory_format=torch.channels_last))
+    False
+    """
+    if x.device.type != "cpu" or x.ndim not in (4, 5) or x.is_contiguous():
+        return False
+    channels_last = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+    return x.is_contiguous(memory_format=channels_last) and not _channels_last_strides(x)
+
+
+def _channels_last_strides(x: Tensor) -> bool:
+    """c10's ``is_channels_last_strides_2d``/``_3d``, on which ``suggest_memory_format``
+    decides: the strides grow from C over the spatial dimensions (innermost first) to N,
+    ambiguous cases (size-1 dimensions with equal strides) counted as NCHW."""
+    shape, strides = x.shape, x.stride()
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, *range(x.ndim - 1, 1, -1), 0):
+        if shape[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return False
+        least = strides[d] * (shape[d] if shape[d] > 1 else 1)
+    return True
 
 
 def _parameters(x: Tensor, axis: int, gamma: Tensor | None,
