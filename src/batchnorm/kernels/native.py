@@ -143,7 +143,12 @@ class _Workspace(threading.local):
 def aten_input(x: Tensor, gamma: Tensor | None, beta: Tensor | None) -> Tensor:
     """``x`` (features along dim 1) as ATen's batch-norm kernels should be given it: itself,
     or a contiguous copy where their backward would run and misread its gradients
-    (:func:`misread_by_cpu_backward`)."""
+    (:func:`misread_by_cpu_backward`).
+
+    >>> x = torch.randn(8, 4, 16).transpose(1, 2).unsqueeze(-1).requires_grad_()
+    >>> aten_input(x, None, None).stride(), aten_input(x.detach(), None, None).stride()
+    ((64, 4, 1, 1), (64, 1, 16, 1))
+    """
     if (misread_by_cpu_backward(x) and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in (x, gamma, beta))):
         return x.contiguous()
