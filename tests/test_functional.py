@@ -347,6 +347,21 @@ def test_compiled_functional_batch_norm_matches_eager():
     assert same_bits(state, before)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_layer_with_dynamic_shapes_rejects_a_one_sample_batch_like_eager():
+    layer = trained_layer()
+    compiled = torch.compile(layer, dynamic=True)
+    for batch in (8, 5):  # a graph with a symbolic batch size, then a second size through it
+        compiled(torch.randn(batch, 3), training=True)
+    before = {name: b.clone() for name, b in layer.named_buffers()}
+    with pytest.raises(ValueError, match="more than one value per feature"):
+        compiled(torch.randn(1, 3), training=True)
+    for name, buffer in layer.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    compiled(torch.randn(8, 3), training=True)  # and the layer still trains
+    assert layer.num_updates.item() == 3
+
+
 # ---------------------------------------------------------------------------- torch.func
 
 
