@@ -362,6 +362,45 @@ def test_compiled_layer_with_dynamic_shapes_rejects_a_one_sample_batch_like_eage
     assert layer.num_updates.item() == 3
 
 
+def renorm_case(options: dict) -> tuple[bn.BatchNorm, torch.Tensor, torch.Tensor]:
+    """A float64 renorm layer whose renorm averages are far from the batch's statistics (so
+    that r and d are not 1 and 0, and this call's update moves them), an input and a dy."""
+    layer = bn.BatchNorm(3, renorm=True, momentum=0.9, renorm_momentum=0.5,
+                         dtype=torch.float64, **options)
+    with torch.no_grad():
+        layer.gamma.copy_(torch.rand(3) + 0.5)
+        layer.beta.copy_(torch.randn(3))
+        layer.renorm_mean.copy_(torch.randn(3))
+        layer.renorm_stddev.copy_(torch.rand(3) + 0.5)
+    x = torch.randn(8, 3, dtype=torch.float64) * 2 + 1
+    return layer, x, torch.randn(8, 3, dtype=torch.float64)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("options", [
+    pytest.param({}, id="unclipped"),
+    pytest.param({"renorm_clipping": {"rmax": 1.5, "dmax": 0.5}, "virtual_batch_size": 4},
+                 id="clipped-ghost"),
+])
+def test_compiled_renorm_layer_has_eager_outputs_gradients_and_buffers(options):
+    eager, x, dy = renorm_case(options)
+    layer = copy.deepcopy(eager)
+    compiled = torch.compile(layer, fullgraph=True)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y = compiled(xs[0], training=True)
+    y.backward(dy)
+    y_eager = eager(xs[1], training=True)
+    y_eager.backward(dy)
+    # float64, the same operations in another order: agreement to rounding (~1e-15 seen).
+    tolerance = {"rtol": 1e-12, "atol": 1e-12}
+    assert_close(y, y_eager, **tolerance)
+    assert_close(xs[0].grad, xs[1].grad, **tolerance)
+    assert_close(layer.gamma.grad, eager.gamma.grad, **tolerance)
+    assert_close(layer.beta.grad, eager.beta.grad, **tolerance)
+    for name, buffer in eager.named_buffers():
+        assert_close(layer.get_buffer(name), buffer, **tolerance, msg=name)
+
+
 # ---------------------------------------------------------------------------- torch.func
 
 

@@ -166,7 +166,8 @@ def renorm_correction(
     ``r = sqrt(variance + eps) / s`` and ``d = (mean - renorm_mean) / s`` with
     ``s = max(renorm_stddev, sqrt(eps))``, clipped to ``[rmin, rmax]`` and
     ``[-dmax, dmax]`` (missing keys: 0, inf, inf). Where the statistics are not
-    finite (an empty mask) the correction is the identity.
+    finite (an empty mask) the correction is the identity. The backward uses these values
+    (from the renorm averages before the call's update), compiled too.
     """
     clipping = clipping or {}
     stddev = torch.sqrt(variance.detach() + epsilon)
@@ -174,7 +175,15 @@ def renorm_correction(
     r = (stddev / s).clamp(clipping.get("rmin", 0.0), clipping.get("rmax", math.inf))
     dmax = clipping.get("dmax", math.inf)
     d = ((mean.detach() - state.renorm_mean) / s).clamp(-dmax, dmax)
-    return torch.where(torch.isfinite(r), r, 1.0), torch.where(torch.isfinite(d), d, 0.0)
+    r, d = torch.where(torch.isfinite(r), r, 1.0), torch.where(torch.isfinite(d), d, 0.0)
+    if torch.compiler.is_compiling():
+        # The backward must use these values, computed from the renorm averages before this
+        # call's update overwrites them. torch.compile's partitioners recompute cheap
+        # (pointwise) values in the backward from the graph's inputs instead of saving them,
+        # and the buffers among those inputs have been updated in place by then. A stack is
+        # not recomputed (not in their allowlist): it is saved, and so are r and d.
+        r, d = torch.stack([r, d]).unbind(0)
+    return r, d
 
 
 def inference_statistics(
