@@ -478,6 +478,21 @@ def test_func_grad_through_a_training_layer_with_captured_buffers_raises_and_wri
         assert torch.equal(buffer, own[name]), name
 
 
+@pytest.mark.parametrize("batch", [pytest.param(8, id="small"),
+                                   pytest.param(2048, id="fast-path-size")])
+def test_func_grad_refuses_a_training_layers_captured_buffers_whatever_the_kernel(batch):
+    # x and the layer captured, nothing of them differentiated: the call (and, for 64K
+    # values, the CPU fast path's plan left by an eager call) still runs under the transform.
+    layer = bn.BatchNorm(32, momentum=0.9)
+    x = torch.randn(batch, 32)
+    layer(x, training=True)
+    before = {name: b.clone() for name, b in layer.named_buffers()}
+    with pytest.raises(ValueError, match="nothing was written"):
+        torch.func.grad(lambda w: (layer(x, training=True) * w).sum())(torch.tensor(2.0))
+    for name, buffer in layer.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
 def ensemble(n: int) -> list[bn.BatchNorm]:
     """``n`` float64 layers with different parameters and moving averages."""
     models = []
