@@ -362,34 +362,47 @@ def test_compiled_layer_with_dynamic_shapes_rejects_a_one_sample_batch_like_eage
     assert layer.num_updates.item() == 3
 
 
-def renorm_case(options: dict) -> tuple[bn.BatchNorm, torch.Tensor, torch.Tensor]:
-    """A float64 renorm layer whose renorm averages are far from the batch's statistics (so
-    that r and d are not 1 and 0, and this call's update moves them), an input and a dy."""
-    layer = bn.BatchNorm(3, renorm=True, momentum=0.9, renorm_momentum=0.5,
-                         dtype=torch.float64, **options)
+def buffer_reading_case(options: dict) -> tuple[bn.BatchNorm, torch.Tensor, torch.Tensor]:
+    """A float64 layer whose moving and renorm averages are far from the batch's statistics
+    (so that renorm's r and d are not 1 and 0, and this call's update moves every average),
+    an input and a dy."""
+    layer = bn.BatchNorm(3, momentum=0.5, dtype=torch.float64, **options)
     with torch.no_grad():
         layer.gamma.copy_(torch.rand(3) + 0.5)
         layer.beta.copy_(torch.randn(3))
-        layer.renorm_mean.copy_(torch.randn(3))
-        layer.renorm_stddev.copy_(torch.rand(3) + 0.5)
+        layer.moving_mean.copy_(torch.randn(3))
+        if layer.renorm:
+            layer.renorm_mean.copy_(torch.randn(3))
+            layer.renorm_stddev.copy_(torch.rand(3) + 0.5)
+        else:
+            layer.moving_variance.copy_(torch.rand(3) + 0.5)
     x = torch.randn(8, 3, dtype=torch.float64) * 2 + 1
     return layer, x, torch.randn(8, 3, dtype=torch.float64)
 
 
+# Ghost batches of 4, strided: sample n is in group n % 2. Leaving out samples 0, 2 and 4
+# leaves group 0 one value, so it is normalized with the moving statistics.
+ONE_VALUE_GROUP = torch.tensor([False, True, False, True, False, True, True, True])
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("options", [
-    pytest.param({}, id="unclipped"),
-    pytest.param({"renorm_clipping": {"rmax": 1.5, "dmax": 0.5}, "virtual_batch_size": 4},
-                 id="clipped-ghost"),
+@pytest.mark.parametrize(("options", "mask"), [
+    pytest.param({"renorm": True, "renorm_momentum": 0.5}, None, id="renorm"),
+    pytest.param({"renorm": True, "renorm_momentum": 0.5, "virtual_batch_size": 4,
+                  "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}}, None,
+                 id="renorm-clipped-ghost"),
+    pytest.param({"virtual_batch_size": 4}, ONE_VALUE_GROUP, id="masked-one-value-group"),
 ])
-def test_compiled_renorm_layer_has_eager_outputs_gradients_and_buffers(options):
-    eager, x, dy = renorm_case(options)
+def test_compiled_layer_normalizing_with_its_buffers_has_eager_gradients(options, mask):
+    # Renorm's r and d, and a masked group's moving statistics, come from buffers that the
+    # call's update overwrites: the backward must see the values the forward saw.
+    eager, x, dy = buffer_reading_case(options)
     layer = copy.deepcopy(eager)
     compiled = torch.compile(layer, fullgraph=True)
     xs = [x.clone().requires_grad_() for _ in range(2)]
-    y = compiled(xs[0], training=True)
+    y = compiled(xs[0], training=True, mask=mask)
     y.backward(dy)
-    y_eager = eager(xs[1], training=True)
+    y_eager = eager(xs[1], training=True, mask=mask)
     y_eager.backward(dy)
     # float64, the same operations in another order: agreement to rounding (~1e-15 seen).
     tolerance = {"rtol": 1e-12, "atol": 1e-12}
@@ -399,7 +412,6 @@ def test_compiled_renorm_layer_has_eager_outputs_gradients_and_buffers(options):
     assert_close(layer.beta.grad, eager.beta.grad, **tolerance)
     for name, buffer in eager.named_buffers():
         assert_close(layer.get_buffer(name), buffer, **tolerance, msg=name)
-
 
 # ---------------------------------------------------------------------------- torch.func
 

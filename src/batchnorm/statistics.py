@@ -22,8 +22,8 @@ from .shapes import resolve_axes
 from .state import BatchNormState, BatchStatistics, statistics_dtype
 
 __all__ = ["affine_terms", "apply_update", "combine_statistics", "inference_statistics",
-           "moments", "output_affine", "pooled_statistics", "renorm_correction", "skip_reason",
-           "update_state", "update_state_"]
+           "kept_for_backward", "moments", "output_affine", "pooled_statistics",
+           "renorm_correction", "skip_reason", "update_state", "update_state_"]
 
 
 def moments(
@@ -175,15 +175,26 @@ def renorm_correction(
     r = (stddev / s).clamp(clipping.get("rmin", 0.0), clipping.get("rmax", math.inf))
     dmax = clipping.get("dmax", math.inf)
     d = ((mean.detach() - state.renorm_mean) / s).clamp(-dmax, dmax)
-    r, d = torch.where(torch.isfinite(r), r, 1.0), torch.where(torch.isfinite(d), d, 0.0)
-    if torch.compiler.is_compiling():
-        # The backward must use these values, computed from the renorm averages before this
-        # call's update overwrites them. torch.compile's partitioners recompute cheap
-        # (pointwise) values in the backward from the graph's inputs instead of saving them,
-        # and the buffers among those inputs have been updated in place by then. A stack is
-        # not recomputed (not in their allowlist): it is saved, and so are r and d.
-        r, d = torch.stack([r, d]).unbind(0)
-    return r, d
+    return kept_for_backward(torch.where(torch.isfinite(r), r, 1.0),
+                             torch.where(torch.isfinite(d), d, 0.0))
+
+
+def kept_for_backward(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` (of one shape and dtype), with the values they have now also in the
+    backward: for values read from the buffers before this call's update overwrites them.
+
+    Eager autograd saves what it needs. torch.compile's partitioners instead recompute cheap
+    (pointwise) values in the backward from the graph's inputs, and the buffers among those
+    inputs have been updated in place by then. A stack is not recomputed (not in their
+    allowlist): while compiling the tensors pass through one, which is saved.
+
+    >>> r, d = kept_for_backward(torch.ones(2), torch.zeros(2))
+    >>> r, d
+    (tensor([1., 1.]), tensor([0., 0.]))
+    """
+    if not torch.compiler.is_compiling():
+        return tensors
+    return torch.stack(tensors).unbind(0)
 
 
 def inference_statistics(
