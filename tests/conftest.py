@@ -21,6 +21,8 @@ SLOW_TESTS: dict[str, set[str] | None] = {
         "test_compiled_layer_in_training_updates_its_buffers_like_eager",
         "test_compiled_layer_in_inference_matches_eager_and_keeps_its_buffers",
         "test_compiled_functional_batch_norm_matches_eager",
+        "test_compiled_layer_with_dynamic_shapes_rejects_a_one_sample_batch_like_eager",
+        "test_compiled_layer_normalizing_with_its_buffers_has_eager_gradients",
     },
     "test_kernels.py": {"test_compile_and_torch_func_fall_back_from_the_fast_path"},
     "test_activation.py": {"test_compiled_layer_with_activation_matches_eager"},  # ~25 s

@@ -22,6 +22,7 @@ from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch
 from .initializers import Initializer
 from .kernels.inference import prepared_inference
+from .kernels.protocol import traced
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
 from .updates import active_recorder
 
@@ -761,13 +762,16 @@ class BatchNorm(nn.Module):
     def _update(self, stats: BatchStatistics, state: BatchNormState) -> None:
         if self._config.renorm or not isinstance(stats.count, int):
             recompute.remember(self, state, (stats,))  # the state enters the output
-        applied = F.apply_update(state, stats, self._config)
-        if applied.device.type == "cpu" and not torch.compiler.is_compiling():
+        # A CPU tensor is read back at once (no device to wait for), unless traced or inside a
+        # torch.func transform: there the count of skips is written with the averages.
+        untraced_cpu = stats.mean.device.type == "cpu" and not traced(stats.mean)
+        applied = F.apply_update(state, stats, self._config,
+                                 skipped=None if untraced_cpu else self.num_skipped)
+        if untraced_cpu:
             if not applied.numpy():  # a NumPy view of CPU memory: there is no device to wait for
                 self._skipped(stats)
             return
-        self.num_skipped.add_(~applied)
-        if torch.compiler.is_compiling():
+        if traced(stats.mean):
             return  # traced: the counter records skips; check_health() reports them
         self._health.watch(applied, stats)
         self._warn_skipped(self._health.skipped())

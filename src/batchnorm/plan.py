@@ -142,11 +142,13 @@ def signature(x: Tensor, training: bool) -> tuple | None:
     """The key of a call's plan: what its checks and kernel choice depend on besides the
     layer (the training flag, grad mode, the input's shape, strides, dtype, device and
     ``requires_grad``); None where a call on ``x`` may neither use nor leave a plan: a tensor
-    subclass, or tracing by ``torch.compile``, ``torch.jit.trace`` or a ``torch.func``
-    transform (which see the full path, as they always did)."""
+    subclass, or tracing by ``torch.compile``, ``torch.jit.trace`` or inside a ``torch.func``
+    transform (which see the full path, as they always did), even one that captured ``x``
+    unwrapped: the plan's update writes the buffers' memory, where the transform must see
+    (and may refuse) each write."""
     if (type(x) is not Tensor or torch.compiler.is_dynamo_compiling()
             or torch._C._get_tracing_state()
-            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+            or torch._C._functorch.peek_interpreter_stack() is not None):
         return None
     return (training, torch.is_grad_enabled(), x.requires_grad, x.dtype, x.device, x.shape,
             x.stride())

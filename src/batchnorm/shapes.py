@@ -6,6 +6,7 @@ This module imports nothing from the package.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,10 @@ def resolve_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
                 f"axis {a} is out of range for an input of rank {ndim}: "
                 f"expected a value in [{-ndim}, {ndim - 1}]"
             )
-        resolved.append(a % ndim)
+        # A plain int (specialized when traced): torch.compile(dynamic=True) may trace an int
+        # option as a SymInt, for which `d in axes` came out False, so reduction_axes kept
+        # the feature axis and a one-sample batch passed as C values per feature.
+        resolved.append(operator.index(a) % ndim)
     if len(set(resolved)) != len(resolved):
         raise ValueError(
             f"axis {tuple(axes)} names the same axis twice for an input of rank {ndim}")

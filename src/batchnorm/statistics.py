@@ -22,8 +22,8 @@ from .shapes import resolve_axes
 from .state import BatchNormState, BatchStatistics, statistics_dtype
 
 __all__ = ["affine_terms", "apply_update", "combine_statistics", "inference_statistics",
-           "moments", "output_affine", "pooled_statistics", "renorm_correction", "skip_reason",
-           "update_state", "update_state_"]
+           "kept_for_backward", "moments", "output_affine", "pooled_statistics",
+           "renorm_correction", "skip_reason", "update_state", "update_state_"]
 
 
 def moments(
@@ -166,7 +166,8 @@ def renorm_correction(
     ``r = sqrt(variance + eps) / s`` and ``d = (mean - renorm_mean) / s`` with
     ``s = max(renorm_stddev, sqrt(eps))``, clipped to ``[rmin, rmax]`` and
     ``[-dmax, dmax]`` (missing keys: 0, inf, inf). Where the statistics are not
-    finite (an empty mask) the correction is the identity.
+    finite (an empty mask) the correction is the identity. The backward uses these values
+    (from the renorm averages before the call's update), compiled too.
     """
     clipping = clipping or {}
     stddev = torch.sqrt(variance.detach() + epsilon)
@@ -174,7 +175,26 @@ def renorm_correction(
     r = (stddev / s).clamp(clipping.get("rmin", 0.0), clipping.get("rmax", math.inf))
     dmax = clipping.get("dmax", math.inf)
     d = ((mean.detach() - state.renorm_mean) / s).clamp(-dmax, dmax)
-    return torch.where(torch.isfinite(r), r, 1.0), torch.where(torch.isfinite(d), d, 0.0)
+    return kept_for_backward(torch.where(torch.isfinite(r), r, 1.0),
+                             torch.where(torch.isfinite(d), d, 0.0))
+
+
+def kept_for_backward(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` (of one shape and dtype), with the values they have now also in the
+    backward: for values read from the buffers before this call's update overwrites them.
+
+    Eager autograd saves what it needs. torch.compile's partitioners instead recompute cheap
+    (pointwise) values in the backward from the graph's inputs, and the buffers among those
+    inputs have been updated in place by then. A stack is not recomputed (not in their
+    allowlist): while compiling the tensors pass through one, which is saved.
+
+    >>> r, d = kept_for_backward(torch.ones(2), torch.zeros(2))
+    >>> r, d
+    (tensor([1., 1.]), tensor([0., 0.]))
+    """
+    if not torch.compiler.is_compiling():
+        return tensors
+    return torch.stack(tensors).unbind(0)
 
 
 def inference_statistics(
@@ -265,21 +285,39 @@ def update_state(
     poison the averages. Nothing is mutated and nothing waits for the device
     (:func:`update_state_` is the in-place form).
     """
-    stats = stats._replace(mean=stats.mean.detach(), variance=stats.variance.detach())
-    mean, variance = pooled_statistics(stats, unbiased=unbiased_moving_variance)
-    finite = _finite_as_stored(state, mean, variance)
-    new = {"num_updates": state.num_updates + finite.to(state.num_updates.dtype)}
-    averages = _averages(state, mean, variance, momentum=momentum, epsilon=epsilon,
-                         renorm_momentum=renorm_momentum)
-    for name, value, decay in averages:
-        moving = getattr(state, name)
-        step = 1.0 / (state.num_updates + 1) if decay is None else 1.0 - decay
-        updated = moving - (moving - value.to(moving.dtype)) * step
-        new[name] = torch.where(finite, updated, moving)
-    if state.moving_stddev is not None:
-        new["moving_variance"] = torch.where(
-            finite, _renorm_variance(new["moving_stddev"], epsilon), state.moving_variance)
-    return state._replace(**new)
+    return state._replace(**_moved(state, stats, momentum=momentum, epsilon=epsilon,
+                                   unbiased=unbiased_moving_variance,
+                                   renorm_momentum=renorm_momentum)[1])
+
+
+def _moved(state: BatchNormState, stats: BatchStatistics, *, momentum: float | None,
+           epsilon: float, unbiased: bool, renorm_momentum: float
+           ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Whether the batch enters the averages (a 0-d bool on the device), and the new value
+    of each of ``state``'s tensors one update moves (``num_updates`` included), all computed
+    out of place: nothing is written, so that the caller can write all of them or none.
+
+    TensorFlow's ``moving -= (moving - value) * (1 - momentum)`` in ``torch.lerp``'s
+    arithmetic (the numba update's too). A skipped batch moves each average toward itself:
+    ``lerp(m, m, w) == m`` exactly.
+    """
+    with torch.no_grad():
+        mean, variance = pooled_statistics(stats, unbiased=unbiased)
+        finite = _finite_as_stored(state, mean, variance)
+        new = {}
+        for name, value, decay in _averages(state, mean, variance, momentum=momentum,
+                                            epsilon=epsilon, renorm_momentum=renorm_momentum):
+            moving = getattr(state, name)
+            # The cumulative average (momentum=None) steps by 1 / (n + 1), on the device.
+            step = (1.0 - decay if decay is not None
+                    else (state.num_updates + 1).reciprocal().to(moving.dtype))
+            new[name] = torch.lerp(moving, torch.where(finite, value.to(moving.dtype), moving),
+                                   step)
+        if state.moving_stddev is not None:
+            new["moving_variance"] = torch.where(
+                finite, _renorm_variance(new["moving_stddev"], epsilon), state.moving_variance)
+        new["num_updates"] = state.num_updates + finite.to(state.num_updates.dtype)
+    return finite, new
 
 
 def update_state_(
@@ -356,7 +394,7 @@ def skip_reason(stats: BatchStatistics, *, unbiased: bool = False,
 
 
 def apply_update(state: BatchNormState, stats: BatchStatistics,
-                 config: BatchNormConfig) -> Tensor:
+                 config: BatchNormConfig, *, skipped: Tensor | None = None) -> Tensor:
     """Fold one batch's statistics into ``state``'s tensors, in place, with ``config``'s
     options; return a 0-d boolean tensor on the state's device: whether the batch entered
     the averages (False for statistics that are not all finite, which leave every tensor
@@ -364,7 +402,12 @@ def apply_update(state: BatchNormState, stats: BatchStatistics,
 
     Nothing is read back from the device: the choice is a select on the device, so the
     call never waits for it (and can be captured in a CUDA graph). :func:`skip_reason` says
-    why a batch was skipped.
+    why a batch was skipped; ``skipped``, an integer scalar tensor (a layer's
+    ``num_skipped``), counts it, written with the averages.
+
+    All or nothing: every new value is computed before the first is written, and a write
+    refused inside a ``torch.func`` transform (``grad`` of a captured buffer, ``vmap`` of an
+    unbatched one) undoes the writes made before it and raises ``ValueError``.
 
     >>> state = BatchNormState(torch.zeros(1), torch.ones(1), torch.tensor(0))
     >>> stats = BatchStatistics(torch.tensor([[2.0]]), torch.tensor([[4.0]]), 8)
@@ -372,33 +415,56 @@ def apply_update(state: BatchNormState, stats: BatchStatistics,
     tensor(True)
     >>> state.moving_mean, state.moving_variance, state.num_updates
     (tensor([0.2000]), tensor([1.3000]), tensor(1))
-    >>> apply_update(state, stats._replace(mean=torch.tensor([[math.nan]])), BatchNormConfig())
+    >>> skipped = torch.tensor(0)
+    >>> apply_update(state, stats._replace(mean=torch.tensor([[math.nan]])), BatchNormConfig(),
+    ...              skipped=skipped)
     tensor(False)
-    >>> state.num_updates
-    tensor(1)
+    >>> state.num_updates, skipped
+    (tensor(1), tensor(1))
     """
+    finite, new = _moved(state, stats, momentum=config.momentum, epsilon=config.epsilon,
+                         unbiased=config.unbiased_moving_variance,
+                         renorm_momentum=config.renorm_momentum)
+    writes = [(getattr(state, name), value) for name, value in new.items()]
+    if skipped is not None:
+        writes.append((skipped, skipped + (~finite).to(skipped.dtype)))
     with torch.no_grad():
-        mean, variance = pooled_statistics(stats, unbiased=config.unbiased_moving_variance)
-        finite = _finite_as_stored(state, mean, variance)
-        averages = _averages(state, mean, variance, momentum=config.momentum,
-                             epsilon=config.epsilon, renorm_momentum=config.renorm_momentum)
-        for decay in {d for *_, d in averages}:
-            group = [(getattr(state, name), value) for name, value, d in averages if d == decay]
-            movings = [m for m, _ in group]
-            # A skipped batch moves each average toward itself: lerp(m, m, w) == m exactly.
-            values = [torch.where(finite, v.to(m.dtype), m) for m, v in group]
-            if decay is None:  # the cumulative average: 1 / (n + 1), computed on the device
-                step = (state.num_updates + 1).reciprocal().to(movings[0].dtype)
-                for m, v in zip(movings, values, strict=True):
-                    m.lerp_(v, step)
-            else:  # lerp computes moving + step * (value - moving): TensorFlow's update
-                torch._foreach_lerp_(movings, values, 1.0 - decay)
-        if state.moving_stddev is not None:
-            state.moving_variance.copy_(torch.where(
-                finite, _renorm_variance(state.moving_stddev, config.epsilon),
-                state.moving_variance))
-        state.num_updates.add_(finite)
+        _write_all(writes)
     return finite
+
+
+def _write_all(writes: list[tuple[Tensor, Tensor]]) -> None:
+    """Copy each value into its tensor: all of them, or (raising) none.
+
+    Outside ``torch.func``, one multi-tensor copy (a layer's buffers are made alike: a write
+    that fails fails on the first). Inside a transform each tensor may be refused on its own
+    (one captured or unbatched, the others not), so the old values are kept until every
+    write is made, and put back if one is refused.
+    """
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        torch._foreach_copy_([t for t, _ in writes], [v for _, v in writes])  # one launch
+        return
+    saved = [target.clone() for target, _ in writes]
+    written = 0
+    try:
+        for target, value in writes:
+            target.copy_(value)
+            written += 1
+    except RuntimeError as error:
+        for (target, _), old in zip(writes[:written], saved, strict=False):
+            target.copy_(old)
+        refusal = str(error).splitlines()[0]
+        raise ValueError(
+            "batch normalization cannot write its moving averages inside this torch.func "
+            f"transform ({refusal}); nothing was written. A training call updates the state "
+            "in place, which torch.func allows only for a state batched like the input: "
+            "torch.func.vmap over a stack of models' parameters and buffers (model "
+            "ensembling: torch.func.stack_module_state(models), in_dims=0 for all of them "
+            "and the input). For a state shared by every vmapped input, or a state captured "
+            "by torch.func.grad/vjp/jvp, use batchnorm.functional.batch_norm, which returns "
+            "the new state instead of writing it (return it as grad's has_aux output), or "
+            "call the layer with training=False."
+        ) from error
 
 
 def output_affine(

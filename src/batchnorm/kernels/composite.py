@@ -26,7 +26,12 @@ from torch import Tensor
 from ..activations import apply as activate
 from ..shapes import broadcast, mask_shape, reduction_axes
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
-from ..statistics import output_affine, pooled_statistics, renorm_correction
+from ..statistics import (
+    kept_for_backward,
+    output_affine,
+    pooled_statistics,
+    renorm_correction,
+)
 from .inference import normalize
 from .protocol import KernelCall
 from .synchronized import global_moments
@@ -129,9 +134,10 @@ def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, 
         # A group with fewer than two selected values has no variance: like a group with none,
         # it is normalized with the moving statistics (and left out of the pooled statistics).
         empty = count < 2
-        mean = torch.where(empty, broadcast(state.moving_mean, view, feature_axes), mean)
-        variance = torch.where(
-            empty, broadcast(state.moving_variance, view, feature_axes), variance)
+        moving_mean, moving_variance = kept_for_backward(state.moving_mean,
+                                                         state.moving_variance)
+        mean = torch.where(empty, broadcast(moving_mean, view, feature_axes), mean)
+        variance = torch.where(empty, broadcast(moving_variance, view, feature_axes), variance)
 
     r = d = adjust = None
     if config.renorm:
