@@ -321,10 +321,14 @@ class _ActivationFuser:
     def _rewrite(self, module: nn.Module, targets: dict[str, str]) -> nn.Module:
         """``module`` as a GraphModule without the activation calls after the batch norms
         ``targets`` names (relative name -> activation), each fused into its layer; ``module``
-        itself when it cannot be traced on its own."""
+        itself when it cannot be traced on its own, or has an argument with a default."""
         try:
             graph = BatchNormTracer().trace(module)
         except Exception:  # traceable only as part of its parent: leave these pairs
+            return module
+        if any(node.op == "placeholder" and node.args for node in graph.nodes):
+            # Traced on its own, an argument with a default is a Proxy, never the default:
+            # `if shortcut is None` is baked in as False, and a call without it would fail.
             return module
         fused = 0
         for node in list(graph.nodes):
