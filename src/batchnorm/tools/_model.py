@@ -177,7 +177,8 @@ def layer_moments(
 
 
 class BatchNormTracer(torch.fx.Tracer):
-    """A ``torch.fx`` tracer that keeps every batch normalization layer as one ``call_module``.
+    """A ``torch.fx`` tracer that keeps every batch normalization layer, convolution and
+    linear layer (subclasses included) as one ``call_module``.
 
     fx traces into modules defined outside ``torch.nn``: without this, a
     :class:`~batchnorm.BatchNorm` (or a user's subclass of a ``torch.nn`` batch
@@ -186,7 +187,10 @@ class BatchNormTracer(torch.fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_batch_norm(m) or super().is_leaf_module(m, module_qualified_name)
+        # Subclasses of torch.nn's convolutions and Linear too (torchvision's Conv3DSimple):
+        # traced into, they would be a bare function call, and fold could not see them.
+        return (is_batch_norm(m) or isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 # ---------------------------------------------------------------- activations

@@ -36,6 +36,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PRODUCERS = (*_CONVS, *_TRANSPOSED, nn.Linear)
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# The methods a convolution or linear layer computes with: a subclass overriding one of
+# them (timm's StdConv2d standardizes its weight, Conv2dSame pads) may not take a fold.
+_FORWARDS = ("forward", "_conv_forward")
 _NOT_AFTER_PRODUCER = "its input does not come directly from a Conv, ConvTranspose or Linear layer"
 
 
@@ -49,6 +52,16 @@ class FoldResult(NamedTuple):
     """``(batch-norm name, name of the layer it was folded into)``, in model order."""
     not_folded: list[tuple[str, str]]
     """``(batch-norm name, reason)`` of every batch normalization left in place."""
+
+
+def _producer_class(module: nn.Module) -> type[nn.Module] | None:
+    """The Conv, ConvTranspose or Linear class ``module`` is, or subclasses without
+    changing how it computes (torchvision's ``Conv3DSimple``); else None."""
+    base = next((cls for cls in type(module).__mro__ if cls in _PRODUCERS), None)
+    if base is None or any(getattr(type(module), f, None) is not getattr(base, f, None)
+                           for f in _FORWARDS):
+        return None
+    return base
 
 
 class _Folder:
@@ -84,7 +97,11 @@ class _Folder:
         return None
 
     def _pair_problem(self, producer: nn.Module, producer_name: str, bn: nn.Module) -> str | None:
-        if type(producer) not in _PRODUCERS:
+        if _producer_class(producer) is None:
+            if isinstance(producer, _PRODUCERS):
+                return (f"its input comes from {producer_name!r} ({type(producer).__name__}), "
+                        "a subclass of a Conv, ConvTranspose or Linear layer with its own "
+                        "forward, which may not compute with the weights as given")
             return (f"its input comes from {producer_name!r} ({type(producer).__name__}), "
                     "not from a Conv, ConvTranspose or Linear layer")
         if has_hooks(producer):
@@ -222,7 +239,7 @@ def _output_ranks(model: nn.Module, example_input: Tensor | tuple) -> dict[int, 
     ranks: dict[int, set[int]] = {}
     handles = [m.register_forward_hook(
         lambda m, args, out: ranks.setdefault(id(m), set()).add(out.ndim))
-        for m in model.modules() if type(m) in _PRODUCERS]
+        for m in model.modules() if isinstance(m, _PRODUCERS)]
     try:
         run_without_updates(model, example_input)  # updates from training=True calls dropped
     finally:
