@@ -26,8 +26,11 @@ from ._model import (
     batch_norm_layers,
     has_hooks,
     is_batch_norm,
+    is_frozen_batch_norm,
+    norm_act_tail,
     replace_modules,
     run_without_updates,
+    timm_class,
 )
 
 __all__ = ["FoldResult", "fold"]
@@ -64,6 +67,18 @@ def _producer_class(module: nn.Module) -> type[nn.Module] | None:
     return base
 
 
+def _replacement(bn: nn.Module) -> nn.Module:
+    """What takes a folded layer's place: what it applies after normalizing (a BatchNorm's
+    activation module, a timm layer's drop and act), or ``nn.Identity``."""
+    if isinstance(bn, BatchNorm):
+        tail = [] if bn.activation is None else [activation_module(bn.activation)]
+    else:
+        tail = norm_act_tail(bn)
+    if not tail:
+        return nn.Identity()
+    return (tail[0] if len(tail) == 1 else nn.Sequential(*tail)).eval()
+
+
 class _Folder:
     """Finds and folds (producer, batch norm) pairs in one model, recording why others are not."""
 
@@ -90,8 +105,10 @@ class _Folder:
             if not isinstance(bn.axis, int) and len(bn.axis) > 1:
                 return f"it has several feature axes (axis={bn.axis})"
             return None
-        if type(bn) not in _TORCH_BN:
+        if type(bn) not in _TORCH_BN and not is_frozen_batch_norm(bn) and timm_class(bn) is None:
             return f"{type(bn).__qualname__}: not a layer fold knows (or a lazy one never called)"
+        if is_frozen_batch_norm(bn):
+            return None
         if not bn.track_running_stats or bn.running_mean is None:
             return "track_running_stats=False: it normalizes with batch statistics in eval mode"
         return None
@@ -108,7 +125,7 @@ class _Folder:
             return f"{producer_name!r} has hooks registered on it, which folding could change"
         linear = isinstance(producer, nn.Linear)
         out = producer.out_features if linear else producer.out_channels
-        features = bn.num_features[0] if isinstance(bn, BatchNorm) else bn.num_features
+        features = bn.num_features[0] if isinstance(bn, BatchNorm) else len(bn.running_mean)
         if features != out:
             return f"it has {features} features but {producer_name!r} gives {out}"
         axis = bn.axis if isinstance(bn, BatchNorm) else 1
@@ -137,9 +154,7 @@ class _Folder:
             return
         _fold_into(producer, bn)
         self.folded[bn_name] = producer_name
-        activation = bn.activation if isinstance(bn, BatchNorm) else None
-        self.replaced[id(bn)] = (nn.Identity() if activation is None
-                                 else activation_module(activation).eval())
+        self.replaced[id(bn)] = _replacement(bn)
 
     def walk(self, module: nn.Module, prefix: str) -> None:
         """Fold in ``module``: along its fx graph, or else pairwise in a Sequential and below."""
@@ -252,8 +267,12 @@ def fold(model: nn.Module, example_input: Tensor | tuple | None = None) -> FoldR
     """An inference copy of ``model`` with batch normalization folded into the layers before it.
 
     Every :class:`~batchnorm.BatchNorm` or ``torch.nn.BatchNorm1d/2d/3d``
-    (``SyncBatchNorm`` too) whose input is the output of a ``Conv1d/2d/3d``,
-    ``ConvTranspose1d/2d/3d`` or ``Linear`` that feeds nothing else, along that
+    (``SyncBatchNorm``, torchvision's ``FrozenBatchNorm2d`` and timm's
+    ``BatchNormAct2d``, ``SyncBatchNormAct`` and ``FrozenBatchNormAct2d`` too,
+    whose ``drop`` and ``act`` modules stay in its place) whose input is the
+    output of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` (or a
+    subclass that computes as it: no ``forward`` of its own, as torchvision's
+    ``Conv3DSimple``) that feeds nothing else, along that
     layer's channel axis (axis 1 for a convolution; the last axis for a Linear:
     ``axis=-1``, or ``axis=1`` on a 2-D input), is folded into that layer's
     weight and bias (a bias is created if absent; groups and ConvTranspose's
