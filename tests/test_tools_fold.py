@@ -233,6 +233,27 @@ def test_fold_leaves_a_convolution_subclass_with_its_own_forward_and_says_so():
     assert "own forward" in reason
 
 
+class RepVggBlock(nn.Module):
+    """timm's RepVGG block: a batch norm on the block input (a ReLU's output), which the
+    convolution branch reads too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+        self.identity = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = self.act(x)
+        return self.identity(x) + self.conv(x)
+
+
+def test_fold_names_the_layer_a_batch_norm_follows_when_it_is_not_a_convolution():
+    result = bn.fold(RepVggBlock())
+    assert result.not_folded == [("identity", "its input comes from 'act' (ReLU), not from "
+                                              "a Conv, ConvTranspose or Linear layer")]
+
+
 def test_fold_leaves_a_batch_norm_without_running_statistics():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     result = bn.fold(model)

@@ -182,6 +182,9 @@ class _Folder:
                 self.reasons[name] = "its parameters or buffers are used outside its call"
             elif not isinstance(source, torch.fx.Node) or source.op != "call_module":
                 self.reasons[name] = _NOT_AFTER_PRODUCER
+            elif _producer_class(root.get_submodule(source.target)) is None:  # the first reason
+                self.reasons[name] = self._pair_problem(
+                    root.get_submodule(source.target), prefix + source.target, bn)
             elif len(source.users) > 1:
                 self.reasons[name] = (f"the output of {prefix + source.target!r} is also used "
                                       "elsewhere, which needs it unnormalized")
