@@ -134,3 +134,16 @@ def test_fold_keeps_the_drop_and_activation_of_a_timm_layer():
     assert [type(m) for m in result.model[1]] == [nn.Dropout, nn.Hardswish]
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(result.model(x), model.eval()(x), **TOL)
+
+
+@pytest.mark.parametrize("frozen", ["torchvision", "timm"])
+def test_converted_frozen_layer_loads_the_frozen_layers_state_dict(frozen):
+    # Frozen state dicts have no num_batches_tracked: neither has the converted layer's.
+    cls = (torchvision.ops.misc.FrozenBatchNorm2d if frozen == "torchvision"
+           else norm_act.FrozenBatchNormAct2d)
+    original = settled(cls(4))
+    layer = bn.convert(cls(4).double())
+    layer.load_state_dict(original.state_dict())
+    assert list(layer.state_dict()) == ["gamma", "beta", "moving_mean", "moving_variance"]
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(run(layer, x, False), run(original, x, False), **TOL)

@@ -175,6 +175,9 @@ def _frozen_from_torch(module: nn.Module) -> BatchNorm:
         layer.moving_variance.copy_(module.running_var)
     layer.gamma = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
     layer.beta = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    # Frozen, it never counts; as the frozen layer's, its state dict has no counter: the
+    # checkpoints of the frozen layer (no num_batches_tracked) load into it.
+    layer.register_buffer("num_updates", layer.num_updates, persistent=False)
     return layer.train(module.training)
 
 
@@ -237,7 +240,8 @@ def convert(model: nn.Module, *, strict: bool = True, fuse_activation: bool = Fa
     and dtype are kept. An uninitialized lazy layer becomes a lazy
     ``BatchNorm``. A frozen layer becomes a frozen ``BatchNorm`` (``trainable=False``:
     its moving statistics in training mode too, ``gamma``/``beta`` new Parameters
-    that do not require grad). timm's norm-act layers apply ``drop``, then ``act``,
+    that do not require grad, and, as the frozen layer's, no counter in its state
+    dict: ``num_updates`` is not persistent). timm's norm-act layers apply ``drop``, then ``act``,
     after normalizing: a ReLU or SiLU ``act`` (with no ``drop``) becomes the layer's
     ``activation``; any other becomes a :class:`BatchNormAct`, the ``BatchNorm``
     followed by the two modules (an ``nn.Identity`` ``act`` is left out). Returns the
