@@ -221,6 +221,42 @@ def test_convert_leaves_pairs_whose_fusion_would_change_the_model(case):
     torch.testing.assert_close(converted.eval()(x), expected(x), **TOL)
 
 
+class OptionalShortcut(nn.Module):
+    """timm's DLA block: a shared ReLU, and a residual that defaults to the input when the
+    caller passes none (``shortcut=None``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        return self.relu(self.relu(self.bn(self.conv(x))) + shortcut)
+
+
+class CallsWithoutShortcut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = OptionalShortcut()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_convert_leaves_pairs_in_a_block_whose_forward_has_a_default_argument():
+    # Traced on its own, the block would see a Proxy for `shortcut`, never None: its
+    # GraphModule would add None when called without it. Left unfused, the model still runs.
+    model = CallsWithoutShortcut()
+    expected = copy.deepcopy(model).eval()
+    converted = bn.convert(model, fuse_activation=True)
+    assert activations_of(converted) == [None]
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(converted.eval()(x), expected(x), **TOL)
+
+
 class _nothing:
     def __enter__(self):
         return self

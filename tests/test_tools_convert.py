@@ -300,3 +300,17 @@ def test_conversions_do_not_warn_on_a_plain_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bn.to_torch(bn.convert(resnet()))
+
+
+class MyBatchNorm(nn.BatchNorm2d):
+    """A subclass: it may compute something else, so convert refuses it."""
+
+
+def test_convert_refusal_names_each_reason_once_with_the_first_layers():
+    model = nn.Sequential(*[MyBatchNorm(2) for _ in range(5)], nn.BatchNorm2d(2, eps=0))
+    with pytest.raises(ValueError) as raised:
+        bn.convert(model)
+    message = str(raised.value)
+    assert message.count("MyBatchNorm subclasses a torch.nn batch normalization") == 1
+    assert "'0', '1', '2' and 2 more: MyBatchNorm subclasses" in message
+    assert "'5': eps=0" in message

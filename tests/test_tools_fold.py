@@ -204,6 +204,56 @@ def test_fold_checks_ranks_with_example_input():
     assert_folded_matches(model, torch.randn(2, 6, 4), result)
 
 
+class Conv3DSimple(nn.Conv3d):
+    """torchvision's video ResNet convolution: a Conv3d subclass that computes as Conv3d."""
+
+
+class StandardizedConv(nn.Conv2d):
+    """timm's StdConv2d: a Conv2d subclass whose forward standardizes its weight first."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_fold_folds_into_a_convolution_subclass_that_computes_as_its_base():
+    model = settle(nn.Sequential(Conv3DSimple(3, 4, 3), nn.BatchNorm3d(4)), 2, 3, 4, 6, 6)
+    result = bn.fold(model)
+    assert (result.folded, result.not_folded) == ([("1", "0")], [])
+    assert_folded_matches(model, torch.randn(2, 3, 4, 6, 6), result)
+
+
+def test_fold_leaves_a_convolution_subclass_with_its_own_forward_and_says_so():
+    model = settle(nn.Sequential(StandardizedConv(3, 4, 3), nn.BatchNorm2d(4)), 2, 3, 6, 6)
+    result = bn.fold(model)
+    assert result.folded == []
+    [(name, reason)] = result.not_folded
+    assert name == "1" and "'0' (StandardizedConv), a subclass" in reason
+    assert "own forward" in reason
+
+
+class RepVggBlock(nn.Module):
+    """timm's RepVGG block: a batch norm on the block input (a ReLU's output), which the
+    convolution branch reads too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+        self.identity = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = self.act(x)
+        return self.identity(x) + self.conv(x)
+
+
+def test_fold_names_the_layer_a_batch_norm_follows_when_it_is_not_a_convolution():
+    result = bn.fold(RepVggBlock())
+    assert result.not_folded == [("identity", "its input comes from 'act' (ReLU), not from "
+                                              "a Conv, ConvTranspose or Linear layer")]
+
+
 def test_fold_leaves_a_batch_norm_without_running_statistics():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     result = bn.fold(model)

@@ -4,7 +4,8 @@ Private to :mod:`batchnorm.tools` (the module name has the underscore, the
 functions do not, so that every tool can import them). One version of each:
 
 - :func:`is_batch_norm`, :func:`is_torch_batch_norm`, :func:`batch_norm_layers`:
-  the batch normalization layers of a model;
+  the batch normalization layers of a model; :func:`is_frozen_batch_norm`,
+  :func:`timm_class` and :func:`norm_act_tail` for the ones of torchvision and timm;
 - :func:`parse_call`, :func:`model_input`, :func:`example_args`: how a layer
   and a model are called;
 - :func:`layer_moments`: a layer input's per-feature count, mean and sum of
@@ -47,9 +48,11 @@ __all__ = [
     "example_args",
     "has_hooks",
     "is_batch_norm",
+    "is_frozen_batch_norm",
     "is_torch_batch_norm",
     "layer_moments",
     "model_input",
+    "norm_act_tail",
     "parse_call",
     "replace_modules",
     "restore_buffers",
@@ -57,19 +60,59 @@ __all__ = [
     "run_without_updates",
     "snapshot_buffers",
     "snapshot_modes",
+    "timm_class",
 ]
 
 
 # ---------------------------------------------------------------- finding the layers
 
 
+# Batch normalization layers of torchvision and timm, by (module, class name), so that they
+# are recognized without importing those packages. The frozen ones (inference only: buffers
+# weight, bias, running_mean, running_var, and eps) subclass no torch.nn batch norm; timm's
+# norm-act layers apply their ``drop``, then their ``act`` module after normalizing.
+_FROZEN = {("torchvision.ops.misc", "FrozenBatchNorm2d"),
+           ("timm.layers.norm_act", "FrozenBatchNormAct2d")}
+_TIMM_NORM_ACT = {"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
+
+
+def _class_key(module: nn.Module) -> tuple[str, str]:
+    return type(module).__module__, type(module).__qualname__
+
+
+def is_frozen_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is torchvision's ``FrozenBatchNorm2d`` or timm's
+    ``FrozenBatchNormAct2d`` (exactly: a subclass may compute something else)."""
+    return _class_key(module) in _FROZEN
+
+
+def timm_class(module: nn.Module) -> str | None:
+    """The class name when ``module`` is exactly timm's ``BatchNormAct2d``,
+    ``SyncBatchNormAct`` or ``FrozenBatchNormAct2d``, else None."""
+    where, name = _class_key(module)
+    return name if where == "timm.layers.norm_act" and name in _TIMM_NORM_ACT else None
+
+
+def norm_act_tail(module: nn.Module) -> list[nn.Module]:
+    """The modules a timm norm-act layer (:func:`timm_class`) applies to its normalized
+    output, in order (``drop``, ``act``), leaving out ``nn.Identity``; ``[]`` for any
+    other layer."""
+    if timm_class(module) is None:
+        return []
+    tail = (getattr(module, "drop", None), getattr(module, "act", None))
+    return [m for m in tail if m is not None and type(m) is not nn.Identity]
+
+
 def is_torch_batch_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a ``torch.nn`` batch normalization layer.
+    """Whether ``module`` is a ``torch.nn`` batch normalization layer, or one of
+    torchvision's or timm's.
 
     ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``LazyBatchNorm1d/2d/3d`` and their
-    subclasses (not ``InstanceNorm``, which normalizes each sample on its own).
+    subclasses (timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` among them; not
+    ``InstanceNorm``, which normalizes each sample on its own), and the frozen layers
+    of torchvision and timm (:func:`is_frozen_batch_norm`).
     """
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or is_frozen_batch_norm(module)
 
 
 def is_batch_norm(module: nn.Module) -> bool:
@@ -177,7 +220,8 @@ def layer_moments(
 
 
 class BatchNormTracer(torch.fx.Tracer):
-    """A ``torch.fx`` tracer that keeps every batch normalization layer as one ``call_module``.
+    """A ``torch.fx`` tracer that keeps every batch normalization layer, convolution and
+    linear layer (subclasses included) as one ``call_module``.
 
     fx traces into modules defined outside ``torch.nn``: without this, a
     :class:`~batchnorm.BatchNorm` (or a user's subclass of a ``torch.nn`` batch
@@ -186,7 +230,10 @@ class BatchNormTracer(torch.fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_batch_norm(m) or super().is_leaf_module(m, module_qualified_name)
+        # Subclasses of torch.nn's convolutions and Linear too (torchvision's Conv3DSimple):
+        # traced into, they would be a bare function call, and fold could not see them.
+        return (is_batch_norm(m) or isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 # ---------------------------------------------------------------- activations

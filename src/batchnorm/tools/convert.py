@@ -1,9 +1,10 @@
 """Convert between ``torch.nn`` batch normalization and :class:`batchnorm.BatchNorm`.
 
 :func:`convert` replaces every ``torch.nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``
-and ``LazyBatchNorm1d/2d/3d`` in a model by a :class:`~batchnorm.BatchNorm`
-that computes the same thing; :func:`to_torch` goes back wherever ``torch.nn``
-can say what the layer does, and lists the layers it cannot convert.
+and ``LazyBatchNorm1d/2d/3d`` in a model (and the batch norms of torchvision and
+timm) by a :class:`~batchnorm.BatchNorm` that computes the same thing;
+:func:`to_torch` goes back wherever ``torch.nn`` can say what the layer does, and
+lists the layers it cannot convert.
 
 The dictionary between the two:
 
@@ -23,11 +24,16 @@ unbiased batch variance in        ``unbiased_moving_variance=True``
 channel axis 1                    ``axis=1``
 followed by ``nn.ReLU``/``SiLU``  ``activation="relu"``/``"silu"``
 (``fuse_activation=True``)        (the activation module: ``nn.Identity``)
+torchvision ``FrozenBatchNorm2d``  ``trainable=False`` (gamma, beta: no grad)
+timm ``BatchNormAct2d``,          ``activation="relu"``/``"silu"``; another
+``SyncBatchNormAct``              ``act`` or a ``drop``: :class:`BatchNormAct`
+timm ``FrozenBatchNormAct2d``     both of the above
 ================================  =====================================
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -46,13 +52,16 @@ from ._model import (
     batch_norm_layers,
     has_hooks,
     is_batch_norm,
+    is_frozen_batch_norm,
+    norm_act_tail,
     replace_modules,
     restore_modes,
     run_without_updates,
     snapshot_modes,
+    timm_class,
 )
 
-__all__ = ["ConversionResult", "convert", "to_torch"]
+__all__ = ["BatchNormAct", "ConversionResult", "convert", "to_torch"]
 
 _TORCH_CLASSES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
@@ -66,6 +75,38 @@ _CONVERTED_FROM = "_converted_from_torch_class"
 _FUSED_FROM = "_fused_activation_from_torch"
 # Input ranks each torch.nn class accepts (SyncBatchNorm: any rank from 2 on).
 _RANKS = {"BatchNorm1d": {2, 3}, "BatchNorm2d": {4}, "BatchNorm3d": {5}}
+# The batch norms of torchvision and timm convert knows: where to import each from (for
+# to_torch), and the torch.nn class that computes the same normalization.
+_OTHER_CLASSES = {
+    "FrozenBatchNorm2d": ("torchvision.ops.misc", "BatchNorm2d"),
+    "BatchNormAct2d": ("timm.layers.norm_act", "BatchNorm2d"),
+    "SyncBatchNormAct": ("timm.layers.norm_act", "SyncBatchNorm"),
+    "FrozenBatchNormAct2d": ("timm.layers.norm_act", "BatchNorm2d"),
+}
+# On a layer converted from a timm norm-act layer: its (drop, act) modules, for to_torch.
+_NORM_ACT_FROM = "_converted_from_timm_modules"
+
+
+class BatchNormAct(nn.Sequential):
+    """A ``bn.BatchNorm`` followed by the dropout (or drop path) and activation modules of
+    the timm ``BatchNormAct2d`` it was converted from, where the activation cannot be fused
+    into the layer (made by :func:`convert`; :func:`to_torch` gives the timm layer back).
+
+    Its children are ``bn``, ``drop`` and ``act``, applied in that order. It loads the
+    timm layer's state dict too, whose batch-norm keys (``weight``, ``running_mean``, ...)
+    are at the layer's own prefix.
+    """
+
+    def __init__(self, bn: BatchNorm, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.bn, self.drop, self.act = bn, drop, act
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in list(state_dict):
+            name = key.removeprefix(prefix)
+            if key.startswith(prefix) and "." not in name and name not in self._modules:
+                state_dict[f"{prefix}bn.{name}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class _Unconvertible(Exception):
@@ -95,10 +136,53 @@ def _check_hooks(module: nn.Module) -> None:
 # ---------------------------------------------------------------------------- torch -> ours
 
 
-def _from_torch(module: nn.Module) -> BatchNorm:
-    """The BatchNorm equivalent to ``module``, a torch.nn batch normalization layer."""
-    class_name = type(module).__name__
+def _from_torch(module: nn.Module) -> nn.Module:
+    """The module equivalent to ``module``, a torch.nn batch normalization layer or one of
+    torchvision's or timm's (:func:`_convertible`): a ``BatchNorm``, or a
+    :class:`BatchNormAct` after a timm layer whose drop and act cannot be fused."""
     _check_hooks(module)
+    layer = _frozen_from_torch(module) if is_frozen_batch_norm(module) else _bn_from_torch(module)
+    setattr(layer, _CONVERTED_FROM, type(module).__name__)
+    if timm_class(module) is None:
+        return layer
+    drop, act = module.drop, module.act
+    setattr(layer, _NORM_ACT_FROM, (drop, act))
+    tail = norm_act_tail(module)
+    if not tail:
+        return layer
+    if tail == [act] and activation_name(act) is not None:
+        return layer.reconfigure(activation=activation_name(act))
+    return BatchNormAct(layer, drop, act).train(module.training)
+
+
+def _new_layer(num_features: int | None, **options) -> BatchNorm:
+    """``BatchNorm(num_features, axis=1, unbiased_moving_variance=True, **options)``, as
+    torch.nn layers compute (``momentum``: the decay, 1 - torch's momentum)."""
+    with warnings.catch_warnings():  # 1 - m is meant: not a PyTorch momentum passed by mistake
+        warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
+        return BatchNorm(num_features, axis=1, unbiased_moving_variance=True, **options)
+
+
+def _frozen_from_torch(module: nn.Module) -> BatchNorm:
+    """A frozen BatchNorm (``trainable=False``) computing what the frozen ``module`` does."""
+    if not module.eps > 0:
+        raise _Unconvertible(f"eps={module.eps!r}: bn.BatchNorm needs epsilon > 0")
+    layer = _new_layer(len(module.running_mean), momentum=_complement(0.1),
+                       epsilon=float(module.eps), trainable=False,
+                       device=module.running_mean.device, dtype=module.running_mean.dtype)
+    with torch.no_grad():
+        layer.moving_mean.copy_(module.running_mean)
+        layer.moving_variance.copy_(module.running_var)
+    layer.gamma = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+    layer.beta = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    # Frozen, it never counts; as the frozen layer's, its state dict has no counter: the
+    # checkpoints of the frozen layer (no num_batches_tracked) load into it.
+    layer.register_buffer("num_updates", layer.num_updates, persistent=False)
+    return layer.train(module.training)
+
+
+def _bn_from_torch(module: nn.Module) -> BatchNorm:
+    """The BatchNorm equivalent to ``module``, a torch.nn batch normalization layer."""
     if not module.track_running_stats or module.running_mean is None:
         raise _Unconvertible(
             "track_running_stats=False: torch.nn then normalizes with the batch statistics "
@@ -123,14 +207,10 @@ def _from_torch(module: nn.Module) -> BatchNorm:
     lazy = isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
     weight, bias = module.weight, module.bias
     reference = weight if weight is not None else module.running_mean
-    with warnings.catch_warnings():  # 1 - m is meant: not a PyTorch momentum passed by mistake
-        warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
-        layer = BatchNorm(
-            None if lazy else module.num_features, axis=1, momentum=momentum,
-            epsilon=float(module.eps), center=bias is not None, scale=weight is not None,
-            unbiased_moving_variance=True, device=module.running_mean.device,
-            dtype=reference.dtype,
-        )
+    layer = _new_layer(None if lazy else module.num_features, momentum=momentum,
+                       epsilon=float(module.eps), center=bias is not None,
+                       scale=weight is not None, device=module.running_mean.device,
+                       dtype=reference.dtype)
     if not lazy:
         with torch.no_grad():
             layer.moving_mean.copy_(module.running_mean)
@@ -141,9 +221,7 @@ def _from_torch(module: nn.Module) -> BatchNorm:
             layer.gamma = weight
         if bias is not None:
             layer.beta = bias
-    layer.train(module.training)
-    setattr(layer, _CONVERTED_FROM, class_name)
-    return layer
+    return layer.train(module.training)
 
 
 def convert(model: nn.Module, *, strict: bool = True, fuse_activation: bool = False
@@ -152,21 +230,31 @@ def convert(model: nn.Module, *, strict: bool = True, fuse_activation: bool = Fa
 
     Converts ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and ``LazyBatchNorm1d/2d/3d``
     (exactly these classes; subclasses may compute something else and are left
-    alone) in place, keeping what the model computes: the same outputs in
-    training and eval mode and the same running-statistics updates (see the
+    alone), torchvision's ``FrozenBatchNorm2d`` and timm's ``BatchNormAct2d``,
+    ``SyncBatchNormAct`` and ``FrozenBatchNormAct2d`` in place, keeping what the
+    model computes: the same outputs in training and eval mode and the same
+    running-statistics updates (see the
     module docstring for the mapping). ``weight``/``bias`` become ``gamma``/
     ``beta`` as the same Parameter objects; the running statistics and
     ``num_batches_tracked`` are copied; each layer's train/eval mode, device
     and dtype are kept. An uninitialized lazy layer becomes a lazy
-    ``BatchNorm``. Returns the model (the new layer if ``model`` itself is one).
+    ``BatchNorm``. A frozen layer becomes a frozen ``BatchNorm`` (``trainable=False``:
+    its moving statistics in training mode too, ``gamma``/``beta`` new Parameters
+    that do not require grad, and, as the frozen layer's, no counter in its state
+    dict: ``num_updates`` is not persistent). timm's norm-act layers apply ``drop``, then ``act``,
+    after normalizing: a ReLU or SiLU ``act`` (with no ``drop``) becomes the layer's
+    ``activation``; any other becomes a :class:`BatchNormAct`, the ``BatchNorm``
+    followed by the two modules (an ``nn.Identity`` ``act`` is left out). Returns the
+    model (the new layer if ``model`` itself is one).
 
     What cannot be kept exactly is not converted: ``track_running_stats=False``
     (torch then normalizes with batch statistics in eval mode too), ``eps=0``,
     a momentum outside ``(0, 1]``, a layer with hooks, ``SyncBatchNorm`` in a
     distributed run of more than one process (``bn.BatchNorm``'s statistics are
     per process). With ``strict=True`` any of these raises ``ValueError``
-    naming every such layer before anything changes; with ``strict=False``
-    they stay ``torch.nn`` layers, with a warning naming them.
+    naming such layers (those with the same reason together) before anything
+    changes; with ``strict=False`` they stay ``torch.nn`` layers, with a warning
+    naming them.
 
     Differences left: half-precision layers keep their statistics in float32
     here (torch keeps them in half precision), and a batch with NaN or Inf is
@@ -204,7 +292,8 @@ def convert(model: nn.Module, *, strict: bool = True, fuse_activation: bool = Fa
     problems: list[tuple[str, str]] = []
     for name, module in batch_norm_layers(model, ours=False, torch_nn=True).items():
         cls = type(module)
-        if _TORCH_CLASSES.get(cls.__name__) is cls:
+        if _TORCH_CLASSES.get(cls.__name__) is cls or is_frozen_batch_norm(module) \
+                or timm_class(module) is not None:
             try:
                 replacements[id(module)] = _from_torch(module)
             except _Unconvertible as why:
@@ -213,7 +302,7 @@ def convert(model: nn.Module, *, strict: bool = True, fuse_activation: bool = Fa
             problems.append((name, f"{cls.__qualname__} subclasses a torch.nn batch "
                                    "normalization class and may compute something else"))
     if problems:
-        listing = "; ".join(f"{name or '(the model)'!r}: {reason}" for name, reason in problems)
+        listing = _listing(problems)
         if strict:
             raise ValueError(
                 f"cannot convert {len(problems)} layer(s) without changing what the model "
@@ -224,6 +313,19 @@ def convert(model: nn.Module, *, strict: bool = True, fuse_activation: bool = Fa
     if fuse_activation and id(model) not in replacements:
         model = _ActivationFuser(model, replacements).fuse(model)
     return replace_modules(model, replacements)
+
+
+def _listing(problems: list[tuple[str, str]], shown: int = 3) -> str:
+    """``problems`` (name, reason) for a message: the layers with the same reason (the
+    same class, the same option) together, the first ``shown`` names of each named."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in problems:
+        by_reason.setdefault(reason, []).append(repr(name or "(the model)"))
+    parts = []
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        parts.append(f"{', '.join(names[:shown])}{more}: {reason}")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------- fusing
@@ -321,10 +423,14 @@ class _ActivationFuser:
     def _rewrite(self, module: nn.Module, targets: dict[str, str]) -> nn.Module:
         """``module`` as a GraphModule without the activation calls after the batch norms
         ``targets`` names (relative name -> activation), each fused into its layer; ``module``
-        itself when it cannot be traced on its own."""
+        itself when it cannot be traced on its own, or has an argument with a default."""
         try:
             graph = BatchNormTracer().trace(module)
         except Exception:  # traceable only as part of its parent: leave these pairs
+            return module
+        if any(node.op == "placeholder" and node.args for node in graph.nodes):
+            # Traced on its own, an argument with a default is a Proxy, never the default:
+            # `if shortcut is None` is baked in as False, and a call without it would fail.
             return module
         fused = 0
         for node in list(graph.nodes):
@@ -367,8 +473,22 @@ class _ActivationFuser:
 # ---------------------------------------------------------------------------- ours -> torch
 
 
+def _other_class(layer: BatchNorm) -> type[nn.Module] | None:
+    """The torchvision or timm class ``layer`` was converted from, to go back to: when that
+    package is installed and, for a frozen class, the layer is still frozen."""
+    recorded = getattr(layer, _CONVERTED_FROM, None)
+    if recorded not in _OTHER_CLASSES or layer.trainable != ("Frozen" not in recorded):
+        return None
+    try:
+        module = importlib.import_module(_OTHER_CLASSES[recorded][0])
+    except Exception:  # not installed, or does not import here
+        return None
+    return getattr(module, recorded, None)
+
+
 def _torch_class(layer: BatchNorm, ranks: set[int]) -> type[nn.Module]:
     recorded = getattr(layer, _CONVERTED_FROM, None)
+    recorded = _OTHER_CLASSES.get(recorded, (None, recorded))[1]
     if recorded is not None:
         base = recorded.removeprefix("Lazy")
         if base == "SyncBatchNorm" or not ranks or ranks <= _RANKS[base]:
@@ -386,7 +506,8 @@ def _torch_class(layer: BatchNorm, ranks: set[int]) -> type[nn.Module]:
 
 
 def _to_torch_layer(layer: BatchNorm, ranks: set[int]) -> nn.Module:
-    """The torch.nn layer equivalent to ``layer``, called with inputs of the given ranks."""
+    """The torch.nn layer equivalent to ``layer``, called with inputs of the given ranks
+    (the torchvision or timm class it was converted from, where :func:`_other_class`)."""
     if type(layer) is not BatchNorm:
         raise _Unconvertible(f"{type(layer).__qualname__} subclasses BatchNorm and may "
                              "compute something else")
@@ -413,7 +534,8 @@ def _to_torch_layer(layer: BatchNorm, ranks: set[int]) -> nn.Module:
             "unbiased_moving_variance=False: torch.nn feeds the unbiased batch variance into "
             "running_var, so the moving variance would change; use "
             "unbiased_moving_variance=True")
-    if not layer.trainable:
+    other = _other_class(layer)
+    if not layer.trainable and other is None:
         raise _Unconvertible("trainable=False: torch.nn has no frozen batch normalization "
                              "(unfreeze first, then freeze with eval() and requires_grad_)")
     if layer.center and not layer.scale:
@@ -424,7 +546,9 @@ def _to_torch_layer(layer: BatchNorm, ranks: set[int]) -> nn.Module:
             f"parameters in {params[0].dtype} with statistics in {layer.moving_mean.dtype}: "
             "torch.nn keeps the running statistics in the parameters' dtype (convert a "
             "float32 model, then cast it)")
-    cls = _torch_class(layer, ranks)
+    if not layer.trainable:
+        return _to_frozen(layer, other)
+    cls = other or _torch_class(layer, ranks)
     lazy = layer.num_features is None
     if lazy:
         if cls is nn.SyncBatchNorm:
@@ -452,6 +576,21 @@ def _to_torch_layer(layer: BatchNorm, ranks: set[int]) -> nn.Module:
             module.bias = layer.beta
     module.train(layer.training)
     return module
+
+
+def _to_frozen(layer: BatchNorm, cls: type[nn.Module]) -> nn.Module:
+    """The frozen torchvision or timm layer ``cls`` computing what the frozen ``layer`` does."""
+    if layer.num_features is None:
+        raise _Unconvertible("a lazy layer never called: it has no statistics to freeze")
+    module = cls(layer.num_features[0], eps=layer.epsilon)
+    ones = torch.ones_like(layer.moving_mean)
+    with torch.no_grad():
+        for buffer, value in ((module.weight, ones if layer.gamma is None else layer.gamma),
+                              (module.bias, 0 * ones if layer.beta is None else layer.beta),
+                              (module.running_mean, layer.moving_mean),
+                              (module.running_var, layer.moving_variance)):
+            buffer.data = value.detach().clone()
+    return module.train(layer.training)
 
 
 def _input_ranks(model: nn.Module, example_input: Tensor | tuple, layers: Iterable[BatchNorm]
@@ -492,7 +631,10 @@ def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> C
     state-dict keys); otherwise the layer becomes ``nn.Sequential(torch layer, module)``.
 
     The torch class (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) is the one the
-    layer was converted from by :func:`convert`; otherwise it comes from the
+    layer was converted from by :func:`convert` (torchvision's or timm's, with
+    the ``drop`` and ``act`` modules convert found, where that package imports;
+    a frozen class only for a layer still frozen, else the ``torch.nn`` class it
+    computes as); otherwise it comes from the
     input ranks seen when ``model(example_input)`` (a tensor or a tuple of
     arguments) runs once in eval mode with every moving-statistics update
     discarded (a lazy layer is built by that call); without either the layer
@@ -511,6 +653,7 @@ def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> C
         [('1', 'axis=-1: torch.nn normalizes axis 1 (channels first)')]
     """
     layers = {id(m): (name, m) for name, m in batch_norm_layers(model).items()}
+    containers = {id(m.bn): m for m in model.modules() if isinstance(m, BatchNormAct)}
     ranks: dict[int, set[int]] = {}
     if example_input is not None and layers:
         ranks = _input_ranks(model, example_input, [m for _, m in layers.values()])
@@ -523,14 +666,24 @@ def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> C
         except _Unconvertible as why:
             not_converted.append((name, str(why)))
             continue
-        if layer.activation is not None:
-            identity, act = getattr(layer, _FUSED_FROM, (None, None))
-            if identity is not None and id(identity) in present \
-                    and activation_name(act) == layer.activation:
-                replacements[id(identity)] = act  # back where convert found it
+        activation = layer.activation
+        identity, act = getattr(layer, _FUSED_FROM, (None, None))
+        if activation is not None and identity is not None and id(identity) in present \
+                and activation_name(act) == activation:
+            replacements[id(identity)] = act  # back where convert found it
+            activation = None
+        if timm_class(module) is not None:  # the timm layer convert found, drop and act too
+            container = containers.get(key)
+            drop, act = getattr(layer, _NORM_ACT_FROM, (nn.Identity(), nn.Identity()))
+            if container is not None and activation is None:
+                key, drop, act = id(container), container.drop, container.act
+            elif activation_name(act) != activation:  # changed since convert: a Sequential
+                act = nn.Identity()
             else:
-                act = activation_module(layer.activation)
-                module = nn.Sequential(module, act).train(layer.training)
+                activation = None
+            module.drop, module.act = drop, act
+        if activation is not None:
+            module = nn.Sequential(module, activation_module(activation)).train(layer.training)
         replacements[key] = module
     return ConversionResult(replace_modules(model, replacements), not_converted)
 

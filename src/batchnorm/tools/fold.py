@@ -26,8 +26,11 @@ from ._model import (
     batch_norm_layers,
     has_hooks,
     is_batch_norm,
+    is_frozen_batch_norm,
+    norm_act_tail,
     replace_modules,
     run_without_updates,
+    timm_class,
 )
 
 __all__ = ["FoldResult", "fold"]
@@ -36,6 +39,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PRODUCERS = (*_CONVS, *_TRANSPOSED, nn.Linear)
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# The methods a convolution or linear layer computes with: a subclass overriding one of
+# them (timm's StdConv2d standardizes its weight, Conv2dSame pads) may not take a fold.
+_FORWARDS = ("forward", "_conv_forward")
 _NOT_AFTER_PRODUCER = "its input does not come directly from a Conv, ConvTranspose or Linear layer"
 
 
@@ -49,6 +55,28 @@ class FoldResult(NamedTuple):
     """``(batch-norm name, name of the layer it was folded into)``, in model order."""
     not_folded: list[tuple[str, str]]
     """``(batch-norm name, reason)`` of every batch normalization left in place."""
+
+
+def _producer_class(module: nn.Module) -> type[nn.Module] | None:
+    """The Conv, ConvTranspose or Linear class ``module`` is, or subclasses without
+    changing how it computes (torchvision's ``Conv3DSimple``); else None."""
+    base = next((cls for cls in type(module).__mro__ if cls in _PRODUCERS), None)
+    if base is None or any(getattr(type(module), f, None) is not getattr(base, f, None)
+                           for f in _FORWARDS):
+        return None
+    return base
+
+
+def _replacement(bn: nn.Module) -> nn.Module:
+    """What takes a folded layer's place: what it applies after normalizing (a BatchNorm's
+    activation module, a timm layer's drop and act), or ``nn.Identity``."""
+    if isinstance(bn, BatchNorm):
+        tail = [] if bn.activation is None else [activation_module(bn.activation)]
+    else:
+        tail = norm_act_tail(bn)
+    if not tail:
+        return nn.Identity()
+    return (tail[0] if len(tail) == 1 else nn.Sequential(*tail)).eval()
 
 
 class _Folder:
@@ -77,21 +105,27 @@ class _Folder:
             if not isinstance(bn.axis, int) and len(bn.axis) > 1:
                 return f"it has several feature axes (axis={bn.axis})"
             return None
-        if type(bn) not in _TORCH_BN:
+        if type(bn) not in _TORCH_BN and not is_frozen_batch_norm(bn) and timm_class(bn) is None:
             return f"{type(bn).__qualname__}: not a layer fold knows (or a lazy one never called)"
+        if is_frozen_batch_norm(bn):
+            return None
         if not bn.track_running_stats or bn.running_mean is None:
             return "track_running_stats=False: it normalizes with batch statistics in eval mode"
         return None
 
     def _pair_problem(self, producer: nn.Module, producer_name: str, bn: nn.Module) -> str | None:
-        if type(producer) not in _PRODUCERS:
+        if _producer_class(producer) is None:
+            if isinstance(producer, _PRODUCERS):
+                return (f"its input comes from {producer_name!r} ({type(producer).__name__}), "
+                        "a subclass of a Conv, ConvTranspose or Linear layer with its own "
+                        "forward, which may not compute with the weights as given")
             return (f"its input comes from {producer_name!r} ({type(producer).__name__}), "
                     "not from a Conv, ConvTranspose or Linear layer")
         if has_hooks(producer):
             return f"{producer_name!r} has hooks registered on it, which folding could change"
         linear = isinstance(producer, nn.Linear)
         out = producer.out_features if linear else producer.out_channels
-        features = bn.num_features[0] if isinstance(bn, BatchNorm) else bn.num_features
+        features = bn.num_features[0] if isinstance(bn, BatchNorm) else len(bn.running_mean)
         if features != out:
             return f"it has {features} features but {producer_name!r} gives {out}"
         axis = bn.axis if isinstance(bn, BatchNorm) else 1
@@ -120,9 +154,7 @@ class _Folder:
             return
         _fold_into(producer, bn)
         self.folded[bn_name] = producer_name
-        activation = bn.activation if isinstance(bn, BatchNorm) else None
-        self.replaced[id(bn)] = (nn.Identity() if activation is None
-                                 else activation_module(activation).eval())
+        self.replaced[id(bn)] = _replacement(bn)
 
     def walk(self, module: nn.Module, prefix: str) -> None:
         """Fold in ``module``: along its fx graph, or else pairwise in a Sequential and below."""
@@ -150,6 +182,9 @@ class _Folder:
                 self.reasons[name] = "its parameters or buffers are used outside its call"
             elif not isinstance(source, torch.fx.Node) or source.op != "call_module":
                 self.reasons[name] = _NOT_AFTER_PRODUCER
+            elif _producer_class(root.get_submodule(source.target)) is None:  # the first reason
+                self.reasons[name] = self._pair_problem(
+                    root.get_submodule(source.target), prefix + source.target, bn)
             elif len(source.users) > 1:
                 self.reasons[name] = (f"the output of {prefix + source.target!r} is also used "
                                       "elsewhere, which needs it unnormalized")
@@ -222,7 +257,7 @@ def _output_ranks(model: nn.Module, example_input: Tensor | tuple) -> dict[int, 
     ranks: dict[int, set[int]] = {}
     handles = [m.register_forward_hook(
         lambda m, args, out: ranks.setdefault(id(m), set()).add(out.ndim))
-        for m in model.modules() if type(m) in _PRODUCERS]
+        for m in model.modules() if isinstance(m, _PRODUCERS)]
     try:
         run_without_updates(model, example_input)  # updates from training=True calls dropped
     finally:
@@ -235,8 +270,12 @@ def fold(model: nn.Module, example_input: Tensor | tuple | None = None) -> FoldR
     """An inference copy of ``model`` with batch normalization folded into the layers before it.
 
     Every :class:`~batchnorm.BatchNorm` or ``torch.nn.BatchNorm1d/2d/3d``
-    (``SyncBatchNorm`` too) whose input is the output of a ``Conv1d/2d/3d``,
-    ``ConvTranspose1d/2d/3d`` or ``Linear`` that feeds nothing else, along that
+    (``SyncBatchNorm``, torchvision's ``FrozenBatchNorm2d`` and timm's
+    ``BatchNormAct2d``, ``SyncBatchNormAct`` and ``FrozenBatchNormAct2d`` too,
+    whose ``drop`` and ``act`` modules stay in its place) whose input is the
+    output of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` (or a
+    subclass that computes as it: no ``forward`` of its own, as torchvision's
+    ``Conv3DSimple``) that feeds nothing else, along that
     layer's channel axis (axis 1 for a convolution; the last axis for a Linear:
     ``axis=-1``, or ``axis=1`` on a 2-D input), is folded into that layer's
     weight and bias (a bias is created if absent; groups and ConvTranspose's

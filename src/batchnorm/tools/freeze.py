@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._model import batch_norm_layers
+from ._model import batch_norm_layers, is_frozen_batch_norm
 
 __all__ = ["freeze", "unfreeze"]
 
@@ -44,8 +44,9 @@ def freeze(model: nn.Module, *, affine_trainable: bool = False) -> list[str]:
         >>> int(model[1].num_updates), model[1].gamma.requires_grad
         (0, False)
     """
-    torch_layers = [name or "(the model)"
-                    for name in batch_norm_layers(model, ours=False, torch_nn=True)]
+    torch_layers = [name or "(the model)"  # the frozen ones of torchvision and timm stay so
+                    for name, m in batch_norm_layers(model, ours=False, torch_nn=True).items()
+                    if not is_frozen_batch_norm(m)]
     if torch_layers:
         raise TypeError(
             f"freeze works on bn.BatchNorm layers, and {torch_layers} are torch.nn batch "
