@@ -42,15 +42,24 @@ def is_slow(item: pytest.Item) -> bool:
     return names is None or getattr(item, "originalname", item.name) in names
 
 
+# Marker -> why its tests run only when asked for by name or marker (.ci/run runs
+# `python -m pytest -m triton` and `-m zoo` after the default run).
+ON_REQUEST = {
+    "triton": "Triton kernel test: run it with -m triton",  # Triton's interpreter is slow
+    "zoo": "model-zoo test: run it with -m zoo (needs the zoo extra)",  # ~4 min on 2 cores
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Triton's interpreter is slow: its tests run only when asked for by name or marker
-    # (.ci/run runs `python -m pytest -m triton` after the default run).
-    asked = "triton" in (config.getoption("markexpr") or "") + (config.getoption("keyword") or "")
+    selection = (config.getoption("markexpr") or "") + (config.getoption("keyword") or "")
+    skipped = {marker: reason for marker, reason in ON_REQUEST.items()
+               if marker not in selection}
     for item in items:
         if is_slow(item):
             item.add_marker(pytest.mark.slow)
-        if not asked and "triton" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason="Triton kernel test: run it with -m triton"))
+        for marker, reason in skipped.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

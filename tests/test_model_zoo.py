@@ -16,9 +16,9 @@ inputs, the batch norms given statistics and affine values other than their defa
   parameters after one SGD step within rtol = atol = 1e-4, float32 rounding through
   tens of layers (measured on resnet18: 7e-7).
 
-Slow (a few seconds per model and check on 2 cores): marked ``slow`` (``SLOW_TESTS`` in
-``tests/conftest.py``); ``.ci/run`` installs the ``zoo`` extra and runs it. Without timm
-or torchvision the file is skipped.
+Slow (a few seconds per model and check on 2 cores): marked ``zoo`` and ``slow``, run only
+when asked for (``python -m pytest -m zoo``, as ``.ci/run`` does after installing the
+``zoo`` extra). Without timm or torchvision the file is skipped.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e
 from timm.layers import freeze_batch_norm_2d  # noqa: E402
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # slow: tests/conftest.py's SLOW_TESTS
+pytestmark = [pytest.mark.zoo,  # run on request (tests/conftest.py's ON_REQUEST)
+              pytest.mark.usefixtures("one_thread")]  # slow: tests/conftest.py's SLOW_TESTS
 
 TOL64 = {"rtol": 1e-9, "atol": 1e-9}
 TOL32 = {"rtol": 1e-4, "atol": 1e-4}
