@@ -887,6 +887,10 @@ class BatchNorm(nn.Module):
         >>> bn.BatchNorm.from_config(layer.get_config())
         BatchNorm(4, axis=1, momentum=0.9, epsilon=0.001)
         """
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                f"from_config expects a dict of options (BatchNorm.get_config()'s output or a "
+                f"Keras layer's config), got {type(config).__name__}: {config!r:.200}")
         kwargs = {k: v for k, v in config.items() if k not in cls._KERAS_ONLY_KEYS}
         num_features = kwargs.pop("num_features", None)
         if isinstance(num_features, list):
