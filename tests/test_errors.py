@@ -98,6 +98,20 @@ def test_feature_size_mismatch_on_multi_axis_layer():
     assert_unchanged(layer, before)
 
 
+@pytest.mark.parametrize("shape, axis", [((3, 0, 5), 1), ((4, 0), -1), ((2, 3, 0), (1, 2))])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_zero_size_feature_axis_leaves_a_lazy_layer_unbuilt_with_a_value_error(
+        shape, axis, training):
+    layer = bn.BatchNorm(axis=axis)
+    with pytest.raises(ValueError, match=re.escape(f"input of shape {shape}") + ".* size 0"):
+        layer(torch.randn(shape), training=training)
+    assert_still_lazy(layer)
+    features = tuple(max(size, 2) for size in shape)  # the same layer builds from real features
+    layer(torch.randn(features), training=training)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    assert layer.num_features == tuple(features[a] for a in axes)
+
+
 # ---------------------------------------------------------------- single value per feature
 
 

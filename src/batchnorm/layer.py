@@ -698,7 +698,15 @@ class BatchNorm(nn.Module):
             axes = F.check_input(x, config.axis, None, training=training,
                                  virtual_batch_size=config.virtual_batch_size, mask=mask,
                                  synchronized=group is not None)
-            self._build(tuple(x.shape[a] for a in axes))
+            feature_shape = tuple(x.shape[a] for a in axes)
+            if 0 in feature_shape:
+                shown = config.axis[0] if self._axis_is_int else config.axis
+                raise ValueError(
+                    f"a lazy BatchNorm takes its number of features from its first input, but "
+                    f"the input of shape {tuple(x.shape)} has a feature axis (axis={shown!r}) "
+                    "of size 0: a layer cannot have 0 features; call it first with an input "
+                    "that has features, or give num_features")
+            self._build(feature_shape)
         state = self.state()
         if key is not None:
             return self._plan(key, x, state, training).run(x)
