@@ -568,8 +568,8 @@ class BatchNorm(nn.Module):
         if key not in state_dict and not strict and self.num_updates.is_meta:
             # As torch does for num_batches_tracked: a real counter, not a meta tensor.
             state_dict[key] = torch.zeros((), dtype=torch.int64)
-        missing, unexpected, errors, shape = self._state_dict_problems(state_dict, prefix,
-                                                                       strict)
+        missing, unexpected, errors, shape = self._state_dict_problems(
+            state_dict, prefix, strict, local_metadata.get("assign_to_params_buffers", False))
         if missing or unexpected or errors:
             missing_keys.extend(missing)
             unexpected_keys.extend(unexpected)
@@ -585,9 +585,11 @@ class BatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, reported_strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
-    def _state_dict_problems(self, state_dict, prefix: str, strict: bool):
+    def _state_dict_problems(self, state_dict, prefix: str, strict: bool, assign: bool):
         """``(missing, unexpected, errors, feature_shape)`` of this layer's keys in
-        ``state_dict``; ``feature_shape`` is None for a state dict of an unbuilt layer."""
+        ``state_dict``; ``feature_shape`` is None for a state dict of an unbuilt layer.
+        ``assign``: ``load_state_dict(assign=True)``, which may take meta tensors as they are.
+        """
         own = {name: t for name, t in self._parameters.items() if t is not None}
         own.update({name: b for name, b in self._buffers.items()
                     if b is not None and name not in self._non_persistent_buffers_set})
@@ -608,6 +610,15 @@ class BatchNorm(nn.Module):
             value = state_dict[key]
             if not isinstance(value, Tensor):
                 errors.append(f"{key}: expected a tensor, got {type(value).__name__}")
+                continue
+            if value.layout != torch.strided:
+                errors.append(f"{key}: expected a dense tensor, got a {value.layout} one; "
+                              "convert it with .to_dense() before loading")
+                continue
+            if value.is_meta and not (assign or own[name].is_meta):
+                errors.append(f"{key}: the value is a meta tensor (a shape without data), "
+                              "which has nothing to copy; load a checkpoint with real values, "
+                              "or pass assign=True to take the meta tensors as they are")
                 continue
             if name == "num_updates":
                 if value.shape != () or value.is_floating_point() or value.is_complex() \
