@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import free_port
+from test_distributed import end_worker, free_port, spawn_workers
 
 import batchnorm as bn
 from batchnorm.kernels.synchronized import global_moments
@@ -119,7 +118,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         except Exception:
             results[name] = {"crashed": traceback.format_exc()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")  # what a crash leaves behind
-    dist.destroy_process_group()
+    end_worker()
 
 
 # ---------------------------------------------------------------- the parent
@@ -128,23 +127,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("mismatch")
-    context = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_LIMIT
-    problem = None
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                problem = f"the 2 processes did not finish within {SPAWN_LIMIT} s"
-                break
-    except (mp.ProcessExitedException, mp.ProcessRaisedException) as error:  # gloo aborts
-        problem = str(error)
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    results = [torch.load(out / f"rank{r}.pt") if (out / f"rank{r}.pt").exists() else {}
-               for r in range(2)]
+    results, problem = spawn_workers(_worker, (free_port(), str(out)), 2, out, SPAWN_LIMIT)
     for result in results:
         result["problem"] = problem
     return results
