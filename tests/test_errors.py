@@ -242,6 +242,14 @@ def test_an_int_too_large_for_a_float_is_a_value_error_naming_the_option(options
         bn.BatchNorm(4, **options)
 
 
+@pytest.mark.parametrize("num_features", [HUGE, 2**62, (2**31, 2**31)],
+                         ids=["10**400", "2**62", "2**31x2**31"])
+def test_num_features_too_large_to_allocate_is_a_value_error_naming_it(num_features):
+    axis = (1, 2) if isinstance(num_features, tuple) else 1
+    with pytest.raises(ValueError, match=r"num_features=.+ is too large"):
+        bn.BatchNorm(num_features, axis=axis)
+
+
 @pytest.mark.parametrize("name, value, dtype", [
     ("gamma_initializer", 1e300, None),
     ("beta_initializer", -1e39, None),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import numbers
 import sys
 import warnings
@@ -20,7 +21,7 @@ from . import initializers, kernels, plan, recompute
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch
-from .initializers import Initializer
+from .initializers import Initializer, describe
 from .kernels.inference import prepared_inference
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
 from .updates import active_recorder
@@ -46,6 +47,9 @@ def _normalize_num_features(
     if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
                for s in shape):
         raise ValueError(f"num_features must hold positive ints, got {num_features!r}")
+    if math.prod(shape) * 8 >= 2**63:  # float64 statistics must be addressable
+        raise ValueError(f"num_features={describe(num_features)} is too large: "
+                         f"{describe(math.prod(shape))} features cannot be allocated")
     if len(shape) != len(axis):
         shown = axis[0] if len(axis) == 1 else axis
         raise ValueError(
