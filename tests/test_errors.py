@@ -229,6 +229,7 @@ HUGE = 10**400  # an int beyond float's range: float(HUGE) raises OverflowError
 
 @pytest.mark.parametrize("options, name", [
     ({"epsilon": HUGE}, "epsilon"),
+    ({"epsilon": -10**5000}, "epsilon"),  # beyond the 4300 digits Python prints
     ({"momentum": HUGE}, "momentum"),
     ({"renorm": True, "renorm_momentum": -HUGE}, "renorm_momentum"),
     ({"renorm": True, "renorm_clipping": {"rmax": HUGE}}, "renorm_clipping['rmax']"),

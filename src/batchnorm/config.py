@@ -180,7 +180,8 @@ average
         epsilon = self.epsilon
         if not _is_number(epsilon) or not (epsilon > 0
                                            and math.isfinite(as_float(epsilon, "epsilon"))):
-            raise ValueError(f"epsilon={epsilon!r} is invalid: expected a finite number > 0")
+            raise ValueError(
+                f"epsilon={describe(epsilon)} is invalid: expected a finite number > 0")
         # Statistics are float32 or float64 (statistics_dtype); the input's dtype is not known
         # yet, so float32's range decides here (check_epsilon checks the actual dtype per call).
         check_epsilon(epsilon, torch.float32)
