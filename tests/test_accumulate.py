@@ -303,6 +303,17 @@ def test_accumulate_takes_a_module():
             pass
 
 
+@pytest.mark.parametrize("model, match", [
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)),
+     r"no bn\.BatchNorm layer.*'1' \(BatchNorm1d\).*bn\.convert\(model\)"),
+    (lambda: torch.nn.Linear(3, 3), r"no bn\.BatchNorm layer.*bn\.convert"),
+])
+def test_a_model_without_batchnorm_layers_warns_that_the_block_changes_nothing(model, match):
+    with pytest.warns(RuntimeWarning, match=match):
+        with bn.accumulate(model()):
+            pass
+
+
 # ------------------------------------------------------------------ nesting
 
 

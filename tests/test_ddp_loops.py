@@ -13,8 +13,6 @@ micro-batches, instead of one pass over the concatenated batch.
 
 from __future__ import annotations
 
-import os
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -22,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import free_port
+from test_distributed import end_worker, free_port, spawn_workers
 from torch import nn
 
 import batchnorm as bn
@@ -122,22 +119,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     except Exception:
         results["accumulate"] = {"error": traceback.format_exc()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()
-    os._exit(0)  # skip the process group's teardown
+    end_worker()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp_loops")
-    context = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP processes did not finish within 120 s")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    results, problem = spawn_workers(_worker, (free_port(), str(out)), WORLD, out, 120)
+    for rank, result in enumerate(results):
+        if not result:
+            pytest.fail(f"rank {rank} of the DDP processes saved no results: {problem}")
+    return results
 
 
 def _results(ranks, key) -> list[dict]:

@@ -7,7 +7,9 @@ the other's bytes as its own dtype), or with a mask on one process only. Every
 process must raise a ``ValueError`` naming each process's values, at once (well
 within the group's timeout), with its layer's parameters and buffers
 bit-identical; the group must stay usable, so a matching call afterwards gives
-the statistics of the concatenated batch. One spawn runs every case in order and
+the statistics of the concatenated batch. A global batch of one value per feature (one
+sample on one process, none on the other) raises the single-process ``ValueError`` on
+every process, in the same way. One spawn runs every case in order and
 saves each process's results after each case; the tests below read them.
 """
 
@@ -21,8 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import free_port
+from test_distributed import end_worker, free_port, spawn_workers
 
 import batchnorm as bn
 from batchnorm.kernels.synchronized import global_moments
@@ -37,6 +38,8 @@ CASES = {
     "mask_on_one_rank": [(4, torch.float64, (3, 4, 6), True), (4, torch.float64, (2, 4, 6), False)],
 }
 MATCH = [(4, torch.float64, (3, 4, 6), False), (4, torch.float64, (2, 4, 6), False)]
+# A global batch of one value per feature: one sample on rank 0, none on rank 1.
+ONE_VALUE = [(4, torch.float64, (1, 4), False), (4, torch.float64, (0, 4), False)]
 # What each case's message must name, besides "rank 0" and "rank 1".
 EXPECTED = {
     "feature_count": ["feature shape differs", "6 features (statistics of shape (1, 6))",
@@ -107,6 +110,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     steps = [(name, lambda cases=cases: _train_step(cases[rank], rank))
              for name, cases in CASES.items()]
     steps += [("mode", lambda: _mode_mismatch(rank)),
+              ("one_value", lambda: _train_step(ONE_VALUE[rank], rank)),
               ("match", lambda: _train_step(MATCH[rank], rank))]
     for name, step in steps:
         try:
@@ -114,7 +118,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         except Exception:
             results[name] = {"crashed": traceback.format_exc()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")  # what a crash leaves behind
-    dist.destroy_process_group()
+    end_worker()
 
 
 # ---------------------------------------------------------------- the parent
@@ -123,23 +127,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("mismatch")
-    context = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_LIMIT
-    problem = None
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                problem = f"the 2 processes did not finish within {SPAWN_LIMIT} s"
-                break
-    except (mp.ProcessExitedException, mp.ProcessRaisedException) as error:  # gloo aborts
-        problem = str(error)
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    results = [torch.load(out / f"rank{r}.pt") if (out / f"rank{r}.pt").exists() else {}
-               for r in range(2)]
+    results, problem = spawn_workers(_worker, (free_port(), str(out)), 2, out, SPAWN_LIMIT)
     for result in results:
         result["problem"] = problem
     return results
@@ -173,6 +161,22 @@ def test_both_ranks_report_the_same_message(spawned):
         assert first == second
 
 
+def test_a_global_batch_of_one_value_per_feature_raises_on_every_rank_as_in_one_process(
+        spawned):
+    with pytest.raises(ValueError) as single:  # what one process raises for that batch
+        _layer(ONE_VALUE[0])(_data(ONE_VALUE[0], seed=0)[0], training=True)
+    records = _case(spawned, "one_value")
+    for rank, record in enumerate(records):
+        assert record["error"] is not None, f"rank {rank} returned from a one-value batch"
+        kind, message = record["error"]
+        assert kind == type(single.value).__name__, f"rank {rank}: {kind}: {message}"
+        assert str(single.value).split(",")[0] in message  # "... more than one value ..."
+        assert "rank 0: 1, rank 1: 0" in message
+        assert record["seconds"] < TIMEOUT / 2, f"rank {rank} took {record['seconds']:.1f} s"
+        assert record["changed"] == [], f"rank {rank} changed {record['changed']}"
+    assert records[0]["error"] == records[1]["error"]
+
+
 def test_a_matching_call_after_the_mismatches_synchronizes(spawned):
     records = _case(spawned, "match")
     for rank, record in enumerate(records):
@@ -191,6 +195,13 @@ def test_a_matching_call_after_the_mismatches_synchronizes(spawned):
 # ---------------------------------------------------------------- one process
 
 
+def test_one_process_group_with_one_value_per_feature_raises_before_any_collective(
+        monkeypatch):
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    with pytest.raises(ValueError, match="more than one value per feature.*rank 0: 1"):
+        global_moments(torch.zeros(1, 3), torch.zeros(1, 3), 1, None)
+
+
 def test_mode_must_be_a_string():
     with pytest.raises(TypeError, match="mode must be a str"):
         global_moments(torch.zeros(1, 3), torch.ones(1, 3), 2, None, mode=1)
@@ -199,7 +210,7 @@ def test_mode_must_be_a_string():
 def test_the_message_names_a_process_of_another_protocol_and_long_shapes():
     from batchnorm.kernels import synchronized as sync_kernel
 
-    ours = sync_kernel._header(torch.zeros(1, 2, 1, 1, 1, 1, 1), False, "")
+    ours = sync_kernel._header(torch.zeros(1, 2, 1, 1, 1, 1, 1), 3, "")
     other_version = [ours[0] + 1, *ours[1:]]
     not_a_header = [0] * len(ours)
     message = str(sync_kernel._mismatch([ours, other_version, not_a_header], None))

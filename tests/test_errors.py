@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -95,6 +96,20 @@ def test_feature_size_mismatch_on_multi_axis_layer():
     with pytest.raises(ValueError, match=r"\(3, 2\)"):
         layer(torch.randn(4, 3, 5), training=True)
     assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("shape, axis", [((3, 0, 5), 1), ((4, 0), -1), ((2, 3, 0), (1, 2))])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_zero_size_feature_axis_leaves_a_lazy_layer_unbuilt_with_a_value_error(
+        shape, axis, training):
+    layer = bn.BatchNorm(axis=axis)
+    with pytest.raises(ValueError, match=re.escape(f"input of shape {shape}") + ".* size 0"):
+        layer(torch.randn(shape), training=training)
+    assert_still_lazy(layer)
+    features = tuple(max(size, 2) for size in shape)  # the same layer builds from real features
+    layer(torch.randn(features), training=training)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    assert layer.num_features == tuple(features[a] for a in axes)
 
 
 # ---------------------------------------------------------------- single value per feature
@@ -206,6 +221,82 @@ def test_from_config_with_unknown_key_raises_value_error():
     config = bn.BatchNorm(3).get_config()
     config["not_an_option"] = True
     with pytest.raises(ValueError, match="not_an_option"):
+        bn.BatchNorm.from_config(config)
+
+
+HUGE = 10**400  # an int beyond float's range: float(HUGE) raises OverflowError
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"epsilon": HUGE}, "epsilon"),
+    ({"epsilon": -10**5000}, "epsilon"),  # beyond the 4300 digits Python prints
+    ({"momentum": HUGE}, "momentum"),
+    ({"renorm": True, "renorm_momentum": -HUGE}, "renorm_momentum"),
+    ({"renorm": True, "renorm_clipping": {"rmax": HUGE}}, "renorm_clipping['rmax']"),
+    ({"renorm": True, "renorm_clipping": {"dmax": 10**5000}}, "renorm_clipping['dmax']"),
+    ({"gamma_initializer": HUGE}, "gamma_initializer"),
+    ({"moving_variance_initializer": {"class_name": "Constant", "config": {"value": HUGE}}},
+     "moving_variance_initializer"),
+])
+def test_an_int_too_large_for_a_float_is_a_value_error_naming_the_option(options, name):
+    with pytest.raises(ValueError, match=re.escape(name) + "=-?<an int of about 10\\*\\*"):
+        bn.BatchNorm(4, **options)
+
+
+@pytest.mark.parametrize("num_features", [HUGE, 2**62, (2**31, 2**31)],
+                         ids=["10**400", "2**62", "2**31x2**31"])
+def test_num_features_too_large_to_allocate_is_a_value_error_naming_it(num_features):
+    axis = (1, 2) if isinstance(num_features, tuple) else 1
+    with pytest.raises(ValueError, match=r"num_features=.+ is too large"):
+        bn.BatchNorm(num_features, axis=axis)
+
+
+@pytest.mark.parametrize("name, value, dtype", [
+    ("gamma_initializer", 1e300, None),
+    ("beta_initializer", -1e39, None),
+    ("moving_mean_initializer", 1e300, None),  # float32 statistics
+    ("gamma_initializer", 1e5, torch.float16),  # float16's largest is 65504
+])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_constant_initializer_beyond_the_dtype_is_refused_and_a_lazy_layer_stays_lazy(
+        name, value, dtype, lazy):
+    expected = "float32" if dtype is None or name.startswith("moving") else "float16"
+    match = f"{name}={value!r} does not fit the {expected}"
+    if not lazy:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            bn.BatchNorm(4, dtype=dtype, **{name: value})
+        return
+    layer = bn.BatchNorm(axis=-1, dtype=dtype, **{name: value})
+    with pytest.raises(ValueError, match=re.escape(match)):
+        layer(torch.randn(3, 4, dtype=dtype), training=False)
+    assert_still_lazy(layer)
+
+
+def test_a_constant_initializer_that_fits_a_float64_layer_is_kept_exactly():
+    layer = bn.BatchNorm(4, gamma_initializer=1e300, dtype=torch.float64)
+    assert torch.equal(layer.gamma.detach(), torch.full((4,), 1e300, dtype=torch.float64))
+
+
+def test_a_callable_initializer_returning_no_numbers_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="gamma_initializer returned NoneType"):
+        bn.BatchNorm(4, gamma_initializer=lambda shape: None)
+
+
+@pytest.mark.parametrize("inner", [3, [0.5], "0.5"])
+def test_a_keras_initializer_whose_config_is_not_a_dict_is_a_value_error(inner):
+    init = {"class_name": "Constant", "config": inner}
+    with pytest.raises(ValueError, match="gamma_initializer: the Keras initializer"):
+        bn.BatchNorm(4, gamma_initializer=init)
+
+
+def test_renorm_clipping_with_keys_of_several_types_names_the_unknown_ones():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['x', 1\]"):
+        bn.BatchNorm(4, renorm=True, renorm_clipping={1: 2.0, "x": 3.0})
+
+
+@pytest.mark.parametrize("config", [[("axis", 1)], None, "axis=1"])
+def test_from_config_of_something_other_than_a_dict_is_a_type_error_naming_it(config):
+    with pytest.raises(TypeError, match=f"from_config expects a dict.*got {type(config).__name__}"):
         bn.BatchNorm.from_config(config)
 
 

@@ -510,6 +510,32 @@ def test_a_failing_load_state_dict_changes_nothing(problem):
     assert_bit_identical(layer, before)
 
 
+@pytest.mark.parametrize("key", ["moving_mean", "num_updates"])
+@pytest.mark.parametrize("kind, match", [("meta", "meta tensor"), ("sparse", "dense tensor")])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_meta_or_sparse_value_is_refused_before_anything_is_loaded(key, kind, match, lazy):
+    layer = bn.BatchNorm(axis=-1) if lazy else trained()
+    before = snapshot(layer)
+    source = {k: v + 1 if v.is_floating_point() else v + 5
+              for k, v in trained().state_dict().items()}
+    source[key] = source[key].to("meta") if kind == "meta" else source[key].to_sparse()
+    with pytest.raises(RuntimeError, match=f"{key}: .*{match}"):
+        layer.load_state_dict(source)
+    # gamma and beta come before moving_mean, moving_variance before num_updates: all kept.
+    assert_bit_identical(layer, before)
+
+
+def test_meta_values_load_into_a_meta_layer_and_with_assign():
+    source = {k: v.to("meta") for k, v in trained().state_dict().items()}
+    with torch.device("meta"):
+        meta_layer = bn.BatchNorm(4, axis=-1)
+    meta_layer.load_state_dict(source)
+    real_layer = bn.BatchNorm(4, axis=-1)
+    real_layer.load_state_dict(source, assign=True)
+    assert all(t.is_meta for t in [*meta_layer.state_dict().values(),
+                                   *real_layer.state_dict().values()])
+
+
 def test_a_failing_load_leaves_a_lazy_layer_unbuilt_and_a_valid_one_builds_it():
     source = trained().state_dict()
     broken = dict(source)
@@ -726,7 +752,8 @@ def _bad_option(data):
 
 def _bad_state_dict(data):
     key = data.draw(st.sampled_from(OWN_KEYS))
-    how = data.draw(st.sampled_from(["delete", "size", "dtype", "list", "extra"]))
+    how = data.draw(st.sampled_from(["delete", "size", "dtype", "list", "extra", "meta",
+                                     "sparse"]))
     size = data.draw(_sizes(4))
 
     def mutate(source):
@@ -739,6 +766,10 @@ def _bad_state_dict(data):
                 else torch.tensor(1.5)
         elif how == "list":
             source[key] = [1.0] * 4
+        elif how == "meta":
+            source[key] = source[key].to("meta")
+        elif how == "sparse":
+            source[key] = source[key].to_sparse()
         else:
             source[key + "_extra"] = torch.ones(4)
         return source

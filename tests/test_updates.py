@@ -274,6 +274,60 @@ def test_non_finite_deferred_update_is_skipped_at_apply_with_warning():
     assert_untouched(layer)
 
 
+# ---------------------------------------------------------------- torch.nn batch norms
+
+
+def torch_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+
+
+def test_a_block_that_recorded_nothing_while_a_torch_nn_batch_norm_trained_warns():
+    model = torch_model()
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm1d.*updated at once.*bn\.convert"):
+        with bn.deferred_updates():
+            model(batch(0))
+    assert model[1].num_batches_tracked.item() == 1  # the update the warning tells of
+
+
+@pytest.mark.parametrize("how", ["eval", "no running statistics", "converted", "mixed"])
+def test_a_block_without_torch_nn_batch_norm_updates_does_not_warn_of_them(how):
+    model = torch_model()
+    if how == "eval":
+        model.eval()
+    elif how == "no running statistics":
+        model[1] = torch.nn.BatchNorm1d(3, track_running_stats=False)
+    elif how == "converted":
+        model = bn.convert(model)
+    else:  # a bn.BatchNorm records: the torch.nn layer beside it is the model's choice
+        model.append(make_layer())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bn.deferred_updates() as updates:
+            model(batch(0))
+            updates.discard()
+
+
+def test_a_torch_nn_batch_norm_in_another_thread_is_not_noted_by_this_block():
+    model = torch_model()
+    ran = threading.Event()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bn.deferred_updates():
+            thread = threading.Thread(target=lambda: (model(batch(0)), ran.set()))
+            thread.start()
+            thread.join()
+    assert ran.is_set()
+
+
+def test_the_global_hook_is_removed_when_the_last_block_closes():
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    before = len(hooks)
+    with bn.deferred_updates():
+        with bn.deferred_updates():
+            assert len(hooks) == before + 1  # one hook for all the open blocks
+    assert len(hooks) == before
+
+
 # ---------------------------------------------------------------- threads, tasks, torch.compile
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import activations, initializers
-from .initializers import Initializer
+from .initializers import Initializer, as_float, describe
 from .shapes import resolve_axes
 
 __all__ = ["GHOST_LAYOUTS", "Adjustment", "BatchNormConfig", "Constraint", "Regularizer",
@@ -172,14 +172,16 @@ average
                 continue  # the cumulative average
             if not _is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(
-                    f"{name}={value!r} is invalid: expected a number in [0, 1), the decay of "
-                    "the moving averages (TensorFlow's default 0.99; PyTorch's momentum=0.1 "
-                    "is 0.9)" + (", or None for the cumulative average"
+                    f"{name}={describe(value)} is invalid: expected a number in [0, 1), the "
+                    "decay of the moving averages (TensorFlow's default 0.99; PyTorch's "
+                    "momentum=0.1 is 0.9)" + (", or None for the cumulative average"
                                  if name == "momentum" else "")
                 )
         epsilon = self.epsilon
-        if not _is_number(epsilon) or not (epsilon > 0 and math.isfinite(epsilon)):
-            raise ValueError(f"epsilon={epsilon!r} is invalid: expected a finite number > 0")
+        if not _is_number(epsilon) or not (epsilon > 0
+                                           and math.isfinite(as_float(epsilon, "epsilon"))):
+            raise ValueError(
+                f"epsilon={describe(epsilon)} is invalid: expected a finite number > 0")
         # Statistics are float32 or float64 (statistics_dtype); the input's dtype is not known
         # yet, so float32's range decides here (check_epsilon checks the actual dtype per call).
         check_epsilon(epsilon, torch.float32)
@@ -200,11 +202,13 @@ average
         unknown = set(clipping) - set(CLIPPING_KEYS)
         if unknown:
             raise ValueError(
-                f"renorm_clipping has unknown key(s) {sorted(unknown)}: expected 'rmin', "
-                "'rmax', 'dmax'")
+                f"renorm_clipping has unknown key(s) {sorted(unknown, key=repr)}: expected "
+                "'rmin', 'rmax', 'dmax'")
         for key, value in clipping.items():
-            if not _is_number(value) or math.isnan(value) or value < 0:
-                raise ValueError(f"renorm_clipping[{key!r}]={value!r}: expected a number >= 0")
+            name = f"renorm_clipping[{key!r}]"
+            if not _is_number(value) or math.isnan(as_float(value, name)) or value < 0:
+                raise ValueError(f"{name}={describe(value)}: expected a number >= 0 "
+                                 "(math.inf for no bound)")
         if clipping.get("rmin", 0.0) > clipping.get("rmax", math.inf):
             raise ValueError(f"renorm_clipping {dict(clipping)!r} has rmin > rmax")
         return tuple((key, float(clipping[key])) for key in CLIPPING_KEYS if key in clipping)

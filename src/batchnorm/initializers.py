@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,26 @@ Initializer = str | float | Callable[[tuple[int, ...]], Tensor] | dict
 
 _NAMED = {"zeros": 0.0, "ones": 1.0}
 _KERAS_CLASS = {"zeros": "Zeros", "ones": "Ones"}
+
+
+def describe(value: Any) -> str:
+    """``repr(value)``, but an int too long to show (Python refuses to print one of more
+    than 4300 digits) by its magnitude."""
+    if isinstance(value, numbers.Integral) and abs(int(value)).bit_length() > 256:
+        digits = int(abs(int(value)).bit_length() * math.log10(2))
+        return f"{'-' if value < 0 else ''}<an int of about 10**{digits}>"
+    return repr(value)
+
+
+def as_float(value: numbers.Real, name: str) -> float:
+    """``float(value)``; ``ValueError`` naming ``name`` for a number no float holds (an int
+    such as ``10**400``, for which ``float()`` raises ``OverflowError``)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name}={describe(value)} is too large for a float (at most "
+            f"{sys.float_info.max:.4g}): expected a finite number") from None
 
 
 def check(init: Any, name: str, *, nonnegative: bool = False) -> None:
@@ -43,8 +64,8 @@ def check(init: Any, name: str, *, nonnegative: bool = False) -> None:
         )
 
 
-def _check_constant(value: float, name: str, nonnegative: bool) -> None:
-    if not math.isfinite(value):
+def _check_constant(value: numbers.Real, name: str, nonnegative: bool) -> None:
+    if not math.isfinite(as_float(value, name)):
         raise ValueError(f"{name}={value!r}: a constant initializer must be finite")
     if nonnegative and value < 0:
         raise ValueError(f"{name}={value!r}: a variance cannot be negative; expected a "
@@ -58,8 +79,9 @@ def _from_keras(config: dict, name: str) -> float:
         return 0.0
     if cls in ("Ones", "ones"):
         return 1.0
-    if cls == "Constant" and isinstance(inner.get("value"), numbers.Real):
-        return float(inner["value"])
+    value = inner.get("value") if isinstance(inner, dict) else None
+    if cls == "Constant" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return as_float(value, name)
     raise ValueError(
         f"{name}: the Keras initializer {config!r} is not supported; "
         "expected Zeros, Ones or Constant with a scalar value"
@@ -82,8 +104,21 @@ def initial_value(
     if isinstance(init, str):
         init = _NAMED[init.lower()]
     if isinstance(init, numbers.Real):
-        return torch.full(shape, float(init), dtype=dtype, device=device)
-    value = torch.as_tensor(init(shape))
+        value = as_float(init, name)
+        largest = torch.finfo(dtype).max
+        if abs(value) > largest:
+            raise ValueError(
+                f"{name}={describe(init)} does not fit the {str(dtype).removeprefix('torch.')} "
+                f"{'statistics' if name.startswith('moving') else 'parameters'} (largest "
+                f"{largest:.4g}): it would be inf; use a smaller constant or a wider dtype=")
+        return torch.full(shape, value, dtype=dtype, device=device)
+    result = init(shape)
+    try:
+        value = torch.as_tensor(result)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise TypeError(
+            f"{name} returned {type(result).__name__}, which is not a tensor of numbers "
+            f"({error}); expected a tensor of shape {tuple(shape)}") from None
     if tuple(value.shape) != tuple(shape):
         raise ValueError(
             f"{name} returned a tensor of shape {tuple(value.shape)}, expected {tuple(shape)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import numbers
 import sys
 import warnings
@@ -20,7 +21,7 @@ from . import initializers, kernels, plan, recompute
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch
-from .initializers import Initializer
+from .initializers import Initializer, describe
 from .kernels.inference import prepared_inference
 from .kernels.protocol import traced
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
@@ -47,6 +48,9 @@ def _normalize_num_features(
     if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
                for s in shape):
         raise ValueError(f"num_features must hold positive ints, got {num_features!r}")
+    if math.prod(shape) * 8 >= 2**63:  # float64 statistics must be addressable
+        raise ValueError(f"num_features={describe(num_features)} is too large: "
+                         f"{describe(math.prod(shape))} features cannot be allocated")
     if len(shape) != len(axis):
         shown = axis[0] if len(axis) == 1 else axis
         raise ValueError(
@@ -569,8 +573,8 @@ class BatchNorm(nn.Module):
         if key not in state_dict and not strict and self.num_updates.is_meta:
             # As torch does for num_batches_tracked: a real counter, not a meta tensor.
             state_dict[key] = torch.zeros((), dtype=torch.int64)
-        missing, unexpected, errors, shape = self._state_dict_problems(state_dict, prefix,
-                                                                       strict)
+        missing, unexpected, errors, shape = self._state_dict_problems(
+            state_dict, prefix, strict, local_metadata.get("assign_to_params_buffers", False))
         if missing or unexpected or errors:
             missing_keys.extend(missing)
             unexpected_keys.extend(unexpected)
@@ -586,9 +590,11 @@ class BatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, reported_strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
-    def _state_dict_problems(self, state_dict, prefix: str, strict: bool):
+    def _state_dict_problems(self, state_dict, prefix: str, strict: bool, assign: bool):
         """``(missing, unexpected, errors, feature_shape)`` of this layer's keys in
-        ``state_dict``; ``feature_shape`` is None for a state dict of an unbuilt layer."""
+        ``state_dict``; ``feature_shape`` is None for a state dict of an unbuilt layer.
+        ``assign``: ``load_state_dict(assign=True)``, which may take meta tensors as they are.
+        """
         own = {name: t for name, t in self._parameters.items() if t is not None}
         own.update({name: b for name, b in self._buffers.items()
                     if b is not None and name not in self._non_persistent_buffers_set})
@@ -609,6 +615,15 @@ class BatchNorm(nn.Module):
             value = state_dict[key]
             if not isinstance(value, Tensor):
                 errors.append(f"{key}: expected a tensor, got {type(value).__name__}")
+                continue
+            if value.layout != torch.strided:
+                errors.append(f"{key}: expected a dense tensor, got a {value.layout} one; "
+                              "convert it with .to_dense() before loading")
+                continue
+            if value.is_meta and not (assign or own[name].is_meta):
+                errors.append(f"{key}: the value is a meta tensor (a shape without data), "
+                              "which has nothing to copy; load a checkpoint with real values, "
+                              "or pass assign=True to take the meta tensors as they are")
                 continue
             if name == "num_updates":
                 if value.shape != () or value.is_floating_point() or value.is_complex() \
@@ -699,7 +714,15 @@ class BatchNorm(nn.Module):
             axes = F.check_input(x, config.axis, None, training=training,
                                  virtual_batch_size=config.virtual_batch_size, mask=mask,
                                  synchronized=group is not None)
-            self._build(tuple(x.shape[a] for a in axes))
+            feature_shape = tuple(x.shape[a] for a in axes)
+            if 0 in feature_shape:
+                shown = config.axis[0] if self._axis_is_int else config.axis
+                raise ValueError(
+                    f"a lazy BatchNorm takes its number of features from its first input, but "
+                    f"the input of shape {tuple(x.shape)} has a feature axis (axis={shown!r}) "
+                    "of size 0: a layer cannot have 0 features; call it first with an input "
+                    "that has features, or give num_features")
+            self._build(feature_shape)
         state = self.state()
         if key is not None:
             return self._plan(key, x, state, training).run(x)
@@ -891,6 +914,10 @@ class BatchNorm(nn.Module):
         >>> bn.BatchNorm.from_config(layer.get_config())
         BatchNorm(4, axis=1, momentum=0.9, epsilon=0.001)
         """
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                f"from_config expects a dict of options (BatchNorm.get_config()'s output or a "
+                f"Keras layer's config), got {type(config).__name__}: {config!r:.200}")
         kwargs = {k: v for k, v in config.items() if k not in cls._KERAS_ONLY_KEYS}
         num_features = kwargs.pop("num_features", None)
         if isinstance(num_features, list):

@@ -103,13 +103,16 @@ def _opened(block):
             _OPEN[0] -= 1
 
 
+def _open_blocks() -> tuple:
+    return _THREAD.blocks if torch.compiler.is_dynamo_compiling() else _BLOCKS.get()
+
+
 def active_recorder(layer: StatisticsSink | None = None) -> DeferredUpdates | Accumulation | None:
     """The block that takes ``layer``'s training calls: the innermost open block of this thread
     or task that takes it, or None when its updates apply at once."""
     if not _OPEN[0]:
         return None
-    blocks = _THREAD.blocks if torch.compiler.is_dynamo_compiling() else _BLOCKS.get()
-    for block in reversed(blocks):
+    for block in reversed(_open_blocks()):
         if block._open and block.takes(layer):  # a task started in a block outlives it
             return block
     return None
@@ -153,6 +156,48 @@ class _Records:
         return found
 
 
+# torch.nn's batch norms (BatchNorm1d/2d/3d, SyncBatchNorm, their lazy forms), which update
+# their running statistics at once whatever block is open.
+_TORCH_BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def _torch_batch_norms(model: torch.nn.Module) -> list[str]:
+    """``"name (Type)"`` of each torch.nn batch norm of ``model`` that keeps running
+    statistics."""
+    return [f"{name or '(root)'!r} ({type(m).__name__})" for name, m in model.named_modules()
+            if isinstance(m, _TORCH_BATCH_NORMS) and m.track_running_stats]
+
+
+def _note_torch_batch_norm(module: torch.nn.Module, args: tuple) -> None:
+    """A global forward pre-hook, installed while a deferred_updates block is open anywhere:
+    a torch.nn batch norm called in training mode updates its running statistics at once,
+    which the innermost deferred_updates block of this thread or task notes, to warn if it
+    recorded nothing (an unconverted model; a model that also has bn.BatchNorm layers, and
+    the tools that run one, keep torch's layers as they mean to)."""
+    if module.training and isinstance(module, _TORCH_BATCH_NORMS) \
+            and module.track_running_stats:
+        block = next((b for b in reversed(_open_blocks())
+                      if isinstance(b, DeferredUpdates) and b._open), None)
+        if block is not None:
+            block._torch_updated[type(module).__name__] = None
+
+
+_HOOK: list = [None, 0]  # the installed hook's handle, the deferred_updates blocks open
+
+
+def _watch_torch_batch_norms(opening: bool) -> None:
+    """Install the hook when the first deferred_updates block opens, remove it when the last
+    one closes: outside them, module calls keep torch's hook-free fast path."""
+    with _OPEN_LOCK:
+        _HOOK[1] += 1 if opening else -1
+        if _HOOK[1] and _HOOK[0] is None:
+            _HOOK[0] = torch.nn.modules.module.register_module_forward_pre_hook(
+                _note_torch_batch_norm)
+        elif not _HOOK[1] and _HOOK[0] is not None:
+            _HOOK[0].remove()
+            _HOOK[0] = None
+
+
 class DeferredUpdates:
     """Moving-statistics updates recorded inside a :func:`deferred_updates` block."""
 
@@ -160,6 +205,8 @@ class DeferredUpdates:
         self._pending = _Records()
         self._open = True
         self._enclosing: tuple = ()
+        self._recorded = False  # whether any call was recorded
+        self._torch_updated: dict[str, None] = {}  # torch.nn batch norms that updated at once
 
     def takes(self, layer: StatisticsSink | None) -> bool:
         """Every layer's training calls: True."""
@@ -168,6 +215,7 @@ class DeferredUpdates:
     def record(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
         """Keep ``layer``'s batch statistics until :meth:`apply` or :meth:`discard`."""
         self._pending.append(layer, stats)
+        self._recorded = True
 
     def apply(self) -> int:
         """Apply every recorded update in the order the layers were called; return how many.
@@ -210,7 +258,10 @@ def deferred_updates() -> Iterator[DeferredUpdates]:
     once the optimizer step succeeded. It records the training calls of its own thread (or
     asyncio task) only; see the module's docstring for nested blocks. Updates neither
     applied nor discarded when the block ends are dropped with a ``RuntimeWarning`` saying
-    how many (an exception leaving the block drops them silently):
+    how many (an exception leaving the block drops them silently). torch.nn's batch norms
+    (an unconverted model: see :func:`batchnorm.convert`) are not recorded: they update their
+    running statistics at once, and a block that recorded nothing warns at its end if one
+    ran in training mode.
 
     >>> import torch, batchnorm as bn
     >>> layer = bn.BatchNorm(2)
@@ -225,6 +276,7 @@ def deferred_updates() -> Iterator[DeferredUpdates]:
     """
     recorder = DeferredUpdates()
     raised = False
+    _watch_torch_batch_norms(opening=True)
     with _opened(recorder):
         try:
             yield recorder
@@ -232,6 +284,14 @@ def deferred_updates() -> Iterator[DeferredUpdates]:
             raised = True  # a failed step: dropping its updates is the point, no warning
             raise
         finally:
+            _watch_torch_batch_norms(opening=False)
+            if recorder._torch_updated and not recorder._recorded and not raised:
+                warnings.warn(
+                    f"torch.nn batch norm layer(s) ({', '.join(recorder._torch_updated)}) ran "
+                    "in training mode inside this deferred_updates() block: they are not "
+                    "bn.BatchNorm layers, so their running statistics were updated at once, "
+                    "not recorded; convert the model first with model = bn.convert(model)",
+                    RuntimeWarning, stacklevel=user_stacklevel())
             dropped = recorder.discard()
             if dropped and not raised:
                 warnings.warn(
@@ -344,6 +404,11 @@ def accumulate(model: torch.nn.Module) -> Iterator[Accumulation]:
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``.
 
+    Warns:
+        RuntimeWarning: ``model`` has no :class:`~batchnorm.BatchNorm` layer, so the block
+        changes nothing (torch.nn's batch norms update at every micro-batch: convert the model
+        with :func:`batchnorm.convert` first).
+
     >>> import torch, batchnorm as bn
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), bn.BatchNorm(3, axis=-1))
     >>> with bn.accumulate(model) as step:
@@ -358,6 +423,16 @@ def accumulate(model: torch.nn.Module) -> Iterator[Accumulation]:
         raise TypeError(f"accumulate takes a torch.nn.Module, got {type(model).__name__}")
     layers = tuple(m for m in model.modules()
                    if callable(getattr(m, "update_statistics", None)))
+    if not layers:
+        found = _torch_batch_norms(model)
+        warnings.warn(
+            f"accumulate(model): the {type(model).__name__} has no bn.BatchNorm layer, so "
+            "this block changes no moving average"
+            + (f"; its torch.nn batch norm layer(s) {', '.join(found[:3])}"
+               f"{', ...' if len(found) > 3 else ''} update at every micro-batch: convert the "
+               "model first with model = bn.convert(model)" if found else
+               " (bn.convert(model) turns torch.nn batch norms into bn.BatchNorm layers)"),
+            RuntimeWarning, stacklevel=user_stacklevel())
     accumulation = Accumulation(layers)
     with _opened(accumulation):
         try:

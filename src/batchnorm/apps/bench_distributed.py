@@ -22,9 +22,11 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -82,9 +84,20 @@ def _worker(rank: int, world: int, port: int, shape: tuple[int, ...], steps: int
     result = {False: (statistics.median(times[False]), 0.0),
               True: (statistics.median(times[True]), statistics.median(comm))}
     if rank == 0:
-        queue.put(result)
+        queue.put(result)  # a SimpleQueue writes to its pipe before put returns
+    _exit_cleanly()
+
+
+def _exit_cleanly() -> NoReturn:
+    """End a worker without the interpreter's teardown: a gloo process can abort there after
+    a clean run ("terminate called without an active exception", a process-group thread
+    still running while static destructors run), which the parent would take for a failure.
+    Wait for the others, destroy the group, flush, and ``os._exit(0)``: no destructor runs."""
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:

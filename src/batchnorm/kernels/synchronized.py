@@ -26,7 +26,13 @@ Before the statistics, the processes check that they agree on what they are
 about to exchange: one ``all_gather`` of a fixed-size header, 16 int64 per
 process (128 bytes), whatever the number of features: a protocol version, the
 statistics' shape, dtype and device type, whether the count is per feature (a
-mask) or one number, and the caller's ``mode``. It is sent first, and is the
+mask) or one number, and the caller's ``mode``; and, where the count is one
+number (no mask), the process's count itself, which every process adds up: a
+global batch of one value per feature has no variance, and every process raises
+the ``ValueError`` a single process raises for it (with a mask the count is a
+tensor on the device, and a feature with fewer than two selected values is
+normalized with the moving statistics and left out of the update, as in one
+process). It is sent first, and is the
 same size on every process, so it cannot itself mismatch; the packed
 statistics, whose size depends on the features and dtype, are only exchanged
 once every process has seen that every header equals its own. Otherwise every
@@ -102,20 +108,21 @@ def _collective(op, *args, group) -> None:
 
 # ---------------------------------------------------------------- the agreement header
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the count slot (version 1 sent a sixth dimension there)
 _MAGIC = int.from_bytes(b"bnsync", "big") << 16  # the top bits of slot 0; the version below
 # 16 int64: 128 bytes, never the size of the packed statistics (a multiple of 3 values of 2,
 # 4 or 8 bytes), so that a process that reached the statistics' collective while another
 # sends its header cannot have its bytes silently taken for statistics.
 _SLOTS = 16
-_SHOWN_DIMS = 6  # dimensions of the statistics' shape sent in full; the rest by hash
+_SHOWN_DIMS = 5  # dimensions of the statistics' shape sent in full; the rest by hash
 _MODE_BYTES = 16  # bytes of the mode shown in messages; the whole mode is compared by hash
 _DTYPES = ("float64", "float32", "float16", "bfloat16")
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "privateuseone", "meta")
 # slots
 _VERSION, _DTYPE, _DEVICE, _PER_FEATURE, _NDIM, _NUMEL, _SHAPE_HASH, _MODE_HASH = range(8)
 _MODE_TEXT = 8  # and 9
-_DIMS = 10  # to 15
+_COUNT = 10  # this process's values per feature, -1 for per-feature counts: may differ
+_DIMS = 11  # to 15
 
 
 def _crc(text: str) -> int:
@@ -131,8 +138,9 @@ def _name(code: int, table: tuple) -> str:
     return table[code - 1] if 0 < code <= len(table) else f"unknown ({code})"
 
 
-def _header(mean: Tensor, per_feature: bool, mode: str) -> list[int]:
+def _header(mean: Tensor, count: int | Tensor, mode: str) -> list[int]:
     """What this process is about to exchange, as ``_SLOTS`` integers."""
+    per_feature = isinstance(count, Tensor)
     shape = tuple(mean.shape)
     text = mode.encode()[:_MODE_BYTES].ljust(_MODE_BYTES, b"\0")
     dims = [*shape[:_SHOWN_DIMS], *[-1] * (_SHOWN_DIMS - min(len(shape), _SHOWN_DIMS))]
@@ -147,6 +155,7 @@ def _header(mean: Tensor, per_feature: bool, mode: str) -> list[int]:
         _crc(mode),
         int.from_bytes(text[:8], "big", signed=True),
         int.from_bytes(text[8:], "big", signed=True),
+        -1 if per_feature else int(count),
         *dims,
     ]
 
@@ -223,13 +232,32 @@ def _header_device(device: torch.device, group) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_agreement(mean: Tensor, per_feature: bool, mode: str, group) -> None:
-    """Raise a ValueError on every process unless every process sends the same header."""
-    header = _header(mean, per_feature, mode)
+def _check_agreement(mean: Tensor, count: int | Tensor, mode: str, group) -> list[int]:
+    """Raise a ValueError on every process unless every process sends the same header; return
+    each process's count (-1 for per-feature counts)."""
+    header = _header(mean, count, mode)
     sent = torch.tensor(header, dtype=torch.int64, device=_header_device(mean.device, group))
     rows = _all_gather(sent, group).tolist()  # on a device: the one host synchronization
-    if any(row != header for row in rows):
+    if any(row[:_COUNT] + row[_COUNT + 1:] != header[:_COUNT] + header[_COUNT + 1:]
+           for row in rows):
         raise _mismatch(rows, group)
+    return [row[_COUNT] for row in rows]
+
+
+def _check_global_count(counts: list[int], shape: tuple[int, ...], group) -> None:
+    """Raise the single-process ``ValueError`` on every process when the processes' values per
+    feature (one number each, the same list on every process) add up to exactly one."""
+    if sum(counts) != 1:  # none (an empty global batch passes, as in one process) or enough
+        return
+    ranks = ", ".join(f"rank {_global_rank(group, rank)}: {count}"
+                      for rank, count in enumerate(counts))
+    raise ValueError(
+        "training-mode batch normalization needs more than one value per feature to compute "
+        f"a variance, got 1 value per feature in the global batch of the {len(counts)} "
+        f"process(es) of the group (statistics of shape {shape}; values per feature by "
+        f"process: {ranks}). Normalizing it would map every value to beta (TensorFlow "
+        "silently returns zeros here). Use a larger batch, or training=False. Nothing was "
+        "exchanged but the counts: the moving statistics are unchanged on every process.")
 
 
 # ---------------------------------------------------------------- the statistics
@@ -295,7 +323,11 @@ def global_moments(
     if not isinstance(mode, str):
         raise TypeError(f"mode must be a str, got {mode!r}")
     if dist.get_world_size(group) > 1:
-        _check_agreement(mean, isinstance(count, Tensor), mode, group)
+        counts = _check_agreement(mean, count, mode, group)
+    else:
+        counts = [-1 if isinstance(count, Tensor) else int(count)]
+    if -1 not in counts:
+        _check_global_count(counts, tuple(mean.shape), group)
     count = torch.as_tensor(count, dtype=mean.dtype, device=mean.device).expand_as(mean)
     empty = count == 0
     mean = torch.where(empty, 0.0, mean)
