@@ -115,7 +115,7 @@ average
     beta_constraint: Constraint | None = None
     gamma_constraint: Constraint | None = None
     debias: bool = False
-    unbiased_moving_variance: bool = False
+    unbiased_moving_variance: bool | None = None
     renorm: bool = False
     renorm_clipping: tuple[tuple[str, float], ...] | None = None
     renorm_momentum: float = 0.99
@@ -132,8 +132,10 @@ average
     def __post_init__(self) -> None:
         object.__setattr__(self, "axis", _canonical_axis(self.axis))
         for name in ("center", "scale", "debias", "unbiased_moving_variance", "renorm"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, bool)
+                    or (value is None and name == "unbiased_moving_variance")):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         self._check_numbers()
         object.__setattr__(self, "renorm_clipping", self._check_clipping())
         self._check_ghost_batches()
@@ -269,6 +271,29 @@ average
         if len(self.axis) > 1:
             return "for several feature axes"
         return None
+
+    def tf_keras_variance(self, ndim: int, dtype: torch.dtype) -> bool | None:
+        """Whether tf_keras's ``BatchNormalization`` with these options feeds the
+        Bessel-corrected batch variance of an input of rank ``ndim`` and ``dtype`` into
+        ``moving_variance`` (None when ``axis`` does not fit that rank).
+
+        With ``fused`` left to None (or True) tf_keras fuses, and its fused op feeds the
+        unbiased variance, where it can: rank 4 with axis 1 or 3, rank 5 with axis 1 or 4,
+        no renorm, ghost batches, adjustment or synchronized statistics, a float16,
+        bfloat16 or float32 input (``BatchNormalizationBase.__init__``/``build``). Elsewhere,
+        and with ``fused=False``, it feeds the biased one.
+
+        >>> BatchNormConfig(axis=-1).tf_keras_variance(4, torch.float32)
+        True
+        >>> BatchNormConfig(axis=-1).tf_keras_variance(2, torch.float32)
+        False
+        """
+        try:
+            axes = self.resolve_axes(ndim)
+        except ValueError:
+            return None
+        return (self.fused is not False and ndim in (4, 5) and axes in ((1,), (ndim - 1,))
+                and self.unfused_reason() is None and dtype != torch.float64)
 
     def resolve_axes(self, ndim: int) -> tuple[int, ...]:
         """The sorted non-negative feature axes for an input of rank ``ndim``; ``ValueError``

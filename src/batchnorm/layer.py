@@ -194,9 +194,16 @@ class BatchNorm(nn.Module):
             applied by :func:`apply_constraints`.
         debias: at inference, correct the moving averages for their initial
             value (``(m_t - momentum**t * m_0) / (1 - momentum**t)``).
-        unbiased_moving_variance: feed the Bessel-corrected batch variance into
-            ``moving_variance`` (PyTorch and the original paper) instead of the
-            biased one (TensorFlow and Keras). Normalization always uses the biased one.
+        unbiased_moving_variance: True feeds the Bessel-corrected batch variance into
+            ``moving_variance`` (PyTorch and the original paper), False the biased one
+            (tf_keras with ``fused=False``, Keras 3). None (the default) does what tf_keras
+            does with the same ``fused``: the unbiased one where it fuses (rank 4 with axis
+            1 or 3, rank 5 with axis 1 or 4, no renorm, ghost batches, adjustment or
+            synchronized statistics, float32 or half input; see
+            :meth:`BatchNormConfig.tf_keras_variance`), the biased one elsewhere. As
+            tf_keras decides when its layer is built, the first training call decides, and
+            the layer keeps the decision (``unbiased_moving_variance`` then reads True or
+            False). Normalization always uses the biased one.
         renorm: Batch Renormalization (Ioffe 2017) in training: the normalized value is
             corrected by ``r = sigma_batch / sigma_moving`` and
             ``d = (mu_batch - mu_moving) / sigma_moving`` (no gradient through them), so
@@ -301,7 +308,7 @@ class BatchNorm(nn.Module):
         beta_constraint: Constraint | None = None,
         gamma_constraint: Constraint | None = None,
         debias: bool = False,
-        unbiased_moving_variance: bool = False,
+        unbiased_moving_variance: bool | None = None,
         renorm: bool = False,
         renorm_clipping: Mapping[str, float] | None = None,
         renorm_momentum: float = 0.99,
@@ -682,6 +689,8 @@ class BatchNorm(nn.Module):
         from (in training); every position is normalized.
         """
         training = self._resolve_training(training)
+        if training and self._config.unbiased_moving_variance is None:
+            self._decide_variance(x)
         config = self._config
         key = None
         if mask is None and kernels.preferred() is None and not (
@@ -720,6 +729,15 @@ class BatchNorm(nn.Module):
             else:
                 recorder.record(self, stats)
         return y
+
+    def _decide_variance(self, x: Any) -> None:
+        """Keep tf_keras's choice of the variance fed to ``moving_variance`` for ``x``'s rank
+        and dtype (:meth:`BatchNormConfig.tf_keras_variance`); nothing for an input the call
+        will refuse."""
+        if isinstance(x, Tensor):
+            unbiased = self._config.tf_keras_variance(x.ndim, x.dtype)
+            if unbiased is not None:
+                self._config = self._config.replace(unbiased_moving_variance=unbiased)
 
     def _apply(self, fn: Any, recurse: bool = True) -> BatchNorm:
         self._plans.clear()  # to(), cuda(), half(), ...: the plans would keep the old tensors
@@ -814,9 +832,11 @@ class BatchNorm(nn.Module):
         for name in ("center", "scale"):
             if not getattr(self, name):
                 parts.append(f"{name}=False")
-        for name in ("debias", "unbiased_moving_variance", "renorm"):
+        for name in ("debias", "renorm"):
             if getattr(self, name):
                 parts.append(f"{name}=True")
+        if self.unbiased_moving_variance is not None:
+            parts.append(f"unbiased_moving_variance={self.unbiased_moving_variance}")
         if self.renorm_clipping is not None:
             parts.append(f"renorm_clipping={self.renorm_clipping}")
         if self.renorm and self.renorm_momentum != 0.99:
