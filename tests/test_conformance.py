@@ -46,6 +46,7 @@ import torch
 
 import batchnorm as bn
 from batchnorm import kernels, reference
+from batchnorm.config import BatchNormConfig
 from batchnorm.kernels import cpu
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -196,3 +197,24 @@ def test_ghost_fixtures_include_inference_at_batch_size_one() -> None:
     assert ghost and all(
         any(d[f"x_{i}"].shape[0] == 1 and not d[f"training_{i}"] for i in range(d["num_steps"]))
         for d in ghost)
+
+
+@pytest.mark.parametrize("ndim", [2, 3, 4, 5])
+def test_the_layer_and_the_oracle_agree_on_when_tf_keras_fuses(ndim: int) -> None:
+    # Two writings of tf_keras's rule (the config's and the oracle's), over every axis of
+    # the rank, both signs, the options that turn fusing off, and the dtypes.
+    options = [{}, {"fused": False}, {"fused": True}, {"renorm": True},
+               {"virtual_batch_size": 2}, {"synchronized": True}]
+    for axis in [*range(1, ndim), *range(-ndim, 0), [1, ndim - 1]]:
+        if axis == [1, ndim - 1] and ndim == 2:
+            continue
+        for option in options:
+            try:
+                config = BatchNormConfig(axis=axis, **option)
+            except ValueError:  # fused=True where tf_keras raises too (several axes, ...)
+                continue
+            for dtype, np_dtype in [(torch.float32, np.float32), (torch.float64, np.float64),
+                                    (torch.float16, np.float16)]:
+                want = reference.tf_keras_unbiased(ndim, axis, dtype=np_dtype, **option)
+                got = config.for_input(ndim, dtype).unbiased_moving_variance
+                assert got == want, (axis, option, dtype)

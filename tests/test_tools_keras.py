@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import batchnorm as bn
+from batchnorm import reference
 from batchnorm.tools import keras_io
 
 pytest.importorskip("h5py")
@@ -273,3 +274,49 @@ def test_a_config_batchnorm_cannot_take_is_a_value_error_naming_the_key() -> Non
         keras_io.batchnorm_from_keras({**CONFIG, "renorm": True, "renorm_clipping": []})
     with pytest.raises(ValueError, match="momentum"):
         keras_io.batchnorm_from_keras({**CONFIG, "momentum": 2.0})
+
+
+# ------------------------------------------------ what tf_keras saves that the loader maps
+
+@pytest.mark.parametrize("filename", ["tf_keras_seq.keras", "tf_keras_seq.h5"])
+def test_none_clipping_bounds_are_no_bounds(filename: str) -> None:
+    config = json.loads(str(expected(filename)["bn_clip_none__config"]))
+    assert config["renorm_clipping"] == {"rmax": None, "rmin": 0.5, "dmax": None}
+    layer = bn.load_keras_batchnorms(FIXTURES / filename)["bn_clip_none"]
+    assert layer.renorm_clipping == {"rmin": 0.5}
+    assert layer.config.clipping == {"rmin": 0.5, "rmax": float("inf"), "dmax": float("inf")}
+
+
+@pytest.mark.parametrize("filename", ["tf_keras_seq.keras", "tf_keras_seq.h5"])
+def test_a_ghost_batch_layer_gets_its_input_axis_and_feature_shaped_variables(
+        filename: str) -> None:
+    _, weights = keras_io.read_keras_batchnorms(FIXTURES / filename)["bn_ghost"]
+    assert weights["gamma"].shape == (1, 1, 1, 1, 3)  # as tf_keras stores them
+    layer = bn.load_keras_batchnorms(FIXTURES / filename)["bn_ghost"]
+    assert (layer.virtual_batch_size, layer.num_features, layer.axis) == (2, (3,), -1)
+
+
+@pytest.mark.parametrize("filename", ["tf_keras_seq.keras", "tf_keras_seq.h5"])
+def test_a_first_layer_given_input_shape_loads(filename: str) -> None:
+    config = json.loads(str(expected(filename)["bn_first__config"]))
+    assert config["batch_input_shape"] == [None, 3, 4, 4]
+    layer = bn.load_keras_batchnorms(FIXTURES / filename)["bn_first"]
+    assert (layer.axis, layer.num_features) == (1, (3,))
+
+
+@pytest.mark.parametrize("filename", ["tf_keras.keras", "tf_keras.h5", "tf_keras_seq.keras"])
+def test_tf_keras_layers_feed_the_variance_tf_keras_would(filename: str) -> None:
+    # tf_keras saves no `fused`: its default, which fuses rank-4 inputs with one axis (the
+    # Bessel-corrected variance) and nothing else; the layer decides per input likewise.
+    for name, layer in bn.load_keras_batchnorms(FIXTURES / filename).items():
+        assert layer.unbiased_moving_variance is None, name
+        ndim = expected(filename)[f"{name}__input"].ndim
+        want = reference.tf_keras_unbiased(ndim, layer.axis, renorm=layer.renorm,
+                                           virtual_batch_size=layer.virtual_batch_size)
+        assert layer.config.for_input(ndim, torch.float32).unbiased_moving_variance == want
+
+
+@pytest.mark.parametrize("filename", ["keras3.keras", "keras3.h5", "keras3_seq.keras"])
+def test_keras3_layers_feed_the_biased_variance(filename: str) -> None:
+    for name, layer in bn.load_keras_batchnorms(FIXTURES / filename).items():
+        assert layer.unbiased_moving_variance is False, name  # Keras 3 never fuses

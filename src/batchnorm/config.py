@@ -289,11 +289,39 @@ average
         False
         """
         try:
-            axes = self.resolve_axes(ndim)
+            axes = resolve_axes(self.axis, ndim)  # not the memo: torch.compile would guard on it
         except ValueError:
             return None
         return (self.fused is not False and ndim in (4, 5) and axes in ((1,), (ndim - 1,))
                 and self.unfused_reason() is None and dtype != torch.float64)
+
+    def for_input(self, ndim: int, dtype: torch.dtype) -> BatchNormConfig:
+        """This configuration with ``unbiased_moving_variance`` decided for a training input of
+        rank ``ndim`` and ``dtype`` (:meth:`tf_keras_variance`): itself when it is given (or
+        when ``axis`` does not fit that rank, which the call then refuses). The result is
+        kept per rank and dtype, and the latest one is :meth:`latest`'s (not under
+        torch.compile, where nothing is kept)."""
+        if self.unbiased_moving_variance is not None:
+            return self
+        if torch.compiler.is_compiling():  # traced once; keeping it would make a new graph
+            unbiased = self.tf_keras_variance(ndim, dtype)
+            return self if unbiased is None else self.replace(unbiased_moving_variance=unbiased)
+        key = ("variance", ndim, dtype)
+        decided = self._resolved.get(key)
+        if decided is None:
+            unbiased = self.tf_keras_variance(ndim, dtype)
+            if unbiased is None:
+                return self
+            decided = self._resolved.setdefault(
+                key, self.replace(unbiased_moving_variance=unbiased))
+        self._resolved["variance"] = decided
+        return decided
+
+    def latest(self) -> BatchNormConfig:
+        """The configuration :meth:`for_input` decided for the latest training input (itself
+        before any): what an update without an input at hand (statistics recorded by
+        ``deferred_updates``/``accumulate``) applies."""
+        return self._resolved.get("variance", self)
 
     def resolve_axes(self, ndim: int) -> tuple[int, ...]:
         """The sorted non-negative feature axes for an input of rank ``ndim``; ``ValueError``

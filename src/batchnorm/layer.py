@@ -200,10 +200,10 @@ class BatchNorm(nn.Module):
             does with the same ``fused``: the unbiased one where it fuses (rank 4 with axis
             1 or 3, rank 5 with axis 1 or 4, no renorm, ghost batches, adjustment or
             synchronized statistics, float32 or half input; see
-            :meth:`BatchNormConfig.tf_keras_variance`), the biased one elsewhere. As
-            tf_keras decides when its layer is built, the first training call decides, and
-            the layer keeps the decision (``unbiased_moving_variance`` then reads True or
-            False). Normalization always uses the biased one.
+            :meth:`BatchNormConfig.tf_keras_variance`), the biased one elsewhere: decided
+            for each training call's input (statistics recorded by ``deferred_updates`` or
+            ``accumulate`` follow the latest one's). Normalization always uses the biased
+            one.
         renorm: Batch Renormalization (Ioffe 2017) in training: the normalized value is
             corrected by ``r = sigma_batch / sigma_moving`` and
             ``d = (mu_batch - mu_moving) / sigma_moving`` (no gradient through them), so
@@ -689,8 +689,6 @@ class BatchNorm(nn.Module):
         from (in training); every position is normalized.
         """
         training = self._resolve_training(training)
-        if training and self._config.unbiased_moving_variance is None:
-            self._decide_variance(x)
         config = self._config
         key = None
         if mask is None and kernels.preferred() is None and not (
@@ -709,8 +707,10 @@ class BatchNorm(nn.Module):
                                  synchronized=group is not None)
             self._build(tuple(x.shape[a] for a in axes))
         state = self.state()
+        if training and isinstance(x, Tensor):  # the variance fed to moving_variance
+            config = config.for_input(x.ndim, x.dtype)
         if key is not None:
-            return self._plan(key, x, state, training).run(x)
+            return self._plan(key, x, state, config, training).run(x)
         # Activation checkpointing runs a training call again during backward: it must not
         # update twice, and must normalize with the state the original call saw.
         recomputing = training and recompute.in_backward()
@@ -725,19 +725,10 @@ class BatchNorm(nn.Module):
         if stats is not None and not recomputing:
             recorder = active_recorder(self)
             if recorder is None:
-                self._update(stats, state)
+                self._update(stats, state, config)
             else:
                 recorder.record(self, stats)
         return y
-
-    def _decide_variance(self, x: Any) -> None:
-        """Keep tf_keras's choice of the variance fed to ``moving_variance`` for ``x``'s rank
-        and dtype (:meth:`BatchNormConfig.tf_keras_variance`); nothing for an input the call
-        will refuse."""
-        if isinstance(x, Tensor):
-            unbiased = self._config.tf_keras_variance(x.ndim, x.dtype)
-            if unbiased is not None:
-                self._config = self._config.replace(unbiased_moving_variance=unbiased)
 
     def _apply(self, fn: Any, recurse: bool = True) -> BatchNorm:
         self._plans.clear()  # to(), cuda(), half(), ...: the plans would keep the old tensors
@@ -750,10 +741,11 @@ class BatchNorm(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", {})  # a layer pickled before plans existed
 
-    def _plan(self, key: tuple, x: Tensor, state: BatchNormState,
+    def _plan(self, key: tuple, x: Tensor, state: BatchNormState, config: BatchNormConfig,
               training: bool) -> plan.CallPlan:
-        """Check this call (raising what the full path raises) and keep its plan."""
-        prepared = plan.prepare(x, state, self._config, training=training, gamma=self.gamma,
+        """Check this call (raising what the full path raises) and keep its plan; ``config`` is
+        the layer's, decided for ``x`` (:meth:`BatchNormConfig.for_input`)."""
+        prepared = plan.prepare(x, state, config, training=training, gamma=self.gamma,
                                 beta=self.beta, mask=None, process_group=self._process_group)
         run = (plan.training_run(self, x, state, prepared) if training
                else prepared_inference(x, state, prepared.call))
@@ -776,10 +768,14 @@ class BatchNorm(nn.Module):
         """
         self._update(stats, self.state())
 
-    def _update(self, stats: BatchStatistics, state: BatchNormState) -> None:
-        if self._config.renorm or not isinstance(stats.count, int):
+    def _update(self, stats: BatchStatistics, state: BatchNormState,
+                config: BatchNormConfig | None = None) -> None:
+        """Apply ``stats`` with ``config`` (the layer's, decided for the call's input; without
+        one, as decided for the latest training input: :meth:`BatchNormConfig.latest`)."""
+        config = self._config.latest() if config is None else config
+        if config.renorm or not isinstance(stats.count, int):
             recompute.remember(self, state, (stats,))  # the state enters the output
-        applied = F.apply_update(state, stats, self._config)
+        applied = F.apply_update(state, stats, config)
         if applied.device.type == "cpu" and not torch.compiler.is_compiling():
             if not applied.numpy():  # a NumPy view of CPU memory: there is no device to wait for
                 self._skipped(stats)
@@ -797,7 +793,8 @@ class BatchNorm(nn.Module):
 
     def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
         for stats in skipped:
-            reason = F.skip_reason(stats, unbiased=self._config.unbiased_moving_variance,
+            unbiased = bool(self._config.latest().unbiased_moving_variance)
+            reason = F.skip_reason(stats, unbiased=unbiased,
                                    dtype=self.moving_mean.dtype)
             warnings.warn(
                 f"{self._get_name()}: {reason}; the moving averages were left unchanged for "
