@@ -18,8 +18,10 @@ external storage, external link or virtual dataset is followed), checks every
 size before allocating (:data:`MAX_CONFIG_BYTES`, :data:`MAX_CONFIG_DEPTH`,
 :data:`MAX_INFLATION`, :data:`MAX_WEIGHT_BYTES`), writes nothing and unpickles
 nothing, and refuses a bad file with a ``ValueError`` naming it. What it cannot
-guard against is the HDF5 C library itself, which can crash on a damaged or
-crafted HDF5 structure: load files you do not trust in a separate process.
+guard against in-process is the HDF5 C library itself, which can loop forever or
+crash on a damaged or crafted HDF5 structure: load files you do not trust with
+``load_keras_batchnorms(path, isolated=True)``, which reads them in a separate
+process with a time and memory limit.
 """
 
 from __future__ import annotations
