@@ -218,3 +218,18 @@ def test_the_layer_and_the_oracle_agree_on_when_tf_keras_fuses(ndim: int) -> Non
                 want = reference.tf_keras_unbiased(ndim, axis, dtype=np_dtype, **option)
                 got = config.for_input(ndim, dtype).unbiased_moving_variance
                 assert got == want, (axis, option, dtype)
+
+
+def test_deferred_updates_feed_the_variance_the_call_would() -> None:
+    # A recorded call's statistics are applied later, without the input: with the rule of
+    # the latest training input (rank 4, one channel axis: the Bessel-corrected variance).
+    x = torch.randn(4, 3, 3, 5, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    now, later = bn.BatchNorm(5, axis=-1, momentum=0.5), bn.BatchNorm(5, axis=-1, momentum=0.5)
+    now(x, training=True)
+    with bn.deferred_updates() as updates:
+        later(x, training=True)
+        updates.apply()
+    expected = 0.5 + 0.5 * x.double().var(dim=(0, 1, 2), unbiased=True)  # the derivation
+    # float32 statistics of 36 values per feature: a few float32 ulps.
+    torch.testing.assert_close(now.moving_variance.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(later.moving_variance.double(), expected, rtol=1e-6, atol=0)
