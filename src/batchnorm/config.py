@@ -125,7 +125,8 @@ average
     fused: bool | None = None
     synchronized: bool = False
     activation: str | None = None
-    # Feature axes resolved per input rank (see resolve_axes); not part of the configuration.
+    # Feature axes resolved per input rank (resolve_axes) and the configurations for_input
+    # decided (latest); not part of the configuration.
     _resolved: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
                                         compare=False)
 
