@@ -1,11 +1,15 @@
-"""Conformance with tf_keras ``BatchNormalization(fused=False)``, on every kernel.
+"""Conformance with tf_keras ``BatchNormalization``, on every kernel.
 
 The fixtures in ``tests/fixtures/golden/`` were written by ``tools/make_golden.py``
 with tensorflow-cpu 2.21.0 and tf-keras 2.21.0. Each drives one layer through a
 sequence of training and inference calls; after every call we compare the output,
 the gradients of ``sum(y * dy)`` with respect to x, gamma and beta, and every
 moving statistic (renorm's moving_stddev, renorm_mean and renorm_stddev
-included). The fixtures cover plain batch normalization over ranks 2-5, axes
+included). Most fixtures were written with ``fused=False`` (the biased batch variance
+enters ``moving_variance``), the ``fused_default_*`` ones with tf_keras's default
+``fused=None``, which fuses rank 4 and 5 inputs with one feature axis and then feeds the
+Bessel-corrected variance: a layer with our default ``unbiased_moving_variance=None``
+must do the same. The fixtures cover plain batch normalization over ranks 2-5, axes
 0, 1, -1 and [1, 3], momentums, epsilons and center/scale; renorm with and
 without clipping and with several renorm momentums; ghost batches of 2 and 4
 (with renorm too) including inference at batch size 1; and adjustment.
@@ -41,7 +45,8 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm import kernels
+from batchnorm import kernels, reference
+from batchnorm.config import BatchNormConfig
 from batchnorm.kernels import cpu
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -69,8 +74,22 @@ class StepAdjustment:
                 torch.from_numpy(self.data[f"adjust_bias_{self.step}"]))
 
 
-def build_layer(config: dict, data: dict[str, np.ndarray], fused: bool | None) -> bn.BatchNorm:
+def build_layer(config: dict, data: dict[str, np.ndarray], fused: bool | None,
+                explicit_variance: bool = False) -> bn.BatchNorm:
+    """The fixture's layer, computing with our ``fused`` kernel choice. tf_keras's ``fused=False``
+    is ``unbiased_moving_variance=False``; with its default the layer keeps our default (None),
+    or with ``explicit_variance`` (and with our ``fused=False``, which as tf_keras's would
+    mean the biased variance) gets the oracle's rule for the fixture spelled out, as the
+    float64 shadow layer needs (the rule picks the biased variance in float64)."""
     axis = config["axis"]
+    unbiased = None
+    if config.get("fused", False) is False:
+        unbiased = False
+    elif explicit_variance or fused is False:
+        unbiased = reference.tf_keras_unbiased(
+            data["x_0"].ndim, axis, fused=config["fused"], renorm=config.get("renorm", False),
+            virtual_batch_size=config.get("virtual_batch_size"),
+            adjustment=bool(config.get("adjustment")))
     layer = bn.BatchNorm(
         data["moving_mean0"].shape,
         axis=tuple(axis) if isinstance(axis, list) else axis,
@@ -84,6 +103,7 @@ def build_layer(config: dict, data: dict[str, np.ndarray], fused: bool | None) -
         virtual_batch_size=config.get("virtual_batch_size"),
         adjustment=StepAdjustment(data) if config.get("adjustment") else None,
         fused=fused,
+        unbiased_moving_variance=unbiased,
     )
     with torch.no_grad():
         for name in ("moving_mean", "moving_variance", "gamma", "beta", *RENORM_STATE):
@@ -143,7 +163,7 @@ def test_matches_tf_keras(path: Path, kernel: str, monkeypatch: pytest.MonkeyPat
         train = cpu.CPU.train
         monkeypatch.setattr(cpu.CPU, "train", lambda *a, **k: calls.append(1) or train(*a, **k))
     layer = build_layer(config, data, False if kernel == "fused=False" else None)
-    exact = build_layer(config, data, False).double()
+    exact = build_layer(config, data, False, explicit_variance=True).double()
     with kernels.prefer("cpu") if kernel == "cpu" else contextlib.nullcontext():
         for i in range(int(data["num_steps"])):
             if layer.adjustment is not None:
@@ -169,6 +189,7 @@ def test_fixtures_cover_every_configuration() -> None:
     assert {c["virtual_batch_size"] for c in configs} >= {None, 2, 4}
     assert any(c["virtual_batch_size"] and c["renorm"] for c in configs)
     assert any(c["adjustment"] for c in configs)
+    assert {c.get("fused", False) for c in configs} == {False, None}
 
 
 def test_ghost_fixtures_include_inference_at_batch_size_one() -> None:
@@ -176,3 +197,39 @@ def test_ghost_fixtures_include_inference_at_batch_size_one() -> None:
     assert ghost and all(
         any(d[f"x_{i}"].shape[0] == 1 and not d[f"training_{i}"] for i in range(d["num_steps"]))
         for d in ghost)
+
+
+@pytest.mark.parametrize("ndim", [2, 3, 4, 5])
+def test_the_layer_and_the_oracle_agree_on_when_tf_keras_fuses(ndim: int) -> None:
+    # Two writings of tf_keras's rule (the config's and the oracle's), over every axis of
+    # the rank, both signs, the options that turn fusing off, and the dtypes.
+    options = [{}, {"fused": False}, {"fused": True}, {"renorm": True},
+               {"virtual_batch_size": 2}, {"synchronized": True}]
+    for axis in [*range(1, ndim), *range(-ndim, 0), [1, ndim - 1]]:
+        if axis == [1, ndim - 1] and ndim == 2:
+            continue
+        for option in options:
+            try:
+                config = BatchNormConfig(axis=axis, **option)
+            except ValueError:  # fused=True where tf_keras raises too (several axes, ...)
+                continue
+            for dtype, np_dtype in [(torch.float32, np.float32), (torch.float64, np.float64),
+                                    (torch.float16, np.float16)]:
+                want = reference.tf_keras_unbiased(ndim, axis, dtype=np_dtype, **option)
+                got = config.for_input(ndim, dtype).unbiased_moving_variance
+                assert got == want, (axis, option, dtype)
+
+
+def test_deferred_updates_feed_the_variance_the_call_would() -> None:
+    # A recorded call's statistics are applied later, without the input: with the rule of
+    # the latest training input (rank 4, one channel axis: the Bessel-corrected variance).
+    x = torch.randn(4, 3, 3, 5, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    now, later = bn.BatchNorm(5, axis=-1, momentum=0.5), bn.BatchNorm(5, axis=-1, momentum=0.5)
+    now(x, training=True)
+    with bn.deferred_updates() as updates:
+        later(x, training=True)
+        updates.apply()
+    expected = 0.5 + 0.5 * x.double().var(dim=(0, 1, 2), unbiased=True)  # the derivation
+    # float32 statistics of 36 values per feature: a few float32 ulps.
+    torch.testing.assert_close(now.moving_variance.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(later.moving_variance.double(), expected, rtol=1e-6, atol=0)

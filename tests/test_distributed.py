@@ -73,6 +73,9 @@ SCENARIOS = {
 
 def _layer(spec, *, synchronized: bool, process_group=None) -> bn.BatchNorm:
     options = dict(spec["layer"])
+    # tf_keras never fuses a synchronized layer (the biased variance feeds moving_variance):
+    # the unsynchronized reference is given the same rule.
+    options.setdefault("unbiased_moving_variance", False)
     num_features = options.pop("num_features", spec["sample"][0] if "axis" not in options
                                else spec["sample"][-1])
     return bn.BatchNorm(num_features, synchronized=synchronized, process_group=process_group,

@@ -102,7 +102,8 @@ def test_synchronized_statistics_over_nccl_with_one_process() -> None:
     try:
         x = torch.randn(32, 16, 8, 8, device="cuda")
         synced = bn.BatchNorm(16, synchronized=True).cuda()
-        local = bn.BatchNorm(16).cuda()
+        # tf_keras does not fuse a synchronized layer: the biased variance on both sides.
+        local = bn.BatchNorm(16, unbiased_moving_variance=False).cuda()
         # One process: the global batch is the local one (float32, summation order: 1e-5).
         torch.testing.assert_close(synced(x, training=True), local(x, training=True),
                                    rtol=1e-5, atol=1e-5)

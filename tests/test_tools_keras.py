@@ -18,17 +18,28 @@ import pytest
 import torch
 
 import batchnorm as bn
+from batchnorm import reference
 from batchnorm.tools import keras_io
 
 pytest.importorskip("h5py")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
-RTOL = ATOL = 1e-5
+RTOL = ATOL = 1e-5  # float32 on both sides, reductions in another order
+# A mixed_float16 layer computes in float16 on both sides: a few ulps of float16 (2**-10
+# relative) on outputs of magnitude ~1-5.
+HALF_RTOL = HALF_ATOL = 5e-3
 FILES = {  # saved model -> the npz with Keras's own numbers for it
     "tf_keras.keras": "tf_keras_expected.npz",
     "tf_keras.h5": "tf_keras_expected.npz",
     "keras3.keras": "keras3_expected.npz",
     "keras3.h5": "keras3_expected.npz",
+    # Sequential models whose first layer is a BatchNormalization(input_shape=...): a
+    # channels-first layer, tf_keras's ghost batches and None clipping bounds, a nested
+    # model, a mixed_float16 policy.
+    "tf_keras_seq.keras": "tf_keras_seq_expected.npz",
+    "tf_keras_seq.h5": "tf_keras_seq_expected.npz",
+    "keras3_seq.keras": "keras3_seq_expected.npz",
+    "keras3_seq.h5": "keras3_seq_expected.npz",
 }
 # Keras config keys that carry no computation (or, for Keras 3's synchronized, none here).
 BOOKKEEPING = {"name", "dtype", "synchronized"}
@@ -46,8 +57,12 @@ def cases() -> list[tuple[str, str]]:
 def test_inference_output_matches_keras(filename: str, name: str) -> None:
     data = expected(filename)
     layer = bn.load_keras_batchnorms(FIXTURES / filename)[name]
-    y = layer(torch.from_numpy(data[f"{name}__input"]), training=False)
-    np.testing.assert_allclose(y.detach().numpy(), data[f"{name}__output"], rtol=RTOL, atol=ATOL)
+    x, want = data[f"{name}__input"], data[f"{name}__output"]
+    y = layer(torch.from_numpy(x), training=False).detach().numpy()
+    assert y.dtype == want.dtype
+    tolerance = HALF_RTOL if want.dtype == np.float16 else RTOL
+    np.testing.assert_allclose(y.astype(np.float32), want.astype(np.float32), rtol=tolerance,
+                               atol=HALF_ATOL if want.dtype == np.float16 else ATOL)
 
 
 @pytest.mark.parametrize("filename", FILES)
@@ -74,7 +89,7 @@ def test_broadcast_shaped_multi_axis_parameters_get_the_feature_shape() -> None:
     assert weights["gamma"].shape == (1, 3, 1, 4)  # as tf_keras stores them
     layer = bn.load_keras_batchnorms(FIXTURES / "tf_keras.h5")["bn_multi"]
     assert layer.num_features == (3, 4)
-    assert layer.axis == (1, 3)
+    assert layer.axis == (1, -1)  # [1, 3] of a rank-4 input: its last axis is -1
 
 
 @pytest.mark.parametrize("filename", FILES)
@@ -87,8 +102,29 @@ def test_configuration_is_carried_over(filename: str) -> None:
         assert layer.epsilon == config["epsilon"]
         assert (layer.center, layer.scale) == (config["center"], config["scale"])
         assert layer.renorm == config.get("renorm", False)
+        assert layer.virtual_batch_size == config.get("virtual_batch_size")
+
+
+@pytest.mark.parametrize("filename", FILES)
+def test_loaded_axes_are_the_input_axes_keras_normalized(filename: str) -> None:
+    data = expected(filename)
+    for name, layer in bn.load_keras_batchnorms(FIXTURES / filename).items():
+        config = json.loads(str(data[f"{name}__config"]))
+        ndim = data[f"{name}__input"].ndim
         axis = config["axis"]
-        assert layer.axis == (tuple(axis) if isinstance(axis, list) else axis)
+        saved = axis if isinstance(axis, list) else [axis]
+        if config.get("virtual_batch_size"):  # tf_keras saves them shifted by one
+            saved = [a - 1 for a in saved]
+        saved = sorted(a % ndim for a in saved)
+        assert list(layer.config.resolve_axes(ndim)) == saved, name
+
+
+@pytest.mark.parametrize("filename", FILES)
+def test_loaded_layers_take_a_batch_of_feature_vectors(filename: str) -> None:
+    # README's example: (batch, *num_features), whatever rank the Keras input had.
+    for name, layer in bn.load_keras_batchnorms(FIXTURES / filename).items():
+        y = layer(torch.randn(8, *layer.num_features), training=False)
+        assert y.shape == (8, *layer.num_features), name
 
 
 def test_keras3_keeps_its_default_axis_minus_one() -> None:
@@ -102,7 +138,8 @@ def test_get_config_round_trips_keras_keys(filename: str) -> None:
     for name in data["names"]:
         config = json.loads(str(data[f"{name}__config"]))
         round_trip = keras_io.batchnorm_from_keras(config).get_config()
-        for key in config.keys() - BOOKKEEPING:
+        # axis: a built layer's [3] comes back as -1 (test_loaded_axes_are_...)
+        for key in config.keys() - BOOKKEEPING - {"axis"}:
             assert round_trip[key] == config[key], (name, key)
 
 
@@ -237,3 +274,49 @@ def test_a_config_batchnorm_cannot_take_is_a_value_error_naming_the_key() -> Non
         keras_io.batchnorm_from_keras({**CONFIG, "renorm": True, "renorm_clipping": []})
     with pytest.raises(ValueError, match="momentum"):
         keras_io.batchnorm_from_keras({**CONFIG, "momentum": 2.0})
+
+
+# ------------------------------------------------ what tf_keras saves that the loader maps
+
+@pytest.mark.parametrize("filename", ["tf_keras_seq.keras", "tf_keras_seq.h5"])
+def test_none_clipping_bounds_are_no_bounds(filename: str) -> None:
+    config = json.loads(str(expected(filename)["bn_clip_none__config"]))
+    assert config["renorm_clipping"] == {"rmax": None, "rmin": 0.5, "dmax": None}
+    layer = bn.load_keras_batchnorms(FIXTURES / filename)["bn_clip_none"]
+    assert layer.renorm_clipping == {"rmin": 0.5}
+    assert layer.config.clipping == {"rmin": 0.5, "rmax": float("inf"), "dmax": float("inf")}
+
+
+@pytest.mark.parametrize("filename", ["tf_keras_seq.keras", "tf_keras_seq.h5"])
+def test_a_ghost_batch_layer_gets_its_input_axis_and_feature_shaped_variables(
+        filename: str) -> None:
+    _, weights = keras_io.read_keras_batchnorms(FIXTURES / filename)["bn_ghost"]
+    assert weights["gamma"].shape == (1, 1, 1, 1, 3)  # as tf_keras stores them
+    layer = bn.load_keras_batchnorms(FIXTURES / filename)["bn_ghost"]
+    assert (layer.virtual_batch_size, layer.num_features, layer.axis) == (2, (3,), -1)
+
+
+@pytest.mark.parametrize("filename", ["tf_keras_seq.keras", "tf_keras_seq.h5"])
+def test_a_first_layer_given_input_shape_loads(filename: str) -> None:
+    config = json.loads(str(expected(filename)["bn_first__config"]))
+    assert config["batch_input_shape"] == [None, 3, 4, 4]
+    layer = bn.load_keras_batchnorms(FIXTURES / filename)["bn_first"]
+    assert (layer.axis, layer.num_features) == (1, (3,))
+
+
+@pytest.mark.parametrize("filename", ["tf_keras.keras", "tf_keras.h5", "tf_keras_seq.keras"])
+def test_tf_keras_layers_feed_the_variance_tf_keras_would(filename: str) -> None:
+    # tf_keras saves no `fused`: its default, which fuses rank-4 inputs with one axis (the
+    # Bessel-corrected variance) and nothing else; the layer decides per input likewise.
+    for name, layer in bn.load_keras_batchnorms(FIXTURES / filename).items():
+        assert layer.unbiased_moving_variance is None, name
+        ndim = expected(filename)[f"{name}__input"].ndim
+        want = reference.tf_keras_unbiased(ndim, layer.axis, renorm=layer.renorm,
+                                           virtual_batch_size=layer.virtual_batch_size)
+        assert layer.config.for_input(ndim, torch.float32).unbiased_moving_variance == want
+
+
+@pytest.mark.parametrize("filename", ["keras3.keras", "keras3.h5", "keras3_seq.keras"])
+def test_keras3_layers_feed_the_biased_variance(filename: str) -> None:
+    for name, layer in bn.load_keras_batchnorms(FIXTURES / filename).items():
+        assert layer.unbiased_moving_variance is False, name  # Keras 3 never fuses

@@ -596,3 +596,107 @@ def test_damaged_files_raise_only_value_errors(tmp_path_factory, name, data) -> 
     except ALLOWED:
         pass
 
+
+
+# ------------------------------------------------------------- one bad layer, huge numbers
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_bad_layer_is_named_and_errors_warn_loads_the_others(tmp_path, fmt) -> None:
+    bad = {**GOOD, "moving_variance": [1.0, -1.0]}
+    path = save(tmp_path, fmt, [GOOD, bad])
+    error = refused(path, "bn_1")
+    assert "errors='warn'" in str(error)
+    with pytest.warns(UserWarning, match="'bn_1'.*left out"):
+        layers = bn.load_keras_batchnorms(path, errors="warn")
+    assert list(layers) == ["bn"]
+    assert layers["bn"].moving_variance.tolist() == GOOD["moving_variance"]
+
+
+def test_a_config_that_cannot_build_a_layer_leaves_only_that_layer_out(tmp_path) -> None:
+    config = model_config([bn_entry("bn"), bn_entry("bn_1", momentum=2.0)])
+    path = save(tmp_path, "keras", [GOOD, GOOD], config=config)
+    with pytest.warns(UserWarning, match="'bn_1'.*momentum"):
+        layers = bn.load_keras_batchnorms(path, errors="warn")
+    assert list(layers) == ["bn"]
+
+
+def test_errors_must_be_raise_or_warn(tmp_path) -> None:
+    with pytest.raises(ValueError, match="errors='ignore'"):
+        bn.load_keras_batchnorms(save(tmp_path, "keras"), errors="ignore")
+
+
+HUGE = {  # JSON text in the layer config -> the key path the message names
+    '"epsilon": 1e400': "epsilon=inf",
+    '"momentum": NaN': "momentum=nan",
+    '"gamma_initializer": {"class_name": "Constant", "config": {"value": 1e300}}':
+        "gamma_initializer['config']['value']=1e+300",
+    '"virtual_batch_size": 1' + "0" * 400: "virtual_batch_size=",
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("text", HUGE)
+def test_huge_numbers_in_a_layer_config_are_value_errors_naming_them(tmp_path, fmt,
+                                                                     text) -> None:
+    # Written as JSON text: json.dumps cannot write 1e400, Python's parser reads it as inf.
+    config = model_config([bn_entry("bn", epsilon="@")])
+    raw = json.dumps(config).replace('"epsilon": "@"', text)
+    path = save(tmp_path, fmt)
+    if fmt == "keras":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("config.json", raw)
+            weights = io.BytesIO()
+            with h5py.File(weights, "w") as file:
+                write_weights(file, fmt, [GOOD])
+            archive.writestr("model.weights.h5", weights.getvalue())
+    else:
+        with h5py.File(path, "r+") as file:
+            file.attrs["model_config"] = raw
+    error = refused(path, "'bn'")
+    assert HUGE[text] in str(error)
+
+
+# ---------------------------------------------------- isolated=True: a separate process
+
+def test_isolated_reading_turns_a_hang_into_a_value_error(tmp_path) -> None:
+    # A child that cannot finish in time stands for the HDF5 library looping on a damaged
+    # file (a one-byte corruption can do it): it is killed, and the file named.
+    path = save(tmp_path, "h5")
+    with pytest.raises(ValueError, match="timeout=0.01") as info:
+        bn.load_keras_batchnorms(path, isolated=True, timeout=0.01)
+    assert str(path) in str(info.value)
+
+
+def test_isolated_reading_turns_a_crash_into_a_value_error(tmp_path) -> None:
+    # 32 MiB of address space is too little for the child to start: it dies, as on a crash.
+    path = save(tmp_path, "h5")
+    with pytest.raises(ValueError, match="process reading it ended") as info:
+        bn.load_keras_batchnorms(path, isolated=True, max_memory=32 * 2**20)
+    assert str(path) in str(info.value)
+
+
+def test_isolated_reading_checks_its_limits() -> None:
+    with pytest.raises(ValueError, match="timeout=0"):
+        bn.load_keras_batchnorms(FIXTURES / "tf_keras.h5", isolated=True, timeout=0)
+    with pytest.raises(ValueError, match="max_memory=-1"):
+        bn.load_keras_batchnorms(FIXTURES / "tf_keras.h5", isolated=True, max_memory=-1)
+
+
+@pytest.mark.slow  # starts Python processes (seconds each)
+@pytest.mark.parametrize("filename", ["tf_keras_seq.keras", "tf_keras.h5"])
+def test_isolated_reading_gives_the_same_layers(filename) -> None:
+    path = FIXTURES / filename
+    here, there = bn.load_keras_batchnorms(path), bn.load_keras_batchnorms(path, isolated=True)
+    assert list(here) == list(there)
+    for name, layer in here.items():
+        assert repr(layer) == repr(there[name])
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, there[name].state_dict()[key]), (name, key)
+
+
+@pytest.mark.slow  # starts a Python process
+def test_isolated_reading_refuses_what_reading_refuses(tmp_path) -> None:
+    path = save(tmp_path, "h5", [{**GOOD, "moving_variance": [1.0, -1.0]}])
+    with pytest.raises(ValueError, match=">= 0") as info:
+        bn.load_keras_batchnorms(path, isolated=True)
+    assert str(path) in str(info.value)

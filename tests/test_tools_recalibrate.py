@@ -36,13 +36,25 @@ def union_statistics(batches: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarra
 
 def test_recovers_the_statistics_of_the_union_of_the_batches() -> None:
     batches = gaussian_batches()
-    model = torch.nn.Sequential(bn.BatchNorm(3))
+    model = torch.nn.Sequential(bn.BatchNorm(3, unbiased_moving_variance=False))
     bn.recalibrate(model, batches, progress=False)
     mean, variance = union_statistics(batches)
     np.testing.assert_allclose(model[0].moving_mean.numpy(), mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(model[0].moving_variance.numpy(), variance, rtol=1e-6)
     np.testing.assert_allclose(mean, MU, atol=0.2)  # the synthetic data is what it claims
     np.testing.assert_allclose(variance, SIGMA**2 + 0.3**2, rtol=0.15)  # + batch spread
+
+
+def test_a_default_layer_gets_the_variance_its_training_calls_feed() -> None:
+    # By default a rank-4 input with one channel axis feeds the Bessel-corrected variance
+    # (tf_keras's fused default), so the population variance is M2 / (n - 1) there.
+    batches = gaussian_batches(n=5)
+    layer = bn.BatchNorm(3)
+    bn.recalibrate(torch.nn.Sequential(layer), batches, progress=False)
+    data = np.concatenate([b.double().numpy() for b in batches])
+    # float32 inputs, float64 accumulation: a few float32 ulps.
+    np.testing.assert_allclose(layer.moving_variance.numpy(), data.var(axis=(0, 2, 3), ddof=1),
+                               rtol=1e-6)
 
 
 def test_variance_includes_the_spread_between_batch_means() -> None:

@@ -1,17 +1,17 @@
 """Generate the TensorFlow conformance fixtures in ``tests/fixtures/golden/``.
 
-Run (from the repository root) exactly as::
+Run (from the repository root), with the Python of a venv holding tensorflow-cpu==2.21.0
+and tf-keras==2.21.0 (TensorFlow is not a dependency of batchnorm; it is needed only
+here, to regenerate the fixtures)::
 
-    TF_USE_LEGACY_KERAS=1 /work/tfenv/bin/python tools/make_golden.py
+    TF_USE_LEGACY_KERAS=1 /path/to/tf-venv/bin/python tools/make_golden.py [NAME ...]
 
-Recreate the virtual environment (TensorFlow is not a dependency of batchnorm;
-it is needed only here, to regenerate the fixtures)::
-
-    python3.11 -m venv /work/tfenv
-    /work/tfenv/bin/pip install tensorflow-cpu==2.21.0 tf-keras==2.21.0
+With names, only those fixtures are written (the others are left as they are).
 
 Each fixture drives one legacy-Keras ``tf_keras.layers.BatchNormalization(
-fused=False, ...)`` layer through a sequence of steps. For every step it feeds
+fused=False, ...)`` layer through a sequence of steps; the ``fused_default_*`` ones leave
+``fused`` to tf_keras's default (None: its fused kernel where it applies, rank 4 and 5,
+which feeds the Bessel-corrected batch variance into ``moving_variance``). For every step it feeds
 a float32 input ``x`` and an upstream gradient ``dy``, computes
 ``y = layer(x, training=flag)`` under ``tf.GradientTape`` with
 ``loss = reduce_sum(y * dy)`` and records ``y``, ``dx``, ``dgamma``, ``dbeta``
@@ -21,7 +21,7 @@ npz keys (``i`` is the 0-based step index)::
 
     config              0-d str: JSON with axis, momentum, epsilon, center,
                         scale, renorm, renorm_clipping, renorm_momentum,
-                        virtual_batch_size, adjustment (+ renorm_state,
+                        virtual_batch_size, adjustment, fused (+ renorm_state,
                         adjustment_shape where relevant)
     gamma0 beta0 moving_mean0 moving_variance0   initial values (feature-shaped)
     num_steps           int
@@ -84,6 +84,7 @@ class Spec:
     # "derived": renorm state as tf_keras initializes it from the initial
     # moving statistics; "independent": every state variable random.
     renorm_init: str = "derived"
+    fused: bool | None = False  # None: tf_keras's default
     notes: list = field(default_factory=list)
 
 
@@ -108,6 +109,7 @@ def config_of(spec: Spec) -> dict:
         "renorm_momentum": spec.renorm_momentum,
         "virtual_batch_size": spec.virtual_batch_size,
         "adjustment": spec.adjustment,
+        "fused": spec.fused,
     }
     if spec.renorm:
         cfg["renorm_state"] = list(RENORM_STATE)
@@ -143,7 +145,7 @@ def make_layer(spec: Spec, adjustment=None):
         renorm_momentum=spec.renorm_momentum,
         virtual_batch_size=spec.virtual_batch_size,
         adjustment=adjustment,
-        fused=False,
+        fused=spec.fused,
     )
 
 
@@ -492,6 +494,20 @@ def specs() -> list[Spec]:
     return s
 
 
+def fused_default_specs() -> list[Spec]:
+    """tf_keras's default ``fused=None``: fused (unbiased moving variance) for rank 4 with axis
+    1 or 3 and rank 5 with axis 1 or 4; not fused elsewhere (rank 2, several axes)."""
+    return [
+        Spec("fused_default_rank4_axis-1", (4, 3, 3, 5), -1, seed=501, momentum=0.5,
+             fused=None),
+        Spec("fused_default_rank4_axis1", (4, 5, 3, 3), 1, seed=502, momentum=0.5, fused=None),
+        Spec("fused_default_rank5_axis-1", (2, 3, 2, 2, 4), -1, seed=503, fused=None),
+        Spec("fused_default_rank5_axis1", (2, 4, 2, 2, 3), 1, seed=504, fused=None),
+        Spec("fused_default_rank4_axis1and3", (4, 3, 5, 2), [1, 3], seed=505, fused=None),
+        Spec("fused_default_rank2_axis-1", (6, 4), -1, seed=506, fused=None),
+    ]
+
+
 def save(name, arrays, notes):
     path = OUT_DIR / f"{name}.npz"
     np.savez_compressed(path, **arrays)
@@ -514,10 +530,15 @@ def main() -> int:
         f"numpy {np.__version__} -> {OUT_DIR}"
     )
     total = 0
+    only = set(sys.argv[1:])
     for fn in (run_seed_example, run_seed_axis0_example):
+        if only and fn.__name__.removeprefix("run_") not in only:
+            continue
         arrays, notes = fn()
         total += save(fn.__name__.removeprefix("run_"), arrays, notes)
-    for spec in specs():
+    for spec in specs() + fused_default_specs():
+        if only and spec.name not in only:
+            continue
         try:
             arrays = run_fixture(spec)
         except Exception as e:  # e.g. an unsupported configuration

@@ -1,12 +1,10 @@
 """Generate the Keras interop fixtures in ``tests/fixtures/keras/``.
 
-Run (from the repository root) exactly as::
+Run (from the repository root), with the Python of a venv holding tensorflow-cpu==2.21.0
+and tf-keras==2.21.0 (TensorFlow 2.21 pulls in Keras 3, importable as ``keras``, next to
+the legacy ``tf_keras``)::
 
-    TF_USE_LEGACY_KERAS=1 /work/tfenv/bin/python tools/make_keras_fixtures.py
-
-(the venv: ``python3.11 -m venv /work/tfenv && /work/tfenv/bin/pip install
-tensorflow-cpu==2.21.0 tf-keras==2.21.0``; TensorFlow 2.21 pulls in Keras 3,
-importable as ``keras``, next to the legacy ``tf_keras``).
+    TF_USE_LEGACY_KERAS=1 /path/to/tf-venv/bin/python tools/make_keras_fixtures.py
 
 One tiny model per Keras flavour, on a ``(N, 4, 4, 3)`` channels-last input::
 
@@ -16,12 +14,29 @@ One tiny model per Keras flavour, on a ``(N, 4, 4, 3)`` channels-last input::
                                momentum=0.8, renorm_momentum=0.9)     "bn_renorm"
     ReLU -> BatchNormalization(axis=[1, 3])  (tf_keras only)           "bn_multi"
 
+And one Sequential model per flavour whose first layer is a BatchNormalization given
+``input_shape`` (files ``tf_keras_seq.*``, ``keras3_seq.*``), on a ``(N, 3, 4, 4)``
+channels-first input::
+
+    BatchNormalization(axis=1, input_shape=(3, 4, 4))                 "bn_first"
+    Permute((2, 3, 1))  (to channels-last)
+    BatchNormalization(virtual_batch_size=2)  (tf_keras only)         "bn_ghost"
+    BatchNormalization(renorm=True, renorm_clipping={"rmax": None,
+                       "rmin": 0.5, "dmax": None})  (tf_keras only)    "bn_clip_none"
+    Sequential([BatchNormalization()])  (a nested model)               "bn_nested"
+    BatchNormalization(dtype="mixed_float16")  (a mixed precision policy:
+                       float16 computation, float32 variables)        "bn_mixed"
+
+For the nested layer, the npz's input and output are those of the nested model (which
+holds only it); for the mixed precision one they are float16.
+
 Each model is called 30 times in training mode on shifted, scaled random
 batches (so the moving statistics are far from their 0/1 initial values; no
 optimizer, so nothing else is saved), then gets random gamma/beta. Files:
 
     tf_keras.keras, tf_keras.h5       tf_keras 2.21: the zip format and the legacy HDF5 format
     keras3.keras, keras3.h5           Keras 3: the same two formats
+    tf_keras_seq.*, keras3_seq.*      the Sequential models, likewise
     tf_keras_expected.npz, keras3_expected.npz
         x                     the fixed model input (float32)
         <bn name>__input      the input of that BatchNormalization layer for x
@@ -32,7 +47,7 @@ optimizer, so nothing else is saved), then gets random gamma/beta. Files:
                               renorm_stddev; those that exist), in their stored shape
         names                 the BatchNormalization layer names, in model order
 
-Total size stays well under 200 KB.
+Total size stays well under 400 KB.
 """
 
 from __future__ import annotations
@@ -68,27 +83,48 @@ def build(k, *, multi_axis: bool):
     return k.Model(inp, x, name="tiny")
 
 
+def build_seq(k, *, tf_only: bool):
+    """The Sequential fixture model (see the module docstring)."""
+    L = k.layers
+    layers = [L.BatchNormalization(axis=1, input_shape=(3, 4, 4), name="bn_first"),
+              L.Permute((2, 3, 1), name="to_channels_last")]
+    if tf_only:
+        layers += [L.BatchNormalization(virtual_batch_size=2, name="bn_ghost"),
+                   L.BatchNormalization(renorm=True, name="bn_clip_none", renorm_clipping={
+                       "rmax": None, "rmin": 0.5, "dmax": None})]
+    layers += [k.Sequential([L.BatchNormalization(name="bn_nested")], name="block"),
+               L.BatchNormalization(dtype="mixed_float16", name="bn_mixed")]
+    return k.Sequential(layers, name="seq")
+
+
 def _plain(obj):
     """tf_keras wraps dicts and lists in trackable wrappers that json cannot encode."""
     return dict(obj) if hasattr(obj, "items") else list(obj)
 
 
 def bn_layers(model, k):
-    return [layer for layer in model.layers
-            if isinstance(layer, k.layers.BatchNormalization)]
+    """``(BatchNormalization, the top-level layer holding it)`` in model order."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, k.layers.BatchNormalization):
+            found.append((layer, layer))
+        elif isinstance(layer, k.Model):
+            found += [(inner, layer) for inner, _ in bn_layers(layer, k)]
+    return found
 
 
-def make(k, prefix: str, *, multi_axis: bool, seed: int) -> None:
+def make(k, prefix: str, model, *, seed: int, channels_first: bool = False) -> None:
     rng = np.random.default_rng(seed)
     tf.random.set_seed(seed)
     k.utils.set_random_seed(seed)
-    model = build(k, multi_axis=multi_axis)
+    stats_shape = (1, 3, 1, 1) if channels_first else (1, 1, 1, 3)
     for _ in range(30):
-        scale = rng.uniform(1.0, 3.0, size=(1, 1, 1, 3))
-        shift = rng.uniform(-2.0, 2.0, size=(1, 1, 1, 3))
-        batch = (rng.standard_normal((8, 4, 4, 3)) * scale + shift + 1.0).astype(np.float32)
+        scale = rng.uniform(1.0, 3.0, size=stats_shape)
+        shift = rng.uniform(-2.0, 2.0, size=stats_shape)
+        batch = (rng.standard_normal((8, *model.input_shape[1:])) * scale + shift + 1.0
+                 ).astype(np.float32)
         model(batch, training=True)
-    for layer in bn_layers(model, k):
+    for layer, _ in bn_layers(model, k):
         weights = layer.get_weights()
         names = [w.name.split("/")[-1].split(":")[0] for w in layer.weights]
         for i, name in enumerate(names):
@@ -96,14 +132,23 @@ def make(k, prefix: str, *, multi_axis: bool, seed: int) -> None:
                 weights[i] = rng.uniform(-1.5, 1.5, size=weights[i].shape).astype(np.float32)
         layer.set_weights(weights)
 
-    x = (rng.standard_normal((3, 4, 4, 3)) * 2.0 + 1.0).astype(np.float32)
+    x = (rng.standard_normal((4, *model.input_shape[1:])) * 2.0 + 1.0).astype(np.float32)
     arrays = {"x": x}
     names = []
-    for layer in bn_layers(model, k):
-        probe = k.Model(model.inputs, [layer.input, layer.output])
-        layer_in, layer_out = probe(x, training=False)
-        arrays[f"{layer.name}__input"] = np.asarray(layer_in, dtype=np.float32)
-        arrays[f"{layer.name}__output"] = np.asarray(layer_out, dtype=np.float32)
+    # A Sequential model's top-level layers' inputs and outputs, called one after the other.
+    chain, h = {}, tf.constant(x)
+    for top in model.layers if channels_first else ():
+        chain[top.name] = (h, top(h, training=False))
+        h = chain[top.name][1]
+    for layer, host in bn_layers(model, k):
+        if channels_first:  # a Sequential model: the chain gives every layer's input
+            layer_in, layer_out = chain[host.name]
+        else:
+            probe = k.Model(model.inputs, [host.input, host.output])
+            layer_in, layer_out = probe(x, training=False)
+        dtype = np.float16 if layer.compute_dtype == "float16" else np.float32
+        arrays[f"{layer.name}__input"] = np.asarray(layer_in).astype(dtype)
+        arrays[f"{layer.name}__output"] = np.asarray(layer_out).astype(dtype)
         for weight in layer.weights:
             var = weight.name.split("/")[-1].split(":")[0]
             arrays[f"{layer.name}__{var}"] = np.asarray(weight.numpy(), dtype=np.float32)
@@ -123,8 +168,11 @@ def main() -> None:
     import keras
     import tf_keras
 
-    make(tf_keras, "tf_keras", multi_axis=True, seed=0)
-    make(keras, "keras3", multi_axis=False, seed=1)
+    make(tf_keras, "tf_keras", build(tf_keras, multi_axis=True), seed=0)
+    make(keras, "keras3", build(keras, multi_axis=False), seed=1)
+    make(tf_keras, "tf_keras_seq", build_seq(tf_keras, tf_only=True), seed=2,
+         channels_first=True)
+    make(keras, "keras3_seq", build_seq(keras, tf_only=False), seed=3, channels_first=True)
     total = sum(p.stat().st_size for p in OUT_DIR.iterdir())
     print(f"wrote {sorted(p.name for p in OUT_DIR.iterdir())} ({total / 1024:.0f} KB) "
           f"with tensorflow {tf.__version__}, tf_keras {tf_keras.__version__}, "

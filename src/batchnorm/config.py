@@ -115,7 +115,7 @@ average
     beta_constraint: Constraint | None = None
     gamma_constraint: Constraint | None = None
     debias: bool = False
-    unbiased_moving_variance: bool = False
+    unbiased_moving_variance: bool | None = None
     renorm: bool = False
     renorm_clipping: tuple[tuple[str, float], ...] | None = None
     renorm_momentum: float = 0.99
@@ -125,15 +125,18 @@ average
     fused: bool | None = None
     synchronized: bool = False
     activation: str | None = None
-    # Feature axes resolved per input rank (see resolve_axes); not part of the configuration.
+    # Feature axes resolved per input rank (resolve_axes) and the configurations per variance
+    # rule (with_variance); not part of the configuration.
     _resolved: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
                                         compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axis", _canonical_axis(self.axis))
         for name in ("center", "scale", "debias", "unbiased_moving_variance", "renorm"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, bool)
+                    or (value is None and name == "unbiased_moving_variance")):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         self._check_numbers()
         object.__setattr__(self, "renorm_clipping", self._check_clipping())
         self._check_ghost_batches()
@@ -273,6 +276,52 @@ average
         if len(self.axis) > 1:
             return "for several feature axes"
         return None
+
+    def tf_keras_variance(self, ndim: int, dtype: torch.dtype) -> bool | None:
+        """Whether tf_keras's ``BatchNormalization`` with these options feeds the
+        Bessel-corrected batch variance of an input of rank ``ndim`` and ``dtype`` into
+        ``moving_variance`` (None when ``axis`` does not fit that rank).
+
+        With ``fused`` left to None (or True) tf_keras fuses, and its fused op feeds the
+        unbiased variance, where it can: rank 4 with axis 1 or 3, rank 5 with axis 1 or 4,
+        no renorm, ghost batches, adjustment or synchronized statistics, a float16,
+        bfloat16 or float32 input (``BatchNormalizationBase.__init__``/``build``). Elsewhere,
+        and with ``fused=False``, it feeds the biased one.
+
+        >>> BatchNormConfig(axis=-1).tf_keras_variance(4, torch.float32)
+        True
+        >>> BatchNormConfig(axis=-1).tf_keras_variance(2, torch.float32)
+        False
+        """
+        try:
+            axes = resolve_axes(self.axis, ndim)  # not the memo: torch.compile would guard on it
+        except ValueError:
+            return None
+        return (self.fused is not False and ndim in (4, 5) and axes in ((1,), (ndim - 1,))
+                and self.unfused_reason() is None and dtype != torch.float64)
+
+    def for_input(self, ndim: int, dtype: torch.dtype) -> BatchNormConfig:
+        """This configuration with ``unbiased_moving_variance`` decided for a training input of
+        rank ``ndim`` and ``dtype`` (:meth:`tf_keras_variance`): itself when it is given (or
+        when ``axis`` does not fit that rank, which the call then refuses)."""
+        if self.unbiased_moving_variance is not None:
+            return self
+        return self.with_variance(self.tf_keras_variance(ndim, dtype))
+
+    def with_variance(self, unbiased: bool | None) -> BatchNormConfig:
+        """This configuration with ``unbiased_moving_variance=unbiased`` (itself for None or
+        its own value). Kept per value, except under torch.compile (traced once: keeping it
+        would make a new graph)."""
+        if unbiased is None or unbiased == self.unbiased_moving_variance:
+            return self
+        if torch.compiler.is_compiling():
+            return self.replace(unbiased_moving_variance=unbiased)
+        key = ("variance", unbiased)
+        decided = self._resolved.get(key)
+        if decided is None:
+            decided = self._resolved.setdefault(
+                key, self.replace(unbiased_moving_variance=unbiased))
+        return decided
 
     def resolve_axes(self, ndim: int) -> tuple[int, ...]:
         """The sorted non-negative feature axes for an input of rank ``ndim``; ``ValueError``

@@ -199,9 +199,16 @@ class BatchNorm(nn.Module):
             applied by :func:`apply_constraints`.
         debias: at inference, correct the moving averages for their initial
             value (``(m_t - momentum**t * m_0) / (1 - momentum**t)``).
-        unbiased_moving_variance: feed the Bessel-corrected batch variance into
-            ``moving_variance`` (PyTorch and the original paper) instead of the
-            biased one (TensorFlow and Keras). Normalization always uses the biased one.
+        unbiased_moving_variance: True feeds the Bessel-corrected batch variance into
+            ``moving_variance`` (PyTorch and the original paper), False the biased one
+            (tf_keras with ``fused=False``, Keras 3). None (the default) does what tf_keras
+            does with the same ``fused``: the unbiased one where it fuses (rank 4 with axis
+            1 or 3, rank 5 with axis 1 or 4, no renorm, ghost batches, adjustment or
+            synchronized statistics, float32 or half input; see
+            :meth:`BatchNormConfig.tf_keras_variance`), the biased one elsewhere: decided
+            for each training call's input (statistics recorded by ``deferred_updates`` or
+            ``accumulate`` keep their call's rule). Normalization always uses the biased
+            one.
         renorm: Batch Renormalization (Ioffe 2017) in training: the normalized value is
             corrected by ``r = sigma_batch / sigma_moving`` and
             ``d = (mu_batch - mu_moving) / sigma_moving`` (no gradient through them), so
@@ -306,7 +313,7 @@ class BatchNorm(nn.Module):
         beta_constraint: Constraint | None = None,
         gamma_constraint: Constraint | None = None,
         debias: bool = False,
-        unbiased_moving_variance: bool = False,
+        unbiased_moving_variance: bool | None = None,
         renorm: bool = False,
         renorm_clipping: Mapping[str, float] | None = None,
         renorm_momentum: float = 0.99,
@@ -724,8 +731,10 @@ class BatchNorm(nn.Module):
                     "that has features, or give num_features")
             self._build(feature_shape)
         state = self.state()
+        if training and isinstance(x, Tensor):  # the variance fed to moving_variance
+            config = config.for_input(x.ndim, x.dtype)
         if key is not None:
-            return self._plan(key, x, state, training).run(x)
+            return self._plan(key, x, state, config, training).run(x)
         # Activation checkpointing runs a training call again during backward: it must not
         # update twice, and must normalize with the state the original call saw.
         recomputing = training and recompute.in_backward()
@@ -740,9 +749,9 @@ class BatchNorm(nn.Module):
         if stats is not None and not recomputing:
             recorder = active_recorder(self)
             if recorder is None:
-                self._update(stats, state)
+                self._update(stats, state, config)
             else:
-                recorder.record(self, stats)
+                recorder.record(self, stats, config.unbiased_moving_variance)
         return y
 
     def _apply(self, fn: Any, recurse: bool = True) -> BatchNorm:
@@ -756,10 +765,11 @@ class BatchNorm(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_plans", {})  # a layer pickled before plans existed
 
-    def _plan(self, key: tuple, x: Tensor, state: BatchNormState,
+    def _plan(self, key: tuple, x: Tensor, state: BatchNormState, config: BatchNormConfig,
               training: bool) -> plan.CallPlan:
-        """Check this call (raising what the full path raises) and keep its plan."""
-        prepared = plan.prepare(x, state, self._config, training=training, gamma=self.gamma,
+        """Check this call (raising what the full path raises) and keep its plan; ``config`` is
+        the layer's, decided for ``x`` (:meth:`BatchNormConfig.for_input`)."""
+        prepared = plan.prepare(x, state, config, training=training, gamma=self.gamma,
                                 beta=self.beta, mask=None, process_group=self._process_group)
         run = (plan.training_run(self, x, state, prepared) if training
                else prepared_inference(x, state, prepared.call))
@@ -772,23 +782,30 @@ class BatchNorm(nn.Module):
         self._plans[key] = made
         return made
 
-    def update_statistics(self, stats: BatchStatistics) -> None:
+    def update_statistics(self, stats: BatchStatistics,
+                          unbiased_moving_variance: bool | None = None) -> None:
         """Fold one batch's statistics into the moving averages, in place; a batch that cannot
         enter them (not finite, ...) is skipped with a ``RuntimeWarning`` saying why.
+
+        ``unbiased_moving_variance``: which variance enters ``moving_variance``, as decided for
+        the training call that computed ``stats`` (see the option of the same name); None
+        takes the layer's option, and the biased variance where that is None too.
 
         The layer calls it after each training call (or :class:`~batchnorm.DeferredUpdates`
         does, for recorded calls; :class:`~batchnorm.Accumulation` once per step, with the
         pooled statistics of the step's micro-batches).
         """
-        self._update(stats, self.state())
+        self._update(stats, self.state(), self._config.with_variance(unbiased_moving_variance))
 
-    def _update(self, stats: BatchStatistics, state: BatchNormState) -> None:
-        if self._config.renorm or not isinstance(stats.count, int):
+    def _update(self, stats: BatchStatistics, state: BatchNormState,
+                config: BatchNormConfig) -> None:
+        """Apply ``stats`` with ``config`` (the layer's, decided for the call's input)."""
+        if config.renorm or not isinstance(stats.count, int):
             recompute.remember(self, state, (stats,))  # the state enters the output
         # A CPU tensor is read back at once (no device to wait for), unless traced or inside a
         # torch.func transform: there the count of skips is written with the averages.
         untraced_cpu = stats.mean.device.type == "cpu" and not traced(stats.mean)
-        applied = F.apply_update(state, stats, self._config,
+        applied = F.apply_update(state, stats, config,
                                  skipped=None if untraced_cpu else self.num_skipped)
         if untraced_cpu:
             if not applied.numpy():  # a NumPy view of CPU memory: there is no device to wait for
@@ -806,7 +823,7 @@ class BatchNorm(nn.Module):
 
     def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
         for stats in skipped:
-            reason = F.skip_reason(stats, unbiased=self._config.unbiased_moving_variance,
+            reason = F.skip_reason(stats, unbiased=bool(self._config.unbiased_moving_variance),
                                    dtype=self.moving_mean.dtype)
             warnings.warn(
                 f"{self._get_name()}: {reason}; the moving averages were left unchanged for "
@@ -841,9 +858,11 @@ class BatchNorm(nn.Module):
         for name in ("center", "scale"):
             if not getattr(self, name):
                 parts.append(f"{name}=False")
-        for name in ("debias", "unbiased_moving_variance", "renorm"):
+        for name in ("debias", "renorm"):
             if getattr(self, name):
                 parts.append(f"{name}=True")
+        if self.unbiased_moving_variance is not None:
+            parts.append(f"unbiased_moving_variance={self.unbiased_moving_variance}")
         if self.renorm_clipping is not None:
             parts.append(f"renorm_clipping={self.renorm_clipping}")
         if self.renorm and self.renorm_momentum != 0.99:

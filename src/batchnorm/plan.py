@@ -192,7 +192,7 @@ def training_run(layer: Any, x: Tensor, state: BatchNormState,
                  prepared: Prepared) -> Callable[[Tensor], Tensor]:
     """The training call of ``layer`` for ``x``'s signature: the kernel and the update.
 
-    ``layer`` provides ``_update(stats, state)`` (the full update) and
+    ``layer`` provides ``_update(stats, state, config)`` (the full update) and
     ``_skipped(stats)`` (count and report a batch the prepared update left out).
     """
     call, kernel = prepared
@@ -219,7 +219,7 @@ def training_run(layer: Any, x: Tensor, state: BatchNormState,
         mean, variance = stats.mean, stats.variance
         if (update is None or mean.dtype != dtype or variance.dtype != dtype
                 or not (mean.is_contiguous() and variance.is_contiguous())):
-            layer._update(stats, state)
+            layer._update(stats, state, call.config)
         elif not update(mean, variance):
             layer._skipped(stats)
         return y

@@ -59,7 +59,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Forward", "Gradients", "backward", "forward", "moving_average", "update"]
+__all__ = ["Forward", "Gradients", "backward", "forward", "moving_average",
+           "tf_keras_unbiased", "update"]
 
 
 class Forward(NamedTuple):
@@ -280,6 +281,36 @@ def backward(
                      - k * p.xhat * (dxhat * p.xhat).sum(axis=reduce, keepdims=True))
         dx = np.where(p.constant, dx, batch)
     return Gradients(_ungroup(np.broadcast_to(dx, g.shape), size, layout), dgamma, dbeta)
+
+
+def tf_keras_unbiased(
+    ndim: int,
+    axis: int | Sequence[int],
+    *,
+    fused: bool | None = None,
+    renorm: bool = False,
+    virtual_batch_size: int | None = None,
+    adjustment: bool = False,
+    synchronized: bool = False,
+    dtype: np.dtype | type = np.float32,
+) -> bool:
+    """Whether tf_keras's ``BatchNormalization`` with these arguments feeds the unbiased batch
+    variance of a rank-``ndim`` input into ``moving_variance`` (:func:`update`'s ``unbiased``).
+
+    tf_keras 2.21 (``BatchNormalizationBase``): ``fused=None`` becomes False in ``__init__``
+    with ``synchronized``, ``renorm``, several axes or one outside (-4, -3, -1, 1, 3, 4),
+    ``virtual_batch_size``, ``adjustment`` or a float64 compute dtype; ``build`` then fuses
+    rank 4 (axis 1 or 3 after ``validate_axis``) and rank 5 (axis 1 or 4; other axes turn
+    fused off). Its fused op (``tf.compat.v1.nn.fused_batch_norm``) returns the Bessel-corrected
+    batch variance, which enters the moving average; the unfused path the biased one.
+    """
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    if fused is False or synchronized or renorm or virtual_batch_size is not None \
+            or adjustment or np.dtype(dtype) == np.float64:
+        return False
+    if len(axes) != 1 or axes[0] not in (-4, -3, -1, 1, 3, 4) or ndim not in (4, 5):
+        return False
+    return axes[0] % ndim in (1, ndim - 1)
 
 
 def update(

@@ -62,8 +62,10 @@ class StatisticsSink(Protocol):
     """Something that folds a batch's statistics into its moving averages:
     :meth:`batchnorm.BatchNorm.update_statistics`."""
 
-    def update_statistics(self, stats: BatchStatistics) -> None:
-        """Fold ``stats`` into the moving averages now."""
+    def update_statistics(self, stats: BatchStatistics,
+                          unbiased_moving_variance: bool | None = None) -> None:
+        """Fold ``stats`` into the moving averages now (``unbiased_moving_variance``: the
+        variance rule decided for the call that computed them; None: the sink's own)."""
         ...
 
 
@@ -128,8 +130,8 @@ class _Link:
     (it guards only on the type of this attribute, the same for every call)."""
 
     def __init__(self, before: _Link | None, layer: StatisticsSink | None,
-                 stats: BatchStatistics | None) -> None:
-        self.before, self.layer, self.stats = before, layer, stats
+                 stats: BatchStatistics | None, unbiased: bool | None = None) -> None:
+        self.before, self.layer, self.stats, self.unbiased = before, layer, stats, unbiased
 
 
 class _Records:
@@ -139,17 +141,19 @@ class _Records:
     def __init__(self) -> None:
         self.last = _Link(None, None, None)
 
-    def append(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
-        self.last = _Link(self.last, layer, _detached(stats))
+    def append(self, layer: StatisticsSink, stats: BatchStatistics,
+               unbiased: bool | None) -> None:
+        self.last = _Link(self.last, layer, _detached(stats), unbiased)
 
-    def items(self) -> list[tuple[StatisticsSink, BatchStatistics]]:
+    def items(self) -> list[tuple[StatisticsSink, BatchStatistics, bool | None]]:
+        """``(layer, statistics, variance rule)`` per record, in call order."""
         found, link = [], self.last
         while link.before is not None:
-            found.append((link.layer, link.stats))
+            found.append((link.layer, link.stats, link.unbiased))
             link = link.before
         return found[::-1]
 
-    def take(self) -> list[tuple[StatisticsSink, BatchStatistics]]:
+    def take(self) -> list[tuple[StatisticsSink, BatchStatistics, bool | None]]:
         """Every record, in call order; the block keeps none."""
         found = self.items()
         self.last = _Link(None, None, None)
@@ -212,9 +216,11 @@ class DeferredUpdates:
         """Every layer's training calls: True."""
         return True
 
-    def record(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
-        """Keep ``layer``'s batch statistics until :meth:`apply` or :meth:`discard`."""
-        self._pending.append(layer, stats)
+    def record(self, layer: StatisticsSink, stats: BatchStatistics,
+               unbiased_moving_variance: bool | None = None) -> None:
+        """Keep ``layer``'s batch statistics (and the variance rule decided for the call that
+        computed them) until :meth:`apply` or :meth:`discard`."""
+        self._pending.append(layer, stats, unbiased_moving_variance)
         self._recorded = True
 
     def apply(self) -> int:
@@ -229,13 +235,13 @@ class DeferredUpdates:
                 "discarded; call updates.apply() inside the `with` block"
             )
         pending = self._pending.take()
-        for layer, stats in pending:
+        for layer, stats, unbiased in pending:
             target = next((b for b in reversed(self._enclosing)
                            if isinstance(b, Accumulation) and b._open and b.takes(layer)), None)
             if target is None:
-                layer.update_statistics(stats)
+                layer.update_statistics(stats, unbiased)
             else:
-                target.record(layer, stats)
+                target.record(layer, stats, unbiased)
         return len(pending)
 
     def discard(self) -> int:
@@ -322,9 +328,11 @@ class Accumulation:
         """Whether ``layer`` is one of the block's model's layers."""
         return id(layer) in self._ids
 
-    def record(self, layer: StatisticsSink, stats: BatchStatistics) -> None:
-        """Keep one micro-batch's statistics of ``layer`` until the block ends."""
-        self._records.append(layer, stats)
+    def record(self, layer: StatisticsSink, stats: BatchStatistics,
+               unbiased_moving_variance: bool | None = None) -> None:
+        """Keep one micro-batch's statistics of ``layer`` (and the variance rule decided for
+        its call) until the block ends."""
+        self._records.append(layer, stats, unbiased_moving_variance)
 
     def statistics(self) -> dict[StatisticsSink, BatchStatistics]:
         """Each recorded layer's statistics of all its micro-batches so far, together (what the
@@ -336,9 +344,13 @@ class Accumulation:
     def _by_layer(self, *, take: bool = False) -> dict[StatisticsSink, list[BatchStatistics]]:
         records = self._records.take() if take else self._records.items()
         grouped: dict[StatisticsSink, list[BatchStatistics]] = {}
-        for layer, stats in records:
+        for layer, stats, _ in records:
             grouped.setdefault(layer, []).append(stats)
         return grouped
+
+    def _rules(self) -> dict[StatisticsSink, bool | None]:
+        """Each recorded layer's variance rule, as decided for its latest micro-batch."""
+        return {layer: unbiased for layer, _, unbiased in self._records.items()}
 
     def discard(self) -> int:
         """Drop every recorded micro-batch (the block's end then changes nothing, e.g. when the
@@ -347,6 +359,7 @@ class Accumulation:
 
     def _finish(self) -> None:
         """One update per layer, or its statistics to the enclosing block that takes it."""
+        rules = self._rules()
         micro = self._by_layer(take=True)
         pooled = {layer: reduce(partial(combine_statistics, ghost=_ghost(layer)), records)
                   for layer, records in micro.items()}  # every fold before any update
@@ -354,12 +367,12 @@ class Accumulation:
             target = next((b for b in reversed(self._enclosing) if b._open and b.takes(layer)),
                           None)
             if target is not None:
-                target.record(layer, stats)
+                target.record(layer, stats, rules[layer])
                 continue
             state = getattr(layer, "state", None)
             if callable(state):  # a checkpointed micro-batch recomputed after the block
                 recompute.remember(layer, state(), micro[layer])
-            layer.update_statistics(stats)
+            layer.update_statistics(stats, rules[layer])
 
     def __len__(self) -> int:
         return len(self._records.items())

@@ -531,9 +531,9 @@ def _to_torch_layer(layer: BatchNorm, ranks: set[int]) -> nn.Module:
         raise _Unconvertible("debias=True: torch.nn has no debiased moving averages")
     if not layer.unbiased_moving_variance:
         raise _Unconvertible(
-            "unbiased_moving_variance=False: torch.nn feeds the unbiased batch variance into "
-            "running_var, so the moving variance would change; use "
-            "unbiased_moving_variance=True")
+            f"unbiased_moving_variance={layer.unbiased_moving_variance}: torch.nn feeds the "
+            "unbiased batch variance into running_var, so the moving variance would change; "
+            "use unbiased_moving_variance=True")
     other = _other_class(layer)
     if not layer.trainable and other is None:
         raise _Unconvertible("trainable=False: torch.nn has no frozen batch normalization "

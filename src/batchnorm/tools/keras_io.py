@@ -18,8 +18,10 @@ external storage, external link or virtual dataset is followed), checks every
 size before allocating (:data:`MAX_CONFIG_BYTES`, :data:`MAX_CONFIG_DEPTH`,
 :data:`MAX_INFLATION`, :data:`MAX_WEIGHT_BYTES`), writes nothing and unpickles
 nothing, and refuses a bad file with a ``ValueError`` naming it. What it cannot
-guard against is the HDF5 C library itself, which can crash on a damaged or
-crafted HDF5 structure: load files you do not trust in a separate process.
+guard against in-process is the HDF5 C library itself, which can loop forever or
+crash on a damaged or crafted HDF5 structure: load files you do not trust with
+``load_keras_batchnorms(path, isolated=True)``, which reads them in a separate
+process with a time and memory limit.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ import errno
 import io
 import json
 import math
+import os
 import re
 import reprlib
 import stat
+import subprocess
+import sys
+import tempfile
 import warnings
 import zipfile
 import zlib
@@ -64,11 +70,15 @@ _BN_CLASSES = frozenset({"BatchNormalization", "BatchNormalizationV1", "BatchNor
 # Keras config keys that BatchNorm does not take and that do not change the computation
 # of a loaded layer (handled here rather than in BatchNorm.from_config).
 _DROPPED_KEYS = ("synchronized",)
+# What tf_keras saves for the first layer of a model built with input_shape=...: the input's
+# shape, which only tells the input's rank here.
+_SHAPE_KEYS = ("batch_input_shape", "batch_shape")
 _NON_CALLABLE = ("beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint")
 _NON_NEGATIVE = ("moving_variance", "moving_stddev", "renorm_stddev")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _MAX_SOFT_LINKS = 16  # HDF5's own limit on soft links followed in one lookup
-_HINT = "re-save the model with Keras (model.save) or fix the values"
+_HINT = "expected what Keras's model.save writes (is the file damaged or edited?)"
+_ERRORS = ("raise", "warn")
 # What reading a damaged zip or HDF5 file raises (h5py: OSError, KeyError, RuntimeError,
 # TypeError for types NumPy lacks; zipfile: BadZipFile, EOFError, zlib.error,
 # NotImplementedError for unknown compression, RuntimeError for encryption).
@@ -178,6 +188,57 @@ def _axis(config: dict, where: str) -> int | tuple[int, ...]:
     return axis if isinstance(axis, int) else tuple(axis)
 
 
+def _ghost_shaped(config: dict, shapes: Any) -> bool:
+    """Whether these are a built tf_keras ghost-batch layer's variables: shaped like its input
+    with a 1 inserted at index 1, its saved ``axis`` shifted by one to match."""
+    return config.get("virtual_batch_size") is not None and any(len(s) > 1 for s in shapes)
+
+
+def _input_axis(config: dict, shapes: Any, where: str) -> int | tuple[int, ...]:
+    """The layer's feature axes in its input (the saved ``axis``, shifted back for a built
+    ghost-batch layer)."""
+    axis = _axis(config, where)
+    if not _ghost_shaped(config, shapes):
+        return axis
+    axes = (axis,) if isinstance(axis, int) else axis
+    if not all(a >= 2 for a in axes):
+        raise ValueError(f"{where}: axis {axis} with virtual_batch_size and variables of shape "
+                         f"{next(tuple(s) for s in shapes if len(s) > 1)}: expected the axes "
+                         "tf_keras saves for a built ghost-batch layer (shifted by one, >= 2); "
+                         f"{_HINT}")
+    return tuple(a - 1 for a in axes)
+
+
+def _input_rank(config: dict, entry: dict, shapes: Any) -> int | None:
+    """The rank of the layer's input, where the file tells it: the shape it was built for
+    (``build_config``, or the ``input_shape`` of a model's first layer), or variables
+    shaped like the input (several axes, ghost batches)."""
+    build = entry.get("build_config")
+    for shape in [build.get("input_shape") if isinstance(build, dict) else None,
+                  *(config.get(key) for key in _SHAPE_KEYS)]:
+        if isinstance(shape, list) and shape:
+            return len(shape)
+    ranks = {len(s) for s in shapes if len(s) > 1}
+    if len(ranks) == 1:
+        return ranks.pop() - _ghost_shaped(config, shapes)
+    return None
+
+
+def _portable_axis(axis: int | tuple[int, ...], rank: int | None) -> int | tuple[int, ...]:
+    """``axis`` for the inputs a user passes: tf_keras saves a built layer's axes as
+    non-negative indices of its input (``[3]`` after a ``Conv2D``); the last one becomes -1,
+    which names the channels of a channels-last input of every rank (and the features of a
+    ``(batch, features)`` one). When the file does not tell the rank, a lone axis past 1
+    is taken as the last (Keras's channels-last layout); axis 1 stays 1 (channels-first)."""
+    axes = (axis,) if isinstance(axis, int) else axis
+    if rank is None:
+        last = axes[0] if len(axes) == 1 and axes[0] >= 2 else None
+    else:
+        last = rank - 1
+    portable = tuple(-1 if a == last else a for a in axes)
+    return portable[0] if len(portable) == 1 else portable
+
+
 def _weight_names(config: dict, where: str) -> list[str]:
     """The order Keras saves a BatchNormalization's variables in (trainable first)."""
     flags = {key: config.get(key, default)
@@ -193,9 +254,13 @@ def _weight_names(config: dict, where: str) -> list[str]:
 
 
 def _input_features(entry: dict, axis: int | tuple[int, ...], where: str) -> tuple | None:
-    """The feature sizes of the input the layer was built for (``build_config``), if known."""
+    """The feature sizes of the input the layer was built for (``build_config``, or the
+    ``input_shape`` a model's first layer was given), if known."""
     build = entry.get("build_config")
     shape = build.get("input_shape") if isinstance(build, dict) else None
+    config = entry.get("config", {})
+    for key in _SHAPE_KEYS:
+        shape = config.get(key) if shape is None else shape
     if not (isinstance(shape, list) and all(
             s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in shape)):
         return None  # no build_config, or one of another form: the weights alone decide
@@ -249,6 +314,23 @@ def _check_variables(where: str, config: dict, declared: dict[str, tuple[tuple, 
                              f"but {source} give features {features}; {_HINT}")
         features = found
     return features
+
+
+def _check_numbers(config: Any, where: str, key: str = "") -> None:
+    """Refuse a number in a layer's config outside float32's range (the layer computes in
+    float32 at least): JSON's ``1e400`` parses as inf, ``NaN`` and ``Infinity`` are accepted
+    by Python's parser, and ``1e300`` overflows float32."""
+    items = config.items() if isinstance(config, dict) else \
+        enumerate(config) if isinstance(config, list) else ()
+    for name, value in items:
+        path = f"{key}[{name!r}]" if key else str(name)
+        if isinstance(value, float) and not abs(value) <= _FLOAT32_MAX:
+            raise ValueError(f"{where}: {path}={value!r}, expected a finite number within "
+                             f"float32's range (|x| <= {_FLOAT32_MAX:.4g}); {_HINT}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+            raise ValueError(f"{where}: {path}={reprlib.repr(value)}, expected an integer of "
+                             f"at most 2**53; {_HINT}")
+        _check_numbers(value, where, path)
 
 
 def _check_values(where: str, weights: dict[str, np.ndarray]) -> None:
@@ -337,31 +419,63 @@ def _attribute(obj: Any, name: str, where: str) -> Any:
     return obj.attrs[name]
 
 
-def _read_layers(where: str, model_config: dict, locate: Callable) -> dict:
-    """Every BatchNormalization's config and weights; ``locate(entry, .keras group path,
-    variable names)`` gives its datasets. Shapes, dtypes and sizes are checked before any
-    value is read, and the values before returning."""
-    found: dict[str, tuple[dict, dict[str, np.ndarray]]] = {}
+def _check_errors(errors: str) -> None:
+    if errors not in _ERRORS:
+        raise ValueError(f"errors={errors!r}: expected 'raise' (refuse the file for one bad "
+                         "layer) or 'warn' (leave bad layers out, with a warning naming each)")
+
+
+@contextmanager
+def _per_layer(errors: str, skipped: list[str]) -> Iterator[None]:
+    """One layer's reading or building: with ``errors="warn"`` a ValueError leaves that
+    layer out (``skipped`` gets the reason, warned about later); otherwise it says how to
+    load the other layers."""
+    try:
+        yield
+    except ValueError as error:
+        if errors == "warn":
+            skipped.append(f"{error}; this layer was left out")
+        else:
+            raise ValueError(f"{error} (errors='warn' loads the file's other layers without "
+                             "this one)") from error
+
+
+def _warn_skipped(skipped: list[str]) -> None:
+    for reason in skipped:
+        warnings.warn(reason, UserWarning, stacklevel=user_stacklevel())
+
+
+def _read_layers(where: str, model_config: dict, locate: Callable, errors: str,
+                 skipped: list[str]) -> dict:
+    """Every BatchNormalization's layer entry, config and weights; ``locate(entry, .keras
+    group path, variable names)`` gives its datasets. Shapes, dtypes and sizes are checked
+    before any value is read, and the values before returning. A layer refused is left out
+    with ``errors="warn"`` (its reason in ``skipped``)."""
+    found: dict[str, tuple[dict, dict, dict[str, np.ndarray]]] = {}
     budget = MAX_WEIGHT_BYTES
     for entry, group_path in _walk_layers(model_config, where):
         if entry["class_name"] not in _BN_CLASSES:
             continue
         config = _bn_config(entry, where)
         layer = f"{where}, layer {config['name']!r}"
-        if config["name"] in found:
-            raise ValueError(f"{layer}: two BatchNormalization layers have this name; expected "
-                             "unique names: rename one in Keras and re-save the model")
-        datasets = locate(entry, group_path, _weight_names(config, layer))
-        expected = _input_features(entry, _axis(config, layer), layer)
-        _check_variables(layer, config, {n: (d.shape, d.dtype) for n, d in datasets.items()},
-                         expected)
-        budget -= sum(d.size * d.dtype.itemsize for d in datasets.values())
-        if budget < 0:
-            raise ValueError(f"{layer}: the BatchNormalization weights declared so far take more "
-                             f"than MAX_WEIGHT_BYTES={MAX_WEIGHT_BYTES} bytes; not read")
-        weights = {name: np.asarray(dataset[()]) for name, dataset in datasets.items()}
-        _check_values(layer, weights)
-        found[config["name"]] = (config, weights)
+        with _per_layer(errors, skipped):
+            if config["name"] in found:
+                raise ValueError(f"{layer}: two BatchNormalization layers have this name; "
+                                 "expected unique names: rename one in Keras and re-save")
+            _check_numbers(config, layer)
+            datasets = locate(entry, group_path, _weight_names(config, layer))
+            shapes = [d.shape for d in datasets.values()]
+            expected = _input_features(entry, _input_axis(config, shapes, layer), layer)
+            _check_variables(layer, config, {n: (d.shape, d.dtype) for n, d in datasets.items()},
+                             expected)
+            size = sum(d.size * d.dtype.itemsize for d in datasets.values())
+            if budget - size < 0:
+                raise ValueError(f"{layer}: the BatchNormalization weights declared so far take "
+                                 f"more than MAX_WEIGHT_BYTES={MAX_WEIGHT_BYTES} bytes; not read")
+            budget -= size
+            weights = {name: np.asarray(dataset[()]) for name, dataset in datasets.items()}
+            _check_values(layer, weights)
+            found[config["name"]] = (entry, config, weights)
     return found
 
 
@@ -386,7 +500,7 @@ def _read_member(archive: zipfile.ZipFile, name: str, limit: int, path: Path) ->
     return data
 
 
-def _read_keras_zip(path: Path, size: int) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+def _read_keras_zip(path: Path, size: int, errors: str, skipped: list[str]) -> dict:
     h5py = _h5py()
     with _unreadable(str(path), "a .keras zip written by Keras"), zipfile.ZipFile(path) as zf:
         raw_config = _read_member(zf, "config.json", min(MAX_CONFIG_BYTES, MAX_INFLATION * size),
@@ -405,10 +519,10 @@ def _read_keras_zip(path: Path, size: int) -> dict[str, tuple[dict, dict[str, np
                     f"({', '.join(names)}) at {group_path}/vars, found {count}: {_HINT}")
             return {n: _dataset(group, str(i), where) for i, n in enumerate(names)}
 
-        return _read_layers(where, model_config, locate)
+        return _read_layers(where, model_config, locate, errors, skipped)
 
 
-def _read_legacy_h5(path: Path) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+def _read_legacy_h5(path: Path, errors: str, skipped: list[str]) -> dict:
     h5py = _h5py()
     where = str(path)
     with _unreadable(where, "a Keras .h5 model file"), h5py.File(path, "r") as file:
@@ -453,7 +567,7 @@ def _read_legacy_h5(path: Path) -> dict[str, tuple[dict, dict[str, np.ndarray]]]
                                  f"{layer!r}: {_HINT}")
             return {n: _dataset(*index[(layer, n)], where) for n in names}
 
-        return _read_layers(where, model_config, locate)
+        return _read_layers(where, model_config, locate, errors, skipped)
 
 
 def _file_size(path: Path) -> int:
@@ -474,7 +588,20 @@ def _file_size(path: Path) -> int:
 
 # ------------------------------------------------------------------------------ public
 
-def read_keras_batchnorms(path: str | Path) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+def _read_file(path: Path, errors: str, skipped: list[str]) -> dict:
+    """Every readable BatchNormalization: name -> (layer entry, config, weights)."""
+    size = _file_size(path)
+    if zipfile.is_zipfile(path):
+        return _read_keras_zip(path, size, errors, skipped)
+    h5py = _h5py()
+    if h5py.is_hdf5(path):
+        return _read_legacy_h5(path, errors, skipped)
+    raise ValueError(f"{path} is neither a .keras zip file nor an HDF5 file; expected a model "
+                     "saved by Keras (model.save)")
+
+
+def read_keras_batchnorms(path: str | Path, *, errors: str = "raise"
+                          ) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
     """Every Keras BatchNormalization layer in a saved model: name -> (Keras config, weights).
 
     ``path`` is a ``.keras`` zip or a legacy ``.h5`` file (told apart by content).
@@ -495,35 +622,46 @@ def read_keras_batchnorms(path: str | Path) -> dict[str, tuple[dict, dict[str, n
     datasets), one that is not a real float, whose shape does not give the layer's
     features (all variables alike, and the ``build_config`` input's when there is one),
     BatchNormalization weights over :data:`MAX_WEIGHT_BYTES` in all (declared sizes,
-    checked before reading), non-finite values, or a negative variance.
+    checked before reading), non-finite values, or a negative variance; a number in a
+    layer's config outside float32's range. A refusal that concerns one layer names it:
+    with ``errors="warn"`` that layer is left out, with a ``UserWarning`` saying why, and
+    the others are read.
 
     >>> layers = read_keras_batchnorms("model.keras")     # doctest: +SKIP
     >>> config, weights = layers["batch_normalization"]  # doctest: +SKIP
     """
-    path = Path(path)
-    size = _file_size(path)
-    if zipfile.is_zipfile(path):
-        return _read_keras_zip(path, size)
-    h5py = _h5py()
-    if h5py.is_hdf5(path):
-        return _read_legacy_h5(path)
-    raise ValueError(f"{path} is neither a .keras zip file nor an HDF5 file; expected a model "
-                     "saved by Keras (model.save)")
+    _check_errors(errors)
+    skipped: list[str] = []
+    found = _read_file(Path(path), errors, skipped)
+    _warn_skipped(skipped)
+    return {name: (config, weights) for name, (_, config, weights) in found.items()}
 
 
 def _build(config: dict[str, Any], weights: dict[str, np.ndarray] | None,
-           where: str) -> BatchNorm:
-    """:func:`batchnorm_from_keras`, with ``where`` (the file, the layer) in its errors.
+           where: str, entry: dict | None = None) -> BatchNorm:
+    """:func:`batchnorm_from_keras`, with ``where`` (the file, the layer) in its errors and
+    the layer's ``entry`` in the model config (its ``build_config``) when read from a file.
     Everything is checked before the layer is built, and warnings come only on success."""
     config = dict(config)
     where = f"{where}, layer {config.get('name')!r}" if "name" in config else where
+    _check_numbers(config, where)
     shape = None
+    weights = {name: np.asarray(value) for name, value in (weights or {}).items()}
+    shapes = [v.shape for v in weights.values()]
     if weights:
-        weights = {name: np.asarray(value) for name, value in weights.items()}
         shape = _check_variables(where, config, {n: (v.shape, v.dtype)
                                                  for n, v in weights.items()})
         _check_values(where, weights)
         config["num_features"] = list(shape)
+    config["axis"] = _portable_axis(_input_axis(config, shapes, where),
+                                    _input_rank(config, entry or {}, shapes))
+    for key in _SHAPE_KEYS:
+        config.pop(key, None)
+    if isinstance(config.get("renorm_clipping"), dict):  # tf_keras: None is no bound
+        config["renorm_clipping"] = {k: v for k, v in config["renorm_clipping"].items()
+                                     if v is not None}
+    if "synchronized" in config:  # Keras 3, which never fuses: the biased variance
+        config.setdefault("unbiased_moving_variance", False)
     notes = []
     for key in _DROPPED_KEYS:
         if config.pop(key, False):
@@ -545,7 +683,7 @@ def _build(config: dict[str, Any], weights: dict[str, np.ndarray] | None,
         with warnings.catch_warnings():  # Keras's momentum is ours: no PyTorch habit here
             warnings.filterwarnings("ignore", message="momentum=", category=UserWarning)
             layer = BatchNorm.from_config(config)
-    except (AttributeError, TypeError, ValueError) as error:
+    except (AttributeError, TypeError, ValueError, OverflowError, RuntimeError) as error:
         # Every refusal of a Keras config is a ValueError here, whatever BatchNorm raises.
         raise ValueError(f"{where}: cannot build a BatchNorm from this Keras config: {error}; "
                          "expected the config Keras saves for a BatchNormalization") from None
@@ -588,23 +726,122 @@ def batchnorm_from_keras(
     return _build(config, weights, "batchnorm_from_keras")
 
 
-def load_keras_batchnorms(path: str | Path) -> dict[str, BatchNorm]:
+def _read_isolated(path: Path, errors: str, skipped: list[str], timeout: float,
+                   max_memory: int) -> dict:
+    """:func:`_read_file` in a child process limited to ``timeout`` seconds and ``max_memory``
+    bytes of address space: a hang or a crash of the HDF5 C library is a ValueError here.
+    The child hands back JSON and a NumPy ``.npz`` (read without pickle)."""
+    if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+            and 0 < timeout < math.inf):
+        raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
+    if not (isinstance(max_memory, int) and not isinstance(max_memory, bool)
+            and max_memory > 0):
+        raise ValueError(f"max_memory={max_memory!r}: expected a positive number of bytes")
+    _file_size(path)  # FileNotFoundError, IsADirectoryError... before starting anything
+
+    def limit() -> None:  # in the child, before it runs Python
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", __name__, str(path.resolve()), errors, out]
+        try:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=timeout, preexec_fn=limit, env=env, check=False)
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"{path}: reading it took more than timeout={timeout} seconds "
+                             "(a damaged or crafted HDF5 structure can make the HDF5 library "
+                             "loop forever): refused") from None
+        result = Path(out)
+        if done.returncode == _CHILD_REFUSED:
+            raise ValueError((result / "error.txt").read_text(encoding="utf-8"))
+        if done.returncode != 0:
+            how = f"signal {-done.returncode}" if done.returncode < 0 \
+                else f"exit status {done.returncode}"
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise ValueError(f"{path}: the process reading it ended with {how} "
+                             f"({tail[0][:200]}; max_memory={max_memory} bytes): a crash of the "
+                             "HDF5 library on a damaged file, or more memory needed; refused")
+        layers = json.loads((result / "layers.json").read_text(encoding="utf-8"))
+        with np.load(result / "weights.npz", allow_pickle=False) as arrays:
+            found = {name: (entry, config, {v: arrays[f"{i}/{v}"] for v in variables})
+                     for i, (name, entry, config, variables) in enumerate(layers["layers"])}
+    skipped.extend(layers["skipped"])
+    return found
+
+
+_CHILD_REFUSED = 3  # the child's exit status for a file it refused (error.txt says why)
+
+
+def _child(path: str, errors: str, out: str) -> int:
+    """The child process of :func:`_read_isolated`: read ``path``, write what it found."""
+    skipped: list[str] = []
+    try:
+        found = _read_file(Path(path), errors, skipped)
+    except ValueError as error:
+        Path(out, "error.txt").write_text(str(error), encoding="utf-8")
+        return _CHILD_REFUSED
+    layers = [(name, entry, config, list(weights))
+              for name, (entry, config, weights) in found.items()]
+    arrays = {f"{i}/{v}": value for i, (_, _, weights) in enumerate(found.values())
+              for v, value in weights.items()}
+    np.savez(Path(out, "weights.npz"), **arrays)
+    Path(out, "layers.json").write_text(json.dumps({"layers": layers, "skipped": skipped}),
+                                        encoding="utf-8")
+    return 0
+
+
+def load_keras_batchnorms(path: str | Path, *, errors: str = "raise", isolated: bool = False,
+                          timeout: float = 120.0, max_memory: int = 4 * 2**30
+                          ) -> dict[str, BatchNorm]:
     """Build a :class:`~batchnorm.BatchNorm` for every Keras BatchNormalization in a saved model.
 
     ``path``: a ``.keras`` file (Keras 3 or tf_keras) or a legacy ``.h5`` model
     file. Returns layer name -> layer, in model order, each configured as in
-    Keras (``axis`` included: Keras's default is -1, channels-last) and holding
-    its ``gamma``, ``beta`` and moving statistics (renorm state too). In
-    inference mode each gives Keras's outputs. See :func:`batchnorm_from_keras`.
+    Keras and holding its ``gamma``, ``beta`` and moving statistics (renorm state
+    too). In inference mode each gives Keras's outputs. See :func:`batchnorm_from_keras`.
+
+    ``axis``: tf_keras saves a built layer's axes as non-negative indices of its input
+    (``[3]`` after a ``Conv2D``); the input's last axis comes back as -1, so that the
+    layer takes a channels-last input of any rank, ``(batch, features)`` included. A
+    ghost-batch layer (``virtual_batch_size``), which tf_keras saves with its axes
+    shifted by one and variables of shape ``(1, 1, ..., C)``, comes back with the
+    axes of its input and ``(C,)`` variables. The variance fed to ``moving_variance``
+    in training follows the file: a tf_keras layer gets tf_keras's rule for its ``fused``
+    (``unbiased_moving_variance=None``, see :class:`~batchnorm.BatchNorm`), a Keras 3
+    layer the biased variance (Keras 3 never fuses).
 
     Refuses what :func:`read_keras_batchnorms` and :func:`batchnorm_from_keras`
     refuse, with the same errors; every layer's weights are checked before any
-    layer is built.
+    layer is built. ``errors="warn"`` leaves a layer that cannot be read or built out
+    (with a ``UserWarning`` naming it and saying why) and returns the others.
+
+    ``isolated=True`` reads the file in a separate Python process limited to ``timeout``
+    seconds and ``max_memory`` bytes of address space (POSIX): the HDF5 C library can
+    loop forever or crash on a damaged or crafted file, which then is a ``ValueError``
+    naming the file. Use it for files you do not trust (it costs the start of a
+    process, a few seconds).
 
     Example:
         >>> import batchnorm as bn
         >>> layers = bn.load_keras_batchnorms("model.keras")   # doctest: +SKIP
         >>> y = layers["batch_normalization"](x, training=False)  # doctest: +SKIP
+        >>> layers = bn.load_keras_batchnorms("upload.h5", isolated=True,  # doctest: +SKIP
+        ...                                   timeout=30, errors="warn")
     """
-    return {name: _build(config, weights, str(path))
-            for name, (config, weights) in read_keras_batchnorms(path).items()}
+    _check_errors(errors)
+    path, skipped = Path(path), []
+    found = _read_isolated(path, errors, skipped, timeout, max_memory) if isolated \
+        else _read_file(path, errors, skipped)
+    layers = {}
+    for name, (entry, config, weights) in found.items():
+        with _per_layer(errors, skipped):
+            layers[name] = _build(config, weights, str(path), entry)
+    _warn_skipped(skipped)
+    return layers
+
+
+if __name__ == "__main__":
+    sys.exit(_child(*sys.argv[1:]))

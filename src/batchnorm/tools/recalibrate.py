@@ -48,6 +48,7 @@ class _Moments:
     m2: Tensor | None = None
     batches: int = 0
     skipped: int = 0
+    unbiased: bool = False  # the variance the layer's training calls feed, decided for its input
 
     def add(self, count: Tensor, mean: Tensor, m2: Tensor) -> None:
         if not (torch.isfinite(mean).all() and torch.isfinite(m2).all()):
@@ -171,7 +172,7 @@ def _write(layer: BatchNorm, acc: _Moments) -> list[tuple[int, ...]]:
     """Set the layer's moving statistics to the population statistics in ``acc``; return the
     features that kept their previous statistics (fewer than two values: no variance)."""
     count = acc.count
-    denominator = count - 1 if layer.unbiased_moving_variance else count
+    denominator = count - 1 if acc.unbiased else count
     variance = acc.m2 / denominator.clamp_min(1)
     mean = acc.mean
     dtype = layer.moving_mean.dtype
@@ -236,7 +237,9 @@ def recalibrate(
         - ``num_updates`` is the number of batches the layer's statistics come
           from (a ``momentum=None`` layer then continues its cumulative
           average from there);
-        - ``unbiased_moving_variance=True`` layers get the Bessel-corrected
+        - layers whose training calls feed the Bessel-corrected variance
+          (``unbiased_moving_variance=True``, or by default on the inputs where
+          tf_keras fuses: see :class:`~batchnorm.BatchNorm`) get the Bessel-corrected
           population variance (``M2 / (n - 1)``);
         - renorm layers also get ``moving_stddev = renorm_stddev = sqrt(variance + epsilon)``
           and ``renorm_mean = mean``;
@@ -272,6 +275,8 @@ def recalibrate(
         def pre_hook(layer: BatchNorm, args: tuple, kwargs: dict) -> None:
             x, computes, mask = parse_call(layer, args, kwargs)
             if computes:
+                decided = layer.config.for_input(x.ndim, x.dtype).unbiased_moving_variance
+                moments[name].unbiased = bool(decided)
                 moments[name].add(*layer_moments(layer, x, mask))
         return pre_hook
 
