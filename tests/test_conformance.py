@@ -221,8 +221,8 @@ def test_the_layer_and_the_oracle_agree_on_when_tf_keras_fuses(ndim: int) -> Non
 
 
 def test_deferred_updates_feed_the_variance_the_call_would() -> None:
-    # A recorded call's statistics are applied later, without the input: with the rule of
-    # the latest training input (rank 4, one channel axis: the Bessel-corrected variance).
+    # A recorded call's statistics are applied later, without the input: with the rule
+    # decided for that call's input (rank 4, one channel axis: the Bessel-corrected variance).
     x = torch.randn(4, 3, 3, 5, generator=torch.Generator().manual_seed(0)) * 2 + 1
     now, later = bn.BatchNorm(5, axis=-1, momentum=0.5), bn.BatchNorm(5, axis=-1, momentum=0.5)
     now(x, training=True)
