@@ -90,7 +90,10 @@ def test_triton_kernel_through_the_layer_updates_like_composite(mode: str) -> No
     x = torch.randn(16, 6, 4, 4, device=DEVICE) * 2 + 1
     mask = cpu_tests.make_mask(mask_kind, x.cpu(), 1)
     mask = None if mask is None else mask.to(DEVICE)
-    layers = [bn.BatchNorm(6, fused=f, **options).to(DEVICE) for f in (None, False)]
+    # One variance rule for both (left to None, it would follow tf_keras's, which differs
+    # between fused=None and fused=False on this rank-4 input).
+    layers = [bn.BatchNorm(6, fused=f, unbiased_moving_variance=False, **options).to(DEVICE)
+              for f in (None, False)]
     with kernels.prefer("triton"):
         for layer in layers:  # fused=False: the composite, whatever is preferred
             for _ in range(2):
