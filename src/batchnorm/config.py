@@ -306,7 +306,14 @@ average
         when ``axis`` does not fit that rank, which the call then refuses)."""
         if self.unbiased_moving_variance is not None:
             return self
-        return self.with_variance(self.tf_keras_variance(ndim, dtype))
+        if torch.compiler.is_compiling():  # traced once; keeping it would make a new graph
+            return self.with_variance(self.tf_keras_variance(ndim, dtype))
+        key = ("input", ndim, dtype)
+        decided = self._resolved.get(key)
+        if decided is None:  # once per rank and dtype: a training call only looks it up
+            decided = self._resolved.setdefault(
+                key, self.with_variance(self.tf_keras_variance(ndim, dtype)))
+        return decided
 
     def with_variance(self, unbiased: bool | None) -> BatchNormConfig:
         """This configuration with ``unbiased_moving_variance=unbiased`` (itself for None or
