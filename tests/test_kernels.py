@@ -548,3 +548,66 @@ def test_only_the_misread_strides_are_copied_for_aten():
         x.requires_grad_()
         assert not native.misread_by_cpu_backward(x), x.stride()
         assert native.aten_input(x, gamma, None) is x, x.stride()
+
+
+@pytest.mark.parametrize("sizes", [(2, 3, 1, 2), (2, 3, 2, 1), (1, 3, 2, 1)])
+def test_misreads_gradients_names_exactly_the_gradients_aten_gets_wrong(sizes):
+    # ATen's gradients for dy, against those for dy.contiguous() (float64, the same sums in
+    # another order: 1e-9), for every input ATen is handed (none that aten_input copies) and
+    # every upstream gradient's strides, in training and inference.
+    for x in _every_layout(sizes):
+        if native.misread_by_cpu_backward(x):
+            continue  # aten_input hands ATen a contiguous copy of these
+        for dy in _every_layout(sizes):
+            wrong = any(not torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+                        for training in (True, False)
+                        for a, b in zip(_aten_gradients(x, training, dy),
+                                        _aten_gradients(x, training, dy.contiguous()),
+                                        strict=True))
+            expected = native.misreads_gradients(x) and native.misread_by_cpu_backward(dy)
+            assert wrong == expected, (x.stride(), dy.stride())
+
+
+@pytest.mark.parametrize("fused", [True, None], ids=["native", "fused_none"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_gradients_of_size_one_channels_last_upstream_gradient_equal_those_of_its_copy(
+        training, fused):
+    # x NCHW-contiguous, the upstream gradient in the strides ATen misreads. Both sides
+    # float64, the same values summed in another order: 1e-9. Two calls each, the second
+    # through the layer's plan for the signature.
+    x = torch.randn(8, 16, 4, 1, dtype=torch.float64)
+    dy = _size_one_channels_last()
+    grads = []
+    for dyi in (dy, dy.contiguous()):
+        layer = bn.BatchNorm(16, fused=fused, dtype=torch.float64)
+        for _ in range(2):
+            xg = x.clone().requires_grad_()
+            layer.zero_grad()
+            (layer(xg, training=training) * dyi).sum().backward()
+            grads.append((xg.grad, layer.gamma.grad, layer.beta.grad))
+    for actual, expected in zip(grads[:2], grads[2:], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_traced_gradients_of_size_one_channels_last_upstream_gradient_equal_those_of_its_copy():
+    # NativeKernel.train's own path (inside torch.func.grad). float64, another order: 1e-9.
+    x = torch.randn(8, 16, 4, 1, dtype=torch.float64)
+    dy = _size_one_channels_last()
+    state = initial_state(16, dtype=torch.float64)
+
+    def loss(x, dy):
+        y, _ = bn.functional.batch_norm(x, state, training=True, fused=True)
+        return (y * dy).sum()
+    torch.testing.assert_close(torch.func.grad(loss)(x, dy),
+                               torch.func.grad(loss)(x, dy.contiguous()), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_only_shapes_with_a_size_one_dimension_hook_the_gradient_of_atens_output(training):
+    # The hook is decided once per signature: other shapes keep ATen's output untouched.
+    for shape, hooked in (((8, 16, 4, 1), True), ((32, 64, 8, 8), False), ((32, 64), False)):
+        layer = bn.BatchNorm(shape[1], fused=True)
+        for _ in range(2):  # the first call, then the layer's plan
+            y = layer(torch.randn(shape, requires_grad=True), training=training)
+            assert y.grad_fn.name() == "NativeBatchNormBackward0"  # ATen's output itself
+            assert bool(y._backward_hooks) == hooked, shape

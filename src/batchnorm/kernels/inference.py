@@ -30,7 +30,7 @@ from ..shapes import broadcast, resolve_axes
 from ..state import BatchNormState, statistics_dtype
 from ..statistics import affine_terms, inference_statistics
 from . import cpu_layout
-from .native import aten_input
+from .native import aten_input, gradient_read_right, misreads_gradients
 from .protocol import KernelCall
 
 __all__ = ["infer", "normalize", "normalize_features", "prepared_inference"]
@@ -130,7 +130,8 @@ def prepared_inference(x: Tensor, state: BatchNormState,
                 and x.numel() >= cpu_layout.MIN_ACTIVATION_NUMEL)):  # the fused loop's size
         return lambda x: infer(x, state, call)
     cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
-    # No gradient flows through it (checked above): no copy for ATen's backward (aten_input).
+    # No gradient flows through it (checked above): no copy for ATen's backward (aten_input),
+    # no hook on its gradient (gradient_read_right).
 
     def aten(x: Tensor) -> Tensor:  # _aten's call (its conditions checked above), _activated's
         y = torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
@@ -243,4 +244,6 @@ def _aten(x: Tensor, axis: int, mean: Tensor, variance: Tensor, offset: Tensor |
     xm = aten_input(x if axis == 1 else x.movedim(axis, 1), scale, offset)
     y = torch.batch_norm(xm, scale, offset, mean, variance, False, 0.0, epsilon,
                          torch.backends.cudnn.enabled)
+    if y.requires_grad and misreads_gradients(xm):
+        y = gradient_read_right(y)
     return y if axis == 1 else y.movedim(1, axis)

@@ -14,7 +14,8 @@ from ..shapes import values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from .protocol import KernelCall, traced
 
-__all__ = ["NATIVE", "NativeCall", "NativeKernel", "aten_input", "misread_by_cpu_backward"]
+__all__ = ["NATIVE", "NativeCall", "NativeKernel", "aten_input", "gradient_read_right",
+           "misread_by_cpu_backward", "misreads_gradients"]
 
 
 class NativeKernel:
@@ -41,6 +42,8 @@ class NativeKernel:
         gamma, beta = _parameters(x, axis, call.gamma, call.beta)
         y, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
             xm, gamma, beta, True, 0.0, call.config.epsilon)
+        if misreads_gradients(xm):
+            y = gradient_read_right(y)
         # The kernel keeps 1 / sqrt(var + eps); the biased variance is recovered from it.
         variance = invstd.detach().pow(-2).sub_(call.config.epsilon).clamp_min_(0.0)
         y = _activated(y, call.config.activation)
@@ -67,13 +70,17 @@ class NativeCall:
     """
 
     __slots__ = ("axis", "gamma", "beta", "cast", "epsilon", "activation", "features",
-                 "statistics_dtype", "count", "momentum", "device", "workspace", "copy")
+                 "statistics_dtype", "count", "momentum", "device", "workspace", "copy",
+                 "hook")
 
     def __init__(self, x: Tensor, call: KernelCall) -> None:
         (self.axis,) = call.axes
         xm = x if self.axis == 1 else x.movedim(self.axis, 1)
         # Inputs of these strides (and grad mode, requires_grad) need a contiguous copy.
-        self.copy = aten_input(xm, call.gamma, call.beta) is not xm
+        xm_aten = aten_input(xm, call.gamma, call.beta)
+        self.copy = xm_aten is not xm
+        # Shapes with a size-1 dimension may have upstream gradients ATen misreads: a hook.
+        self.hook = misreads_gradients(xm_aten)
         self.features = x.shape[self.axis]
         self.statistics_dtype = statistics_dtype(x.dtype)
         self.gamma, self.beta = call.gamma, call.beta
@@ -115,6 +122,8 @@ class NativeCall:
         # costs about 2 us less per call.
         y, mean, _ = torch.native_batch_norm(xm, gamma, beta, unused, variance, True,
                                              self.momentum, self.epsilon)
+        if self.hook:
+            y = gradient_read_right(y)
         y = _activated(y, self.activation)
         return (y if axis == 1 else y.movedim(1, axis)), mean, variance
 
@@ -178,6 +187,42 @@ def misread_by_cpu_backward(x: Tensor) -> bool:
         return False
     channels_last = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
     return x.is_contiguous(memory_format=channels_last) and not _channels_last_strides(x)
+
+
+def misreads_gradients(x: Tensor) -> bool:
+    """Whether ATen's CPU batch-norm backward, given ``x`` (features along dim 1, as
+    :func:`aten_input` gives it), misreads upstream gradients of some strides: the input is
+    read in NCHW order, and a gradient that :func:`misread_by_cpu_backward` names (dense in
+    channels-last order only, yet called NCHW) is read as if it were NCHW-contiguous. Such
+    gradients need a size-1 dimension, so shapes without one never get a hook
+    (:func:`gradient_read_right`): decide it once per input signature.
+
+    >>> misreads_gradients(torch.randn(8, 16, 4, 1)), misreads_gradients(torch.randn(8, 16, 4, 2))
+    (True, False)
+    """
+    return (x.ndim in (4, 5) and 1 in x.shape and x.device.type == "cpu"
+            and x.is_contiguous())
+
+
+def gradient_read_right(y: Tensor) -> Tensor:
+    """``y``, the output of ATen's batch-norm kernel on an input that
+    :func:`misreads_gradients`, with a hook that hands ATen's backward a contiguous copy of
+    an upstream gradient it would misread (others pass unchanged); ``y`` as it is where
+    autograd does not record it.
+
+    >>> x = torch.randn(8, 16, 4, 1, requires_grad=True)
+    >>> y = gradient_read_right(torch.batch_norm(x, None, None, None, None, True, 0.1, 1e-3,
+    ...                                          False))
+    >>> w = torch.randn(8, 4, 16).transpose(1, 2).unsqueeze(-1)  # strides (64, 1, 16, 1)
+    >>> (y * w).sum().backward()  # ATen's backward reads w.contiguous()
+    """
+    if y.requires_grad:
+        y.register_hook(_contiguous_if_misread)
+    return y
+
+
+def _contiguous_if_misread(dy: Tensor) -> Tensor | None:
+    return dy.contiguous() if misread_by_cpu_backward(dy) else None
 
 
 def _channels_last_strides(x: Tensor) -> bool:
