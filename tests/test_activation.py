@@ -31,7 +31,8 @@ import torch
 import batchnorm as bn
 from batchnorm import activations, kernels
 from batchnorm.functional import BatchNormConfig, initial_state
-from batchnorm.kernels import KernelCall, composite, cpu, cpu_layout, inference, native
+from batchnorm.kernels import KernelCall, composite, cpu, inference, native
+from batchnorm.kernels.cpu import passes as cpu_passes
 
 ACTIVATIONS = ["relu", "silu"]
 FLOAT32_SUMS = (1e-4, 5e-5)
@@ -121,7 +122,7 @@ def test_layer_is_activation_of_batch_norm_in_training_and_inference(activation,
     # and the activated layer take the same kernel, so y differs only by the activation's
     # rounding: rtol = atol = 1e-6 (float32 values of magnitude ~3). The activation's fast
     # path threshold is lowered to the plain one's, so that both take it.
-    monkeypatch.setattr(cpu_layout, "MIN_ACTIVATION_NUMEL", cpu.MIN_PLAIN_NUMEL)
+    monkeypatch.setattr(cpu_passes, "MIN_ACTIVATION_NUMEL", cpu.MIN_PLAIN_NUMEL)
     x = torch.randn(64, 16, 9, 9) * 2 + 1  # large enough for the fast path
     plain, fused_layer = (bn.BatchNorm(16, fused=fused, activation=a) for a in (None, activation))
     with torch.no_grad():
@@ -226,7 +227,7 @@ def test_the_fast_path_takes_the_activation_and_keeps_only_x(monkeypatch):
     # The fused kernel saves x (and gamma, beta) for the backward, as without an activation:
     # no pre-activation output is kept. (Threshold lowered: fused=None selects the loops for
     # this input.)
-    monkeypatch.setattr(cpu_layout, "MIN_ACTIVATION_NUMEL", cpu.MIN_PLAIN_NUMEL)
+    monkeypatch.setattr(cpu_passes, "MIN_ACTIVATION_NUMEL", cpu.MIN_PLAIN_NUMEL)
     x = torch.randn(64, 16, 8, 8, requires_grad=True)
     call = KernelCall(BatchNormConfig(activation="relu"), (1,), torch.ones(16), torch.zeros(16))
     assert kernels.select(x, initial_state(16), call) is cpu.CPU
@@ -264,12 +265,12 @@ def test_inference_pass_with_activation_matches_the_elementwise_formula(dtype, f
     # values: the activation in float32 differs from torch's by its rounding (rtol 1e-6;
     # bfloat16 outputs: one rounding step, 2**-7). The pass is taken from 2M values on; the
     # threshold is lowered to test it on a small input.
-    monkeypatch.setattr(cpu_layout, "MIN_ACTIVATION_NUMEL", 1 << 16)
+    monkeypatch.setattr(cpu_passes, "MIN_ACTIVATION_NUMEL", 1 << 16)
     x = torch.randn(64, 16, 8, 8).to(dtype).contiguous(memory_format=fmt)
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
     inv = torch.rand(1, 16, 1, 1, dtype=cdtype) + 0.5
     shift = torch.randn(1, 16, 1, 1, dtype=cdtype)
-    y = cpu_layout.affine(x, inv, shift, activation)
+    y = cpu_passes.affine(x, inv, shift, activation)
     assert y is not None and y.dtype == dtype and y.stride() == x.stride()
     expected = activations.apply(x.to(cdtype) * inv + shift, activation).to(dtype)
     torch.testing.assert_close(y, expected, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6,
@@ -279,10 +280,10 @@ def test_inference_pass_with_activation_matches_the_elementwise_formula(dtype, f
 @needs_numba
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_inference_takes_the_fused_pass_without_autograd(activation, monkeypatch):
-    monkeypatch.setattr(cpu_layout, "MIN_ACTIVATION_NUMEL", 1 << 16)
+    monkeypatch.setattr(cpu_passes, "MIN_ACTIVATION_NUMEL", 1 << 16)
     calls = []
-    affine = cpu_layout.affine
-    monkeypatch.setattr(cpu_layout, "affine", lambda *a: calls.append(a[3:]) or affine(*a))
+    affine = cpu_passes.affine
+    monkeypatch.setattr(cpu_passes, "affine", lambda *a: calls.append(a[3:]) or affine(*a))
     layer = bn.BatchNorm(16, activation=activation).eval()
     x = torch.randn(64, 16, 8, 8)
     with torch.no_grad():
@@ -297,15 +298,15 @@ def test_inference_takes_the_fused_pass_without_autograd(activation, monkeypatch
 @needs_numba
 def test_small_inputs_take_atens_kernel_and_the_activation_in_place(monkeypatch):
     # Below MIN_ACTIVATION_NUMEL the loops' glue costs more than the activation's extra pass
-    # (the measurements are in cpu_layout): training selects ATen's kernel, inference does not
+    # (the measurements are in cpu.passes): training selects ATen's kernel, inference does not
     # call the fused loop.
     x = torch.randn(256, 256)
-    assert x.numel() < cpu_layout.MIN_ACTIVATION_NUMEL
+    assert x.numel() < cpu_passes.MIN_ACTIVATION_NUMEL
     call = KernelCall(BatchNormConfig(activation="relu"), (1,), None, None)
     assert kernels.select(x, initial_state(256), call) is kernels.KERNELS["native"]
     calls = []
-    affine = cpu_layout.affine
-    monkeypatch.setattr(cpu_layout, "affine", lambda *a: calls.append(a) or affine(*a))
+    affine = cpu_passes.affine
+    monkeypatch.setattr(cpu_passes, "affine", lambda *a: calls.append(a) or affine(*a))
     with torch.no_grad():
         bn.BatchNorm(256, activation="relu").eval()(x)
     assert calls == []
@@ -331,7 +332,7 @@ def test_fused_none_takes_the_fused_passes_for_channels_last_with_an_activation(
     # activation's own pass over memory, so the CPU kernel takes it (from
     # MIN_ACTIVATION_NUMEL values on; only the selection is made, nothing computed).
     x = torch.empty(64, 16, 48, 48).contiguous(memory_format=torch.channels_last)
-    assert x.numel() >= cpu_layout.MIN_ACTIVATION_NUMEL
+    assert x.numel() >= cpu_passes.MIN_ACTIVATION_NUMEL
     for activation, expected in ((None, native.NATIVE), ("relu", cpu.CPU)):
         call = KernelCall(BatchNormConfig(activation=activation), (1,))
         assert kernels.select(x, initial_state(16), call) is expected

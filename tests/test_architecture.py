@@ -65,7 +65,8 @@ def edges(name: str) -> set[str]:
 
 def test_the_package_has_the_modules_this_test_reads() -> None:
     assert {"batchnorm.layer", "batchnorm.functional", "batchnorm.config", "batchnorm.state",
-            "batchnorm.kernels", "batchnorm.kernels.cpu", "batchnorm.tools.convert",
+            "batchnorm.kernels", "batchnorm.kernels.cpu", "batchnorm.kernels.cpu.kernel",
+            "batchnorm.kernels.triton", "batchnorm.kernels.layout", "batchnorm.tools.convert",
             "batchnorm.apps.bench"} <= set(MODULES)
 
 
@@ -106,6 +107,35 @@ def test_the_core_imports_neither_tools_nor_apps(name: str) -> None:
     upward = [(target, line) for target, _, line in imports(name)
               if target.startswith(("batchnorm.tools", "batchnorm.apps"))]
     assert not upward, f"core module {name} imports {upward}"
+
+
+DEVICE_PACKAGES = ("batchnorm.kernels.cpu", "batchnorm.kernels.triton")
+
+
+def device_code(target: str) -> str | None:
+    """The device package ``target`` belongs to, or None for code every device shares. A name
+    prefix: a module beside the package named for its device (``kernels.cpu_passes``) counts
+    as that device's code too."""
+    return next((p for p in DEVICE_PACKAGES if target.startswith(p)), None)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if device_code(n)))
+def test_a_device_package_imports_no_other_devices_code(name: str) -> None:
+    # The memory layout both four-pass kernels walk is kernels.layout, shared code.
+    other = [(target, line) for target, _, line in imports(name)
+             if device_code(target) not in (None, device_code(name))]
+    assert not other, f"{name} imports another device's code: {other}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith("batchnorm.")
+                                        and not device_code(n) and n != "batchnorm.kernels"))
+def test_only_the_registry_and_the_plans_import_a_device_package(name: str) -> None:
+    # The inference path reaches a device's loop through kernels.protocol.INFERENCE_PASSES,
+    # training through kernels.FAST_PATHS; outside the registry only the layer's plans
+    # (kernels.cpu's moving-average update), the tests and the applications name a device.
+    allowed = {"batchnorm.plan"} | {n for n in MODULES if n.startswith("batchnorm.apps")}
+    direct = [(target, line) for target, _, line in imports(name) if device_code(target)]
+    assert name in allowed or not direct, f"{name} imports device code: {direct}"
 
 
 def test_the_checks_see_a_cycle_and_a_private_import(tmp_path: Path, monkeypatch) -> None:

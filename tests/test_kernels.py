@@ -36,7 +36,9 @@ import torch
 import batchnorm as bn
 from batchnorm import kernels
 from batchnorm.functional import BatchNormConfig, initial_state
-from batchnorm.kernels import KernelCall, composite, cpu, cpu_layout, native
+from batchnorm.kernels import KernelCall, composite, cpu, inference, native
+from batchnorm.kernels.cpu import passes as cpu_passes
+from batchnorm.kernels.protocol import INFERENCE_PASSES
 
 
 def keyword_kernel(kernel):
@@ -398,11 +400,48 @@ def test_inference_pass_matches_the_elementwise_formula(dtype, fmt):
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
     inv = torch.rand(1, 16, 1, 1, dtype=cdtype) + 0.5
     shift = torch.randn(1, 16, 1, 1, dtype=cdtype)
-    y = cpu_layout.affine(x, inv, shift)
+    y = cpu_passes.affine(x, inv, shift)
     assert y is not None and y.dtype == dtype and y.stride() == x.stride()
     torch.testing.assert_close(y, (x.to(cdtype) * inv + shift).to(dtype),
                                rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
-    assert cpu_layout.affine(x.requires_grad_(), inv, shift) is None  # autograd: torch's ops
+    assert cpu_passes.affine(x.requires_grad_(), inv, shift) is None  # autograd: torch's ops
+
+
+class RecordingInferencePass:
+    """An inference pass that records its calls and returns 7 everywhere."""
+
+    def __init__(self):
+        self.calls = []
+
+    def affine(self, x, inv, shift, activation=None):
+        self.calls.append(activation)
+        return torch.full_like(x, 7.0)
+
+    def fuses_activation(self, x):
+        return True
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_inference_runs_the_pass_registered_for_the_inputs_device(activation, monkeypatch):
+    # kernels.inference imports no device's code: the loop it runs is the one registered in
+    # INFERENCE_PASSES under x's device type. Broadcast statistics over two axes (no ATen
+    # kernel) and a fused activation are the two calls that take it. The fake's output is
+    # returned as it is (7 exactly).
+    fake = RecordingInferencePass()
+    monkeypatch.setitem(INFERENCE_PASSES, "cpu", fake)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        if activation is None:
+            y = inference.normalize(x, torch.zeros(4, 3), torch.ones(4, 3), None, None, 1e-3)
+        else:
+            call = KernelCall(BatchNormConfig(activation=activation), (1,))
+            y = inference.infer(x, initial_state(3), call)
+    assert fake.calls == [activation]
+    assert torch.equal(y, torch.full_like(x, 7.0))
+
+
+def test_the_cpu_kernel_is_the_cpus_inference_pass():
+    assert INFERENCE_PASSES["cpu"] is cpu.CPU
 
 
 def test_bfloat16_rounds_to_nearest_even_like_torch():
@@ -411,7 +450,7 @@ def test_bfloat16_rounds_to_nearest_even_like_torch():
                      0x00010000], dtype=np.uint32)
     values = torch.from_numpy(bits.view(np.float32).copy()).reshape(1, 7)
     x = torch.ones(16384, 7, dtype=torch.bfloat16)
-    y = cpu_layout.affine(x, torch.zeros(1, 7), values)  # y = 0 * x + value, rounded
+    y = cpu_passes.affine(x, torch.zeros(1, 7), values)  # y = 0 * x + value, rounded
     assert y is not None
     expected = values.to(torch.bfloat16).expand_as(y)
     nan = torch.isnan(expected)  # NaN payloads differ between torch's own conversion paths

@@ -1,10 +1,10 @@
-"""The Triton passes (``kernels.triton_passes``) against a float64 torch reference and,
+"""The Triton passes (``kernels.triton.passes``) against a float64 torch reference and,
 where numba is available, the numba loops of the CPU kernel (``kernels.cpu``).
 
 Running: ``TRITON_INTERPRET=1 python -m pytest -m triton`` (or ``-k triton``) on a CPU
 machine; on a GPU machine without the variable the kernels are compiled and only the
 ``cuda`` cases run. The variable must come from the command line: Triton reads it
-when a kernel is defined (when ``triton_passes`` is first imported) and again when
+when a kernel is defined (when ``triton.passes`` is first imported) and again when
 it lazily imports its own modules later, so setting it here would have to leave it
 set for the whole pytest session (every other test module included), and unsetting
 it after the import breaks the interpreter. Without it and without a GPU, every
@@ -17,9 +17,9 @@ and the reductions split each group into several blocks; one group and ghost bat
 of 2 samples (strided, as tf_keras); no mask, a per-position and a per-channel mask
 (group 0 masked out entirely for ghost batches); float32, float64, bfloat16, float16; CPU tensors
 (interpreter) and CUDA tensors when there is a GPU. The numba cross-checks call the
-CPU kernel's pass helpers (``cpu_layout.group_rows``, ``moments_pass``, ``affine_pass``,
+CPU kernel's pass helpers (``layout.group_rows``, ``cpu.passes.moments_pass``, ``affine_pass``,
 ``grad_sums_pass``, ``grad_input_pass``, ``no_mask``) with a stand-in for
-``cpu_layout.Layout``. Without a GPU, ``test_triton_kernels_compile_for_h200`` still
+``layout.Layout``. Without a GPU, ``test_triton_kernels_compile_for_h200`` still
 compiles every kernel variant for sm_90 (Triton's NVIDIA backend needs no device) and
 checks that aligned loads are vectorized.
 
@@ -51,8 +51,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from batchnorm.kernels import cpu, cpu_layout
-from batchnorm.kernels import triton_passes as tp
+from batchnorm.kernels import cpu
+from batchnorm.kernels.cpu import passes as cpu_passes
+from batchnorm.kernels.layout import group_rows
+from batchnorm.kernels.triton import passes as tp
 
 pytestmark = [
     pytest.mark.triton,
@@ -65,7 +67,7 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="no CUDA device")),
 ]
-# id: (batch, rows per sample, channels, inner, tuning of triton_passes). The tiny tiles
+# id: (batch, rows per sample, channels, inner, tuning of triton.passes). The tiny tiles
 # make programs loop over several row and inner tiles and split groups into several blocks
 # (over rows in "rows_tiny_tiles", over inner positions in "planes_tiny_tiles", one group).
 LAYOUTS = {
@@ -91,7 +93,7 @@ def make_case(layout, groups, dtype, device, monkeypatch, mask=None):
     for name, value in tuning.items():
         monkeypatch.setattr(tp, name, value)
     outer = batch * per_sample
-    rows, gid = cpu_layout.group_rows(outer, batch, GROUPS[groups], "strided")
+    rows, gid = group_rows(outer, batch, GROUPS[groups], "strided")
     rows, gid = torch.from_numpy(rows), torch.from_numpy(gid)
     x3 = (torch.randn(outer, channels, inner) * 2 + 3).to(dtype)
     w3 = None
@@ -107,13 +109,13 @@ def make_case(layout, groups, dtype, device, monkeypatch, mask=None):
 
 
 def numba_layout(case):
-    """What ``cpu._moments`` & co. read of ``cpu._Layout``."""
+    """What ``cpu_passes.moments_pass`` & co. read of ``layout.Layout``."""
     return SimpleNamespace(rows=case.rows.numpy(), gid=case.gid.numpy(), groups=case.groups,
                            outer=case.outer, channels=case.channels, inner=case.inner)
 
 
 def numba_mask(case):
-    return cpu_layout.no_mask() if case.w3 is None else case.w3.numpy()
+    return cpu_passes.no_mask() if case.w3 is None else case.w3.numpy()
 
 
 def with_numba(dtype):
@@ -161,7 +163,7 @@ def by_group(t3, rows):
 def test_triton_moments(layout, groups, mask, dtype, device, monkeypatch):
     case = make_case(layout, groups, dtype, device, monkeypatch, mask)
     run = compute_dtype(dtype)
-    shift = case.x3[case.rows[:, 0], :, 0].to(run)  # as cpu_layout.moments_pass: a value
+    shift = case.x3[case.rows[:, 0], :, 0].to(run)  # as cpu_passes.moments_pass: a value
     if case.w3 is not None:  # of x, or 0 where the mask leaves that value out
         shift = torch.where(case.w3[case.rows[:, 0], :, 0].bool(), shift, 0.0)
     got = tp.moments(case.on(case.x3), case.on(case.rows), case.on(shift), case.on(case.w3))
@@ -182,7 +184,7 @@ def test_triton_moments(layout, groups, mask, dtype, device, monkeypatch):
         assert (got[:, 0] == 0).all()  # the group the mask leaves empty
 
     if with_numba(dtype):  # the CPU kernel's numba loops, from the same shift
-        k, s, q, n = cpu_layout.moments_pass(case.x3, numba_layout(case), numba_mask(case))
+        k, s, q, n = cpu_passes.moments_pass(case.x3, numba_layout(case), numba_mask(case))
         assert torch.equal(k, shift.double())
         tol = 2 * RTOL[run]  # both accumulate float32 runs (docstring)
         assert_close(got[0], s, tol * v.abs().sum((1, 3)), "numba sum w(x-k)")
@@ -232,7 +234,7 @@ def test_triton_affine(layout, groups, dtype, device, monkeypatch):
     tol = EPS[cdtype] * (xa.abs() + bb.abs()) + output_slack(got, ref, dtype)
     assert_close(got, ref, tol, "affine")
     if with_numba(dtype):
-        y = cpu_layout.affine_pass(case.x3, numba_layout(case), a, b)
+        y = cpu_passes.affine_pass(case.x3, numba_layout(case), a, b)
         assert_close(got, y, 2 * tol, "numba affine")  # each within tol of the reference
 
 
@@ -257,7 +259,7 @@ def test_triton_grad_sums(layout, groups, dtype, device, monkeypatch):
     assert_close(got[0], d.sum((1, 3)), RTOL[run] * d.abs().sum((1, 3)), "sum dy")
     assert_close(got[1], t.sum((1, 3)), RTOL[run] * t.abs().sum((1, 3)), "sum dy(x-mean)")
     if with_numba(dtype):
-        s, p = cpu_layout.grad_sums_pass(case.x3, dy3, numba_layout(case), mean)
+        s, p = cpu_passes.grad_sums_pass(case.x3, dy3, numba_layout(case), mean)
         assert_close(got[0], s, 2 * RTOL[run] * d.abs().sum((1, 3)), "numba sum dy")
         assert_close(got[1], p, 2 * RTOL[run] * t.abs().sum((1, 3)), "numba sum dy(x-mean)")
 
@@ -292,7 +294,7 @@ def test_triton_grad_input(layout, groups, mask, dtype, device, monkeypatch):
     tol = 3 * EPS[cdtype] * (pd.abs() + qx.abs() + uu.abs()) + output_slack(got, ref, dtype)
     assert_close(got, ref, tol, "grad_input")
     if with_numba(dtype):
-        dx = cpu_layout.grad_input_pass(case.x3, dy3, numba_layout(case), m, p, q, u,
+        dx = cpu_passes.grad_input_pass(case.x3, dy3, numba_layout(case), m, p, q, u,
                                         numba_mask(case), torch.empty_like(case.x3))
         assert_close(got, dx, 2 * tol, "numba grad_input")
 
@@ -340,7 +342,7 @@ import re
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from batchnorm.kernels import triton_passes as tp
+from batchnorm.kernels.triton import passes as tp
 
 TYPES = {torch.float32: 'fp32', torch.float64: 'fp64', torch.bfloat16: 'bf16',
          torch.float16: 'fp16', torch.int64: 'i64', torch.uint8: 'u8'}

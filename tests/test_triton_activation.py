@@ -65,7 +65,7 @@ def test_triton_fused_activation_through_the_layer_trains_like_composite(activat
 
 
 def test_triton_passes_name_the_activation_they_do_not_know():
-    from batchnorm.kernels import triton_passes
+    from batchnorm.kernels.triton import passes as triton_passes
 
     x3 = torch.randn(2, 3, 4, device=DEVICE)
     coefficients = torch.ones(1, 3, device=DEVICE)
@@ -83,7 +83,7 @@ COMPILE_SCRIPT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from batchnorm.kernels import triton_passes as tp
+from batchnorm.kernels.triton import passes as tp
 
 TYPES = {torch.float32: 'fp32', torch.float64: 'fp64', torch.bfloat16: 'bf16',
          torch.int64: 'i64', torch.uint8: 'u8'}

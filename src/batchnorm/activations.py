@@ -18,8 +18,8 @@ name     ``act(z)``                    ``act'(z)``
 
 The set is small on purpose: each activation is a specialization of every fused
 pass (numba loops, Triton kernels). A new one is a name here, a case in
-:func:`apply` and :func:`module`, and one in each pass (``cpu_loops.activate`` /
-``activation_grad``, ``triton_passes._activate`` / ``_activation_grad``).
+:func:`apply` and :func:`module`, and one in each pass (``cpu.loops.activate`` /
+``activation_grad``, ``triton.passes._activate`` / ``_activation_grad``).
 
 This module imports only torch.
 """

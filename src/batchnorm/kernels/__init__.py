@@ -4,13 +4,16 @@ A kernel is an object of the :class:`~batchnorm.kernels.protocol.TrainingKernel`
 protocol: ``kernel.train(x, state, call) -> (y, stats)``, with ``call`` a
 :class:`~batchnorm.kernels.protocol.KernelCall` (the configuration, the resolved
 axes, ``gamma``, ``beta``, the mask, the process group). Inference is one
-elementwise pass and needs no kernel of its own (:mod:`batchnorm.kernels.inference`).
+elementwise pass and needs no kernel of its own (:mod:`batchnorm.kernels.inference`);
+a device whose fast path has an inference loop registers it in
+:data:`~batchnorm.kernels.protocol.INFERENCE_PASSES`.
 
 - ``composite``: plain torch operations; every mode (renorm, ghost batches,
   adjustment, masks, several feature axes, synchronized statistics).
 - ``native``: ATen's fused batch-norm kernel; the plain mode with one feature axis.
 - ``cpu``: numba loops at memory bandwidth for CPU tensors; every mode but
-  adjustment, with one feature axis (:mod:`batchnorm.kernels.cpu`).
+  adjustment, with one feature axis (:mod:`batchnorm.kernels.cpu`); also the CPU's
+  inference pass.
 - ``triton``: the same four passes as Triton kernels for CUDA tensors
   (:mod:`batchnorm.kernels.triton`); the ``cuda`` fast path for renorm, ghost
   batches and masks.
@@ -27,7 +30,9 @@ kernel for the plain mode and the composite for the others.
         y = layer(x)
 
 A new kernel plugs in the same way: an object implementing the protocol, in
-:data:`KERNELS`, and under its device type in :data:`FAST_PATHS`.
+:data:`KERNELS`, and under its device type in :data:`FAST_PATHS` (and in
+:data:`~batchnorm.kernels.protocol.INFERENCE_PASSES` if it has an inference pass). The
+memory layout the four-pass kernels share is :mod:`batchnorm.kernels.layout`.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from ..state import BatchNormState
 from .composite import COMPOSITE
 from .cpu import CPU, available
 from .native import NATIVE
-from .protocol import KernelCall, TrainingKernel
+from .protocol import INFERENCE_PASSES, KernelCall, TrainingKernel
 from .triton import TRITON
 
 __all__ = ["FAST_PATHS", "KERNELS", "KernelCall", "TrainingKernel", "prefer", "preferred",
@@ -53,6 +58,8 @@ KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, 
 # Device type -> the fast kernel fused=None tries first (the Triton kernel declines calls
 # itself where triton is not installed).
 FAST_PATHS: dict[str, TrainingKernel] = {"cuda": TRITON, **({"cpu": CPU} if available() else {})}
+# Device type -> its inference pass (kernels.inference reads it): the CPU kernel's loop.
+INFERENCE_PASSES.update({"cpu": CPU} if available() else {})
 # The kernels forced by prefer() blocks, innermost last. A list (not a ContextVar) so that
 # torch.compile reads it without a graph break.
 _PREFERRED: list[TrainingKernel] = []

@@ -10,10 +10,11 @@ end in :func:`normalize_features`, which picks the pass:
   one axis, in the input's statistics dtype, and carry no gradient (it computes
   ``alpha = scale / sqrt(variance + eps)``, ``beta = offset - mean * alpha``,
   ``y = x * alpha + beta``: TensorFlow's order);
-- else on CPU without autograd the numba loop (:func:`batchnorm.kernels.cpu_layout.affine`);
+- else without autograd the device's inference pass, where it has one (the CPU's numba
+  loop, found in :data:`batchnorm.kernels.protocol.INFERENCE_PASSES`);
 - else ``addcmul``.
 
-With an ``activation`` (the layer's ``activation=``) on CPU the numba loop writes
+With an ``activation`` (the layer's ``activation=``) the device's pass writes
 ``act(x * inv + shift)`` in the same single pass, whenever it applies (it is tried
 first); elsewhere the activation is applied in place to the fresh output.
 """
@@ -29,9 +30,8 @@ from ..activations import apply as activate
 from ..shapes import broadcast, resolve_axes
 from ..state import BatchNormState, statistics_dtype
 from ..statistics import affine_terms, inference_statistics
-from . import cpu_layout
 from .native import aten_input, gradient_read_right, misreads_gradients
-from .protocol import KernelCall
+from .protocol import INFERENCE_PASSES, InferencePass, KernelCall
 
 __all__ = ["infer", "normalize", "normalize_features", "prepared_inference"]
 
@@ -126,8 +126,7 @@ def prepared_inference(x: Tensor, state: BatchNormState,
             or any(t is not None and t.dtype != dtype for t in (gamma, beta))
             or (torch.is_grad_enabled() and (_differentiable(x, call) or mean.requires_grad
                                              or variance.requires_grad))
-            or (activation is not None and x.device.type == "cpu"
-                and x.numel() >= cpu_layout.MIN_ACTIVATION_NUMEL)):  # the fused loop's size
+            or (activation is not None and _activation_pass(x) is not None)):
         return lambda x: infer(x, state, call)
     cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
     # No gradient flows through it (checked above): no copy for ATen's backward (aten_input),
@@ -163,18 +162,26 @@ def normalize_features(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance:
 def _activated(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance: Tensor,
                offset: Tensor | None, scale: Tensor | None, epsilon: float,
                activation: str) -> Tensor:
-    """``act(normalize(x))``: the CPU loop's single pass where it applies, else the
+    """``act(normalize(x))``: the device's single pass where it applies, else the
     normalization's pass and the activation in place on its fresh output."""
-    if (x.device.type == "cpu" and x.numel() >= cpu_layout.MIN_ACTIVATION_NUMEL
+    device = _activation_pass(x)
+    if (device is not None
             and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, mean, variance, offset, scale)))):
         stats = [broadcast(t, x, axes) for t in (mean, variance, offset, scale)]
         inv, shift = affine_terms(stats[0], torch.rsqrt(stats[1] + epsilon), stats[3], stats[2])
-        y = cpu_layout.affine(x, inv, shift, activation)
+        y = device.affine(x, inv, shift, activation)
         if y is not None:
             return y
     return activate(normalize_features(x, axes, mean, variance, offset, scale, epsilon),
                     activation, inplace=True)
+
+
+def _activation_pass(x: Tensor) -> InferencePass | None:
+    """The inference pass of ``x``'s device where it applies an activation faster than the
+    normalization and the activation in place (sizes), else None."""
+    device = INFERENCE_PASSES.get(x.device.type)
+    return device if device is not None and device.fuses_activation(x) else None
 
 
 def _feature_axis(x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | None,
@@ -220,9 +227,10 @@ def _check_broadcast(x: Tensor, **tensors: Tensor | None) -> None:
 
 def _affine(x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | None,
             scale: Tensor | None, epsilon: float) -> Tensor:
-    """Broadcast statistics: the CPU loop, else ``addcmul``."""
+    """Broadcast statistics: the device's inference pass, else ``addcmul``."""
     inv, shift = affine_terms(mean, torch.rsqrt(variance + epsilon), scale, offset)
-    y = cpu_layout.affine(x, inv, shift)
+    device = INFERENCE_PASSES.get(x.device.type)
+    y = None if device is None else device.affine(x, inv, shift)
     if y is None:
         y = torch.addcmul(shift, x, inv)
     return y.to(x.dtype)

@@ -1,5 +1,6 @@
-"""What a training kernel is: the :class:`TrainingKernel` protocol and the :class:`KernelCall`
-it receives.
+"""What a kernel is: the :class:`TrainingKernel` protocol and the :class:`KernelCall` it
+receives; a device's single inference pass (:class:`InferencePass`, registered in
+:data:`INFERENCE_PASSES`).
 
 A training kernel normalizes a batch with its own statistics and returns them:
 ``kernel.train(x, state, call) -> (y, stats)``. Every kernel computes the same
@@ -18,7 +19,7 @@ from torch import Tensor
 from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics
 
-__all__ = ["KernelCall", "TrainingKernel", "traced"]
+__all__ = ["INFERENCE_PASSES", "InferencePass", "KernelCall", "TrainingKernel", "traced"]
 
 
 class KernelCall(NamedTuple):
@@ -57,6 +58,30 @@ class TrainingKernel(Protocol):
         """For a fast path: whether the fallback (ATen's kernel in the plain mode, else the
         composite) is faster for this call, e.g. a small input."""
         ...
+
+
+class InferencePass(Protocol):
+    """A device's inference loop: ``y = act(x * inv + shift)`` in one pass over memory, for
+    per-feature ``inv``/``shift`` (the CPU kernel's numba loop). :mod:`batchnorm.kernels.inference`
+    finds it in :data:`INFERENCE_PASSES` under the input's device type."""
+
+    def affine(self, x: Tensor, inv: Tensor, shift: Tensor,
+               activation: str | None = None) -> Tensor | None:
+        """``x * inv + shift`` (``act(x * inv + shift)`` with an ``activation``), ``inv`` and
+        ``shift`` broadcast along one axis of ``x``; None where the pass does not apply (no
+        gradient, layouts, dtypes, sizes: the caller computes it then)."""
+        ...
+
+    def fuses_activation(self, x: Tensor) -> bool:
+        """Whether for an input of ``x``'s size this pass with the activation is the faster
+        (else ATen's kernel and the activation in place on its output)."""
+        ...
+
+
+# Device type -> its inference pass. Filled by batchnorm.kernels beside FAST_PATHS (from the
+# same kernels); held here so that the inference module, which the kernels import, reaches
+# a device's loop without importing it.
+INFERENCE_PASSES: dict[str, InferencePass] = {}
 
 
 def traced(x: Tensor) -> bool:

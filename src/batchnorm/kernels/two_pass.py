@@ -51,7 +51,7 @@ class FusedActivation(NamedTuple):
 
 class Passes(Protocol):
     """The four passes over an input viewed as a contiguous ``(outer, C, inner)`` tensor
-    (see :class:`batchnorm.kernels.cpu_layout.Layout`), per (group, channel)."""
+    (see :class:`batchnorm.kernels.layout.Layout`), per (group, channel)."""
 
     def layout(self, x: Tensor, axis: int, config: BatchNormConfig) -> Any:
         """How ``x`` is walked: ``view``/``unview``, ``contiguous``, ``channels``,

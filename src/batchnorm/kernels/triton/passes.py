@@ -1,6 +1,6 @@
 """The four memory passes of :mod:`batchnorm.kernels.cpu` as Triton kernels, GPU first.
 
-Same contract as the numba loops (:mod:`batchnorm.kernels.cpu_loops`): the input is
+Same contract as the numba loops (:mod:`batchnorm.kernels.cpu.loops`): the input is
 a contiguous ``(outer, C, inner)`` tensor in memory order, rows are assigned to
 groups (ghost batches) by ``rows`` (group -> its rows) and ``gid`` (row -> group),
 and a mask ``w3`` is uint8 ``(outer, 1 or C, inner)`` (per position or per value).
@@ -122,7 +122,7 @@ if triton is not None:
                 m = pm & cm[None, :, None]
                 off = (o * C + c[None, :, None]) * inner + i
                 x = tl.load(x_ptr + off, mask=m, other=0).to(s.dtype)
-                if MASKED:  # as cpu_loops: w selects, it does not multiply (NaN * 0 is NaN)
+                if MASKED:  # as cpu.loops: w selects, it does not multiply (NaN * 0 is NaN)
                     if PER_CHANNEL:
                         w = tl.load(w_ptr + off, mask=m, other=0).to(s.dtype)
                     else:  # one load per (row, position), broadcast over the channels
@@ -262,7 +262,7 @@ def available() -> str | None:
     if INTERPRETED or torch.cuda.is_available():
         return None
     return ("no CUDA device, and TRITON_INTERPRET=1 was not set when "
-            "batchnorm.kernels.triton_passes was imported")
+            "batchnorm.kernels.triton.passes was imported")
 
 
 # ---------------------------------------------------------------- tiling

@@ -1,6 +1,6 @@
 """The GPU fast path: every training mode with one feature axis, as Triton kernels.
 
-The four memory passes of :mod:`batchnorm.kernels.triton_passes` (statistics,
+The four memory passes of :mod:`batchnorm.kernels.triton.passes` (statistics,
 output, gradient sums, input gradient) strung together by the autograd Function
 the CPU kernel uses (:mod:`batchnorm.kernels.two_pass`): two passes over memory
 forward and two backward, in every mode (plain, renorm, ghost batches, masks),
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import BatchNormConfig
-from ..state import BatchNormState, BatchStatistics
-from . import two_pass
-from .cpu_layout import Layout, mask_tensor
-from .protocol import KernelCall
+from ...config import BatchNormConfig
+from ...state import BatchNormState, BatchStatistics
+from .. import two_pass
+from ..layout import Layout, mask_tensor
+from ..protocol import KernelCall
 
 __all__ = ["TRITON", "TritonKernel", "TritonPasses", "available"]
 
@@ -43,10 +43,10 @@ MIN_NUMEL = int(os.environ.get("BATCHNORM_TRITON_MIN_NUMEL", 1 << 14))
 
 @lru_cache(maxsize=1)
 def _passes_module():
-    """:mod:`batchnorm.kernels.triton_passes`, imported on first use (it imports triton)."""
-    from . import triton_passes
+    """:mod:`batchnorm.kernels.triton.passes`, imported on first use (it imports triton)."""
+    from . import passes
 
-    return triton_passes
+    return passes
 
 
 def available() -> str | None:

@@ -6,8 +6,9 @@ once more to write ``y``; the backward pass reads ``x`` and ``dy`` once for two
 sums per channel and once more to write ``dx``. Everything between the passes
 (group statistics, the renorm correction, gamma and beta) is folded into one
 scale and one shift per (group, channel), so each pass is a single streaming
-loop (:mod:`batchnorm.kernels.cpu_loops`, numba, parallel over rows or
-channels; the views and passes are in :mod:`batchnorm.kernels.cpu_layout`).
+loop (:mod:`batchnorm.kernels.cpu.loops`, numba, parallel over rows or
+channels; the passes are in :mod:`batchnorm.kernels.cpu.passes`, the views in
+:mod:`batchnorm.kernels.layout`).
 Plain, renorm, ghost batches and masks share the same four loops; a fused
 ``activation`` has its own specialization of the output and backward loops.
 
@@ -32,23 +33,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..activations import ACTIVATIONS
-from ..config import BatchNormConfig
-from ..state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
-from . import cpu_layout, two_pass
-from .cpu_layout import (
+from ...activations import ACTIVATIONS
+from ...config import BatchNormConfig
+from ...state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
+from .. import two_pass
+from ..layout import Layout
+from ..protocol import KernelCall
+from . import passes
+from .passes import (
     DTYPES,
     IMPORT_ERROR,
     MIN_NUMEL,
     MIN_PLAIN_NUMEL,
-    Layout,
     affine_pass,
     grad_input_pass,
     grad_sums_pass,
     mask_array,
     moments_pass,
 )
-from .protocol import KernelCall
 
 __all__ = ["CPU", "IMPORT_ERROR", "MIN_NUMEL", "MIN_PLAIN_NUMEL", "NUMBA_PASSES", "CpuKernel",
            "available", "prepared_update", "warm_up"]
@@ -56,7 +58,7 @@ __all__ = ["CPU", "IMPORT_ERROR", "MIN_NUMEL", "MIN_PLAIN_NUMEL", "NUMBA_PASSES"
 
 def available() -> bool:
     """True when numba imported and the kernels can run."""
-    return cpu_layout.loops is not None
+    return passes.loops is not None
 
 
 _UPDATE_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -65,7 +67,7 @@ _UPDATE_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 def prepared_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.dtype,
                     count: int) -> Callable[[Tensor, Tensor], bool] | None:
     """:func:`batchnorm.statistics.apply_update` of ``state`` with ``config``'s options, as
-    one numba loop (:func:`batchnorm.kernels.cpu_loops.lerp_if_finite`):
+    one numba loop (:func:`batchnorm.kernels.cpu.loops.lerp_if_finite`):
     ``update(mean, variance) -> bool``, whether the batch entered the averages.
 
     ``mean`` and ``variance`` are one batch's statistics (one group of ``count`` values per
@@ -82,7 +84,7 @@ def prepared_update(state: BatchNormState, config: BatchNormConfig, dtype: torch
             or updates.dtype != torch.int64 or mm.shape != mv.shape or mm.ndim != 1
             or any(t.device.type != "cpu" or not t.is_contiguous() for t in (mm, mv, updates))):
         return None
-    loop = cpu_layout.loops.lerp_if_finite
+    loop = passes.loops.lerp_if_finite
     # The tensors themselves are kept with their addresses: the loop must never write into
     # memory that was freed (a state built for the call and dropped after it).
     kept = (mm, mv, updates)
@@ -99,7 +101,8 @@ def prepared_update(state: BatchNormState, config: BatchNormConfig, dtype: torch
 
 
 class CpuKernel:
-    """Every training mode but adjustment, one feature axis, CPU tensors; numba loops."""
+    """Every training mode but adjustment, one feature axis, CPU tensors; numba loops. Also
+    the CPU's inference pass (:class:`batchnorm.kernels.protocol.InferencePass`)."""
 
     name = "cpu"
 
@@ -120,8 +123,19 @@ class CpuKernel:
         if call.mask is not None or call.process_group is not None or not call.config.plain:
             return x.numel() < MIN_NUMEL
         if call.config.activation is not None:
-            return x.numel() < cpu_layout.MIN_ACTIVATION_NUMEL  # read here: tests lower it
+            return not self.fuses_activation(x)
         return x.numel() < MIN_PLAIN_NUMEL or (x.ndim > 1 and x.stride(call.axes[0]) == 1)
+
+    def fuses_activation(self, x: Tensor) -> bool:
+        """Whether the loops' own activation pass beats ATen's kernel and the activation in
+        place for an input of ``x``'s size (in training and in inference)."""
+        return x.numel() >= passes.MIN_ACTIVATION_NUMEL  # read here: tests lower it
+
+    def affine(self, x: Tensor, inv: Tensor, shift: Tensor,
+               activation: str | None = None) -> Tensor | None:
+        """The inference pass (:func:`batchnorm.kernels.cpu.passes.affine`), registered in
+        :data:`batchnorm.kernels.protocol.INFERENCE_PASSES`."""
+        return passes.affine(x, inv, shift, activation)
 
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
         """Why this kernel does not handle the call, or None when it does."""
@@ -149,7 +163,7 @@ class CpuKernel:
 
 
 class NumbaPasses:
-    """The four passes as numba loops on CPU memory (:mod:`batchnorm.kernels.cpu_layout`)."""
+    """The four passes as numba loops on CPU memory (:mod:`batchnorm.kernels.cpu.passes`)."""
 
     def layout(self, x: Tensor, axis: int, config: BatchNormConfig) -> Layout:
         return Layout(x, axis, config.virtual_batch_size, config.ghost_layout)
