@@ -17,8 +17,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .. import functional as F
 from ..layer import BatchNorm
+from ..statistics import inference_statistics
 from ._model import (
     BatchNormTracer,
     ModuleUses,
@@ -217,7 +217,7 @@ class _Folder:
 def _statistics(bn: nn.Module) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]:
     """The mean, variance, epsilon, gamma, beta the layer normalizes with in inference."""
     if isinstance(bn, BatchNorm):
-        mean, variance = F.inference_statistics(
+        mean, variance = inference_statistics(
             bn.state(), momentum=bn.momentum, epsilon=bn.epsilon, debias=bn.debias)
         return mean, variance, bn.epsilon, bn.gamma, bn.beta
     return bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
