@@ -30,7 +30,6 @@ the input's dtype.
 
 from __future__ import annotations
 
-import importlib as _importlib
 import inspect as _inspect
 from collections.abc import Mapping as _Mapping
 from collections.abc import Sequence as _Sequence
@@ -38,8 +37,10 @@ from typing import Any as _Any
 
 from torch import Tensor as _Tensor
 
+from . import config as _config
 from . import plan as _plan
-from .config import Adjustment as _Adjustment
+from . import shapes as _shapes
+from . import statistics as _statistics
 from .config import BatchNormConfig
 from .kernels.inference import normalize
 from .state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
@@ -68,21 +69,19 @@ __all__ = [
 # (looked up only when a name is not in the module, so nothing above pays for it); ``dir()``
 # does not list them.
 _MOVED = {
-    "GHOST_LAYOUTS": "config", "Adjustment": "config",
-    "broadcast": "shapes", "check_input": "shapes", "mask_shape": "shapes",
-    "reduction_axes": "shapes", "resolve_axes": "shapes", "values_per_feature": "shapes",
-    "synchronization_group": "plan",
-    "inference_statistics": "statistics", "pooled_statistics": "statistics",
-    "renorm_correction": "statistics", "skip_reason": "statistics",
-    "update_state_": "statistics",
+    **dict.fromkeys(("GHOST_LAYOUTS", "Adjustment"), _config),
+    **dict.fromkeys(("broadcast", "check_input", "mask_shape", "reduction_axes",
+                     "resolve_axes", "values_per_feature"), _shapes),
+    "synchronization_group": _plan,
+    **dict.fromkeys(("inference_statistics", "pooled_statistics", "renorm_correction",
+                     "skip_reason", "update_state_"), _statistics),
 }
 
 
 def __getattr__(name: str) -> _Any:
-    module = _MOVED.get(name)
-    if module is None:
+    if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(_importlib.import_module(f"batchnorm.{module}"), name)
+    return getattr(_MOVED[name], name)
 
 
 def forward(
@@ -164,7 +163,7 @@ def batch_norm(
     renorm_momentum: float = 0.99,
     virtual_batch_size: int | None = None,
     ghost_layout: str = "strided",
-    adjustment: _Adjustment | None = None,
+    adjustment: _config.Adjustment | None = None,
     fused: bool | None = None,
     mask: _Tensor | None = None,
     synchronized: bool = False,
