@@ -283,7 +283,7 @@ def fold(model: nn.Module, example_input: Tensor | tuple | None = None) -> FoldR
     ``nn.Identity``, or by its activation's module for a layer with an ``activation``
     (``nn.ReLU()``, ``nn.SiLU()``: the activation stays, after the folded layer). The
     statistics folded are those inference uses
-    (:func:`batchnorm.functional.inference_statistics`, debias included).
+    (:func:`batchnorm.statistics.inference_statistics`, debias included).
 
     The pairs are found on the ``torch.fx`` graph of the model (any
     traceable model: residual adds, branches); a module fx cannot trace is
