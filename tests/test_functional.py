@@ -19,6 +19,8 @@ from torch.testing import assert_close
 
 import batchnorm as bn
 from batchnorm import functional as F
+from batchnorm.shapes import broadcast, reduction_axes, resolve_axes
+from batchnorm.statistics import update_state_
 
 MODES = [pytest.param(True, id="training"), pytest.param(False, id="inference")]
 HALF = [pytest.param(torch.bfloat16, id="bfloat16"), pytest.param(torch.float16, id="float16")]
@@ -129,11 +131,11 @@ def test_normalize_returns_the_input_dtype(dtype):
 def test_normalize_takes_feature_shaped_statistics_with_axis(axis):
     # moments(x, axes) without keepdims returns feature-shaped statistics: axis= says where.
     x = torch.randn(4, 3, 5, 2, dtype=torch.float64)
-    axes = F.resolve_axes(axis, x.ndim)
-    mean, variance = F.moments(x, axes=F.reduction_axes(x.ndim, axes))
+    axes = resolve_axes(axis, x.ndim)
+    mean, variance = F.moments(x, axes=reduction_axes(x.ndim, axes))
     offset, scale = torch.randn_like(mean), torch.randn_like(mean)
-    kept = F.moments(x, axes=F.reduction_axes(x.ndim, axes), keepdims=True)
-    expected = F.normalize(x, *kept, F.broadcast(offset, x, axes), F.broadcast(scale, x, axes),
+    kept = F.moments(x, axes=reduction_axes(x.ndim, axes), keepdims=True)
+    expected = F.normalize(x, *kept, broadcast(offset, x, axes), broadcast(scale, x, axes),
                            1e-3)
     assert_close(F.normalize(x, mean, variance, offset, scale, 1e-3, axis=axis), expected)
 
@@ -590,7 +592,7 @@ def test_update_state_in_place_moves_the_state_to_what_update_state_returns(
     kwargs = {"momentum": 0.9, "epsilon": 1e-3, **options}
     expected = F.update_state(state, stats, **kwargs)
     moved = clone_state(state)
-    assert F.update_state_(moved, stats, **kwargs) is True
+    assert update_state_(moved, stats, **kwargs) is True
     for name, value in expected._asdict().items():
         if value is not None:  # one computation of the new values, written in place: exact
             assert torch.equal(getattr(moved, name), value), name
@@ -604,12 +606,12 @@ def test_update_state_in_place_leaves_everything_unchanged_for_non_finite_statis
     mean, variance = torch.zeros(1, 3), torch.ones(1, 3)
     {"mean": mean, "variance": variance}[field][0, 1] = bad
     before = clone_state(state)
-    assert F.update_state_(state, F.BatchStatistics(mean, variance, 4), momentum=0.9) is False
+    assert update_state_(state, F.BatchStatistics(mean, variance, 4), momentum=0.9) is False
     assert same_bits(state, before)
 
 
 def test_update_state_in_place_does_not_treat_huge_finite_statistics_as_overflow():
     state = F.initial_state(2)
     big = torch.full((1, 2), 3e38)  # a float32 sum of these would overflow
-    assert F.update_state_(state, F.BatchStatistics(big, big, 4), momentum=0.5) is True
+    assert update_state_(state, F.BatchStatistics(big, big, 4), momentum=0.5) is True
     assert torch.isfinite(state.moving_variance).all()

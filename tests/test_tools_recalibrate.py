@@ -10,6 +10,7 @@ import torch
 
 import batchnorm as bn
 from batchnorm import functional as F
+from batchnorm.shapes import broadcast
 
 MU = np.array([-2.0, 0.5, 3.0])
 SIGMA = np.array([0.5, 1.0, 2.0])
@@ -150,8 +151,8 @@ def test_debias_correction_becomes_the_identity() -> None:
     layer = bn.BatchNorm(3, debias=True)
     bn.recalibrate(layer, gaussian_batches(5), progress=False)
     x = gaussian_batches(1, seed=1)[0]
-    expected = F.normalize(x, F.broadcast(layer.moving_mean, x, (1,)),
-                           F.broadcast(layer.moving_variance, x, (1,)), None, None, 1e-3)
+    expected = F.normalize(x, broadcast(layer.moving_mean, x, (1,)),
+                           broadcast(layer.moving_variance, x, (1,)), None, None, 1e-3)
     torch.testing.assert_close(layer(x, training=False), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -5,10 +5,10 @@
 In training mode ``mean`` and ``variance`` are the statistics of the batch (the
 biased variance, as TensorFlow computes it); in inference mode they are the
 moving averages kept in a :class:`BatchNormState`. Nothing here mutates its
-arguments (except :func:`update_state_` and :func:`apply_update`, the in-place
-updates, which say so): :func:`batch_norm` returns the output together with the
-new state, so the functions compose with ``torch.func`` (``grad``, ``vmap``,
-``functional_call``) and ``torch.compile(fullgraph=True)``.
+arguments (except :func:`apply_update`, the in-place update, which says so):
+:func:`batch_norm` returns the output together with the new state, so the
+functions compose with ``torch.func`` (``grad``, ``vmap``, ``functional_call``) and
+``torch.compile(fullgraph=True)``.
 
 Two levels:
 
@@ -37,68 +37,51 @@ from typing import Any as _Any
 
 from torch import Tensor as _Tensor
 
+from . import config as _config
 from . import plan as _plan
-from .config import GHOST_LAYOUTS, Adjustment, BatchNormConfig
+from . import shapes as _shapes
+from . import statistics as _statistics
+from .config import BatchNormConfig
 from .kernels.inference import normalize
-from .plan import synchronization_group
-from .shapes import (
-    broadcast,
-    check_input,
-    mask_shape,
-    reduction_axes,
-    resolve_axes,
-    values_per_feature,
-)
 from .state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
-from .statistics import (
-    apply_update,
-    combine_statistics,
-    inference_statistics,
-    moments,
-    pooled_statistics,
-    renorm_correction,
-    skip_reason,
-    update_state,
-    update_state_,
-)
+from .statistics import apply_update, combine_statistics, moments, update_state
 
 del annotations  # the __future__ feature object: dir() lists the API only (see __all__)
 
 __all__ = [
-    "GHOST_LAYOUTS",
-    "Adjustment",
     "BatchNormConfig",
     "BatchNormState",
     "BatchStatistics",
     "apply_update",
     "batch_norm",
-    "broadcast",
-    "check_input",
-    "check_options",
     "combine_statistics",
     "forward",
-    "inference_statistics",
     "initial_state",
-    "mask_shape",
     "moments",
     "normalize",
-    "pooled_statistics",
-    "reduction_axes",
-    "renorm_correction",
-    "resolve_axes",
-    "skip_reason",
     "statistics_dtype",
-    "synchronization_group",
     "update_state",
-    "update_state_",
-    "values_per_feature",
 ]
 
+# Names this module listed before its public surface was cut to the API above: internals,
+# defined (and imported by the package) in the modules named here. ``F.check_input`` and
+# ``from batchnorm.functional import check_input`` still find them, through ``__getattr__``
+# (looked up only when a name is not in the module, so nothing above pays for it); ``dir()``
+# does not list them.
+_MOVED = {
+    **dict.fromkeys(("GHOST_LAYOUTS", "Adjustment"), _config),
+    **dict.fromkeys(("broadcast", "check_input", "mask_shape", "reduction_axes",
+                     "resolve_axes", "values_per_feature"), _shapes),
+    "synchronization_group": _plan,
+    **dict.fromkeys(("inference_statistics", "pooled_statistics", "renorm_correction",
+                     "skip_reason", "update_state_"), _statistics),
+}
 
-def check_options(**options: _Any) -> None:
-    """Raise ``ValueError``/``TypeError`` for options that are invalid or meaningless together
-    (the checks of :class:`BatchNormConfig`, which takes the same keywords)."""
-    BatchNormConfig(**options)
+
+def __getattr__(name: str) -> _Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(_MOVED[name], name)
 
 
 def forward(
@@ -180,7 +163,7 @@ def batch_norm(
     renorm_momentum: float = 0.99,
     virtual_batch_size: int | None = None,
     ghost_layout: str = "strided",
-    adjustment: Adjustment | None = None,
+    adjustment: _config.Adjustment | None = None,
     fused: bool | None = None,
     mask: _Tensor | None = None,
     synchronized: bool = False,

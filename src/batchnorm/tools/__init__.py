@@ -10,26 +10,33 @@
 - :func:`diagnose`: the usual mistakes, found in a model, with remedies.
 - :class:`Monitor`: batch statistics next to the moving averages during training.
 - :func:`load_keras_batchnorms`: BatchNormalization layers from a saved Keras model.
+
+Each tool's helpers and lower-level pieces (the Keras readers ``read_keras_batchnorms`` and
+``batchnorm_from_keras``, ``LayerRecalibration``, ...) live in its module
+(:mod:`batchnorm.tools.keras_io`, ...), which lists them in its own ``__all__``.
 """
 
 from .convert import ConversionResult, convert, to_torch
 from .diagnose import Finding, diagnose
 from .fold import FoldResult, fold
 from .freeze import freeze, unfreeze
-from .keras_io import batchnorm_from_keras, load_keras_batchnorms, read_keras_batchnorms
+from .keras_io import load_keras_batchnorms
 from .monitor import Monitor, Record
-from .recalibrate import LayerRecalibration, RecalibrationReport, recalibrate
+from .recalibrate import RecalibrationReport, recalibrate
 
-__all__ = ["ConversionResult", "FoldResult", "convert", "fold", "freeze", "to_torch", "unfreeze"]
-__all__ += [
+__all__ = [
+    "ConversionResult",
     "Finding",
-    "LayerRecalibration",
+    "FoldResult",
     "Monitor",
     "RecalibrationReport",
     "Record",
-    "batchnorm_from_keras",
+    "convert",
     "diagnose",
+    "fold",
+    "freeze",
     "load_keras_batchnorms",
-    "read_keras_batchnorms",
     "recalibrate",
+    "to_torch",
+    "unfreeze",
 ]

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import activations
-from .. import functional as F
 from ..layer import BatchNorm
+from ..shapes import broadcast, mask_shape, reduction_axes, resolve_axes
 from ..updates import deferred_updates
 
 __all__ = [
@@ -198,8 +198,8 @@ def layer_moments(
     Inf or huge padding included) do not enter them; a feature the mask leaves empty has
     count 0, mean 0 and M2 0.
     """
-    axes = F.resolve_axes(layer.axis, x.ndim)
-    dims = F.reduction_axes(x.ndim, axes)
+    axes = resolve_axes(layer.axis, x.ndim)
+    dims = reduction_axes(x.ndim, axes)
     xd = x.detach().to(_accumulation_dtype(x.device))
     if mask is None:
         variance, mean = torch.var_mean(xd, dim=dims, correction=0)
@@ -208,11 +208,11 @@ def layer_moments(
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(  # as the layer's own check, which runs after the hooks calling this
             f"mask must be a boolean tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    selected = mask.reshape(F.mask_shape(mask, x, axes)).expand(xd.shape)
+    selected = mask.reshape(mask_shape(mask, x, axes)).expand(xd.shape)
     count = selected.sum(dims, dtype=xd.dtype)
     # Selected, never multiplied by the mask: NaN or 1e30 padding must not reach the sums.
     mean = torch.where(selected, xd, 0).sum(dims) / count.clamp_min(1)
-    centered = torch.where(selected, xd - F.broadcast(mean, xd, axes), 0)
+    centered = torch.where(selected, xd - broadcast(mean, xd, axes), 0)
     return count, mean, centered.square().sum(dims)
 
 

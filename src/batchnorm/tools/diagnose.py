@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
 from .. import initializers
 from ..layer import BatchNorm
+from ..shapes import mask_shape, reduction_axes, resolve_axes
 from ..updates import deferred_updates
 from ._model import (
     BatchNormTracer,
@@ -160,7 +160,7 @@ def _redundant(previous: nn.Module, layer: BatchNorm, rank: int | None) -> bool:
         return False
     axis, rank = found
     try:
-        return axis in F.resolve_axes(layer.axis, rank)
+        return axis in resolve_axes(layer.axis, rank)
     except ValueError:
         return False
 
@@ -210,10 +210,10 @@ def _redundant_bias(model: nn.Module, ranks: dict[str, int]) -> list[Finding]:
 
 
 def _values_per_feature(layer: BatchNorm, x: Tensor, mask: Tensor | None) -> int:
-    axes = F.resolve_axes(layer.axis, x.ndim)
-    dims = F.reduction_axes(x.ndim, axes)
+    axes = resolve_axes(layer.axis, x.ndim)
+    dims = reduction_axes(x.ndim, axes)
     if mask is not None:
-        weight = mask.reshape(F.mask_shape(mask, x, axes)).expand(x.shape)
+        weight = mask.reshape(mask_shape(mask, x, axes)).expand(x.shape)
         count = int(weight.sum(dims).min()) if dims else 1
     else:
         count = math.prod(x.shape[d] for d in dims)

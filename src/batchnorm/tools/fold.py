@@ -17,8 +17,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .. import functional as F
 from ..layer import BatchNorm
+from ..statistics import inference_statistics
 from ._model import (
     BatchNormTracer,
     ModuleUses,
@@ -217,7 +217,7 @@ class _Folder:
 def _statistics(bn: nn.Module) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]:
     """The mean, variance, epsilon, gamma, beta the layer normalizes with in inference."""
     if isinstance(bn, BatchNorm):
-        mean, variance = F.inference_statistics(
+        mean, variance = inference_statistics(
             bn.state(), momentum=bn.momentum, epsilon=bn.epsilon, debias=bn.debias)
         return mean, variance, bn.epsilon, bn.gamma, bn.beta
     return bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
@@ -283,7 +283,7 @@ def fold(model: nn.Module, example_input: Tensor | tuple | None = None) -> FoldR
     ``nn.Identity``, or by its activation's module for a layer with an ``activation``
     (``nn.ReLU()``, ``nn.SiLU()``: the activation stays, after the folded layer). The
     statistics folded are those inference uses
-    (:func:`batchnorm.functional.inference_statistics`, debias included).
+    (:func:`batchnorm.statistics.inference_statistics`, debias included).
 
     The pairs are found on the ``torch.fx`` graph of the model (any
     traceable model: residual adds, branches); a module fx cannot trace is

@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import functional as F
 from ..callsite import user_stacklevel
 from ..layer import BatchNorm
+from ..shapes import resolve_axes
 
 __all__ = ["batchnorm_from_keras", "load_keras_batchnorms", "read_keras_batchnorms"]
 
@@ -265,7 +265,7 @@ def _input_features(entry: dict, axis: int | tuple[int, ...], where: str) -> tup
             s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in shape)):
         return None  # no build_config, or one of another form: the weights alone decide
     try:
-        sizes = tuple(shape[a] for a in F.resolve_axes(axis, len(shape)))
+        sizes = tuple(shape[a] for a in resolve_axes(axis, len(shape)))
     except ValueError as error:
         raise ValueError(f"{where}: axis {axis} does not fit the layer's input_shape {shape} "
                          f"({error}); {_HINT}") from None
@@ -280,7 +280,7 @@ def _feature_shape(axis: int | tuple[int, ...], shape: tuple[int, ...], what: st
     against the input, with 1 on every other axis."""
     n_axes = 1 if isinstance(axis, int) else len(axis)
     try:
-        axes = tuple(range(len(shape))) if len(shape) == 1 else F.resolve_axes(axis, len(shape))
+        axes = tuple(range(len(shape))) if len(shape) == 1 else resolve_axes(axis, len(shape))
     except ValueError:
         axes = ()
     features = tuple(shape[a] for a in axes)
@@ -718,8 +718,8 @@ def batchnorm_from_keras(
     (a ``(2, 2)`` array is not 4 features), not finite in float32, or a negative
     variance or standard deviation.
 
-    >>> import batchnorm as bn
-    >>> layer = bn.batchnorm_from_keras({"axis": -1, "momentum": 0.9, "epsilon": 1e-3})
+    >>> from batchnorm.tools.keras_io import batchnorm_from_keras
+    >>> layer = batchnorm_from_keras({"axis": -1, "momentum": 0.9, "epsilon": 1e-3})
     >>> layer.momentum, layer.axis
     (0.9, -1)
     """
@@ -801,7 +801,13 @@ def load_keras_batchnorms(path: str | Path, *, errors: str = "raise", isolated: 
     ``path``: a ``.keras`` file (Keras 3 or tf_keras) or a legacy ``.h5`` model
     file. Returns layer name -> layer, in model order, each configured as in
     Keras and holding its ``gamma``, ``beta`` and moving statistics (renorm state
-    too). In inference mode each gives Keras's outputs. See :func:`batchnorm_from_keras`.
+    too). In inference mode each gives Keras's outputs.
+
+    The public entry point of Keras import. Its two steps stay importable from
+    :mod:`batchnorm.tools.keras_io` for other uses: :func:`read_keras_batchnorms` (a file
+    to each layer's Keras config and NumPy weights, nothing built) and
+    :func:`batchnorm_from_keras` (one layer from a Keras config dict, and weights by name,
+    already in memory rather than in a file).
 
     ``axis``: tf_keras saves a built layer's axes as non-negative indices of its input
     (``[3]`` after a ``Conv2D``); the input's last axis comes back as -1, so that the
