@@ -47,9 +47,9 @@ def trained(kwargs: dict, generator: torch.Generator, calls: int) -> tuple[bn.Ba
     kwargs = dict(kwargs)
     layer = bn.BatchNorm(kwargs.pop("num_features"), momentum=0.9, **kwargs)
     with torch.no_grad():
-        if layer.gamma is not None and not layer._lazy:
+        if layer.gamma is not None and layer.num_features is not None:
             layer.gamma.copy_(1 + torch.rand(3, generator=generator))
-        if layer.beta is not None and not layer._lazy:
+        if layer.beta is not None and layer.num_features is not None:
             layer.beta.copy_(torch.randn(3, generator=generator))
     for _ in range(calls):
         layer(3 * torch.randn(8, 3, generator=generator) + 1, training=True)
@@ -62,7 +62,7 @@ def main() -> None:
     for name, kwargs in LAYERS.items():
         layer, state_dict = trained(kwargs, generator, 0 if name == "lazy_unbuilt" else 3)
         x = 2 * torch.randn(8, 3, generator=generator)
-        y = None if layer._lazy else layer(x, training=False).detach()
+        y = None if layer.num_features is None else layer(x, training=False).detach()
         layers[name] = {"kwargs": kwargs, "state_dict": state_dict, "x": x, "y": y}
     model = nn.Sequential(trained(LAYERS["default"], generator, 2)[0],
                           trained(LAYERS["renorm"], generator, 2)[0])
