@@ -8,7 +8,8 @@
 from . import functional
 from .distributed import convert_sync
 from .functional import BatchNormState
-from .layer import BatchNorm, apply_constraints, regularization_loss
+from .layer import BatchNorm
+from .regularization import apply_constraints, regularization_loss
 from .tools import (
     ConversionResult,
     Finding,

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import inspect
-import math
-import numbers
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,143 +11,26 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
+from . import checkpoint, initializers, kernels, options, plan, recompute
 from . import functional as F
-from . import initializers, kernels, plan, recompute
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch
-from .initializers import Initializer, describe
+from .initializers import Initializer
 from .kernels.inference import prepared_inference
 from .kernels.protocol import traced
+from .regularization import apply_constraints, regularization_loss
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
+from .torch_compat import (
+    TorchAlias,
+    refuse_scripting,
+    reject_positional_options,
+    reject_unknown_arguments,
+    warn_small_momentum,
+)
 from .updates import active_recorder
 
 __all__ = ["BatchNorm", "apply_constraints", "regularization_loss"]
-
-# Options that decide which parameters and buffers exist: a layer cannot change them.
-_STRUCTURAL = frozenset({"axis", "center", "scale", "debias", "renorm"})
-
-
-def _normalize_num_features(
-    num_features: int | Sequence[int] | None, axis: tuple[int, ...]
-) -> tuple[int, ...] | None:
-    if num_features is None:
-        return None
-    shape = (num_features,) if isinstance(num_features, numbers.Integral) else num_features
-    try:
-        shape = tuple(shape)
-    except TypeError:
-        raise TypeError(
-            f"num_features must be an int, a tuple of ints or None, got {num_features!r}"
-        ) from None
-    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
-               for s in shape):
-        raise ValueError(f"num_features must hold positive ints, got {num_features!r}")
-    if math.prod(shape) * 8 >= 2**63:  # float64 statistics must be addressable
-        raise ValueError(f"num_features={describe(num_features)} is too large: "
-                         f"{describe(math.prod(shape))} features cannot be allocated")
-    if len(shape) != len(axis):
-        shown = axis[0] if len(axis) == 1 else axis
-        raise ValueError(
-            f"num_features {num_features!r} gives {len(shape)} size(s) but axis {shown!r} "
-            f"names {len(axis)} feature axis/axes"
-        )
-    return tuple(int(s) for s in shape)
-
-
-# torch.nn.BatchNorm*d's constructor arguments that are named otherwise here: what to pass.
-_TORCH_ARGUMENTS = {
-    "eps": "pass epsilon= (the same number; TensorFlow's default is 1e-3, torch's 1e-5)",
-    "affine": "pass center= and scale= (affine=False is center=False, scale=False)",
-    "bias": "pass center= (bias=False is center=False: no beta)",
-    "track_running_stats": (
-        "there is no such option: the layer always keeps moving averages, and "
-        "track_running_stats=False (batch statistics in eval mode too) is a call with "
-        "training=True"),
-}
-
-
-def _reject_unknown_arguments(names: Sequence[str]) -> None:
-    """A ``TypeError`` for constructor keywords that are not ours, naming what to pass."""
-    name = sorted(names)[0]
-    if name in _TORCH_ARGUMENTS:
-        raise TypeError(f"BatchNorm got torch.nn's argument {name}=: {_TORCH_ARGUMENTS[name]}")
-    known = [p for p in inspect.signature(BatchNorm.__init__).parameters
-             if p not in ("self", "torch_style")]
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]}=?" if close else f"; the arguments are {known}"
-    raise TypeError(f"BatchNorm got an unexpected keyword argument {name!r}{hint}")
-
-
-def _warn_small_momentum(momentum: float | None) -> None:
-    if momentum is None or momentum >= 0.5:
-        return
-    warnings.warn(
-        f"momentum={momentum} is TensorFlow's momentum here, the decay of the moving averages "
-        f"(moving = {momentum} * moving + {1 - momentum:.4g} * batch): each batch replaces "
-        f"{1 - momentum:.0%} of them. PyTorch's momentum={momentum} is "
-        f"momentum={1 - momentum:.4g} here; if a decay of {momentum} is what you mean, "
-        "silence this with warnings.filterwarnings('ignore', message='momentum=')",
-        UserWarning, stacklevel=user_stacklevel())
-
-
-class _TorchAlias:
-    """``torch.nn``'s name for one of the layer's attributes (``weight`` for ``gamma``, ...):
-    reads it, the object itself, so in-place initialization works; assigning raises."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, layer: BatchNorm | None, owner: type | None = None) -> Any:
-        if layer is None:
-            return self
-        return getattr(layer, self.target)
-
-    def __set__(self, layer: BatchNorm, value: Any) -> None:
-        raise AttributeError(
-            f"BatchNorm.{self.name} is a read-only alias of {self.target} (torch.nn's name, "
-            f"for code written for torch.nn layers); assign or modify layer.{self.target}")
-
-
-def _torch_state_keys(state_dict: dict[str, Any], prefix: str) -> None:
-    """Rename a ``torch.nn`` batch norm's state dict keys under ``prefix`` to ours, in place,
-    where ours is absent (a checkpoint with both keeps the torch key, reported unexpected)."""
-    for theirs, ours in _TORCH_STATE_KEYS.items():
-        if prefix + theirs in state_dict and prefix + ours not in state_dict:
-            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
-
-
-_TORCH_STATE_KEYS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
-                     "running_var": "moving_variance", "num_batches_tracked": "num_updates"}
-
-
-class _Option:
-    """A configuration option of the layer: read from its frozen :class:`BatchNormConfig`;
-    assigning it raises, pointing to :meth:`BatchNorm.reconfigure`."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, layer: BatchNorm | None, owner: type | None = None) -> Any:
-        if layer is None:
-            return self
-        value = getattr(layer.config, self.name)
-        if self.name == "axis":  # as given: an int, or a tuple
-            return value[0] if layer._axis_is_int else value
-        if self.name == "renorm_clipping":
-            return None if value is None else dict(value)
-        return value
-
-    def __set__(self, layer: BatchNorm, value: Any) -> None:
-        how = ("build a new layer: it decides which parameters and buffers exist"
-               if self.name in _STRUCTURAL else
-               f"use layer.reconfigure({self.name}={value!r}), which validates it")
-        raise AttributeError(
-            f"BatchNorm.{self.name} cannot be assigned after construction (the options are "
-            f"validated together once); {how}")
 
 
 class BatchNorm(nn.Module):
@@ -278,6 +156,7 @@ class BatchNorm(nn.Module):
         tensor([0.0000, 0.0000, 1.2247], grad_fn=<ViewBackward0>)
     """
 
+    _version = checkpoint.VERSION  # of the state dict's layout, saved with it
     gamma: nn.Parameter | None
     beta: nn.Parameter | None
     moving_mean: Tensor
@@ -285,14 +164,8 @@ class BatchNorm(nn.Module):
     num_updates: Tensor
 
     def __new__(cls, *args: Any, **kwargs: Any) -> BatchNorm:
-        # torch.nn.BatchNorm2d(64, 1e-5, 0.1) passes its options by position: say what to pass.
-        if len(args) > 1 and cls.__init__ is BatchNorm.__init__:
-            shown = ", ".join(map(repr, args))
-            raise TypeError(
-                f"BatchNorm({shown}): only num_features is positional; the options are "
-                "keyword-only, with TensorFlow's names and meanings: "
-                "torch.nn.BatchNorm2d(64, eps, m) is bn.BatchNorm(64, epsilon=eps, "
-                "momentum=1 - m)")
+        if cls.__init__ is BatchNorm.__init__:
+            reject_positional_options(args)
         return super().__new__(cls)
 
     def __init__(
@@ -330,27 +203,19 @@ class BatchNorm(nn.Module):
         **torch_style: Any,
     ) -> None:
         if torch_style:
-            _reject_unknown_arguments(list(torch_style))
+            reject_unknown_arguments(list(torch_style), [
+                p for p in inspect.signature(BatchNorm.__init__).parameters
+                if p not in ("self", "torch_style")])
         super().__init__()
-        config = BatchNormConfig(
-            axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale,
-            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
-            moving_mean_initializer=moving_mean_initializer,
-            moving_variance_initializer=moving_variance_initializer,
-            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint, debias=debias,
-            unbiased_moving_variance=unbiased_moving_variance, renorm=renorm,
-            renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
-            virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout,
-            adjustment=adjustment, fused=fused, synchronized=synchronized,
-            activation=activation)
+        given = locals()
+        config = BatchNormConfig(**{field.name: given[field.name] for field in options.OPTIONS})
         if not isinstance(trainable, bool):
             raise TypeError(f"trainable must be a bool, got {trainable!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32) or "
                             f"None, got {dtype!r} ({type(dtype).__name__})")
-        feature_shape = _normalize_num_features(num_features, config.axis)
-        _warn_small_momentum(config.momentum)
+        feature_shape = options.feature_shape(num_features, config.axis)
+        warn_small_momentum(config.momentum)
         self._config = config
         self._axis_is_int = isinstance(axis, int)
         self._process_group = process_group
@@ -385,59 +250,15 @@ class BatchNorm(nn.Module):
         if not lazy:
             self.reset_parameters()
 
-    # ------------------------------------------------------------------ options
-
-    axis = _Option()
-    momentum = _Option()
-    epsilon = _Option()
-    center = _Option()
-    scale = _Option()
-    beta_initializer = _Option()
-    gamma_initializer = _Option()
-    moving_mean_initializer = _Option()
-    moving_variance_initializer = _Option()
-    beta_regularizer = _Option()
-    gamma_regularizer = _Option()
-    beta_constraint = _Option()
-    gamma_constraint = _Option()
-    debias = _Option()
-    unbiased_moving_variance = _Option()
-    renorm = _Option()
-    renorm_clipping = _Option()
-    renorm_momentum = _Option()
-    virtual_batch_size = _Option()
-    ghost_layout = _Option()
-    adjustment = _Option()
-    fused = _Option()
-    synchronized = _Option()
-    activation = _Option()
-
-    # ------------------------------------------------------------------ torch.nn's names
-
-    weight = _TorchAlias("gamma")
-    bias = _TorchAlias("beta")
-    running_mean = _TorchAlias("moving_mean")
-    running_var = _TorchAlias("moving_variance")
-    num_batches_tracked = _TorchAlias("num_updates")
-    eps = _TorchAlias("epsilon")
+    # ------------------------------------------------------------------ torch.nn's habits
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        """``nn.Module.register_parameter``; a torch.nn alias's name (``layer.weight =
-        nn.Parameter(...)``) raises the alias's ``AttributeError`` instead of registering a
-        second parameter."""
-        alias = type(self).__dict__.get(name) if name in _TORCH_STATE_KEYS else None
-        if isinstance(alias, _TorchAlias):
-            alias.__set__(self, param)
+        """``nn.Module``'s, but ``layer.weight = nn.Parameter(...)`` raises (an alias's name)."""
+        TorchAlias.refuse(type(self), name, param)
         super().register_parameter(name, param)
 
     def __prepare_scriptable__(self) -> nn.Module:
-        # torch.jit.script calls this on every submodule before compiling it.
-        raise RuntimeError(
-            "bn.BatchNorm cannot be compiled by torch.jit.script (its Python forward picks a "
-            "kernel per call). To deploy, export the model in inference mode with "
-            "torch.export.export(model.eval(), (x,)) (or torch.onnx.export(..., dynamo=True)); "
-            "torch.jit.trace(model.eval(), x) also works; or bn.to_torch(model) for torch.nn "
-            "layers where they can represent the layer")
+        refuse_scripting()  # torch.jit.script calls this on every submodule before compiling
 
     @property
     def config(self) -> BatchNormConfig:
@@ -464,20 +285,11 @@ class BatchNorm(nn.Module):
         >>> layer.momentum
         0.9
         """
-        structural = sorted(set(changes) & _STRUCTURAL)
-        if structural:
-            raise ValueError(
-                f"reconfigure cannot change {structural}: they decide which parameters and "
-                "buffers the layer has; build a new layer, e.g. "
-                "BatchNorm.from_config({**layer.get_config(), ...})")
+        options.check_changes(changes)
         process_group = changes.pop("process_group", self._process_group)
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(BatchNormConfig)
-                                         if f.init})
-        if unknown:
-            raise TypeError(f"reconfigure got unknown option(s) {unknown}")
         config = self._config.replace(**changes)
         if "momentum" in changes:
-            _warn_small_momentum(config.momentum)
+            warn_small_momentum(config.momentum)
         self._config = config
         self._process_group = process_group
         return self
@@ -547,120 +359,23 @@ class BatchNorm(nn.Module):
         self._lazy = False
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not self._lazy:
+        if self._lazy:
+            checkpoint.save_unbuilt(self, destination, prefix, keep_vars)
+        else:
             super()._save_to_state_dict(destination, prefix, keep_vars)
-            return
-        # An unbuilt lazy layer (as torch's Lazy* modules allow): its parameters have no
-        # value yet, and are saved as empty tensors, which load_state_dict recognizes.
-        for name, param in self._parameters.items():
-            if param is not None:
-                destination[prefix + name] = torch.empty(0, dtype=param.dtype,
-                                                         device=param.device)
-        for name, buffer in self._buffers.items():
-            if buffer is not None and name not in self._non_persistent_buffers_set:
-                destination[prefix + name] = buffer if keep_vars else buffer.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        """Check every key of this layer first, then copy: all of them or none.
-
-        Missing or unexpected keys (with ``strict=True``), non-tensors, wrong shapes and
-        non-floating values for floating tensors are reported through torch's lists, which
-        ``load_state_dict`` raises from after visiting every module, and nothing of this
-        layer is changed (a lazy layer stays unbuilt). Other modules of a larger model are
-        loaded by torch as usual: the promise is per BatchNorm layer. ``strict=False`` loads
-        the keys that are present (after the same checks).
-        """
-        _torch_state_keys(state_dict, prefix)  # a torch.nn BatchNorm*d checkpoint loads too
-        # torch passes strict=True here whatever the user asked (it reports missing keys
-        # then, and applies the user's flag when raising); all or nothing follows the user's.
-        reported_strict = strict
-        strict = strict and _load_is_strict()
-        key = prefix + "num_updates"
-        if key not in state_dict and not strict and self.num_updates.is_meta:
-            # As torch does for num_batches_tracked: a real counter, not a meta tensor.
-            state_dict[key] = torch.zeros((), dtype=torch.int64)
-        missing, unexpected, errors, shape = self._state_dict_problems(
-            state_dict, prefix, strict, local_metadata.get("assign_to_params_buffers", False))
-        if missing or unexpected or errors:
-            missing_keys.extend(missing)
-            unexpected_keys.extend(unexpected)
-            error_msgs.extend(errors)
-            if strict and not errors:  # torch reports them; say that nothing was loaded
-                error_msgs.append(f"{self._get_name()} at {prefix[:-1] or '(root)'!r}: no "
-                                  "parameter or buffer was loaded (all or nothing)")
-            return
-        if shape is None:  # a state dict saved from an unbuilt lazy layer: nothing to load
+        """Check every key of this layer first, then copy all of them or none (the promise is
+        per BatchNorm layer; see :func:`batchnorm.checkpoint.check_load`)."""
+        shape = checkpoint.check_load(self, state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if shape is None:  # a problem (reported), or an unbuilt lazy layer's: nothing to load
             return
         if self._lazy:
             self._build(shape)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, reported_strict,
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
-
-    def _state_dict_problems(self, state_dict, prefix: str, strict: bool, assign: bool):
-        """``(missing, unexpected, errors, feature_shape)`` of this layer's keys in
-        ``state_dict``; ``feature_shape`` is None for a state dict of an unbuilt layer.
-        ``assign``: ``load_state_dict(assign=True)``, which may take meta tensors as they are.
-        """
-        own = {name: t for name, t in self._parameters.items() if t is not None}
-        own.update({name: b for name, b in self._buffers.items()
-                    if b is not None and name not in self._non_persistent_buffers_set})
-        missing, errors = [], []
-        if self._lazy:
-            reference = state_dict.get(prefix + "moving_mean")
-            shape = tuple(reference.shape) if isinstance(reference, Tensor) else None
-        else:
-            shape = tuple(self.moving_mean.shape)
-        if shape is not None and 0 in shape:
-            shape = None  # saved from an unbuilt lazy layer
-        for name in own:
-            key = prefix + name
-            if key not in state_dict:
-                if strict:
-                    missing.append(key)
-                continue
-            value = state_dict[key]
-            if not isinstance(value, Tensor):
-                errors.append(f"{key}: expected a tensor, got {type(value).__name__}")
-                continue
-            if value.layout != torch.strided:
-                errors.append(f"{key}: expected a dense tensor, got a {value.layout} one; "
-                              "convert it with .to_dense() before loading")
-                continue
-            if value.is_meta and not (assign or own[name].is_meta):
-                errors.append(f"{key}: the value is a meta tensor (a shape without data), "
-                              "which has nothing to copy; load a checkpoint with real values, "
-                              "or pass assign=True to take the meta tensors as they are")
-                continue
-            if name == "num_updates":
-                if value.shape != () or value.is_floating_point() or value.is_complex() \
-                        or value.dtype == torch.bool:
-                    errors.append(f"{key}: expected an integer scalar (the update count), got "
-                                  f"a {value.dtype} tensor of shape {tuple(value.shape)}")
-                continue
-            if not value.is_floating_point():
-                errors.append(f"{key}: expected a floating-point tensor, got {value.dtype}")
-            expected = shape if shape is not None else (0,)
-            if tuple(value.shape) != expected:
-                if shape is not None and tuple(value.shape) == (0,):
-                    how = "the state dict was saved from a lazy layer that was never built"
-                elif shape is not None:
-                    how = f"the feature shape is {shape}"
-                elif prefix + "moving_mean" not in state_dict:
-                    how = "an unbuilt lazy layer takes its feature shape from moving_mean, " \
-                          "which the state dict lacks"
-                else:
-                    how = "the state dict's moving_mean is empty: it was saved from a lazy " \
-                          "layer that was never built"
-                errors.append(f"size mismatch for {key}: got shape {tuple(value.shape)}, "
-                              f"expected {expected} ({how})")
-        unexpected = []
-        if strict:
-            for key in state_dict:  # torch's rule for unexpected keys
-                name = key[len(prefix):].split(".", 1)[0]
-                if key.startswith(prefix) and name not in own and name not in self._modules:
-                    unexpected.append(key)
-        return missing, unexpected, errors, shape
 
     def state(self) -> BatchNormState:
         """The layer's moving statistics as a :class:`~batchnorm.functional.BatchNormState`
@@ -849,39 +564,9 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         shape = self.num_features
-        parts = [
-            "num_features=None" if shape is None else str(shape[0] if len(shape) == 1 else shape),
-            f"axis={self.axis}",
-            f"momentum={self.momentum}",
-            f"epsilon={self.epsilon}",
-        ]
-        for name in ("center", "scale"):
-            if not getattr(self, name):
-                parts.append(f"{name}=False")
-        for name in ("debias", "renorm"):
-            if getattr(self, name):
-                parts.append(f"{name}=True")
-        if self.unbiased_moving_variance is not None:
-            parts.append(f"unbiased_moving_variance={self.unbiased_moving_variance}")
-        if self.renorm_clipping is not None:
-            parts.append(f"renorm_clipping={self.renorm_clipping}")
-        if self.renorm and self.renorm_momentum != 0.99:
-            parts.append(f"renorm_momentum={self.renorm_momentum}")
-        if self.virtual_batch_size is not None:
-            parts.append(f"virtual_batch_size={self.virtual_batch_size}")
-            if self.ghost_layout != "strided":
-                parts.append(f"ghost_layout={self.ghost_layout!r}")
-        if self.adjustment is not None:
-            parts.append(f"adjustment={getattr(self.adjustment, '__name__', self.adjustment)}")
-        if self.fused is not None:
-            parts.append(f"fused={self.fused}")
-        if self.synchronized:
-            parts.append("synchronized=True")
-        if self.activation is not None:
-            parts.append(f"activation={self.activation!r}")
-        if not self._trainable:
-            parts.append("trainable=False")
-        return ", ".join(parts)
+        parts = ["num_features=None" if shape is None
+                 else str(shape[0] if len(shape) == 1 else shape), *options.describe(self)]
+        return ", ".join(parts if self._trainable else [*parts, "trainable=False"])
 
     def get_config(self) -> dict[str, Any]:
         """The layer's configuration with Keras's key names (plus ours); see :meth:`from_config`.
@@ -889,40 +574,9 @@ class BatchNorm(nn.Module):
         Names and numbers are serialized in Keras's ``{"class_name", "config"}``
         form; callables are kept as they are (such a config is not JSON).
         """
-        axis = self.axis if isinstance(self.axis, int) else list(self.axis)
-        num_features = self.num_features
-        return {
-            "trainable": self._trainable,
-            "axis": axis,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
-            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer),
-            "beta_regularizer": self.beta_regularizer,
-            "gamma_regularizer": self.gamma_regularizer,
-            "beta_constraint": self.beta_constraint,
-            "gamma_constraint": self.gamma_constraint,
-            "num_features": list(num_features) if num_features is not None else None,
-            "renorm": self.renorm,
-            "renorm_clipping": self.renorm_clipping,
-            "renorm_momentum": self.renorm_momentum,
-            "virtual_batch_size": self.virtual_batch_size,
-            "adjustment": self.adjustment,
-            "fused": self.fused,
-            "synchronized": self.synchronized,
-            "ghost_layout": self.ghost_layout,
-            "debias": self.debias,
-            "unbiased_moving_variance": self.unbiased_moving_variance,
-            "activation": self.activation,
-        }
-
-    # Keras layer bookkeeping that has no effect on the computation here.
-    _KERAS_ONLY_KEYS = frozenset({"name", "dtype"})
+        shape = self.num_features
+        return {"trainable": self._trainable, **options.to_config(self),
+                "num_features": list(shape) if shape is not None else None}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BatchNorm:
@@ -933,89 +587,14 @@ class BatchNorm(nn.Module):
         >>> bn.BatchNorm.from_config(layer.get_config())
         BatchNorm(4, axis=1, momentum=0.9, epsilon=0.001)
         """
-        if not isinstance(config, Mapping):
-            raise TypeError(
-                f"from_config expects a dict of options (BatchNorm.get_config()'s output or a "
-                f"Keras layer's config), got {type(config).__name__}: {config!r:.200}")
-        kwargs = {k: v for k, v in config.items() if k not in cls._KERAS_ONLY_KEYS}
-        num_features = kwargs.pop("num_features", None)
-        if isinstance(num_features, list):
-            num_features = tuple(num_features)
-        if isinstance(kwargs.get("axis"), list):
-            kwargs["axis"] = tuple(kwargs["axis"])
-        if num_features is not None and isinstance(num_features, tuple) \
-                and isinstance(kwargs.get("axis", 1), int) and len(num_features) == 1:
-            num_features = num_features[0]
+        num_features, kwargs = options.from_config_arguments(config)
         try:
             return cls(num_features, **kwargs)
         except TypeError as error:
             raise ValueError(f"cannot build a BatchNorm from config {config!r}: {error}") from None
 
 
+options.install(BatchNorm)  # the options' read-only properties
+TorchAlias.install(BatchNorm)  # torch.nn's names: weight, bias, running_mean, ..., eps
 # help() and inspect.signature() read a class's __new__ before its __init__: show __init__'s.
 BatchNorm.__new__.__signature__ = inspect.signature(BatchNorm.__init__)  # type: ignore[attr-defined]
-
-
-def _load_is_strict() -> bool:
-    """The ``strict`` flag of the running ``Module.load_state_dict``.
-
-    torch passes ``strict=True`` to every module's ``_load_from_state_dict`` and applies
-    the user's flag only after visiting them all, too late for a layer that must decide
-    before copying whether a missing key is an error (strict) or a partial load (not).
-    The flag is read from that call's frame; without one (a direct call), True, as torch
-    passes.
-    """
-    code = nn.Module.load_state_dict.__code__
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            return bool(frame.f_locals.get("strict", True))
-        frame = frame.f_back
-    return True
-
-
-def _layers(module: nn.Module):
-    return (m for m in module.modules() if isinstance(m, BatchNorm))
-
-
-def regularization_loss(module: nn.Module) -> Tensor:
-    """Sum of every BatchNorm's ``gamma_regularizer(gamma) + beta_regularizer(beta)`` in ``module``.
-
-    Add it to the loss:
-
-    >>> import torch, batchnorm as bn
-    >>> l2 = lambda g: 0.01 * g.square().sum()
-    >>> model = torch.nn.Sequential(bn.BatchNorm(3, gamma_regularizer=l2))
-    >>> bn.regularization_loss(model)
-    tensor(0.0300, grad_fn=<AddBackward0>)
-    """
-    total = torch.zeros(())
-    for layer in _layers(module):
-        for param, regularizer in ((layer.gamma, layer.gamma_regularizer),
-                                   (layer.beta, layer.beta_regularizer)):
-            if param is not None and regularizer is not None:
-                total = total.to(param.device) + regularizer(param)
-    return total
-
-
-def apply_constraints(module: nn.Module) -> None:
-    """Project every BatchNorm's ``gamma``/``beta`` through its constraint, in place.
-
-    Run it after every optimizer step:
-
-        optimizer.step(); bn.apply_constraints(model)
-    """
-    with torch.no_grad():
-        for layer in _layers(module):
-            for name, constraint in (("gamma", layer.gamma_constraint),
-                                     ("beta", layer.beta_constraint)):
-                param = getattr(layer, name)
-                if param is None or constraint is None:
-                    continue
-                projected = torch.as_tensor(constraint(param))
-                if projected.shape != param.shape:
-                    raise ValueError(
-                        f"{name}_constraint returned shape {tuple(projected.shape)}, "
-                        f"expected {tuple(param.shape)}"
-                    )
-                param.copy_(projected)

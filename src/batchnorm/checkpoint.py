@@ -1,0 +1,190 @@
+"""The BatchNorm layer's state dict: its layout version, the migration of older layouts, and
+the checks that make loading all or nothing per layer.
+
+The layout has a version (torch's mechanism: the layer's class attribute ``_version``, which
+``state_dict()`` saves in ``state_dict._metadata[prefix]["version"]``): :data:`VERSION`. A
+state dict of an older layout is upgraded by :func:`migrate` before it is checked; one saved
+without a version (by a release before versions were recorded, or with its ``_metadata``
+dropped) has version 1.
+
+Versions:
+    1. ``gamma``, ``beta`` (as present), ``moving_mean``, ``moving_variance``,
+       ``num_updates``, with ``debias`` ``initial_moving_mean`` and
+       ``initial_moving_variance``, with ``renorm`` ``moving_stddev``, ``renorm_mean`` and
+       ``renorm_stddev``; an unbuilt lazy layer saves empty tensors.
+    2. The same keys and values; the version is recorded.
+
+This module imports only :mod:`batchnorm.torch_compat`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .torch_compat import rename_torch_state_keys
+
+__all__ = ["VERSION", "MIGRATIONS", "check_load", "load_is_strict", "migrate",
+           "save_unbuilt"]
+
+VERSION = 2
+
+# MIGRATIONS[v](state_dict, prefix) upgrades, in place, the keys and values under ``prefix``
+# of layout v to layout v + 1. A version without an entry kept the keys and values.
+MIGRATIONS: dict[int, Callable[[dict[str, Any], str], None]] = {}
+
+
+def migrate(state_dict: dict[str, Any], prefix: str, version: int | None) -> str | None:
+    """Upgrade a layer's entries in ``state_dict`` from layout ``version`` (None: saved
+    without one, version 1) to :data:`VERSION`, in place; an error message for a version
+    this release cannot read, else None."""
+    version = 1 if version is None else version
+    if not isinstance(version, int) or version > VERSION:
+        return (f"{prefix or '(root)'}: the state dict has layout version {version!r}, saved "
+                f"by a newer release of batchnorm (this one reads versions up to {VERSION}); "
+                "upgrade batchnorm to load it")
+    for step in range(version, VERSION):
+        if step in MIGRATIONS:
+            MIGRATIONS[step](state_dict, prefix)
+    return None
+
+
+def save_unbuilt(layer: nn.Module, destination: dict[str, Any], prefix: str,
+                 keep_vars: bool) -> None:
+    """Save an unbuilt lazy layer (as torch's Lazy* modules allow): its parameters have no
+    value yet, and are saved as empty tensors, which :func:`check_load` recognizes."""
+    for name, param in layer._parameters.items():
+        if param is not None:
+            destination[prefix + name] = torch.empty(0, dtype=param.dtype, device=param.device)
+    for name, buffer in layer._buffers.items():
+        if buffer is not None and name not in layer._non_persistent_buffers_set:
+            destination[prefix + name] = buffer if keep_vars else buffer.detach()
+
+
+def check_load(layer: nn.Module, state_dict: dict[str, Any], prefix: str,
+               local_metadata: dict[str, Any], strict: bool, missing_keys: list[str],
+               unexpected_keys: list[str], error_msgs: list[str]) -> tuple[int, ...] | None:
+    """Prepare and check every key of ``layer`` in ``state_dict`` (torch's
+    ``_load_from_state_dict`` arguments) before anything is copied; the feature shape to
+    load, or None when nothing is to be loaded.
+
+    A ``torch.nn`` batch norm's keys are renamed to ours and an older layout is migrated.
+    Missing or unexpected keys (with ``strict=True``), non-tensors, wrong shapes and
+    non-floating values for floating tensors are reported through torch's lists, which
+    ``load_state_dict`` raises from after visiting every module, and None is returned:
+    nothing of the layer is changed (a lazy layer stays unbuilt). ``strict=False`` loads the
+    keys that are present (after the same checks).
+    """
+    renamed = rename_torch_state_keys(state_dict, prefix)  # a torch.nn checkpoint loads too
+    # A torch.nn checkpoint's version is torch's: its keys, once renamed, are our version 1.
+    problem = migrate(state_dict, prefix, 1 if renamed else local_metadata.get("version"))
+    if problem is not None:
+        error_msgs.append(problem)
+        return None
+    # torch passes strict=True here whatever the user asked (it reports missing keys then,
+    # and applies the user's flag when raising); all or nothing follows the user's.
+    strict = strict and load_is_strict()
+    key = prefix + "num_updates"
+    if key not in state_dict and not strict and layer.num_updates.is_meta:
+        # As torch does for num_batches_tracked: a real counter, not a meta tensor.
+        state_dict[key] = torch.zeros((), dtype=torch.int64)
+    missing, unexpected, errors, shape = state_dict_problems(
+        layer, state_dict, prefix, strict, local_metadata.get("assign_to_params_buffers", False))
+    if missing or unexpected or errors:
+        missing_keys.extend(missing)
+        unexpected_keys.extend(unexpected)
+        error_msgs.extend(errors)
+        if strict and not errors:  # torch reports them; say that nothing was loaded
+            error_msgs.append(f"{layer._get_name()} at {prefix[:-1] or '(root)'!r}: no "
+                              "parameter or buffer was loaded (all or nothing)")
+        return None
+    return shape  # None: a state dict saved from an unbuilt lazy layer, nothing to load
+
+
+def state_dict_problems(layer: nn.Module, state_dict: dict[str, Any], prefix: str,
+                        strict: bool, assign: bool):
+    """``(missing, unexpected, errors, feature_shape)`` of ``layer``'s keys in
+    ``state_dict``; ``feature_shape`` is None for a state dict of an unbuilt lazy layer.
+    ``assign``: ``load_state_dict(assign=True)``, which may take meta tensors as they are.
+    """
+    own = {name: t for name, t in layer._parameters.items() if t is not None}
+    own.update({name: b for name, b in layer._buffers.items()
+                if b is not None and name not in layer._non_persistent_buffers_set})
+    missing, errors = [], []
+    if layer.num_features is None:
+        reference = state_dict.get(prefix + "moving_mean")
+        shape = tuple(reference.shape) if isinstance(reference, Tensor) else None
+    else:
+        shape = tuple(layer.moving_mean.shape)
+    if shape is not None and 0 in shape:
+        shape = None  # saved from an unbuilt lazy layer
+    for name in own:
+        key = prefix + name
+        if key not in state_dict:
+            if strict:
+                missing.append(key)
+            continue
+        value = state_dict[key]
+        if not isinstance(value, Tensor):
+            errors.append(f"{key}: expected a tensor, got {type(value).__name__}")
+            continue
+        if value.layout != torch.strided:
+            errors.append(f"{key}: expected a dense tensor, got a {value.layout} one; "
+                          "convert it with .to_dense() before loading")
+            continue
+        if value.is_meta and not (assign or own[name].is_meta):
+            errors.append(f"{key}: the value is a meta tensor (a shape without data), "
+                          "which has nothing to copy; load a checkpoint with real values, "
+                          "or pass assign=True to take the meta tensors as they are")
+            continue
+        if name == "num_updates":
+            if value.shape != () or value.is_floating_point() or value.is_complex() \
+                    or value.dtype == torch.bool:
+                errors.append(f"{key}: expected an integer scalar (the update count), got "
+                              f"a {value.dtype} tensor of shape {tuple(value.shape)}")
+            continue
+        if not value.is_floating_point():
+            errors.append(f"{key}: expected a floating-point tensor, got {value.dtype}")
+        expected = shape if shape is not None else (0,)
+        if tuple(value.shape) != expected:
+            if shape is not None and tuple(value.shape) == (0,):
+                how = "the state dict was saved from a lazy layer that was never built"
+            elif shape is not None:
+                how = f"the feature shape is {shape}"
+            elif prefix + "moving_mean" not in state_dict:
+                how = "an unbuilt lazy layer takes its feature shape from moving_mean, " \
+                      "which the state dict lacks"
+            else:
+                how = "the state dict's moving_mean is empty: it was saved from a lazy " \
+                      "layer that was never built"
+            errors.append(f"size mismatch for {key}: got shape {tuple(value.shape)}, "
+                          f"expected {expected} ({how})")
+    unexpected = []
+    if strict:
+        for key in state_dict:  # torch's rule for unexpected keys
+            name = key[len(prefix):].split(".", 1)[0]
+            if key.startswith(prefix) and name not in own and name not in layer._modules:
+                unexpected.append(key)
+    return missing, unexpected, errors, shape
+
+
+def load_is_strict() -> bool:
+    """The ``strict`` flag of the running ``Module.load_state_dict``.
+
+    torch passes ``strict=True`` to every module's ``_load_from_state_dict`` and applies
+    the user's flag only after visiting them all, too late for a layer that must decide
+    before copying whether a missing key is an error (strict) or a partial load (not).
+    The flag is read from that call's frame; without one (a direct call), True, as torch
+    passes.
+    """
+    code = nn.Module.load_state_dict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return True
