@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from . import checkpoint, initializers, kernels, options, plan, recompute
+from . import checkpoint, initializers, kernels, options, plan, recompute, shapes, statistics
 from . import functional as F
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
@@ -432,10 +432,10 @@ class BatchNorm(nn.Module):
             if known is not None and known.current(config, self._parameters, self._buffers):
                 return known.run(x)
         if self._lazy:
-            group = F.synchronization_group(config.synchronized, training, self._process_group)
-            axes = F.check_input(x, config.axis, None, training=training,
-                                 virtual_batch_size=config.virtual_batch_size, mask=mask,
-                                 synchronized=group is not None)
+            group = plan.synchronization_group(config.synchronized, training, self._process_group)
+            axes = shapes.check_input(x, config.axis, None, training=training,
+                                      virtual_batch_size=config.virtual_batch_size, mask=mask,
+                                      synchronized=group is not None)
             feature_shape = tuple(x.shape[a] for a in axes)
             if 0 in feature_shape:
                 shown = config.axis[0] if self._axis_is_int else config.axis
@@ -538,8 +538,8 @@ class BatchNorm(nn.Module):
 
     def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
         for stats in skipped:
-            reason = F.skip_reason(stats, unbiased=bool(self._config.unbiased_moving_variance),
-                                   dtype=self.moving_mean.dtype)
+            unbiased = bool(self._config.unbiased_moving_variance)
+            reason = statistics.skip_reason(stats, unbiased=unbiased, dtype=self.moving_mean.dtype)
             warnings.warn(
                 f"{self._get_name()}: {reason}; the moving averages were left unchanged for "
                 "this batch", RuntimeWarning, stacklevel=user_stacklevel(),
