@@ -12,15 +12,12 @@ group with a 2-second timeout.
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import time
 import traceback
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 import torch
@@ -29,6 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import batchnorm as bn
+from batchnorm.apps.bench_distributed import end_worker
 from batchnorm.kernels import synchronized as sync_kernel
 
 TOLERANCE = {torch.float64: {"rtol": 1e-10, "atol": 1e-10},
@@ -234,25 +232,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def end_worker(*, group_usable: bool = True) -> NoReturn:
-    """End a spawned worker, once its results are saved, without the interpreter's teardown.
-
-    A gloo process can abort at interpreter exit after a clean run ("terminate called
-    without an active exception": a thread of the process group still running while
-    static destructors run; 1 to 2 runs in 25 of a bare two-process script here). With
-    a usable group the processes first wait for each other (none tears down while another
-    still talks to it) and destroy it; then what was printed is flushed and ``os._exit(0)``
-    ends the process with no destructor run, so that abort cannot happen (0 runs in 25).
-    The parent judges each worker by the results it saved (:func:`spawn_workers`).
-    """
-    if group_usable:
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def spawn_workers(worker, args: tuple, nprocs: int, out: Path, limit: float

@@ -194,12 +194,9 @@ class TwoPassFunction(torch.autograd.Function):
         a, shift_out = affine_terms(mean, invstd, scale, offset)
         cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         a, shift_out = a.to(cdtype).contiguous(), shift_out.to(cdtype).contiguous()
-        activation = None
-        if config.activation is None:
-            passes.affine(x3, layout, a, shift_out, y3)
-        else:
-            passes.affine(x3, layout, a, shift_out, y3, config.activation)
-            activation = FusedActivation(config.activation, a, shift_out)
+        passes.affine(x3, layout, a, shift_out, y3, config.activation)
+        activation = (None if config.activation is None
+                      else FusedActivation(config.activation, a, shift_out))
 
         ctx.save_for_backward(x, gamma, beta)
         ctx.context = o
