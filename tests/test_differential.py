@@ -12,7 +12,7 @@ in-place op change, so there ``y = y + 1``). Each kernel (:data:`batchnorm.kerne
 forced with :func:`batchnorm.kernels.prefer`) computes the call through
 :func:`batchnorm.functional.batch_norm`; its output, the gradients of ``sum(y * dy)`` for
 x, gamma and beta, and the updated state (every moving statistic and ``num_updates``) are
-compared with :mod:`batchnorm.reference`. A kernel that declines the call (its
+compared with the NumPy oracle (:mod:`reference`, tests/reference.py). A kernel that declines the call (its
 ``unsupported``) is skipped for that example, the reason recorded as a Hypothesis event
 (``--hypothesis-show-statistics``). The oracle has no activation and no in-place op: those
 are applied to its output by torch in float64 and differentiated by autograd, and the

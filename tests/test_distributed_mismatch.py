@@ -1,4 +1,4 @@
-"""Synchronized processes that disagree on what they synchronize (issue 12, item 16).
+"""Synchronized processes that disagree on what they synchronize.
 
 Two gloo processes call a synchronized layer with different feature counts, with
 different dtypes whose packed statistics have the same byte count (6 float32

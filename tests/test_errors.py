@@ -181,7 +181,7 @@ def test_duplicate_axes_are_rejected(axis):
         bn.BatchNorm(axis=axis)
 
 
-# Mixed negative and non-negative axes are valid (as in tf_keras): test_hardening.py.
+# Mixed negative and non-negative axes are valid (as in tf_keras): test_bad_input.py.
 
 
 @pytest.mark.parametrize("num_features, axis", [((3, 4), 1), (3, (1, 2)), ((3, 4, 5), (1, 2))])

@@ -12,7 +12,7 @@ contains terms the analytical one rightly leaves out, and gradcheck must fail
 (asserted below). Where clipping is active for every feature, with a margin far
 larger than gradcheck's perturbation, ``r`` and ``d`` are locally constant and
 gradcheck applies. The unclipped case is checked instead against the oracle's
-hand-derived backward (:func:`batchnorm.reference.backward`), which treats
+hand-derived backward (:func:`reference.backward` (tests/reference.py)), which treats
 ``r``/``d`` as constants, at ``rtol = atol = 1e-10`` (see test_reference_modes.py).
 """
 
@@ -24,7 +24,7 @@ import torch
 from torch.autograd import gradcheck
 
 import batchnorm as bn
-from batchnorm import reference
+import reference
 
 EPSILON = 1e-3
 CLIP = {"rmin": 0.5, "rmax": 1.5, "dmax": 0.5}

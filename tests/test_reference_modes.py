@@ -4,7 +4,7 @@ The modes: Batch Renormalization with and without clipping, ghost batches in bot
 layouts (with several feature axes too), masks of every accepted shape (with an
 empty ghost group too), adjustment (feature-shaped and full-rank), and their
 combinations, channels-first and channels-last. For each, a few training steps
-are compared with :mod:`batchnorm.reference` (output, the gradients of
+are compared with the NumPy oracle (:mod:`reference`, tests/reference.py) (output, the gradients of
 ``sum(y * dy)`` for x, gamma and beta, and every buffer after the step), then an
 inference call. Around that: ``trainable=False``, deferred updates, debias,
 bfloat16 inputs, a mask that selects nothing, and a Hypothesis sweep.
@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 import batchnorm as bn
 from batchnorm import functional as F
-from batchnorm import reference
+import reference
 
 RTOL = ATOL = 1e-10
 EPSILON = 1e-3

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm import reference
+import reference
 from batchnorm.tools import keras_io
 
 pytest.importorskip("h5py")

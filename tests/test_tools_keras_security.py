@@ -148,7 +148,7 @@ def refused(path: Path, match: str) -> ValueError:
     return info.value
 
 
-# ------------------------------------------------------------ item 2: data outside the file
+# ------------------------------------------------------------ data outside the file
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_dataset_stored_in_another_file_is_refused(tmp_path, fmt, secret) -> None:
@@ -232,7 +232,7 @@ def test_a_soft_link_loop_is_refused(tmp_path, fmt) -> None:
     refused(save(tmp_path, fmt, edit=edit), "soft link")
 
 
-# ------------------------------------------------------ item 3: sizes checked before reading
+# ------------------------------------------------------ sizes checked before reading
 
 def peak_bytes(call: Callable) -> tuple[int, BaseException | None]:
     """Peak memory traced (NumPy's allocations included) while ``call()`` runs."""
@@ -362,7 +362,7 @@ def test_the_total_of_batchnorm_weights_is_bounded(tmp_path, monkeypatch) -> Non
     assert len(bn.load_keras_batchnorms(save(tmp_path, "keras", [GOOD] * 3))) == 3
 
 
-# ------------------------------------------------------------- item 4: bad weights in a file
+# ------------------------------------------------------------- bad weights in a file
 
 BAD_WEIGHTS = {  # id -> (variable, stored value, what the message says)
     "2x2 gamma": ("gamma", np.ones((2, 2), "f4"), "shape"),
@@ -428,7 +428,7 @@ def test_a_refused_file_changes_nothing(tmp_path, fmt, monkeypatch) -> None:
             assert torch.equal(value, before[name][key]), (name, key)
 
 
-# --------------------------------------------------------- item 5: malformed files, typed
+# --------------------------------------------------------- malformed files, typed
 
 def test_a_missing_path_is_file_not_found(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nothing.keras"):

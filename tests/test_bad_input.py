@@ -1,12 +1,11 @@
-"""Issue 12, hardening: each test names a behaviour that was a defect, and failed before its fix.
-
-Items: 1 parameters and state validated against the input, 7 ``training`` is a bool, 8 empty
-batches, 9 non-finite padding at masked-out positions, 10 masks selecting a single value,
-11 huge finite inputs, 12 numeric limits at construction, 13 mixed parameter/input dtypes,
-14 atomic ``load_state_dict``, 15 an unbuilt lazy layer's ``state_dict`` and meta loads,
-17 ``adjustment`` broadcast as TensorFlow broadcasts it, 18 axis lists mixing signs; and a
-property test of the contract for bad input: a typed error naming the offending value, and
-every parameter and buffer bit-identical afterwards.
+"""Bad input and edge cases: each test names a behaviour that was once a defect.
+Parameters and state are validated against the input; ``training`` is a bool; empty
+batches; non-finite padding at masked-out positions; masks selecting a single value; huge
+finite inputs; numeric limits at construction; mixed parameter/input dtypes; atomic
+``load_state_dict``; an unbuilt lazy layer's ``state_dict`` and meta loads; ``adjustment``
+broadcast as TensorFlow broadcasts it; axis lists mixing signs; and a property test of the
+contract for bad input: a typed error naming the offending value, and every parameter and
+buffer bit-identical afterwards.
 """
 
 from __future__ import annotations
@@ -92,7 +91,7 @@ def trained(num_features=4, **kwargs) -> bn.BatchNorm:
     return layer
 
 
-# ---------------------------------------------------------------- item 1: validation
+# ---------------------------------------------------------------- validation
 
 
 @pytest.mark.parametrize("prefer, fused", KERNEL_CHOICES, ids=KERNEL_IDS)
@@ -144,7 +143,7 @@ def test_gamma_on_another_device_is_refused_before_any_kernel():
     assert_bit_identical(layer, before)
 
 
-# ---------------------------------------------------------------- item 7: training is a bool
+# ---------------------------------------------------------------- training is a bool
 
 
 @pytest.mark.parametrize("training", ["False", "True", 0, 1, None, np.bool_(True)])
@@ -155,7 +154,7 @@ def test_functional_training_flag_must_be_a_bool(training):
     assert int(state.num_updates) == 0  # "False" used to run a training step
 
 
-# ---------------------------------------------------------------- item 8: empty batches
+# ---------------------------------------------------------------- empty batches
 
 
 @pytest.mark.parametrize("prefer, fused", KERNEL_CHOICES, ids=KERNEL_IDS)
@@ -203,7 +202,7 @@ def test_an_empty_batch_leaves_the_functional_state_unchanged_and_builds_a_lazy_
     assert lazy.num_features == (3,) and int(lazy.num_updates) == 0
 
 
-# ---------------------------------------------------------------- item 9: masked-out padding
+# ---------------------------------------------------------------- masked-out padding
 
 
 def padded_batch(pad: float, at_first_row: bool):
@@ -278,7 +277,7 @@ def test_recalibrate_ignores_nan_padding_at_masked_out_positions():
                                rtol=1e-6, atol=1e-6)
 
 
-# ---------------------------------------------------------------- item 10: degenerate masks
+# ---------------------------------------------------------------- degenerate masks
 
 
 @pytest.mark.parametrize("prefer", ["composite", "cpu"])
@@ -341,7 +340,7 @@ def test_recalibrate_keeps_the_statistics_of_a_feature_no_mask_selects():
                                x[:, :2].double().mean((0, 2)), rtol=1e-6, atol=1e-6)
 
 
-# ---------------------------------------------------------------- item 11: huge finite inputs
+# ---------------------------------------------------------------- huge finite inputs
 
 
 @pytest.mark.parametrize("prefer", ["composite", "native", "cpu"])
@@ -384,7 +383,7 @@ def test_a_float64_layer_keeps_a_variance_of_1e60():
                                atol=0)
 
 
-# ---------------------------------------------------------------- item 12: numeric limits
+# ---------------------------------------------------------------- numeric limits
 
 
 @pytest.mark.parametrize("epsilon", [1e-300, 1e-40, 1e-45])
@@ -446,7 +445,7 @@ def test_dtype_must_be_a_torch_dtype(dtype):
         bn.BatchNorm(3, dtype=dtype)
 
 
-# ---------------------------------------------------------------- item 13: mixed dtypes
+# ---------------------------------------------------------------- mixed dtypes
 
 
 @pytest.mark.parametrize("prefer, fused", KERNEL_CHOICES, ids=KERNEL_IDS)
@@ -482,7 +481,7 @@ def test_mixed_parameter_and_input_dtypes_are_cast_on_every_kernel(
                                **tolerance)
 
 
-# ---------------------------------------------------------------- item 14: atomic loads
+# ---------------------------------------------------------------- atomic loads
 
 
 @pytest.mark.parametrize("problem", ["missing", "shape", "dtype", "not_a_tensor",
@@ -563,7 +562,7 @@ def test_inside_a_model_the_failing_batch_norm_is_untouched_and_non_strict_loads
     assert torch.equal(model[1].moving_mean, before["moving_mean"])
 
 
-# ---------------------------------------------------------------- item 15: lazy and meta
+# ---------------------------------------------------------------- lazy and meta
 
 
 def test_an_unbuilt_lazy_layer_has_a_state_dict_that_saves_and_loads():
@@ -598,7 +597,7 @@ def test_loading_with_assign_from_the_meta_device_makes_num_updates_real(lazy):
     assert all(not t.is_meta for t in layer.state_dict().values())
 
 
-# ---------------------------------------------------------------- item 17: adjustment
+# ---------------------------------------------------------------- adjustment
 
 
 def test_adjustment_results_broadcast_by_numpy_rules_like_tensorflow():
@@ -634,7 +633,7 @@ def test_an_adjustment_that_does_not_broadcast_is_refused_with_the_shape_to_retu
     assert_bit_identical(layer, before)
 
 
-# ---------------------------------------------------------------- item 18: mixed-sign axes
+# ---------------------------------------------------------------- mixed-sign axes
 
 
 def test_an_axis_list_mixing_signs_is_resolved_at_the_first_call():

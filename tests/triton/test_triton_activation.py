@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import test_activation
 import test_kernels as cpu_tests
-import test_triton
+import test_triton_passes
 import test_triton_kernel
 import torch
 
@@ -78,7 +78,7 @@ def test_triton_passes_name_the_activation_they_do_not_know():
 # variant the activation adds: the output and both backward kernels for ReLU and SiLU, in
 # float32, bfloat16 and float64, planes and rows, masked or not. The interpreter accepts code
 # the GPU compiler rejects (mixed types in a branch, float64 transcendental functions); this
-# is test_triton.py's compile check, with the kernels launched with an activation.
+# is test_triton_passes.py's compile check, with the kernels launched with an activation.
 COMPILE_SCRIPT = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
@@ -127,4 +127,4 @@ print('compiled', len(launches))
 
 
 def test_triton_activation_kernels_compile_for_h200():
-    assert "compiled 18" in test_triton.compile_for_h200(COMPILE_SCRIPT, timeout=600)
+    assert "compiled 18" in test_triton_passes.compile_for_h200(COMPILE_SCRIPT, timeout=600)
