@@ -29,7 +29,7 @@ import test_kernels as cpu_tests
 import torch
 
 import batchnorm as bn
-from batchnorm import activations, kernels
+from batchnorm import activations, kernels, plan
 from batchnorm.functional import BatchNormConfig, initial_state
 from batchnorm.kernels import KernelCall, composite, cpu, inference, native
 from batchnorm.kernels.cpu import passes as cpu_passes
@@ -230,7 +230,7 @@ def test_the_fast_path_takes_the_activation_and_keeps_only_x(monkeypatch):
     monkeypatch.setattr(cpu_passes, "MIN_ACTIVATION_NUMEL", cpu.MIN_PLAIN_NUMEL)
     x = torch.randn(64, 16, 8, 8, requires_grad=True)
     call = KernelCall(BatchNormConfig(activation="relu"), (1,), torch.ones(16), torch.zeros(16))
-    assert kernels.select(x, initial_state(16), call) is cpu.CPU
+    assert plan.select(x, initial_state(16), call) is cpu.CPU
     y, _ = cpu.CPU.train(x, initial_state(16), call)
     saved = [t for t in y.grad_fn.saved_tensors if t is not None]
     assert len(saved) == 3 and saved[0] is x
@@ -303,7 +303,7 @@ def test_small_inputs_take_atens_kernel_and_the_activation_in_place(monkeypatch)
     x = torch.randn(256, 256)
     assert x.numel() < cpu_passes.MIN_ACTIVATION_NUMEL
     call = KernelCall(BatchNormConfig(activation="relu"), (1,), None, None)
-    assert kernels.select(x, initial_state(256), call) is kernels.KERNELS["native"]
+    assert plan.select(x, initial_state(256), call) is kernels.KERNELS["native"]
     calls = []
     affine = cpu_passes.affine
     monkeypatch.setattr(cpu_passes, "affine", lambda *a: calls.append(a) or affine(*a))
@@ -335,7 +335,7 @@ def test_fused_none_takes_the_fused_passes_for_channels_last_with_an_activation(
     assert x.numel() >= cpu_passes.MIN_ACTIVATION_NUMEL
     for activation, expected in ((None, native.NATIVE), ("relu", cpu.CPU)):
         call = KernelCall(BatchNormConfig(activation=activation), (1,))
-        assert kernels.select(x, initial_state(16), call) is expected
+        assert plan.select(x, initial_state(16), call) is expected
 
 
 @pytest.mark.parametrize(("activation", "options"), [("relu", {}),

@@ -5,6 +5,7 @@ the applications (see docs/architecture.md)."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,9 +132,9 @@ def test_a_device_package_imports_no_other_devices_code(name: str) -> None:
                                         and not device_code(n) and n != "batchnorm.kernels"))
 def test_only_the_registry_and_the_plans_import_a_device_package(name: str) -> None:
     # The inference path reaches a device's loop through kernels.protocol.INFERENCE_PASSES,
-    # training through kernels.FAST_PATHS; outside the registry only the layer's plans
-    # (kernels.cpu's moving-average update), the tests and the applications name a device.
-    allowed = {"batchnorm.plan"} | {n for n in MODULES if n.startswith("batchnorm.apps")}
+    # training through kernels.FAST_PATHS, the moving-average update through
+    # statistics.UPDATE_LOOPS; outside the registry only the applications name a device.
+    allowed = {n for n in MODULES if n.startswith("batchnorm.apps")}
     direct = [(target, line) for target, _, line in imports(name) if device_code(target)]
     assert name in allowed or not direct, f"{name} imports device code: {direct}"
 
@@ -155,3 +156,35 @@ def test_the_checks_see_a_cycle_and_a_private_import(tmp_path: Path, monkeypatch
     assert edges("batchnorm.fake_b") == {"batchnorm.fake_a"}
     with pytest.raises(pytest.fail.Exception, match="import cycle"):
         test_no_import_cycle()
+
+
+def modules_entered(call) -> list[str]:
+    """The package's modules whose code ``call()`` runs, in the order first entered."""
+    entered: list[str] = []
+
+    def profile(frame, event, arg) -> None:
+        name = frame.f_globals.get("__name__", "")
+        if event == "call" and name.startswith("batchnorm") and name not in entered:
+            entered.append(name)
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return entered
+
+
+def test_a_training_call_enters_few_modules() -> None:
+    # One call path: the layer, its plan (the checks and the kernel choice), the kernel and
+    # the update. A first call of a layer (the checks, the kernel choice, the update
+    # prepared) at most 10 modules; a planned call at most 6 (measured: 10 and 6).
+    import torch
+
+    import batchnorm as bn
+    layer = bn.BatchNorm(64)
+    x = torch.randn(32, 64)
+    first = modules_entered(lambda: layer(x, training=True))
+    planned = modules_entered(lambda: layer(x, training=True))
+    assert len(first) <= 10, first
+    assert len(planned) <= 6, planned
+    assert int(layer.num_updates) == 2  # both calls did update

@@ -42,10 +42,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 import torch
 
 import batchnorm as bn
-from batchnorm import kernels, reference
+from batchnorm import kernels
 from batchnorm.config import BatchNormConfig
 from batchnorm.kernels import cpu
 

@@ -12,7 +12,7 @@ in-place op change, so there ``y = y + 1``). Each kernel (:data:`batchnorm.kerne
 forced with :func:`batchnorm.kernels.prefer`) computes the call through
 :func:`batchnorm.functional.batch_norm`; its output, the gradients of ``sum(y * dy)`` for
 x, gamma and beta, and the updated state (every moving statistic and ``num_updates``) are
-compared with the NumPy oracle (:mod:`reference`, tests/reference.py). A kernel that declines the call (its
+compared with the NumPy oracle (tests/reference.py). A kernel that declines the call (its
 ``unsupported``) is skipped for that example, the reason recorded as a Hypothesis event
 (``--hypothesis-show-statistics``). The oracle has no activation and no in-place op: those
 are applied to its output by torch in float64 and differentiated by autograd, and the
@@ -47,12 +47,13 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+import reference
 import torch
 from hypothesis import HealthCheck, assume, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from batchnorm import functional as F
-from batchnorm import kernels, reference
+from batchnorm import kernels
 from batchnorm.config import BatchNormConfig
 from batchnorm.kernels.triton import available as triton_available
 from batchnorm.plan import prepare

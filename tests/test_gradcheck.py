@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference
 import torch
 from torch.autograd import gradcheck
 
 import batchnorm as bn
-import reference
 
 EPSILON = 1e-3
 CLIP = {"rmin": 0.5, "rmax": 1.5, "dmax": 0.5}

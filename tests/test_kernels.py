@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm import kernels
+from batchnorm import kernels, plan
 from batchnorm.functional import BatchNormConfig, initial_state
 from batchnorm.kernels import KernelCall, composite, cpu, inference, native
 from batchnorm.kernels.cpu import passes as cpu_passes
@@ -311,7 +311,7 @@ def test_existing_reference_modes_on_the_fast_path(mode, fast_path_everywhere):
 
 def select_for(x, mask=None, **options):
     call = KernelCall(BatchNormConfig(axis=1, **options), (1,), mask=mask)
-    return kernels.select(x, initial_state(x.shape[1]), call)
+    return plan.select(x, initial_state(x.shape[1]), call)
 
 
 def test_fused_none_takes_the_fast_path_for_large_cpu_batches():

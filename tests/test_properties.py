@@ -39,13 +39,13 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+import reference
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import batchnorm as bn
 from batchnorm import functional as F
-import reference
 
 SETTINGS = settings(
     max_examples=40,

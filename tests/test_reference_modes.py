@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import reference
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import batchnorm as bn
 from batchnorm import functional as F
-import reference
 
 RTOL = ATOL = 1e-10
 EPSILON = 1e-3

@@ -138,18 +138,30 @@ def test_a_release_checkpoint_of_a_model_loads_into_its_layers():
 
 
 @pytest.mark.parametrize("lazy", [False, True])
-def test_strict_loading_through_a_parent_loads_nothing_of_a_layer_with_a_missing_key(lazy):
+def test_strict_loading_of_the_layer_itself_loads_nothing_if_a_key_is_missing(lazy):
+    source = trained().state_dict()
+    del source["moving_variance"]
+    layer = bn.BatchNorm(None if lazy else 3)
+    before = copy.deepcopy(layer)
+    with pytest.raises(RuntimeError, match=r'(?s)Missing key\(s\).*"moving_variance".*all or '
+                                           "nothing"):
+        layer.load_state_dict(source)
+    if lazy:
+        assert layer.num_features is None and is_lazy(layer.gamma)
+    else:
+        assert_equal_values(layer, values(before))
+
+
+def test_strict_loading_through_a_parent_reports_a_missing_key_as_torch_does():
+    """torch passes strict=True to each module whatever the user asked, and raises for
+    missing keys after loading the keys present, for its own layers as for this one."""
     source = nn.Sequential(nn.Linear(3, 3), trained()).state_dict()
     del source["1.moving_variance"]
-    model = nn.Sequential(nn.Linear(3, 3), bn.BatchNorm(None if lazy else 3))
-    before = copy.deepcopy(model[1])
-    with pytest.raises(RuntimeError, match=r'(?s)Missing key\(s\).*"1.moving_variance".*all or '
-                                           "nothing"):
+    model = nn.Sequential(nn.Linear(3, 3), bn.BatchNorm(3))
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\).*"1.moving_variance"'):
         model.load_state_dict(source)
-    if lazy:
-        assert model[1].num_features is None and is_lazy(model[1].gamma)
-    else:
-        assert_equal_values(model[1], values(before))
+    assert torch.equal(model[1].moving_mean, source["1.moving_mean"])
+    assert torch.equal(model[1].moving_variance, torch.ones(3))  # its initial value, kept
 
 
 def test_non_strict_loading_through_a_parent_loads_the_keys_present():
@@ -160,6 +172,16 @@ def test_non_strict_loading_through_a_parent_loads_the_keys_present():
     assert result.missing_keys == ["0.weight", "0.bias", "1.moving_variance"]
     assert torch.equal(model[1].moving_mean, layer.moving_mean)
     assert torch.equal(model[1].moving_variance, torch.ones(3))  # its initial value, kept
+
+
+def test_non_strict_loading_of_the_layer_itself_loads_the_keys_present():
+    layer = trained()
+    source = {k: v for k, v in layer.state_dict().items() if k != "moving_variance"}
+    fresh = bn.BatchNorm(3)
+    result = fresh.load_state_dict(source, strict=False)
+    assert result.missing_keys == ["moving_variance"]
+    assert torch.equal(fresh.moving_mean, layer.moving_mean)
+    assert torch.equal(fresh.moving_variance, torch.ones(3))  # its initial value, kept
 
 
 def test_non_strict_loading_through_a_parent_still_loads_nothing_of_a_layer_with_a_bad_value():

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 import torch
 
 import batchnorm as bn
-import reference
 from batchnorm.tools import keras_io
 
 pytest.importorskip("h5py")

@@ -19,7 +19,6 @@ This module imports only :mod:`batchnorm.torch_compat`.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +27,7 @@ from torch import Tensor, nn
 
 from .torch_compat import rename_torch_state_keys
 
-__all__ = ["VERSION", "MIGRATIONS", "check_load", "load_is_strict", "migrate",
-           "save_unbuilt"]
+__all__ = ["VERSION", "MIGRATIONS", "check_load", "migrate", "save_unbuilt"]
 
 VERSION = 2
 
@@ -73,11 +71,15 @@ def check_load(layer: nn.Module, state_dict: dict[str, Any], prefix: str,
     load, or None when nothing is to be loaded.
 
     A ``torch.nn`` batch norm's keys are renamed to ours and an older layout is migrated.
-    Missing or unexpected keys (with ``strict=True``), non-tensors, wrong shapes and
-    non-floating values for floating tensors are reported through torch's lists, which
-    ``load_state_dict`` raises from after visiting every module, and None is returned:
-    nothing of the layer is changed (a lazy layer stays unbuilt). ``strict=False`` loads the
-    keys that are present (after the same checks).
+    Non-tensors, wrong shapes and non-floating values for floating tensors are reported
+    through torch's lists, which ``load_state_dict`` raises from after visiting every
+    module, and None is returned: nothing of the layer is changed (a lazy layer stays
+    unbuilt). So are missing or unexpected keys where the layer itself is loaded with
+    ``strict=True`` (``BatchNorm.load_state_dict`` sets ``_strict_load``). Elsewhere (a
+    non-strict load; the layer inside a parent module, to which torch does not pass the
+    user's flag) the keys present are loaded after the same checks, and torch reports the
+    missing and unexpected ones, raising for them under ``strict=True``: the behaviour of
+    torch's own layers.
     """
     renamed = rename_torch_state_keys(state_dict, prefix)  # a torch.nn checkpoint loads too
     # A torch.nn checkpoint's version is torch's: its keys, once renamed, are our version 1.
@@ -85,24 +87,32 @@ def check_load(layer: nn.Module, state_dict: dict[str, Any], prefix: str,
     if problem is not None:
         error_msgs.append(problem)
         return None
-    # torch passes strict=True here whatever the user asked (it reports missing keys then,
-    # and applies the user's flag when raising); all or nothing follows the user's.
-    strict = strict and load_is_strict()
+    # torch passes strict=True to every module whatever the user asked, and applies the
+    # user's flag only after visiting them all. Where the layer itself is loaded, its
+    # load_state_dict knows the flag; inside a parent module missing and unexpected keys
+    # are left to torch, which reports them (raising under strict=True) after loading the
+    # keys present, as for its own layers.
+    atomic = getattr(layer, "_strict_load", False)  # set by BatchNorm.load_state_dict
     key = prefix + "num_updates"
-    if key not in state_dict and not strict and layer.num_updates.is_meta:
-        # As torch does for num_batches_tracked: a real counter, not a meta tensor.
+    if key not in state_dict and not atomic and layer.num_updates.is_meta:
+        # As torch does for num_batches_tracked: a real counter, not a meta tensor (the key
+        # is still reported missing).
         state_dict[key] = torch.zeros((), dtype=torch.int64)
+        missing_keys.append(key)
     missing, unexpected, errors, shape = state_dict_problems(
-        layer, state_dict, prefix, strict, local_metadata.get("assign_to_params_buffers", False))
+        layer, state_dict, prefix, atomic, local_metadata.get("assign_to_params_buffers", False))
     if missing or unexpected or errors:
         missing_keys.extend(missing)
         unexpected_keys.extend(unexpected)
         error_msgs.extend(errors)
-        if strict and not errors:  # torch reports them; say that nothing was loaded
+        if not errors:  # torch reports the keys; say that nothing was loaded
             error_msgs.append(f"{layer._get_name()} at {prefix[:-1] or '(root)'!r}: no "
                               "parameter or buffer was loaded (all or nothing)")
         return None
-    return shape  # None: a state dict saved from an unbuilt lazy layer, nothing to load
+    if shape is None and not atomic:  # nothing is loaded, so torch reports nothing missing
+        missing_keys.extend(prefix + name for name in layer.state_dict(keep_vars=True)
+                            if prefix + name not in state_dict)
+    return shape  # None: a state dict saved from an unbuilt lazy layer
 
 
 def state_dict_problems(layer: nn.Module, state_dict: dict[str, Any], prefix: str,
@@ -170,21 +180,3 @@ def state_dict_problems(layer: nn.Module, state_dict: dict[str, Any], prefix: st
             if key.startswith(prefix) and name not in own and name not in layer._modules:
                 unexpected.append(key)
     return missing, unexpected, errors, shape
-
-
-def load_is_strict() -> bool:
-    """The ``strict`` flag of the running ``Module.load_state_dict``.
-
-    torch passes ``strict=True`` to every module's ``_load_from_state_dict`` and applies
-    the user's flag only after visiting them all, too late for a layer that must decide
-    before copying whether a missing key is an error (strict) or a partial load (not).
-    The flag is read from that call's frame; without one (a direct call), True, as torch
-    passes.
-    """
-    code = nn.Module.load_state_dict.__code__
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            return bool(frame.f_locals.get("strict", True))
-        frame = frame.f_back
-    return True

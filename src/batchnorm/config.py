@@ -326,9 +326,15 @@ average
         key = ("variance", unbiased)
         decided = self._resolved.get(key)
         if decided is None:
-            decided = self._resolved.setdefault(
-                key, self.replace(unbiased_moving_variance=unbiased))
+            decided = self._resolved.setdefault(key, self._with(unbiased_moving_variance=bool(
+                unbiased)))
         return decided
+
+    def _with(self, **changes: bool) -> BatchNormConfig:
+        """A copy with boolean fields changed, without validating the rest again (it was)."""
+        copy = object.__new__(BatchNormConfig)
+        copy.__dict__.update(self.__dict__, **changes, _resolved={})
+        return copy
 
     def resolve_axes(self, ndim: int) -> tuple[int, ...]:
         """The sorted non-negative feature axes for an input of rank ``ndim``; ``ValueError``

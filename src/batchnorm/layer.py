@@ -11,16 +11,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from . import checkpoint, initializers, kernels, options, plan, recompute, shapes, statistics
+from . import checkpoint, initializers, options, plan, recompute, shapes, statistics
 from . import functional as F
 from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch
 from .initializers import Initializer
-from .kernels.inference import prepared_inference
-from .kernels.protocol import traced
 from .regularization import apply_constraints, regularization_loss
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
+from .statistics import Update
 from .torch_compat import (
     TorchAlias,
     refuse_scripting,
@@ -364,6 +363,25 @@ class BatchNorm(nn.Module):
         else:
             super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``torch.nn.Module.load_state_dict``, all or nothing for this layer: with
+        ``strict=True`` a missing or unexpected key loads nothing (inside a parent module
+        torch does not pass its flag down: there the keys present are loaded and torch
+        raises for the others, as for its own layers). Invalid values (shapes, dtypes,
+        non-tensors) load nothing under either flag.
+
+        >>> import batchnorm as bn
+        >>> layer = bn.BatchNorm(2)
+        >>> layer.load_state_dict(bn.BatchNorm(2).state_dict())
+        <All keys matched successfully>
+        """
+        self._strict_load = bool(strict)  # read by checkpoint.check_load
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        finally:
+            del self._strict_load
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         """Check every key of this layer first, then copy all of them or none (the promise is
@@ -422,7 +440,7 @@ class BatchNorm(nn.Module):
         training = self._resolve_training(training)
         config = self._config
         key = None
-        if mask is None and kernels.preferred() is None and not (
+        if mask is None and not (
                 training and (config.synchronized or recompute.in_backward()
                               or active_recorder(self) is not None)):
             # The checks and the kernel choice of an earlier call with this signature hold
@@ -430,7 +448,7 @@ class BatchNorm(nn.Module):
             key = plan.signature(x, training)
             known = self._plans.get(key)
             if known is not None and known.current(config, self._parameters, self._buffers):
-                return known.run(x)
+                return self._run(known, x)
         if self._lazy:
             group = plan.synchronization_group(config.synchronized, training, self._process_group)
             axes = shapes.check_input(x, config.axis, None, training=training,
@@ -449,7 +467,7 @@ class BatchNorm(nn.Module):
         if training and isinstance(x, Tensor):  # the variance fed to moving_variance
             config = config.for_input(x.ndim, x.dtype)
         if key is not None:
-            return self._plan(key, x, state, config, training).run(x)
+            return self._run(self._plan(key, x, state, config, training), x)
         # Activation checkpointing runs a training call again during backward: it must not
         # update twice, and must normalize with the state the original call saw.
         recomputing = training and recompute.in_backward()
@@ -486,16 +504,21 @@ class BatchNorm(nn.Module):
         the layer's, decided for ``x`` (:meth:`BatchNormConfig.for_input`)."""
         prepared = plan.prepare(x, state, config, training=training, gamma=self.gamma,
                                 beta=self.beta, mask=None, process_group=self._process_group)
-        run = (plan.training_run(self, x, state, prepared) if training
-               else prepared_inference(x, state, prepared.call))
         held = [(BUFFER_NAMES[f], t) for f, t in zip(state._fields, state, strict=True)
                 if t is not None]
         made = plan.CallPlan(self._config, ("gamma", "beta"), tuple(name for name, _ in held),
-                             (self.gamma, self.beta, *(t for _, t in held)), run)
+                             (self.gamma, self.beta, *(t for _, t in held)), x, state, prepared)
         if len(self._plans) >= plan.MAX_PLANS:
             self._plans.clear()  # atomic, unlike evicting one while another thread reads
         self._plans[key] = made
         return made
+
+    def _run(self, known: plan.CallPlan, x: Tensor) -> Tensor:
+        """A planned call: the prepared kernel, then the prepared update."""
+        y, stats = known.run(x)
+        if stats is not None:
+            self._update(stats, known.state, known.call_config, known.update, traced=False)
+        return y
 
     def update_statistics(self, stats: BatchStatistics,
                           unbiased_moving_variance: bool | None = None) -> None:
@@ -513,20 +536,27 @@ class BatchNorm(nn.Module):
         self._update(stats, self.state(), self._config.with_variance(unbiased_moving_variance))
 
     def _update(self, stats: BatchStatistics, state: BatchNormState,
-                config: BatchNormConfig) -> None:
-        """Apply ``stats`` with ``config`` (the layer's, decided for the call's input)."""
+                config: BatchNormConfig, update: Update | None = None,
+                traced: bool | None = None) -> None:
+        """Apply ``stats`` with ``config`` (the layer's, decided for the call's input), through
+        ``update`` where a plan prepared it (:func:`batchnorm.statistics.prepare_update`);
+        ``traced``: whether a tracer sees the call (None: find out)."""
         if config.renorm or not isinstance(stats.count, int):
             recompute.remember(self, state, (stats,))  # the state enters the output
-        # A CPU tensor is read back at once (no device to wait for), unless traced or inside a
-        # torch.func transform: there the count of skips is written with the averages.
-        untraced_cpu = stats.mean.device.type == "cpu" and not traced(stats.mean)
-        applied = F.apply_update(state, stats, config,
-                                 skipped=None if untraced_cpu else self.num_skipped)
-        if untraced_cpu:
-            if not applied.numpy():  # a NumPy view of CPU memory: there is no device to wait for
-                self._skipped(stats)
+        # On CPU whether the batch entered the averages is read at once (no device to wait
+        # for), unless traced or inside a torch.func transform: there, and on an
+        # accelerator, the count of skips is written with the averages.
+        if traced is None:
+            traced = statistics.traced(stats.mean)
+        host = stats.mean.device.type == "cpu" and not traced
+        skipped = None if host else self.num_skipped
+        applied = (update(stats, skipped) if update is not None
+                   else F.apply_update(state, stats, config, skipped=skipped))
+        if host:
+            if applied is False or (applied is not True and not applied.numpy()):
+                self._skipped(stats)  # a NumPy view of CPU memory: nothing to wait for
             return
-        if traced(stats.mean):
+        if traced:
             return  # traced: the counter records skips; check_health() reports them
         self._health.watch(applied, stats)
         self._warn_skipped(self._health.skipped())

@@ -15,10 +15,12 @@ checkpointing's recomputation, a :class:`~batchnorm.DeferredUpdates` block,
 ``torch.compile`` tracing, ...) takes the full path, which raises every error
 it raises, and may leave a new plan.
 
-A training plan prepares the moving-average update too: on CPU, where the
-batch's statistics come from ATen's kernel, one numba loop checks them and
-moves both averages (:func:`batchnorm.kernels.cpu.prepared_update`); elsewhere
-the layer's update runs as on the full path.
+A plan holds what the kernel prepared for the signature
+(:meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`, or the prepared inference
+pass) and, in training, the moving-average update prepared for it
+(:func:`batchnorm.statistics.prepare_update`: on CPU one numba loop checks the statistics
+and moves both averages). The full path runs the same functions, prepared for one call, so
+the two cannot drift apart. Neither names a kernel or a device.
 """
 
 from __future__ import annotations
@@ -30,18 +32,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import kernels
 from .config import BatchNormConfig, check_epsilon
-from .kernels.cpu import prepared_update
-from .kernels.inference import infer
+from .kernels import FAST_PATHS, PREFERRED
+from .kernels.composite import COMPOSITE
+from .kernels.inference import infer, prepare_inference
 from .kernels.native import NATIVE
 from .kernels.protocol import KernelCall, TrainingKernel
 from .kernels.synchronized import resolve_group
 from .shapes import check_features, check_input, values_per_feature
 from .state import BatchNormState, BatchStatistics, state_fields, statistics_dtype
+from .statistics import prepare_update
 
-__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "prepare", "run", "signature",
-           "synchronization_group", "training_run"]
+__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "prepare", "prepare_run", "run",
+           "select", "signature", "synchronization_group"]
 
 # Signatures a layer keeps plans for (a training and an inference shape, a smaller last
 # batch, ...); beyond that the layer starts over.
@@ -80,7 +83,36 @@ def prepare(x: Tensor, state: BatchNormState, config: BatchNormConfig, *, traini
         # An empty batch (a detection model's batch without boxes): an empty output whose
         # gradients are zeros, and no statistics, so no update (as PyTorch and tf_keras).
         return Prepared(call, None)
-    return Prepared(call, kernels.select(x, state, call))
+    return Prepared(call, select(x, state, call))
+
+
+def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel:
+    """The kernel that computes this training call, from the registry
+    (:mod:`batchnorm.kernels`): ``fused=False`` (or synchronized statistics) the composite;
+    ``fused=True`` ATen's kernel; ``fused=None`` the kernel a
+    :func:`~batchnorm.kernels.prefer` block forces, else the device's fast path when it
+    takes the call and does not prefer the fallback, else ATen's kernel for the plain mode
+    and the composite for the others.
+
+    Raises ``ValueError`` when ``fused=True`` and ATen's kernel cannot compute it
+    (a mask, or synchronized statistics, known only per call).
+    """
+    fused = call.config.fused
+    if fused:
+        reason = NATIVE.unsupported(x, state, call)
+        if reason is not None:
+            raise ValueError(f"fused=True, but there is no fused kernel for {reason}; "
+                             "use fused=None to pick the fastest available path")
+        return NATIVE
+    if fused is False or call.process_group is not None:
+        return COMPOSITE
+    if PREFERRED and PREFERRED[-1].unsupported(x, state, call) is None:
+        return PREFERRED[-1]
+    fallback = NATIVE if NATIVE.unsupported(x, state, call) is None else COMPOSITE
+    fast = FAST_PATHS.get(x.device.type)
+    if fast is None or fast.prefers_fallback(x, call) or fast.unsupported(x, state, call):
+        return fallback
+    return fast
 
 
 def synchronization_group(synchronized: bool, training: bool, process_group: Any = None
@@ -141,17 +173,18 @@ def _check_tensors(x: Tensor, axes: tuple[int, ...], state: BatchNormState,
 def signature(x: Tensor, training: bool) -> tuple | None:
     """The key of a call's plan: what its checks and kernel choice depend on besides the
     layer (the training flag, grad mode, the input's shape, strides, dtype, device and
-    ``requires_grad``); None where a call on ``x`` may neither use nor leave a plan: a tensor
-    subclass, or tracing by ``torch.compile``, ``torch.jit.trace`` or inside a ``torch.func``
-    transform (which see the full path, as they always did), even one that captured ``x``
-    unwrapped: the plan's update writes the buffers' memory, where the transform must see
-    (and may refuse) each write."""
+    ``requires_grad``, and the kernel a :func:`batchnorm.kernels.prefer` block forces); None
+    where a call on ``x`` may neither use nor leave a plan: a tensor subclass, or tracing by
+    ``torch.compile``, ``torch.jit.trace`` or inside a ``torch.func`` transform (which see
+    the full path, as they always did), even one that captured ``x`` unwrapped: the plan's
+    update writes the buffers' memory, where the transform must see (and may refuse) each
+    write."""
     if (type(x) is not Tensor or torch.compiler.is_dynamo_compiling()
             or torch._C._get_tracing_state()
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return None
     return (training, torch.is_grad_enabled(), x.requires_grad, x.dtype, x.device, x.shape,
-            x.stride())
+            x.stride(), PREFERRED[-1] if PREFERRED else None)
 
 
 def fingerprint(tensors: Sequence[Tensor | None]) -> list:
@@ -162,18 +195,28 @@ def fingerprint(tensors: Sequence[Tensor | None]) -> list:
 
 
 class CallPlan:
-    """One input signature's call of one layer, checked once: ``run(x) -> y``.
+    """One input signature's call of one layer, checked once: ``run(x) -> (y, stats)``
+    (:func:`prepare_run`), and in training the moving-average ``update(stats, skipped)``
+    (:func:`batchnorm.statistics.prepare_update`) with the ``state`` and the ``call_config``
+    (the layer's, decided for the input) it was prepared for.
 
     It remembers the configuration object, and the parameters and buffers (by the layer's
     names) the checks saw with their :func:`fingerprint`.
     """
 
-    __slots__ = ("config", "parameters", "buffers", "tensors", "fingerprint", "run")
+    __slots__ = ("config", "parameters", "buffers", "tensors", "fingerprint", "run", "update",
+                 "state", "call_config")
 
     def __init__(self, config: BatchNormConfig, parameters: tuple[str, ...],
-                 buffers: tuple[str, ...], tensors: tuple[Tensor | None, ...],
-                 run: Callable[[Tensor], Tensor]) -> None:
-        self.config, self.run = config, run
+                 buffers: tuple[str, ...], tensors: tuple[Tensor | None, ...], x: Tensor,
+                 state: BatchNormState, prepared: Prepared) -> None:
+        self.config, self.state, self.call_config = config, state, prepared.call.config
+        self.run = prepare_run(x, state, prepared)
+        self.update = None if prepared.kernel is None else prepare_update(
+            state, prepared.call.config, statistics_dtype(x.dtype),
+            values_per_feature(x, prepared.call.axes)
+            if prepared.call.mask is None and prepared.call.config.virtual_batch_size is None
+            else None)
         self.parameters, self.buffers, self.tensors = parameters, buffers, tensors
         self.fingerprint = fingerprint(tensors)
 
@@ -188,39 +231,13 @@ class CallPlan:
         return all(map(operator.is_, now, self.tensors)) and fingerprint(now) == self.fingerprint
 
 
-def training_run(layer: Any, x: Tensor, state: BatchNormState,
-                 prepared: Prepared) -> Callable[[Tensor], Tensor]:
-    """The training call of ``layer`` for ``x``'s signature: the kernel and the update.
-
-    ``layer`` provides ``_update(stats, state, config)`` (the full update) and
-    ``_skipped(stats)`` (count and report a batch the prepared update left out).
-    """
+def prepare_run(x: Tensor, state: BatchNormState,
+                prepared: Prepared) -> Callable[[Tensor], tuple[Tensor, BatchStatistics | None]]:
+    """:func:`run` for inputs of ``x``'s signature, decided once: the training kernel's
+    prepared call (:meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`), or the
+    prepared inference pass."""
     call, kernel = prepared
-    if kernel is None:
-        return lambda x: infer(x, state, call)
-    native = NATIVE.prepared(x, call) if kernel is NATIVE else None
-    dtype = statistics_dtype(x.dtype)
-    update = None
-    # One group of int-counted statistics (no ghost batches, no mask) on CPU: the numba loop.
-    if x.device.type == "cpu" and call.mask is None and call.config.virtual_batch_size is None:
-        update = prepared_update(state, call.config, dtype, values_per_feature(x, call.axes))
-    if native is not None and update is not None:
-        def run_fused(x: Tensor) -> Tensor:  # ATen's statistics in this thread's workspace
-            y, mean, variance = native(x, borrow=True)
-            if not update(mean, variance):
-                layer._skipped(BatchStatistics(mean.detach()[None], variance.clone()[None],
-                                               native.count))
-            return y
-        return run_fused
-    train = native.train if native is not None else (lambda x: kernel.train(x, state, call))
-
-    def run(x: Tensor) -> Tensor:
-        y, stats = train(x)
-        mean, variance = stats.mean, stats.variance
-        if (update is None or mean.dtype != dtype or variance.dtype != dtype
-                or not (mean.is_contiguous() and variance.is_contiguous())):
-            layer._update(stats, state, call.config)
-        elif not update(mean, variance):
-            layer._skipped(stats)
-        return y
-    return run
+    if kernel is not None:
+        return kernel.prepare(x, state, call)
+    infer = prepare_inference(x, state, call)
+    return lambda x: (infer(x), None)

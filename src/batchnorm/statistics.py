@@ -12,7 +12,8 @@ This module imports only :mod:`batchnorm.state`, :mod:`batchnorm.shapes` and
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -21,9 +22,10 @@ from .config import BatchNormConfig
 from .shapes import resolve_axes
 from .state import BatchNormState, BatchStatistics, statistics_dtype
 
-__all__ = ["affine_terms", "apply_update", "combine_statistics", "inference_statistics",
-           "kept_for_backward", "moments", "output_affine", "pooled_statistics",
-           "renorm_correction", "skip_reason", "update_state", "update_state_"]
+__all__ = ["UPDATE_LOOPS", "Update", "UpdateLoop", "affine_terms", "apply_update",
+           "combine_statistics", "inference_statistics", "kept_for_backward", "moments",
+           "output_affine", "pooled_statistics", "prepare_update", "renorm_correction",
+           "skip_reason", "traced", "update_state", "update_state_"]
 
 
 def moments(
@@ -394,11 +396,12 @@ def skip_reason(stats: BatchStatistics, *, unbiased: bool = False,
 
 
 def apply_update(state: BatchNormState, stats: BatchStatistics,
-                 config: BatchNormConfig, *, skipped: Tensor | None = None) -> Tensor:
+                 config: BatchNormConfig, *, skipped: Tensor | None = None) -> Tensor | bool:
     """Fold one batch's statistics into ``state``'s tensors, in place, with ``config``'s
-    options; return a 0-d boolean tensor on the state's device: whether the batch entered
-    the averages (False for statistics that are not all finite, which leave every tensor
-    unchanged, ``num_updates`` included).
+    options; return whether the batch entered the averages (False for statistics that are
+    not all finite, which leave every tensor unchanged, ``num_updates`` included): a 0-d
+    boolean tensor on the state's device, or a ``bool`` where a device's update loop ran
+    on the host's memory (CPU tensors; nothing to wait for).
 
     Nothing is read back from the device: the choice is a select on the device, so the
     call never waits for it (and can be captured in a CUDA graph). :func:`skip_reason` says
@@ -409,28 +412,84 @@ def apply_update(state: BatchNormState, stats: BatchStatistics,
     refused inside a ``torch.func`` transform (``grad`` of a captured buffer, ``vmap`` of an
     unbatched one) undoes the writes made before it and raises ``ValueError``.
 
+    It is :func:`prepare_update`'s update, prepared for this one call.
+
     >>> state = BatchNormState(torch.zeros(1), torch.ones(1), torch.tensor(0))
     >>> stats = BatchStatistics(torch.tensor([[2.0]]), torch.tensor([[4.0]]), 8)
-    >>> apply_update(state, stats, BatchNormConfig(momentum=0.9))
-    tensor(True)
+    >>> bool(apply_update(state, stats, BatchNormConfig(momentum=0.9)))
+    True
     >>> state.moving_mean, state.moving_variance, state.num_updates
     (tensor([0.2000]), tensor([1.3000]), tensor(1))
     >>> skipped = torch.tensor(0)
-    >>> apply_update(state, stats._replace(mean=torch.tensor([[math.nan]])), BatchNormConfig(),
-    ...              skipped=skipped)
-    tensor(False)
+    >>> bool(apply_update(state, stats._replace(mean=torch.tensor([[math.nan]])),
+    ...                   BatchNormConfig(), skipped=skipped))
+    False
     >>> state.num_updates, skipped
     (tensor(1), tensor(1))
     """
-    finite, new = _moved(state, stats, momentum=config.momentum, epsilon=config.epsilon,
-                         unbiased=config.unbiased_moving_variance,
-                         renorm_momentum=config.renorm_momentum)
-    writes = [(getattr(state, name), value) for name, value in new.items()]
-    if skipped is not None:
-        writes.append((skipped, skipped + (~finite).to(skipped.dtype)))
-    with torch.no_grad():
-        _write_all(writes)
-    return finite
+    update = prepare_update(state, config, stats.mean.dtype,
+                            stats.count if isinstance(stats.count, int) else None,
+                            loop=not traced(stats.mean))
+    return update(stats, skipped)
+
+
+# A prepared update: ``update(stats, skipped) -> applied`` (see prepare_update).
+Update = Callable[[BatchStatistics, "Tensor | None"], "Tensor | bool"]
+
+
+class UpdateLoop(Protocol):
+    """A device's moving-average update in one loop over the host's memory (the CPU
+    kernel's numba loop), registered in :data:`UPDATE_LOOPS` under its device type."""
+
+    def prepare_update(self, state: BatchNormState, config: BatchNormConfig,
+                       dtype: torch.dtype, count: int, fallback: Update) -> Update | None:
+        """The update (see :func:`prepare_update`) of one group of ``count`` values per
+        feature in contiguous statistics of ``dtype``, calling ``fallback`` for any other
+        statistics; None where the loop does not apply to this state and configuration."""
+        ...
+
+
+# Device type -> its update loop. Filled by batchnorm.kernels (from the CPU kernel); held
+# here so that the one update reaches a device's loop without importing the kernels.
+UPDATE_LOOPS: dict[str, UpdateLoop] = {}
+
+def prepare_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.dtype,
+                   count: int | None, *, loop: bool = True) -> Update:
+    """The moving-average update of ``state`` with ``config``'s options, decided once for
+    statistics of ``dtype`` and ``count`` values per feature (None: per-position counts, a
+    mask): ``update(stats, skipped) -> applied``, as :func:`apply_update` documents.
+
+    The one update, with two backends: where the state's device registered a loop
+    (:data:`UPDATE_LOOPS`) and it takes the call (one group of ``count`` values, 1-D
+    contiguous statistics of ``dtype``, a plain state with a decay), the loop; else torch
+    operations. Both round as ``torch.lerp`` does, so they agree bit for bit. ``loop=False``
+    (traced calls: ``torch.compile``, ``torch.func``) always takes torch operations, which
+    a tracer sees.
+    """
+    def tensors(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor:
+        finite, new = _moved(state, stats, momentum=config.momentum, epsilon=config.epsilon,
+                             unbiased=config.unbiased_moving_variance,
+                             renorm_momentum=config.renorm_momentum)
+        writes = [(getattr(state, name), value) for name, value in new.items()]
+        if skipped is not None:
+            writes.append((skipped, skipped + (~finite).to(skipped.dtype)))
+        with torch.no_grad():
+            _write_all(writes)
+        return finite
+
+    device_loop = UPDATE_LOOPS.get(state.moving_mean.device.type) if loop else None
+    if device_loop is None or count is None:
+        return tensors
+    return device_loop.prepare_update(state, config, dtype, count, tensors) or tensors
+
+
+def traced(t: Tensor) -> bool:
+    """Whether ``t`` is seen by a tracer: ``torch.compile``, or a ``torch.func`` transform
+    (``vmap``, ``grad``) that wraps it or is running. A tracer must see every operation as a
+    torch operation (no loop over the host's memory, no read-back)."""
+    return (torch.compiler.is_compiling()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _write_all(writes: list[tuple[Tensor, Tensor]]) -> None:

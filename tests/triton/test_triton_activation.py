@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import test_activation
 import test_kernels as cpu_tests
-import test_triton_passes
 import test_triton_kernel
+import test_triton_passes
 import torch
 
 from batchnorm import kernels

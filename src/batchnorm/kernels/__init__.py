@@ -18,11 +18,11 @@ a device whose fast path has an inference loop registers it in
   (:mod:`batchnorm.kernels.triton`); the ``cuda`` fast path for renorm, ghost
   batches and masks.
 
-:func:`select` picks one: ``fused=False`` (or synchronized statistics) the
-composite; ``fused=True`` ATen's kernel, or a ``ValueError`` where it has
-none; ``fused=None`` the device's fast path from :data:`FAST_PATHS` when it
-takes the call and does not prefer the fallback (small inputs), else ATen's
-kernel for the plain mode and the composite for the others.
+:func:`batchnorm.plan.select` picks one, beside the checks of the call:
+``fused=False`` (or synchronized statistics) the composite; ``fused=True`` ATen's kernel,
+or a ``ValueError`` where it has none; ``fused=None`` the device's fast path from
+:data:`FAST_PATHS` when it takes the call and does not prefer the fallback (small
+inputs), else ATen's kernel for the plain mode and the composite for the others.
 
 :func:`prefer` forces a kernel for a block of code (tests, comparisons)::
 
@@ -40,17 +40,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch import Tensor
-
-from ..state import BatchNormState
+from ..statistics import UPDATE_LOOPS
 from .composite import COMPOSITE
 from .cpu import CPU, available
 from .native import NATIVE
 from .protocol import INFERENCE_PASSES, KernelCall, TrainingKernel
 from .triton import TRITON
 
-__all__ = ["FAST_PATHS", "KERNELS", "KernelCall", "TrainingKernel", "prefer", "preferred",
-           "select"]
+__all__ = ["FAST_PATHS", "KERNELS", "PREFERRED", "KernelCall", "TrainingKernel", "prefer",
+           "preferred"]
 
 # Every kernel by name, for prefer().
 KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, "cpu": CPU,
@@ -58,40 +56,18 @@ KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, 
 # Device type -> the fast kernel fused=None tries first (the Triton kernel declines calls
 # itself where triton is not installed).
 FAST_PATHS: dict[str, TrainingKernel] = {"cuda": TRITON, **({"cpu": CPU} if available() else {})}
-# Device type -> its inference pass (kernels.inference reads it): the CPU kernel's loop.
+# Device type -> its inference pass (kernels.inference reads it) and its moving-average update
+# loop (statistics.prepare_update reads it): the CPU kernel's loops.
 INFERENCE_PASSES.update({"cpu": CPU} if available() else {})
+UPDATE_LOOPS.update({"cpu": CPU} if available() else {})
 # The kernels forced by prefer() blocks, innermost last. A list (not a ContextVar) so that
 # torch.compile reads it without a graph break.
-_PREFERRED: list[TrainingKernel] = []
-
-
-def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel:
-    """The kernel that computes this training call.
-
-    Raises ``ValueError`` when ``fused=True`` and ATen's kernel cannot compute it
-    (a mask, or synchronized statistics, known only per call).
-    """
-    fused = call.config.fused
-    if fused:
-        reason = NATIVE.unsupported(x, state, call)
-        if reason is not None:
-            raise ValueError(f"fused=True, but there is no fused kernel for {reason}; "
-                             "use fused=None to pick the fastest available path")
-        return NATIVE
-    if fused is False or call.process_group is not None:
-        return COMPOSITE
-    if _PREFERRED and _PREFERRED[-1].unsupported(x, state, call) is None:
-        return _PREFERRED[-1]
-    fallback = NATIVE if NATIVE.unsupported(x, state, call) is None else COMPOSITE
-    fast = FAST_PATHS.get(x.device.type)
-    if fast is None or fast.prefers_fallback(x, call) or fast.unsupported(x, state, call):
-        return fallback
-    return fast
+PREFERRED: list[TrainingKernel] = []
 
 
 def preferred() -> TrainingKernel | None:
     """The kernel the innermost :func:`prefer` block forces, or None outside them."""
-    return _PREFERRED[-1] if _PREFERRED else None
+    return PREFERRED[-1] if PREFERRED else None
 
 
 @contextmanager
@@ -109,8 +85,8 @@ def prefer(name: str) -> Iterator[TrainingKernel]:
     kernel = KERNELS.get(name)
     if kernel is None:
         raise ValueError(f"no kernel named {name!r}: expected one of {sorted(KERNELS)}")
-    _PREFERRED.append(kernel)
+    PREFERRED.append(kernel)
     try:
         yield kernel
     finally:
-        _PREFERRED.remove(kernel)
+        PREFERRED.remove(kernel)

@@ -20,6 +20,8 @@ never synchronized, so the kernel is not given a group for them.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,7 @@ from ..statistics import (
     renorm_correction,
 )
 from .inference import normalize
-from .protocol import KernelCall
+from .protocol import KernelCall, PreparedTraining
 from .synchronized import global_moments
 
 __all__ = ["COMPOSITE", "CompositeKernel"]
@@ -89,6 +91,9 @@ class CompositeKernel:
 
     def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
         return False
+
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
+        return partial(self.train, state=state, call=call)
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:

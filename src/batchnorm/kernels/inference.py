@@ -33,7 +33,7 @@ from ..statistics import affine_terms, inference_statistics
 from .native import aten_input, gradient_read_right, misreads_gradients
 from .protocol import INFERENCE_PASSES, InferencePass, KernelCall
 
-__all__ = ["infer", "normalize", "normalize_features", "prepared_inference"]
+__all__ = ["infer", "normalize", "normalize_features", "prepare_inference"]
 
 
 def normalize(
@@ -97,7 +97,45 @@ def normalize(
 
 
 def infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
-    """Normalize ``x`` with ``state``'s moving averages (debiased if the configuration says so)."""
+    """Normalize ``x`` with ``state``'s moving averages (debiased if the configuration says
+    so): :func:`prepare_inference`'s call, prepared for this one input."""
+    return prepare_inference(x, state, call)(x)
+
+
+def prepare_inference(x: Tensor, state: BatchNormState,
+                      call: KernelCall) -> Callable[[Tensor], Tensor]:
+    """The inference call for inputs of ``x``'s signature (shape, strides, dtype, device,
+    ``requires_grad``, grad mode) with ``state``'s and ``call``'s tensors, with what does
+    not depend on the values decided once: ``run(x) -> y``.
+
+    Where the call ends in ATen's kernel with the state's own tensors (one feature axis, the
+    statistics dtype throughout, no debias, no gradient, no device pass for the activation),
+    ``run`` calls it directly; else it takes :func:`normalize_features`' choice per call.
+    """
+    config = call.config
+    gamma, beta, epsilon, activation = call.gamma, call.beta, config.epsilon, config.activation
+    mean, variance = state.moving_mean, state.moving_variance
+    dtype = statistics_dtype(x.dtype)
+    if (call.axes != (1,) or x.ndim < 2
+            or (config.debias and config.momentum is not None)
+            or mean.dtype != dtype or variance.dtype != dtype
+            or any(t is not None and t.dtype != dtype for t in (gamma, beta))
+            or (torch.is_grad_enabled() and (_differentiable(x, call) or mean.requires_grad
+                                             or variance.requires_grad))
+            or (activation is not None and _activation_pass(x) is not None)):
+        return lambda x: _infer(x, state, call)
+    cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
+    # No gradient flows through it (checked above): no copy for ATen's backward (aten_input),
+    # no hook on its gradient (gradient_read_right).
+
+    def aten(x: Tensor) -> Tensor:  # _aten's call (its conditions checked above), _activated's
+        y = torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
+                             cuda and torch.backends.cudnn.enabled)
+        return y if activation is None else activate(y, activation, inplace=True)
+    return aten
+
+
+def _infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
     config = call.config
     mean, variance = inference_statistics(state, momentum=config.momentum,
                                           epsilon=config.epsilon, debias=config.debias)
@@ -108,35 +146,6 @@ def infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
         mean, variance = mean.clone(), variance.clone()
     return normalize_features(x, call.axes, mean, variance, call.beta, call.gamma,
                               config.epsilon, config.activation)
-
-
-def prepared_inference(x: Tensor, state: BatchNormState,
-                       call: KernelCall) -> Callable[[Tensor], Tensor]:
-    """``lambda x: infer(x, state, call)`` for inputs of ``x``'s signature (shape, strides,
-    dtype, device, ``requires_grad``, grad mode), with what does not depend on the values
-    decided once: where :func:`infer` would end in ATen's kernel with the state's own
-    tensors, a direct call of it."""
-    config = call.config
-    mean, variance = inference_statistics(state, momentum=config.momentum,
-                                          epsilon=config.epsilon, debias=config.debias)
-    gamma, beta, epsilon, activation = call.gamma, call.beta, config.epsilon, config.activation
-    dtype = statistics_dtype(x.dtype)
-    if (call.axes != (1,) or x.ndim < 2
-            or mean is not state.moving_mean or mean.dtype != dtype or variance.dtype != dtype
-            or any(t is not None and t.dtype != dtype for t in (gamma, beta))
-            or (torch.is_grad_enabled() and (_differentiable(x, call) or mean.requires_grad
-                                             or variance.requires_grad))
-            or (activation is not None and _activation_pass(x) is not None)):
-        return lambda x: infer(x, state, call)
-    cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
-    # No gradient flows through it (checked above): no copy for ATen's backward (aten_input),
-    # no hook on its gradient (gradient_read_right).
-
-    def aten(x: Tensor) -> Tensor:  # _aten's call (its conditions checked above), _activated's
-        y = torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
-                             cuda and torch.backends.cudnn.enabled)
-        return y if activation is None else activate(y, activation, inplace=True)
-    return aten
 
 
 def _differentiable(x: Tensor, call: KernelCall) -> bool:

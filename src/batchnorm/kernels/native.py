@@ -5,6 +5,7 @@ one for the output, and a fused backward); an ``activation`` is one more pass af
 from __future__ import annotations
 
 import threading
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -12,7 +13,8 @@ from torch import Tensor
 from ..activations import apply as activate
 from ..shapes import values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
-from .protocol import KernelCall, traced
+from ..statistics import traced
+from .protocol import KernelCall, PreparedTraining
 
 __all__ = ["NATIVE", "NativeCall", "NativeKernel", "aten_input", "gradient_read_right",
            "misread_by_cpu_backward", "misreads_gradients"]
@@ -50,6 +52,14 @@ class NativeKernel:
         y = y if axis == 1 else y.movedim(1, axis)
         return y, BatchStatistics(mean.detach()[None], variance[None],
                                   values_per_feature(x, call.axes))
+
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
+        """:class:`NativeCall` for ``x``'s signature; on CPU its statistics are this thread's
+        workspace (see :meth:`TrainingKernel.prepare`)."""
+        native = self.prepared(x, call)
+        if native is None:
+            return partial(self.train, state=state, call=call)
+        return partial(native.train, borrow=True) if x.device.type == "cpu" else native.train
 
     def prepared(self, x: Tensor, call: KernelCall) -> NativeCall | None:
         """The kernel for inputs of ``x``'s shape, dtype and device, decided once; None when
@@ -127,9 +137,10 @@ class NativeCall:
         y = _activated(y, self.activation)
         return (y if axis == 1 else y.movedim(1, axis)), mean, variance
 
-    def train(self, x: Tensor) -> tuple[Tensor, BatchStatistics]:
-        """:meth:`NativeKernel.train`'s result: ``(y, stats)``, the statistics fresh."""
-        y, mean, variance = self(x)
+    def train(self, x: Tensor, borrow: bool = False) -> tuple[Tensor, BatchStatistics]:
+        """:meth:`NativeKernel.train`'s result: ``(y, stats)``, the statistics fresh (with
+        ``borrow``, the variance in this thread's workspace: see :meth:`__call__`)."""
+        y, mean, variance = self(x, borrow)
         return y, BatchStatistics(mean.detach()[None], variance[None], self.count)
 
 

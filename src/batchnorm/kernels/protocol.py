@@ -11,15 +11,16 @@ and in speed (:meth:`TrainingKernel.prefers_fallback`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics
 
-__all__ = ["INFERENCE_PASSES", "InferencePass", "KernelCall", "TrainingKernel", "traced"]
+__all__ = ["INFERENCE_PASSES", "InferencePass", "KernelCall", "PreparedTraining",
+           "TrainingKernel"]
 
 
 class KernelCall(NamedTuple):
@@ -38,6 +39,10 @@ class KernelCall(NamedTuple):
     process_group: Any = None
 
 
+# A prepared training call: ``run(x) -> (y, stats)`` (see TrainingKernel.prepare).
+PreparedTraining = Callable[[Tensor], tuple[Tensor, BatchStatistics]]
+
+
 @runtime_checkable
 class TrainingKernel(Protocol):
     """A training-mode kernel. Implementations: ``composite`` (every mode), ``native`` (ATen's
@@ -48,6 +53,15 @@ class TrainingKernel(Protocol):
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:
         """Normalize ``x`` with its batch statistics; return ``(y, stats)``."""
+        ...
+
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
+        """:meth:`train` for inputs of ``x``'s signature (shape, strides, dtype, device,
+        ``requires_grad``, grad mode) with ``state``'s and ``call``'s tensors: ``run(x) ->
+        (y, stats)``, with what does not depend on the values decided once (the layer's
+        per-signature plan keeps it; :meth:`train` may be ``prepare(...)(x)``). The statistics
+        it returns may be a per-thread workspace that the next prepared call of the kernel
+        on this thread overwrites: read them at once (the layer's update does)."""
         ...
 
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
@@ -82,12 +96,3 @@ class InferencePass(Protocol):
 # same kernels); held here so that the inference module, which the kernels import, reaches
 # a device's loop without importing it.
 INFERENCE_PASSES: dict[str, InferencePass] = {}
-
-
-def traced(x: Tensor) -> bool:
-    """Whether ``x`` is being traced: by ``torch.compile``, or inside a ``torch.func``
-    transform (``vmap``, ``grad``)."""
-    if torch.compiler.is_compiling():
-        return True
-    functorch = getattr(torch._C, "_functorch", None)
-    return functorch is not None and functorch.is_functorch_wrapped_tensor(x)

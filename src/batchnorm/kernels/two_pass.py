@@ -32,9 +32,15 @@ from torch import Tensor
 
 from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
-from ..statistics import affine_terms, output_affine, pooled_statistics, renorm_correction
+from ..statistics import (
+    affine_terms,
+    output_affine,
+    pooled_statistics,
+    renorm_correction,
+    traced,
+)
 from .composite import COMPOSITE
-from .protocol import KernelCall, traced
+from .protocol import KernelCall
 
 __all__ = ["Context", "FusedActivation", "Passes", "TwoPassFunction", "train"]
 

@@ -14,9 +14,8 @@ from .kernel import (
     MIN_PLAIN_NUMEL,
     CpuKernel,
     available,
-    prepared_update,
     warm_up,
 )
 
 __all__ = ["CPU", "IMPORT_ERROR", "MIN_NUMEL", "MIN_PLAIN_NUMEL", "CpuKernel", "available",
-           "prepared_update", "warm_up"]
+           "warm_up"]

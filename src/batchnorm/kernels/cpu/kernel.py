@@ -27,7 +27,7 @@ the registry in :mod:`batchnorm.kernels` then uses the native or composite kerne
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -36,9 +36,10 @@ from torch import Tensor
 from ...activations import ACTIVATIONS
 from ...config import BatchNormConfig
 from ...state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
+from ...statistics import Update, prepare_update
 from .. import two_pass
 from ..layout import Layout
-from ..protocol import KernelCall
+from ..protocol import KernelCall, PreparedTraining
 from . import passes
 from .passes import (
     DTYPES,
@@ -53,7 +54,7 @@ from .passes import (
 )
 
 __all__ = ["CPU", "IMPORT_ERROR", "MIN_NUMEL", "MIN_PLAIN_NUMEL", "NUMBA_PASSES", "CpuKernel",
-           "available", "prepared_update", "warm_up"]
+           "available", "warm_up"]
 
 
 def available() -> bool:
@@ -62,42 +63,6 @@ def available() -> bool:
 
 
 _UPDATE_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def prepared_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.dtype,
-                    count: int) -> Callable[[Tensor, Tensor], bool] | None:
-    """:func:`batchnorm.statistics.apply_update` of ``state`` with ``config``'s options, as
-    one numba loop (:func:`batchnorm.kernels.cpu.loops.lerp_if_finite`):
-    ``update(mean, variance) -> bool``, whether the batch entered the averages.
-
-    ``mean`` and ``variance`` are one batch's statistics (one group of ``count`` values per
-    feature), 1-D, contiguous, of ``dtype``, on CPU: the caller guarantees it, and that the
-    state's tensors keep their storage, shape and dtype (:class:`batchnorm.plan.CallPlan`
-    checks them before every call). None where the loop does not apply: numba missing, a
-    state not on CPU, a renorm state, the cumulative average (``momentum=None``), dtypes
-    other than float32/float64 (and int64 for ``num_updates``), non-contiguous buffers.
-    """
-    mm, mv, updates = state.moving_mean, state.moving_variance, state.num_updates
-    kind, stat = _UPDATE_DTYPES.get(mm.dtype), _UPDATE_DTYPES.get(dtype)
-    if (not available() or state.moving_stddev is not None or config.momentum is None
-            or kind is None or stat is None or mv.dtype != mm.dtype
-            or updates.dtype != torch.int64 or mm.shape != mv.shape or mm.ndim != 1
-            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (mm, mv, updates))):
-        return None
-    loop = passes.loops.lerp_if_finite
-    # The tensors themselves are kept with their addresses: the loop must never write into
-    # memory that was freed (a state built for the call and dropped after it).
-    kept = (mm, mv, updates)
-    addresses = (mm.data_ptr(), mv.data_ptr(), updates.data_ptr())
-    n = mm.numel()
-    weight = kind(1.0 - config.momentum)  # as torch.lerp rounds a Python weight
-    correction = stat(count / (count - 1) if config.unbiased_moving_variance else 1.0)
-    zero = stat(0)
-
-    def update(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
-        return loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, weight, correction,
-                    zero)
-    return update
 
 
 class CpuKernel:
@@ -153,6 +118,9 @@ class CpuKernel:
             return "moving statistics that require grad"
         return None
 
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
+        return partial(self.train, state=state, call=call)
+
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:
         """The training kernel (same results as the composite kernel's)."""
@@ -160,6 +128,54 @@ class CpuKernel:
             raise ValueError("the CPU kernel has no adjustment; kernels.select never routes "
                              "it here")
         return two_pass.train(x, state, call, NUMBA_PASSES)
+
+    def prepare_update(self, state: BatchNormState, config: BatchNormConfig,
+                       dtype: torch.dtype, count: int, fallback: Update) -> Update | None:
+        """The moving-average update of ``state`` with ``config``'s options as one numba loop,
+        :func:`batchnorm.kernels.cpu.loops.lerp_if_finite` (the CPU's backend of
+        :func:`batchnorm.statistics.prepare_update`, registered in
+        :data:`batchnorm.statistics.UPDATE_LOOPS`): ``update(stats, skipped) -> bool``,
+        whether the batch entered the averages, for one group of ``count`` values per feature
+        in contiguous statistics of ``dtype``; ``fallback`` (torch operations) updates from
+        any other statistics.
+
+        The state's tensors must keep their storage, shape and dtype while the update is kept
+        (a layer's :class:`batchnorm.plan.CallPlan` checks them before every call). None
+        where the loop does not apply: numba missing, a state not on CPU, a renorm state,
+        the cumulative average (``momentum=None``), dtypes other than float32/float64 (and
+        int64 for ``num_updates``), non-contiguous buffers.
+        """
+        mm, mv, updates = state.moving_mean, state.moving_variance, state.num_updates
+        kind, stat = _UPDATE_DTYPES.get(mm.dtype), _UPDATE_DTYPES.get(dtype)
+        if (not available() or state.moving_stddev is not None or config.momentum is None
+                or kind is None or stat is None or mv.dtype != mm.dtype
+                or updates.dtype != torch.int64 or mm.shape != mv.shape or mm.ndim != 1
+                or any(t.device.type != "cpu" or not t.is_contiguous()
+                       for t in (mm, mv, updates))):
+            return None
+        loop = passes.loops.lerp_if_finite
+        # The tensors themselves are kept with their addresses: the loop must never write
+        # into memory that was freed (a state built for the call and dropped after it).
+        kept = (mm, mv, updates)
+        addresses = (mm.data_ptr(), mv.data_ptr(), updates.data_ptr())
+        n = mm.numel()
+        weight = kind(1.0 - config.momentum)  # as torch.lerp rounds a Python weight
+        correction = stat(count / (count - 1) if config.unbiased_moving_variance else 1.0)
+        zero = stat(0)
+
+        def update(stats: BatchStatistics, skipped: Tensor | None = None,
+                   kept: tuple = kept) -> Tensor | bool:
+            mean, variance = stats.mean, stats.variance
+            if (mean.dtype is dtype and variance.dtype is dtype and stats.count == count
+                    and mean.shape[0] == 1 and mean.is_contiguous()
+                    and variance.is_contiguous()):
+                applied = loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, weight,
+                               correction, zero)
+                if not applied and skipped is not None:
+                    skipped.add_(1)
+                return applied
+            return fallback(stats, skipped)
+        return update
 
 
 class NumbaPasses:
@@ -200,9 +216,8 @@ def warm_up() -> float:
                                       torch.zeros(3, requires_grad=True), mask)
                     y, _ = CPU.train(x, state, call)
                     y.sum().backward()
-        update = prepared_update(initial_state(3, dtype=statistics_dtype(dtype)),
-                                 BatchNormConfig(), statistics_dtype(dtype), 8)
-        if update is not None:  # the moving-average loop of the layer's plans
-            update(torch.zeros(3, dtype=statistics_dtype(dtype)),
-                   torch.ones(3, dtype=statistics_dtype(dtype)))
+        stat = statistics_dtype(dtype)  # the moving-average loop
+        prepare_update(initial_state(3, dtype=stat), BatchNormConfig(), stat, 8)(
+            BatchStatistics(torch.zeros(1, 3, dtype=stat), torch.ones(1, 3, dtype=stat), 8),
+            None)
     return time.perf_counter() - start

@@ -16,8 +16,8 @@ import os
 import torch
 from torch import Tensor
 
+from ...statistics import traced
 from ..layout import Layout, mask_tensor
-from ..protocol import traced
 
 try:  # numba is a dependency, but a missing or broken install must not break the library
     from . import loops

@@ -22,7 +22,7 @@ them on a machine without a GPU (slow: small shapes only).
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from ...config import BatchNormConfig
 from ...state import BatchNormState, BatchStatistics
 from .. import two_pass
 from ..layout import Layout, mask_tensor
-from ..protocol import KernelCall
+from ..protocol import KernelCall, PreparedTraining
 
 __all__ = ["TRITON", "TritonKernel", "TritonPasses", "available"]
 
@@ -144,6 +144,9 @@ class TritonKernel:
         if x.dtype not in DTYPES:
             return f"dtype {x.dtype}"
         return two_pass.unsupported(x, call)
+
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
+        return partial(self.train, state=state, call=call)
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:
