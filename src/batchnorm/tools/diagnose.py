@@ -333,7 +333,7 @@ def diagnose(
     Returns the findings (:class:`Finding`: ``layer``, ``kind``, ``message``,
     ``remedy``) and, with ``verbose=True``, prints them as a report.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), bn.BatchNorm(8)).eval()
         >>> [f.kind for f in bn.diagnose(model, verbose=False)]
