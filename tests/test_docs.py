@@ -18,6 +18,7 @@ text around them says.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import warnings
@@ -301,6 +302,29 @@ def test_every_relative_link_of_a_page_names_a_file(page):
     folder = (ROOT / page).parent
     missing = [t for t in relative_links((ROOT / page).read_text()) if not (folder / t).exists()]
     assert missing == [], f"{page} links to files that do not exist: {missing}"
+
+
+def griffe_markdown():
+    """The site's Griffe extension (docs/griffe_markdown.py), where mkdocs is installed."""
+    pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("griffe_markdown", DOCS / "griffe_markdown.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_reference_shows_rest_roles_and_math_as_code():
+    # Sphinx shows a "~"-prefixed target by its last component.
+    text = ":func:`~batchnorm.accumulate`, :class:`batchnorm.BatchNorm`, :math:`m_t`\n" \
+           ".. math:: y = x"
+    assert griffe_markdown().markdown(text) == \
+        "`accumulate`, `batchnorm.BatchNorm`, `m_t`\n`y = x`"
+
+
+def test_the_reference_shows_a_bare_doctest_as_a_code_block():
+    text = "Reads the device.\n\n>>> layer.check_health()\n0\n\nAfter."
+    assert griffe_markdown().markdown(text) == \
+        "Reads the device.\n\n```pycon\n>>> layer.check_health()\n0\n```\n\nAfter."
 
 
 def test_the_reader_finds_the_functional_example_s_fix():
