@@ -249,8 +249,8 @@ CHECKS: dict[tuple[str, str], Callable[[dict], None]] = {
     ("docs/tools.md", "recalibrate (PreciseBN)"): recalibrate,
     ("docs/tools.md", "diagnose"): diagnose,
     ("docs/tools.md", "Monitor"): monitor,
-    ("docs/tools.md", "convert / to_torch"): convert_to_torch,
-    ("docs/tools.md", "freeze / unfreeze"): freeze_unfreeze,
+    ("docs/tools.md", "convert and to_torch"): convert_to_torch,
+    ("docs/tools.md", "freeze and unfreeze"): freeze_unfreeze,
     ("docs/tools.md", "fold"): fold,
     ("docs/keras.md", "Keras import"): keras_import,
 }
@@ -302,6 +302,21 @@ def test_every_relative_link_of_a_page_names_a_file(page):
     folder = (ROOT / page).parent
     missing = [t for t in relative_links((ROOT / page).read_text()) if not (folder / t).exists()]
     assert missing == [], f"{page} links to files that do not exist: {missing}"
+
+
+def heading_anchor(heading: str) -> str:
+    """A heading's anchor as GitHub and the site's ``toc`` both make it (lower case, no
+    punctuation but ``-`` and ``_``, spaces as ``-``), for headings without a " / "."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_anchor_the_readme_links_to_is_a_heading_of_its_page():
+    # The site checks its own pages' anchors (mkdocs build --strict); the README is not a page.
+    links = re.findall(r"\]\((docs/[^)#\s]+)#([^)\s]+)\)", README.read_text())
+    missing = [f"{page}#{anchor}" for page, anchor in links
+               if anchor not in {heading_anchor(h) for h in
+                                 re.findall(r"^#+ (.+)$", (ROOT / page).read_text(), re.M)}]
+    assert missing == []
 
 
 def griffe_markdown():
