@@ -182,11 +182,13 @@ def batch_norm(
         state: from :func:`initial_state` (``renorm=True`` for a renorm state).
         training: True for the batch's statistics (and an update), False for the state's.
         gamma, beta: feature-shaped scale and offset, or None.
-        axis, momentum, epsilon, unbiased_moving_variance, debias, renorm, renorm_clipping,
-            renorm_momentum, virtual_batch_size, ghost_layout, adjustment, fused,
-            synchronized, activation: the options of :class:`batchnorm.BatchNorm`,
-            validated as a :class:`BatchNormConfig` (``activation="relu"``: ``y`` is
-            ``relu`` of the normalized output, fused into the kernels' passes).
+        axis, momentum, epsilon, unbiased_moving_variance, debias, renorm, renorm_clipping:
+            the options of :class:`batchnorm.BatchNorm`, validated as a
+            :class:`BatchNormConfig`.
+        renorm_momentum, virtual_batch_size, ghost_layout, adjustment, fused, synchronized:
+            likewise.
+        activation: likewise (``activation="relu"``: ``y`` is ``relu`` of the normalized
+            output, fused into the kernels' passes).
         mask: a boolean tensor selecting the positions the training statistics come from.
         process_group: the group ``synchronized=True`` takes the global batch over.
         config: the options as one :class:`BatchNormConfig` instead of keywords (then no

@@ -67,9 +67,8 @@ class BatchNorm(nn.Module):
         epsilon: added to the variance, > 0 (PyTorch's ``eps``).
         center, scale: learn ``beta`` / ``gamma``; when False the parameter is None
             (PyTorch's ``affine=False`` is both False).
-        beta_initializer, gamma_initializer, moving_mean_initializer,
-            moving_variance_initializer: a name (``"zeros"``, ``"ones"``),
-            a number, or a callable ``shape -> tensor``.
+        beta_initializer, gamma_initializer, moving_mean_initializer, moving_variance_initializer:
+            a name (``"zeros"``, ``"ones"``), a number, or a callable ``shape -> tensor``.
         beta_regularizer, gamma_regularizer: callables ``param -> scalar``
             summed by :func:`regularization_loss`.
         beta_constraint, gamma_constraint: callables ``param -> projected param``
@@ -138,7 +137,7 @@ class BatchNorm(nn.Module):
     constructor arguments (``eps=``, ``affine=``, ``track_running_stats=``) raise a
     ``TypeError`` naming ours.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> layer = bn.BatchNorm(1, axis=-1)
         >>> x = torch.tensor([[-10.0], [0.0], [10.0]])

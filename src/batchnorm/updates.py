@@ -419,8 +419,8 @@ def accumulate(model: torch.nn.Module) -> Iterator[Accumulation]:
 
     Warns:
         RuntimeWarning: ``model`` has no :class:`~batchnorm.BatchNorm` layer, so the block
-        changes nothing (torch.nn's batch norms update at every micro-batch: convert the model
-        with :func:`batchnorm.convert` first).
+            changes nothing (torch.nn's batch norms update at every micro-batch: convert the
+            model with :func:`batchnorm.convert` first).
 
     >>> import torch, batchnorm as bn
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), bn.BatchNorm(3, axis=-1))

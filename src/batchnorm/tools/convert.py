@@ -276,7 +276,7 @@ def convert(model: nn.Module, *, strict: bool = True, fuse_activation: bool = Fa
     norm called more than once or registered under several names, a layer left
     unconverted.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
         >>> model = bn.convert(model)
@@ -642,7 +642,7 @@ def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> C
 
     Returns ``(model, not_converted)``, a :class:`ConversionResult`.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(bn.BatchNorm(8, unbiased_moving_variance=True),
         ...                             bn.BatchNorm(8, axis=-1))

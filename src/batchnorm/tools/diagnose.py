@@ -308,32 +308,34 @@ def diagnose(
     """Check a model's :class:`~batchnorm.BatchNorm` layers for the usual mistakes.
 
     Without a batch, from the model as it is:
-        - ``non_finite_statistics``: NaN/Inf in the moving statistics;
-        - ``never_updated``: ``num_updates == 0`` and the statistics still at their
-          initial values while the layer runs in inference mode (eval, or frozen);
-        - ``training_in_eval``: a layer in training mode inside a model in eval mode;
-        - ``frozen_affine_updating``: ``gamma``/``beta`` with ``requires_grad=False``
-          on a trainable layer in training mode, whose statistics therefore still update;
-        - ``redundant_bias``: a Conv/Linear with a bias feeding a BatchNorm directly
-          (consecutive in an ``nn.Sequential``, or its only consumer in the
-          ``torch.fx`` graph when the model is traceable) that normalizes along the
-          bias's axis, which removes the bias exactly.
+
+    - ``non_finite_statistics``: NaN/Inf in the moving statistics;
+    - ``never_updated``: ``num_updates == 0`` and the statistics still at their
+      initial values while the layer runs in inference mode (eval, or frozen);
+    - ``training_in_eval``: a layer in training mode inside a model in eval mode;
+    - ``frozen_affine_updating``: ``gamma``/``beta`` with ``requires_grad=False``
+      on a trainable layer in training mode, whose statistics therefore still update;
+    - ``redundant_bias``: a Conv/Linear with a bias feeding a BatchNorm directly
+      (consecutive in an ``nn.Sequential``, or its only consumer in the
+      ``torch.fx`` graph when the model is traceable) that normalizes along the
+      bias's axis, which removes the bias exactly.
 
     With ``batch`` (an input, or an ``(input, target)`` tuple), the model also runs
     once in its current train/eval mode (under ``torch.no_grad()``, with every buffer
     restored afterwards):
-        - ``training_in_eval``: a layer that computed batch statistics although the model
-          is in eval mode (a ``training=True`` call inside it), or, for a model in
-          training mode, when ``diagnose`` itself is called under ``torch.no_grad()``
-          (which is how evaluation code runs);
-        - ``small_batch``: such a layer got fewer than ``min_values_per_feature``
-          values per feature (per ghost batch);
-        - ``forward_failed``: the model raised (reported, not raised).
+
+    - ``training_in_eval``: a layer that computed batch statistics although the model
+      is in eval mode (a ``training=True`` call inside it), or, for a model in
+      training mode, when ``diagnose`` itself is called under ``torch.no_grad()``
+      (which is how evaluation code runs);
+    - ``small_batch``: such a layer got fewer than ``min_values_per_feature``
+      values per feature (per ghost batch);
+    - ``forward_failed``: the model raised (reported, not raised).
 
     Returns the findings (:class:`Finding`: ``layer``, ``kind``, ``message``,
     ``remedy``) and, with ``verbose=True``, prints them as a report.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), bn.BatchNorm(8)).eval()
         >>> [f.kind for f in bn.diagnose(model, verbose=False)]

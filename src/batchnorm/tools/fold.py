@@ -303,7 +303,7 @@ def fold(model: nn.Module, example_input: Tensor | tuple | None = None) -> FoldR
     differently (float32: within ``rtol=1e-4, atol=1e-5`` in the tests). It is for
     inference only: the folded layers are gone, and with them training mode.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bn.BatchNorm(8), torch.nn.ReLU())
         >>> folded, pairs, left = bn.fold(model)

@@ -34,7 +34,7 @@ def freeze(model: nn.Module, *, affine_trainable: bool = False) -> list[str]:
     changes; convert them first, ``bn.freeze(bn.convert(model))``, which keeps
     the numbers.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bn.BatchNorm(8))
         >>> bn.freeze(model)
@@ -69,7 +69,7 @@ def unfreeze(model: nn.Module) -> list[str]:
     layers follow ``train()``/``eval()`` and ``training=`` again, and ``gamma``/
     ``beta`` require grad again.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(bn.BatchNorm(8))
         >>> bn.freeze(model), bn.unfreeze(model), model[0].trainable

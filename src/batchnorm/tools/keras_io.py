@@ -830,7 +830,7 @@ def load_keras_batchnorms(path: str | Path, *, errors: str = "raise", isolated: 
     naming the file. Use it for files you do not trust (it costs the start of a
     process, a few seconds).
 
-    Example:
+    Examples:
         >>> import batchnorm as bn
         >>> layers = bn.load_keras_batchnorms("model.keras")   # doctest: +SKIP
         >>> y = layers["batch_normalization"](x, training=False)  # doctest: +SKIP

@@ -61,7 +61,7 @@ class Monitor:
 
     Use it as a context manager, or call :meth:`close` to remove the hooks.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), bn.BatchNorm(8))
         >>> with bn.Monitor(model) as monitor:

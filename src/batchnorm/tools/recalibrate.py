@@ -256,7 +256,7 @@ def recalibrate(
           that never selects it) keeps its previous statistics, listed in
           ``report[name].kept`` and in the printed report.
 
-    Example:
+    Examples:
         >>> import torch, batchnorm as bn
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), bn.BatchNorm(8))
         >>> data = [torch.randn(32, 4) for _ in range(10)]
