@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -23,9 +23,10 @@ from .shapes import resolve_axes
 from .state import BatchNormState, BatchStatistics, statistics_dtype
 
 __all__ = ["UPDATE_LOOPS", "Update", "UpdateLoop", "affine_terms", "apply_update",
-           "combine_statistics", "inference_statistics", "kept_for_backward", "moments",
-           "output_affine", "pooled_statistics", "prepare_update", "renorm_correction",
-           "skip_reason", "traced", "update_state", "update_state_"]
+           "combine_statistics", "inference_statistics", "kept_for_backward", "masked_moments",
+           "merge_moments", "moments", "normalizing_statistics", "output_affine",
+           "pooled_statistics", "prepare_update", "renorm_correction", "skip_reason", "traced",
+           "update_state", "update_state_"]
 
 
 def moments(
@@ -57,6 +58,63 @@ def moments(
     return mean, variance
 
 
+def masked_moments(x: Tensor, selected: Tensor,
+                   dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """Count, mean and biased variance over ``dims`` (kept, with size 1) of the values of
+    ``x`` that ``selected`` (a boolean tensor of ``x``'s shape) selects; a set with no value
+    has count 0, mean 0 and variance 0.
+
+    Selected with ``torch.where``, never multiplied by 0: a NaN, Inf or 1e30 at a masked-out
+    position (padding) reaches neither the statistics (NaN * 0 is NaN, 1e30**2 is inf) nor
+    their gradient (where's gradient is 0 there, without multiplying); dividing by at least 1
+    keeps an empty set finite.
+
+    >>> x = torch.tensor([[1.0, 3.0, float("nan")]])
+    >>> masked_moments(x, torch.tensor([[True, True, False]]), (1,))
+    (tensor([[2.]]), tensor([[2.]]), tensor([[1.]]))
+    """
+    count = selected.sum(dim=dims, keepdim=True, dtype=x.dtype)
+    safe = count.clamp_min(1)
+    mean = torch.where(selected, x, 0).sum(dim=dims, keepdim=True) / safe
+    centered = torch.where(selected, x - mean, 0)
+    return count, mean, centered.square().sum(dim=dims, keepdim=True) / safe
+
+
+def merge_moments(count: Tensor, mean: Tensor, m2: Tensor,
+                  dim: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Count, mean and sum of squared deviations (``M2``; the biased variance is
+    ``M2 / count``) of the union of the sets given along ``dim``, from each set's: the
+    parallel-variance formula (Chan, Golub and LeVeque), exact for any sizes.
+    ``mean = sum(n_k m_k) / N`` and ``M2 = sum(M2_k) + sum(n_k (m_k - mean)**2)``. A set with
+    no value contributes nothing, whatever its statistics; the union of empty sets has
+    count 0, mean 0 and M2 0.
+
+    >>> merge_moments(torch.tensor([2.0, 1.0]), torch.tensor([0.0, 3.0]),
+    ...               torch.tensor([2.0, 0.0]))                      # [-1, 1] and [3]
+    (tensor(3.), tensor(1.), tensor(8.))
+    """
+    empty = count == 0
+    mean, m2 = torch.where(empty, 0.0, mean), torch.where(empty, 0.0, m2)
+    total = count.sum(dim)
+    merged = (count * mean).sum(dim) / total.clamp_min(1)
+    spread = (count * (mean - merged.unsqueeze(dim)).square()).sum(dim)
+    return total, merged, m2.sum(dim) + spread
+
+
+def normalizing_statistics(mean: Tensor, variance: Tensor, count: Tensor,
+                           moving_mean: Tensor, moving_variance: Tensor) -> tuple[Tensor, Tensor]:
+    """The statistics each group is normalized with: its own, or the moving ones where it has
+    fewer than two values (a mask that selects one value or none: no variance). Such a group
+    is also left out of the pooled statistics (:func:`pooled_statistics`).
+
+    >>> normalizing_statistics(torch.tensor([2.0, 5.0]), torch.tensor([1.0, 0.0]),
+    ...                        torch.tensor([4.0, 1.0]), torch.zeros(2), torch.ones(2))
+    (tensor([2., 0.]), tensor([1., 1.]))
+    """
+    empty = count < 2
+    return torch.where(empty, moving_mean, mean), torch.where(empty, moving_variance, variance)
+
+
 def pooled_statistics(
     stats: BatchStatistics, *, unbiased: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -86,12 +144,10 @@ def combine_statistics(
     """The statistics of two batches together, as if they had been one batch (a pure fold).
 
     Without ghost batches each group of ``a`` is merged with the same group of ``b``
-    (one group each: the whole batch) by the parallel-variance formula (Chan, Golub and
-    LeVeque), weighted by the counts: with ``w = n_b / (n_a + n_b)``,
-    ``mean = m_a + (m_b - m_a) w`` and
-    ``variance = v_a + (v_b - v_a) w + (m_b - m_a)**2 w (1 - w)``, which is exact for
-    any two sizes, and for masked counts (a tensor: per group and feature; a side with no
-    value contributes nothing, whatever its mean). With ``ghost=True`` the groups are
+    (one group each: the whole batch) by the parallel-variance formula
+    (:func:`merge_moments`), which is exact for any two sizes, and for masked counts (a
+    tensor: per group and feature; a side with no value contributes nothing, whatever its
+    mean). With ``ghost=True`` the groups are
     concatenated instead: the ghost batches of both batches together, which
     :func:`pooled_statistics` then averages with equal weight, as it does within a batch.
 
@@ -131,21 +187,12 @@ def combine_statistics(
     if a.mean.shape != b.mean.shape:
         raise ValueError(f"cannot merge statistics of {a.mean.shape[0]} and {b.mean.shape[0]} "
                          "groups group by group; ghost batches are combined with ghost=True")
-    delta = b.mean - a.mean
+    count = torch.stack([_count_tensor(a), _count_tensor(b)])
+    total, mean, m2 = merge_moments(count, torch.stack([a.mean, b.mean]),
+                                    torch.stack([a.variance, b.variance]) * count)
+    variance = m2 / total.clamp_min(1)
     if isinstance(a.count, int) and isinstance(b.count, int):
-        total = a.count + b.count
-        w = b.count / total if total else 0.0
-        return BatchStatistics(a.mean + delta * w,
-                               a.variance + (b.variance - a.variance) * w
-                               + delta.square() * (w * (1.0 - w)), total)
-    na, nb = _count_tensor(a), _count_tensor(b)
-    total = na + nb
-    w = nb / total.clamp_min(1)
-    mean = a.mean + delta * w
-    variance = a.variance + (b.variance - a.variance) * w + delta.square() * (w * (1 - w))
-    # A side with no value contributes nothing, even if its statistics are not finite.
-    mean = torch.where(nb == 0, a.mean, torch.where(na == 0, b.mean, mean))
-    variance = torch.where(nb == 0, a.variance, torch.where(na == 0, b.variance, variance))
+        return BatchStatistics(mean, variance, a.count + b.count)
     return BatchStatistics(mean, variance, total)
 
 
@@ -322,16 +369,9 @@ def _moved(state: BatchNormState, stats: BatchStatistics, *, momentum: float | N
     return finite, new
 
 
-def update_state_(
-    state: BatchNormState,
-    stats: BatchStatistics,
-    *,
-    momentum: float | None,
-    epsilon: float = 1e-3,
-    unbiased_moving_variance: bool = False,
-    renorm_momentum: float = 0.99,
-) -> bool:
-    """:func:`update_state` in place: move the state's tensors; return whether it moved.
+def update_state_(state: BatchNormState, stats: BatchStatistics, **options: Any) -> bool:
+    """:func:`update_state` in place (the same keyword options): move the state's tensors;
+    return whether it moved.
 
     The same averages in fewer operations. It reads back whether the statistics
     are finite, which waits for the device (:func:`apply_update` is the same
@@ -345,10 +385,7 @@ def update_state_(
     >>> state.moving_mean, state.moving_variance, state.num_updates
     (tensor([0.2000]), tensor([1.3000]), tensor(1))
     """
-    config = BatchNormConfig(momentum=momentum, epsilon=epsilon,
-                             unbiased_moving_variance=unbiased_moving_variance,
-                             renorm_momentum=renorm_momentum)
-    return bool(apply_update(state, stats, config))
+    return bool(apply_update(state, stats, BatchNormConfig(**options)))
 
 
 def _finite_as_stored(state: BatchNormState, mean: Tensor, variance: Tensor) -> Tensor:

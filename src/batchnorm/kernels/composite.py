@@ -30,6 +30,8 @@ from ..shapes import broadcast, mask_shape, reduction_axes
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import (
     kept_for_backward,
+    masked_moments,
+    normalizing_statistics,
     output_affine,
     pooled_statistics,
     renorm_correction,
@@ -121,28 +123,17 @@ def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, 
         stats = BatchStatistics(mean.reshape(group_shape), variance.reshape(group_shape), count)
     else:
         m = mask.reshape(mask_shape(mask, x, axes)).expand(x.shape).reshape(view.shape)
-        count = m.sum(dim=reduce, keepdim=True, dtype=xs.dtype)
-        # Dividing by at least 1 keeps empty groups finite (0), so that no NaN reaches
-        # the gradient through the torch.where below; pooled_statistics skips them.
-        safe = count.clamp_min(1)
-        # Selected with torch.where, never multiplied by 0: a NaN, Inf or 1e30 at a masked-out
-        # position (padding) must not reach the statistics (NaN * 0 is NaN, 1e30**2 is inf),
-        # nor their gradient (where's gradient is 0 there, without multiplying).
-        mean = torch.where(m, xs, 0).sum(dim=reduce, keepdim=True) / safe
-        centered = torch.where(m, xs - mean, 0)
-        variance = centered.square().sum(dim=reduce, keepdim=True) / safe
+        count, mean, variance = masked_moments(xs, m, reduce)
         if process_group is not None:
             mean, variance, count = global_moments(mean, variance, count, process_group,
                                                    mode="renorm" if config.renorm else "")
         stats = BatchStatistics(mean.reshape(group_shape), variance.reshape(group_shape),
                                 count.reshape(group_shape))
-        # A group with fewer than two selected values has no variance: like a group with none,
-        # it is normalized with the moving statistics (and left out of the pooled statistics).
-        empty = count < 2
         moving_mean, moving_variance = kept_for_backward(state.moving_mean,
                                                          state.moving_variance)
-        mean = torch.where(empty, broadcast(moving_mean, view, feature_axes), mean)
-        variance = torch.where(empty, broadcast(moving_variance, view, feature_axes), variance)
+        mean, variance = normalizing_statistics(
+            mean, variance, count, broadcast(moving_mean, view, feature_axes),
+            broadcast(moving_variance, view, feature_axes))
 
     r = d = adjust = None
     if config.renorm:

@@ -69,6 +69,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..statistics import merge_moments
+
 __all__ = ["global_moments", "resolve_group"]
 
 _warned_uninitialized = False
@@ -277,11 +279,9 @@ class _GlobalMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean: Tensor, m2: Tensor, count: Tensor, group):
-        n, m, s = _all_gather(torch.stack([count, mean, m2]), group).unbind(1)
-        total = n.sum(0)
+        total, global_mean, global_m2 = merge_moments(
+            *_all_gather(torch.stack([count, mean, m2]), group).unbind(1))
         safe = total.clamp_min(1)  # no process has a value: 0, not NaN
-        global_mean = (n * m).sum(0) / safe
-        global_m2 = s.sum(0) + (n * (m - global_mean).square()).sum(0)
         ctx.save_for_backward(mean, count, global_mean, safe)
         ctx.group = group
         ctx.mark_non_differentiable(total)

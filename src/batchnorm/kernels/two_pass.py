@@ -34,6 +34,7 @@ from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import (
     affine_terms,
+    normalizing_statistics,
     output_affine,
     pooled_statistics,
     renorm_correction,
@@ -182,10 +183,10 @@ class TwoPassFunction(torch.autograd.Function):
         sdtype = statistics_dtype(x.dtype)
         stats = BatchStatistics(mean.to(sdtype), variance.to(sdtype),
                                 count.to(sdtype) if masked else count)
-        if masked:  # a group with fewer than two selected values is normalized with the moving
-            empty = n < 2  # statistics (composite: it has no variance)
-            mean = torch.where(empty, o.state.moving_mean.to(torch.float64), mean)
-            variance = torch.where(empty, o.state.moving_variance.to(torch.float64), variance)
+        if masked:
+            mean, variance = normalizing_statistics(
+                mean, variance, n, o.state.moving_mean.to(torch.float64),
+                o.state.moving_variance.to(torch.float64))
 
         r = torch.ones(layout.channels, dtype=torch.float64, device=x.device)
         d = None

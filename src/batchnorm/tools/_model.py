@@ -36,7 +36,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import activations
 from ..layer import BatchNorm
-from ..shapes import broadcast, mask_shape, reduction_axes, resolve_axes
+from ..shapes import mask_shape, reduction_axes, resolve_axes
+from ..statistics import masked_moments
 from ..updates import deferred_updates
 
 __all__ = [
@@ -209,11 +210,8 @@ def layer_moments(
         raise TypeError(  # as the layer's own check, which runs after the hooks calling this
             f"mask must be a boolean tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
     selected = mask.reshape(mask_shape(mask, x, axes)).expand(xd.shape)
-    count = selected.sum(dims, dtype=xd.dtype)
-    # Selected, never multiplied by the mask: NaN or 1e30 padding must not reach the sums.
-    mean = torch.where(selected, xd, 0).sum(dims) / count.clamp_min(1)
-    centered = torch.where(selected, xd - broadcast(mean, xd, axes), 0)
-    return count, mean, centered.square().sum(dims)
+    count, mean, variance = (t.squeeze(dims) for t in masked_moments(xd, selected, dims))
+    return count, mean, variance * count
 
 
 # ---------------------------------------------------------------- tracing

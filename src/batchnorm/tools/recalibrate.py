@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import BatchNorm
+from ..statistics import merge_moments
 from ..updates import deferred_updates
 from ._model import (
     batch_norm_layers,
@@ -58,12 +59,9 @@ class _Moments:
         if self.count is None:
             self.count, self.mean, self.m2 = count, mean, m2
             return
-        total = self.count + count
-        share = torch.where(total > 0, count / total.clamp_min(1), 0.0)
-        delta = mean - self.mean
-        self.mean = self.mean + delta * share
-        self.m2 = self.m2 + m2 + delta.square() * self.count * share
-        self.count = total
+        self.count, self.mean, self.m2 = merge_moments(
+            torch.stack([self.count, count]), torch.stack([self.mean, mean]),
+            torch.stack([self.m2, m2]))
 
 
 def _progress(iterable: Iterable, total: int | None, enabled: bool) -> Iterator:
