@@ -141,7 +141,10 @@ class NativeCall:
         """:meth:`NativeKernel.train`'s result: ``(y, stats)``, the statistics fresh (with
         ``borrow``, the variance in this thread's workspace: see :meth:`__call__`)."""
         y, mean, variance = self(x, borrow)
-        return y, BatchStatistics(mean.detach()[None], variance[None], self.count)
+        # ATen's batch mean does not require grad; the workspace keeps a row view of its
+        # variance (no operation per call).
+        row = self.workspace.variance_row if borrow else variance[None]
+        return y, BatchStatistics(mean[None], row, self.count)
 
 
 class _Workspace(threading.local):
@@ -157,6 +160,7 @@ class _Workspace(threading.local):
         with torch.inference_mode(False):
             running = torch.zeros(2, features, dtype=dtype, device=device)
         self.mean, self.variance = running.unbind()
+        self.variance_row = running[1:]  # (1, features): a BatchStatistics' variance
         self.zeros = running.data
 
 
