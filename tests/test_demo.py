@@ -13,6 +13,9 @@ that moves the numbers a little does not fail the test, while a demo that stops 
 the effect does. The claims that did not hold on every quick seed (BatchNorm ahead at the
 end of 3 epochs: 4 of 5; momentum 0.99 behind at the end: 4 of 5; renorm more accurate
 than plain: 3 of 5) are not asserted; the table says on how many seeds they hold.
+
+The tests that train the whole demo use the ``quick_run`` fixture (``slow``, by
+tests/conftest.py's ``SLOW_FIXTURES``); the others run in the default suite.
 """
 
 from __future__ import annotations
