@@ -143,3 +143,32 @@ def test_reproducible_restores_threads_determinism_and_the_callers_random_state(
     assert torch.get_num_threads() == threads
     assert not torch.are_deterministic_algorithms_enabled()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_never_updated_statistics_train_alike_and_fail_only_the_test(quick_run):
+    runs, _ = quick_run
+    never, plain = runs["never_updated"], runs["bn"]
+    # Exactly equal: the same seed, batches and training-mode computation (each batch's own
+    # statistics), in deterministic mode; only the discarded moving averages differ.
+    assert never.training_loss == plain.training_loss
+    assert never.test_loss > plain.test_loss and never.accuracy < plain.accuracy
+
+
+def runs_for_every_claim() -> list[demo.Run]:
+    """One run per key the claims name (their figures are the table's input, not results)."""
+    keys = dict.fromkeys(k for c in demo.CLAIMS for k in (c.better, c.worse) if k != "ValueError")
+    return [demo.Run(key, f"  {key}", "lesson", 0.9, 0.3, 1.0, test_loss=0.4) for key in keys]
+
+
+def test_table_says_which_loss_is_which():
+    runs = runs_for_every_claim()
+    (evaluated,) = [r for r in runs if r.key == "eval_train_8"]
+    evaluated.training_loss = None  # evaluated, not trained: no training loss
+    lines = demo.table(runs).splitlines()
+    assert lines[0] == ("| run | test accuracy | test loss | training loss (last epoch) | "
+                        "time (s) | what it teaches |")
+    assert "| bn | 90.0% | 0.400 | 0.300 | 1.0 |" in lines[2 + [r.key for r in runs].index("bn")]
+    assert "| eval_train_8 | 90.0% | 0.400 |  | 1.0 |" in demo.table(runs)
+    note = " ".join(lines[lines.index("") + 1:])
+    assert note.startswith("test accuracy and test loss (cross-entropy): the held-out fifth")
+    assert "training loss: the mean cross-entropy over the last epoch's batches" in note
