@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
+from torch import nn
 
+import batchnorm as bn
 from batchnorm.apps import demo
 
 MARGINS = {  # claim key -> the gap its seed-0 quick run must exceed
@@ -152,6 +155,40 @@ def test_never_updated_statistics_train_alike_and_fail_only_the_test(quick_run):
     # statistics), in deterministic mode; only the discarded moving averages differ.
     assert never.training_loss == plain.training_loss
     assert never.test_loss > plain.test_loss and never.accuracy < plain.accuracy
+
+
+def test_batchnorm_after_the_activation_row_is_reported_without_a_claim(quick_run):
+    runs, _ = quick_run
+    row = runs["bn_after_activation"]
+    assert row.claims == () and row.panel == runs["bn"].panel
+    assert all(math.isfinite(v) for v in (row.accuracy, row.test_loss, row.training_loss))
+    assert not any("bn_after_activation" in (c.better, c.worse) for c in demo.CLAIMS)
+
+
+def test_batchnorm_after_the_activation_swaps_each_norm_with_its_relu():
+    before, after = demo.make_cnn(), demo.make_cnn(after_activation=True)
+    kinds = [type(m) for m in before]
+    for i, kind in enumerate(kinds):  # Conv/Linear, BN, ReLU -> Conv/Linear, ReLU, BN
+        if kind is bn.BatchNorm:
+            assert [type(m) for m in after[i:i + 2]] == [nn.ReLU, bn.BatchNorm]
+            assert before[i - 1].bias is None and after[i - 1].bias is not None
+        elif kind is not nn.ReLU:
+            assert type(after[i]) is kind
+    assert sum(p.numel() for p in after.parameters()) == (
+        sum(p.numel() for p in before.parameters()) + 16 + 32 + 64)  # the three biases
+
+
+def test_batchnorm_after_the_activation_trains_a_few_steps():
+    data = demo.load_digits(0)
+    with demo.reproducible():
+        torch.manual_seed(0)
+        model = demo.make_cnn(after_activation=True)
+        loss, curve = demo.train(model, data, epochs=1, batch_size=32, lr=0.05, seed=0,
+                                 max_steps=3)
+        accuracy, test_loss = demo.evaluate(model, data[2], data[3])
+    assert math.isfinite(loss) and math.isfinite(test_loss) and 0 <= accuracy <= 1
+    assert curve == []  # three steps: short of the first of four points an epoch
+    assert all(int(m.num_batches_tracked) == 3 for m in model if isinstance(m, bn.BatchNorm))
 
 
 def runs_for_every_claim() -> list[demo.Run]:
