@@ -64,6 +64,14 @@ def test_faster_than_the_bandwidth_limit_by_a_wide_margin_is_flagged():
     assert row["flags"] == []
 
 
+def test_the_advice_to_rerun_names_threads_1_only_where_it_was_not_set():
+    rows = bench.flag_rows([layer_row(ours=(2.0, 2.1, 3.2))])  # a wide spread: flagged
+    for threads in (None, 2):
+        assert "`--threads 1`" in bench.trust_summary(rows, threads=threads)[0]
+    advice = bench.trust_summary(rows, threads=1)[0]
+    assert "rerun on a quieter machine" in advice and "--threads" not in advice
+
+
 def test_thread_contention_flags_every_row_of_that_process():
     check = {"threads": 2, "parallel_ms": 8.0, "serial_ms": 1.0, "slowdown": 8.0}
     rows = bench.flag_rows([layer_row(), layer_row(allocator="default")],

@@ -184,8 +184,13 @@ def flag_rows(results: list[dict], spread_limit: float = SPREAD_LIMIT,
 
 
 def trust_summary(results: list[dict], end_to_end: list[dict] = (),
-                  load_average: float | None = None, cores: int | None = None) -> list[str]:
-    """Lines for the top of the output: which rows are flagged, and why."""
+                  load_average: float | None = None, cores: int | None = None,
+                  threads: int | None = None) -> list[str]:
+    """Lines for the top of the output: which rows are flagged, and why.
+
+    ``threads``: the ``--threads`` the rows were measured with (None: torch's default); the
+    advice to rerun names only what would change something.
+    """
     flagged = [r for r in results if r.get("flags")]
     e2e_flagged = [r for r in end_to_end if r.get("flags")]
     total = len(results) + len(end_to_end)
@@ -198,10 +203,11 @@ def trust_summary(results: list[dict], end_to_end: list[dict] = (),
                        f"{SPREAD_LIMIT:g}x (max/min), no forward+backward faster than its "
                        "forward, nothing faster than the bandwidth limit, no thread "
                        "contention."]
+    rerun = "rerun on a quieter machine" + (
+        "" if threads == 1 else " (or with `--threads 1`, which thread contention cannot stall)")
     lines = busy + [f"**WARNING: {len(flagged) + len(e2e_flagged)} of {total} rows flagged "
-                    "(column `flags`): do not trust their figures; rerun on a quieter machine "
-                    "(or with `--threads 1`, which thread contention cannot stall) before "
-                    "quoting them.**", ""]
+                    f"(column `flags`): do not trust their figures; {rerun} before quoting "
+                    "them.**", ""]
     reasons: dict[str, int] = {}
     for r in [*flagged, *e2e_flagged]:
         for kind in dict.fromkeys(f.split(":")[0] for f in r["flags"]):
@@ -878,7 +884,7 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
     lines = ["# batchnorm benchmark" + (" (quick)" if args.quick else ""), ""]
     e2e = report.get("end_to_end")
     lines += trust_summary(report["results"], e2e["rows"] if e2e else (),
-                           report.get("load_average"), report.get("cores"))
+                           report.get("load_average"), report.get("cores"), report.get("threads"))
     lines += ["", "## Environment", ""]
     for allocator, env in report["allocators"].items():
         lines.append(f"- `{allocator}` allocator process: torch {env['torch']}, numba "
