@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench.add_arguments(commands.add_parser(
         "bench", help="speed against the memory-bandwidth limit, PyTorch and tf_keras; "
-        "peak memory (--quick: about a minute)",
+        "peak memory",
         description="Time batch normalization against the memory-bandwidth limit. Prints "
         f"markdown in {bench.WIDTH} columns; writes bench.json and bench.png to --out. "
         + bench.VERDICT_RULE))
