@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
 # ``python -m pytest -m "not slow"`` is a quick run; ``.ci/run`` runs everything.
 # file -> test functions (None: the whole file). Measured on the 2-core machine, loaded:
 SLOW_TESTS: dict[str, set[str] | None] = {
-    "test_demo.py": None,  # trains the demo's networks: minutes
     "test_bench.py": {"test_bench_command_writes_json_and_a_table"},  # the bench command: ~1 min
     "test_functional.py": {  # torch.compile's first compilation: ~20 s
         "test_compiled_layer_in_training_updates_its_buffers_like_eager",
@@ -28,8 +27,9 @@ SLOW_TESTS: dict[str, set[str] | None] = {
     "test_activation.py": {"test_compiled_layer_with_activation_matches_eager"},  # ~25 s
     "test_model_zoo.py": None,  # 21 timm and torchvision networks, six checks each: ~4 min
 }
-# Tests that use these fixtures start processes (torch.distributed over gloo): ~1 min.
-SLOW_FIXTURES = {"spawned"}
+# Tests that use these fixtures start processes (torch.distributed over gloo): ~1 min; or
+# train every network of the demo (test_demo.py's quick_run): minutes.
+SLOW_FIXTURES = {"spawned", "quick_run"}
 
 
 def is_slow(item: pytest.Item) -> bool:

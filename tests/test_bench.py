@@ -1,14 +1,16 @@
-"""The benchmark command (``python -m batchnorm bench``): its table, its trust checks, its
-end-to-end rows and its report."""
+"""The benchmark command (``python -m batchnorm bench``): its verdict, its tables, its trust
+checks, its end-to-end rows and its report."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from batchnorm.apps import bench
 from batchnorm.apps import bench_end_to_end as e2e
+from batchnorm.apps.measure import WIDTH, compare
 
 
 def layer_row(phase="forward", ours=(2.0, 2.1, 1.9), native=(4.0, 4.1, 3.9), limit=1.6,
@@ -64,6 +66,14 @@ def test_faster_than_the_bandwidth_limit_by_a_wide_margin_is_flagged():
     assert row["flags"] == []
 
 
+def test_the_advice_to_rerun_names_threads_1_only_where_it_was_not_set():
+    rows = bench.flag_rows([layer_row(ours=(2.0, 2.1, 3.2))])  # a wide spread: flagged
+    for threads in (None, 2):
+        assert "`--threads 1`" in bench.trust_summary(rows, threads=threads)[0]
+    advice = bench.trust_summary(rows, threads=1)[0]
+    assert "rerun on a quieter machine" in advice and "--threads" not in advice
+
+
 def test_thread_contention_flags_every_row_of_that_process():
     check = {"threads": 2, "parallel_ms": 8.0, "serial_ms": 1.0, "slowdown": 8.0}
     rows = bench.flag_rows([layer_row(), layer_row(allocator="default")],
@@ -116,6 +126,64 @@ def test_chart_marks_stand_ins_flags_and_left_out_shapes(tmp_path):
     bench.flag_rows(rows)
     assert bench.chart(rows, tmp_path / "bench.png", repeats=3)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_calls_ours_faster_or_slower_only_when_every_repeat_agrees():
+    # The spread (min, median, max) of ours' time over theirs, repeat by repeat.
+    assert compare({"min": 0.5, "median": 0.6, "max": 0.99}) == "faster"
+    assert compare({"min": 1.01, "median": 1.2, "max": 1.5}) == "slower"
+    assert compare({"min": 0.7, "median": 0.8, "max": 1.1}) == "equal"  # one repeat slower
+    assert compare({"min": 0.9, "median": 1.1, "max": 1.3}) == "equal"  # one repeat faster
+
+
+# Samples (ms) of ours and torch.nn whose paired ratios land on each side of 1, or across it.
+FASTER = {"ours": (2.0, 2.1, 1.9), "native": (4.0, 4.1, 3.9)}  # torch.nn/ours 1.95-2.05
+SLOWER = {"ours": (4.0, 4.1, 3.9), "native": (2.0, 2.1, 1.9)}
+EQUAL = {"ours": (2.0, 2.1, 1.9), "native": (1.9, 2.2, 2.0)}  # torch.nn/ours 0.95-1.05
+
+
+def test_verdict_says_per_phase_where_ours_is_faster_slower_and_equal():
+    rows = bench.flag_rows([layer_row("forward", **FASTER),
+                            layer_row("forward", label="8x4 nc bfloat16 plain", **FASTER),
+                            layer_row("forward+backward", limit=4.0, **EQUAL),
+                            layer_row("inference", **SLOWER)])
+    assert bench.verdict(rows) == [
+        "faster than torch.nn: forward 2/2",
+        "slower than torch.nn: inference 1/1",
+        "equal within the spread: forward+backward 1/1; noisy: 0 of 4 rows, quiet enough to tell"]
+
+
+def test_verdict_leaves_out_rows_where_a_stand_in_ran():
+    rows = bench.flag_rows([layer_row(**FASTER),
+                            layer_row(label="8x4 nc float32 masked", notes=["native*"], **SLOWER)])
+    assert bench.verdict(rows)[:2] == ["faster than torch.nn: forward 1/1",
+                                       "slower than torch.nn: no row"]
+
+
+def test_verdict_judges_end_to_end_rows_by_their_whole_step():
+    # ours 12.0-12.3 ms against torch.nn 10.0-10.2 in every repeat: slower.
+    (line,) = [line for line in bench.verdict([], [e2e_row()]) if line.startswith("slower")]
+    assert line == "slower than torch.nn: training step 1/1"
+    faster = e2e_row(ours=(9.0, 9.1, 9.0))
+    assert bench.verdict([], [faster])[0] == "faster than torch.nn: training step 1/1"
+
+
+def test_verdict_calls_the_machine_too_noisy_when_over_a_quarter_of_the_rows_spread_wide():
+    wide = {"ours": (2.0, 2.1, 3.2), "native": (4.0, 4.1, 6.3)}  # both over 1.5x (max/min)
+    steady = [layer_row(**FASTER) for _ in range(3)]
+    quiet = bench.verdict(bench.flag_rows([*steady, layer_row(**wide)]))  # 1 of 4: a quarter
+    assert quiet[2].endswith("; noisy: 1 of 4 rows, quiet enough to tell")
+    noisy = bench.verdict(bench.flag_rows([*steady[:2], layer_row(**wide), layer_row(**wide)]))
+    assert noisy[2].endswith("; noisy: 2 of 4 rows, too noisy to tell")
+    copy_only = layer_row(**FASTER)
+    copy_only["samples_ms"]["copy"] = [1.0, 1.0, 1.6]  # the reference copy's repeats count too
+    assert bench.noisy(copy_only) and not bench.noisy(layer_row(**FASTER))
+
+
+def test_verdict_too_long_for_the_width_gives_the_counts_alone():
+    phases = [f"phase {'x' * 12} {i}" for i in range(8)]
+    rows = bench.flag_rows([layer_row(phase, **FASTER) for phase in phases])
+    assert bench.verdict(rows)[0] == "faster than torch.nn: 8 of 8 rows"
 
 
 def e2e_row(load="none", torch_nn=(10.0, 10.2, 10.1), ours=(12.0, 12.1, 12.3),
@@ -209,7 +277,100 @@ def test_bench_command_writes_json_and_a_table(tmp_path, capsys):
     assert report["allocators"]["reuse"]["torch_threads"] == 1
     assert "memory" not in report and "end_to_end" not in report
     out = capsys.readouterr().out
-    assert "| reuse | 8x4x6x6 nchw float32 masked | forward+backward |" in out
+    assert "### `reuse` allocator, 8x4x6x6 nchw float32" in out
+    assert "| masked | forward+backward |" in out
     assert "torch 1 intra-op" in out and "numba 1 threads" in out
     assert "MALLOC_MMAP_THRESHOLD_" in out
-    assert out.splitlines()[2].startswith(("No row flagged", "**WARNING", "The machine was busy"))
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == [
+        "faster than torch.nn", "slower than torch.nn", "equal within the spread"]
+    assert lines[4] == "# batchnorm benchmark"
+    assert lines[6].startswith(("No row flagged", "**WARNING", "The machine was busy"))
+    assert max(len(line) for line in lines) <= WIDTH
+
+
+def environment(threads=2):
+    return {"torch": "2.13.0+cpu", "numba": "0.68.1", "python": "3.11.7",
+            "cpu": "AMD EPYC 7B13 64-Core Processor", "cores": 2, "torch_threads": threads,
+            "torch_interop_threads": 2, "numba_threads": threads, "numba_threading_layer": "omp",
+            "allocator_env": {k: str(1 << 40) for k in bench.ALLOCATORS["reuse"]},
+            "thread_env": {"OMP_NUM_THREADS": str(threads)}, "load_average": "5.5 4.7 3.0",
+            "contention": {"threads": threads, "parallel_ms": 8.0, "serial_ms": 1.0,
+                           "slowdown": 8.0}}
+
+
+def every_section(wide: bool):
+    """A report with every section and its longest cells (bench.run's ``report``), rendered."""
+    rows = []
+    for allocator in ("default", "reuse"):
+        for mode in bench.MODES:
+            for phase in bench.PHASES:
+                row = layer_row(phase, label=f"65536x256 nc bfloat16 {mode}", allocator=allocator,
+                                ours=(10.0, 12.0, 19.0), native=(1234.5, 1300.1, 1400.2),
+                                notes=["native*: plain"] if mode in ("renorm", "masked") else ())
+                row["samples_ms"].update(compiled=[11.0, 12.0, 13.0], tf_keras=[20.0, 21.0, 22.0],
+                                         copy=[1.0, 1.2, 1.1])
+                row["limit_ms"] = 30.0 if phase == "forward" else 8.0  # flags "cannot be"
+                row["limit_spread_ms"] = {"min": 7.0, "median": 8.0, "max": 9.5}
+                row["compile_s"] = 21.3
+                rows.append(row)
+    bench.flag_rows(rows, contention={"reuse": environment()["contention"]})
+    fused = {e2e.FUSED: [11.0, 11.1, 11.2]}
+    e2e_rows = [e2e_row(load, **fused) for load in ("none", "1 process, 2 busy threads")]
+    for row in e2e_rows:
+        row.update(model="resnet18", batch=256, phase="training step")
+        row["flags"].insert(0, "thread contention: 2 threads 8.0x slower than 1 on a parallel op")
+    report = {
+        "allocators": {"default": environment(), "reuse": environment()}, "results": rows,
+        "load_average": 5.5, "cores": 2, "threads": None,
+        "tf_environment": {"tensorflow": "tensorflow 2.16.1, tf_keras 2.16.0"},
+        "end_to_end": {"allocator": "reuse", "environment": environment(), "rows": e2e_rows,
+                       "fused": True, "settings": {"repeats": 3}},
+        "memory": [{"contender": "ours (activation=relu)", "peak_mib": 123.4}],
+        "first_call": {"empty numba cache": {"first_step_s": 123.45}},
+        "distributed": {"environment": "torch 2.13.0+cpu, Python 3.11.7, " + "x" * 60,
+                        "rows": [{"processes": 4, "batch": [32, 64, 16, 16], "local_ms": 1234.5,
+                                  "synchronized_ms": 2345.6, "communication_ms": 1111.1,
+                                  "communication_share": 0.47}]},
+        "seconds": {"layers, default allocator": 100.0, "layers, reuse allocator": 100.0,
+                    "end-to-end, quiet and under load": 300.0, "memory and first call": 30.0,
+                    "synchronized statistics": 60.0, "total": 600.0}}
+    args = SimpleNamespace(quick=False, repeats=11, wide=wide)
+    return bench.render(report, args, "/opt/tf/bin/python", True, bench.Path("bench-results"))
+
+
+def test_the_output_fits_100_columns():
+    text = every_section(wide=False)
+    assert WIDTH == 100
+    assert max(len(line) for line in text.splitlines()) <= 100
+    for section in ("## Layers", "## End to end", "## Peak memory", "## Synchronized"):
+        assert section in text
+    # ours 10.0, 12.0, 19.0 ms against native 1234.5, 1300.1, 1400.2: native/ours 123.45,
+    # 108.34, 73.69 repeat by repeat; the limit, 8.0 ms, is 67% of ours' median.
+    assert "| masked | inference | 12.0 | 108.34x (73.69-123.45)* | - | 67% | [12] |" in text
+    assert "- [12] masked inference: thread contention: 2 threads 8.0x slower" in text
+    assert "| mode | phase | compiled / ours | tf_keras / ours |" in text
+
+
+def test_wide_output_has_one_full_table_per_section():
+    text = every_section(wide=True)
+    assert text.splitlines()[:3] == every_section(wide=False).splitlines()[:3]  # the verdict
+    assert "| allocator | case | phase | ours ms | native ms |" in text
+    assert "| model | batch | phase | load | torch.nn ms |" in text
+    assert max(len(line) for line in text.splitlines()) > 100
+
+
+def test_end_to_end_narrow_table_gives_the_step_ratio_verdict_and_costs():
+    # ours over torch.nn repeat by repeat: 12.0/10.0, 12.1/10.2, 12.3/10.1 (all over 1: slower);
+    # 9.0/10.0, 9.1/10.2, 9.0/10.1 (all under 1: faster); 12.0/10.0, 12.1/8.0, 12.3/16.0 (across).
+    rows = [e2e_row(), e2e_row(ours=(9.0, 9.1, 9.0)), e2e_row(torch_nn=(10.0, 8.0, 16.0))]
+    lines = e2e.narrow_table(rows)
+    assert lines[1:6] == [
+        "| model | batch | phase | ours / torch.nn | verdict | flags |",
+        "|---|---:|---|---:|---|---|",
+        "| mlp | 32 | training step | 1.20x (1.19-1.22) | slower | ok |",
+        "| mlp | 32 | training step | 0.89x (0.89-0.90) | faster | ok |",
+        "| mlp | 32 | training step | 1.20x (0.77-1.51) | equal | [1] |"]
+    assert lines[7].startswith("- [1] mlp batch 32 training step: spread over 1.5x: torch.nn")
+    assert lines[10] == "| model | batch | phase | torch.nn ms | BN cost torch.nn | BN cost ours |"
+    assert max(len(line) for line in lines) <= WIDTH

@@ -13,16 +13,22 @@ that moves the numbers a little does not fail the test, while a demo that stops 
 the effect does. The claims that did not hold on every quick seed (BatchNorm ahead at the
 end of 3 epochs: 4 of 5; momentum 0.99 behind at the end: 4 of 5; renorm more accurate
 than plain: 3 of 5) are not asserted; the table says on how many seeds they hold.
+
+The tests that train the whole demo use the ``quick_run`` fixture (``slow``, by
+tests/conftest.py's ``SLOW_FIXTURES``); the others run in the default suite.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
+from torch import nn
 
+import batchnorm as bn
 from batchnorm.apps import demo
 
 MARGINS = {  # claim key -> the gap its seed-0 quick run must exceed
@@ -140,3 +146,66 @@ def test_reproducible_restores_threads_determinism_and_the_callers_random_state(
     assert torch.get_num_threads() == threads
     assert not torch.are_deterministic_algorithms_enabled()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_never_updated_statistics_train_alike_and_fail_only_the_test(quick_run):
+    runs, _ = quick_run
+    never, plain = runs["never_updated"], runs["bn"]
+    # Exactly equal: the same seed, batches and training-mode computation (each batch's own
+    # statistics), in deterministic mode; only the discarded moving averages differ.
+    assert never.training_loss == plain.training_loss
+    assert never.test_loss > plain.test_loss and never.accuracy < plain.accuracy
+
+
+def test_batchnorm_after_the_activation_row_is_reported_without_a_claim(quick_run):
+    runs, _ = quick_run
+    row = runs["bn_after_activation"]
+    assert row.claims == () and row.panel == runs["bn"].panel
+    assert all(math.isfinite(v) for v in (row.accuracy, row.test_loss, row.training_loss))
+    assert not any("bn_after_activation" in (c.better, c.worse) for c in demo.CLAIMS)
+
+
+def test_batchnorm_after_the_activation_swaps_each_norm_with_its_relu():
+    before, after = demo.make_cnn(), demo.make_cnn(after_activation=True)
+    kinds = [type(m) for m in before]
+    for i, kind in enumerate(kinds):  # Conv/Linear, BN, ReLU -> Conv/Linear, ReLU, BN
+        if kind is bn.BatchNorm:
+            assert [type(m) for m in after[i:i + 2]] == [nn.ReLU, bn.BatchNorm]
+            assert before[i - 1].bias is None and after[i - 1].bias is not None
+        elif kind is not nn.ReLU:
+            assert type(after[i]) is kind
+    assert sum(p.numel() for p in after.parameters()) == (
+        sum(p.numel() for p in before.parameters()) + 16 + 32 + 64)  # the three biases
+
+
+def test_batchnorm_after_the_activation_trains_a_few_steps():
+    data = demo.load_digits(0)
+    with demo.reproducible():
+        torch.manual_seed(0)
+        model = demo.make_cnn(after_activation=True)
+        loss, curve = demo.train(model, data, epochs=1, batch_size=32, lr=0.05, seed=0,
+                                 max_steps=3)
+        accuracy, test_loss = demo.evaluate(model, data[2], data[3])
+    assert math.isfinite(loss) and math.isfinite(test_loss) and 0 <= accuracy <= 1
+    assert curve == []  # three steps: short of the first of four points an epoch
+    assert all(int(m.num_batches_tracked) == 3 for m in model if isinstance(m, bn.BatchNorm))
+
+
+def runs_for_every_claim() -> list[demo.Run]:
+    """One run per key the claims name (their figures are the table's input, not results)."""
+    keys = dict.fromkeys(k for c in demo.CLAIMS for k in (c.better, c.worse) if k != "ValueError")
+    return [demo.Run(key, f"  {key}", "lesson", 0.9, 0.3, 1.0, test_loss=0.4) for key in keys]
+
+
+def test_table_says_which_loss_is_which():
+    runs = runs_for_every_claim()
+    (evaluated,) = [r for r in runs if r.key == "eval_train_8"]
+    evaluated.training_loss = None  # evaluated, not trained: no training loss
+    lines = demo.table(runs).splitlines()
+    assert lines[0] == ("| run | test accuracy | test loss | training loss (last epoch) | "
+                        "time (s) | what it teaches |")
+    assert "| bn | 90.0% | 0.400 | 0.300 | 1.0 |" in lines[2 + [r.key for r in runs].index("bn")]
+    assert "| eval_train_8 | 90.0% | 0.400 |  | 1.0 |" in demo.table(runs)
+    note = " ".join(lines[lines.index("") + 1:])
+    assert note.startswith("test accuracy and test loss (cross-entropy): the held-out fifth")
+    assert "training loss: the mean cross-entropy over the last epoch's batches" in note

@@ -140,14 +140,14 @@ def measure(processes: Sequence[int] = (1, 2, 4), *, batch: int = 32, features: 
 
 
 def table(rows: Sequence[dict]) -> str:
-    """The rows of :func:`measure` as a markdown table."""
-    lines = ["| mode | processes | batch per process | local ms/step | synchronized ms/step "
-             "| communicating ms/step | communicating share |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    """The rows of :func:`measure` as a markdown table: per step, in ms, with local and with
+    synchronized statistics, and inside the collectives (communicating); share:
+    communicating over synchronized."""
+    lines = ["| processes | batch per process | local ms | synchronized ms | communicating ms "
+             "| share |", "|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| synchronized statistics (gloo) | {r['processes']} | "
-            f"{'x'.join(map(str, r['batch']))} | {r['local_ms']:.2f} | "
+            f"| {r['processes']} | {'x'.join(map(str, r['batch']))} | {r['local_ms']:.2f} | "
             f"{r['synchronized_ms']:.2f} | {r['communication_ms']:.2f} | "
             f"{100 * r['communication_share']:.0f}% |")
     return "\n".join(lines)

@@ -44,7 +44,7 @@ from torch import nn
 
 import batchnorm as bn
 
-from .measure import rounds, spread
+from .measure import compare, flag_notes, markdown, rounds, spread
 
 TORCH = "torch.nn"
 OURS = "batchnorm"
@@ -288,10 +288,12 @@ def busy(seconds: float, threads: int | None = None) -> Iterator[str]:
 # ---------------------------------------------------------------- the table
 
 
+def _number(v: float) -> str:
+    return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+
+
 def _ms(s: dict) -> str:
-    def f(v: float) -> str:
-        return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
-    return f"{f(s['median'])} ({f(s['min'])}-{f(s['max'])})"
+    return f"{_number(s['median'])} ({_number(s['min'])}-{_number(s['max'])})"
 
 
 def table(rows: Sequence[dict]) -> str:
@@ -317,3 +319,42 @@ def table(rows: Sequence[dict]) -> str:
         cells.append("; ".join(r["flags"]) or "ok")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(s: dict) -> str:
+    return f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def narrow_table(rows: Sequence[dict]) -> list[str]:
+    """The rows in 100 columns, two tables per load: the step ratios (ours over torch.nn,
+    median (min-max) within each repeat) with the verdict (:func:`~.measure.compare`) and
+    ``[n]`` for a flagged row, its flags listed under the table; then the medians of
+    torch.nn's step and of each contender's batch-norm cost, in ms."""
+    fused = any(FUSED in r["ms"] for r in rows)
+    lines: list[str] = []
+    loads = list(dict.fromkeys(r["load"] for r in rows))
+    for load in loads:
+        sel = [r for r in rows if r["load"] == load]
+        if len(loads) > 1:
+            lines += ["", f"### Load: {load}"]
+        marks, notes = flag_notes([(f"{r['model']} batch {r['batch']} {r['phase']}", r["flags"])
+                                   for r in sel])
+        lines += ["", *markdown(
+            ["model", "batch", "phase", "ours / torch.nn", "verdict",
+             *(["fused / torch.nn"] if fused else []), "flags"],
+            [[r["model"], str(r["batch"]), r["phase"], _ratio(r["step_ratio"][OURS]),
+              compare(r["step_ratio"][OURS]),
+              *([_ratio(r["step_ratio"][FUSED]) if FUSED in r["step_ratio"] else "-"]
+                if fused else []), mark] for r, mark in zip(sel, marks, strict=True)],
+            "lrlrl" + "r" * fused + "l")]
+        lines += ["", *notes] if notes else []
+        costs = [n for n in NORMALIZED if n != FUSED or fused]
+        lines += ["", *markdown(
+            ["model", "batch", "phase", "torch.nn ms",
+             *(f"BN cost {'ours' if n == OURS else 'fused' if n == FUSED else n}" for n in costs)],
+            [[r["model"], str(r["batch"]), r["phase"], _number(r["ms"][TORCH]["median"]),
+              *(_number(r["cost_ms"][n]["median"]) if n in r["cost_ms"] else "-"
+                for n in costs)]
+             for r in sel], "lrl" + "r" * (1 + len(costs)))]
+    return lines
+

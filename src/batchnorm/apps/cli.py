@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
     bench.add_arguments(commands.add_parser(
         "bench", help="speed against the memory-bandwidth limit, PyTorch and tf_keras; "
-        "peak memory (--quick: about a minute)",
-        description="Time batch normalization against the memory-bandwidth limit. "
-        "Prints a markdown table; writes bench.json and bench.png to --out."))
+        "peak memory",
+        description="Time batch normalization against the memory-bandwidth limit. Prints "
+        f"markdown in {bench.WIDTH} columns; writes bench.json and bench.png to --out. "
+        + bench.VERDICT_RULE))
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.main(args)

@@ -3,8 +3,10 @@
 ``python -m batchnorm demo`` trains small convolutional networks (Conv-BN-ReLU-Pool
 blocks, Dense-BN-ReLU-Dropout, a classifier: the seed's ``create_cnn_with_batchnorm``
 scaled to 8x8 images) on the handwritten digits shipped in ``batchnorm/data``,
-with the same seed and budget for every run, and prints one table: test
-accuracy, final training loss and time per run, with what each row teaches.
+with the same seed and budget for every run, and prints one table: per run, its test
+accuracy and test loss (the held-out fifth of the digits, evaluated in inference mode
+unless the row says otherwise), its training loss (the mean over the last epoch's
+batches, in training mode) and its time, with what the row teaches.
 ``python -m batchnorm.apps.demo --seeds 0 1 2 3 4`` runs it for several seeds and
 reports the mean and range of every figure, and checks each lesson on every seed:
 a lesson that does not hold on all of them is printed with how many it holds on.
@@ -29,6 +31,7 @@ import gzip
 import json
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -72,10 +75,11 @@ class Run:
     key: str  # a short, stable identifier (the claims and the tests refer to it)
     name: str
     lesson: str
-    accuracy: float | None
-    loss: float | None
+    accuracy: float | None  # on the test set
+    training_loss: float | None  # mean over the last epoch's batches, in training mode
     seconds: float
     note: str = ""
+    test_loss: float | None = None  # on the test set, as evaluated for ``accuracy``
     curve: list[tuple[float, float]] = field(default_factory=list)
     panel: str = ""  # which chart panel shows its learning curve, if any
     claims: tuple[str, ...] = ()  # the keys of the claims (CLAIMS) behind its lesson
@@ -86,9 +90,9 @@ class Claim:
     """A lesson of the table as a comparison that must hold on every seed.
 
     Run ``better`` must end more accurate than run ``worse`` on the test set (with
-    ``epoch``: at that point of their learning curves; with ``metric="loss"``: with a
-    lower final training loss); ``better="ValueError"`` means that ``worse`` must
-    raise instead of giving an accuracy.
+    ``epoch``: at that point of their learning curves; with ``metric="training_loss"``:
+    with a lower training loss over the last epoch); ``better="ValueError"`` means that
+    ``worse`` must raise instead of giving an accuracy.
     """
 
     key: str
@@ -105,8 +109,10 @@ class Claim:
         good, bad = runs[self.better], runs[self.worse]
         if self.epoch is not None:
             return _at(good.curve, self.epoch) - _at(bad.curve, self.epoch)
-        if self.metric == "loss":
-            return None if None in (good.loss, bad.loss) else bad.loss - good.loss
+        if self.metric == "training_loss":
+            if None in (good.training_loss, bad.training_loss):
+                return None
+            return bad.training_loss - good.training_loss
         return None if None in (good.accuracy, bad.accuracy) else good.accuracy - bad.accuracy
 
 
@@ -130,7 +136,7 @@ CLAIMS = (
     Claim("freeze", "bn.freeze is ahead of the same fine-tuning without it",
           "finetune_frozen", "finetune"),
     Claim("renorm_loss", "renorm ends with a lower training loss than plain on batches of 4",
-          "small_renorm", "small", metric="loss"),
+          "small_renorm", "small", metric="training_loss"),
     Claim("renorm", "renorm is more accurate than plain on batches of 4", "small_renorm",
           "small"),
     Claim("ghost", "ghost batches of 2 are less accurate than plain on batches of 4",
@@ -156,24 +162,33 @@ def load_digits(seed: int) -> Data:
     return x[train], y[train], x[test], y[test]
 
 
-def make_cnn(batchnorm: bool = True, **bn_options) -> nn.Sequential:
+def make_cnn(batchnorm: bool = True, after_activation: bool = False,
+             **bn_options) -> nn.Sequential:
     """Conv-BN-ReLU-Pool twice, Dense-BN-ReLU-Dropout, Dense: the seed's CNN for 8x8 inputs.
 
-    Without BatchNorm the layers before it get a bias; with it they don't (BN's
-    beta makes it redundant).
+    ``after_activation=True`` swaps every BN with the ReLU after it (Conv-ReLU-BN-Pool,
+    Dense-ReLU-BN-Dropout), against the seed's advice to normalize before the
+    activation. The layers before a BatchNorm get no bias (BN's beta makes it
+    redundant); the others, those before a ReLU included, do.
+
+    >>> [type(m).__name__ for m in make_cnn(after_activation=True)[:4]]
+    ['Conv2d', 'ReLU', 'BatchNorm', 'MaxPool2d']
     """
 
     options = {"momentum": MOMENTUM, **bn_options}
 
-    def norm(features: int) -> list[nn.Module]:
-        return [bn.BatchNorm(features, **options)] if batchnorm else []
+    def block(layer: Callable[[bool], nn.Module], features: int) -> list[nn.Module]:
+        if not batchnorm:
+            return [layer(True), nn.ReLU()]
+        if after_activation:
+            return [layer(True), nn.ReLU(), bn.BatchNorm(features, **options)]
+        return [layer(False), bn.BatchNorm(features, **options), nn.ReLU()]
 
-    bias = not batchnorm
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, bias=bias), *norm(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1, bias=bias), *norm(32), nn.ReLU(), nn.MaxPool2d(2),
+        *block(lambda bias: nn.Conv2d(1, 16, 3, padding=1, bias=bias), 16), nn.MaxPool2d(2),
+        *block(lambda bias: nn.Conv2d(16, 32, 3, padding=1, bias=bias), 32), nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(128, 64, bias=bias), *norm(64), nn.ReLU(), nn.Dropout(0.3),
+        *block(lambda bias: nn.Linear(128, 64, bias=bias), 64), nn.Dropout(0.3),
         nn.Linear(64, 10),
     )
 
@@ -264,9 +279,9 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
                    "lr": budget.lr, **options}
         loss, curve = train(model, data, seed=seed, progress=progress, label=name.strip(),
                             **options)
-        accuracy, _ = evaluate(model, x_test, y_test)
+        accuracy, test_loss = evaluate(model, x_test, y_test)
         runs.append(Run(key, name, lesson, accuracy, loss, time.perf_counter() - start,
-                        curve=curve, panel=panel, claims=claims))
+                        test_loss=test_loss, curve=curve, panel=panel, claims=claims))
         return model
 
     def seeded(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -292,16 +307,22 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
             accuracy = loss = None
             note, claims = "ValueError", ("single_refused",)
             lesson = "one sample has no variance: refused (TensorFlow returns zeros)"
-        runs.append(Run(f"eval_train_{batch_size}", name, lesson, accuracy, loss,
-                        time.perf_counter() - start, note, claims=claims))
+        runs.append(Run(f"eval_train_{batch_size}", name, lesson, accuracy, None,
+                        time.perf_counter() - start, note, test_loss=loss, claims=claims))
 
     trained("momentum_099", "  momentum 0.99 (TensorFlow's default) on this short budget",
             "slow averages remember the first batches: behind 0.9, most of all early",
             seeded(lambda: make_cnn(momentum=0.99)), panel=budget_panel,
             claims=("slow_momentum_early", "slow_momentum"))
     trained("never_updated", "  statistics never updated (updates deferred, never applied)",
-            "inference uses the initial 0/1 averages: the model falls apart",
+            "trains as well (its training loss is that of BatchNorm's row), but inference "
+            "uses the initial 0/1 averages: the test set falls apart",
             seeded(make_cnn), apply_updates=False, panel=budget_panel, claims=("never_updated",))
+    # The seed documents advise normalizing before the nonlinearity: the same network with
+    # each BatchNorm after its ReLU, reported as it comes out (no claim rests on it).
+    trained("bn_after_activation", "  BatchNorm after the activation (Conv-ReLU-BN)",
+            "against the seed's advice (before it): compare with the row with BatchNorm",
+            seeded(lambda: make_cnn(after_activation=True)), panel=budget_panel)
 
     for debias in (False, True):
         trained("early_debias" if debias else "early",
@@ -326,13 +347,13 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
         loss, curve = train(tuned, few, epochs=1000, batch_size=2, lr=budget.lr, seed=seed,
                             max_steps=budget.finetune_steps, progress=progress,
                             label="fine-tuning")
-        accuracy, _ = evaluate(tuned, x_test, y_test)
+        accuracy, test_loss = evaluate(tuned, x_test, y_test)
         runs.append(Run(
             "finetune_frozen" if frozen else "finetune",
             f"  head fine-tuned on batches of 2, {'with' if frozen else 'without'} bn.freeze",
             "pretrained statistics kept: ahead of the same fine-tuning unfrozen" if frozen else
             "statistics overwritten by 2-sample batches: accuracy drops",
-            accuracy, loss, time.perf_counter() - start, curve=curve,
+            accuracy, loss, time.perf_counter() - start, test_loss=test_loss, curve=curve,
             claims=("freeze",) if frozen else ("finetune_drops",)))
 
     small = {"epochs": budget.small_batch_epochs, "batch_size": 4, "lr": budget.lr / 4,
@@ -407,7 +428,8 @@ class Row:
     name: str
     lesson: str
     accuracy: list[float | None]
-    loss: list[float | None]
+    test_loss: list[float | None]
+    training_loss: list[float | None]
     seconds: list[float]
     note: str
     claims: tuple[str, ...]
@@ -420,8 +442,8 @@ def rows(per_seed: dict[int, list[Run]]) -> list[Row]:
     for i, run in enumerate(first):
         same = [runs[i] for runs in per_seed.values()]
         out.append(Row(run.key, run.name, run.lesson, [r.accuracy for r in same],
-                       [r.loss for r in same], [r.seconds for r in same],
-                       run.note, tuple(run.claims)))
+                       [r.test_loss for r in same], [r.training_loss for r in same],
+                       [r.seconds for r in same], run.note, tuple(run.claims)))
     return out
 
 
@@ -449,24 +471,39 @@ def table(per_seed: dict[int, list[Run]] | list[Run]) -> str:
     """The runs as a markdown table: mean (min-max) over the seeds when there are several.
 
     A lesson resting on a claim that does not hold on every seed says on how many it does.
+    The line under the table says what each column measures: the test set's accuracy and
+    loss, in inference mode unless the row says otherwise, and the training loss.
     """
     if isinstance(per_seed, list):
         per_seed = {0: per_seed}
     n = len(per_seed)
     holds = {c["key"]: c for c in check_claims(per_seed)}
     over = "" if n == 1 else f", mean (min-max) of {n} seeds"
-    lines = [f"| run | test accuracy{over} | final loss | time (s) | what it teaches |",
-             "|---|---:|---:|---:|---|"]
+    lines = [f"| run | test accuracy{over} | test loss | training loss (last epoch) | "
+             "time (s) | what it teaches |", "|---|---:|---:|---:|---:|---|"]
+
+    def losses(values: list[float | None]) -> str:
+        return "" if None in values else _spread(values, digits=3)
+
     for row in rows(per_seed):
         accuracy = row.note or _spread(row.accuracy, 100, unit="%")
-        loss = "" if None in row.loss else _spread(row.loss, digits=3)
         lesson = row.lesson
         weakest = min((holds[k]["holds"] for k in row.claims), default=n)
         if weakest < n:
             lesson += f" (holds on {weakest} of {n} seeds only)"
-        lines.append(f"| {row.name.strip()} | {accuracy} | {loss} | "
-                     f"{statistics.fmean(row.seconds):.1f} | {lesson} |")
+        lines.append(f"| {row.name.strip()} | {accuracy} | {losses(row.test_loss)} | "
+                     f"{losses(row.training_loss)} | {statistics.fmean(row.seconds):.1f} | "
+                     f"{lesson} |")
+    lines += ["", textwrap.fill(TABLE_NOTE, 100)]
     return "\n".join(lines)
+
+
+TABLE_NOTE = ("test accuracy and test loss (cross-entropy): the held-out fifth of the digits, "
+              "evaluated in inference mode, with the moving averages (the rows evaluated with "
+              "training=True: in training mode, with each test batch's statistics); training "
+              "loss: the mean cross-entropy over the last epoch's batches, in training mode "
+              "(each batch's own statistics, dropout on), so a run whose moving averages are "
+              "wrong can train as well as another and still fail its test.")
 
 
 def claims_table(per_seed: dict[int, list[Run]]) -> str:
@@ -478,9 +515,10 @@ def claims_table(per_seed: dict[int, list[Run]]) -> str:
             compared, gap = f"`{c['worse']}` raises", "-"
         else:
             at = "" if c["epoch"] is None else f" at epoch {c['epoch']:g}"
-            what = "loss of" if c["metric"] == "loss" else "accuracy of"
+            what = "training loss of" if c["metric"] == "training_loss" else "accuracy of"
             compared = f"{what} `{c['better']}` vs `{c['worse']}`{at}"
-            scale, unit, digits = (1, "", 3) if c["metric"] == "loss" else (100, " pt", 1)
+            scale, unit, digits = ((1, "", 3) if c["metric"] == "training_loss"
+                                   else (100, " pt", 1))
             gap = (f"{scale * statistics.fmean(gaps):+.{digits}f}{unit} "
                    f"({scale * min(gaps):+.{digits}f} to {scale * max(gaps):+.{digits}f})"
                    if gaps else "-")
