@@ -31,6 +31,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from torch._C import _increment_version as increment_version
 from torch import Tensor
 
 from ...activations import ACTIVATIONS
@@ -171,7 +172,9 @@ class CpuKernel:
                     and variance.is_contiguous()):
                 applied = loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, weight,
                                correction, zero)
-                if not applied and skipped is not None:
+                if applied:  # written through their addresses: tell autograd, as torch would
+                    increment_version(kept)
+                elif skipped is not None:
                     skipped.add_(1)
                 return applied
             return fallback(stats, skipped)
