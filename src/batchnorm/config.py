@@ -61,9 +61,10 @@ def check_epsilon(epsilon: float, dtype: torch.dtype) -> None:
 
 
 def _canonical_axis(axis: int | Sequence[int]) -> tuple[int, ...]:
-    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
     try:
-        axes = tuple(axes)
+        if isinstance(axis, bool):  # an int to Python, not an axis
+            raise TypeError(axis)
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
     except TypeError:
         raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}") from None
     if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
@@ -125,10 +126,11 @@ average
     fused: bool | None = None
     synchronized: bool = False
     activation: str | None = None
-    # Feature axes resolved per input rank (resolve_axes) and the configurations per variance
-    # rule (with_variance); not part of the configuration.
-    _resolved: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
-                                        compare=False)
+    # Feature axes resolved per input rank (resolve_axes: ndim -> tuple[int, ...]) and the
+    # configurations per variance rule (for_input, with_variance: a tuple -> BatchNormConfig);
+    # not part of the configuration.
+    _resolved: dict[Any, Any] = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                                  compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axis", _canonical_axis(self.axis))
@@ -190,7 +192,7 @@ average
         check_epsilon(epsilon, torch.float32)
 
     def _check_clipping(self) -> tuple[tuple[str, float], ...] | None:
-        clipping = self.renorm_clipping
+        clipping: Any = self.renorm_clipping  # as given: anything, until checked here
         if clipping is None:
             return None
         if not isinstance(clipping, Mapping):
