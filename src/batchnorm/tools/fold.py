@@ -133,7 +133,8 @@ class _Folder:
 
     def _pair_problem(self, producer: nn.Module, producer_name: str, bn: nn.Module) -> str | None:
         problem = _producer_problem(producer, producer_name)
-        if problem is not None or not isinstance(producer, _PRODUCERS):  # (not one: a problem)
+        # (without a problem it is one of _PRODUCERS: the isinstance tells the type checker so)
+        if problem is not None or not isinstance(producer, _PRODUCERS):
             return problem
         if has_hooks(producer):
             return f"{producer_name!r} has hooks registered on it, which folding could change"
