@@ -26,6 +26,10 @@ SLOW_TESTS: dict[str, set[str] | None] = {
     "test_kernels.py": {"test_compile_and_torch_func_fall_back_from_the_fast_path"},
     "test_activation.py": {"test_compiled_layer_with_activation_matches_eager"},  # ~25 s
     "test_model_zoo.py": None,  # 21 timm and torchvision networks, six checks each: ~4 min
+    "test_typing.py": {  # mypy --strict, analyzing torch: 30 s to 3 min (seconds once cached)
+        "test_a_user_script_passes_mypy_strict",
+        "test_a_type_error_in_a_user_script_is_reported",
+    },
 }
 # Tests that use these fixtures start processes (torch.distributed over gloo): ~1 min; or
 # train every network of the demo (test_demo.py's quick_run): minutes.

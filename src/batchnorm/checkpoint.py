@@ -115,21 +115,24 @@ def check_load(layer: nn.Module, state_dict: dict[str, Any], prefix: str,
     return shape  # None: a state dict saved from an unbuilt lazy layer
 
 
-def state_dict_problems(layer: nn.Module, state_dict: dict[str, Any], prefix: str,
-                        strict: bool, assign: bool):
+def state_dict_problems(
+    layer: nn.Module, state_dict: dict[str, Any], prefix: str, strict: bool, assign: bool
+) -> tuple[list[str], list[str], list[str], tuple[int, ...] | None]:
     """``(missing, unexpected, errors, feature_shape)`` of ``layer``'s keys in
     ``state_dict``; ``feature_shape`` is None for a state dict of an unbuilt lazy layer.
     ``assign``: ``load_state_dict(assign=True)``, which may take meta tensors as they are.
     """
-    own = {name: t for name, t in layer._parameters.items() if t is not None}
+    own: dict[str, Tensor] = {name: t for name, t in layer._parameters.items() if t is not None}
     own.update({name: b for name, b in layer._buffers.items()
                 if b is not None and name not in layer._non_persistent_buffers_set})
-    missing, errors = [], []
+    missing: list[str] = []
+    errors: list[str] = []
+    shape: tuple[int, ...] | None
     if layer.num_features is None:
         reference = state_dict.get(prefix + "moving_mean")
         shape = tuple(reference.shape) if isinstance(reference, Tensor) else None
     else:
-        shape = tuple(layer.moving_mean.shape)
+        shape = tuple(layer.get_buffer("moving_mean").shape)
     if shape is not None and 0 in shape:
         shape = None  # saved from an unbuilt lazy layer
     for name in own:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -61,9 +61,10 @@ def check_epsilon(epsilon: float, dtype: torch.dtype) -> None:
 
 
 def _canonical_axis(axis: int | Sequence[int]) -> tuple[int, ...]:
-    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
     try:
-        axes = tuple(axes)
+        if isinstance(axis, bool):  # an int to Python, not an axis
+            raise TypeError(axis)
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
     except TypeError:
         raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}") from None
     if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
@@ -125,10 +126,44 @@ average
     fused: bool | None = None
     synchronized: bool = False
     activation: str | None = None
-    # Feature axes resolved per input rank (resolve_axes) and the configurations per variance
-    # rule (with_variance); not part of the configuration.
-    _resolved: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
-                                        compare=False)
+    # Feature axes resolved per input rank (resolve_axes: ndim -> tuple[int, ...]) and the
+    # configurations per variance rule (for_input, with_variance: a tuple -> BatchNormConfig);
+    # not part of the configuration.
+    _resolved: dict[Any, Any] = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                                  compare=False)
+
+    if TYPE_CHECKING:
+        # The constructor as type checkers should see it: it takes axis and renorm_clipping
+        # as given (an int or ints; a mapping, or (key, value) pairs) and keeps them in the
+        # canonical form the fields' types say. The dataclass writes the real one from the
+        # fields (tests/test_typing.py checks that the names, order and defaults agree).
+        def __init__(
+            self,
+            axis: int | Sequence[int] = (1,),
+            momentum: float | None = 0.99,
+            epsilon: float = 1e-3,
+            center: bool = True,
+            scale: bool = True,
+            beta_initializer: Initializer = "zeros",
+            gamma_initializer: Initializer = "ones",
+            moving_mean_initializer: Initializer = "zeros",
+            moving_variance_initializer: Initializer = "ones",
+            beta_regularizer: Regularizer | None = None,
+            gamma_regularizer: Regularizer | None = None,
+            beta_constraint: Constraint | None = None,
+            gamma_constraint: Constraint | None = None,
+            debias: bool = False,
+            unbiased_moving_variance: bool | None = None,
+            renorm: bool = False,
+            renorm_clipping: Mapping[str, float] | Iterable[tuple[str, float]] | None = None,
+            renorm_momentum: float = 0.99,
+            virtual_batch_size: int | None = None,
+            ghost_layout: str = "strided",
+            adjustment: Adjustment | None = None,
+            fused: bool | None = None,
+            synchronized: bool = False,
+            activation: str | None = None,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axis", _canonical_axis(self.axis))
@@ -190,7 +225,7 @@ average
         check_epsilon(epsilon, torch.float32)
 
     def _check_clipping(self) -> tuple[tuple[str, float], ...] | None:
-        clipping = self.renorm_clipping
+        clipping: Any = self.renorm_clipping  # as given: anything, until checked here
         if clipping is None:
             return None
         if not isinstance(clipping, Mapping):

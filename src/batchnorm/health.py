@@ -12,6 +12,8 @@ This module imports only :mod:`batchnorm.state`.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,10 @@ class SkipWatch:
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[Tensor, object, BatchStatistics]] = []
+        # (the flag, how to know it has landed: None (a CPU tensor, it has), the event of its
+        # copy, or "wait" (only by waiting), the statistics)
+        self._pending: list[tuple[Tensor, torch.cuda.Event | Literal["wait"] | None,
+                                  BatchStatistics]] = []
 
     def watch(self, applied: Tensor, stats: BatchStatistics) -> None:
         """Keep an eye on one update's flag (``applied``: a 0-d boolean tensor)."""
@@ -71,8 +76,8 @@ class SkipWatch:
         self._pending = pending
         return skipped
 
-    def __deepcopy__(self, memo: dict) -> SkipWatch:
+    def __deepcopy__(self, memo: dict[int, Any]) -> SkipWatch:
         return SkipWatch()  # a copy's future skips are its own; events cannot be copied
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         return {"_pending": []}

@@ -13,12 +13,12 @@ import math
 import numbers
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, SupportsFloat
 
 import torch
 from torch import Tensor
 
-Initializer = str | float | Callable[[tuple[int, ...]], Tensor] | dict
+Initializer = str | float | Callable[[tuple[int, ...]], Tensor] | dict[str, Any]
 
 _NAMED = {"zeros": 0.0, "ones": 1.0}
 _KERAS_CLASS = {"zeros": "Zeros", "ones": "Ones"}
@@ -33,7 +33,7 @@ def describe(value: Any) -> str:
     return repr(value)
 
 
-def as_float(value: numbers.Real, name: str) -> float:
+def as_float(value: SupportsFloat, name: str) -> float:
     """``float(value)``; ``ValueError`` naming ``name`` for a number no float holds (an int
     such as ``10**400``, for which ``float()`` raises ``OverflowError``)."""
     try:
@@ -64,7 +64,7 @@ def check(init: Any, name: str, *, nonnegative: bool = False) -> None:
         )
 
 
-def _check_constant(value: numbers.Real, name: str, nonnegative: bool) -> None:
+def _check_constant(value: float | numbers.Real, name: str, nonnegative: bool) -> None:
     if not math.isfinite(as_float(value, name)):
         raise ValueError(f"{name}={value!r}: a constant initializer must be finite")
     if nonnegative and value < 0:
@@ -72,7 +72,7 @@ def _check_constant(value: numbers.Real, name: str, nonnegative: bool) -> None:
                          "constant >= 0 (usually 1, \"ones\")")
 
 
-def _from_keras(config: dict, name: str) -> float:
+def _from_keras(config: dict[str, Any], name: str) -> float:
     cls = config.get("class_name")
     inner = config.get("config") or {}
     if cls in ("Zeros", "zeros"):
@@ -103,15 +103,17 @@ def initial_value(
         init = _from_keras(init, name)
     if isinstance(init, str):
         init = _NAMED[init.lower()]
-    if isinstance(init, numbers.Real):
-        value = as_float(init, name)
+    # float too, for the type checker (to it, a float is no numbers.Real): then what is left
+    # is the callable.
+    if isinstance(init, (float, numbers.Real)):
+        number = as_float(init, name)
         largest = torch.finfo(dtype).max
-        if abs(value) > largest:
+        if abs(number) > largest:
             raise ValueError(
                 f"{name}={describe(init)} does not fit the {str(dtype).removeprefix('torch.')} "
                 f"{'statistics' if name.startswith('moving') else 'parameters'} (largest "
                 f"{largest:.4g}): it would be inf; use a smaller constant or a wider dtype=")
-        return torch.full(shape, value, dtype=dtype, device=device)
+        return torch.full(shape, number, dtype=dtype, device=device)
     result = init(shape)
     try:
         value = torch.as_tensor(result)

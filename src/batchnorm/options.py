@@ -142,7 +142,8 @@ def feature_shape(
     """``num_features`` checked against the feature axes ``axis``, as a tuple (None: lazy)."""
     if num_features is None:
         return None
-    shape = (num_features,) if isinstance(num_features, numbers.Integral) else num_features
+    # int too, for the type checker (to it, an int is no numbers.Integral).
+    shape = (num_features,) if isinstance(num_features, (int, numbers.Integral)) else num_features
     try:
         shape = tuple(shape)
     except TypeError:

@@ -19,8 +19,12 @@ from .config import BatchNormConfig
 __all__ = ["apply_constraints", "regularization_loss"]
 
 
-def _layers(module: nn.Module) -> Iterator[nn.Module]:
-    return (m for m in module.modules() if isinstance(getattr(m, "config", None), BatchNormConfig))
+def _layers(module: nn.Module) -> Iterator[tuple[nn.Module, BatchNormConfig]]:
+    """``(layer, its config)`` for every BatchNorm in ``module``."""
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        if isinstance(config, BatchNormConfig):
+            yield m, config
 
 
 def regularization_loss(module: nn.Module) -> Tensor:
@@ -35,9 +39,10 @@ def regularization_loss(module: nn.Module) -> Tensor:
     tensor(0.0300, grad_fn=<AddBackward0>)
     """
     total = torch.zeros(())
-    for layer in _layers(module):
-        for param, regularizer in ((layer.gamma, layer.config.gamma_regularizer),
-                                   (layer.beta, layer.config.beta_regularizer)):
+    for layer, config in _layers(module):
+        for name, regularizer in (("gamma", config.gamma_regularizer),
+                                  ("beta", config.beta_regularizer)):
+            param: Tensor | None = getattr(layer, name)
             if param is not None and regularizer is not None:
                 total = total.to(param.device) + regularizer(param)
     return total
@@ -51,10 +56,10 @@ def apply_constraints(module: nn.Module) -> None:
         optimizer.step(); bn.apply_constraints(model)
     """
     with torch.no_grad():
-        for layer in _layers(module):
-            for name, constraint in (("gamma", layer.config.gamma_constraint),
-                                     ("beta", layer.config.beta_constraint)):
-                param = getattr(layer, name)
+        for layer, config in _layers(module):
+            for name, constraint in (("gamma", config.gamma_constraint),
+                                     ("beta", config.beta_constraint)):
+                param: Tensor | None = getattr(layer, name)
                 if param is None or constraint is None:
                     continue
                 projected = torch.as_tensor(constraint(param))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -45,6 +46,10 @@ def resolve_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(resolved))
 
 
+@overload
+def broadcast(t: Tensor, x: Tensor, axes: tuple[int, ...]) -> Tensor: ...
+@overload
+def broadcast(t: None, x: Tensor, axes: tuple[int, ...]) -> None: ...
 def broadcast(t: Tensor | None, x: Tensor, axes: tuple[int, ...]) -> Tensor | None:
     """Reshape a tensor with the feature axes' sizes (in order) to broadcast against ``x``."""
     if t is None:

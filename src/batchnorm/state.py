@@ -52,7 +52,8 @@ class BatchStatistics(NamedTuple):
 
     mean: Tensor
     variance: Tensor
-    count: int | Tensor
+    # A field named like tuple.count, which it hides (on purpose: the statistics' name).
+    count: int | Tensor  # type: ignore[assignment]
 
 
 # BatchNormState field -> the name of the layer buffer (and state_dict key) that holds it.

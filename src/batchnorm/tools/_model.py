@@ -4,13 +4,15 @@ Private to :mod:`batchnorm.tools` (the module name has the underscore, the
 functions do not, so that every tool can import them). One version of each:
 
 - :func:`is_batch_norm`, :func:`is_torch_batch_norm`, :func:`batch_norm_layers`:
-  the batch normalization layers of a model; :func:`is_frozen_batch_norm`,
-  :func:`timm_class` and :func:`norm_act_tail` for the ones of torchvision and timm;
+  the batch normalization layers of a model; :func:`is_frozen_batch_norm`
+  (:class:`FrozenBatchNorm`: what such a layer has), :func:`timm_class` and
+  :func:`norm_act_tail` for the ones of torchvision and timm;
 - :func:`parse_call`, :func:`model_input`, :func:`example_args`: how a layer
   and a model are called;
 - :func:`layer_moments`: a layer input's per-feature count, mean and sum of
   squared deviations;
 - :class:`BatchNormTracer`: the ``torch.fx`` tracer that keeps batch norms as calls;
+  :func:`node_target`: the name a node calls or reads;
 - :func:`activation_name`, :func:`activation_module`: the activations a
   :class:`~batchnorm.BatchNorm` can fuse, as torch modules and calls;
 - :func:`has_hooks`: whether a user registered hooks on a module;
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, Protocol, cast, overload
 
 import torch
 import torch.fx
@@ -42,6 +44,7 @@ from ..updates import deferred_updates
 
 __all__ = [
     "BatchNormTracer",
+    "FrozenBatchNorm",
     "ModuleUses",
     "activation_module",
     "activation_name",
@@ -53,6 +56,7 @@ __all__ = [
     "is_torch_batch_norm",
     "layer_moments",
     "model_input",
+    "node_target",
     "norm_act_tail",
     "parse_call",
     "replace_modules",
@@ -79,6 +83,18 @@ _TIMM_NORM_ACT = {"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
 
 def _class_key(module: nn.Module) -> tuple[str, str]:
     return type(module).__module__, type(module).__qualname__
+
+
+class FrozenBatchNorm(Protocol):
+    """What the tools read of the frozen layers (:func:`is_frozen_batch_norm`), whose classes
+    are not imported here: ``eps``, and the parameters and statistics, all buffers."""
+
+    eps: float
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    training: bool
 
 
 def is_frozen_batch_norm(module: nn.Module) -> bool:
@@ -122,9 +138,17 @@ def is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, BatchNorm) or is_torch_batch_norm(module)
 
 
+@overload
+def batch_norm_layers(
+    model: nn.Module, *, ours: Literal[True] = True, torch_nn: Literal[False] = False
+) -> dict[str, BatchNorm]: ...
+@overload
 def batch_norm_layers(
     model: nn.Module, *, ours: bool = True, torch_nn: bool = False
-) -> dict[str, Any]:
+) -> dict[str, nn.Module]: ...
+def batch_norm_layers(
+    model: nn.Module, *, ours: bool = True, torch_nn: bool = False
+) -> dict[str, BatchNorm] | dict[str, nn.Module]:
     """The batch normalization layers of ``model`` by qualified name, in ``named_modules()`` order.
 
     ``ours`` selects the :class:`~batchnorm.BatchNorm` layers, ``torch_nn`` the
@@ -141,7 +165,7 @@ def batch_norm_layers(
 
 
 def parse_call(
-    layer: BatchNorm, args: tuple, kwargs: dict
+    layer: BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Tensor, bool, Tensor | None]:
     """``(x, computes_batch_statistics, mask)`` for a call ``layer(*args, **kwargs)``.
 
@@ -163,13 +187,13 @@ def model_input(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def example_args(example_input: Tensor | tuple) -> tuple:
+def example_args(example_input: Tensor | tuple[Any, ...]) -> tuple[Any, ...]:
     """The positional arguments of ``model(...)`` for an ``example_input``: a tuple is the
     arguments, anything else (a tensor) the one argument."""
     return example_input if isinstance(example_input, tuple) else (example_input,)
 
 
-def run_without_updates(model: nn.Module, example_input: Tensor | tuple) -> Any:
+def run_without_updates(model: nn.Module, example_input: Tensor | tuple[Any, ...]) -> Any:
     """``model(*example_args(example_input))`` under ``torch.no_grad()``, in the model's
     current train/eval mode, with every BatchNorm moving-statistics update discarded
     (:func:`batchnorm.deferred_updates`; a lazy BatchNorm is built by the call).
@@ -199,7 +223,7 @@ def layer_moments(
     Inf or huge padding included) do not enter them; a feature the mask leaves empty has
     count 0, mean 0 and M2 0.
     """
-    axes = resolve_axes(layer.axis, x.ndim)
+    axes = resolve_axes(layer.config.axis, x.ndim)
     dims = reduction_axes(x.ndim, axes)
     xd = x.detach().to(_accumulation_dtype(x.device))
     if mask is None:
@@ -215,6 +239,12 @@ def layer_moments(
 
 
 # ---------------------------------------------------------------- tracing
+
+
+def node_target(node: torch.fx.Node) -> str:
+    """The target of a ``call_module``, ``call_method`` or ``get_attr`` node: a qualified
+    name (fx types every node's target as a name or a function; these nodes hold a name)."""
+    return cast(str, node.target)
 
 
 class BatchNormTracer(torch.fx.Tracer):
@@ -261,7 +291,7 @@ def activation_name(module_or_node: nn.Module | torch.fx.Node,
     if not node.args or any(k != "inplace" for k in node.kwargs):
         return None
     if node.op == "call_module" and root is not None and len(node.args) == 1:
-        return _ACTIVATION_MODULES.get(type(root.get_submodule(node.target)))
+        return _ACTIVATION_MODULES.get(type(root.get_submodule(node_target(node))))
     if node.op == "call_function" and len(node.args) <= 2:
         if len(node.args) == 2 and not isinstance(node.args[1], bool):  # F.relu(x, inplace)
             return None
@@ -270,7 +300,7 @@ def activation_name(module_or_node: nn.Module | torch.fx.Node,
         except TypeError:  # an unhashable target
             return None
     if node.op == "call_method" and len(node.args) == 1:
-        return _ACTIVATION_METHODS.get(node.target)
+        return _ACTIVATION_METHODS.get(node_target(node))
     return None
 
 
@@ -364,9 +394,10 @@ class ModuleUses:
         self._attributes: list[str] = []
         for node in graph.nodes:
             if node.op == "call_module":
-                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+                target = node_target(node)
+                self.calls[target] = self.calls.get(target, 0) + 1
             elif node.op == "get_attr":
-                self._attributes.append(node.target)
+                self._attributes.append(node_target(node))
 
     def read_directly(self, target: str) -> bool:
         """Whether the forward reads ``target`` (or something inside it) as an attribute."""

@@ -36,16 +36,18 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..layer import BatchNorm
 from ._model import (
     BatchNormTracer,
+    FrozenBatchNorm,
     ModuleUses,
     activation_module,
     activation_name,
@@ -53,6 +55,7 @@ from ._model import (
     has_hooks,
     is_batch_norm,
     is_frozen_batch_norm,
+    node_target,
     norm_act_tail,
     replace_modules,
     restore_modes,
@@ -63,7 +66,7 @@ from ._model import (
 
 __all__ = ["BatchNormAct", "ConversionResult", "convert", "to_torch"]
 
-_TORCH_CLASSES: dict[str, type[nn.Module]] = {
+_TORCH_CLASSES: dict[str, type[_BatchNorm]] = {
     cls.__name__: cls
     for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                 nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
@@ -101,7 +104,8 @@ class BatchNormAct(nn.Sequential):
         super().__init__()
         self.bn, self.drop, self.act = bn, drop, act
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
         for key in list(state_dict):
             name = key.removeprefix(prefix)
             if key.startswith(prefix) and "." not in name and name not in self._modules:
@@ -141,11 +145,14 @@ def _from_torch(module: nn.Module) -> nn.Module:
     torchvision's or timm's (:func:`_convertible`): a ``BatchNorm``, or a
     :class:`BatchNormAct` after a timm layer whose drop and act cannot be fused."""
     _check_hooks(module)
-    layer = _frozen_from_torch(module) if is_frozen_batch_norm(module) else _bn_from_torch(module)
+    if isinstance(module, _BatchNorm):
+        layer = _bn_from_torch(module)
+    else:  # frozen (is_frozen_batch_norm): those classes subclass no torch.nn batch norm
+        layer = _frozen_from_torch(cast(FrozenBatchNorm, module))
     setattr(layer, _CONVERTED_FROM, type(module).__name__)
     if timm_class(module) is None:
         return layer
-    drop, act = module.drop, module.act
+    drop, act = module.get_submodule("drop"), module.get_submodule("act")
     setattr(layer, _NORM_ACT_FROM, (drop, act))
     tail = norm_act_tail(module)
     if not tail:
@@ -155,7 +162,7 @@ def _from_torch(module: nn.Module) -> nn.Module:
     return BatchNormAct(layer, drop, act).train(module.training)
 
 
-def _new_layer(num_features: int | None, **options) -> BatchNorm:
+def _new_layer(num_features: int | None, **options: Any) -> BatchNorm:
     """``BatchNorm(num_features, axis=1, unbiased_moving_variance=True, **options)``, as
     torch.nn layers compute (``momentum``: the decay, 1 - torch's momentum)."""
     with warnings.catch_warnings():  # 1 - m is meant: not a PyTorch momentum passed by mistake
@@ -163,7 +170,7 @@ def _new_layer(num_features: int | None, **options) -> BatchNorm:
         return BatchNorm(num_features, axis=1, unbiased_moving_variance=True, **options)
 
 
-def _frozen_from_torch(module: nn.Module) -> BatchNorm:
+def _frozen_from_torch(module: FrozenBatchNorm) -> BatchNorm:
     """A frozen BatchNorm (``trainable=False``) computing what the frozen ``module`` does."""
     if not module.eps > 0:
         raise _Unconvertible(f"eps={module.eps!r}: bn.BatchNorm needs epsilon > 0")
@@ -181,7 +188,7 @@ def _frozen_from_torch(module: nn.Module) -> BatchNorm:
     return layer.train(module.training)
 
 
-def _bn_from_torch(module: nn.Module) -> BatchNorm:
+def _bn_from_torch(module: _BatchNorm) -> BatchNorm:
     """The BatchNorm equivalent to ``module``, a torch.nn batch normalization layer."""
     if not module.track_running_stats or module.running_mean is None:
         raise _Unconvertible(
@@ -214,8 +221,8 @@ def _bn_from_torch(module: nn.Module) -> BatchNorm:
     if not lazy:
         with torch.no_grad():
             layer.moving_mean.copy_(module.running_mean)
-            layer.moving_variance.copy_(module.running_var)
-            layer.num_updates.copy_(module.num_batches_tracked)
+            layer.moving_variance.copy_(module.get_buffer("running_var"))
+            layer.num_updates.copy_(module.get_buffer("num_batches_tracked"))
         # The same Parameter objects: an optimizer built before the conversion keeps working.
         if weight is not None:
             layer.gamma = weight
@@ -348,7 +355,7 @@ class _ActivationFuser:
     def layer(self, bn: nn.Module) -> BatchNorm | None:
         """The BatchNorm ``bn`` is or becomes, if an activation can be fused into it."""
         layer = self.replacements.get(id(bn), bn)
-        if (type(layer) is not BatchNorm or layer.activation is not None or has_hooks(bn)
+        if (type(layer) is not BatchNorm or layer.config.activation is not None or has_hooks(bn)
                 or self.registrations.get(id(bn), 0) != 1):
             return None
         return layer
@@ -375,25 +382,27 @@ class _ActivationFuser:
         # The calls to take out of a forward, by the module whose forward makes them.
         rewrites: dict[str, dict[str, str]] = {}
         for node in graph.nodes:
-            name, user = self._pair(root, node)
-            if name is None or not used_once(node.target):
+            pair = self._pair(root, node)
+            if pair is None or not used_once(node_target(node)):
                 continue
+            layer, name, user = pair
+            target = node_target(node)
             if user.op == "call_module":
-                act = root.get_submodule(user.target)
+                act = root.get_submodule(node_target(user))
                 if has_hooks(act):
                     continue
-                if used_once(user.target) and self.registrations.get(id(act), 0) == 1:
-                    self.fuse_module(self.layer(root.get_submodule(node.target)), act, name)
+                if used_once(node_target(user)) and self.registrations.get(id(act), 0) == 1:
+                    self.fuse_module(layer, act, name)
                     continue
             stack = list(user.meta.get("nn_module_stack", {}))
             if user.op == "call_module":
                 stack = stack[:-1]  # the activation module itself
             owner = stack[-1] if stack else ""
-            if owner and not (node.target.startswith(owner + ".")
+            if owner and not (target.startswith(owner + ".")
                               and self.registrations.get(id(root.get_submodule(owner))) == 1):
                 continue
             prefix = owner + "." if owner else ""
-            rewrites.setdefault(owner, {})[node.target.removeprefix(prefix)] = name
+            rewrites.setdefault(owner, {})[target.removeprefix(prefix)] = name
         # Deepest first: an owner's GraphModule is traced through by its ancestors'.
         for owner in sorted(rewrites, key=lambda o: o.count(".") + bool(o), reverse=True):
             module = root.get_submodule(owner)
@@ -407,18 +416,21 @@ class _ActivationFuser:
                 setattr(root.get_submodule(parent), child, rewritten)
         return root
 
-    def _pair(self, root: nn.Module, node: torch.fx.Node):
-        """``(activation, its node)`` when ``node`` calls a batch norm that can take the
-        activation its only user applies to it, else ``(None, None)``."""
+    def _pair(self, root: nn.Module, node: torch.fx.Node
+              ) -> tuple[BatchNorm, str, torch.fx.Node] | None:
+        """``(layer, activation, its node)`` when ``node`` calls a batch norm that can take
+        the activation its only user applies to it (``layer``: the BatchNorm the batch norm
+        is or becomes), else None."""
         if node.op != "call_module" or len(node.users) != 1:
-            return None, None
-        bn = root.get_submodule(node.target)
+            return None
+        bn = root.get_submodule(node_target(node))
         (user,) = node.users
-        if not is_batch_norm(bn) or self.layer(bn) is None or not user.args \
+        layer = self.layer(bn) if is_batch_norm(bn) else None
+        if layer is None or not user.args \
                 or user.args[0] is not node or any(a is node for a in user.args[1:]):
-            return None, None
+            return None
         name = activation_name(user, root)
-        return (name, user) if name is not None else (None, None)
+        return (layer, name, user) if name is not None else None
 
     def _rewrite(self, module: nn.Module, targets: dict[str, str]) -> nn.Module:
         """``module`` as a GraphModule without the activation calls after the batch norms
@@ -434,10 +446,11 @@ class _ActivationFuser:
             return module
         fused = 0
         for node in list(graph.nodes):
-            name, user = self._pair(module, node)
-            if name is None or targets.get(node.target) != name:
+            pair = self._pair(module, node)
+            if pair is None or targets.get(node_target(node)) != pair[1]:
                 continue
-            self.layer(module.get_submodule(node.target)).reconfigure(activation=name)
+            layer, name, user = pair
+            layer.reconfigure(activation=name)
             user.replace_all_uses_with(node)
             graph.erase_node(user)
             fused += 1
@@ -476,8 +489,9 @@ class _ActivationFuser:
 def _other_class(layer: BatchNorm) -> type[nn.Module] | None:
     """The torchvision or timm class ``layer`` was converted from, to go back to: when that
     package is installed and, for a frozen class, the layer is still frozen."""
-    recorded = getattr(layer, _CONVERTED_FROM, None)
-    if recorded not in _OTHER_CLASSES or layer.trainable != ("Frozen" not in recorded):
+    recorded: str | None = getattr(layer, _CONVERTED_FROM, None)
+    if recorded is None or recorded not in _OTHER_CLASSES \
+            or layer.trainable != ("Frozen" not in recorded):
         return None
     try:
         module = importlib.import_module(_OTHER_CLASSES[recorded][0])
@@ -487,8 +501,9 @@ def _other_class(layer: BatchNorm) -> type[nn.Module] | None:
 
 
 def _torch_class(layer: BatchNorm, ranks: set[int]) -> type[nn.Module]:
-    recorded = getattr(layer, _CONVERTED_FROM, None)
-    recorded = _OTHER_CLASSES.get(recorded, (None, recorded))[1]
+    recorded: str | None = getattr(layer, _CONVERTED_FROM, None)
+    if recorded in _OTHER_CLASSES:  # torchvision's or timm's: the torch.nn class it computes as
+        recorded = _OTHER_CLASSES[recorded][1]
     if recorded is not None:
         base = recorded.removeprefix("Lazy")
         if base == "SyncBatchNorm" or not ranks or ranks <= _RANKS[base]:
@@ -512,33 +527,33 @@ def _to_torch_layer(layer: BatchNorm, ranks: set[int]) -> nn.Module:
         raise _Unconvertible(f"{type(layer).__qualname__} subclasses BatchNorm and may "
                              "compute something else")
     _check_hooks(layer)
-    axes = (layer.axis,) if isinstance(layer.axis, int) else layer.axis
-    if len(axes) > 1:
-        raise _Unconvertible(f"axis={layer.axis}: torch.nn has one feature axis")
-    axis = axes[0]
+    config = layer.config
+    if len(config.axis) > 1:
+        raise _Unconvertible(f"axis={config.axis}: torch.nn has one feature axis")
+    axis = config.axis[0]
     if axis != 1 and not (ranks and all(axis % rank == 1 for rank in ranks)):
         raise _Unconvertible(f"axis={axis}: torch.nn normalizes axis 1 (channels first)")
-    for option, present in (("renorm=True", layer.renorm),
-                            ("virtual_batch_size", layer.virtual_batch_size is not None),
-                            ("adjustment", layer.adjustment is not None),
-                            ("gamma_regularizer", layer.gamma_regularizer is not None),
-                            ("beta_regularizer", layer.beta_regularizer is not None),
-                            ("gamma_constraint", layer.gamma_constraint is not None),
-                            ("beta_constraint", layer.beta_constraint is not None)):
+    for option, present in (("renorm=True", config.renorm),
+                            ("virtual_batch_size", config.virtual_batch_size is not None),
+                            ("adjustment", config.adjustment is not None),
+                            ("gamma_regularizer", config.gamma_regularizer is not None),
+                            ("beta_regularizer", config.beta_regularizer is not None),
+                            ("gamma_constraint", config.gamma_constraint is not None),
+                            ("beta_constraint", config.beta_constraint is not None)):
         if present:
             raise _Unconvertible(f"{option}: torch.nn has no equivalent")
-    if layer.debias and layer.momentum is not None:  # a cumulative average is not debiased
+    if config.debias and config.momentum is not None:  # a cumulative average is not debiased
         raise _Unconvertible("debias=True: torch.nn has no debiased moving averages")
-    if not layer.unbiased_moving_variance:
+    if not config.unbiased_moving_variance:
         raise _Unconvertible(
-            f"unbiased_moving_variance={layer.unbiased_moving_variance}: torch.nn feeds the "
+            f"unbiased_moving_variance={config.unbiased_moving_variance}: torch.nn feeds the "
             "unbiased batch variance into running_var, so the moving variance would change; "
             "use unbiased_moving_variance=True")
     other = _other_class(layer)
     if not layer.trainable and other is None:
         raise _Unconvertible("trainable=False: torch.nn has no frozen batch normalization "
                              "(unfreeze first, then freeze with eval() and requires_grad_)")
-    if layer.center and not layer.scale:
+    if config.center and not config.scale:
         raise _Unconvertible("center=True with scale=False: torch.nn has no bias without weight")
     params = [p for p in (layer.gamma, layer.beta) if p is not None]
     if any(p.dtype != layer.moving_mean.dtype for p in params):
@@ -546,30 +561,30 @@ def _to_torch_layer(layer: BatchNorm, ranks: set[int]) -> nn.Module:
             f"parameters in {params[0].dtype} with statistics in {layer.moving_mean.dtype}: "
             "torch.nn keeps the running statistics in the parameters' dtype (convert a "
             "float32 model, then cast it)")
-    if not layer.trainable:
+    if not layer.trainable and other is not None:  # (frozen without one: refused above)
         return _to_frozen(layer, other)
     cls = other or _torch_class(layer, ranks)
-    lazy = layer.num_features is None
-    if lazy:
+    shape = layer.num_features
+    if shape is None:  # lazy
         if cls is nn.SyncBatchNorm:
             raise _Unconvertible("not yet built, and torch.nn has no lazy SyncBatchNorm")
         cls = _TORCH_CLASSES["Lazy" + cls.__name__]
     kwargs = {
-        "eps": layer.epsilon, "affine": layer.scale, "track_running_stats": True,
-        "momentum": None if layer.momentum is None else _complement(layer.momentum),
+        "eps": config.epsilon, "affine": config.scale, "track_running_stats": True,
+        "momentum": None if config.momentum is None else _complement(config.momentum),
         "device": layer.moving_mean.device, "dtype": layer.moving_mean.dtype,
     }
-    if layer.scale and not layer.center:
+    if config.scale and not config.center:
         kwargs["bias"] = False
     try:
-        module = cls(**kwargs) if lazy else cls(layer.num_features[0], **kwargs)
+        module = cls(**kwargs) if shape is None else cls(shape[0], **kwargs)
     except TypeError as error:  # a torch without BatchNorm(bias=False)
         raise _Unconvertible(f"this torch cannot build the layer: {error}") from None
-    if not lazy:
+    if shape is not None:
         with torch.no_grad():
-            module.running_mean.copy_(layer.moving_mean)
-            module.running_var.copy_(layer.moving_variance)
-            module.num_batches_tracked.copy_(layer.num_updates)
+            module.get_buffer("running_mean").copy_(layer.moving_mean)
+            module.get_buffer("running_var").copy_(layer.moving_variance)
+            module.get_buffer("num_batches_tracked").copy_(layer.num_updates)
         if layer.gamma is not None:
             module.weight = layer.gamma
         if layer.beta is not None:
@@ -593,8 +608,8 @@ def _to_frozen(layer: BatchNorm, cls: type[nn.Module]) -> nn.Module:
     return module.train(layer.training)
 
 
-def _input_ranks(model: nn.Module, example_input: Tensor | tuple, layers: Iterable[BatchNorm]
-                 ) -> dict[int, set[int]]:
+def _input_ranks(model: nn.Module, example_input: Tensor | tuple[Any, ...],
+                 layers: Iterable[BatchNorm]) -> dict[int, set[int]]:
     """The input ranks each layer sees when ``model`` runs on ``example_input`` in eval mode."""
     ranks: dict[int, set[int]] = {}
     modes = snapshot_modes(model)
@@ -612,7 +627,8 @@ def _input_ranks(model: nn.Module, example_input: Tensor | tuple, layers: Iterab
     return ranks
 
 
-def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> ConversionResult:
+def to_torch(model: nn.Module, example_input: Tensor | tuple[Any, ...] | None = None
+             ) -> ConversionResult:
     """Replace every ``bn.BatchNorm`` that ``torch.nn`` can represent by its torch.nn equivalent.
 
     The inverse of :func:`convert`, in place, keeping outputs and statistics
@@ -666,15 +682,17 @@ def to_torch(model: nn.Module, example_input: Tensor | tuple | None = None) -> C
         except _Unconvertible as why:
             not_converted.append((name, str(why)))
             continue
-        activation = layer.activation
-        identity, act = getattr(layer, _FUSED_FROM, (None, None))
-        if activation is not None and identity is not None and id(identity) in present \
-                and activation_name(act) == activation:
-            replacements[id(identity)] = act  # back where convert found it
+        activation = layer.config.activation
+        fused: tuple[nn.Module, nn.Module] | None = getattr(layer, _FUSED_FROM, None)
+        if activation is not None and fused is not None and id(fused[0]) in present \
+                and activation_name(fused[1]) == activation:
+            replacements[id(fused[0])] = fused[1]  # back where convert found it
             activation = None
         if timm_class(module) is not None:  # the timm layer convert found, drop and act too
             container = containers.get(key)
-            drop, act = getattr(layer, _NORM_ACT_FROM, (nn.Identity(), nn.Identity()))
+            norm_act: tuple[nn.Module, nn.Module] = getattr(
+                layer, _NORM_ACT_FROM, (nn.Identity(), nn.Identity()))
+            drop, act = norm_act
             if container is not None and activation is None:
                 key, drop, act = id(container), container.drop, container.act
             elif activation_name(act) != activation:  # changed since convert: a Sequential

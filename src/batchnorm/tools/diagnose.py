@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from ._model import (
     BatchNormTracer,
     batch_norm_layers,
     model_input,
+    node_target,
     parse_call,
     restore_buffers,
     snapshot_buffers,
@@ -60,7 +62,7 @@ class Finding:
 
 def _statistics(layer: BatchNorm) -> dict[str, Tensor]:
     names = ["moving_mean", "moving_variance"]
-    if layer.renorm:
+    if layer.config.renorm:
         names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
     return {name: getattr(layer, name) for name in names}
 
@@ -81,12 +83,14 @@ def _non_finite(name: str, layer: BatchNorm) -> list[Finding]:
 
 def _at_initial_values(layer: BatchNorm) -> bool:
     shape = tuple(layer.moving_mean.shape)
-    kw = {"dtype": layer.moving_mean.dtype, "device": layer.moving_mean.device}
+    dtype, device = layer.moving_mean.dtype, layer.moving_mean.device
     try:
-        mean = initializers.initial_value(layer.moving_mean_initializer, shape,
-                                          name="moving_mean_initializer", **kw)
-        variance = initializers.initial_value(layer.moving_variance_initializer, shape,
-                                              name="moving_variance_initializer", **kw)
+        mean = initializers.initial_value(layer.config.moving_mean_initializer, shape,
+                                          name="moving_mean_initializer", dtype=dtype,
+                                          device=device)
+        variance = initializers.initial_value(layer.config.moving_variance_initializer, shape,
+                                              name="moving_variance_initializer", dtype=dtype,
+                                              device=device)
     except Exception:  # a custom initializer that cannot be re-evaluated: trust num_updates
         return True
     return bool(torch.equal(layer.moving_mean, mean)
@@ -160,7 +164,7 @@ def _redundant(previous: nn.Module, layer: BatchNorm, rank: int | None) -> bool:
         return False
     axis, rank = found
     try:
-        return axis in resolve_axes(layer.axis, rank)
+        return axis in resolve_axes(layer.config.axis, rank)
     except ValueError:
         return False
 
@@ -181,12 +185,14 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
     except Exception:  # not traceable (data-dependent control flow...): Sequentials only
         return pairs
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), BatchNorm):
+        if node.op != "call_module" or not isinstance(modules.get(node_target(node)), BatchNorm):
             continue
         source = node.args[0] if node.args else None
         if isinstance(source, torch.fx.Node) and source.op == "call_module" \
-                and len(source.users) == 1 and (source.target, node.target) not in pairs:
-            pairs.append((source.target, node.target))
+                and len(source.users) == 1:
+            pair = (node_target(source), node_target(node))
+            if pair not in pairs:
+                pairs.append(pair)
     return pairs
 
 
@@ -210,15 +216,16 @@ def _redundant_bias(model: nn.Module, ranks: dict[str, int]) -> list[Finding]:
 
 
 def _values_per_feature(layer: BatchNorm, x: Tensor, mask: Tensor | None) -> int:
-    axes = resolve_axes(layer.axis, x.ndim)
+    axes = resolve_axes(layer.config.axis, x.ndim)
     dims = reduction_axes(x.ndim, axes)
     if mask is not None:
         weight = mask.reshape(mask_shape(mask, x, axes)).expand(x.shape)
         count = int(weight.sum(dims).min()) if dims else 1
     else:
         count = math.prod(x.shape[d] for d in dims)
-    if layer.virtual_batch_size is not None and 0 not in axes and x.shape[0]:
-        count = count * layer.virtual_batch_size // x.shape[0]
+    size = layer.config.virtual_batch_size
+    if size is not None and 0 not in axes and x.shape[0]:
+        count = count * size // x.shape[0]
     return count
 
 
@@ -234,8 +241,8 @@ def _run_batch(
     ranks: dict[str, int] = {}
     seen: set[str] = set()
 
-    def hook(name: str):
-        def pre_hook(layer: BatchNorm, args: tuple, kwargs: dict) -> None:
+    def hook(name: str) -> Callable[[BatchNorm, tuple[Any, ...], dict[str, Any]], None]:
+        def pre_hook(layer: BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x, computes, mask = parse_call(layer, args, kwargs)
             ranks[name] = x.ndim
             if not computes or name in seen:
@@ -253,7 +260,7 @@ def _run_batch(
                 ))
             count = _values_per_feature(layer, x, mask)
             if count < min_values:
-                ghost = layer.virtual_batch_size is not None
+                ghost = layer.config.virtual_batch_size is not None
                 findings.append(Finding(
                     name, "small_batch",
                     f"the batch gives {count} value(s) per feature"
@@ -262,7 +269,7 @@ def _run_batch(
                     "reliable statistics, so training is noisy and inference differs from it",
                     ("raise virtual_batch_size, " if ghost else "")
                     + "use a larger batch (or statistics across devices), "
-                    + ("" if layer.renorm else "renorm=True (Batch Renormalization), ")
+                    + ("" if layer.config.renorm else "renorm=True (Batch Renormalization), ")
                     + "or a normalization that needs no batch (torch.nn.GroupNorm)",
                 ))
         return pre_hook

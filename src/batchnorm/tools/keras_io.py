@@ -84,9 +84,15 @@ _ERRORS = ("raise", "warn")
 # NotImplementedError for unknown compression, RuntimeError for encryption).
 _READ_ERRORS = (OSError, KeyError, RuntimeError, TypeError, EOFError, NotImplementedError,
                 zipfile.BadZipFile, zlib.error)
+# A Keras config (or layer entry) as JSON gives it.
+_Config = dict[str, Any]
+# Every BatchNormalization read: name -> (layer entry, config, weights).
+_Layers = dict[str, tuple[_Config, _Config, dict[str, np.ndarray]]]
+# locate(layer entry, .keras group path, variable names) -> the layer's h5py datasets by name.
+_Locate = Callable[[_Config, str, list[str]], dict[str, Any]]
 
 
-def _h5py():
+def _h5py() -> Any:  # the h5py module (untyped)
     try:
         import h5py
     except ImportError as error:
@@ -128,7 +134,7 @@ def _nesting(value: Any) -> int:
     return deepest
 
 
-def _parse_config(raw: bytes | str, where: str) -> dict:
+def _parse_config(raw: bytes | str, where: str) -> _Config:
     """A model config from JSON text, refused when too big, too deep or not an object."""
     if len(raw) > MAX_CONFIG_BYTES:
         raise ValueError(f"{where}: {len(raw)} bytes of config, more than MAX_CONFIG_BYTES="
@@ -150,8 +156,8 @@ def _parse_config(raw: bytes | str, where: str) -> dict:
     return config
 
 
-def _walk_layers(model_config: dict, where: str,
-                 prefix: str = "layers") -> Iterator[tuple[dict, str]]:
+def _walk_layers(model_config: _Config, where: str,
+                 prefix: str = "layers") -> Iterator[tuple[_Config, str]]:
     """``(layer config entry, its .keras weights path)`` for every layer, nested models included."""
     inner = model_config.get("config")
     layers = inner.get("layers", []) if isinstance(inner, dict) else []
@@ -171,7 +177,7 @@ def _walk_layers(model_config: dict, where: str,
             yield from _walk_layers(entry, where, f"{path}/layers")
 
 
-def _bn_config(entry: dict, where: str) -> dict:
+def _bn_config(entry: _Config, where: str) -> _Config:
     config = entry.get("config")
     if not (isinstance(config, dict) and isinstance(config.get("name"), str)):
         raise ValueError(f"{where}: a BatchNormalization's config is {reprlib.repr(config)}; "
@@ -179,7 +185,7 @@ def _bn_config(entry: dict, where: str) -> dict:
     return config
 
 
-def _axis(config: dict, where: str) -> int | tuple[int, ...]:
+def _axis(config: _Config, where: str) -> int | tuple[int, ...]:
     axis = config.get("axis", -1)  # Keras's default
     axes = axis if isinstance(axis, (list, tuple)) else [axis]
     if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
@@ -188,13 +194,13 @@ def _axis(config: dict, where: str) -> int | tuple[int, ...]:
     return axis if isinstance(axis, int) else tuple(axis)
 
 
-def _ghost_shaped(config: dict, shapes: Any) -> bool:
+def _ghost_shaped(config: _Config, shapes: Any) -> bool:
     """Whether these are a built tf_keras ghost-batch layer's variables: shaped like its input
     with a 1 inserted at index 1, its saved ``axis`` shifted by one to match."""
     return config.get("virtual_batch_size") is not None and any(len(s) > 1 for s in shapes)
 
 
-def _input_axis(config: dict, shapes: Any, where: str) -> int | tuple[int, ...]:
+def _input_axis(config: _Config, shapes: Any, where: str) -> int | tuple[int, ...]:
     """The layer's feature axes in its input (the saved ``axis``, shifted back for a built
     ghost-batch layer)."""
     axis = _axis(config, where)
@@ -209,7 +215,7 @@ def _input_axis(config: dict, shapes: Any, where: str) -> int | tuple[int, ...]:
     return tuple(a - 1 for a in axes)
 
 
-def _input_rank(config: dict, entry: dict, shapes: Any) -> int | None:
+def _input_rank(config: _Config, entry: _Config, shapes: Any) -> int | None:
     """The rank of the layer's input, where the file tells it: the shape it was built for
     (``build_config``, or the ``input_shape`` of a model's first layer), or variables
     shaped like the input (several axes, ghost batches)."""
@@ -239,7 +245,7 @@ def _portable_axis(axis: int | tuple[int, ...], rank: int | None) -> int | tuple
     return portable[0] if len(portable) == 1 else portable
 
 
-def _weight_names(config: dict, where: str) -> list[str]:
+def _weight_names(config: _Config, where: str) -> list[str]:
     """The order Keras saves a BatchNormalization's variables in (trainable first)."""
     flags = {key: config.get(key, default)
              for key, default in (("center", True), ("scale", True), ("renorm", False))}
@@ -253,7 +259,8 @@ def _weight_names(config: dict, where: str) -> list[str]:
     return names
 
 
-def _input_features(entry: dict, axis: int | tuple[int, ...], where: str) -> tuple | None:
+def _input_features(entry: _Config, axis: int | tuple[int, ...], where: str
+                    ) -> tuple[int, ...] | None:
     """The feature sizes of the input the layer was built for (``build_config``, or the
     ``input_shape`` a model's first layer was given), if known."""
     build = entry.get("build_config")
@@ -274,7 +281,8 @@ def _input_features(entry: dict, axis: int | tuple[int, ...], where: str) -> tup
 
 # ----------------------------------------------------------------------------- weights
 
-def _feature_shape(axis: int | tuple[int, ...], shape: tuple[int, ...], what: str) -> tuple:
+def _feature_shape(axis: int | tuple[int, ...], shape: tuple[int, ...], what: str
+                   ) -> tuple[int, ...]:
     """The feature sizes of a variable stored in ``shape``: a 1-D variable of a one-axis layer
     is its own; tf_keras keeps multi-axis (and ghost-batch) ones in a shape that broadcasts
     against the input, with 1 on every other axis."""
@@ -292,8 +300,9 @@ def _feature_shape(axis: int | tuple[int, ...], shape: tuple[int, ...], what: st
     return features
 
 
-def _check_variables(where: str, config: dict, declared: dict[str, tuple[tuple, np.dtype]],
-                     expected: tuple | None = None) -> tuple[int, ...]:
+def _check_variables(where: str, config: _Config,
+                     declared: dict[str, tuple[tuple[int, ...], np.dtype]],
+                     expected: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Check a layer's variables from their names, dtypes and shapes alone (before reading
     them) and return its feature shape: every name is one of the layer's variables, every
     dtype a real float, every shape holds the same features (``expected``'s when known)."""
@@ -313,6 +322,8 @@ def _check_variables(where: str, config: dict, declared: dict[str, tuple[tuple, 
             raise ValueError(f"{where}: {name} has shape {tuple(shape)}, i.e. features {found}, "
                              f"but {source} give features {features}; {_HINT}")
         features = found
+    if features is None:  # no variable (every layer has its moving statistics)
+        raise ValueError(f"{where}: no variables given; its config gives {', '.join(names)}")
     return features
 
 
@@ -445,13 +456,13 @@ def _warn_skipped(skipped: list[str]) -> None:
         warnings.warn(reason, UserWarning, stacklevel=user_stacklevel())
 
 
-def _read_layers(where: str, model_config: dict, locate: Callable, errors: str,
-                 skipped: list[str]) -> dict:
+def _read_layers(where: str, model_config: _Config, locate: _Locate, errors: str,
+                 skipped: list[str]) -> _Layers:
     """Every BatchNormalization's layer entry, config and weights; ``locate(entry, .keras
     group path, variable names)`` gives its datasets. Shapes, dtypes and sizes are checked
     before any value is read, and the values before returning. A layer refused is left out
     with ``errors="warn"`` (its reason in ``skipped``)."""
-    found: dict[str, tuple[dict, dict, dict[str, np.ndarray]]] = {}
+    found: _Layers = {}
     budget = MAX_WEIGHT_BYTES
     for entry, group_path in _walk_layers(model_config, where):
         if entry["class_name"] not in _BN_CLASSES:
@@ -500,7 +511,7 @@ def _read_member(archive: zipfile.ZipFile, name: str, limit: int, path: Path) ->
     return data
 
 
-def _read_keras_zip(path: Path, size: int, errors: str, skipped: list[str]) -> dict:
+def _read_keras_zip(path: Path, size: int, errors: str, skipped: list[str]) -> _Layers:
     h5py = _h5py()
     with _unreadable(str(path), "a .keras zip written by Keras"), zipfile.ZipFile(path) as zf:
         raw_config = _read_member(zf, "config.json", min(MAX_CONFIG_BYTES, MAX_INFLATION * size),
@@ -510,7 +521,7 @@ def _read_keras_zip(path: Path, size: int, errors: str, skipped: list[str]) -> d
     where = f"{path} (model.weights.h5)"
     with _unreadable(where, "an HDF5 file"), h5py.File(io.BytesIO(raw_weights), "r") as file:
 
-        def locate(entry: dict, group_path: str, names: list[str]) -> dict:
+        def locate(entry: _Config, group_path: str, names: list[str]) -> dict[str, Any]:
             group = _node(file, f"{group_path}/vars", where)
             count = len(group) if isinstance(group, h5py.Group) else "none"
             if count != len(names):
@@ -522,7 +533,7 @@ def _read_keras_zip(path: Path, size: int, errors: str, skipped: list[str]) -> d
         return _read_layers(where, model_config, locate, errors, skipped)
 
 
-def _read_legacy_h5(path: Path, errors: str, skipped: list[str]) -> dict:
+def _read_legacy_h5(path: Path, errors: str, skipped: list[str]) -> _Layers:
     h5py = _h5py()
     where = str(path)
     with _unreadable(where, "a Keras .h5 model file"), h5py.File(path, "r") as file:
@@ -559,7 +570,7 @@ def _read_legacy_h5(path: Path, errors: str, skipped: list[str]) -> dict:
 
         (file if root is None else root).visititems(visit)
 
-        def locate(entry: dict, _: str, names: list[str]) -> dict:
+        def locate(entry: _Config, _: str, names: list[str]) -> dict[str, Any]:
             layer = entry["config"]["name"]
             missing = [n for n in names if (layer, n) not in index]
             if missing:
@@ -588,7 +599,7 @@ def _file_size(path: Path) -> int:
 
 # ------------------------------------------------------------------------------ public
 
-def _read_file(path: Path, errors: str, skipped: list[str]) -> dict:
+def _read_file(path: Path, errors: str, skipped: list[str]) -> _Layers:
     """Every readable BatchNormalization: name -> (layer entry, config, weights)."""
     size = _file_size(path)
     if zipfile.is_zipfile(path):
@@ -601,7 +612,7 @@ def _read_file(path: Path, errors: str, skipped: list[str]) -> dict:
 
 
 def read_keras_batchnorms(path: str | Path, *, errors: str = "raise"
-                          ) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+                          ) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
     """Every Keras BatchNormalization layer in a saved model: name -> (Keras config, weights).
 
     ``path`` is a ``.keras`` zip or a legacy ``.h5`` file (told apart by content).
@@ -638,7 +649,7 @@ def read_keras_batchnorms(path: str | Path, *, errors: str = "raise"
 
 
 def _build(config: dict[str, Any], weights: dict[str, np.ndarray] | None,
-           where: str, entry: dict | None = None) -> BatchNorm:
+           where: str, entry: _Config | None = None) -> BatchNorm:
     """:func:`batchnorm_from_keras`, with ``where`` (the file, the layer) in its errors and
     the layer's ``entry`` in the model config (its ``build_config``) when read from a file.
     Everything is checked before the layer is built, and warnings come only on success."""
@@ -727,7 +738,7 @@ def batchnorm_from_keras(
 
 
 def _read_isolated(path: Path, errors: str, skipped: list[str], timeout: float,
-                   max_memory: int) -> dict:
+                   max_memory: int) -> _Layers:
     """:func:`_read_file` in a child process limited to ``timeout`` seconds and ``max_memory``
     bytes of address space: a hang or a crash of the HDF5 C library is a ValueError here.
     The child hands back JSON and a NumPy ``.npz`` (read without pickle)."""
@@ -787,7 +798,8 @@ def _child(path: str, errors: str, out: str) -> int:
               for name, (entry, config, weights) in found.items()]
     arrays = {f"{i}/{v}": value for i, (_, _, weights) in enumerate(found.values())
               for v, value in weights.items()}
-    np.savez(Path(out, "weights.npz"), **arrays)
+    # The names are "<layer index>/<variable>", never savez's own keyword allow_pickle.
+    np.savez(Path(out, "weights.npz"), **arrays)  # type: ignore[arg-type]
     Path(out, "layers.json").write_text(json.dumps({"layers": layers, "skipped": skipped}),
                                         encoding="utf-8")
     return 0
@@ -838,7 +850,8 @@ def load_keras_batchnorms(path: str | Path, *, errors: str = "raise", isolated: 
         ...                                   timeout=30, errors="warn")
     """
     _check_errors(errors)
-    path, skipped = Path(path), []
+    path = Path(path)
+    skipped: list[str] = []
     found = _read_isolated(path, errors, skipped, timeout, max_memory) if isolated \
         else _read_file(path, errors, skipped)
     layers = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,13 @@ class Monitor:
         """How many forward calls of the model the monitor has seen."""
         return self._step + 1
 
-    def _count_step(self, module: nn.Module, args: tuple) -> None:
+    def _count_step(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._step += 1
 
-    def _hook(self, name: str):
-        def hook(layer: BatchNorm, args: tuple, kwargs: dict, output: Any) -> None:
+    def _hook(self, name: str
+              ) -> Callable[[BatchNorm, tuple[Any, ...], dict[str, Any], Any], None]:
+        def hook(layer: BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 output: Any) -> None:
             x, computes, mask = parse_call(layer, args, kwargs)
             step = max(self._step, 0)
             if not computes or step % self.every:

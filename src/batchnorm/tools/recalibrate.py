@@ -12,7 +12,7 @@ over all of them.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -44,9 +44,7 @@ __all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
 class _Moments:
     """Exact running count/mean/M2 per feature, merged batch by batch (Chan et al.'s update)."""
 
-    count: Tensor | None = None
-    mean: Tensor | None = None
-    m2: Tensor | None = None
+    sums: tuple[Tensor, Tensor, Tensor] | None = None  # (count, mean, M2); None: no batch yet
     batches: int = 0
     skipped: int = 0
     unbiased: bool = False  # the variance the layer's training calls feed, decided for its input
@@ -56,15 +54,15 @@ class _Moments:
             self.skipped += 1  # as the layer itself does: one bad batch must not poison the rest
             return
         self.batches += 1
-        if self.count is None:
-            self.count, self.mean, self.m2 = count, mean, m2
+        if self.sums is None:
+            self.sums = count, mean, m2
             return
-        self.count, self.mean, self.m2 = merge_moments(
-            torch.stack([self.count, count]), torch.stack([self.mean, mean]),
-            torch.stack([self.m2, m2]))
+        seen, seen_mean, seen_m2 = self.sums
+        self.sums = merge_moments(torch.stack([seen, count]), torch.stack([seen_mean, mean]),
+                                  torch.stack([seen_m2, m2]))
 
 
-def _progress(iterable: Iterable, total: int | None, enabled: bool) -> Iterator:
+def _progress(iterable: Iterable[Any], total: int | None, enabled: bool) -> Iterator[Any]:
     if enabled:
         try:
             from tqdm.auto import tqdm
@@ -119,7 +117,7 @@ class LayerRecalibration:
 
 
 @dataclass
-class RecalibrationReport(Mapping):
+class RecalibrationReport(Mapping[str, LayerRecalibration]):
     """What :func:`recalibrate` changed: layer name -> :class:`LayerRecalibration`.
 
     ``skipped`` names the BatchNorm layers that computed no batch statistics
@@ -166,32 +164,34 @@ class RecalibrationReport(Mapping):
 # ---------------------------------------------------------------- recalibrate
 
 
-def _write(layer: BatchNorm, acc: _Moments) -> list[tuple[int, ...]]:
-    """Set the layer's moving statistics to the population statistics in ``acc``; return the
+def _write(layer: BatchNorm, sums: tuple[Tensor, Tensor, Tensor], *, unbiased: bool,
+           batches: int) -> list[tuple[int, ...]]:
+    """Set the layer's moving statistics to the population statistics of ``sums`` (count,
+    mean and M2 per feature over ``batches`` batches, from :class:`_Moments`); return the
     features that kept their previous statistics (fewer than two values: no variance)."""
-    count = acc.count
-    denominator = count - 1 if acc.unbiased else count
-    variance = acc.m2 / denominator.clamp_min(1)
-    mean = acc.mean
+    count, mean, m2 = sums
+    denominator = count - 1 if unbiased else count
+    variance = m2 / denominator.clamp_min(1)
     dtype = layer.moving_mean.dtype
     few = (count < 2).to(layer.moving_mean.device)  # as a layer's update: no variance
     kept = [tuple(index) for index in few.nonzero().tolist()]
     values = {"moving_mean": mean, "moving_variance": variance}
-    if layer.renorm:
-        stddev = torch.sqrt(variance + layer.epsilon)
+    config = layer.config
+    if config.renorm:
+        stddev = torch.sqrt(variance + config.epsilon)
         values.update(moving_stddev=stddev, renorm_mean=mean, renorm_stddev=stddev)
-    if layer.debias:
+    if config.debias:
         # The correction (m - momentum**t m0) / (1 - momentum**t) is the identity when
         # m0 == m: inference uses exactly the recalibrated values.
         values.update(initial_moving_mean=mean, initial_moving_variance=(
-            variance + layer.epsilon if layer.renorm else variance))
+            variance + config.epsilon if config.renorm else variance))
     with torch.no_grad():
         for name, value in values.items():
             buffer = getattr(layer, name)
             value = value.to(device=buffer.device, dtype=dtype)
             # A feature without a variance keeps every statistic it had.
             buffer.copy_(torch.where(few, buffer, value) if kept else value)
-        layer.num_updates.fill_(acc.batches)
+        layer.num_updates.fill_(batches)
     return kept
 
 
@@ -269,8 +269,8 @@ def recalibrate(
         raise ValueError("the model contains no batchnorm.BatchNorm layer to recalibrate")
     moments = {name: _Moments() for name in layers}
 
-    def hook(name: str):
-        def pre_hook(layer: BatchNorm, args: tuple, kwargs: dict) -> None:
+    def hook(name: str) -> Callable[[BatchNorm, tuple[Any, ...], dict[str, Any]], None]:
+        def pre_hook(layer: BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x, computes, mask = parse_call(layer, args, kwargs)
             if computes:
                 decided = layer.config.for_input(x.ndim, x.dtype).unbiased_moving_variance
@@ -284,6 +284,7 @@ def recalibrate(
     handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True)
                for name, layer in layers.items()]
     try:
+        # An Iterable to the type checker; len() where it has one (else the TypeError below).
         total = min(num_batches, len(batches))  # type: ignore[arg-type]
     except TypeError:  # no len(), e.g. a generator or an IterableDataset's loader
         total = num_batches
@@ -309,12 +310,12 @@ def recalibrate(
         if acc.skipped:
             warnings.warn(f"recalibrate: {acc.skipped} batch(es) with non-finite values at layer "
                           f"{name!r} were left out", RuntimeWarning, stacklevel=2)
-        if acc.count is None:
+        if acc.sums is None:
             report.skipped.append(name)
             continue
         old_mean = layer.moving_mean.detach().cpu().clone()
         old_variance = layer.moving_variance.detach().cpu().clone()
-        kept = _write(layer, acc)
+        kept = _write(layer, acc.sums, unbiased=acc.unbiased, batches=acc.batches)
         report.layers[name] = LayerRecalibration(
             name, old_mean, old_variance, layer.moving_mean.detach().cpu().clone(),
             layer.moving_variance.detach().cpu().clone(), acc.batches, kept)

@@ -31,8 +31,8 @@ from functools import partial
 
 import numpy as np
 import torch
-from torch._C import _increment_version as increment_version
 from torch import Tensor
+from torch._C import _increment_version as increment_version
 
 from ...activations import ACTIVATIONS
 from ...config import BatchNormConfig
