@@ -59,7 +59,7 @@ def moments(
 
 
 def masked_moments(x: Tensor, selected: Tensor,
-                   dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+                   dims: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Count, mean and biased variance over ``dims`` (kept, with size 1) of the values of
     ``x`` that ``selected`` (a boolean tensor of ``x``'s shape) selects; a set with no value
     has count 0, mean 0 and variance 0.

@@ -234,7 +234,7 @@ def layer_moments(
         raise TypeError(  # as the layer's own check, which runs after the hooks calling this
             f"mask must be a boolean tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
     selected = mask.reshape(mask_shape(mask, x, axes)).expand(xd.shape)
-    count, mean, variance = (t.squeeze(dims) for t in masked_moments(xd, selected, dims))
+    count, mean, variance = (t.squeeze(tuple(dims)) for t in masked_moments(xd, selected, dims))
     return count, mean, variance * count
 
 
