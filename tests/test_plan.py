@@ -438,8 +438,8 @@ def test_the_prepared_update_keeps_the_tensors_it_writes_alive():
     gc.collect()
     assert all(ref() is not None for ref in refs)
     # True, not tensor(True): the CPU's numba loop ran (the torch operations return a tensor)
-    assert update(BatchStatistics(torch.full((1, 3), 2.0), torch.full((1, 3), 4.0), 8),
-                  None) is True
+    assert update.apply(BatchStatistics(torch.full((1, 3), 2.0), torch.full((1, 3), 4.0), 8),
+                        None) is True
     mean, variance, count = (ref() for ref in refs)
     assert torch.equal(mean, torch.full((3,), 1.0)) and torch.equal(variance, torch.full((3,), 2.5))
     assert int(count) == 1

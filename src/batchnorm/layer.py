@@ -19,7 +19,7 @@ from .health import SkipWatch
 from .initializers import Initializer
 from .regularization import apply_constraints, regularization_loss
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
-from .statistics import Update
+from .statistics import PreparedUpdate
 from .torch_compat import (
     TorchAlias,
     refuse_scripting,
@@ -513,10 +513,14 @@ class BatchNorm(nn.Module):
         return made
 
     def _run(self, known: plan.CallPlan, x: Tensor) -> Tensor:
-        """A planned call: the prepared kernel, then the prepared update."""
-        y, stats = known.run(x)
-        if stats is not None:
-            self._update(stats, known.state, known.call_config, known.update, traced=False)
+        """A planned call: the prepared kernel, and the prepared update (which the kernel
+        may have applied itself: ``applied`` is then what it returned)."""
+        y, stats, applied = known.run(x)
+        if applied is None:
+            if stats is not None:
+                self._update(stats, known.state, known.call_config, known.update, traced=False)
+        elif applied is False and stats is not None:
+            self._skipped(stats)  # a CPU loop's answer: reported at once
         return y
 
     def update_statistics(self, stats: BatchStatistics,
@@ -535,7 +539,7 @@ class BatchNorm(nn.Module):
         self._update(stats, self.state(), self._config.with_variance(unbiased_moving_variance))
 
     def _update(self, stats: BatchStatistics, state: BatchNormState,
-                config: BatchNormConfig, update: Update | None = None,
+                config: BatchNormConfig, update: PreparedUpdate | None = None,
                 traced: bool | None = None) -> None:
         """Apply ``stats`` with ``config`` (the layer's, decided for the call's input), through
         ``update`` where a plan prepared it (:func:`batchnorm.statistics.prepare_update`);
@@ -549,7 +553,7 @@ class BatchNorm(nn.Module):
             traced = statistics.traced(stats.mean)
         host = stats.mean.device.type == "cpu" and not traced
         skipped = None if host else self.num_skipped
-        applied = (update(stats, skipped) if update is not None
+        applied = (update.apply(stats, skipped) if update is not None
                    else F.apply_update(state, stats, config, skipped=skipped))
         if host:
             if applied is False or (applied is not True and not applied.numpy()):

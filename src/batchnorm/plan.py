@@ -26,7 +26,7 @@ the two cannot drift apart. Neither names a kernel or a device.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -37,11 +37,11 @@ from .kernels import FAST_PATHS, PREFERRED
 from .kernels.composite import COMPOSITE
 from .kernels.inference import infer, prepare_inference
 from .kernels.native import NATIVE
-from .kernels.protocol import KernelCall, TrainingKernel
+from .kernels.protocol import KernelCall, PreparedTraining, TrainingKernel
 from .kernels.synchronized import resolve_group
 from .shapes import check_features, check_input, values_per_feature
 from .state import BatchNormState, BatchStatistics, state_fields, statistics_dtype
-from .statistics import prepare_update
+from .statistics import PreparedUpdate, prepare_update
 
 __all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "prepare", "prepare_run", "run",
            "select", "signature", "synchronization_group"]
@@ -195,10 +195,11 @@ def fingerprint(tensors: Sequence[Tensor | None]) -> list:
 
 
 class CallPlan:
-    """One input signature's call of one layer, checked once: ``run(x) -> (y, stats)``
-    (:func:`prepare_run`), and in training the moving-average ``update(stats, skipped)``
-    (:func:`batchnorm.statistics.prepare_update`) with the ``state`` and the ``call_config``
-    (the layer's, decided for the input) it was prepared for.
+    """One input signature's call of one layer, checked once: ``run(x) -> (y, stats,
+    applied)`` (:func:`prepare_run`), and in training the moving-average ``update``
+    (:func:`batchnorm.statistics.prepare_update`, which the kernel may apply itself) with the
+    ``state`` and the ``call_config`` (the layer's, decided for the input) it was prepared
+    for.
 
     It remembers the configuration object, and the parameters and buffers (by the layer's
     names) the checks saw with their :func:`fingerprint`.
@@ -211,12 +212,12 @@ class CallPlan:
                  buffers: tuple[str, ...], tensors: tuple[Tensor | None, ...], x: Tensor,
                  state: BatchNormState, prepared: Prepared) -> None:
         self.config, self.state, self.call_config = config, state, prepared.call.config
-        self.run = prepare_run(x, state, prepared)
         self.update = None if prepared.kernel is None else prepare_update(
             state, prepared.call.config, statistics_dtype(x.dtype),
             values_per_feature(x, prepared.call.axes)
             if prepared.call.mask is None and prepared.call.config.virtual_batch_size is None
             else None)
+        self.run = prepare_run(x, state, prepared, self.update)
         self.parameters, self.buffers, self.tensors = parameters, buffers, tensors
         self.fingerprint = fingerprint(tensors)
 
@@ -231,13 +232,14 @@ class CallPlan:
         return all(map(operator.is_, now, self.tensors)) and fingerprint(now) == self.fingerprint
 
 
-def prepare_run(x: Tensor, state: BatchNormState,
-                prepared: Prepared) -> Callable[[Tensor], tuple[Tensor, BatchStatistics | None]]:
+def prepare_run(x: Tensor, state: BatchNormState, prepared: Prepared,
+                update: PreparedUpdate | None = None) -> PreparedTraining:
     """:func:`run` for inputs of ``x``'s signature, decided once: the training kernel's
-    prepared call (:meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`), or the
-    prepared inference pass."""
+    prepared call with the prepared ``update`` (:meth:`~batchnorm.kernels.protocol.
+    TrainingKernel.prepare`: ``run(x) -> (y, stats, applied)``), or the prepared inference
+    pass (``(y, None, None)``)."""
     call, kernel = prepared
     if kernel is not None:
-        return kernel.prepare(x, state, call)
+        return kernel.prepare(x, state, call, update)
     infer = prepare_inference(x, state, call)
-    return lambda x: (infer(x), None)
+    return lambda x: (infer(x), None, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from .config import BatchNormConfig
 from .shapes import resolve_axes
 from .state import BatchNormState, BatchStatistics, statistics_dtype
 
-__all__ = ["UPDATE_LOOPS", "Update", "UpdateLoop", "affine_terms", "apply_update",
+__all__ = ["UPDATE_LOOPS", "PreparedUpdate", "UpdateLoop", "affine_terms", "apply_update",
            "combine_statistics", "inference_statistics", "kept_for_backward", "masked_moments",
            "merge_moments", "moments", "normalizing_statistics", "output_affine",
            "pooled_statistics", "prepare_update", "renorm_correction", "skip_reason", "traced",
@@ -467,11 +467,20 @@ def apply_update(state: BatchNormState, stats: BatchStatistics,
     update = prepare_update(state, config, stats.mean.dtype,
                             stats.count if isinstance(stats.count, int) else None,
                             loop=not traced(stats.mean))
-    return update(stats, skipped)
+    return update.apply(stats, skipped)
 
 
-# A prepared update: ``update(stats, skipped) -> applied`` (see prepare_update).
-Update = Callable[[BatchStatistics, "Tensor | None"], "Tensor | bool"]
+class PreparedUpdate(NamedTuple):
+    """A moving-average update prepared once (:func:`prepare_update`).
+
+    ``apply(stats, skipped) -> applied``, as :func:`apply_update` documents; ``direct``,
+    where a device's loop runs on the host's memory (CPU), the same update from 1-D
+    contiguous statistics of the prepared dtype without building a
+    :class:`BatchStatistics`: ``direct(mean, variance) -> applied`` (a ``bool``), else None.
+    """
+
+    apply: Callable[[BatchStatistics, Tensor | None], Tensor | bool]
+    direct: Callable[[Tensor, Tensor], bool] | None = None
 
 
 class UpdateLoop(Protocol):
@@ -479,7 +488,9 @@ class UpdateLoop(Protocol):
     kernel's numba loop), registered in :data:`UPDATE_LOOPS` under its device type."""
 
     def prepare_update(self, state: BatchNormState, config: BatchNormConfig,
-                       dtype: torch.dtype, count: int, fallback: Update) -> Update | None:
+                       dtype: torch.dtype, count: int,
+                       fallback: Callable[[BatchStatistics, Tensor | None], Tensor | bool]
+                       ) -> PreparedUpdate | None:
         """The update (see :func:`prepare_update`) of one group of ``count`` values per
         feature in contiguous statistics of ``dtype``, calling ``fallback`` for any other
         statistics; None where the loop does not apply to this state and configuration."""
@@ -491,10 +502,11 @@ class UpdateLoop(Protocol):
 UPDATE_LOOPS: dict[str, UpdateLoop] = {}
 
 def prepare_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.dtype,
-                   count: int | None, *, loop: bool = True) -> Update:
+                   count: int | None, *, loop: bool = True) -> PreparedUpdate:
     """The moving-average update of ``state`` with ``config``'s options, decided once for
     statistics of ``dtype`` and ``count`` values per feature (None: per-position counts, a
-    mask): ``update(stats, skipped) -> applied``, as :func:`apply_update` documents.
+    mask): a :class:`PreparedUpdate`, ``update.apply(stats, skipped) -> applied`` as
+    :func:`apply_update` documents.
 
     The one update, with two backends: where the state's device registered a loop
     (:data:`UPDATE_LOOPS`) and it takes the call (one group of ``count`` values, 1-D
@@ -516,8 +528,9 @@ def prepare_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.
 
     device_loop = UPDATE_LOOPS.get(state.moving_mean.device.type) if loop else None
     if device_loop is None or count is None:
-        return tensors
-    return device_loop.prepare_update(state, config, dtype, count, tensors) or tensors
+        return PreparedUpdate(tensors)
+    return (device_loop.prepare_update(state, config, dtype, count, tensors)
+            or PreparedUpdate(tensors))
 
 
 def traced(t: Tensor) -> bool:

@@ -20,8 +20,6 @@ never synchronized, so the kernel is not given a group for them.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor
 
@@ -29,6 +27,7 @@ from ..activations import apply as activate
 from ..shapes import broadcast, mask_shape, reduction_axes
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import (
+    PreparedUpdate,
     kept_for_backward,
     masked_moments,
     normalizing_statistics,
@@ -37,7 +36,7 @@ from ..statistics import (
     renorm_correction,
 )
 from .inference import normalize
-from .protocol import KernelCall, PreparedTraining
+from .protocol import KernelCall, PreparedTraining, unprepared
 from .synchronized import global_moments
 
 __all__ = ["COMPOSITE", "CompositeKernel"]
@@ -94,8 +93,9 @@ class CompositeKernel:
     def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
         return False
 
-    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
-        return partial(self.train, state=state, call=call)
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
+                update: PreparedUpdate | None = None) -> PreparedTraining:
+        return unprepared(self, state, call)
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:

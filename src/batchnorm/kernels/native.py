@@ -5,7 +5,6 @@ one for the output, and a fused backward); an ``activation`` is one more pass af
 from __future__ import annotations
 
 import threading
-from functools import partial
 
 import torch
 from torch import Tensor
@@ -13,8 +12,8 @@ from torch import Tensor
 from ..activations import apply as activate
 from ..shapes import values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
-from ..statistics import traced
-from .protocol import KernelCall, PreparedTraining
+from ..statistics import PreparedUpdate, traced
+from .protocol import KernelCall, PreparedTraining, unprepared
 
 __all__ = ["NATIVE", "NativeCall", "NativeKernel", "aten_input", "gradient_read_right",
            "misread_by_cpu_backward", "misreads_gradients"]
@@ -53,13 +52,29 @@ class NativeKernel:
         return y, BatchStatistics(mean.detach()[None], variance[None],
                                   values_per_feature(x, call.axes))
 
-    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
-        """:class:`NativeCall` for ``x``'s signature; on CPU its statistics are this thread's
-        workspace (see :meth:`TrainingKernel.prepare`)."""
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
+                update: PreparedUpdate | None = None) -> PreparedTraining:
+        """:class:`NativeCall` for ``x``'s signature; where the update has a direct loop (CPU),
+        ATen's statistics go from this thread's workspace straight into it (see
+        :meth:`TrainingKernel.prepare`)."""
         native = self.prepared(x, call)
         if native is None:
-            return partial(self.train, state=state, call=call)
-        return partial(native.train, borrow=True) if x.device.type == "cpu" else native.train
+            return unprepared(self, state, call)
+        direct = None if update is None else update.direct
+        if direct is None:
+            def run(x: Tensor) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
+                y, stats = native.train(x)
+                return y, stats, None
+            return run
+
+        def run_and_update(x: Tensor
+                           ) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
+            y, mean, variance = native(x, borrow=True)
+            if direct(mean, variance):
+                return y, None, True
+            # Skipped: the statistics leave the workspace, for the report.
+            return y, BatchStatistics(mean[None], variance.clone()[None], native.count), False
+        return run_and_update
 
     def prepared(self, x: Tensor, call: KernelCall) -> NativeCall | None:
         """The kernel for inputs of ``x``'s shape, dtype and device, decided once; None when
@@ -137,14 +152,10 @@ class NativeCall:
         y = _activated(y, self.activation)
         return (y if axis == 1 else y.movedim(1, axis)), mean, variance
 
-    def train(self, x: Tensor, borrow: bool = False) -> tuple[Tensor, BatchStatistics]:
-        """:meth:`NativeKernel.train`'s result: ``(y, stats)``, the statistics fresh (with
-        ``borrow``, the variance in this thread's workspace: see :meth:`__call__`)."""
-        y, mean, variance = self(x, borrow)
-        # ATen's batch mean does not require grad; the workspace keeps a row view of its
-        # variance (no operation per call).
-        row = self.workspace.variance_row if borrow else variance[None]
-        return y, BatchStatistics(mean[None], row, self.count)
+    def train(self, x: Tensor) -> tuple[Tensor, BatchStatistics]:
+        """:meth:`NativeKernel.train`'s result: ``(y, stats)``, the statistics fresh."""
+        y, mean, variance = self(x)
+        return y, BatchStatistics(mean.detach()[None], variance[None], self.count)
 
 
 class _Workspace(threading.local):
@@ -160,7 +171,6 @@ class _Workspace(threading.local):
         with torch.inference_mode(False):
             running = torch.zeros(2, features, dtype=dtype, device=device)
         self.mean, self.variance = running.unbind()
-        self.variance_row = running[1:]  # (1, features): a BatchStatistics' variance
         self.zeros = running.data
 
 

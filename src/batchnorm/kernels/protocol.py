@@ -18,9 +18,10 @@ from torch import Tensor
 
 from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics
+from ..statistics import PreparedUpdate
 
 __all__ = ["INFERENCE_PASSES", "InferencePass", "KernelCall", "PreparedTraining",
-           "TrainingKernel"]
+           "TrainingKernel", "unprepared"]
 
 
 class KernelCall(NamedTuple):
@@ -39,8 +40,9 @@ class KernelCall(NamedTuple):
     process_group: Any = None
 
 
-# A prepared training call: ``run(x) -> (y, stats)`` (see TrainingKernel.prepare).
-PreparedTraining = Callable[[Tensor], tuple[Tensor, BatchStatistics]]
+# A prepared training call: ``run(x) -> (y, stats, applied)`` (see TrainingKernel.prepare).
+PreparedTraining = Callable[[Tensor],
+                            tuple[Tensor, "BatchStatistics | None", "Tensor | bool | None"]]
 
 
 @runtime_checkable
@@ -55,13 +57,19 @@ class TrainingKernel(Protocol):
         """Normalize ``x`` with its batch statistics; return ``(y, stats)``."""
         ...
 
-    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
+                update: PreparedUpdate | None = None) -> PreparedTraining:
         """:meth:`train` for inputs of ``x``'s signature (shape, strides, dtype, device,
-        ``requires_grad``, grad mode) with ``state``'s and ``call``'s tensors: ``run(x) ->
-        (y, stats)``, with what does not depend on the values decided once (the layer's
-        per-signature plan keeps it; :meth:`train` may be ``prepare(...)(x)``). The statistics
-        it returns may be a per-thread workspace that the next prepared call of the kernel
-        on this thread overwrites: read them at once (the layer's update does)."""
+        ``requires_grad``, grad mode) with ``state``'s and ``call``'s tensors, with what does
+        not depend on the values decided once (the layer's per-signature plan keeps it):
+        ``run(x) -> (y, stats, applied)``.
+
+        ``update`` is the moving-average update prepared for the call
+        (:func:`batchnorm.statistics.prepare_update`). A kernel that can apply it more
+        cheaply itself (ATen's kernel on CPU hands its statistics straight to the update's
+        loop) returns what it returned as ``applied``, and ``stats`` None when the batch
+        entered the averages; otherwise ``applied`` is None and the caller applies the
+        update to ``stats``. :func:`unprepared` is the form that decides nothing."""
         ...
 
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
@@ -96,3 +104,13 @@ class InferencePass(Protocol):
 # same kernels); held here so that the inference module, which the kernels import, reaches
 # a device's loop without importing it.
 INFERENCE_PASSES: dict[str, InferencePass] = {}
+
+
+def unprepared(kernel: TrainingKernel, state: BatchNormState,
+               call: KernelCall) -> PreparedTraining:
+    """:meth:`TrainingKernel.prepare`'s result for a kernel that decides nothing ahead:
+    ``run(x) = (*kernel.train(x, state, call), None)``, the update left to the caller."""
+    def run(x: Tensor) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
+        y, stats = kernel.train(x, state, call)
+        return y, stats, None
+    return run

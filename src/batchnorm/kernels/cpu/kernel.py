@@ -27,7 +27,7 @@ the registry in :mod:`batchnorm.kernels` then uses the native or composite kerne
 from __future__ import annotations
 
 import time
-from functools import partial
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,10 +37,10 @@ from torch._C import _increment_version as increment_version
 from ...activations import ACTIVATIONS
 from ...config import BatchNormConfig
 from ...state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
-from ...statistics import Update, prepare_update
+from ...statistics import PreparedUpdate, prepare_update
 from .. import two_pass
 from ..layout import Layout
-from ..protocol import KernelCall, PreparedTraining
+from ..protocol import KernelCall, PreparedTraining, unprepared
 from . import passes
 from .passes import (
     DTYPES,
@@ -119,8 +119,9 @@ class CpuKernel:
             return "moving statistics that require grad"
         return None
 
-    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
-        return partial(self.train, state=state, call=call)
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
+                update: PreparedUpdate | None = None) -> PreparedTraining:
+        return unprepared(self, state, call)
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:
@@ -131,14 +132,16 @@ class CpuKernel:
         return two_pass.train(x, state, call, NUMBA_PASSES)
 
     def prepare_update(self, state: BatchNormState, config: BatchNormConfig,
-                       dtype: torch.dtype, count: int, fallback: Update) -> Update | None:
+                       dtype: torch.dtype, count: int,
+                       fallback: Callable[[BatchStatistics, Tensor | None], Tensor | bool]
+                       ) -> PreparedUpdate | None:
         """The moving-average update of ``state`` with ``config``'s options as one numba loop,
         :func:`batchnorm.kernels.cpu.loops.lerp_if_finite` (the CPU's backend of
         :func:`batchnorm.statistics.prepare_update`, registered in
-        :data:`batchnorm.statistics.UPDATE_LOOPS`): ``update(stats, skipped) -> bool``,
-        whether the batch entered the averages, for one group of ``count`` values per feature
-        in contiguous statistics of ``dtype``; ``fallback`` (torch operations) updates from
-        any other statistics.
+        :data:`batchnorm.statistics.UPDATE_LOOPS`), for one group of ``count`` values per
+        feature in contiguous statistics of ``dtype``: ``apply(stats, skipped)`` (``fallback``,
+        torch operations, updates from any other statistics) and ``direct(mean, variance)``,
+        both returning whether the batch entered the averages (a ``bool``).
 
         The state's tensors must keep their storage, shape and dtype while the update is kept
         (a layer's :class:`batchnorm.plan.CallPlan` checks them before every call). None
@@ -164,21 +167,24 @@ class CpuKernel:
         correction = stat(count / (count - 1) if config.unbiased_moving_variance else 1.0)
         zero = stat(0)
 
-        def update(stats: BatchStatistics, skipped: Tensor | None = None,
-                   kept: tuple = kept) -> Tensor | bool:
+        def direct(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
+            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, weight,
+                                 correction, zero)
+            if applied:  # written through their addresses: tell autograd, as torch would
+                increment_version(kept)
+            return applied
+
+        def apply(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor | bool:
             mean, variance = stats.mean, stats.variance
-            if (mean.dtype is dtype and variance.dtype is dtype and stats.count == count
+            if not (mean.dtype is dtype and variance.dtype is dtype and stats.count == count
                     and mean.shape[0] == 1 and mean.is_contiguous()
                     and variance.is_contiguous()):
-                applied = loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, weight,
-                               correction, zero)
-                if applied:  # written through their addresses: tell autograd, as torch would
-                    increment_version(kept)
-                elif skipped is not None:
-                    skipped.add_(1)
-                return applied
-            return fallback(stats, skipped)
-        return update
+                return fallback(stats, skipped)
+            applied = direct(mean, variance)
+            if not applied and skipped is not None:
+                skipped.add_(1)
+            return applied
+        return PreparedUpdate(apply, direct)
 
 
 class NumbaPasses:
@@ -220,7 +226,7 @@ def warm_up() -> float:
                     y, _ = CPU.train(x, state, call)
                     y.sum().backward()
         stat = statistics_dtype(dtype)  # the moving-average loop
-        prepare_update(initial_state(3, dtype=stat), BatchNormConfig(), stat, 8)(
+        prepare_update(initial_state(3, dtype=stat), BatchNormConfig(), stat, 8).apply(
             BatchStatistics(torch.zeros(1, 3, dtype=stat), torch.ones(1, 3, dtype=stat), 8),
             None)
     return time.perf_counter() - start

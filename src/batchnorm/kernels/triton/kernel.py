@@ -22,7 +22,7 @@ them on a machine without a GPU (slow: small shapes only).
 from __future__ import annotations
 
 import os
-from functools import lru_cache, partial
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -30,9 +30,10 @@ from torch import Tensor
 
 from ...config import BatchNormConfig
 from ...state import BatchNormState, BatchStatistics
+from ...statistics import PreparedUpdate
 from .. import two_pass
 from ..layout import Layout, mask_tensor
-from ..protocol import KernelCall, PreparedTraining
+from ..protocol import KernelCall, PreparedTraining, unprepared
 
 __all__ = ["TRITON", "TritonKernel", "TritonPasses", "available"]
 
@@ -145,8 +146,9 @@ class TritonKernel:
             return f"dtype {x.dtype}"
         return two_pass.unsupported(x, call)
 
-    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall) -> PreparedTraining:
-        return partial(self.train, state=state, call=call)
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
+                update: PreparedUpdate | None = None) -> PreparedTraining:
+        return unprepared(self, state, call)
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:
