@@ -245,6 +245,30 @@ def test_debias_corrects_the_moving_averages_at_inference() -> None:
                                atol=1e-5)
 
 
+def test_a_call_that_raises_changes_no_variable() -> None:
+    layer = BatchNormalization(virtual_batch_size=4, renorm=True)
+    layer(torch.randn(8, 3) * 2 + 1, training=True)
+    before = layer.get_weights()
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        layer(torch.randn(6, 3), training=True)  # 4 does not divide a batch of 6
+    for got, want in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_mixed_precision_keeps_float32_statistics() -> None:
+    x = (torch.randn(16, 4, generator=torch.Generator().manual_seed(6)) * 3 + 1).half()
+    mixed = BatchNormalization(dtype="mixed_float16")
+    y = mixed(x, training=True)
+    single = BatchNormalization()
+    expected = single(x.float(), training=True)  # the same values, in float32 throughout
+    assert y.dtype == torch.float16 and mixed.moving_mean.value.dtype == torch.float32
+    # Statistics in float32 from the same float16 values: float32 ulps (rtol 1e-6).
+    for got, want in zip(mixed.get_weights(), single.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # The output rounded to float16 once: half a float16 ulp (rtol 1e-3).
+    torch.testing.assert_close(y.float(), expected.detach(), rtol=1e-3, atol=1e-3)
+
+
 # ---------------------------------------------------------------- serialization
 
 
@@ -287,6 +311,22 @@ def test_another_backend_raises_at_construction(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(ValueError, match="'jax' backend.*KERAS_BACKEND=torch"):
         BatchNormalization()
+
+
+def test_a_backend_that_fails_to_import_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keras installed, but not its backend's packages (jax, scipy for numpy, tensorflow).
+    error = ModuleNotFoundError("No module named 'jax'", name="jax")
+    monkeypatch.delitem(sys.modules, "batchnorm.keras")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    real_import = __import__
+
+    def fail(name, *args, **kwargs):
+        if name == "keras":
+            raise error
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr("builtins.__import__", fail)
+    with pytest.raises(ImportError, match="KERAS_BACKEND='jax'.*'jax'.*KERAS_BACKEND=torch"):
+        importlib.import_module("batchnorm.keras")
 
 
 def test_without_keras_the_module_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -343,3 +383,18 @@ def test_synchronized_statistics_are_the_global_batch_statistics(tmp_path: Path)
     for result in results:
         for got, want in zip(result["weights"], single.get_weights(), strict=True):
             torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+@pytest.mark.slow  # two small CNNs compiled and stepped: seconds
+def test_the_benchmark_times_both_layers_in_each_row() -> None:
+    from batchnorm.apps import bench_keras
+    rows = bench_keras.measure(repeats=2, batch=4, size=8)
+    assert [r["row"] for r in rows] == ["layer fwd+bwd 4x8x8x64", "small CNN fit step, batch 64"]
+    for row in rows:
+        for name in ("batchnorm", "keras"):
+            assert 0 < row[name]["min"] <= row[name]["median"] <= row[name]["max"]
+        assert row["speedup"] > 0
+    assert len(bench_keras.table(rows).splitlines()) == 2 + len(rows)

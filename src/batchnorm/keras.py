@@ -30,7 +30,12 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 try:
     import keras
-except ImportError as error:  # pragma: no cover - exercised by the tests without keras
+except ImportError as error:
+    if error.name != "keras":  # Keras is there, but not its backend's packages
+        raise ImportError(
+            f"batchnorm.keras: Keras failed to import with KERAS_BACKEND="
+            f"{os.environ['KERAS_BACKEND']!r} ({error}); this layer needs "
+            "KERAS_BACKEND=torch") from error
     raise ImportError(
         "batchnorm.keras needs Keras 3 (with the torch backend): install it with "
         "pip install 'batchnorm[keras]'") from error
