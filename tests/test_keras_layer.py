@@ -37,8 +37,11 @@ from batchnorm.keras import BatchNormalization  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixtures" / "keras3_layer"
 MASKED = sorted(FIXTURES.glob("mask_*.npz"))
 RTOL = ATOL = golden.RTOL  # the conformance tests' float32 tolerance (see their docstring)
-# Keras's own internals on NumPy 2 (its variables' and tensors' __array__), on every call.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    # Keras's own internals on NumPy 2 (its variables' and tensors' __array__), every call.
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),  # small tensors (see conftest.one_thread)
+]
 
 
 # ---------------------------------------------------------------- conformance
