@@ -186,7 +186,6 @@ def fit_model() -> keras.Model:
         layers.GlobalAveragePooling2D(), layers.Dense(4)])
 
 
-@pytest.mark.slow
 def test_model_fit_gives_tf_keras_moving_statistics() -> None:
     data = dict(np.load(FIXTURES / "fit.npz"))
     model = fit_model()
