@@ -48,6 +48,8 @@ README_MAX_LINES = 300
 NOT_RUN = [
     ("docs/distributed.md", "Synchronized statistics across processes",
      "needs torchrun, several processes and GPUs (nccl, DistributedDataParallel on cuda)"),
+    ("docs/keras-layer.md", "What Keras 3 lacks that this brings",
+     "needs a tf_keras model and its saved weights"),
 ]
 
 
@@ -127,6 +129,8 @@ def run_section(page: str, section: str, directory: Path) -> dict:
             warnings.simplefilter("error")
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
             warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
+            # Keras's torch backend converts tensors with np.array (numpy 2's copy keyword)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="keras")
             exec(compile(block.code, f"{page}:{block.line}", "exec"), ns)  # noqa: S102
     return ns
 
