@@ -18,7 +18,6 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..layer import BatchNorm
-from ..statistics import inference_statistics
 from ._model import (
     BatchNormTracer,
     ModuleUses,
@@ -30,6 +29,7 @@ from ._model import (
     norm_act_tail,
     replace_modules,
     run_without_updates,
+    stored_statistics,
     timm_class,
 )
 
@@ -216,11 +216,10 @@ class _Folder:
 
 def _statistics(bn: nn.Module) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]:
     """The mean, variance, epsilon, gamma, beta the layer normalizes with in inference."""
+    mean, variance = stored_statistics(bn)
     if isinstance(bn, BatchNorm):
-        mean, variance = inference_statistics(
-            bn.state(), momentum=bn.momentum, epsilon=bn.epsilon, debias=bn.debias)
         return mean, variance, bn.epsilon, bn.gamma, bn.beta
-    return bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    return mean, variance, bn.eps, bn.weight, bn.bias
 
 
 def _fold_into(producer: nn.Module, bn: nn.Module) -> None:
