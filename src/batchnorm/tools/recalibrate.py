@@ -11,6 +11,8 @@ over all of them.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,8 +32,10 @@ from ._model import (
     parse_call,
     restore_buffers,
     restore_modes,
+    set_statistics,
     snapshot_buffers,
     snapshot_modes,
+    stored_statistics,
 )
 
 __all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
@@ -48,14 +52,16 @@ class _Moments:
     mean: Tensor | None = None
     m2: Tensor | None = None
     batches: int = 0
+    samples: int = 0  # items along the batch axis over the batches added
     skipped: int = 0
     unbiased: bool = False  # the variance the layer's training calls feed, decided for its input
 
-    def add(self, count: Tensor, mean: Tensor, m2: Tensor) -> None:
+    def add(self, count: Tensor, mean: Tensor, m2: Tensor, samples: int) -> None:
         if not (torch.isfinite(mean).all() and torch.isfinite(m2).all()):
             self.skipped += 1  # as the layer itself does: one bad batch must not poison the rest
             return
         self.batches += 1
+        self.samples += samples
         if self.count is None:
             self.count, self.mean, self.m2 = count, mean, m2
             return
@@ -166,32 +172,22 @@ class RecalibrationReport(Mapping):
 # ---------------------------------------------------------------- recalibrate
 
 
-def _write(layer: BatchNorm, acc: _Moments) -> list[tuple[int, ...]]:
-    """Set the layer's moving statistics to the population statistics in ``acc``; return the
+def _write(layer: BatchNorm, acc: _Moments, prior: float) -> list[tuple[int, ...]]:
+    """Set the layer's moving statistics to the population statistics in ``acc``, blended
+    with the statistics it had with weight ``prior`` against ``acc.samples``; return the
     features that kept their previous statistics (fewer than two values: no variance)."""
     count = acc.count
     denominator = count - 1 if acc.unbiased else count
-    variance = acc.m2 / denominator.clamp_min(1)
-    mean = acc.mean
-    dtype = layer.moving_mean.dtype
+    mean, variance = acc.mean, acc.m2 / denominator.clamp_min(1)
+    if prior:
+        # Schneider et al. (2020): (N * old + n * new) / (N + n), n in samples.
+        n = acc.samples
+        mean, variance = ((prior * held.to(new) + n * new) / (prior + n)
+                          for new, held in zip((mean, variance), stored_statistics(layer),
+                                               strict=True))
     few = (count < 2).to(layer.moving_mean.device)  # as a layer's update: no variance
     kept = [tuple(index) for index in few.nonzero().tolist()]
-    values = {"moving_mean": mean, "moving_variance": variance}
-    if layer.renorm:
-        stddev = torch.sqrt(variance + layer.epsilon)
-        values.update(moving_stddev=stddev, renorm_mean=mean, renorm_stddev=stddev)
-    if layer.debias:
-        # The correction (m - momentum**t m0) / (1 - momentum**t) is the identity when
-        # m0 == m: inference uses exactly the recalibrated values.
-        values.update(initial_moving_mean=mean, initial_moving_variance=(
-            variance + layer.epsilon if layer.renorm else variance))
-    with torch.no_grad():
-        for name, value in values.items():
-            buffer = getattr(layer, name)
-            value = value.to(device=buffer.device, dtype=dtype)
-            # A feature without a variance keeps every statistic it had.
-            buffer.copy_(torch.where(few, buffer, value) if kept else value)
-        layer.num_updates.fill_(acc.batches)
+    set_statistics(layer, mean, variance, acc.batches, few if kept else None)
     return kept
 
 
@@ -200,10 +196,12 @@ def recalibrate(
     batches: Iterable[Any],
     num_batches: int = 200,
     *,
+    prior: float | None = None,
     progress: bool = True,
 ) -> RecalibrationReport:
     """Replace every :class:`~batchnorm.BatchNorm`'s moving statistics by exact population
-    statistics over ``batches`` (PreciseBN). Parameters are untouched.
+    statistics over ``batches`` (PreciseBN), or blend them with those (``prior``: adapting a
+    model to shifted inputs). Parameters are untouched.
 
     The model runs in training mode (``model.train()``, under ``torch.no_grad()``)
     over at most ``num_batches`` batches, so that each layer sees the inputs it
@@ -224,6 +222,13 @@ def recalibrate(
             works as it is). Anything else is passed to ``model`` as it is.
             Inputs must already be on the model's device.
         num_batches: the most batches to use (fewer if ``batches`` ends first).
+        prior: how much the statistics the layers have now count, in samples: with ``n``
+            the number of samples (items along the batch axis) re-estimated over, each
+            layer gets ``(prior * old + n * new) / (prior + n)`` of the old and the new
+            mean, and the same of the two variances (prior-weighted adaptation, Schneider
+            et al., *Improving robustness against common corruptions by covariate shift
+            adaptation*, 2020). The old statistics are the ones inference used (``debias``
+            applied). None or 0: exact re-estimation, the old statistics play no part.
         progress: show a tqdm progress bar (when tqdm is installed).
 
     Returns:
@@ -232,9 +237,9 @@ def recalibrate(
 
     After the call:
         - the train/eval mode of every submodule is what it was;
-        - ``num_updates`` is the number of batches the layer's statistics come
-          from (a ``momentum=None`` layer then continues its cumulative
-          average from there);
+        - ``num_updates`` is the number of batches re-estimated over (a
+          ``momentum=None`` layer then continues its cumulative average from there),
+          with a ``prior`` too;
         - layers whose training calls feed the Bessel-corrected variance
           (``unbiased_moving_variance=True``, or by default on the inputs where
           tf_keras fuses: see :class:`~batchnorm.BatchNorm`) get the Bessel-corrected
@@ -261,9 +266,17 @@ def recalibrate(
         >>> report = bn.recalibrate(model, data, progress=False)
         >>> int(model[1].num_updates)
         10
+        >>> shifted = [x + 1.0 for x in data]            # new inputs: adapt, keep some of the old
+        >>> report = bn.recalibrate(model, shifted, prior=320, progress=False)
     """
     if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    if prior is not None and (not isinstance(prior, numbers.Real) or isinstance(prior, bool)):
+        raise TypeError(f"prior must be a number of samples (a float or an int) or None, got "
+                        f"{type(prior).__name__} {prior!r}")
+    if prior is not None and not 0 <= prior < math.inf:
+        raise ValueError(f"prior must be a finite number of samples >= 0 (0 or None: exact "
+                         f"re-estimation), got {prior!r}")
     layers = batch_norm_layers(model)
     if not layers:
         raise ValueError("the model contains no batchnorm.BatchNorm layer to recalibrate")
@@ -275,7 +288,7 @@ def recalibrate(
             if computes:
                 decided = layer.config.for_input(x.ndim, x.dtype).unbiased_moving_variance
                 moments[name].unbiased = bool(decided)
-                moments[name].add(*layer_moments(layer, x, mask))
+                moments[name].add(*layer_moments(layer, x, mask), samples=len(x))
         return pre_hook
 
     modes = snapshot_modes(model)
@@ -314,7 +327,7 @@ def recalibrate(
             continue
         old_mean = layer.moving_mean.detach().cpu().clone()
         old_variance = layer.moving_variance.detach().cpu().clone()
-        kept = _write(layer, acc)
+        kept = _write(layer, acc, prior or 0)
         report.layers[name] = LayerRecalibration(
             name, old_mean, old_variance, layer.moving_mean.detach().cpu().clone(),
             layer.moving_variance.detach().cpu().clone(), acc.batches, kept)
