@@ -141,6 +141,15 @@ def test_without_weights_every_source_counts_the_same():
     np.testing.assert_allclose(target.moving_variance.numpy(), variance, rtol=1e-15)
 
 
+def test_sources_may_be_a_module_list():
+    sources = nn.ModuleList([bn.BatchNorm(2, dtype=F64) for _ in range(2)])
+    with torch.no_grad():
+        sources[1].moving_mean.fill_(1.0)
+    target = bn.BatchNorm(2, dtype=F64)
+    bn.merge_statistics(target, sources)
+    assert torch.equal(target.moving_mean, torch.full((2,), 0.5, dtype=F64))  # exact in binary
+
+
 def test_a_source_with_weight_zero_contributes_nothing():
     sources = [bn.BatchNorm(2, dtype=F64) for _ in range(2)]
     with torch.no_grad():

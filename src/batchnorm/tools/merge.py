@@ -104,8 +104,9 @@ def merge_statistics(
 
     Args:
         target: the model whose statistics are set.
-        sources: the models whose statistics are pooled, with the batch-norm layers of
-            ``target`` (the same names and feature sizes); any device and dtype.
+        sources: the models whose statistics are pooled (a list, tuple or
+            ``nn.ModuleList``), with the batch-norm layers of ``target`` (the same names
+            and feature sizes); any device and dtype.
         weights: one number >= 0 per source, e.g. the number of samples of its data (None:
             equal weights). Only their ratios matter.
 
@@ -131,6 +132,8 @@ def merge_statistics(
         >>> int(server[1].num_updates)
         2
     """
+    if isinstance(sources, nn.ModuleList):
+        sources = list(sources)
     if isinstance(sources, nn.Module) or not isinstance(sources, Sequence):
         raise TypeError(f"sources must be a sequence (a list) of models, got "
                         f"{type(sources).__name__}")
