@@ -30,6 +30,7 @@ INTERNALS = {
     "batchnorm.statistics": ["inference_statistics", "pooled_statistics", "renorm_correction",
                              "skip_reason", "update_state_"],
     "batchnorm.plan": ["synchronization_group"],
+    "batchnorm.state": ["statistics_dtype"],
     "batchnorm.config": ["GHOST_LAYOUTS", "Adjustment"],
     "batchnorm.tools.keras_io": ["batchnorm_from_keras", "read_keras_batchnorms"],
     "batchnorm.tools.recalibrate": ["LayerRecalibration"],
@@ -90,7 +91,8 @@ def test_an_internal_is_importable_from_its_module_and_not_public(module, name):
 
 
 @pytest.mark.parametrize("name", INTERNALS["batchnorm.shapes"] + INTERNALS["batchnorm.statistics"]
-                         + INTERNALS["batchnorm.plan"] + INTERNALS["batchnorm.config"])
+                         + INTERNALS["batchnorm.plan"] + INTERNALS["batchnorm.config"]
+                         + INTERNALS["batchnorm.state"])
 def test_functional_still_finds_what_it_exported_before_without_listing_it(name):
     defining = next(m for m, names in INTERNALS.items() if name in names)
     assert getattr(batchnorm.functional, name) is getattr(importlib.import_module(defining), name)

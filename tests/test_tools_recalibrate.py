@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import numpy as np
@@ -206,3 +207,94 @@ def test_no_batches_is_a_value_error() -> None:
 def test_a_model_without_batchnorm_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="no batchnorm.BatchNorm"):
         bn.recalibrate(torch.nn.Linear(3, 3), [torch.randn(4, 3)], progress=False)
+
+
+# ---------------------------------------------------------------- prior
+
+
+def shifted_batches(sizes: tuple[int, ...], shift: float, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, generator=generator, dtype=torch.float64) * 2 + shift
+            for n in sizes]
+
+
+def test_prior_weighs_the_old_statistics_as_that_many_samples_against_the_new():
+    layer = bn.BatchNorm(3, axis=-1, dtype=torch.float64)
+    bn.recalibrate(layer, shifted_batches((16, 9), 0.0, seed=0), progress=False)
+    old_mean, old_variance = layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy()
+    new = shifted_batches((7, 20, 5), 3.0, seed=1)
+    bn.recalibrate(layer, new, prior=50, progress=False)
+    data = torch.cat(new).numpy()
+    n = len(data)  # 32 samples re-estimated over
+    # Schneider et al.'s prior-weighted statistics, in float64: a few ulps apart.
+    np.testing.assert_allclose(layer.moving_mean.numpy(),
+                               (50 * old_mean + n * data.mean(0)) / (50 + n), rtol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance.numpy(),
+                               (50 * old_variance + n * data.var(0)) / (50 + n), rtol=1e-12)
+    assert int(layer.num_updates) == 3
+
+
+def test_prior_counts_samples_along_the_batch_axis_not_values():
+    layer = bn.BatchNorm(3, unbiased_moving_variance=False, dtype=torch.float64)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) + 1.0  # 6 samples, 96 values a feature
+    bn.recalibrate(layer, [x], prior=6, progress=False)
+    # Equal weights: halfway between the initial 0 / 1 and the batch's statistics.
+    np.testing.assert_allclose(layer.moving_mean.numpy(),
+                               x.numpy().mean(axis=(0, 2, 3)) / 2, rtol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance.numpy(),
+                               (1 + x.numpy().var(axis=(0, 2, 3))) / 2, rtol=1e-12)
+
+
+def test_prior_starts_from_the_statistics_inference_used():
+    layer = bn.BatchNorm(3, axis=-1, momentum=0.9, debias=True, dtype=torch.float64)
+    for x in shifted_batches((8, 8), 5.0, seed=2):
+        layer(x, training=True)  # two updates: the debiasing correction is far from 1
+    x = torch.randn(4, 3, dtype=torch.float64)
+    before = layer(x, training=False)
+    bn.recalibrate(layer, shifted_batches((8,), 0.0, seed=3), prior=1e12, progress=False)
+    # An overwhelming prior keeps what inference did: 8 samples against 1e12 move it by 1e-11.
+    torch.testing.assert_close(layer(x, training=False), before, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("prior", [0, 0.0])
+def test_prior_zero_is_exact_re_estimation(prior):
+    batches = gaussian_batches(4)
+    exact, zero = bn.BatchNorm(3, renorm=True), bn.BatchNorm(3, renorm=True)
+    with torch.no_grad():
+        zero.moving_mean.fill_(float("inf"))  # plays no part, not even as 0 * inf
+    bn.recalibrate(exact, batches, progress=False)
+    bn.recalibrate(zero, batches, prior=prior, progress=False)
+    for (name, a), b in zip(exact.named_buffers(), zero.buffers(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_prior_changes_no_parameter_and_no_buffer_outside_the_batch_norms():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), bn.BatchNorm(4),
+                                torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5))
+    before = fingerprint(model)
+    bn.recalibrate(model, gaussian_batches(3), prior=100, progress=False)
+    after = fingerprint(model)
+    assert {k for k in before if before[k] != after[k]} == {
+        "1.moving_mean", "1.moving_variance", "1.num_updates"}
+
+
+@pytest.mark.parametrize(("prior", "error", "message"), [
+    (-1, ValueError, "prior must be a finite number of samples >= 0"),
+    (float("nan"), ValueError, "got nan"),
+    (float("inf"), ValueError, "got inf"),
+    (True, TypeError, "prior must be a number of samples"),
+    ("10", TypeError, "got str '10'"),
+    (torch.tensor(10.0), TypeError, "got Tensor"),
+])
+def test_a_refused_prior_names_it_and_changes_nothing(prior, error, message):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), bn.BatchNorm(3))
+    before = fingerprint(model)
+    with pytest.raises(error, match=message):
+        bn.recalibrate(model, [torch.randn(4, 3)], prior=prior, progress=False)
+    assert fingerprint(model) == before
+
+
+def fingerprint(model: torch.nn.Module) -> dict[str, str]:
+    """A hash of every parameter and buffer, by name."""
+    return {name: hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
+            for name, t in [*model.named_parameters(), *model.named_buffers()]}

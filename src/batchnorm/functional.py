@@ -40,10 +40,11 @@ from torch import Tensor as _Tensor
 from . import config as _config
 from . import plan as _plan
 from . import shapes as _shapes
+from . import state as _state
 from . import statistics as _statistics
 from .config import BatchNormConfig
 from .kernels.inference import normalize
-from .state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
+from .state import BatchNormState, BatchStatistics, initial_state
 from .statistics import apply_update, combine_statistics, moments, update_state
 
 del annotations  # the __future__ feature object: dir() lists the API only (see __all__)
@@ -59,7 +60,6 @@ __all__ = [
     "initial_state",
     "moments",
     "normalize",
-    "statistics_dtype",
     "update_state",
 ]
 
@@ -73,6 +73,7 @@ _MOVED = {
     **dict.fromkeys(("broadcast", "check_input", "mask_shape", "reduction_axes",
                      "resolve_axes", "values_per_feature"), _shapes),
     "synchronization_group": _plan,
+    "statistics_dtype": _state,
     **dict.fromkeys(("inference_statistics", "pooled_statistics", "renorm_correction",
                      "skip_reason", "update_state_"), _statistics),
 }
@@ -120,7 +121,7 @@ def forward(
 
     ``gamma``, ``beta`` and the state's tensors may have another floating dtype than ``x``
     (a float64 layer called with float32): they are cast, on every kernel; the output has
-    ``x``'s dtype and the statistics :func:`statistics_dtype` of it.
+    ``x``'s dtype and the statistics :func:`batchnorm.state.statistics_dtype` of it.
 
     Raises:
         TypeError: a non-tensor or non-floating input, a non-boolean mask, ``training`` that

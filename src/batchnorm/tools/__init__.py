@@ -6,7 +6,10 @@
   ``train()`` says.
 - :func:`fold`: an inference copy with batch normalization folded into the
   convolution or linear layer before it.
-- :func:`recalibrate`: exact population statistics over a set of batches (PreciseBN).
+- :func:`recalibrate`: exact population statistics over a set of batches (PreciseBN), or
+  blended with the current ones (``prior``: adapting to shifted inputs).
+- :func:`merge_statistics`: the statistics of several models pooled into one (federated
+  averaging, model soups).
 - :func:`diagnose`: the usual mistakes, found in a model, with remedies.
 - :class:`Monitor`: batch statistics next to the moving averages during training.
 - :func:`load_keras_batchnorms`: BatchNormalization layers from a saved Keras model.
@@ -21,6 +24,7 @@ from .diagnose import Finding, diagnose
 from .fold import FoldResult, fold
 from .freeze import freeze, unfreeze
 from .keras_io import load_keras_batchnorms
+from .merge import merge_statistics
 from .monitor import Monitor, Record
 from .recalibrate import RecalibrationReport, recalibrate
 
@@ -36,6 +40,7 @@ __all__ = [
     "fold",
     "freeze",
     "load_keras_batchnorms",
+    "merge_statistics",
     "recalibrate",
     "to_torch",
     "unfreeze",

@@ -10,7 +10,8 @@ functions do not, so that every tool can import them). One version of each:
 - :func:`parse_call`, :func:`model_input`, :func:`example_args`: how a layer
   and a model are called;
 - :func:`layer_moments`: a layer input's per-feature count, mean and sum of
-  squared deviations;
+  squared deviations; :func:`stored_statistics` / :func:`set_statistics`: the statistics
+  a layer normalizes with in inference, read and written;
 - :class:`BatchNormTracer`: the ``torch.fx`` tracer that keeps batch norms as calls;
   :func:`node_target`: the name a node calls or reads;
 - :func:`activation_name`, :func:`activation_module`: the activations a
@@ -39,13 +40,14 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from .. import activations
 from ..layer import BatchNorm
 from ..shapes import mask_shape, reduction_axes, resolve_axes
-from ..statistics import masked_moments
+from ..statistics import inference_statistics, masked_moments
 from ..updates import deferred_updates
 
 __all__ = [
     "BatchNormTracer",
     "FrozenBatchNorm",
     "ModuleUses",
+    "accumulation_dtype",
     "activation_module",
     "activation_name",
     "batch_norm_layers",
@@ -63,8 +65,10 @@ __all__ = [
     "restore_buffers",
     "restore_modes",
     "run_without_updates",
+    "set_statistics",
     "snapshot_buffers",
     "snapshot_modes",
+    "stored_statistics",
     "timm_class",
 ]
 
@@ -207,7 +211,7 @@ def run_without_updates(model: nn.Module, example_input: Tensor | tuple[Any, ...
 # ---------------------------------------------------------------- statistics
 
 
-def _accumulation_dtype(device: torch.device) -> torch.dtype:
+def accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
@@ -225,7 +229,7 @@ def layer_moments(
     """
     axes = resolve_axes(layer.config.axis, x.ndim)
     dims = reduction_axes(x.ndim, axes)
-    xd = x.detach().to(_accumulation_dtype(x.device))
+    xd = x.detach().to(accumulation_dtype(x.device))
     if mask is None:
         variance, mean = torch.var_mean(xd, dim=dims, correction=0)
         count = torch.full_like(mean, float(math.prod(x.shape[d] for d in dims)))
@@ -236,6 +240,56 @@ def layer_moments(
     selected = mask.reshape(mask_shape(mask, x, axes)).expand(xd.shape)
     count, mean, variance = (t.squeeze(tuple(dims)) for t in masked_moments(xd, selected, dims))
     return count, mean, variance * count
+
+
+def stored_statistics(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """The mean and variance a batch-norm layer (:func:`is_batch_norm`) normalizes with in
+    inference: a :class:`~batchnorm.BatchNorm`'s moving statistics with its ``debias``
+    correction applied, a ``torch.nn`` layer's running statistics (None when it keeps none:
+    ``track_running_stats=False``)."""
+    if isinstance(layer, BatchNorm):
+        return inference_statistics(layer.state(), momentum=layer.momentum,
+                                    epsilon=layer.epsilon, debias=layer.debias)
+    if layer.running_mean is None:
+        return None
+    return layer.running_mean, layer.running_var
+
+
+def set_statistics(layer: nn.Module, mean: Tensor, variance: Tensor,
+                   num_updates: int | Tensor, keep: Tensor | None = None) -> None:
+    """Make ``mean`` and ``variance`` the statistics ``layer`` normalizes with in inference
+    (:func:`stored_statistics` then returns them), in place, and ``num_updates`` its count of
+    updates; the features where the boolean ``keep`` is True keep every statistic they had.
+
+    A :class:`~batchnorm.BatchNorm` gets ``moving_mean`` and ``moving_variance``, with renorm
+    also ``moving_stddev = renorm_stddev = sqrt(variance + epsilon)`` and ``renorm_mean =
+    mean``, with ``debias`` initial values equal to the new statistics (which makes the
+    debiasing correction the identity); a ``torch.nn`` layer its ``running_mean`` and
+    ``running_var`` (and ``num_batches_tracked`` where it has one). ``mean`` and
+    ``variance`` are cast to the buffers' dtype and device.
+    """
+    if isinstance(layer, BatchNorm):
+        values = {"moving_mean": mean, "moving_variance": variance}
+        if layer.renorm:
+            stddev = torch.sqrt(variance + layer.epsilon)
+            values.update(moving_stddev=stddev, renorm_mean=mean, renorm_stddev=stddev)
+        if layer.debias:
+            # The correction (m - momentum**t m0) / (1 - momentum**t) is the identity when
+            # m0 == m: inference uses exactly the values written.
+            values.update(initial_moving_mean=mean, initial_moving_variance=(
+                variance + layer.epsilon if layer.renorm else variance))
+        counter = layer.num_updates
+    else:
+        values = {"running_mean": mean, "running_var": variance}
+        counter = getattr(layer, "num_batches_tracked", None)
+    with torch.no_grad():
+        for name, value in values.items():
+            buffer = getattr(layer, name)
+            value = value.to(device=buffer.device, dtype=buffer.dtype)
+            buffer.copy_(value if keep is None else torch.where(keep.to(buffer.device), buffer,
+                                                                value))
+        if counter is not None:
+            counter.copy_(torch.as_tensor(num_updates))
 
 
 # ---------------------------------------------------------------- tracing

@@ -11,8 +11,10 @@ over all of them.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -30,8 +32,10 @@ from ._model import (
     parse_call,
     restore_buffers,
     restore_modes,
+    set_statistics,
     snapshot_buffers,
     snapshot_modes,
+    stored_statistics,
 )
 
 __all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
@@ -44,25 +48,29 @@ __all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
 class _Moments:
     """Exact running count/mean/M2 per feature, merged batch by batch (Chan et al.'s update)."""
 
-    sums: tuple[Tensor, Tensor, Tensor] | None = None  # (count, mean, M2); None: no batch yet
+    count: Tensor | None = None
+    mean: Tensor | None = None
+    m2: Tensor | None = None
     batches: int = 0
+    samples: int = 0  # items along the batch axis over the batches added
     skipped: int = 0
     unbiased: bool = False  # the variance the layer's training calls feed, decided for its input
 
-    def add(self, count: Tensor, mean: Tensor, m2: Tensor) -> None:
+    def add(self, count: Tensor, mean: Tensor, m2: Tensor, samples: int) -> None:
         if not (torch.isfinite(mean).all() and torch.isfinite(m2).all()):
             self.skipped += 1  # as the layer itself does: one bad batch must not poison the rest
             return
         self.batches += 1
-        if self.sums is None:
-            self.sums = count, mean, m2
+        self.samples += samples
+        if self.count is None:
+            self.count, self.mean, self.m2 = count, mean, m2
             return
-        seen, seen_mean, seen_m2 = self.sums
-        self.sums = merge_moments(torch.stack([seen, count]), torch.stack([seen_mean, mean]),
-                                  torch.stack([seen_m2, m2]))
+        self.count, self.mean, self.m2 = merge_moments(
+            torch.stack([self.count, count]), torch.stack([self.mean, mean]),
+            torch.stack([self.m2, m2]))
 
 
-def _progress(iterable: Iterable[Any], total: int | None, enabled: bool) -> Iterator[Any]:
+def _progress(iterable: Iterable, total: int | None, enabled: bool) -> Iterator:
     if enabled:
         try:
             from tqdm.auto import tqdm
@@ -117,7 +125,7 @@ class LayerRecalibration:
 
 
 @dataclass
-class RecalibrationReport(Mapping[str, LayerRecalibration]):
+class RecalibrationReport(Mapping):
     """What :func:`recalibrate` changed: layer name -> :class:`LayerRecalibration`.
 
     ``skipped`` names the BatchNorm layers that computed no batch statistics
@@ -164,34 +172,22 @@ class RecalibrationReport(Mapping[str, LayerRecalibration]):
 # ---------------------------------------------------------------- recalibrate
 
 
-def _write(layer: BatchNorm, sums: tuple[Tensor, Tensor, Tensor], *, unbiased: bool,
-           batches: int) -> list[tuple[int, ...]]:
-    """Set the layer's moving statistics to the population statistics of ``sums`` (count,
-    mean and M2 per feature over ``batches`` batches, from :class:`_Moments`); return the
+def _write(layer: BatchNorm, acc: _Moments, prior: float) -> list[tuple[int, ...]]:
+    """Set the layer's moving statistics to the population statistics in ``acc``, blended
+    with the statistics it had with weight ``prior`` against ``acc.samples``; return the
     features that kept their previous statistics (fewer than two values: no variance)."""
-    count, mean, m2 = sums
-    denominator = count - 1 if unbiased else count
-    variance = m2 / denominator.clamp_min(1)
-    dtype = layer.moving_mean.dtype
+    count = acc.count
+    denominator = count - 1 if acc.unbiased else count
+    mean, variance = acc.mean, acc.m2 / denominator.clamp_min(1)
+    if prior:
+        # Schneider et al. (2020): (N * old + n * new) / (N + n), n in samples.
+        n = acc.samples
+        mean, variance = ((prior * held.to(new) + n * new) / (prior + n)
+                          for new, held in zip((mean, variance), stored_statistics(layer),
+                                               strict=True))
     few = (count < 2).to(layer.moving_mean.device)  # as a layer's update: no variance
     kept = [tuple(index) for index in few.nonzero().tolist()]
-    values = {"moving_mean": mean, "moving_variance": variance}
-    config = layer.config
-    if config.renorm:
-        stddev = torch.sqrt(variance + config.epsilon)
-        values.update(moving_stddev=stddev, renorm_mean=mean, renorm_stddev=stddev)
-    if config.debias:
-        # The correction (m - momentum**t m0) / (1 - momentum**t) is the identity when
-        # m0 == m: inference uses exactly the recalibrated values.
-        values.update(initial_moving_mean=mean, initial_moving_variance=(
-            variance + config.epsilon if config.renorm else variance))
-    with torch.no_grad():
-        for name, value in values.items():
-            buffer = getattr(layer, name)
-            value = value.to(device=buffer.device, dtype=dtype)
-            # A feature without a variance keeps every statistic it had.
-            buffer.copy_(torch.where(few, buffer, value) if kept else value)
-        layer.num_updates.fill_(batches)
+    set_statistics(layer, mean, variance, acc.batches, few if kept else None)
     return kept
 
 
@@ -200,10 +196,12 @@ def recalibrate(
     batches: Iterable[Any],
     num_batches: int = 200,
     *,
+    prior: float | None = None,
     progress: bool = True,
 ) -> RecalibrationReport:
     """Replace every :class:`~batchnorm.BatchNorm`'s moving statistics by exact population
-    statistics over ``batches`` (PreciseBN). Parameters are untouched.
+    statistics over ``batches`` (PreciseBN), or blend them with those (``prior``: adapting a
+    model to shifted inputs). Parameters are untouched.
 
     The model runs in training mode (``model.train()``, under ``torch.no_grad()``)
     over at most ``num_batches`` batches, so that each layer sees the inputs it
@@ -224,6 +222,13 @@ def recalibrate(
             works as it is). Anything else is passed to ``model`` as it is.
             Inputs must already be on the model's device.
         num_batches: the most batches to use (fewer if ``batches`` ends first).
+        prior: how much the statistics the layers have now count, in samples: with ``n``
+            the number of samples (items along the batch axis) re-estimated over, each
+            layer gets ``(prior * old + n * new) / (prior + n)`` of the old and the new
+            mean, and the same of the two variances (prior-weighted adaptation, Schneider
+            et al., *Improving robustness against common corruptions by covariate shift
+            adaptation*, 2020). The old statistics are the ones inference used (``debias``
+            applied). None or 0: exact re-estimation, the old statistics play no part.
         progress: show a tqdm progress bar (when tqdm is installed).
 
     Returns:
@@ -232,9 +237,9 @@ def recalibrate(
 
     After the call:
         - the train/eval mode of every submodule is what it was;
-        - ``num_updates`` is the number of batches the layer's statistics come
-          from (a ``momentum=None`` layer then continues its cumulative
-          average from there);
+        - ``num_updates`` is the number of batches re-estimated over (a
+          ``momentum=None`` layer then continues its cumulative average from there),
+          with a ``prior`` too;
         - layers whose training calls feed the Bessel-corrected variance
           (``unbiased_moving_variance=True``, or by default on the inputs where
           tf_keras fuses: see :class:`~batchnorm.BatchNorm`) get the Bessel-corrected
@@ -261,21 +266,29 @@ def recalibrate(
         >>> report = bn.recalibrate(model, data, progress=False)
         >>> int(model[1].num_updates)
         10
+        >>> shifted = [x + 1.0 for x in data]            # new inputs: adapt, keep some of the old
+        >>> report = bn.recalibrate(model, shifted, prior=320, progress=False)
     """
     if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    if prior is not None and (not isinstance(prior, numbers.Real) or isinstance(prior, bool)):
+        raise TypeError(f"prior must be a number of samples (a float or an int) or None, got "
+                        f"{type(prior).__name__} {prior!r}")
+    if prior is not None and not 0 <= prior < math.inf:
+        raise ValueError(f"prior must be a finite number of samples >= 0 (0 or None: exact "
+                         f"re-estimation), got {prior!r}")
     layers = batch_norm_layers(model)
     if not layers:
         raise ValueError("the model contains no batchnorm.BatchNorm layer to recalibrate")
     moments = {name: _Moments() for name in layers}
 
-    def hook(name: str) -> Callable[[BatchNorm, tuple[Any, ...], dict[str, Any]], None]:
-        def pre_hook(layer: BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def hook(name: str):
+        def pre_hook(layer: BatchNorm, args: tuple, kwargs: dict) -> None:
             x, computes, mask = parse_call(layer, args, kwargs)
             if computes:
                 decided = layer.config.for_input(x.ndim, x.dtype).unbiased_moving_variance
                 moments[name].unbiased = bool(decided)
-                moments[name].add(*layer_moments(layer, x, mask))
+                moments[name].add(*layer_moments(layer, x, mask), samples=len(x))
         return pre_hook
 
     modes = snapshot_modes(model)
@@ -284,7 +297,6 @@ def recalibrate(
     handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True)
                for name, layer in layers.items()]
     try:
-        # An Iterable to the type checker; len() where it has one (else the TypeError below).
         total = min(num_batches, len(batches))  # type: ignore[arg-type]
     except TypeError:  # no len(), e.g. a generator or an IterableDataset's loader
         total = num_batches
@@ -310,12 +322,12 @@ def recalibrate(
         if acc.skipped:
             warnings.warn(f"recalibrate: {acc.skipped} batch(es) with non-finite values at layer "
                           f"{name!r} were left out", RuntimeWarning, stacklevel=2)
-        if acc.sums is None:
+        if acc.count is None:
             report.skipped.append(name)
             continue
         old_mean = layer.moving_mean.detach().cpu().clone()
         old_variance = layer.moving_variance.detach().cpu().clone()
-        kept = _write(layer, acc.sums, unbiased=acc.unbiased, batches=acc.batches)
+        kept = _write(layer, acc, prior or 0)
         report.layers[name] = LayerRecalibration(
             name, old_mean, old_variance, layer.moving_mean.detach().cpu().clone(),
             layer.moving_variance.detach().cpu().clone(), acc.batches, kept)
