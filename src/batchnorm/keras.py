@@ -263,7 +263,7 @@ class BatchNormalization(keras.layers.Layer):
         ``StatelessScope`` records too); a batch whose statistics are not finite leaves
         them unchanged (:func:`batchnorm.functional.update_state`)."""
         new = F.update_state(state, stats, momentum=config.momentum, epsilon=config.epsilon,
-                             unbiased_moving_variance=config.unbiased_moving_variance,
+                             unbiased_moving_variance=bool(config.unbiased_moving_variance),
                              renorm_momentum=config.renorm_momentum)
         for name, variable in self._variables().items():
             if name not in _DEBIAS_STATE:

@@ -68,6 +68,7 @@ __all__ = [
     "set_statistics",
     "snapshot_buffers",
     "snapshot_modes",
+    "held_statistics",
     "stored_statistics",
     "timm_class",
 ]
@@ -248,11 +249,23 @@ def stored_statistics(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
     correction applied, a ``torch.nn`` layer's running statistics (None when it keeps none:
     ``track_running_stats=False``)."""
     if isinstance(layer, BatchNorm):
-        return inference_statistics(layer.state(), momentum=layer.momentum,
-                                    epsilon=layer.epsilon, debias=layer.debias)
-    if layer.running_mean is None:
+        config = layer.config
+        return inference_statistics(layer.state(), momentum=config.momentum,
+                                    epsilon=config.epsilon, debias=config.debias)
+    mean, variance = getattr(layer, "running_mean", None), getattr(layer, "running_var", None)
+    if not (isinstance(mean, Tensor) and isinstance(variance, Tensor)):
         return None
-    return layer.running_mean, layer.running_var
+    return mean, variance
+
+
+def held_statistics(layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """:func:`stored_statistics` of a layer known to keep statistics (the caller left out
+    ``track_running_stats=False`` layers); a ``ValueError`` naming the layer otherwise."""
+    held = stored_statistics(layer)
+    if held is None:
+        raise ValueError(f"{type(layer).__name__} keeps no running statistics "
+                         "(track_running_stats=False)")
+    return held
 
 
 def set_statistics(layer: nn.Module, mean: Tensor, variance: Tensor,
@@ -268,20 +281,23 @@ def set_statistics(layer: nn.Module, mean: Tensor, variance: Tensor,
     ``running_var`` (and ``num_batches_tracked`` where it has one). ``mean`` and
     ``variance`` are cast to the buffers' dtype and device.
     """
+    counter: Tensor | None
     if isinstance(layer, BatchNorm):
+        config = layer.config
         values = {"moving_mean": mean, "moving_variance": variance}
-        if layer.renorm:
-            stddev = torch.sqrt(variance + layer.epsilon)
+        if config.renorm:
+            stddev = torch.sqrt(variance + config.epsilon)
             values.update(moving_stddev=stddev, renorm_mean=mean, renorm_stddev=stddev)
-        if layer.debias:
+        if config.debias:
             # The correction (m - momentum**t m0) / (1 - momentum**t) is the identity when
             # m0 == m: inference uses exactly the values written.
             values.update(initial_moving_mean=mean, initial_moving_variance=(
-                variance + layer.epsilon if layer.renorm else variance))
-        counter = layer.num_updates
+                variance + config.epsilon if config.renorm else variance))
+        counter = layer.get_buffer("num_updates")
     else:
         values = {"running_mean": mean, "running_var": variance}
-        counter = getattr(layer, "num_batches_tracked", None)
+        tracked = getattr(layer, "num_batches_tracked", None)
+        counter = tracked if isinstance(tracked, Tensor) else None
     with torch.no_grad():
         for name, value in values.items():
             buffer = getattr(layer, name)

@@ -11,25 +11,28 @@ activation's module (``nn.ReLU()``, ``nn.SiLU()``) in its place.
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layer import BatchNorm
 from ._model import (
     BatchNormTracer,
+    FrozenBatchNorm,
     ModuleUses,
     activation_module,
     batch_norm_layers,
     has_hooks,
+    held_statistics,
     is_batch_norm,
     is_frozen_batch_norm,
+    node_target,
     norm_act_tail,
     replace_modules,
     run_without_updates,
-    stored_statistics,
     timm_class,
 )
 
@@ -38,6 +41,7 @@ __all__ = ["FoldResult", "fold"]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PRODUCERS = (*_CONVS, *_TRANSPOSED, nn.Linear)
+_Producer = nn.modules.conv._ConvNd | nn.Linear  # the classes above, for the type checker
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # The methods a convolution or linear layer computes with: a subclass overriding one of
 # them (timm's StdConv2d standardizes its weight, Conv2dSame pads) may not take a fold.
@@ -67,11 +71,25 @@ def _producer_class(module: nn.Module) -> type[nn.Module] | None:
     return base
 
 
+def _producer_problem(producer: nn.Module, producer_name: str) -> str | None:
+    """Why ``producer`` is no layer to fold into (not a Conv, ConvTranspose or Linear, or a
+    subclass computing otherwise), or None."""
+    if not isinstance(producer, _PRODUCERS):
+        return (f"its input comes from {producer_name!r} ({type(producer).__name__}), "
+                "not from a Conv, ConvTranspose or Linear layer")
+    if _producer_class(producer) is None:
+        return (f"its input comes from {producer_name!r} ({type(producer).__name__}), "
+                "a subclass of a Conv, ConvTranspose or Linear layer with its own "
+                "forward, which may not compute with the weights as given")
+    return None
+
+
 def _replacement(bn: nn.Module) -> nn.Module:
     """What takes a folded layer's place: what it applies after normalizing (a BatchNorm's
     activation module, a timm layer's drop and act), or ``nn.Identity``."""
     if isinstance(bn, BatchNorm):
-        tail = [] if bn.activation is None else [activation_module(bn.activation)]
+        activation = bn.config.activation
+        tail = [] if activation is None else [activation_module(activation)]
     else:
         tail = norm_act_tail(bn)
     if not tail:
@@ -102,8 +120,8 @@ class _Folder:
                 return f"{type(bn).__qualname__} subclasses BatchNorm and may compute otherwise"
             if bn.num_features is None:
                 return "it is a lazy layer that was never called: it has no statistics"
-            if not isinstance(bn.axis, int) and len(bn.axis) > 1:
-                return f"it has several feature axes (axis={bn.axis})"
+            if len(bn.config.axis) > 1:
+                return f"it has several feature axes (axis={bn.config.axis})"
             return None
         if type(bn) not in _TORCH_BN and not is_frozen_batch_norm(bn) and timm_class(bn) is None:
             return f"{type(bn).__qualname__}: not a layer fold knows (or a lazy one never called)"
@@ -114,23 +132,21 @@ class _Folder:
         return None
 
     def _pair_problem(self, producer: nn.Module, producer_name: str, bn: nn.Module) -> str | None:
-        if _producer_class(producer) is None:
-            if isinstance(producer, _PRODUCERS):
-                return (f"its input comes from {producer_name!r} ({type(producer).__name__}), "
-                        "a subclass of a Conv, ConvTranspose or Linear layer with its own "
-                        "forward, which may not compute with the weights as given")
-            return (f"its input comes from {producer_name!r} ({type(producer).__name__}), "
-                    "not from a Conv, ConvTranspose or Linear layer")
+        problem = _producer_problem(producer, producer_name)
+        # (without a problem it is one of _PRODUCERS: the isinstance tells the type checker so)
+        if problem is not None or not isinstance(producer, _PRODUCERS):
+            return problem
         if has_hooks(producer):
             return f"{producer_name!r} has hooks registered on it, which folding could change"
         linear = isinstance(producer, nn.Linear)
-        out = producer.out_features if linear else producer.out_channels
-        features = bn.num_features[0] if isinstance(bn, BatchNorm) else len(bn.running_mean)
+        out = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+        # One feature axis (_layer_problem): the moving statistics' length.
+        statistics = bn.moving_mean if isinstance(bn, BatchNorm) else bn.get_buffer("running_mean")
+        features = len(statistics)
         if features != out:
             return f"it has {features} features but {producer_name!r} gives {out}"
-        axis = bn.axis if isinstance(bn, BatchNorm) else 1
-        axis = axis if isinstance(axis, int) else axis[0]
-        spatial = 0 if linear else len(producer.kernel_size)
+        axis = bn.config.axis[0] if isinstance(bn, BatchNorm) else 1
+        spatial = 0 if isinstance(producer, nn.Linear) else len(producer.kernel_size)
         ranks = self.ranks.get(id(producer))
         if ranks:  # the producer's channel axis is -(spatial + 1) for every rank it gave
             if any(axis % rank != rank - spatial - 1 for rank in ranks):
@@ -152,7 +168,7 @@ class _Folder:
         if problem:
             self.reasons[bn_name] = problem
             return
-        _fold_into(producer, bn)
+        _fold_into(cast(_Producer, producer), bn)  # _pair_problem: a Conv, ... or Linear
         self.folded[bn_name] = producer_name
         self.replaced[id(bn)] = _replacement(bn)
 
@@ -170,30 +186,31 @@ class _Folder:
         calls, used_directly = uses.calls, uses.read_directly
 
         for node in graph.nodes:
-            if node.op != "call_module" or not is_batch_norm(root.get_submodule(node.target)):
+            if node.op != "call_module" or not is_batch_norm(root.get_submodule(node_target(node))):
                 continue
-            name, bn = prefix + node.target, root.get_submodule(node.target)
+            target = node_target(node)
+            name, bn = prefix + target, root.get_submodule(target)
             source = node.args[0] if node.args else None
             if len(node.args) != 1 or node.kwargs:
                 self.reasons[name] = "it is called with arguments besides its input"
-            elif calls[node.target] > 1:
+            elif calls[target] > 1:
                 self.reasons[name] = "it is called more than once"
-            elif used_directly(node.target):
+            elif used_directly(target):
                 self.reasons[name] = "its parameters or buffers are used outside its call"
             elif not isinstance(source, torch.fx.Node) or source.op != "call_module":
                 self.reasons[name] = _NOT_AFTER_PRODUCER
-            elif _producer_class(root.get_submodule(source.target)) is None:  # the first reason
-                self.reasons[name] = self._pair_problem(
-                    root.get_submodule(source.target), prefix + source.target, bn)
+            elif (problem := _producer_problem(root.get_submodule(node_target(source)),
+                                               prefix + node_target(source))) is not None:
+                self.reasons[name] = problem  # the first reason
             elif len(source.users) > 1:
-                self.reasons[name] = (f"the output of {prefix + source.target!r} is also used "
-                                      "elsewhere, which needs it unnormalized")
-            elif calls[source.target] > 1 or used_directly(source.target):
-                self.reasons[name] = (f"{prefix + source.target!r} is called more than once or "
-                                      "its weights are used elsewhere")
+                self.reasons[name] = (f"the output of {prefix + node_target(source)!r} is also "
+                                      "used elsewhere, which needs it unnormalized")
+            elif calls[node_target(source)] > 1 or used_directly(node_target(source)):
+                self.reasons[name] = (f"{prefix + node_target(source)!r} is called more than "
+                                      "once or its weights are used elsewhere")
             else:
-                self.fold_pair(root.get_submodule(source.target), prefix + source.target,
-                               bn, name)
+                self.fold_pair(root.get_submodule(node_target(source)),
+                               prefix + node_target(source), bn, name)
 
     def _walk_untraceable(self, module: nn.Module, prefix: str, error: Exception) -> None:
         owner = repr(prefix[:-1]) if prefix else "the model"
@@ -216,13 +233,16 @@ class _Folder:
 
 def _statistics(bn: nn.Module) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]:
     """The mean, variance, epsilon, gamma, beta the layer normalizes with in inference."""
-    mean, variance = stored_statistics(bn)
+    mean, variance = held_statistics(bn)  # fold takes layers with statistics only
     if isinstance(bn, BatchNorm):
-        return mean, variance, bn.epsilon, bn.gamma, bn.beta
-    return mean, variance, bn.eps, bn.weight, bn.bias
+        return mean, variance, bn.config.epsilon, bn.gamma, bn.beta
+    if isinstance(bn, _BatchNorm):  # with running statistics (_layer_problem)
+        return mean, variance, bn.eps, bn.weight, bn.bias
+    frozen = cast(FrozenBatchNorm, bn)  # the only other kind fold takes (_layer_problem)
+    return mean, variance, frozen.eps, frozen.weight, frozen.bias
 
 
-def _fold_into(producer: nn.Module, bn: nn.Module) -> None:
+def _fold_into(producer: _Producer, bn: nn.Module) -> None:
     """Fold ``bn``'s inference affine map into ``producer``'s weight and bias, in place."""
     mean, variance, epsilon, gamma, beta = _statistics(bn)
     weight = producer.weight
@@ -239,7 +259,7 @@ def _fold_into(producer: nn.Module, bn: nn.Module) -> None:
         if isinstance(producer, _TRANSPOSED):
             # (in, out / groups, *k): output channel g * out/groups + j is [group g's rows, j].
             groups = producer.groups
-            w = w.unflatten(0, (groups, -1))
+            w = torch.unflatten(w, 0, (groups, -1))
             w = w * scale.view(groups, 1, -1, *[1] * (w.ndim - 3))
             w = w.flatten(0, 1)
         else:  # (out, in / groups, *k) or (out, in)
@@ -252,7 +272,8 @@ def _fold_into(producer: nn.Module, bn: nn.Module) -> None:
     producer.bias = nn.Parameter(new_bias.to(bias_dtype), requires_grad=bias_grad)
 
 
-def _output_ranks(model: nn.Module, example_input: Tensor | tuple) -> dict[int, set[int]]:
+def _output_ranks(model: nn.Module, example_input: Tensor | tuple[Any, ...]
+                  ) -> dict[int, set[int]]:
     ranks: dict[int, set[int]] = {}
     handles = [m.register_forward_hook(
         lambda m, args, out: ranks.setdefault(id(m), set()).add(out.ndim))
@@ -265,7 +286,7 @@ def _output_ranks(model: nn.Module, example_input: Tensor | tuple) -> dict[int, 
     return ranks
 
 
-def fold(model: nn.Module, example_input: Tensor | tuple | None = None) -> FoldResult:
+def fold(model: nn.Module, example_input: Tensor | tuple[Any, ...] | None = None) -> FoldResult:
     """An inference copy of ``model`` with batch normalization folded into the layers before it.
 
     Every :class:`~batchnorm.BatchNorm` or ``torch.nn.BatchNorm1d/2d/3d``

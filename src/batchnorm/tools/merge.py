@@ -19,7 +19,13 @@ from torch.nn.parameter import UninitializedBuffer
 
 from ..layer import BatchNorm
 from ..statistics import merge_moments
-from ._model import accumulation_dtype, batch_norm_layers, set_statistics, stored_statistics
+from ._model import (
+    accumulation_dtype,
+    batch_norm_layers,
+    held_statistics,
+    set_statistics,
+    stored_statistics,
+)
 
 __all__ = ["merge_statistics"]
 
@@ -152,7 +158,7 @@ def merge_statistics(
                              f"missing {missing}, not in the target {extra}; merge models of "
                              "the same architecture")
         for name, layer in layers.items():
-            shape, other = (stored_statistics(m)[0].shape for m in (layer, source_layers[name]))
+            shape, other = (held_statistics(m)[0].shape for m in (layer, source_layers[name]))
             if shape != other:
                 raise ValueError(f"layer {name or '(model)'!r} has {tuple(shape)} features in "
                                  f"the target but {tuple(other)} in sources[{k}]: merge models "
@@ -161,10 +167,10 @@ def merge_statistics(
 
     merged = {}
     for name, layer in layers.items():
-        device = stored_statistics(layer)[0].device
+        device = held_statistics(layer)[0].device
         dtype = accumulation_dtype(device)
         means, variances = (torch.stack([t.to(device=device, dtype=dtype) for t in ts])
-                            for ts in zip(*(stored_statistics(s[name]) for s in per_source),
+                            for ts in zip(*(held_statistics(s[name]) for s in per_source),
                                           strict=True))
         count = torch.tensor(w, dtype=dtype, device=device).reshape(-1, *[1] * (means.ndim - 1))
         count = (count / count.max()).expand_as(means)  # ratios only; the largest is 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -48,9 +48,7 @@ __all__ = ["LayerRecalibration", "RecalibrationReport", "recalibrate"]
 class _Moments:
     """Exact running count/mean/M2 per feature, merged batch by batch (Chan et al.'s update)."""
 
-    count: Tensor | None = None
-    mean: Tensor | None = None
-    m2: Tensor | None = None
+    sums: tuple[Tensor, Tensor, Tensor] | None = None  # (count, mean, M2); None: no batch yet
     batches: int = 0
     samples: int = 0  # items along the batch axis over the batches added
     skipped: int = 0
@@ -62,15 +60,15 @@ class _Moments:
             return
         self.batches += 1
         self.samples += samples
-        if self.count is None:
-            self.count, self.mean, self.m2 = count, mean, m2
+        if self.sums is None:
+            self.sums = count, mean, m2
             return
-        self.count, self.mean, self.m2 = merge_moments(
-            torch.stack([self.count, count]), torch.stack([self.mean, mean]),
-            torch.stack([self.m2, m2]))
+        seen, seen_mean, seen_m2 = self.sums
+        self.sums = merge_moments(torch.stack([seen, count]), torch.stack([seen_mean, mean]),
+                                  torch.stack([seen_m2, m2]))
 
 
-def _progress(iterable: Iterable, total: int | None, enabled: bool) -> Iterator:
+def _progress(iterable: Iterable[Any], total: int | None, enabled: bool) -> Iterator[Any]:
     if enabled:
         try:
             from tqdm.auto import tqdm
@@ -125,7 +123,7 @@ class LayerRecalibration:
 
 
 @dataclass
-class RecalibrationReport(Mapping):
+class RecalibrationReport(Mapping[str, LayerRecalibration]):
     """What :func:`recalibrate` changed: layer name -> :class:`LayerRecalibration`.
 
     ``skipped`` names the BatchNorm layers that computed no batch statistics
@@ -172,19 +170,21 @@ class RecalibrationReport(Mapping):
 # ---------------------------------------------------------------- recalibrate
 
 
-def _write(layer: BatchNorm, acc: _Moments, prior: float) -> list[tuple[int, ...]]:
-    """Set the layer's moving statistics to the population statistics in ``acc``, blended
-    with the statistics it had with weight ``prior`` against ``acc.samples``; return the
-    features that kept their previous statistics (fewer than two values: no variance)."""
-    count = acc.count
+def _write(layer: BatchNorm, acc: _Moments, sums: tuple[Tensor, Tensor, Tensor],
+           prior: float) -> list[tuple[int, ...]]:
+    """Set the layer's moving statistics to the population statistics of ``sums`` (count,
+    mean and M2 per feature, from ``acc``), blended with the statistics it had with weight
+    ``prior`` against ``acc.samples``; return the features that kept their previous
+    statistics (fewer than two values: no variance)."""
+    count, mean, m2 = sums
     denominator = count - 1 if acc.unbiased else count
-    mean, variance = acc.mean, acc.m2 / denominator.clamp_min(1)
-    if prior:
+    variance = m2 / denominator.clamp_min(1)
+    held = stored_statistics(layer)
+    if prior and held is not None:
         # Schneider et al. (2020): (N * old + n * new) / (N + n), n in samples.
         n = acc.samples
-        mean, variance = ((prior * held.to(new) + n * new) / (prior + n)
-                          for new, held in zip((mean, variance), stored_statistics(layer),
-                                               strict=True))
+        mean, variance = ((prior * old.to(new) + n * new) / (prior + n)
+                          for new, old in zip((mean, variance), held, strict=True))
     few = (count < 2).to(layer.moving_mean.device)  # as a layer's update: no variance
     kept = [tuple(index) for index in few.nonzero().tolist()]
     set_statistics(layer, mean, variance, acc.batches, few if kept else None)
@@ -282,8 +282,8 @@ def recalibrate(
         raise ValueError("the model contains no batchnorm.BatchNorm layer to recalibrate")
     moments = {name: _Moments() for name in layers}
 
-    def hook(name: str):
-        def pre_hook(layer: BatchNorm, args: tuple, kwargs: dict) -> None:
+    def hook(name: str) -> Callable[[BatchNorm, tuple[Any, ...], dict[str, Any]], None]:
+        def pre_hook(layer: BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x, computes, mask = parse_call(layer, args, kwargs)
             if computes:
                 decided = layer.config.for_input(x.ndim, x.dtype).unbiased_moving_variance
@@ -297,6 +297,7 @@ def recalibrate(
     handles = [layer.register_forward_pre_hook(hook(name), with_kwargs=True)
                for name, layer in layers.items()]
     try:
+        # An Iterable to the type checker; len() where it has one (else the TypeError below).
         total = min(num_batches, len(batches))  # type: ignore[arg-type]
     except TypeError:  # no len(), e.g. a generator or an IterableDataset's loader
         total = num_batches
@@ -322,12 +323,12 @@ def recalibrate(
         if acc.skipped:
             warnings.warn(f"recalibrate: {acc.skipped} batch(es) with non-finite values at layer "
                           f"{name!r} were left out", RuntimeWarning, stacklevel=2)
-        if acc.count is None:
+        if acc.sums is None:
             report.skipped.append(name)
             continue
         old_mean = layer.moving_mean.detach().cpu().clone()
         old_variance = layer.moving_variance.detach().cpu().clone()
-        kept = _write(layer, acc, prior or 0)
+        kept = _write(layer, acc, acc.sums, prior or 0)
         report.layers[name] = LayerRecalibration(
             name, old_mean, old_variance, layer.moving_mean.detach().cpu().clone(),
             layer.moving_variance.detach().cpu().clone(), acc.batches, kept)
