@@ -268,7 +268,7 @@ def test_bench_command_writes_json_and_a_table(tmp_path, capsys):
     assert main(["bench", "--shapes", "8,4,6,6", "--modes", "plain", "masked", "--dtypes",
                  "float32", "--layouts", "nchw", "--repeats", "2", "--budget", "0.001",
                  "--compile", "none", "--no-tf", "--no-distributed", "--no-memory",
-                 "--no-end-to-end", "--allocators", "reuse", "--threads", "1",
+                 "--no-end-to-end", "--no-keras", "--allocators", "reuse", "--threads", "1",
                  "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {r["phase"] for r in report["results"]} == set(bench.PHASES)
@@ -332,6 +332,10 @@ def every_section(wide: bool):
                         "rows": [{"processes": 4, "batch": [32, 64, 16, 16], "local_ms": 1234.5,
                                   "synchronized_ms": 2345.6, "communication_ms": 1111.1,
                                   "communication_share": 0.47}]},
+        "keras": {"rows": [{"row": "layer fwd+bwd 64x56x56x64",
+                            "batchnorm": {"min": 0.261, "median": 0.404, "max": 0.528},
+                            "keras": {"min": 1.021, "median": 1.684, "max": 1.833},
+                            "speedup": 4.0}]},
         "seconds": {"layers, default allocator": 100.0, "layers, reuse allocator": 100.0,
                     "end-to-end, quiet and under load": 300.0, "memory and first call": 30.0,
                     "synchronized statistics": 60.0, "total": 600.0}}
@@ -343,8 +347,11 @@ def test_the_output_fits_100_columns():
     text = every_section(wide=False)
     assert WIDTH == 100
     assert max(len(line) for line in text.splitlines()) <= 100
-    for section in ("## Layers", "## End to end", "## Peak memory", "## Synchronized"):
+    for section in ("## Layers", "## End to end", "## Peak memory", "## Synchronized",
+                    "## Keras 3 on the torch backend"):
         assert section in text
+    assert "| layer fwd+bwd 64x56x56x64 | 404.00 (261.00-528.00) | 1684.00 (1021.00-1833.00) | " \
+           "4.00x |" in text
     # ours 10.0, 12.0, 19.0 ms against native 1234.5, 1300.1, 1400.2: native/ours 123.45,
     # 108.34, 73.69 repeat by repeat; the limit, 8.0 ms, is 67% of ours' median.
     assert "| masked | inference | 12.0 | 108.34x (73.69-123.45)* | - | 67% | [12] |" in text

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -874,6 +875,8 @@ def run(args) -> int:
     # on in the full run, off in the quick one unless asked for.
     args.memory = not args.quick if args.memory is None else args.memory
     args.distributed = not args.quick if args.distributed is None else args.distributed
+    args.keras = ((not args.quick and importlib.util.find_spec("keras") is not None)
+                  if args.keras is None else args.keras)
     args.repeats = args.repeats or 11
     args.budget = args.budget or 0.1
     out_dir = Path(args.out)
@@ -945,6 +948,11 @@ def run(args) -> int:
             "environment": bench_distributed.environment(),
             "rows": bench_distributed.measure([1, 2] if args.quick else [1, 2, 4])}
         since = lap("synchronized statistics", since)
+    if args.keras:
+        from . import bench_keras
+
+        report["keras"] = {"rows": bench_keras.measure(repeats=3 if args.quick else 7)}
+        since = lap("Keras 3 layer", since)
 
     drew = chart(report["results"], out_dir / "bench.png", args.repeats)
     report["seconds"]["total"] = time.perf_counter() - began
@@ -1071,6 +1079,14 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
                   "inside the collectives, waiting for the slowest process included; share = "
                   "communicating / synchronized.")
         lines += ["", bench_distributed_table(report["distributed"]["rows"])]
+    if "keras" in report:
+        from .bench_keras import table as keras_table
+
+        lines += ["", "## Keras 3 on the torch backend", ""]
+        paragraph("batchnorm.keras.BatchNormalization against keras.layers.BatchNormalization "
+                  "in the same process, channels-last: seconds per call, median (min-max) of "
+                  "the rounds; speedup = the median per-round ratio (> 1: ours is faster).")
+        lines += ["", keras_table(report["keras"]["rows"])]
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items())
     lines.append("")
     paragraph(f"Took {timing}.")
@@ -1121,6 +1137,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", action=argparse.BooleanOptionalAction,
                         help="also time synchronized statistics with 1, 2 and 4 gloo processes "
                         "(default: on; quick: off, or 1 and 2 processes when asked for)")
+    parser.add_argument("--keras", action=argparse.BooleanOptionalAction,
+                        help="also time batchnorm.keras.BatchNormalization against Keras 3's "
+                        "own layer on the torch backend (default: on where Keras is installed; "
+                        "quick: off)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction,
                         help="also measure peak memory and the first call, in fresh processes "
                         "(default: on; quick: off)")
