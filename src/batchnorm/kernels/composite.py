@@ -27,7 +27,6 @@ from ..activations import apply as activate
 from ..shapes import broadcast, mask_shape, reduction_axes
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import (
-    PreparedUpdate,
     kept_for_backward,
     masked_moments,
     normalizing_statistics,
@@ -36,7 +35,7 @@ from ..statistics import (
     renorm_correction,
 )
 from .inference import normalize
-from .protocol import KernelCall, PreparedTraining, unprepared
+from .protocol import KernelCall, Unprepared
 from .synchronized import global_moments
 
 __all__ = ["COMPOSITE", "CompositeKernel"]
@@ -81,7 +80,7 @@ def _adjustment_term(t, x: Tensor, axes: tuple[int, ...], name: str) -> Tensor:
     return broadcast(t, x, axes)
 
 
-class CompositeKernel:
+class CompositeKernel(Unprepared):
     """Every mode, every device, several feature axes; what the other kernels are tested
     against."""
 
@@ -92,10 +91,6 @@ class CompositeKernel:
 
     def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
         return False
-
-    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
-                update: PreparedUpdate | None = None) -> PreparedTraining:
-        return unprepared(self, state, call)
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:

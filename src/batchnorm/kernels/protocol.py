@@ -12,7 +12,7 @@ and in speed (:meth:`TrainingKernel.prefers_fallback`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 from torch import Tensor
 
@@ -21,7 +21,7 @@ from ..state import BatchNormState, BatchStatistics
 from ..statistics import PreparedUpdate
 
 __all__ = ["INFERENCE_PASSES", "InferencePass", "KernelCall", "PreparedTraining",
-           "TrainingKernel", "unprepared"]
+           "TrainingKernel", "Unprepared", "unprepared"]
 
 
 class KernelCall(NamedTuple):
@@ -104,6 +104,15 @@ class InferencePass(Protocol):
 # same kernels); held here so that the inference module, which the kernels import, reaches
 # a device's loop without importing it.
 INFERENCE_PASSES: dict[str, InferencePass] = {}
+
+
+class Unprepared:
+    """For a kernel that decides nothing ahead of a call: :meth:`TrainingKernel.prepare` as
+    :func:`unprepared`."""
+
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
+                update: PreparedUpdate | None = None) -> PreparedTraining:
+        return unprepared(cast(TrainingKernel, self), state, call)
 
 
 def unprepared(kernel: TrainingKernel, state: BatchNormState,

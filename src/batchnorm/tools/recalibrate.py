@@ -96,30 +96,17 @@ class LayerRecalibration:
     """Features (index tuples) with fewer than two values over every batch, which the masks
     (nearly) never selected: no variance to measure, so their previous statistics are kept."""
 
-    @staticmethod
-    def _abs(old: Tensor, new: Tensor) -> float:
-        return float((new.double() - old.double()).abs().max())
+    mean_max_abs_diff: float = field(init=False)
+    mean_max_rel_diff: float = field(init=False)
+    variance_max_abs_diff: float = field(init=False)
+    variance_max_rel_diff: float = field(init=False)
 
-    @staticmethod
-    def _rel(old: Tensor, new: Tensor) -> float:
-        diff = (new.double() - old.double()).abs()
-        return float((diff / new.double().abs().clamp_min(1e-12)).max())
-
-    @property
-    def mean_max_abs_diff(self) -> float:
-        return self._abs(self.old_mean, self.new_mean)
-
-    @property
-    def mean_max_rel_diff(self) -> float:
-        return self._rel(self.old_mean, self.new_mean)
-
-    @property
-    def variance_max_abs_diff(self) -> float:
-        return self._abs(self.old_variance, self.new_variance)
-
-    @property
-    def variance_max_rel_diff(self) -> float:
-        return self._rel(self.old_variance, self.new_variance)
+    def __post_init__(self) -> None:
+        for what in ("mean", "variance"):
+            old, new = (getattr(self, f"{when}_{what}").double() for when in ("old", "new"))
+            diff = (new - old).abs()
+            setattr(self, f"{what}_max_abs_diff", float(diff.max()))
+            setattr(self, f"{what}_max_rel_diff", float((diff / new.abs().clamp_min(1e-12)).max()))
 
 
 @dataclass

@@ -40,7 +40,7 @@ from ...state import BatchNormState, BatchStatistics, initial_state, statistics_
 from ...statistics import PreparedUpdate, prepare_update
 from .. import two_pass
 from ..layout import Layout
-from ..protocol import KernelCall, PreparedTraining, unprepared
+from ..protocol import KernelCall, Unprepared
 from . import passes
 from .passes import (
     DTYPES,
@@ -66,7 +66,7 @@ def available() -> bool:
 _UPDATE_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-class CpuKernel:
+class CpuKernel(Unprepared):
     """Every training mode but adjustment, one feature axis, CPU tensors; numba loops. Also
     the CPU's inference pass (:class:`batchnorm.kernels.protocol.InferencePass`)."""
 
@@ -118,10 +118,6 @@ class CpuKernel:
                                   or state.moving_variance.requires_grad):
             return "moving statistics that require grad"
         return None
-
-    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
-                update: PreparedUpdate | None = None) -> PreparedTraining:
-        return unprepared(self, state, call)
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:

@@ -30,10 +30,9 @@ from torch import Tensor
 
 from ...config import BatchNormConfig
 from ...state import BatchNormState, BatchStatistics
-from ...statistics import PreparedUpdate
 from .. import two_pass
 from ..layout import Layout, mask_tensor
-from ..protocol import KernelCall, PreparedTraining, unprepared
+from ..protocol import KernelCall, Unprepared
 
 __all__ = ["TRITON", "TritonKernel", "TritonPasses", "available"]
 
@@ -120,7 +119,7 @@ class TritonPasses:
 TRITON_PASSES = TritonPasses()
 
 
-class TritonKernel:
+class TritonKernel(Unprepared):
     """Every training mode but adjustment, one feature axis; Triton on CUDA tensors (or on
     CPU tensors under Triton's interpreter)."""
 
@@ -145,10 +144,6 @@ class TritonKernel:
         if x.dtype not in DTYPES:
             return f"dtype {x.dtype}"
         return two_pass.unsupported(x, call)
-
-    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
-                update: PreparedUpdate | None = None) -> PreparedTraining:
-        return unprepared(self, state, call)
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:
