@@ -142,12 +142,14 @@ class CpuKernel(Unprepared):
         The state's tensors must keep their storage, shape and dtype while the update is kept
         (a layer's :class:`batchnorm.plan.CallPlan` checks them before every call). None
         where the loop does not apply: numba missing, a state not on CPU, a renorm state,
-        the cumulative average (``momentum=None``), dtypes other than float32/float64 (and
-        int64 for ``num_updates``), non-contiguous buffers.
+        dtypes other than float32/float64 (and int64 for ``num_updates``), non-contiguous
+        buffers. The cumulative average (``momentum=None``) steps by ``1 / (n + 1)`` as the
+        torch operations do (float32's reciprocal of ``num_updates + 1``), ``n`` read from
+        the counter's memory at each call.
         """
         mm, mv, updates = state.moving_mean, state.moving_variance, state.num_updates
         kind, stat = _UPDATE_DTYPES.get(mm.dtype), _UPDATE_DTYPES.get(dtype)
-        if (not available() or state.moving_stddev is not None or config.momentum is None
+        if (not available() or state.moving_stddev is not None
                 or kind is None or stat is None or mv.dtype != mm.dtype
                 or updates.dtype != torch.int64 or mm.shape != mv.shape or mm.ndim != 1
                 or any(t.device.type != "cpu" or not t.is_contiguous()
@@ -159,12 +161,16 @@ class CpuKernel(Unprepared):
         kept = (mm, mv, updates)
         addresses = (mm.data_ptr(), mv.data_ptr(), updates.data_ptr())
         n = mm.numel()
-        weight = kind(1.0 - config.momentum)  # as torch.lerp rounds a Python weight
+        # As torch.lerp rounds a Python weight; the cumulative average's from the counter.
+        weight = None if config.momentum is None else kind(1.0 - config.momentum)
+        counter = updates.numpy() if weight is None else None  # the counter's memory
+        one = np.float32(1)
         correction = stat(count / (count - 1) if config.unbiased_moving_variance else 1.0)
         zero = stat(0)
 
         def direct(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
-            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, weight,
+            step = weight if counter is None else kind(one / np.float32(counter[()] + 1))
+            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, step,
                                  correction, zero)
             if applied:  # written through their addresses: tell autograd, as torch would
                 increment_version(kept)
