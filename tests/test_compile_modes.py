@@ -2,9 +2,9 @@
 ghost batches, masked, adjustment, debias, fused activation) and both call modes (training,
 inference), a compiled layer (one graph: ``fullgraph=True``) has eager's outputs, input and
 parameter gradients and buffers, with ``dynamic=True`` and a batch size that changes from
-call to call.
+call to call; on a CUDA device also under ``mode="reduce-overhead"`` (CUDA graphs).
 
-One compiled module holds a layer per mode (a compilation takes ~20 s on 2 cores), so one
+One compiled module holds a layer per mode (its compilations take ~2 min on 2 cores), so one
 run of eager and compiled copies serves every test. Tolerance: float32 rounding, 1e-5
 (compiled code fuses and reorders the same float32 operations).
 """
@@ -65,7 +65,7 @@ class Modes(nn.Module):
                 for name, layer in self.layers.items()}
 
 
-def _run(model: nn.Module, layers: nn.ModuleDict) -> list[dict]:
+def _run(model: nn.Module, layers: nn.ModuleDict, device: str = "cpu") -> list[dict]:
     """Training calls at each batch size, then inference calls, each with a backward: per
     call and mode, the output, the input and parameter gradients and the buffers after it."""
     records = []
@@ -75,6 +75,7 @@ def _run(model: nn.Module, layers: nn.ModuleDict) -> list[dict]:
             x = torch.randn(n, FEATURES, LENGTH, generator=g) * 2 + 1
             mask = torch.rand(n, LENGTH, generator=g) < 0.7
             dy = torch.randn(n, FEATURES, LENGTH, generator=g)
+            x, mask, dy = x.to(device), mask.to(device), dy.to(device)
             xs = {name: x.clone().requires_grad_() for name in MODES}
             layers.zero_grad(set_to_none=True)
             outputs = model(xs, mask, training)
@@ -101,9 +102,7 @@ def runs() -> tuple[list[dict], list[dict]]:
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_compiled_layer_matches_eager_in_training_and_inference(runs, mode):
-    eager, compiled = runs
+def _check(eager: list[dict], compiled: list[dict], mode: str) -> None:
     for call, (expected, got) in enumerate(zip(eager, compiled, strict=True)):
         what = f"{mode}, {'training' if call < len(BATCHES) else 'inference'} call {call}"
         for key, value in expected[mode].items():
@@ -113,3 +112,25 @@ def test_compiled_layer_matches_eager_in_training_and_inference(runs, mode):
             torch.testing.assert_close(got[mode][key], value, **TOLERANCE,
                                        msg=lambda m, at=f"{what}, {key}": f"{at}: {m}")
     assert compiled[-1][mode]["num_updates"].item() == len(BATCHES)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_layer_matches_eager_in_training_and_inference(runs, mode):
+    _check(*runs, mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_reduce_overhead_compiled_layers_match_eager_on_cuda():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = Modes().cuda()
+    compiled = copy.deepcopy(eager)
+    try:
+        expected = _run(eager, eager.layers, "cuda")
+        got = _run(torch.compile(compiled, mode="reduce-overhead", dynamic=True),
+                   compiled.layers, "cuda")
+    finally:
+        torch._dynamo.reset()
+    for mode in MODES:
+        _check(expected, got, mode)
