@@ -131,6 +131,19 @@ def test_plugin_is_accepted_beside_sync_batchnorm_true():
     assert isinstance(trainer._accelerator_connector._layer_sync, SyncBatchNorm)
 
 
+@pytest.fixture
+def one_process_group():
+    """For a one-process "ddp" Trainer: the process group it starts (and Lightning leaves
+    behind when setup raises) is destroyed, and the environment restored, afterwards."""
+    environ = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+@pytest.mark.usefixtures("one_process_group")
 def test_sync_batchnorm_true_without_the_plugin_is_refused_naming_it():
     module = Module()
     with pytest.raises(ValueError, match=r"plugins=\[batchnorm.integrations.lightning"):
