@@ -88,6 +88,8 @@ def test_ddp_trainer_with_plugin_and_callback_updates_once_per_step_with_global_
 
 
 @pytest.mark.slow  # a Trainer's fit: ~2 s
+# Lightning 2.6's own internals on torch 2.13
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 def test_callback_updates_once_per_optimizer_step_with_the_pooled_micro_batches():
     module = Module()
     _fit(module, rank_batches(0) + rank_batches(1), devices=1,
