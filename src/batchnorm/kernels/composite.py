@@ -58,6 +58,13 @@ def _group_view(x: Tensor, axes: tuple[int, ...], size: int | None, layout: str)
     return view, (group_axis, *(a + 1 for a in axes))
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether NumPy's rules broadcast ``shape`` to ``target`` itself (aligned on the last
+    axis), decided from the sizes: torch.compile traces this, not a caught exception."""
+    return len(shape) <= len(target) and all(
+        n in (1, m) for n, m in zip(reversed(shape), reversed(target), strict=False))
+
+
 def _adjustment_term(t, x: Tensor, axes: tuple[int, ...], name: str) -> Tensor:
     """An adjustment's scale or bias, broadcast against ``x`` as TensorFlow broadcasts it: by
     NumPy's rules (aligned on the last axis), so ``(C, 1, 1)`` for ``axis=1`` of a rank-4
@@ -65,11 +72,8 @@ def _adjustment_term(t, x: Tensor, axes: tuple[int, ...], name: str) -> Tensor:
     ``(N, C, L)`` with ``L != C``) is taken along the feature axes, a convenience TensorFlow
     does not have; where both would apply (``L == C``), NumPy's rule wins, as in TensorFlow."""
     t = torch.as_tensor(t, device=x.device)
-    try:
-        if torch.broadcast_shapes(t.shape, x.shape) == x.shape:
-            return t
-    except RuntimeError:  # does not broadcast: the feature-shaped convenience, or an error
-        pass
+    if _broadcasts_to(t.shape, x.shape):
+        return t
     features = tuple(x.shape[a] for a in axes)
     if tuple(t.shape) != features:
         raise ValueError(
