@@ -50,6 +50,14 @@ NOT_RUN = [
      "needs torchrun, several processes and GPUs (nccl, DistributedDataParallel on cuda)"),
     ("docs/keras-layer.md", "What Keras 3 lacks that this brings",
      "needs a tf_keras model and its saved weights"),
+    ("docs/scaling-out.md", "PyTorch Lightning",
+     "starts two processes; tests/test_integrations_lightning.py runs this Trainer"),
+    ("docs/scaling-out.md", "Hugging Face accelerate",
+     "needs your model and data; tests/test_integrations_accelerate.py runs it as written on "
+     "two processes"),
+    ("docs/scaling-out.md", "FSDP2 (`fully_shard`)",
+     "needs a process group, your model's blocks and data; tests/test_integrations_fsdp.py "
+     "shards the same way"),
 ]
 
 

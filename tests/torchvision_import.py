@@ -29,11 +29,21 @@ _library: torch.library.Library | None = None  # kept alive: the schemas live as
 def import_torchvision() -> ModuleType:
     """``torchvision``, imported (defining the missing operator schemas where needed), or
     the test skipped when it is not installed."""
+    torchvision = importable_torchvision()
+    if torchvision is None:
+        pytest.skip("torchvision is not installed (pip install -e '.[zoo]')")
+    return torchvision
+
+
+def importable_torchvision() -> ModuleType | None:
+    """``torchvision``, imported (defining the missing operator schemas where needed), or
+    None when it is not installed. Run before anything that imports torchvision itself
+    (PyTorch Lightning does, when it is installed)."""
     global _library
     try:
         import torchvision
     except ModuleNotFoundError:
-        pytest.skip("torchvision is not installed (pip install -e '.[zoo]')")
+        return None
     except RuntimeError as error:
         if "torchvision::" not in str(error) or _library is not None:
             raise
