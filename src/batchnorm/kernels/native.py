@@ -103,7 +103,7 @@ class NativeCall:
         self.count = values_per_feature(x, call.axes)
         self.momentum = (self.count - 1) / self.count
         self.device = x.device
-        self.workspace = None
+        self.workspace: _Workspace | None = None
 
     def __call__(self, x: Tensor, borrow: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, variance)``. With ``borrow`` the variance is this thread's workspace,
@@ -143,7 +143,8 @@ class NativeCall:
         y, mean, variance = self(x, borrow)
         # ATen's batch mean does not require grad; the workspace keeps a row view of its
         # variance (no operation per call).
-        row = self.workspace.variance_row if borrow else variance[None]
+        # The borrowing call above made the workspace.
+        row = self.workspace.variance_row if borrow else variance[None]  # type: ignore[union-attr]
         return y, BatchStatistics(mean[None], row, self.count)
 
 
