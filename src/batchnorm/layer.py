@@ -32,7 +32,7 @@ from .updates import active_recorder
 __all__ = ["BatchNorm", "apply_constraints", "regularization_loss"]
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(nn.Module, options.LayerProperties):
     r"""Batch normalization with TensorFlow's semantics, names and defaults.
 
     .. math:: y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
@@ -227,9 +227,7 @@ class BatchNorm(nn.Module):
         def parameter(enabled: bool) -> nn.Parameter | None:
             if not enabled:
                 return None
-            if feature_shape is None:  # lazy
-                # torch's stub declares a Tensor that takes no device or dtype; at run time it
-                # is an nn.Parameter that does.
+            if feature_shape is None:  # lazy (torch's stub misses its device, dtype, base)
                 return UninitializedParameter(  # type: ignore[call-arg, return-value]
                     requires_grad=trainable, device=device, dtype=dtype)
             return nn.Parameter(torch.empty(feature_shape, device=device, dtype=dtype),
@@ -503,8 +501,8 @@ class BatchNorm(nn.Module):
         return applied
 
     def __getstate__(self) -> dict[str, Any]:
-        # Plans hold closures: not pickled.
-        return {**super().__getstate__(), "_plans": {}}  # type: ignore[no-untyped-call]
+        state = super().__getstate__()  # type: ignore[no-untyped-call]  # (see _apply)
+        return {**state, "_plans": {}}  # plans hold closures: not pickled
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
