@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
+import batchnorm as bn
 from batchnorm import config as config_module
+from batchnorm import options as options_module
+from batchnorm.torch_compat import TorchAlias
 
 # A user's training script, using the public API with its types spelled out: every
 # annotation is checked against what the package declares.
@@ -47,6 +50,7 @@ layer = bn.BatchNorm(8, axis=-1, epsilon=1e-5)
 y: Tensor = layer(torch.randn(16, 8), training=True)
 moving_mean: Tensor = layer.moving_mean
 momentum: float | None = layer.config.momentum
+decay: float | None = layer.momentum  # an option, read as the layer's property
 
 state: F.BatchNormState = F.initial_state(8)
 y, state = F.batch_norm(torch.randn(16, 8), state, training=True, axis=-1, momentum=0.9)
@@ -94,6 +98,46 @@ def test_the_config_constructor_type_checkers_see_has_the_dataclass_fields():
     fields = [f for f in dataclasses.fields(config_module.BatchNormConfig) if f.init]
     assert names == [f.name for f in fields]
     assert defaults == [f.default for f in fields]
+
+
+def declared_functions() -> list[ast.FunctionDef]:
+    """The functions of ``options.LayerProperties``'s source, where the layer's properties
+    are declared for type checkers."""
+    tree = ast.parse(Path(options_module.__file__).read_text())
+    (declaring,) = [node for node in ast.walk(tree)
+                    if isinstance(node, ast.ClassDef) and node.name == "LayerProperties"]
+    return [node for node in ast.walk(declaring) if isinstance(node, ast.FunctionDef)]
+
+
+def declared_properties() -> dict[str, ast.FunctionDef]:
+    """The properties ``options.LayerProperties`` declares, by name."""
+    return {node.name: node for node in declared_functions()
+            if any(ast.unparse(d) == "property" for d in node.decorator_list)}
+
+
+def test_every_option_and_torch_alias_of_the_layer_is_declared_for_type_checkers():
+    # The options' properties and torch.nn's aliases are installed at run time (options.install,
+    # TorchAlias.install), which type checkers do not see: without a declaration, mypy types
+    # layer.momentum as `Tensor | Module` (nn.Module.__getattr__). Each is declared, read-only
+    # (no setter), in a base class of the layer.
+    aliases = [name for name, value in vars(bn.BatchNorm).items()
+               if isinstance(value, TorchAlias)]
+    assert aliases, "TorchAlias.install installed no alias on the layer"
+    declared = declared_properties()
+    assert sorted(declared) == sorted([*config_module.CONFIG_FIELDS, *aliases])
+    assert sorted(node.name for node in declared_functions()) == sorted(declared)  # no setter
+    assert issubclass(bn.BatchNorm, options_module.LayerProperties)
+
+
+def test_each_option_is_declared_with_its_config_field_type():
+    # As the layer reads it: the field's type, but axis as given (an int or a tuple) and
+    # renorm_clipping as a dict (the config keeps a tuple and (key, value) pairs).
+    declared = declared_properties()
+    as_read = {"axis": "int | tuple[int, ...]", "renorm_clipping": "dict[str, float] | None"}
+    for field in dataclasses.fields(config_module.BatchNormConfig):
+        if field.init:
+            expected = as_read.get(field.name, field.type)
+            assert ast.unparse(declared[field.name].returns) == expected, field.name
 
 
 @pytest.fixture(scope="module")

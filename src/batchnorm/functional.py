@@ -214,12 +214,14 @@ def batch_norm(
     >>> batch_norm(x, state, training=True, axis=-1, activation="relu")[0].flatten()
     tensor([0.0000, 0.0000, 1.2247])
     """
-    options = {"axis": axis, "momentum": momentum, "epsilon": epsilon,
-               "unbiased_moving_variance": unbiased_moving_variance, "debias": debias,
-               "renorm": renorm, "renorm_clipping": renorm_clipping,
-               "renorm_momentum": renorm_momentum, "virtual_batch_size": virtual_batch_size,
-               "ghost_layout": ghost_layout, "adjustment": adjustment, "fused": fused,
-               "synchronized": synchronized, "activation": activation}
+    # The options by name, of the types BatchNormConfig's keywords take.
+    options: dict[str, _Any] = {
+        "axis": axis, "momentum": momentum, "epsilon": epsilon,
+        "unbiased_moving_variance": unbiased_moving_variance, "debias": debias,
+        "renorm": renorm, "renorm_clipping": renorm_clipping, "renorm_momentum": renorm_momentum,
+        "virtual_batch_size": virtual_batch_size, "ghost_layout": ghost_layout,
+        "adjustment": adjustment, "fused": fused, "synchronized": synchronized,
+        "activation": activation}
     if config is None:
         config = BatchNormConfig(**options)
     else:
@@ -235,7 +237,7 @@ def batch_norm(
         return y, state
     new_state = update_state(
         state, stats, momentum=config.momentum, epsilon=config.epsilon,
-        unbiased_moving_variance=config.unbiased_moving_variance,
+        unbiased_moving_variance=bool(config.unbiased_moving_variance),  # None: biased
         renorm_momentum=config.renorm_momentum,
     )
     return y, new_state

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from .updates import active_recorder
 __all__ = ["BatchNorm", "apply_constraints", "regularization_loss"]
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(nn.Module, options.LayerProperties):
     r"""Batch normalization with TensorFlow's semantics, names and defaults.
 
     .. math:: y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
@@ -160,6 +160,7 @@ class BatchNorm(nn.Module):
     moving_mean: Tensor
     moving_variance: Tensor
     num_updates: Tensor
+    num_skipped: Tensor
 
     def __new__(cls, *args: Any, **kwargs: Any) -> BatchNorm:
         if cls.__init__ is BatchNorm.__init__:
@@ -219,17 +220,18 @@ class BatchNorm(nn.Module):
         self._process_group = process_group
         self._trainable = trainable
 
-        param_kw = {"device": device, "dtype": dtype}
-        stat_kw = {"device": device, "dtype": F.statistics_dtype(dtype or torch.float32)}
+        stat_dtype = F.statistics_dtype(dtype or torch.float32)
         lazy = feature_shape is None
         self._lazy = lazy
 
         def parameter(enabled: bool) -> nn.Parameter | None:
             if not enabled:
                 return None
-            if lazy:
-                return UninitializedParameter(requires_grad=trainable, **param_kw)
-            return nn.Parameter(torch.empty(feature_shape, **param_kw), requires_grad=trainable)
+            if feature_shape is None:  # lazy (torch's stub misses its device, dtype, base)
+                return UninitializedParameter(  # type: ignore[call-arg, return-value]
+                    requires_grad=trainable, device=device, dtype=dtype)
+            return nn.Parameter(torch.empty(feature_shape, device=device, dtype=dtype),
+                                requires_grad=trainable)
 
         self.gamma = parameter(scale)
         self.beta = parameter(center)
@@ -237,14 +239,15 @@ class BatchNorm(nn.Module):
             if field == "num_updates":
                 value = torch.zeros((), dtype=torch.int64, device=device)
             else:  # a lazy layer's buffers are empty placeholders until _build replaces them
-                value = torch.empty(0 if lazy else feature_shape, **stat_kw)
+                value = torch.empty((0,) if feature_shape is None else feature_shape,
+                                    device=device, dtype=stat_dtype)
             self.register_buffer(BUFFER_NAMES[field], value)
         # How many training batches were left out of the averages (not finite, ...): a
         # health counter, not state, so it is not saved with the state dict.
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.int64, device=device),
                              persistent=False)
         self._health = SkipWatch()
-        self._plans: dict[tuple, plan.CallPlan] = {}
+        self._plans: dict[plan.Signature, plan.CallPlan] = {}
         if not lazy:
             self.reset_parameters()
 
@@ -304,14 +307,15 @@ class BatchNorm(nn.Module):
     def _initial_values(self, shape: tuple[int, ...]) -> dict[str, Tensor]:
         """Every parameter's and buffer's initial value for features of ``shape``, by name."""
         config = self._config
-        kw = {"dtype": self.moving_mean.dtype, "device": self.moving_mean.device}
-        mean = initializers.initial_value(
-            config.moving_mean_initializer, shape, name="moving_mean_initializer", **kw)
+        dtype, device = self.moving_mean.dtype, self.moving_mean.device
+        mean = initializers.initial_value(config.moving_mean_initializer, shape, dtype=dtype,
+                                          device=device, name="moving_mean_initializer")
         variance = initializers.initial_value(
-            config.moving_variance_initializer, shape, name="moving_variance_initializer",
-            nonnegative=True, **kw)
+            config.moving_variance_initializer, shape, dtype=dtype, device=device,
+            name="moving_variance_initializer", nonnegative=True)
         state = F.initial_state(shape, moving_mean=mean, moving_variance=variance,
-                                debias=config.debias, renorm=config.renorm, **kw)
+                                debias=config.debias, renorm=config.renorm, dtype=dtype,
+                                device=device)
         values = {BUFFER_NAMES[field]: value for field, value in state._asdict().items()
                   if value is not None and field != "num_updates"}
         for name, init in (("gamma", config.gamma_initializer),
@@ -356,7 +360,8 @@ class BatchNorm(nn.Module):
                     setattr(self, name, value.clone())
         self._lazy = False
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
         if self._lazy:
             checkpoint.save_unbuilt(self, destination, prefix, keep_vars)
         else:
@@ -381,8 +386,10 @@ class BatchNorm(nn.Module):
         finally:
             del self._strict_load
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         """Check every key of this layer first, then copy all of them or none (the promise is
         per BatchNorm layer; see :func:`batchnorm.checkpoint.check_load`)."""
         shape = checkpoint.check_load(self, state_dict, prefix, local_metadata, strict,
@@ -438,14 +445,14 @@ class BatchNorm(nn.Module):
         """
         training = self._resolve_training(training)
         config = self._config
-        key = None
+        key: plan.Signature | None = None
         if mask is None and not (
                 training and (config.synchronized or recompute.in_backward()
                               or active_recorder(self) is not None)):
             # The checks and the kernel choice of an earlier call with this signature hold
             # while the layer's tensors and options are those they saw (see batchnorm.plan).
             key = plan.signature(x, training)
-            known = self._plans.get(key)
+            known = None if key is None else self._plans.get(key)
             if known is not None and known.current(config, self._parameters, self._buffers):
                 return self._run(known, x)
         if self._lazy:
@@ -475,6 +482,7 @@ class BatchNorm(nn.Module):
                 _, stats = F.forward(x, state, config, training=True, gamma=self.gamma,
                                      beta=self.beta, mask=mask,
                                      process_group=self._process_group)
+            assert stats is not None  # a training call's
             state = recompute.original_state(self, stats, state)
         y, stats = F.forward(x, state, config, training=training, gamma=self.gamma,
                              beta=self.beta, mask=mask, process_group=self._process_group)
@@ -486,18 +494,21 @@ class BatchNorm(nn.Module):
                 recorder.record(self, stats, config.unbiased_moving_variance)
         return y
 
-    def _apply(self, fn: Any, recurse: bool = True) -> BatchNorm:
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> BatchNorm:
         self._plans.clear()  # to(), cuda(), half(), ...: the plans would keep the old tensors
-        return super()._apply(fn, recurse)
+        # torch leaves Module._apply, __getstate__ and __setstate__ unannotated.
+        applied: BatchNorm = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        return applied
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_plans": {}}  # plans hold closures: not pickled
+        state = super().__getstate__()  # type: ignore[no-untyped-call]  # (see _apply)
+        return {**state, "_plans": {}}  # plans hold closures: not pickled
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
         self.__dict__.setdefault("_plans", {})  # a layer pickled before plans existed
 
-    def _plan(self, key: tuple, x: Tensor, state: BatchNormState, config: BatchNormConfig,
+    def _plan(self, key: plan.Signature, x: Tensor, state: BatchNormState, config: BatchNormConfig,
               training: bool) -> plan.CallPlan:
         """Check this call (raising what the full path raises) and keep its plan; ``config`` is
         the layer's, decided for ``x`` (:meth:`BatchNormConfig.for_input`)."""
@@ -561,6 +572,7 @@ class BatchNorm(nn.Module):
             return
         if traced:
             return  # traced: the counter records skips; check_health() reports them
+        assert isinstance(applied, Tensor)  # a bool comes only from a loop on host memory
         self._health.watch(applied, stats)
         self._warn_skipped(self._health.skipped())
 
@@ -570,11 +582,12 @@ class BatchNorm(nn.Module):
         self._warn_skipped([stats])
 
     def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
+        name = self._get_name()  # type: ignore[no-untyped-call]  # torch's, unannotated
         for stats in skipped:
             unbiased = bool(self._config.unbiased_moving_variance)
             reason = statistics.skip_reason(stats, unbiased=unbiased, dtype=self.moving_mean.dtype)
             warnings.warn(
-                f"{self._get_name()}: {reason}; the moving averages were left unchanged for "
+                f"{name}: {reason}; the moving averages were left unchanged for "
                 "this batch", RuntimeWarning, stacklevel=user_stacklevel(),
             )
 

@@ -4,6 +4,10 @@ fields: each field is a read-only property of the layer (:class:`Option`), an en
 (:func:`describe`). A new option is a new field of the config (and the code that uses it);
 the layer's ``__init__`` names it once more, as a keyword argument.
 
+:class:`LayerProperties`, a base of the layer, declares those properties and ``torch.nn``'s
+aliases of its attributes (:class:`batchnorm.torch_compat.TorchAlias`) for type checkers,
+which do not see what is installed at run time.
+
 Also the checks of ``num_features`` (:func:`feature_shape`) and the reading of a Keras or
 ``get_config()`` dict (:func:`from_config_arguments`).
 
@@ -16,14 +20,18 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import initializers
-from .config import BatchNormConfig
+from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
+from .initializers import Initializer
 from .initializers import describe as describe_number
 
-__all__ = ["OPTIONS", "STRUCTURAL", "Option", "check_changes", "describe", "feature_shape",
-           "from_config_arguments", "install", "to_config"]
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+__all__ = ["OPTIONS", "STRUCTURAL", "LayerProperties", "Option", "check_changes", "describe",
+           "feature_shape", "from_config_arguments", "install", "to_config"]
 
 OPTIONS = tuple(field for field in dataclasses.fields(BatchNormConfig) if field.init)
 # Options that decide which parameters and buffers exist: a layer cannot change them.
@@ -61,6 +69,78 @@ class Option:
         raise AttributeError(
             f"BatchNorm.{self.name} cannot be assigned after construction (the options are "
             f"validated together once); {how}")
+
+
+class LayerProperties:
+    """The layer's read-only properties that are installed at run time (:func:`install`,
+    ``TorchAlias.install``), as type checkers should see them: each option with the type the
+    layer gives it (``axis`` as given, ``renorm_clipping`` as a dict), and torch.nn's aliases.
+    Empty at run time (tests/test_typing.py checks that every option and alias is here)."""
+
+    if TYPE_CHECKING:
+        @property
+        def axis(self) -> int | tuple[int, ...]: ...
+        @property
+        def momentum(self) -> float | None: ...
+        @property
+        def epsilon(self) -> float: ...
+        @property
+        def center(self) -> bool: ...
+        @property
+        def scale(self) -> bool: ...
+        @property
+        def beta_initializer(self) -> Initializer: ...
+        @property
+        def gamma_initializer(self) -> Initializer: ...
+        @property
+        def moving_mean_initializer(self) -> Initializer: ...
+        @property
+        def moving_variance_initializer(self) -> Initializer: ...
+        @property
+        def beta_regularizer(self) -> Regularizer | None: ...
+        @property
+        def gamma_regularizer(self) -> Regularizer | None: ...
+        @property
+        def beta_constraint(self) -> Constraint | None: ...
+        @property
+        def gamma_constraint(self) -> Constraint | None: ...
+        @property
+        def debias(self) -> bool: ...
+        @property
+        def unbiased_moving_variance(self) -> bool | None: ...
+        @property
+        def renorm(self) -> bool: ...
+        @property
+        def renorm_clipping(self) -> dict[str, float] | None: ...
+        @property
+        def renorm_momentum(self) -> float: ...
+        @property
+        def virtual_batch_size(self) -> int | None: ...
+        @property
+        def ghost_layout(self) -> str: ...
+        @property
+        def adjustment(self) -> Adjustment | None: ...
+        @property
+        def fused(self) -> bool | None: ...
+        @property
+        def synchronized(self) -> bool: ...
+        @property
+        def activation(self) -> str | None: ...
+
+        # torch.nn's names (batchnorm.torch_compat): gamma, beta, the moving statistics,
+        # num_updates and epsilon.
+        @property
+        def weight(self) -> nn.Parameter | None: ...
+        @property
+        def bias(self) -> nn.Parameter | None: ...
+        @property
+        def running_mean(self) -> Tensor: ...
+        @property
+        def running_var(self) -> Tensor: ...
+        @property
+        def num_batches_tracked(self) -> Tensor: ...
+        @property
+        def eps(self) -> float: ...
 
 
 def install(layer_class: type) -> None:

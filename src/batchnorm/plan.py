@@ -43,8 +43,8 @@ from .shapes import check_features, check_input, values_per_feature
 from .state import BatchNormState, BatchStatistics, state_fields, statistics_dtype
 from .statistics import PreparedUpdate, prepare_update
 
-__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "fingerprint", "prepare", "prepare_run", "run",
-           "select", "signature", "synchronization_group"]
+__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "Signature", "fingerprint", "prepare",
+           "prepare_run", "run", "select", "signature", "synchronization_group"]
 
 # Signatures a layer keeps plans for (a training and an inference shape, a smaller last
 # batch, ...); beyond that the layer starts over.
@@ -170,7 +170,13 @@ def _check_tensors(x: Tensor, axes: tuple[int, ...], state: BatchNormState,
 # ---------------------------------------------------------------- the layer's cache
 
 
-def signature(x: Tensor, training: bool) -> tuple | None:
+# A call's signature (see signature): the training flag, grad mode, requires_grad, dtype,
+# device, shape, strides and the kernel a prefer block forces.
+Signature = tuple[bool, bool, bool, torch.dtype, torch.device, torch.Size, tuple[int, ...],
+                  TrainingKernel | None]
+
+
+def signature(x: Tensor, training: bool) -> Signature | None:
     """The key of a call's plan: what its checks and kernel choice depend on besides the
     layer (the training flag, grad mode, the input's shape, strides, dtype, device and
     ``requires_grad``, and the kernel a :func:`batchnorm.kernels.prefer` block forces); None

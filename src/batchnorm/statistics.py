@@ -73,6 +73,7 @@ def masked_moments(x: Tensor, selected: Tensor,
     >>> masked_moments(x, torch.tensor([[True, True, False]]), (1,))
     (tensor([[2.]]), tensor([[2.]]), tensor([[1.]]))
     """
+    dims = tuple(dims)  # torch's sum takes a tuple or a list of dims, not any sequence
     count = selected.sum(dim=dims, keepdim=True, dtype=x.dtype)
     safe = count.clamp_min(1)
     mean = torch.where(selected, x, 0).sum(dim=dims, keepdim=True) / safe
@@ -218,14 +219,17 @@ def renorm_correction(
     finite (an empty mask) the correction is the identity. The backward uses these values
     (from the renorm averages before the call's update), compiled too.
     """
+    # plan.prepare refuses a renorm call whose state lacks them (the type allows None).
+    assert state.renorm_mean is not None and state.renorm_stddev is not None
     clipping = clipping or {}
     stddev = torch.sqrt(variance.detach() + epsilon)
     s = torch.clamp_min(state.renorm_stddev, math.sqrt(epsilon))
     r = (stddev / s).clamp(clipping.get("rmin", 0.0), clipping.get("rmax", math.inf))
     dmax = clipping.get("dmax", math.inf)
     d = ((mean.detach() - state.renorm_mean) / s).clamp(-dmax, dmax)
-    return kept_for_backward(torch.where(torch.isfinite(r), r, 1.0),
+    r, d = kept_for_backward(torch.where(torch.isfinite(r), r, 1.0),
                              torch.where(torch.isfinite(d), d, 0.0))
+    return r, d
 
 
 def kept_for_backward(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -517,7 +521,7 @@ def prepare_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.
     """
     def tensors(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor:
         finite, new = _moved(state, stats, momentum=config.momentum, epsilon=config.epsilon,
-                             unbiased=config.unbiased_moving_variance,
+                             unbiased=bool(config.unbiased_moving_variance),
                              renorm_momentum=config.renorm_momentum)
         writes = [(getattr(state, name), value) for name, value in new.items()]
         if skipped is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .callsite import user_stacklevel
 
@@ -47,7 +47,7 @@ def reject_positional_options(args: tuple) -> None:
             "momentum=1 - m)")
 
 
-def refuse_scripting() -> None:
+def refuse_scripting() -> NoReturn:
     """The ``RuntimeError`` ``torch.jit.script`` meets (its ``__prepare_scriptable__``):
     what to deploy with instead."""
     raise RuntimeError(

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial, reduce
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 
@@ -149,6 +149,9 @@ class _Records:
         """``(layer, statistics, variance rule)`` per record, in call order."""
         found, link = [], self.last
         while link.before is not None:
+            # Every link but the chain's start (the only one without a link before it) holds
+            # a record.
+            assert link.layer is not None and link.stats is not None
             found.append((link.layer, link.stats, link.unbiased))
             link = link.before
         return found[::-1]
@@ -434,8 +437,10 @@ def accumulate(model: torch.nn.Module) -> Iterator[Accumulation]:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"accumulate takes a torch.nn.Module, got {type(model).__name__}")
-    layers = tuple(m for m in model.modules()
-                   if callable(getattr(m, "update_statistics", None)))
+    # The modules with a callable update_statistics are the sinks (mypy does not narrow by
+    # callable(getattr(...)); isinstance with the Protocol would not check it is callable).
+    layers = cast("tuple[StatisticsSink, ...]", tuple(
+        m for m in model.modules() if callable(getattr(m, "update_statistics", None))))
     if not layers:
         found = _torch_batch_norms(model)
         warnings.warn(

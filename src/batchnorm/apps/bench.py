@@ -74,7 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -194,15 +194,15 @@ def flag_rows(results: list[dict], spread_limit: float = SPREAD_LIMIT,
         if phase != "forward+backward" or fw is None:
             continue
         for name in CONTENDERS:
-            both = fb.get(f"{name}_ms"), fw.get(f"{name}_ms")
-            if all(both) and both[0] < both[1]:
+            both_ms, forward_ms = fb.get(f"{name}_ms"), fw.get(f"{name}_ms")
+            if both_ms and forward_ms and both_ms < forward_ms:
                 text = f"forward+backward faster than forward: {name} (cannot be)"
                 fb["flags"].append(text)
                 fw["flags"].append(text)
     return results
 
 
-def trust_summary(results: list[dict], end_to_end: list[dict] = (),
+def trust_summary(results: list[dict], end_to_end: Sequence[dict] = (),
                   load_average: float | None = None, cores: int | None = None,
                   threads: int | None = None) -> list[str]:
     """Lines for the top of the output: which rows are flagged, and why.
@@ -257,7 +257,7 @@ def noisy(row: dict, spread_limit: float = SPREAD_LIMIT) -> bool:
                for v in row["samples_ms"].values())
 
 
-def verdict(results: list[dict], end_to_end: list[dict] = ()) -> list[str]:
+def verdict(results: list[dict], end_to_end: Sequence[dict] = ()) -> list[str]:
     """The three lines that open the output: where ours is faster than torch.nn, slower,
     equal within the spread, and whether the machine was too noisy to tell
     (:data:`VERDICT_RULE`). Each names, per phase, how many of its rows are so. End-to-end
@@ -301,7 +301,7 @@ def _contenders(case: Case, compile_: bool):
     if case.layout == "nhwc":
         dy = dy.contiguous(memory_format=torch.channels_last)
     mask = None
-    options = {}
+    options: dict[str, Any] = {}
     if case.mode == "renorm":
         options = {"renorm": True, "renorm_clipping": {"rmin": 1 / 3, "rmax": 3, "dmax": 5}}
     elif case.mode == "ghost":
@@ -381,13 +381,13 @@ def _contenders(case: Case, compile_: bool):
                 fn(x)
         return run
 
-    phases = {
+    phases: dict[str, dict[str, Callable[[], object]]] = {
         "forward": {k: forward(f) for k, f in train_fns.items()},
         "forward+backward": {k: forward_backward(f) for k, f in train_fns.items()},
         "inference": {k: inference(f) for k, f in infer_fns.items()},
     }
-    for fns in phases.values():
-        fns["copy"] = lambda: out.copy_(x)
+    for phase_fns in phases.values():
+        phase_fns["copy"] = lambda: out.copy_(x)
     return phases, notes, compile_seconds, x.numel() * x.element_size()
 
 
@@ -420,7 +420,8 @@ def set_threads(threads: int | None) -> None:
         import numba
     except ImportError:
         return
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    # numba.config sets its attributes at import (from the environment): no stub has them.
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
 
 
 def thread_contention(repeats: int = 40) -> dict:
@@ -569,6 +570,7 @@ def memory_child(contender: str) -> dict:
     def norm_act(channels: int) -> torch.nn.Module:
         if contender == "ours (activation=relu)":
             return bn.BatchNorm(channels, activation="relu")
+        norm: torch.nn.Module
         if contender == "torch.nn.BatchNorm2d":
             norm = torch.nn.BatchNorm2d(channels)
         else:
@@ -832,7 +834,7 @@ def end_to_end_child(args) -> dict:
 
     set_threads(args.threads)
     env = environment()
-    settings = dict(QUICK_END_TO_END if args.quick else FULL_END_TO_END)
+    settings: dict[str, Any] = dict(QUICK_END_TO_END if args.quick else FULL_END_TO_END)
     settings["repeats"] = args.end_to_end_repeats or settings["repeats"]
 
     def log(line: str) -> None:

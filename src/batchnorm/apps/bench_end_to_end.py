@@ -140,22 +140,24 @@ def contenders(model_name: str) -> dict[str, nn.Module]:
 
 def _step_fns(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
               phase: str) -> dict[str, Callable[[], None]]:
-    fns = {}
+    fns: dict[str, Callable[[], None]] = {}
     for name, model in models.items():
         if phase == "training step":
             model.train()
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-            def step(model=model, optimizer=optimizer):
+            def step(model: nn.Module = model,
+                     optimizer: torch.optim.Optimizer = optimizer) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(model(x), y).backward()
                 optimizer.step()
+            fns[name] = step
         else:
-            def step(model=model):
+            def inference(model: nn.Module = model) -> None:
                 model.eval()
                 with torch.no_grad():
                     model(x)
-        fns[name] = step
+            fns[name] = inference
     return fns
 
 
@@ -276,6 +278,7 @@ def busy(seconds: float, threads: int | None = None) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-c", _BUSY.format(threads=threads,
                                                                 seconds=float(seconds))],
                             stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None  # stdout=PIPE
     try:
         proc.stdout.readline()  # started (torch imported) before the timing begins
         yield f"1 process, {threads} busy threads"

@@ -24,6 +24,8 @@ import argparse
 import contextlib
 import statistics
 import sys
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,8 +35,8 @@ from batchnorm import kernels
 
 SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (65536, 256))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MODES = {"plain": {}, "renorm": {"renorm": True}, "ghost": {"virtual_batch_size": 8},
-         "masked": {}}
+MODES: dict[str, dict[str, Any]] = {"plain": {}, "renorm": {"renorm": True},
+                                     "ghost": {"virtual_batch_size": 8}, "masked": {}}
 PASSES = {"forward": 3, "forward+backward": 8, "inference": 2}
 
 
@@ -78,26 +80,28 @@ def measure(shape, dtype: torch.dtype, mode: str, phase: str, repeats: int,
         mask = torch.rand((shape[0], *shape[2:]), device="cuda") > 0.2
     torch_layer = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(channels).cuda()
     ours = bn.BatchNorm(channels, **MODES[mode]).cuda()
-    contenders = {"ours": (_call(ours, x, phase, mask, dy, True), contextlib.nullcontext),
-                  "torch.nn": (_call(torch_layer, x, phase, None, dy, False),
-                               contextlib.nullcontext)}
+    contenders: dict[str, tuple[Callable[[], None],
+                                Callable[[], contextlib.AbstractContextManager[object]]]] = {
+        "ours": (_call(ours, x, phase, mask, dy, True), contextlib.nullcontext),
+        "torch.nn": (_call(torch_layer, x, phase, None, dy, False), contextlib.nullcontext)}
     if mode == "plain":
         contenders["ours/triton"] = (_call(bn.BatchNorm(channels).cuda(), x, phase, None, dy,
                                            True), lambda: kernels.prefer("triton"))
-        compiled = torch.compile(torch_layer)
+        compiled = cast(nn.Module, torch.compile(torch_layer))  # an OptimizedModule
         contenders["compiled"] = (_call(compiled, x, phase, None, dy, False),
                                   contextlib.nullcontext)
     src = torch.empty_like(x, requires_grad=False)
     dst = torch.empty_like(src)
-    results = {name: [] for name in contenders}
+    results: dict[str, list[float]] = {name: [] for name in contenders}
     results["copy"] = []
     for _ in range(repeats):  # interleaved: drift hits every contender alike
         for name, (fn, context) in contenders.items():
             with context():
                 results[name] += _time(fn, 1, burst)
         results["copy"] += _time(lambda: dst.copy_(src), 1, burst)
-    row = {"shape": "x".join(map(str, shape)), "dtype": str(dtype).removeprefix("torch."),
-           "mode": mode, "phase": phase}
+    row: dict[str, Any] = {"shape": "x".join(map(str, shape)),
+                           "dtype": str(dtype).removeprefix("torch."), "mode": mode,
+                           "phase": phase}
     for name, samples in results.items():
         row[name] = (min(samples), statistics.median(samples), max(samples))
     row["limit_ms"] = row["copy"][1] * PASSES[phase] / 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gzip
 import json
 import statistics
@@ -38,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -110,10 +112,12 @@ class Claim:
         if self.epoch is not None:
             return _at(good.curve, self.epoch) - _at(bad.curve, self.epoch)
         if self.metric == "training_loss":
-            if None in (good.training_loss, bad.training_loss):
+            if good.training_loss is None or bad.training_loss is None:
                 return None
             return bad.training_loss - good.training_loss
-        return None if None in (good.accuracy, bad.accuracy) else good.accuracy - bad.accuracy
+        if good.accuracy is None or bad.accuracy is None:
+            return None
+        return good.accuracy - bad.accuracy
 
 
 CLAIMS = (
@@ -234,7 +238,9 @@ def train(model: nn.Module, data: Data, *, epochs: int, batch_size: int, lr: flo
     steps_per_epoch = len(y) // batch_size
     total = steps_per_epoch * epochs if max_steps is None else max_steps
     bar = progress(total=total, desc=label, leave=False) if progress else None
-    curve, step, losses = [], 0, []
+    curve: list[tuple[float, float]] = []
+    losses: list[float] = []
+    step = 0
     for _ in range(epochs):
         model.train()
         losses = []
@@ -273,7 +279,7 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
     x_test, y_test = data[2], data[3]
     runs: list[Run] = []
 
-    def trained(key, name, lesson, model, *, panel="", claims=(), **options) -> nn.Module:
+    def trained(key, name, lesson, model, *, panel="", claims=(), **options) -> nn.Sequential:
         start = time.perf_counter()
         options = {"epochs": budget.epochs, "batch_size": budget.batch_size,
                    "lr": budget.lr, **options}
@@ -284,7 +290,7 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
                         test_loss=test_loss, curve=curve, panel=panel, claims=claims))
         return model
 
-    def seeded(factory: Callable[[], nn.Module]) -> nn.Module:
+    def seeded(factory: Callable[[], nn.Sequential]) -> nn.Sequential:
         torch.manual_seed(seed)
         return factory()
 
@@ -295,6 +301,8 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
                     "far ahead after one epoch; still ahead at the end, by less",
                     seeded(make_cnn), panel=budget_panel, claims=("ahead_early", "trains_further"))
 
+    accuracy: float | None
+    loss: float | None
     for batch_size in (1, 8):
         name = f"  evaluated with training=True, batches of {batch_size}"
         start = time.perf_counter()
@@ -329,7 +337,7 @@ def run_all(budget: Budget, seed: int, progress: Callable | None = None) -> list
                 f"  evaluated after {budget.early_steps} steps (momentum 0.99), debias={debias}",
                 "averages still near their initial 0/1" if not debias else
                 "corrected for the initial value: usable early",
-                seeded(lambda debias=debias: make_cnn(momentum=0.99, debias=debias)),
+                seeded(functools.partial(make_cnn, momentum=0.99, debias=debias)),
                 max_steps=budget.early_steps, claims=("debias",))
 
     # Transfer-learning style fine-tuning: only the classifier head is trained, on
@@ -483,10 +491,12 @@ def table(per_seed: dict[int, list[Run]] | list[Run]) -> str:
              "time (s) | what it teaches |", "|---|---:|---:|---:|---:|---|"]
 
     def losses(values: list[float | None]) -> str:
-        return "" if None in values else _spread(values, digits=3)
+        present = [v for v in values if v is not None]
+        return "" if len(present) < len(values) else _spread(present, digits=3)
 
     for row in rows(per_seed):
-        accuracy = row.note or _spread(row.accuracy, 100, unit="%")
+        # A run without a note (a ValueError) has its accuracy on every seed.
+        accuracy = row.note or _spread(cast("list[float]", row.accuracy), 100, unit="%")
         lesson = row.lesson
         weakest = min((holds[k]["holds"] for k in row.claims), default=n)
         if weakest < n:

@@ -110,7 +110,8 @@ def client_shards(y: Tensor, split: str, seed: int) -> list[Tensor]:
 
 def _average(tensors: list[Tensor], weights: list[float]) -> Tensor:
     total = sum(weights)
-    return sum(w / total * t.double() for w, t in zip(weights, tensors, strict=True))
+    return torch.stack([w / total * t.double()
+                        for w, t in zip(weights, tensors, strict=True)]).sum(0)
 
 
 def federated_rows(data: Data, seed: int, budget: Budget, split: str) -> dict[str, float]:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import statistics
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 __all__ = ["WIDTH", "compare", "flag_notes", "markdown", "rounds", "spread", "wrap"]
 
 WIDTH = 100  # columns of the benchmark's output (its --wide tables aside)
 
 
-def rounds(fns: dict[str, Callable[[], object]], calls: dict[str, int], repeats: int,
+def rounds(fns: Mapping[str, Callable[[], object]], calls: dict[str, int], repeats: int,
            after_round: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function: ``repeats`` rounds, each timing ``calls[name]``
     calls of every function, in an order that rotates every round (sample ``r`` of every

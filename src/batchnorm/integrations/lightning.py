@@ -27,8 +27,11 @@ try:
     from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 except ImportError:
     try:
-        import lightning.pytorch as pl
-        from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+        # The same classes under the package's newer name.
+        import lightning.pytorch as pl  # type: ignore[no-redef]
+        from lightning.pytorch.plugins.layer_sync import (  # type: ignore[no-redef]
+            TorchSyncBatchNorm,
+        )
     except ImportError as error:
         raise ImportError(
             "batchnorm.integrations.lightning needs PyTorch Lightning, which is not installed: "

@@ -87,8 +87,9 @@ def normalize(
         return normalize_features(x, axes, mean, variance, offset, scale, epsilon)
     feature = _feature_axis(x, mean, variance, offset, scale)
     if feature is not None:
-        flat = [None if t is None else t.reshape(-1) for t in (mean, variance, offset, scale)]
-        return normalize_features(x, (feature,), *flat, epsilon)
+        offset, scale = (None if t is None else t.reshape(-1) for t in (offset, scale))
+        return normalize_features(x, (feature,), mean.reshape(-1), variance.reshape(-1), offset,
+                                  scale, epsilon)
     try:
         return _affine(x, mean, variance, offset, scale, epsilon)
     except RuntimeError:
@@ -164,8 +165,8 @@ def normalize_features(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance:
         y = _aten(x, axes[0], mean, variance, offset, scale, epsilon)
         if y is not None:
             return y
-    return _affine(x, *(broadcast(t, x, axes) for t in (mean, variance, offset, scale)),
-                   epsilon)
+    return _affine(x, broadcast(mean, x, axes), broadcast(variance, x, axes),
+                   broadcast(offset, x, axes), broadcast(scale, x, axes), epsilon)
 
 
 def _activated(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance: Tensor,
@@ -177,8 +178,9 @@ def _activated(x: Tensor, axes: tuple[int, ...], mean: Tensor, variance: Tensor,
     if (device is not None
             and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, mean, variance, offset, scale)))):
-        stats = [broadcast(t, x, axes) for t in (mean, variance, offset, scale)]
-        inv, shift = affine_terms(stats[0], torch.rsqrt(stats[1] + epsilon), stats[3], stats[2])
+        inv, shift = affine_terms(broadcast(mean, x, axes),
+                                  torch.rsqrt(broadcast(variance, x, axes) + epsilon),
+                                  broadcast(scale, x, axes), broadcast(offset, x, axes))
         y = device.affine(x, inv, shift, activation)
         if y is not None:
             return y

@@ -63,7 +63,8 @@ def memory_order(x: Tensor) -> tuple[int, ...] | None:
     """The permutation that makes ``x`` contiguous, or None when there is none."""
     if x.is_contiguous():
         return tuple(range(x.ndim))
-    perm = tuple(sorted(range(x.ndim), key=lambda d: (-x.stride(d), -x.shape[d])))
+    strides = x.stride()  # x.stride(d) in a lambda types as the tuple overload
+    perm = tuple(sorted(range(x.ndim), key=lambda d: (-strides[d], -x.shape[d])))
     return perm if x.permute(perm).is_contiguous() else None
 
 

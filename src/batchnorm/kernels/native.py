@@ -118,7 +118,7 @@ class NativeCall:
         self.count = values_per_feature(x, call.axes)
         self.momentum = (self.count - 1) / self.count
         self.device = x.device
-        self.workspace = None
+        self.workspace: _Workspace | None = None
 
     def __call__(self, x: Tensor, borrow: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, variance)``. With ``borrow`` the variance is this thread's workspace,

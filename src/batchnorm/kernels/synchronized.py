@@ -279,8 +279,8 @@ class _GlobalMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean: Tensor, m2: Tensor, count: Tensor, group):
-        total, global_mean, global_m2 = merge_moments(
-            *_all_gather(torch.stack([count, mean, m2]), group).unbind(1))
+        counts, means, m2s = _all_gather(torch.stack([count, mean, m2]), group).unbind(1)
+        total, global_mean, global_m2 = merge_moments(counts, means, m2s)
         safe = total.clamp_min(1)  # no process has a value: 0, not NaN
         ctx.save_for_backward(mean, count, global_mean, safe)
         ctx.group = group

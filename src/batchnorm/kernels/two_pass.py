@@ -197,6 +197,7 @@ class TwoPassFunction(torch.autograd.Function):
         g = None if gamma is None else gamma.detach().to(torch.float64)
         b = None if beta is None else beta.detach().to(torch.float64)
         scale, offset = output_affine(g, b, r, d)
+        assert scale is not None  # r is a tensor, so the scale is one (at least r)
         invstd = torch.rsqrt(variance + config.epsilon)  # (groups, C)
         a, shift_out = affine_terms(mean, invstd, scale, offset)
         cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -373,14 +373,14 @@ def moments(x3: Tensor, rows: Tensor, shift: Tensor, w3: Tensor | None) -> Tenso
                         f"{shift.dtype}")
     outer, channels, inner = x3.shape
     groups, per_group = rows.shape
-    f64 = {"dtype": torch.float64, "device": x3.device}
     if x3.numel() == 0 or rows.numel() == 0:
-        sums = torch.zeros(3, groups, channels, **f64)
+        sums = torch.zeros(3, groups, channels, dtype=torch.float64, device=x3.device)
         sums[2] = 0.0 if masked else per_group * inner
         return sums
     grid = _reduction_grid(x3, groups, per_group)
     blocks = grid["rblocks"] * grid["iblocks"]
-    part = torch.empty(3 if masked else 2, groups, blocks, channels, **f64)
+    part = torch.empty(3 if masked else 2, groups, blocks, channels, dtype=torch.float64,
+                       device=x3.device)
     with _device(x3):
         _moments_kernel[(groups * blocks * grid["ctiles"],)](
             x3, rows, shift, w3 if masked else x3, part, groups, per_group, channels, inner,
@@ -388,7 +388,8 @@ def moments(x3: Tensor, rows: Tensor, shift: Tensor, w3: Tensor | None) -> Tenso
     sums = part.sum(2)
     if masked:
         return sums
-    return torch.cat([sums, torch.full((1, groups, channels), float(per_group * inner), **f64)])
+    return torch.cat([sums, torch.full((1, groups, channels), float(per_group * inner),
+                                       dtype=torch.float64, device=x3.device)])
 
 
 def affine(x3: Tensor, gid: Tensor, a: Tensor, b: Tensor, out: Tensor,
