@@ -19,7 +19,7 @@ This module imports only :mod:`batchnorm.torch_compat`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .torch_compat import rename_torch_state_keys
 
-__all__ = ["VERSION", "MIGRATIONS", "check_load", "migrate", "save_unbuilt"]
+__all__ = ["MIGRATIONS", "VERSION", "CheckedStateDict", "check_load", "migrate", "save_unbuilt"]
 
 VERSION = 2
 
@@ -183,3 +183,57 @@ def state_dict_problems(
             if key.startswith(prefix) and name not in own and name not in layer._modules:
                 unexpected.append(key)
     return missing, unexpected, errors, shape
+
+
+class CheckedStateDict(nn.Module):
+    """A module whose state dict is checked before anything is loaded, all or nothing
+    (:func:`check_load`), migrated from older layouts, and saved while unbuilt
+    (:func:`save_unbuilt`): :class:`batchnorm.BatchNorm`'s base. The subclass provides
+    ``_lazy`` (whether it is unbuilt) and ``_build(feature_shape)``."""
+
+    _lazy: bool
+    _strict_load: bool
+
+    def _build(self, feature_shape: tuple[int, ...]) -> None:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        if self._lazy:
+            save_unbuilt(self, destination, prefix, keep_vars)
+        else:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``torch.nn.Module.load_state_dict``, all or nothing for this layer: with
+        ``strict=True`` a missing or unexpected key loads nothing (inside a parent module
+        torch does not pass its flag down: there the keys present are loaded and torch
+        raises for the others, as for its own layers). Invalid values (shapes, dtypes,
+        non-tensors) load nothing under either flag.
+
+        >>> import batchnorm as bn
+        >>> layer = bn.BatchNorm(2)
+        >>> layer.load_state_dict(bn.BatchNorm(2).state_dict())
+        <All keys matched successfully>
+        """
+        self._strict_load = bool(strict)  # read by checkpoint.check_load
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        finally:
+            del self._strict_load
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        """Check every key of this layer first, then copy all of them or none (the promise is
+        per BatchNorm layer; see :func:`check_load`)."""
+        shape = check_load(self, state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if shape is None:  # a problem (reported), or an unbuilt lazy layer's: nothing to load
+            return
+        if self._lazy:
+            self._build(shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)

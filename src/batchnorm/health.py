@@ -7,19 +7,23 @@ asynchronously: on CPU tensors through a NumPy view (there is no device to wait 
 elsewhere from a pinned host copy made without blocking, checked once the copy has
 landed (in practice at the next call) or on demand.
 
-This module imports only :mod:`batchnorm.state`.
+This module imports only :mod:`batchnorm.state`, :mod:`batchnorm.statistics` and
+:mod:`batchnorm.callsite`.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from .callsite import user_stacklevel
 from .state import BatchStatistics
+from .statistics import skip_reason
 
-__all__ = ["SkipWatch"]
+__all__ = ["SkipWatch", "warn_skipped"]
 
 _MAX_PENDING = 64  # flags not yet landed that are kept; older ones are checked with a wait
 
@@ -81,3 +85,13 @@ class SkipWatch:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"_pending": []}
+
+
+def warn_skipped(owner: str, skipped: list[BatchStatistics], *, unbiased: bool,
+                 dtype: torch.dtype) -> None:
+    """A ``RuntimeWarning`` for each batch of ``skipped`` left out of ``owner``'s moving
+    averages (of ``dtype``), saying why (:func:`batchnorm.statistics.skip_reason`)."""
+    for stats in skipped:
+        reason = skip_reason(stats, unbiased=unbiased, dtype=dtype)
+        warnings.warn(f"{owner}: {reason}; the moving averages were left unchanged for this "
+                      "batch", RuntimeWarning, stacklevel=user_stacklevel())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,9 +12,8 @@ from torch.nn.parameter import UninitializedParameter
 
 from . import checkpoint, initializers, options, plan, recompute, shapes, statistics
 from . import functional as F
-from .callsite import user_stacklevel
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
-from .health import SkipWatch
+from .health import SkipWatch, warn_skipped
 from .initializers import Initializer
 from .regularization import apply_constraints, regularization_loss
 from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
@@ -32,7 +30,7 @@ from .updates import active_recorder
 __all__ = ["BatchNorm", "apply_constraints", "regularization_loss"]
 
 
-class BatchNorm(nn.Module, options.LayerProperties):
+class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
     r"""Batch normalization with TensorFlow's semantics, names and defaults.
 
     .. math:: y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
@@ -360,47 +358,6 @@ class BatchNorm(nn.Module, options.LayerProperties):
                     setattr(self, name, value.clone())
         self._lazy = False
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
-                            keep_vars: bool) -> None:
-        if self._lazy:
-            checkpoint.save_unbuilt(self, destination, prefix, keep_vars)
-        else:
-            super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
-                        assign: bool = False) -> Any:
-        """``torch.nn.Module.load_state_dict``, all or nothing for this layer: with
-        ``strict=True`` a missing or unexpected key loads nothing (inside a parent module
-        torch does not pass its flag down: there the keys present are loaded and torch
-        raises for the others, as for its own layers). Invalid values (shapes, dtypes,
-        non-tensors) load nothing under either flag.
-
-        >>> import batchnorm as bn
-        >>> layer = bn.BatchNorm(2)
-        >>> layer.load_state_dict(bn.BatchNorm(2).state_dict())
-        <All keys matched successfully>
-        """
-        self._strict_load = bool(strict)  # read by checkpoint.check_load
-        try:
-            return super().load_state_dict(state_dict, strict, assign)
-        finally:
-            del self._strict_load
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
-                              local_metadata: dict[str, Any], strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        """Check every key of this layer first, then copy all of them or none (the promise is
-        per BatchNorm layer; see :func:`batchnorm.checkpoint.check_load`)."""
-        shape = checkpoint.check_load(self, state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs)
-        if shape is None:  # a problem (reported), or an unbuilt lazy layer's: nothing to load
-            return
-        if self._lazy:
-            self._build(shape)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs)
-
     def state(self) -> BatchNormState:
         """The layer's moving statistics as a :class:`~batchnorm.functional.BatchNormState`
         (its buffers themselves, not copies)."""
@@ -582,14 +539,9 @@ class BatchNorm(nn.Module, options.LayerProperties):
         self._warn_skipped([stats])
 
     def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
-        name = self._get_name()  # type: ignore[no-untyped-call]  # torch's, unannotated
-        for stats in skipped:
-            unbiased = bool(self._config.unbiased_moving_variance)
-            reason = statistics.skip_reason(stats, unbiased=unbiased, dtype=self.moving_mean.dtype)
-            warnings.warn(
-                f"{name}: {reason}; the moving averages were left unchanged for "
-                "this batch", RuntimeWarning, stacklevel=user_stacklevel(),
-            )
+        warn_skipped(self._get_name(), skipped,  # type: ignore[no-untyped-call]  # torch's
+                     unbiased=bool(self._config.unbiased_moving_variance),
+                     dtype=self.moving_mean.dtype)
 
     def check_health(self) -> int:
         """Warn now about every skipped batch not yet reported (on an accelerator, skips are
