@@ -50,10 +50,9 @@ class Modes(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # The variance rule given: decided per call (None), it is a graph break under
-        # dynamic=True (BatchNormConfig.with_variance re-validates its floats while tracing).
-        self.layers = nn.ModuleDict({name: bn.BatchNorm(FEATURES, momentum=0.5,
-                                                        unbiased_moving_variance=True, **options)
+        # The variance rule left to the default (None): decided for each call's input, inside
+        # the compiled graph.
+        self.layers = nn.ModuleDict({name: bn.BatchNorm(FEATURES, momentum=0.5, **options)
                                      for name, options in MODES.items()})
         with torch.no_grad():
             for layer in self.layers.values():

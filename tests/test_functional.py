@@ -615,3 +615,20 @@ def test_update_state_in_place_does_not_treat_huge_finite_statistics_as_overflow
     big = torch.full((1, 2), 3e38)  # a float32 sum of these would overflow
     assert update_state_(state, F.BatchStatistics(big, big, 4), momentum=0.5) is True
     assert torch.isfinite(state.moving_variance).all()
+
+
+def test_batch_norm_with_a_config_decides_the_moving_variance_as_the_layer_does():
+    """A config's unbiased_moving_variance=None (the layer's default) is tf_keras's rule for
+    the input, in batch_norm as in the layer: the Bessel-corrected variance for a 4-D float32
+    channels-first input (fused in tf_keras), the biased one for a 2-D input."""
+    for shape in ((8, 3, 4, 4), (8, 3)):
+        x = torch.randn(shape)
+        layer = bn.BatchNorm(3)
+        layer(x, training=True)
+        _, new_state = F.batch_norm(x, F.initial_state(3), training=True,
+                                    config=F.BatchNormConfig())
+        # The same update from the same statistics, to float32 rounding (the two kernels
+        # sum in different orders); the other variance would differ by 0.01 * v / (n - 1),
+        # about 8e-5 for the 4-D input's 128 values per feature.
+        assert torch.allclose(new_state.moving_variance, layer.moving_variance, rtol=0,
+                              atol=1e-6), shape

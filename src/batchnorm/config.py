@@ -356,8 +356,8 @@ average
         would make a new graph)."""
         if unbiased is None or unbiased == self.unbiased_moving_variance:
             return self
-        if torch.compiler.is_compiling():
-            return self.replace(unbiased_moving_variance=unbiased)
+        if torch.compiler.is_compiling():  # not validated again: dynamo traces no math.isfinite
+            return self._with(unbiased_moving_variance=bool(unbiased))
         key = ("variance", unbiased)
         decided = self._resolved.get(key)
         if decided is None:

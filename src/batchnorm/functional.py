@@ -193,7 +193,9 @@ def batch_norm(
         mask: a boolean tensor selecting the positions the training statistics come from.
         process_group: the group ``synchronized=True`` takes the global batch over.
         config: the options as one :class:`BatchNormConfig` instead of keywords (then no
-            option keyword may be given).
+            option keyword may be given). Its ``unbiased_moving_variance=None`` (the
+            default) is decided for the input as the layer decides it (tf_keras's rule, see
+            :meth:`BatchNormConfig.for_input`).
 
     Returns:
         ``(y, new_state)``.
@@ -237,7 +239,7 @@ def batch_norm(
         return y, state
     new_state = update_state(
         state, stats, momentum=config.momentum, epsilon=config.epsilon,
-        unbiased_moving_variance=bool(config.unbiased_moving_variance),  # None: biased
+        unbiased_moving_variance=bool(config.for_input(x.ndim, x.dtype).unbiased_moving_variance),
         renorm_momentum=config.renorm_momentum,
     )
     return y, new_state
