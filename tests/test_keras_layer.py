@@ -206,6 +206,19 @@ def test_model_fit_gives_tf_keras_moving_statistics() -> None:
 # ---------------------------------------------------------------- Keras's conventions
 
 
+def test_a_non_finite_batch_is_left_out_of_the_averages_with_a_warning() -> None:
+    layer = BatchNormalization()
+    x = torch.randn(8, 4)
+    layer(x, training=True)
+    before = [v.numpy().copy() for v in layer.non_trainable_weights]
+    bad = x.clone()
+    bad[0, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite .* moving averages were left unchanged"):
+        layer(bad, training=True)
+    for old, variable in zip(before, layer.non_trainable_weights, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), old)
+
+
 def test_trainable_false_means_inference_and_no_update() -> None:
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1)) * 3 + 1
     layer = BatchNormalization(trainable=False)

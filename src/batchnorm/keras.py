@@ -44,8 +44,10 @@ import torch
 
 from . import functional as F
 from .config import Adjustment, BatchNormConfig
+from .health import warn_skipped
 from .shapes import resolve_axes
 from .state import BatchNormState
+from .statistics import traced
 
 if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover - keras 2 installed
     raise ImportError(f"batchnorm.keras needs Keras 3, but keras {keras.__version__} is "
@@ -261,10 +263,18 @@ class BatchNormalization(keras.layers.Layer):
     def _update(self, state: BatchNormState, stats: Any, config: BatchNormConfig) -> None:
         """Fold the batch's statistics into the variables with Keras's ``assign`` (what a
         ``StatelessScope`` records too); a batch whose statistics are not finite leaves
-        them unchanged (:func:`batchnorm.functional.update_state`)."""
+        them unchanged (:func:`batchnorm.functional.update_state`), with a
+        ``RuntimeWarning`` saying why where that is known without waiting for a device (CPU
+        tensors, not traced)."""
         new = F.update_state(state, stats, momentum=config.momentum, epsilon=config.epsilon,
                              unbiased_moving_variance=bool(config.unbiased_moving_variance),
                              renorm_momentum=config.renorm_momentum)
+        count = new.num_updates
+        if (count.device.type == "cpu" and not traced(count)
+                and bool((count == state.num_updates).numpy())):  # CPU memory: no device
+            warn_skipped(f"BatchNormalization {self.name!r}", [stats],
+                         unbiased=bool(config.unbiased_moving_variance),
+                         dtype=state.moving_mean.dtype)
         for name, variable in self._variables().items():
             if name not in _DEBIAS_STATE:
                 variable.assign(getattr(new, name).view(variable.shape))
