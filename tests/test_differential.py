@@ -244,8 +244,11 @@ def oracle(call: Call, v: Values) -> tuple[Result, dict]:
     (dz,) = torch.autograd.grad(y, z, torch.from_numpy(exact(v.dy)))
     grads = reference.backward(x, dz.numpy(), **kwargs)
     state = {name: exact(t) for name, t in v.state._asdict().items() if t is not None}
+    # The variance fed to moving_variance: the config leaves it to tf_keras's rule for the
+    # input (the Bessel-corrected one where tf_keras fuses), as the layer and batch_norm do.
+    unbiased = bool(v.config.for_input(v.x.ndim, call.dtype).unbiased_moving_variance)
     new = reference.update(state, forward, momentum=MOMENTUM, epsilon=EPSILON,
-                           renorm_momentum=RENORM_MOMENTUM)
+                           renorm_momentum=RENORM_MOMENTUM, unbiased=unbiased)
 
     # Scales: the largest |gamma r inv dy| (dx is it less two mean terms), |dy| per feature.
     r = 1.0 if forward.r is None else np.abs(forward.r).max()
