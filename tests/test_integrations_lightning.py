@@ -15,9 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision_import import importable_torchvision
 
 import batchnorm as bn
 
+# PyTorch Lightning imports torchvision where it is installed: first through the workaround
+# for a CPU torch whose torchvision operators do not load (also in each spawned process,
+# which imports this module to find its worker).
+importable_torchvision()
 pl = pytest.importorskip("pytorch_lightning")
 
 from integration_steps import (  # noqa: E402
