@@ -23,7 +23,11 @@ SLOW_TESTS: dict[str, set[str] | None] = {
         "test_compiled_layer_with_dynamic_shapes_rejects_a_one_sample_batch_like_eager",
         "test_compiled_layer_normalizing_with_its_buffers_has_eager_gradients",
     },
-    "test_kernels.py": {"test_compile_and_torch_func_fall_back_from_the_fast_path"},
+    "test_kernels.py": {
+        "test_compile_and_torch_func_fall_back_from_the_fast_path",
+        # compiles the parallel flavor of every loop variant it runs: ~1 min from no cache
+        "test_parallel_loops_give_the_serial_loops_results",
+    },
     "test_activation.py": {"test_compiled_layer_with_activation_matches_eager"},  # ~25 s
     "test_model_zoo.py": None,  # 21 timm and torchvision networks, six checks each: ~4 min
     "test_typing.py": {  # mypy --strict, analyzing torch: 30 s to 3 min (seconds once cached)

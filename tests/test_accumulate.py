@@ -328,9 +328,10 @@ def test_an_enclosing_deferred_block_holds_the_step_update():
         updates.apply()
     big(torch.cat(parts), training=True)
     same_buffers(layer, big)
-    with bn.deferred_updates():  # not applied: discarded
-        with bn.accumulate(layer):
-            layer(parts[0], training=True)
+    with pytest.warns(RuntimeWarning, match="neither applied nor discarded"):
+        with bn.deferred_updates():  # not applied: discarded
+            with bn.accumulate(layer):
+                layer(parts[0], training=True)
     assert layer.num_updates.item() == 1
 
 
@@ -339,10 +340,11 @@ def test_deferred_calls_applied_inside_accumulate_join_the_step():
     parts = data([4, 6, 5])
     with bn.accumulate(layer):
         layer(parts[0], training=True)
-        with bn.deferred_updates() as updates:
-            layer(parts[1], training=True)
-            assert updates.apply() == 1
-            layer(parts[2], training=True)  # SAM's second pass, say: left out
+        with pytest.warns(RuntimeWarning, match="neither applied nor discarded"):
+            with bn.deferred_updates() as updates:
+                layer(parts[1], training=True)
+                assert updates.apply() == 1
+                layer(parts[2], training=True)  # SAM's second pass, say: left out
         assert layer.num_updates.item() == 0
     big(torch.cat(parts[:2]), training=True)
     same_buffers(layer, big)

@@ -28,6 +28,10 @@ from batchnorm import functional as F
 from batchnorm import kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# momentum=0.0 (the averages become the batch statistics) is what the tests marked with it
+# check; the notice that it reads as PyTorch's momentum is not.
+MOMENTUM_ZERO = pytest.mark.filterwarnings(
+    "ignore:momentum=0.0 is TensorFlow's momentum here:UserWarning")
 
 # Every training kernel, forced: prefer() for the three kernels, and fused=True (ATen's) and
 # fused=False (the composite) as options.
@@ -217,6 +221,7 @@ def padded_batch(pad: float, at_first_row: bool):
 
 
 @pytest.mark.parametrize("prefer", ["composite", "cpu"])
+@MOMENTUM_ZERO
 @pytest.mark.parametrize("pad", [math.nan, math.inf, -math.inf, 1e30, -3e38])
 @pytest.mark.parametrize("at_first_row", [True, False])
 def test_non_finite_or_huge_padding_at_masked_out_positions_changes_nothing_selected(
@@ -298,6 +303,7 @@ def test_a_mask_selecting_one_value_normalizes_with_the_moving_statistics_and_sk
     assert y[:, 0].abs().max() < 100  # not scaled by 1 / sqrt(epsilon) ~ 31.6 per unit
 
 
+@MOMENTUM_ZERO
 @pytest.mark.parametrize("prefer", ["composite", "cpu"])
 def test_a_ghost_batch_with_one_selected_value_is_left_out_silently(prefer):
     x = torch.randn(8, 3, 5) + 2
@@ -373,6 +379,7 @@ def test_a_float64_variance_that_does_not_fit_float32_buffers_skips_instead_of_w
         torch.testing.assert_close(y, expected.detach(), rtol=1e-6, atol=1e-6)
 
 
+@MOMENTUM_ZERO
 def test_a_float64_layer_keeps_a_variance_of_1e60():
     layer = bn.BatchNorm(4, axis=-1, momentum=0.0, dtype=torch.float64)
     x = torch.randn(64, 4, dtype=torch.float64) * 1e30

@@ -161,6 +161,8 @@ def test_both_ranks_report_the_same_message(spawned):
         assert first == second
 
 
+@pytest.mark.filterwarnings(  # the one-process reference call: no process group there
+    r"ignore:BatchNorm\(synchronized=True\). torch.distributed is not initialized:RuntimeWarning")
 def test_a_global_batch_of_one_value_per_feature_raises_on_every_rank_as_in_one_process(
         spawned):
     with pytest.raises(ValueError) as single:  # what one process raises for that batch

@@ -37,6 +37,7 @@ import batchnorm as bn
 from batchnorm import kernels, plan
 from batchnorm.functional import BatchNormConfig, initial_state
 from batchnorm.kernels import KernelCall, composite, cpu, inference, native
+from batchnorm.kernels.cpu import loops as cpu_loops
 from batchnorm.kernels.cpu import passes as cpu_passes
 from batchnorm.kernels.protocol import INFERENCE_PASSES
 
@@ -650,3 +651,53 @@ def test_only_shapes_with_a_size_one_dimension_hook_the_gradient_of_atens_output
             y = layer(torch.randn(shape, requires_grad=True), training=training)
             assert y.grad_fn.name() == "NativeBatchNormBackward0"  # ATen's output itself
             assert bool(y._backward_hooks) == hooked, shape
+
+
+
+@pytest.mark.parametrize("layout", ["nchw", "rows"])
+def test_passes_over_few_values_run_only_serial_loops(layout, monkeypatch):
+    # A small input (most programs' first calls, most tests) runs on the calling thread: a
+    # parallel loop compiles about four times slower and wakes a thread pool for nothing.
+    called = set()
+
+    def recorded(name, loop):
+        def serial(*args):
+            called.add((name, "serial"))
+            return loop.serial(*args)
+
+        def parallel(*args):
+            called.add((name, "parallel"))
+            return loop.parallel(*args)
+        return cpu_loops.Loop(serial, parallel)
+
+    for name, loop in list(vars(cpu_loops).items()):
+        if isinstance(loop, cpu_loops.Loop):
+            monkeypatch.setattr(cpu_loops, name, recorded(name, loop))
+    x, axis = make_input(layout, torch.float32)
+    assert x.numel() < cpu_passes.PARALLEL_MIN_NUMEL
+    for options in ({}, {"activation": "relu"}):
+        run_kernel(CPU_TRAIN, x, axis, options, make_mask("values", x, axis), torch.float32)
+    suffix = "rows" if layout == "rows" else "planes"
+    assert called == {(f"{name}_{suffix}", "serial")
+                      for name in ("moments", "affine", "grad_sums", "grad_input")}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+def test_parallel_loops_give_the_serial_loops_results(layout, monkeypatch):
+    # The same function compiled twice: the same blocks, each summed by the same code, so the
+    # same bits (compared exactly) whichever flavor ran.
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread: no parallel loop runs")
+    monkeypatch.setattr(cpu_passes, "threads", lambda: 2)  # the same blocks in both runs
+    x, axis = make_input(layout, torch.float32)
+    results = []
+    for smallest in (x.numel() + 1, 0):  # serial, then parallel
+        monkeypatch.setattr(cpu_passes, "PARALLEL_MIN_NUMEL", smallest)
+        results.append([run_kernel(CPU_TRAIN, x, axis, dict(options), make_mask(mask, x, axis),
+                                   torch.float32)[0]
+                        for options, mask in (({}, "values"), ({"activation": "relu"}, None))])
+    for serial, parallel in zip(*results, strict=True):
+        for key, value in serial.items():
+            assert torch.equal(parallel[key], value), key

@@ -19,20 +19,26 @@ which the moving-average update relies on to detect a bad batch.
 
 bfloat16 arrays arrive as ``uint16`` bit patterns: :func:`load` widens them
 to float32 exactly, :func:`store` rounds to nearest even, as torch does.
+
+Each pass is one function for every mode and activation: an activation tag argument
+(:class:`Identity` for none) picks the activation's code at compile time. Each is compiled
+in two flavors (:class:`Loop`), serial and parallel, only for the signatures a program calls.
 """
 
 from __future__ import annotations
 
+from types import FunctionType
 from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
+from numba.core.dispatcher import Dispatcher
 from numba.core.extending import intrinsic, overload
 
 FASTMATH = frozenset({"reassoc", "contract"})
 FLUSH = 64  # rows summed in the run dtype before they are added to the float64 partials
-_JIT = {"parallel": True, "cache": True, "fastmath": set(FASTMATH), "nogil": True}
+_JIT = {"cache": True, "fastmath": set(FASTMATH), "nogil": True}
 
 
 @intrinsic
@@ -147,11 +153,139 @@ def _as_type(v, like):
     return impl
 
 
+# ---------------------------------------------------------------- one loop, two flavors
+
+
+class Loop(NamedTuple):
+    """One loop compiled two ways from the same function: ``parallel`` splits its ``prange``
+    over numba's threads; ``serial`` runs it as a plain ``range`` on the calling thread, with
+    no thread pool to wake, and compiles in about a quarter of the time. The passes run the
+    serial flavor for few values (:func:`batchnorm.kernels.cpu.passes.run`), so a program
+    (or a test run) on small inputs never compiles a parallel one."""
+
+    serial: Dispatcher
+    parallel: Dispatcher
+
+
+def loop(function) -> Loop:
+    """``function`` as a :class:`Loop`. Each flavor compiles lazily, once per signature, and is
+    cached on disk; the serial flavor is compiled from a copy named ``<name>_serial``, since
+    numba's cache tells functions apart by name and line, not by their options."""
+    serial = FunctionType(function.__code__, function.__globals__, function.__name__,
+                          function.__defaults__, function.__closure__)
+    serial.__qualname__ = f"{function.__qualname__}_serial"
+    return Loop(njit(parallel=False, **_JIT)(serial), njit(parallel=True, **_JIT)(function))
+
+
+# ---------------------------------------------------------------- activations
+#
+# Every output and backward loop takes an activation tag, an instance of one of the empty
+# NamedTuple classes below: its type picks the code at compile time (one specialization per
+# activation, no branch in the loops). The output pass writes ``act(z)`` with
+# ``z = x * a + b``; the backward passes recompute ``z`` from ``x`` (it is not stored) and use
+# ``dz = dy * act'(z)``. ``Identity`` is the plain layer: ``act(z) = z`` and ``dz = dy``, so
+# its specialization never reads ``a`` and ``b`` (the compiler drops ``z``).
+
+
+class Identity(NamedTuple):
+    """Tag: no activation."""
+
+
+class Relu(NamedTuple):
+    """Tag: ``max(z, 0)``."""
+
+
+class Silu(NamedTuple):
+    """Tag: ``z * sigmoid(z)``."""
+
+
+ACTIVATIONS = {None: Identity(), "relu": Relu(), "silu": Silu()}
+"""The tag of each activation name (:data:`batchnorm.activations.ACTIVATIONS`), and of None."""
+
+
+@njit(inline="always", fastmath=set(FASTMATH), cache=True)
+def exp32(v):
+    """``exp(v)`` for float32, within 2 ulp, in operations that vectorize (numba's ``exp`` is a
+    call per value without Intel's SVML): ``2**n * p(r)`` with ``v = n log 2 + r``,
+    ``|r| <= log(2) / 2``, ``p`` the minimax polynomial of Cephes' ``expf``. ``v`` is clamped
+    to ``[-87, 88]`` (where ``2**n`` is a normal float32); NaN gives a finite value, so a
+    caller keeps NaN by using ``v`` itself too (``silu``: ``z / (1 + exp(-z))``)."""
+    v = v if v > np.float32(-87.0) else np.float32(-87.0)
+    v = v if v < np.float32(88.0) else np.float32(88.0)
+    n = np.floor(v * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = v - n * np.float32(0.693359375)
+    r = r + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _bits_to_float32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+def sigmoid(z):
+    """``1 / (1 + exp(-z))`` in ``z``'s precision."""
+
+
+@overload(sigmoid, inline="always")
+def _sigmoid(z):
+    if z == types.float32:
+        return lambda z: np.float32(1.0) / (np.float32(1.0) + exp32(-z))
+    return lambda z: 1.0 / (1.0 + np.exp(-z))
+
+
+def activate(z, kind):
+    """``act(z)`` for the activation tag ``kind``."""
+
+
+@overload(activate, inline="always")
+def _activate(z, kind):
+    cls = getattr(kind, "instance_class", None)
+    if cls is Identity:
+        return lambda z, kind: z
+    if cls is Relu:  # a select, not max(): NaN stays NaN, as in torch.relu
+        return lambda z, kind: select(z < 0, zero_like(z), z)
+    if cls is Silu:
+        return lambda z, kind: z * sigmoid(z)
+    return None
+
+
+def activation_grad(dy, z, kind):
+    """``dy * act'(z)`` for the activation tag ``kind``."""
+
+
+@overload(activation_grad, inline="always")
+def _activation_grad(dy, z, kind):
+    cls = getattr(kind, "instance_class", None)
+    if cls is Identity:
+        return lambda dy, z, kind: dy
+    if cls is Relu:  # a select, as torch's threshold_backward: 0 where z <= 0 (or NaN)
+        return lambda dy, z, kind: select(z > 0, dy, zero_like(dy))
+    if cls is Silu:
+        def impl(dy, z, kind):
+            s = sigmoid(z)
+            one = one_like(s)
+            return dy * (s * (one + z * (one - s)))
+        return impl
+    return None
+
+
+@njit(inline="always", fastmath=set(FASTMATH), cache=True)
+def grad_terms(x, dy, k, a, b, kind):
+    """One value's terms of the gradient sums: ``(dz, dz * (x - k))``, ``dz = dy * act'(x * a
+    + b)`` (``x`` and ``dy`` as stored)."""
+    v = load(x)
+    d = activation_grad(load(dy), v * a + b, kind)
+    return d, d * (v - k)
+
+
 # ---------------------------------------------------------------- pass 1: statistics
 
 
-@njit(**_JIT)
-def moments_planes(x, rows, shift, w, blocks, cblocks, out):
+@loop
+def moments_planes(x, w, rows, shift, blocks, cblocks, out):
     """``out[:, g, b, c] = (sum w(x-k), sum w(x-k)**2, sum w)`` over block b of group g's rows.
 
     Each run of ``inner`` values is summed in ``shift``'s dtype (float32 for float32 and
@@ -196,8 +330,8 @@ def moments_planes(x, rows, shift, w, blocks, cblocks, out):
                 out[1, g, b, c] += q
 
 
-@njit(**_JIT)
-def moments_rows(x, rows, shift, w, blocks, out):
+@loop
+def moments_rows(x, w, rows, shift, blocks, out):
     """``moments_planes`` for ``inner == 1``: ``x`` is ``(outer, C)``, ``w`` ``(outer, 1 or C)``.
 
     Four rows are combined per channel before they touch the running sums (one per
@@ -264,262 +398,9 @@ def moments_rows(x, rows, shift, w, blocks, out):
 # ---------------------------------------------------------------- pass 2: output
 
 
-@njit(**_JIT)
-def affine_planes(x, gid, a, b, cblocks, y):
-    """``y[o, c] = x[o, c] * a[g, c] + b[g, c]`` with ``g = gid[o]``."""
-    outer, channels, inner = x.shape
-    for t in prange(outer * cblocks):
-        o = t // cblocks
-        cb = t % cblocks
-        g = gid[o]
-        for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
-            ac = a[g, c]
-            bc = b[g, c]
-            xr = x[o, c]
-            yr = y[o, c]
-            for i in range(inner):
-                store(yr, i, load(xr[i]) * ac + bc)
-
-
-@njit(**_JIT)
-def affine_rows(x, gid, a, b, blocks, y):
-    outer, channels = x.shape
-    for t in prange(blocks):
-        for o in range(t * outer // blocks, (t + 1) * outer // blocks):
-            g = gid[o]
-            ar = a[g]
-            br = b[g]
-            xr = x[o]
-            yr = y[o]
-            for c in range(channels):
-                store(yr, c, load(xr[c]) * ar[c] + br[c])
-
-
-# ---------------------------------------------------------------- pass 3: gradient sums
-
-
-@njit(**_JIT)
-def grad_sums_planes(x, dy, rows, mean, blocks, cblocks, out):
-    """``out[:, g, b, c] = (sum dy, sum dy * (x - mean))`` over block b of group g's rows
-    (each run summed in ``mean``'s dtype, as in ``moments_planes``)."""
-    groups, per_group = rows.shape
-    channels, inner = x.shape[1], x.shape[2]
-    for t in prange(groups * blocks * cblocks):
-        g = t // (blocks * cblocks)
-        b = (t // cblocks) % blocks
-        cb = t % cblocks
-        for j in range(b * per_group // blocks, (b + 1) * per_group // blocks):
-            o = rows[g, j]
-            for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
-                k = mean[g, c]
-                xr = x[o, c]
-                dr = dy[o, c]
-                s = zero_like(k)
-                p = zero_like(k)
-                for i in range(inner):
-                    d = load(dr[i])
-                    s += d
-                    p += d * (load(xr[i]) - k)
-                out[0, g, b, c] += s
-                out[1, g, b, c] += p
-
-
-@njit(**_JIT)
-def grad_sums_rows(x, dy, rows, mean, blocks, out):
-    """``grad_sums_planes`` for ``inner == 1`` (four rows combined, as in ``moments_rows``)."""
-    groups, per_group = rows.shape
-    channels = x.shape[1]
-    for t in prange(groups * blocks):
-        g = t // blocks
-        b = t % blocks
-        k = mean[g]
-        s = np.zeros(channels, mean.dtype)
-        p = np.zeros(channels, mean.dtype)
-        start = b * per_group // blocks
-        stop = (b + 1) * per_group // blocks
-        j = start
-        while j < stop:
-            if j + 4 <= stop:
-                o0, o1, o2, o3 = rows[g, j], rows[g, j + 1], rows[g, j + 2], rows[g, j + 3]
-                x0, x1, x2, x3 = x[o0], x[o1], x[o2], x[o3]
-                d0, d1, d2, d3 = dy[o0], dy[o1], dy[o2], dy[o3]
-                for c in range(channels):
-                    e0 = load(d0[c])
-                    e1 = load(d1[c])
-                    e2 = load(d2[c])
-                    e3 = load(d3[c])
-                    s[c] += (e0 + e1) + (e2 + e3)
-                    p[c] += ((e0 * (load(x0[c]) - k[c]) + e1 * (load(x1[c]) - k[c]))
-                             + (e2 * (load(x2[c]) - k[c]) + e3 * (load(x3[c]) - k[c])))
-                j += 4
-            else:
-                xr = x[rows[g, j]]
-                dr = dy[rows[g, j]]
-                for c in range(channels):
-                    d = load(dr[c])
-                    s[c] += d
-                    p[c] += d * (load(xr[c]) - k[c])
-                j += 1
-            if (j - start) % FLUSH < 4 or j == stop:
-                for c in range(channels):
-                    out[0, g, b, c] += s[c]
-                    out[1, g, b, c] += p[c]
-                    s[c] = 0
-                    p[c] = 0
-
-
-# ---------------------------------------------------------------- pass 4: input gradient
-
-
-@njit(**_JIT)
-def grad_input_planes(x, dy, gid, m, p, q, u, w, cblocks, dx):
-    """``dx = p * dy - w * (q * (x - m) + u)`` with per-(group, channel) coefficients
-    (``w`` selects which of the two terms; it does not multiply)."""
-    outer, channels, inner = x.shape
-    masked = w.shape[0] > 0
-    per_channel = w.shape[1] > 1
-    for t in prange(outer * cblocks):
-        o = t // cblocks
-        cb = t % cblocks
-        g = gid[o]
-        for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
-            mc = m[g, c]
-            pc = p[g, c]
-            qc = q[g, c]
-            uc = u[g, c]
-            xr = x[o, c]
-            dr = dy[o, c]
-            dxr = dx[o, c]
-            if masked:
-                wr = w[o, c] if per_channel else w[o, 0]
-                for i in range(inner):
-                    if wr[i]:
-                        store(dxr, i, pc * load(dr[i]) - (qc * (load(xr[i]) - mc) + uc))
-                    else:  # a masked-out value does not enter the statistics
-                        store(dxr, i, pc * load(dr[i]))
-            else:
-                for i in range(inner):
-                    store(dxr, i, pc * load(dr[i]) - (qc * (load(xr[i]) - mc) + uc))
-
-
-@njit(**_JIT)
-def grad_input_rows(x, dy, gid, m, p, q, u, w, blocks, dx):
-    outer, channels = x.shape
-    masked = w.shape[0] > 0
-    per_channel = w.shape[1] > 1
-    for t in prange(blocks):
-        for o in range(t * outer // blocks, (t + 1) * outer // blocks):
-            g = gid[o]
-            mr = m[g]
-            pr = p[g]
-            qr = q[g]
-            ur = u[g]
-            xr = x[o]
-            dr = dy[o]
-            dxr = dx[o]
-            if masked:
-                wr = w[o]
-                for c in range(channels):
-                    if wr[c] if per_channel else wr[0]:
-                        d = qr[c] * (load(xr[c]) - mr[c]) + ur[c]
-                        store(dxr, c, pr[c] * load(dr[c]) - d)
-                    else:  # a masked-out value does not enter the statistics
-                        store(dxr, c, pr[c] * load(dr[c]))
-            else:
-                for c in range(channels):
-                    store(dxr, c, pr[c] * load(dr[c]) - (qr[c] * (load(xr[c]) - mr[c]) + ur[c]))
-
-
-# ---------------------------------------------------------------- fused activations
-#
-# The passes of a layer with an activation (``activation="relu"``): the output pass writes
-# ``act(z)`` with ``z = x * a + b``; the backward passes recompute ``z`` from ``x`` (it is not
-# stored) and use ``dz = dy * act'(z)`` where the plain passes use ``dy``. The activation is
-# a tag argument, an instance of one of the empty NamedTuple classes below: its type picks
-# the code at compile time (one specialization per activation, cached like the others, no
-# branch in the loops), and the plain passes above are left as they are.
-
-
-class Relu(NamedTuple):
-    """Tag: ``max(z, 0)``."""
-
-
-class Silu(NamedTuple):
-    """Tag: ``z * sigmoid(z)``."""
-
-
-ACTIVATIONS = {"relu": Relu(), "silu": Silu()}
-"""The tag of each activation name (:data:`batchnorm.activations.ACTIVATIONS`)."""
-
-
-@njit(inline="always", fastmath=set(FASTMATH), cache=True)
-def exp32(v):
-    """``exp(v)`` for float32, within 2 ulp, in operations that vectorize (numba's ``exp`` is a
-    call per value without Intel's SVML): ``2**n * p(r)`` with ``v = n log 2 + r``,
-    ``|r| <= log(2) / 2``, ``p`` the minimax polynomial of Cephes' ``expf``. ``v`` is clamped
-    to ``[-87, 88]`` (where ``2**n`` is a normal float32); NaN gives a finite value, so a
-    caller keeps NaN by using ``v`` itself too (``silu``: ``z / (1 + exp(-z))``)."""
-    v = v if v > np.float32(-87.0) else np.float32(-87.0)
-    v = v if v < np.float32(88.0) else np.float32(88.0)
-    n = np.floor(v * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = v - n * np.float32(0.693359375)
-    r = r + n * np.float32(2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1.0)
-    return p * _bits_to_float32((np.int32(n) + np.int32(127)) << np.int32(23))
-
-
-def sigmoid(z):
-    """``1 / (1 + exp(-z))`` in ``z``'s precision."""
-
-
-@overload(sigmoid, inline="always")
-def _sigmoid(z):
-    if z == types.float32:
-        return lambda z: np.float32(1.0) / (np.float32(1.0) + exp32(-z))
-    return lambda z: 1.0 / (1.0 + np.exp(-z))
-
-
-def activate(z, kind):
-    """``act(z)`` for the activation tag ``kind``."""
-
-
-@overload(activate, inline="always")
-def _activate(z, kind):
-    cls = getattr(kind, "instance_class", None)
-    if cls is Relu:  # a select, not max(): NaN stays NaN, as in torch.relu
-        return lambda z, kind: select(z < 0, zero_like(z), z)
-    if cls is Silu:
-        return lambda z, kind: z * sigmoid(z)
-    return None
-
-
-def activation_grad(dy, z, kind):
-    """``dy * act'(z)`` for the activation tag ``kind``."""
-
-
-@overload(activation_grad, inline="always")
-def _activation_grad(dy, z, kind):
-    cls = getattr(kind, "instance_class", None)
-    if cls is Relu:  # a select, as torch's threshold_backward: 0 where z <= 0 (or NaN)
-        return lambda dy, z, kind: select(z > 0, dy, zero_like(dy))
-    if cls is Silu:
-        def impl(dy, z, kind):
-            s = sigmoid(z)
-            one = one_like(s)
-            return dy * (s * (one + z * (one - s)))
-        return impl
-    return None
-
-
-@njit(**_JIT)
-def affine_act_planes(x, gid, a, b, kind, cblocks, y):
-    """``affine_planes`` writing ``act(x * a + b)``."""
+@loop
+def affine_planes(x, gid, a, b, kind, cblocks, y):
+    """``y[o, c] = act(x[o, c] * a[g, c] + b[g, c])`` with ``g = gid[o]``."""
     outer, channels, inner = x.shape
     for t in prange(outer * cblocks):
         o = t // cblocks
@@ -534,9 +415,9 @@ def affine_act_planes(x, gid, a, b, kind, cblocks, y):
                 store(yr, i, activate(load(xr[i]) * ac + bc, kind))
 
 
-@njit(**_JIT)
-def affine_act_rows(x, gid, a, b, kind, blocks, y):
-    """``affine_rows`` writing ``act(x * a + b)``."""
+@loop
+def affine_rows(x, gid, a, b, kind, blocks, y):
+    """``affine_planes`` for ``inner == 1``."""
     outer, channels = x.shape
     for t in prange(blocks):
         for o in range(t * outer // blocks, (t + 1) * outer // blocks):
@@ -549,16 +430,21 @@ def affine_act_rows(x, gid, a, b, kind, blocks, y):
                 store(yr, c, activate(load(xr[c]) * ar[c] + br[c], kind))
 
 
-@njit(**_JIT)
-def grad_sums_act_planes(x, dy, rows, mean, a, b, kind, blocks, cblocks, out):
-    """``grad_sums_planes`` of ``dz = dy * act'(x * a + b)``: ``(sum dz, sum dz * (x - mean))``."""
+# ---------------------------------------------------------------- pass 3: gradient sums
+
+
+@loop
+def grad_sums_planes(x, dy, rows, mean, a, b, kind, blocks, cblocks, out):
+    """``out[:, g, j, c] = (sum dz, sum dz * (x - mean))`` over block j of group g's rows,
+    ``dz = dy * act'(x * a + b)`` (each run summed in ``mean``'s dtype, as in
+    ``moments_planes``)."""
     groups, per_group = rows.shape
     channels, inner = x.shape[1], x.shape[2]
     for t in prange(groups * blocks * cblocks):
         g = t // (blocks * cblocks)
-        b_ = (t // cblocks) % blocks
+        block = (t // cblocks) % blocks
         cb = t % cblocks
-        for j in range(b_ * per_group // blocks, (b_ + 1) * per_group // blocks):
+        for j in range(block * per_group // blocks, (block + 1) * per_group // blocks):
             o = rows[g, j]
             for c in range(cb * channels // cblocks, (cb + 1) * channels // cblocks):
                 k = mean[g, c]
@@ -569,50 +455,65 @@ def grad_sums_act_planes(x, dy, rows, mean, a, b, kind, blocks, cblocks, out):
                 s = zero_like(k)
                 p = zero_like(k)
                 for i in range(inner):
-                    v = load(xr[i])
-                    d = activation_grad(load(dr[i]), v * ac + bc, kind)
+                    d, dv = grad_terms(xr[i], dr[i], k, ac, bc, kind)
                     s += d
-                    p += d * (v - k)
-                out[0, g, b_, c] += s
-                out[1, g, b_, c] += p
+                    p += dv
+                out[0, g, block, c] += s
+                out[1, g, block, c] += p
 
 
-@njit(**_JIT)
-def grad_sums_act_rows(x, dy, rows, mean, a, b, kind, blocks, out):
-    """``grad_sums_rows`` of ``dz = dy * act'(x * a + b)`` (rows summed in ``mean``'s dtype,
-    ``FLUSH`` at a time, then added to the float64 partials)."""
+@loop
+def grad_sums_rows(x, dy, rows, mean, a, b, kind, blocks, out):
+    """``grad_sums_planes`` for ``inner == 1`` (four rows combined, as in ``moments_rows``)."""
     groups, per_group = rows.shape
     channels = x.shape[1]
     for t in prange(groups * blocks):
         g = t // blocks
-        b_ = t % blocks
+        block = t % blocks
         k = mean[g]
         ar = a[g]
         br = b[g]
         s = np.zeros(channels, mean.dtype)
         p = np.zeros(channels, mean.dtype)
-        start = b_ * per_group // blocks
-        stop = (b_ + 1) * per_group // blocks
-        for j in range(start, stop):
-            xr = x[rows[g, j]]
-            dr = dy[rows[g, j]]
-            for c in range(channels):
-                v = load(xr[c])
-                d = activation_grad(load(dr[c]), v * ar[c] + br[c], kind)
-                s[c] += d
-                p[c] += d * (v - k[c])
-            if (j + 1 - start) % FLUSH == 0 or j + 1 == stop:
+        start = block * per_group // blocks
+        stop = (block + 1) * per_group // blocks
+        j = start
+        while j < stop:
+            if j + 4 <= stop:
+                o0, o1, o2, o3 = rows[g, j], rows[g, j + 1], rows[g, j + 2], rows[g, j + 3]
+                x0, x1, x2, x3 = x[o0], x[o1], x[o2], x[o3]
+                d0, d1, d2, d3 = dy[o0], dy[o1], dy[o2], dy[o3]
                 for c in range(channels):
-                    out[0, g, b_, c] += s[c]
-                    out[1, g, b_, c] += p[c]
+                    e0, f0 = grad_terms(x0[c], d0[c], k[c], ar[c], br[c], kind)
+                    e1, f1 = grad_terms(x1[c], d1[c], k[c], ar[c], br[c], kind)
+                    e2, f2 = grad_terms(x2[c], d2[c], k[c], ar[c], br[c], kind)
+                    e3, f3 = grad_terms(x3[c], d3[c], k[c], ar[c], br[c], kind)
+                    s[c] += (e0 + e1) + (e2 + e3)
+                    p[c] += (f0 + f1) + (f2 + f3)
+                j += 4
+            else:
+                o = rows[g, j]
+                for c in range(channels):
+                    e, f = grad_terms(x[o, c], dy[o, c], k[c], ar[c], br[c], kind)
+                    s[c] += e
+                    p[c] += f
+                j += 1
+            if (j - start) % FLUSH < 4 or j == stop:
+                for c in range(channels):
+                    out[0, g, block, c] += s[c]
+                    out[1, g, block, c] += p[c]
                     s[c] = 0
                     p[c] = 0
 
 
-@njit(**_JIT)
-def grad_input_act_planes(x, dy, gid, m, p, q, u, a, b, kind, w, cblocks, dx):
-    """``grad_input_planes`` of ``dz = dy * act'(x * a + b)``:
-    ``dx = p * dz - (q * (x - m) + u)`` where ``w`` selects (else ``p * dz``)."""
+# ---------------------------------------------------------------- pass 4: input gradient
+
+
+@loop
+def grad_input_planes(x, dy, w, gid, m, p, q, u, a, b, kind, cblocks, dx):
+    """``dx = p * dz - (q * (x - m) + u)`` with per-(group, channel) coefficients and
+    ``dz = dy * act'(x * a + b)``; where ``w`` is 0, ``p * dz`` (``w`` selects which, it does
+    not multiply)."""
     outer, channels, inner = x.shape
     masked = w.shape[0] > 0
     per_channel = w.shape[1] > 1
@@ -639,13 +540,13 @@ def grad_input_act_planes(x, dy, gid, m, p, q, u, a, b, kind, w, cblocks, dx):
             else:
                 for i in range(inner):
                     v = load(xr[i])
-                    d = activation_grad(load(dr[i]), v * ac + bc, kind)
-                    store(dxr, i, pc * d - (qc * (v - mc) + uc))
+                    d = pc * activation_grad(load(dr[i]), v * ac + bc, kind)
+                    store(dxr, i, d - (qc * (v - mc) + uc))
 
 
-@njit(**_JIT)
-def grad_input_act_rows(x, dy, gid, m, p, q, u, a, b, kind, w, blocks, dx):
-    """``grad_input_rows`` of ``dz = dy * act'(x * a + b)``."""
+@loop
+def grad_input_rows(x, dy, w, gid, m, p, q, u, a, b, kind, blocks, dx):
+    """``grad_input_planes`` for ``inner == 1``."""
     outer, channels = x.shape
     masked = w.shape[0] > 0
     per_channel = w.shape[1] > 1
@@ -671,8 +572,8 @@ def grad_input_act_rows(x, dy, gid, m, p, q, u, a, b, kind, w, blocks, dx):
             else:
                 for c in range(channels):
                     v = load(xr[c])
-                    d = activation_grad(load(dr[c]), v * ar[c] + br[c], kind)
-                    store(dxr, c, pr[c] * d - (qr[c] * (v - mr[c]) + ur[c]))
+                    d = pr[c] * activation_grad(load(dr[c]), v * ar[c] + br[c], kind)
+                    store(dxr, c, d - (qr[c] * (v - mr[c]) + ur[c]))
 
 
 # ---------------------------------------------------------------- the moving-average update

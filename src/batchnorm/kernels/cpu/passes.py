@@ -59,25 +59,23 @@ def threads() -> int:
     return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
 
 
-class pass_threads:
-    """Run the enclosed loops on :func:`threads` threads, or on the calling thread alone when
-    the pass touches few elements; restore numba's setting (per calling thread) after."""
+def run(loop, numel: int, *args) -> None:
+    """Call ``loop`` (a :class:`batchnorm.kernels.cpu.loops.Loop`) on ``args``: its serial
+    flavor on the calling thread when the pass touches fewer than ``PARALLEL_MIN_NUMEL``
+    values or :func:`threads` is 1; else its parallel flavor on :func:`threads` threads,
+    numba's setting (per calling thread) restored after."""
+    want = 1 if numel < PARALLEL_MIN_NUMEL else threads()
+    if want == 1:
+        loop.serial(*args)
+        return
+    import numba
 
-    def __init__(self, numel: int):
-        self.want = 1 if numel < PARALLEL_MIN_NUMEL else threads()
-
-    def __enter__(self):
-        import numba
-
-        self.threads = numba.get_num_threads()
-        if self.want != self.threads:
-            numba.set_num_threads(self.want)
-
-    def __exit__(self, *exc):
-        if self.want != self.threads:
-            import numba
-
-            numba.set_num_threads(self.threads)
+    before = numba.get_num_threads()
+    numba.set_num_threads(want)
+    try:
+        loop.parallel(*args)
+    finally:
+        numba.set_num_threads(before)
 
 
 def blocks_per_item(work_items: int, limit: int) -> int:
@@ -107,6 +105,52 @@ def no_mask():
 # ---------------------------------------------------------------- the passes
 
 
+def _views(layout: Layout, arrays) -> list:
+    """The ``(outer, C, inner)`` arrays as a loop over ``layout`` takes them: ``(outer, C)``
+    when ``inner == 1``."""
+    return [a[:, :, 0] for a in arrays] if layout.inner == 1 else list(arrays)
+
+
+def _loop(name: str, layout: Layout):
+    """The loop ``name`` for ``layout``: ``<name>_rows`` when ``inner == 1``, else
+    ``<name>_planes``."""
+    return getattr(loops, f"{name}_rows" if layout.inner == 1 else f"{name}_planes")
+
+
+def _block_sums(name: str, layout: Layout, count: int, arrays, *args) -> Tensor:
+    """``count`` float64 sums per (group, channel), from a statistics loop: ``name(*arrays,
+    rows, *args, blocks[, cblocks], out)`` adds per-block partials into ``out``."""
+    rows = layout.rows
+    if layout.inner == 1:
+        splits = (blocks_per_item(layout.groups, rows.shape[1]),)
+    else:
+        cblocks = blocks_per_item(layout.groups, layout.channels)
+        splits = (blocks_per_item(layout.groups * cblocks, rows.shape[1]), cblocks)
+    out = torch.zeros(count, layout.groups, splits[0], layout.channels, dtype=torch.float64)
+    run(_loop(name, layout), arrays[0].size, *_views(layout, arrays), rows, *args, *splits,
+        out.numpy())
+    return out.sum(2)
+
+
+def _elementwise(name: str, layout: Layout, arrays, args, out) -> None:
+    """An elementwise loop: ``name(*arrays, gid, *args, blocks, out)`` writes ``out``."""
+    if layout.inner == 1:
+        blocks = blocks_per_item(1, layout.outer)
+    else:
+        blocks = blocks_per_item(layout.outer, layout.channels)
+    run(_loop(name, layout), out.size, *_views(layout, arrays), layout.gid, *args, blocks,
+        *_views(layout, [out]))
+
+
+def _activation(activation, like) -> tuple:
+    """The loops' ``(a, b, kind)`` for ``activation`` (``(name, a, b)``, or None: the identity,
+    whose loops never read ``a`` and ``b``, ``like`` stands in for them)."""
+    if activation is None:
+        return like, like, loops.ACTIVATIONS[None]
+    name, a, b = activation
+    return a.numpy(), b.numpy(), loops.ACTIVATIONS[name]
+
+
 def moments_pass(x3: Tensor, layout: Layout, w3) -> tuple[Tensor, Tensor, Tensor]:
     """Per-(group, channel) float64 ``(k, sum(w (x - k)), sum(w (x - k)**2), sum w)``."""
     rows = layout.rows
@@ -117,23 +161,10 @@ def moments_pass(x3: Tensor, layout: Layout, w3) -> tuple[Tensor, Tensor, Tensor
         selected = torch.from_numpy(w3[rows[:, 0], :, 0]).bool()
         first = torch.where(selected, first, 0.0)
     shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)
-    xa = as_numpy(x3)
     # Sums of a float32 run are accurate when the shift is near the values summed; a masked
     # shift may be 0 (above), far from the data: float64 then.
     shift = shift.to(torch.float64 if w3.shape[0] else run_dtype(x3))  # exact: a value of x
-    k = shift.numpy()
-    if layout.inner == 1:
-        blocks = blocks_per_item(layout.groups, rows.shape[1])
-        out = torch.zeros(3, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with pass_threads(xa.size):
-            loops.moments_rows(xa[:, :, 0], rows, k, w3[:, :, 0], blocks, out.numpy())
-    else:
-        cblocks = blocks_per_item(layout.groups, layout.channels)
-        blocks = blocks_per_item(layout.groups * cblocks, rows.shape[1])
-        out = torch.zeros(3, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with pass_threads(xa.size):
-            loops.moments_planes(xa, rows, k, w3, blocks, cblocks, out.numpy())
-    s, q, n = out.sum(2)
+    s, q, n = _block_sums("moments", layout, 3, (as_numpy(x3), w3), shift.numpy())
     return shift.to(torch.float64), s, q, n
 
 
@@ -141,25 +172,8 @@ def affine_pass(x3: Tensor, layout: Layout, a: Tensor, b: Tensor,
                 y3: Tensor | None = None, activation: str | None = None) -> Tensor:
     """``y3 = act(x3 * a + b)`` per (group, channel) (``act`` the identity for None)."""
     y3 = torch.empty_like(x3) if y3 is None else y3
-    xa, ya = as_numpy(x3), as_numpy(y3)
-    if activation is not None:
-        kind = loops.ACTIVATIONS[activation]
-        with pass_threads(xa.size):
-            if layout.inner == 1:
-                loops.affine_act_rows(xa[:, :, 0], layout.gid, a.numpy(), b.numpy(), kind,
-                                      blocks_per_item(1, layout.outer), ya[:, :, 0])
-            else:
-                loops.affine_act_planes(xa, layout.gid, a.numpy(), b.numpy(), kind,
-                                        blocks_per_item(layout.outer, layout.channels), ya)
-        return y3
-    if layout.inner == 1:
-        blocks = blocks_per_item(1, layout.outer)
-        with pass_threads(xa.size):
-            loops.affine_rows(xa[:, :, 0], layout.gid, a.numpy(), b.numpy(), blocks, ya[:, :, 0])
-    else:
-        cblocks = blocks_per_item(layout.outer, layout.channels)
-        with pass_threads(xa.size):
-            loops.affine_planes(xa, layout.gid, a.numpy(), b.numpy(), cblocks, ya)
+    args = (a.numpy(), b.numpy(), loops.ACTIVATIONS[activation])
+    _elementwise("affine", layout, (as_numpy(x3),), args, as_numpy(y3))
     return y3
 
 
@@ -168,43 +182,9 @@ def grad_sums_pass(x3: Tensor, dy3: Tensor, layout: Layout, mean: Tensor,
     """Per-(group, channel) float64 ``(sum dy, sum dy * (x - mean))``; with ``activation``
     (``(name, a, b)``: the output pass's activation and coefficients) of
     ``dy * act'(x * a + b)`` instead of ``dy``."""
-    rows = layout.rows
-    xa, da = as_numpy(x3), as_numpy(dy3)
     m = mean.to(run_dtype(x3)).numpy()
-    if activation is not None:
-        return _grad_sums_act(xa, da, layout, m, activation)
-    if layout.inner == 1:
-        blocks = blocks_per_item(layout.groups, rows.shape[1])
-        out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with pass_threads(xa.size):
-            loops.grad_sums_rows(xa[:, :, 0], da[:, :, 0], rows, m, blocks, out.numpy())
-    else:
-        cblocks = blocks_per_item(layout.groups, layout.channels)
-        blocks = blocks_per_item(layout.groups * cblocks, rows.shape[1])
-        out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with pass_threads(xa.size):
-            loops.grad_sums_planes(xa, da, rows, m, blocks, cblocks, out.numpy())
-    s, p = out.sum(2)
-    return s, p
-
-
-def _grad_sums_act(xa, da, layout: Layout, m, activation) -> tuple[Tensor, Tensor]:
-    rows = layout.rows
-    name, a, b = activation
-    kind, a, b = loops.ACTIVATIONS[name], a.numpy(), b.numpy()
-    if layout.inner == 1:
-        blocks = blocks_per_item(layout.groups, rows.shape[1])
-        out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with pass_threads(xa.size):
-            loops.grad_sums_act_rows(xa[:, :, 0], da[:, :, 0], rows, m, a, b, kind, blocks,
-                                     out.numpy())
-    else:
-        cblocks = blocks_per_item(layout.groups, layout.channels)
-        blocks = blocks_per_item(layout.groups * cblocks, rows.shape[1])
-        out = torch.zeros(2, layout.groups, blocks, layout.channels, dtype=torch.float64)
-        with pass_threads(xa.size):
-            loops.grad_sums_act_planes(xa, da, rows, m, a, b, kind, blocks, cblocks, out.numpy())
-    s, p = out.sum(2)
+    s, p = _block_sums("grad_sums", layout, 2, (as_numpy(x3), as_numpy(dy3)), m,
+                       *_activation(activation, m))
     return s, p
 
 
@@ -213,28 +193,8 @@ def grad_input_pass(x3, dy3, layout: Layout, m, p, q, u, w3, dx3: Tensor,
     """``dx3 = p * dy - w * (q * (x - m) + u)``; with ``activation`` (``(name, a, b)``) of
     ``dy * act'(x * a + b)`` instead of ``dy``."""
     args = [t.numpy() for t in (m, p, q, u)]
-    xa, da, dxa = as_numpy(x3), as_numpy(dy3), as_numpy(dx3)
-    if activation is not None:
-        name, a, b = activation
-        args += [a.numpy(), b.numpy(), loops.ACTIVATIONS[name]]
-        with pass_threads(xa.size):
-            if layout.inner == 1:
-                loops.grad_input_act_rows(xa[:, :, 0], da[:, :, 0], layout.gid, *args,
-                                          w3[:, :, 0], blocks_per_item(1, layout.outer),
-                                          dxa[:, :, 0])
-            else:
-                loops.grad_input_act_planes(xa, da, layout.gid, *args, w3,
-                                            blocks_per_item(layout.outer, layout.channels), dxa)
-        return dx3
-    if layout.inner == 1:
-        blocks = blocks_per_item(1, layout.outer)
-        with pass_threads(xa.size):
-            loops.grad_input_rows(xa[:, :, 0], da[:, :, 0], layout.gid, *args, w3[:, :, 0],
-                                  blocks, dxa[:, :, 0])
-    else:
-        cblocks = blocks_per_item(layout.outer, layout.channels)
-        with pass_threads(xa.size):
-            loops.grad_input_planes(xa, da, layout.gid, *args, w3, cblocks, dxa)
+    args += _activation(activation, args[0])
+    _elementwise("grad_input", layout, (as_numpy(x3), as_numpy(dy3), w3), args, as_numpy(dx3))
     return dx3
 
 
