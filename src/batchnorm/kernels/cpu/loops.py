@@ -38,7 +38,7 @@ from numba.core.extending import intrinsic, overload
 
 FASTMATH = frozenset({"reassoc", "contract"})
 FLUSH = 64  # rows summed in the run dtype before they are added to the float64 partials
-_JIT = {"cache": True, "fastmath": set(FASTMATH), "nogil": True}
+_FASTMATH: set[str] = set(FASTMATH)
 
 
 @intrinsic
@@ -174,7 +174,8 @@ def loop(function) -> Loop:
     serial = FunctionType(function.__code__, function.__globals__, function.__name__,
                           function.__defaults__, function.__closure__)
     serial.__qualname__ = f"{function.__qualname__}_serial"
-    return Loop(njit(parallel=False, **_JIT)(serial), njit(parallel=True, **_JIT)(function))
+    return Loop(njit(parallel=False, cache=True, fastmath=_FASTMATH, nogil=True)(serial),
+                njit(parallel=True, cache=True, fastmath=_FASTMATH, nogil=True)(function))
 
 
 # ---------------------------------------------------------------- activations

@@ -12,6 +12,7 @@ strings the passes together is in :mod:`batchnorm.kernels.two_pass`; the kernel 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from ..layout import Layout, mask_tensor
 try:  # numba is a dependency, but a missing or broken install must not break the library
     from . import loops
 except Exception as error:  # pragma: no cover - depends on the environment
-    loops = None
+    loops = None  # type: ignore[assignment]  # the kernel reports IMPORT_ERROR instead
     IMPORT_ERROR: Exception | None = error
 else:
     IMPORT_ERROR = None
@@ -56,7 +57,8 @@ def threads() -> int:
     from numba beside it."""
     import numba
 
-    return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    threads: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set at import
+    return min(torch.get_num_threads(), threads)
 
 
 def run(loop, numel: int, *args) -> None:
@@ -121,6 +123,7 @@ def _block_sums(name: str, layout: Layout, count: int, arrays, *args) -> Tensor:
     """``count`` float64 sums per (group, channel), from a statistics loop: ``name(*arrays,
     rows, *args, blocks[, cblocks], out)`` adds per-block partials into ``out``."""
     rows = layout.rows
+    splits: tuple[int, ...]
     if layout.inner == 1:
         splits = (blocks_per_item(layout.groups, rows.shape[1]),)
     else:
@@ -151,7 +154,7 @@ def _activation(activation, like) -> tuple:
     return a.numpy(), b.numpy(), loops.ACTIVATIONS[name]
 
 
-def moments_pass(x3: Tensor, layout: Layout, w3) -> tuple[Tensor, Tensor, Tensor]:
+def moments_pass(x3: Tensor, layout: Layout, w3: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-(group, channel) float64 ``(k, sum(w (x - k)), sum(w (x - k)**2), sum w)``."""
     rows = layout.rows
     first = x3[torch.from_numpy(rows[:, 0]), :, 0].to(torch.float64)
