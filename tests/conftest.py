@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The slowest tests (``python -m pytest --durations=30``), marked ``slow`` so that
-# ``python -m pytest -m "not slow"`` is a quick run; ``.ci/run`` runs everything.
+# The slowest tests (``python -m pytest --durations=30``), marked ``slow``: they run only when
+# asked for (``python -m pytest -m slow``, see ON_REQUEST), and ``.ci/run`` runs them.
 # file -> test functions (None: the whole file). Measured on the 2-core machine, loaded:
 SLOW_TESTS: dict[str, set[str] | None] = {
     "test_bench.py": {"test_bench_command_writes_json_and_a_table"},  # the bench command: ~1 min
@@ -29,7 +29,6 @@ SLOW_TESTS: dict[str, set[str] | None] = {
         "test_parallel_loops_give_the_serial_loops_results",
     },
     "test_activation.py": {"test_compiled_layer_with_activation_matches_eager"},  # ~25 s
-    "test_model_zoo.py": None,  # 21 timm and torchvision networks, six checks each: ~4 min
     "test_typing.py": {  # mypy --strict, analyzing torch: 30 s to 3 min (seconds once cached)
         "test_a_user_script_passes_mypy_strict",
         "test_a_type_error_in_a_user_script_is_reported",
@@ -50,9 +49,11 @@ def is_slow(item: pytest.Item) -> bool:
     return names is None or getattr(item, "originalname", item.name) in names
 
 
-# Marker -> why its tests run only when asked for by name or marker (.ci/run runs
-# `python -m pytest -m triton` and `-m zoo` after the default run).
+# Marker -> why its tests run only when asked for by name or marker: the default run
+# (`python -m pytest`) is the quick one; .ci/run also runs `-m slow`, `-m triton` and `-m zoo`.
+# A test with several of these markers runs when any of them is asked for.
 ON_REQUEST = {
+    "slow": "slow test (processes, torch.compile, mypy, the demo, ...): run it with -m slow",
     "triton": "Triton kernel test: run it with -m triton",  # Triton's interpreter is slow
     "zoo": "model-zoo test: run it with -m zoo (needs the zoo extra)",  # ~4 min on 2 cores
 }
@@ -60,14 +61,12 @@ ON_REQUEST = {
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     selection = (config.getoption("markexpr") or "") + (config.getoption("keyword") or "")
-    skipped = {marker: reason for marker, reason in ON_REQUEST.items()
-               if marker not in selection}
     for item in items:
         if is_slow(item):
             item.add_marker(pytest.mark.slow)
-        for marker, reason in skipped.items():
-            if marker in item.keywords:
-                item.add_marker(pytest.mark.skip(reason=reason))
+        markers = [marker for marker in ON_REQUEST if marker in item.keywords]
+        if markers and not any(marker in selection for marker in markers):
+            item.add_marker(pytest.mark.skip(reason=ON_REQUEST[markers[0]]))
 
 
 @pytest.fixture(autouse=True)
