@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+
 from conftest import SLOW_FIXTURES, SLOW_TESTS
 
 TESTS = Path(__file__).resolve().parent
