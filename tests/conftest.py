@@ -1,15 +1,11 @@
 """Shared pytest fixtures: generic only (every test file may rely on them); and which tests
 are ``slow``."""
 
-import os
-
 import pytest
 import torch
 
-# Without a GPU, Triton's kernels are tested in its interpreter on CPU tensors. Triton reads
-# this when its kernels are defined, so it is set here, before any test imports them.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET (Triton's interpreter without a GPU) is set by the repository's root
+# conftest.py, which pytest loads first.
 
 # The slowest tests (``python -m pytest --durations=30``), marked ``slow``: they run only when
 # asked for (``python -m pytest -m slow``, see ON_REQUEST), and ``.ci/run`` runs them.
