@@ -16,7 +16,7 @@ from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch, warn_skipped
 from .initializers import Initializer
 from .regularization import apply_constraints, regularization_loss
-from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields
+from .state import BUFFER_NAMES, BatchNormState, BatchStatistics, state_fields, statistics_dtype
 from .statistics import PreparedUpdate
 from .torch_compat import (
     TorchAlias,
@@ -218,7 +218,7 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         self._process_group = process_group
         self._trainable = trainable
 
-        stat_dtype = F.statistics_dtype(dtype or torch.float32)
+        stat_dtype = statistics_dtype(dtype or torch.float32)
         lazy = feature_shape is None
         self._lazy = lazy
 

@@ -47,8 +47,7 @@ from .native import NATIVE
 from .protocol import INFERENCE_PASSES, KernelCall, TrainingKernel
 from .triton import TRITON
 
-__all__ = ["FAST_PATHS", "KERNELS", "PREFERRED", "KernelCall", "TrainingKernel", "prefer",
-           "preferred"]
+__all__ = ["FAST_PATHS", "KERNELS", "PREFERRED", "KernelCall", "TrainingKernel", "prefer"]
 
 # Every kernel by name, for prefer().
 KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, "cpu": CPU,
@@ -63,11 +62,6 @@ UPDATE_LOOPS.update({"cpu": CPU} if available() else {})
 # The kernels forced by prefer() blocks, innermost last. A list (not a ContextVar) so that
 # torch.compile reads it without a graph break.
 PREFERRED: list[TrainingKernel] = []
-
-
-def preferred() -> TrainingKernel | None:
-    """The kernel the innermost :func:`prefer` block forces, or None outside them."""
-    return PREFERRED[-1] if PREFERRED else None
 
 
 @contextmanager
