@@ -109,31 +109,49 @@ def prepare_inference(x: Tensor, state: BatchNormState,
     ``requires_grad``, grad mode) with ``state``'s and ``call``'s tensors, with what does
     not depend on the values decided once: ``run(x) -> y``.
 
-    Where the call ends in ATen's kernel with the state's own tensors (one feature axis, the
-    statistics dtype throughout, no debias, no gradient, no device pass for the activation),
-    ``run`` calls it directly; else it takes :func:`normalize_features`' choice per call.
+    Where the call ends in ATen's kernel with the state's own statistics (one feature axis,
+    the statistics dtype throughout, no debias, statistics without a gradient, no device
+    pass for the activation), ``run`` calls it directly; else it takes
+    :func:`normalize_features`' choice per call. Where autograd records the call (an input,
+    gamma or beta that needs a gradient), ``run`` gives ATen's kernel fresh copies of the
+    statistics (ATen keeps them for backward: writing the buffers before backward, as DDP's
+    ``broadcast_buffers``, an EMA or a training call do, then neither fails nor changes the
+    gradient) and the input as its backward reads it right (:func:`aten_input`,
+    :func:`gradient_read_right`, decided here from the signature's strides).
     """
     config = call.config
     gamma, beta, epsilon, activation = call.gamma, call.beta, config.epsilon, config.activation
     mean, variance = state.moving_mean, state.moving_variance
     dtype = statistics_dtype(x.dtype)
+    recorded = torch.is_grad_enabled()
     if (call.axes != (1,) or x.ndim < 2
             or (config.debias and config.momentum is not None)
             or mean.dtype != dtype or variance.dtype != dtype
             or any(t is not None and t.dtype != dtype for t in (gamma, beta))
-            or (torch.is_grad_enabled() and (_differentiable(x, call) or mean.requires_grad
-                                             or variance.requires_grad))
+            or (recorded and (mean.requires_grad or variance.requires_grad))
             or (activation is not None and _activation_pass(x) is not None)):
         return lambda x: _infer(x, state, call)
     cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
-    # No gradient flows through it (checked above): no copy for ATen's backward (aten_input),
-    # no hook on its gradient (gradient_read_right).
+    if not (recorded and _differentiable(x, call)):
+        # No gradient flows through it: no copy for ATen's backward (aten_input), no hook on
+        # its gradient (gradient_read_right).
+        def aten(x: Tensor) -> Tensor:  # _aten's call (conditions checked above), _activated's
+            y = torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
+                                 cuda and torch.backends.cudnn.enabled)
+            return y if activation is None else activate(y, activation, inplace=True)
+        return aten
+    contiguous = aten_input(x, gamma, beta) is not x
+    hook = misreads_gradients(x.contiguous() if contiguous else x)
 
-    def aten(x: Tensor) -> Tensor:  # _aten's call (its conditions checked above), _activated's
-        y = torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
+    def recorded_aten(x: Tensor) -> Tensor:  # _infer's call for a differentiable input
+        # Copies, kept for backward (one stacked copy costs more: ATen saves views of it)
+        y = torch.batch_norm(x.contiguous() if contiguous else x, gamma, beta, mean.clone(),
+                             variance.clone(), False, 0.0, epsilon,
                              cuda and torch.backends.cudnn.enabled)
+        if hook:
+            y = gradient_read_right(y)
         return y if activation is None else activate(y, activation, inplace=True)
-    return aten
+    return recorded_aten
 
 
 def _infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
