@@ -468,16 +468,19 @@ def test_a_parametrized_gamma_is_read_on_every_call():
         torch.testing.assert_close(layer(x, training=training), first * 3, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("memory", ["contiguous", "misread"])
+@pytest.mark.parametrize("memory", ["contiguous", "misread", "axis=-1"])
 def test_inference_recorded_by_autograd_runs_atens_kernel_directly(monkeypatch, memory):
     """A frozen layer during fine-tuning (inference, grad enabled) takes the prepared call:
     no per-call dispatch through normalize_features, the same output and gradients as
     torch.nn's eval-mode layer (bit for bit: the same ATen kernel on the same values), and a
     buffer written before backward changes no gradient (the prepared call hands ATen copies).
-    "misread": strides ATen's CPU backward misreads (aten_input's example), copied once."""
+    "misread": strides ATen's CPU backward misreads (aten_input's example), copied once;
+    "axis=-1": features last, moved to dimension 1 by a view (torch.nn gets the same view)."""
     from batchnorm.kernels import inference
 
-    layer, ref = bn.BatchNorm(16, epsilon=1e-5), nn.BatchNorm2d(16, momentum=None).eval()
+    axis = -1 if memory == "axis=-1" else 1
+    layer = bn.BatchNorm(16, axis=axis, epsilon=1e-5)
+    ref = nn.BatchNorm2d(16, momentum=None).eval()
     with torch.no_grad():
         for t in (layer.moving_mean, layer.gamma, layer.beta):
             t.normal_()
@@ -485,13 +488,14 @@ def test_inference_recorded_by_autograd_runs_atens_kernel_directly(monkeypatch, 
         for mine, theirs in ((layer.moving_mean, ref.running_mean), (layer.gamma, ref.weight),
                              (layer.moving_variance, ref.running_var), (layer.beta, ref.bias)):
             theirs.copy_(mine)
-    base = torch.randn(8, 4, 16).transpose(1, 2).unsqueeze(-1) if memory == "misread" \
-        else torch.randn(8, 16, 4, 1)
+    base = {"misread": torch.randn(8, 4, 16).transpose(1, 2).unsqueeze(-1),
+            "contiguous": torch.randn(8, 16, 4, 1),
+            "axis=-1": torch.randn(8, 4, 1, 16)}[memory]
     layer(base.clone().requires_grad_(), training=False)  # leaves the plan
     monkeypatch.setattr(inference, "normalize_features", None)  # the full path's dispatch
     x, x_ref = base.clone().requires_grad_(), base.clone().requires_grad_()
     y = layer(x, training=False)
-    y_ref = ref(x_ref)
+    y_ref = ref(x_ref.movedim(axis, 1)).movedim(1, axis)
     with torch.no_grad():
         layer.moving_variance.mul_(4.0)  # e.g. an EMA's write before backward
     grad = torch.randn_like(y_ref)

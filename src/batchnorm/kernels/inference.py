@@ -110,8 +110,9 @@ def prepare_inference(x: Tensor, state: BatchNormState,
     not depend on the values decided once: ``run(x) -> y``.
 
     Where the call ends in ATen's kernel with the state's own statistics (one feature axis,
-    the statistics dtype throughout, no debias, statistics without a gradient, no device
-    pass for the activation), ``run`` calls it directly; else it takes
+    moved to dimension 1 by a view where it is elsewhere; the statistics dtype throughout;
+    no debias; statistics without a gradient; no device pass for the activation), ``run``
+    calls it directly; else it takes
     :func:`normalize_features`' choice per call. Where autograd records the call (an input,
     gamma or beta that needs a gradient), ``run`` gives ATen's kernel fresh copies of the
     statistics (ATen keeps them for backward: writing the buffers before backward, as DDP's
@@ -124,7 +125,7 @@ def prepare_inference(x: Tensor, state: BatchNormState,
     mean, variance = state.moving_mean, state.moving_variance
     dtype = statistics_dtype(x.dtype)
     recorded = torch.is_grad_enabled()
-    if (call.axes != (1,) or x.ndim < 2
+    if (len(call.axes) != 1 or x.ndim < 2
             or (config.debias and config.momentum is not None)
             or mean.dtype != dtype or variance.dtype != dtype
             or any(t is not None and t.dtype != dtype for t in (gamma, beta))
@@ -132,24 +133,30 @@ def prepare_inference(x: Tensor, state: BatchNormState,
             or (activation is not None and _activation_pass(x) is not None)):
         return lambda x: _infer(x, state, call)
     cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
+    (axis,) = call.axes
     if not (recorded and _differentiable(x, call)):
         # No gradient flows through it: no copy for ATen's backward (aten_input), no hook on
         # its gradient (gradient_read_right).
         def aten(x: Tensor) -> Tensor:  # _aten's call (conditions checked above), _activated's
-            y = torch.batch_norm(x, gamma, beta, mean, variance, False, 0.0, epsilon,
+            y = torch.batch_norm(x if axis == 1 else x.movedim(axis, 1), gamma, beta, mean,
+                                 variance, False, 0.0, epsilon,
                                  cuda and torch.backends.cudnn.enabled)
+            y = y if axis == 1 else y.movedim(1, axis)
             return y if activation is None else activate(y, activation, inplace=True)
         return aten
-    contiguous = aten_input(x, gamma, beta) is not x
-    hook = misreads_gradients(x.contiguous() if contiguous else x)
+    xm = x if axis == 1 else x.movedim(axis, 1)
+    contiguous = aten_input(xm, gamma, beta) is not xm
+    hook = misreads_gradients(xm.contiguous() if contiguous else xm)
 
     def recorded_aten(x: Tensor) -> Tensor:  # _infer's call for a differentiable input
+        xm = x if axis == 1 else x.movedim(axis, 1)
         # Copies, kept for backward (one stacked copy costs more: ATen saves views of it)
-        y = torch.batch_norm(x.contiguous() if contiguous else x, gamma, beta, mean.clone(),
+        y = torch.batch_norm(xm.contiguous() if contiguous else xm, gamma, beta, mean.clone(),
                              variance.clone(), False, 0.0, epsilon,
                              cuda and torch.backends.cudnn.enabled)
         if hook:
             y = gradient_read_right(y)
+        y = y if axis == 1 else y.movedim(1, axis)
         return y if activation is None else activate(y, activation, inplace=True)
     return recorded_aten
 
