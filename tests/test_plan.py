@@ -505,3 +505,41 @@ def test_inference_recorded_by_autograd_runs_atens_kernel_directly(monkeypatch, 
     assert torch.equal(x.grad, x_ref.grad)
     assert torch.equal(layer.gamma.grad, ref.weight.grad)
     assert torch.equal(layer.beta.grad, ref.bias.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("updates", [0, 3])
+def test_debiased_inference_runs_the_devices_loop(monkeypatch, dtype, grad, updates):
+    """Debiased inference (debias=True) takes the prepared call on CPU: the debiased averages
+    from the CPU kernel's loop, then ATen's kernel, bit for bit what inference_statistics'
+    torch operations and ATen's kernel give (the loop does their arithmetic, operation by
+    operation), before any update and after some; with autograd recording too, where the
+    statistics are new tensors at each call (a buffer written before backward changes no
+    gradient)."""
+    from batchnorm.kernels import cpu, inference
+    from batchnorm.statistics import inference_statistics
+
+    if not cpu.available():
+        pytest.skip("numba is unavailable")
+    layer = bn.BatchNorm(8, debias=True, momentum=0.9, epsilon=1e-5).to(dtype)
+    for _ in range(updates):
+        layer(torch.randn(16, 8, dtype=dtype) * 3 + 2, training=True)
+    x = torch.randn(16, 8, dtype=dtype, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        layer(x, training=False)  # leaves the plan
+        monkeypatch.setattr(inference, "normalize_features", None)  # the full path's dispatch
+        y = layer(x, training=False)
+        state = layer.state()
+        mean, variance = inference_statistics(state, momentum=0.9, epsilon=1e-5, debias=True)
+        expected = torch.batch_norm(x, layer.gamma, layer.beta, mean.detach(),
+                                    variance.detach(), False, 0.0, 1e-5, False)
+    assert torch.equal(y, expected)
+    if grad:
+        with torch.no_grad():
+            layer.moving_mean.add_(1.0)
+        y.sum().backward()
+        x_ref = x.detach().clone().requires_grad_()
+        torch.batch_norm(x_ref, layer.gamma.detach(), None, mean.detach(), variance.detach(),
+                         False, 0.0, 1e-5, False).sum().backward()
+        assert torch.equal(x.grad, x_ref.grad)

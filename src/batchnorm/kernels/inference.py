@@ -111,8 +111,10 @@ def prepare_inference(x: Tensor, state: BatchNormState,
 
     Where the call ends in ATen's kernel with the state's own statistics (one feature axis,
     moved to dimension 1 by a view where it is elsewhere; the statistics dtype throughout;
-    no debias; statistics without a gradient; no device pass for the activation), ``run``
-    calls it directly; else it takes
+    statistics without a gradient; no device pass for the activation), ``run`` calls it
+    directly, with ``debias`` after the device's loop for the debiased averages
+    (:meth:`~batchnorm.kernels.protocol.InferencePass.debiased`, where it has one); else it
+    takes
     :func:`normalize_features`' choice per call. Where autograd records the call (an input,
     gamma or beta that needs a gradient), ``run`` gives ATen's kernel fresh copies of the
     statistics (ATen keeps them for backward: writing the buffers before backward, as DDP's
@@ -125,8 +127,15 @@ def prepare_inference(x: Tensor, state: BatchNormState,
     mean, variance = state.moving_mean, state.moving_variance
     dtype = statistics_dtype(x.dtype)
     recorded = torch.is_grad_enabled()
+    differentiable = recorded and _differentiable(x, call)
+    debiased = None
+    if config.debias and config.momentum is not None:
+        device = INFERENCE_PASSES.get(x.device.type)
+        debiased = None if device is None else device.debiased(state, config.momentum,
+                                                                fresh=differentiable)
+        if debiased is None:
+            return lambda x: _infer(x, state, call)
     if (len(call.axes) != 1 or x.ndim < 2
-            or (config.debias and config.momentum is not None)
             or mean.dtype != dtype or variance.dtype != dtype
             or any(t is not None and t.dtype != dtype for t in (gamma, beta))
             or (recorded and (mean.requires_grad or variance.requires_grad))
@@ -134,13 +143,13 @@ def prepare_inference(x: Tensor, state: BatchNormState,
         return lambda x: _infer(x, state, call)
     cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
     (axis,) = call.axes
-    if not (recorded and _differentiable(x, call)):
+    if not differentiable:
         # No gradient flows through it: no copy for ATen's backward (aten_input), no hook on
         # its gradient (gradient_read_right).
         def aten(x: Tensor) -> Tensor:  # _aten's call (conditions checked above), _activated's
-            y = torch.batch_norm(x if axis == 1 else x.movedim(axis, 1), gamma, beta, mean,
-                                 variance, False, 0.0, epsilon,
-                                 cuda and torch.backends.cudnn.enabled)
+            m, v = (mean, variance) if debiased is None else debiased()
+            y = torch.batch_norm(x if axis == 1 else x.movedim(axis, 1), gamma, beta, m, v,
+                                 False, 0.0, epsilon, cuda and torch.backends.cudnn.enabled)
             y = y if axis == 1 else y.movedim(1, axis)
             return y if activation is None else activate(y, activation, inplace=True)
         return aten
@@ -151,9 +160,9 @@ def prepare_inference(x: Tensor, state: BatchNormState,
     def recorded_aten(x: Tensor) -> Tensor:  # _infer's call for a differentiable input
         xm = x if axis == 1 else x.movedim(axis, 1)
         # Copies, kept for backward (one stacked copy costs more: ATen saves views of it)
-        y = torch.batch_norm(xm.contiguous() if contiguous else xm, gamma, beta, mean.clone(),
-                             variance.clone(), False, 0.0, epsilon,
-                             cuda and torch.backends.cudnn.enabled)
+        m, v = (mean.clone(), variance.clone()) if debiased is None else debiased()
+        y = torch.batch_norm(xm.contiguous() if contiguous else xm, gamma, beta, m, v, False,
+                             0.0, epsilon, cuda and torch.backends.cudnn.enabled)
         if hook:
             y = gradient_read_right(y)
         y = y if axis == 1 else y.movedim(1, axis)

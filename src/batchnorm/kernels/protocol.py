@@ -99,6 +99,14 @@ class InferencePass(Protocol):
         (else ATen's kernel and the activation in place on its output)."""
         ...
 
+    def debiased(self, state: BatchNormState, momentum: float,
+                 fresh: bool) -> Callable[[], tuple[Tensor, Tensor]] | None:
+        """``statistics() -> (mean, variance)``: the debiased moving averages of ``state``
+        (:func:`batchnorm.statistics.inference_statistics`) computed on the device, decided
+        once for the state's tensors; new tensors at each call where ``fresh``. None where
+        the device's loop does not apply to this state."""
+        ...
+
 
 # Device type -> its inference pass. Filled by batchnorm.kernels beside FAST_PATHS (from the
 # same kernels); held here so that the inference module, which the kernels import, reaches

@@ -26,6 +26,7 @@ the registry in :mod:`batchnorm.kernels` then uses the native or composite kerne
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -102,6 +103,56 @@ class CpuKernel(Unprepared):
         """The inference pass (:func:`batchnorm.kernels.cpu.passes.affine`), registered in
         :data:`batchnorm.kernels.protocol.INFERENCE_PASSES`."""
         return passes.affine(x, inv, shift, activation)
+
+    def debiased(self, state: BatchNormState, momentum: float,
+                 fresh: bool) -> Callable[[], tuple[Tensor, Tensor]] | None:
+        """The debiased moving averages inference normalizes with
+        (:func:`batchnorm.statistics.inference_statistics`, the same arithmetic) as one numba
+        loop, :func:`batchnorm.kernels.cpu.loops.debiased`: ``statistics() -> (mean,
+        variance)``, new tensors at each call where ``fresh`` (a call autograd records keeps
+        them for backward), else this thread's pair, rewritten by its next call.
+
+        The state's tensors must keep their storage, shape and dtype while it is kept (a
+        layer's :class:`batchnorm.plan.CallPlan` checks them before every call). None where
+        the loop does not apply: numba missing, a renorm state or one without initial values,
+        dtypes other than float32/float64 (int64 for ``num_updates``), tensors that are not
+        contiguous or not on CPU.
+        """
+        mm, mv, m0, v0 = (state.moving_mean, state.moving_variance, state.initial_mean,
+                          state.initial_variance)
+        if m0 is None or v0 is None:
+            return None
+        tensors, updates = (mm, mv, m0, v0), state.num_updates
+        kind = _UPDATE_DTYPES.get(mm.dtype)
+        if (not available() or state.moving_stddev is not None or kind is None
+                or any(t.dtype != mm.dtype or t.ndim != 1 or t.shape != mm.shape
+                       for t in tensors)
+                or updates.dtype != torch.int64
+                or any(t.device.type != "cpu" or not t.is_contiguous()
+                       for t in (*tensors, updates))):
+            return None
+        loop = passes.loops.debiased
+        # Kept with their addresses: the loop must never read memory that was freed.
+        kept = (*tensors, updates)
+        addresses = (mm.data_ptr(), mv.data_ptr(), m0.data_ptr(), v0.data_ptr(),
+                     updates.data_ptr())
+        n, rate, like = mm.numel(), kind(momentum), mm
+        if fresh:
+            def new_statistics(kept: tuple = kept) -> tuple[Tensor, Tensor]:
+                mean, variance = torch.empty_like(like), torch.empty_like(like)
+                loop(*addresses, n, rate, mean.data_ptr(), variance.data_ptr())
+                return mean, variance
+            return new_statistics
+        pairs = threading.local()
+
+        def statistics(kept: tuple = kept) -> tuple[Tensor, Tensor]:
+            pair = getattr(pairs, "pair", None)
+            if pair is None:
+                mean, variance = torch.empty_like(like), torch.empty_like(like)
+                pair = pairs.pair = (mean, variance, mean.data_ptr(), variance.data_ptr())
+            loop(*addresses, n, rate, pair[2], pair[3])
+            return pair[0], pair[1]
+        return statistics
 
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
         """Why this kernel does not handle the call, or None when it does."""

@@ -626,3 +626,36 @@ def lerp_if_finite(moving_mean, moving_variance, count, mean, variance, n, weigh
         mv[i] = coefficient * (value - mv[i]) + (mv[i] if small else value)
     carray(_pointer(count, np.int64(0)), 1)[0] += 1
     return True
+
+
+# ---------------------------------------------------------------- debiased inference statistics
+
+
+@njit(cache=True, nogil=True)
+def debiased(moving_mean, moving_variance, initial_mean, initial_variance, count, n, momentum,
+             mean, variance):
+    """The debiased moving averages inference normalizes with, written to ``mean`` and
+    ``variance``: ``(moving - momentum**t * initial) / (1 - momentum**t)`` after ``t > 0``
+    updates, the averages themselves before any (:func:`batchnorm.statistics.
+    inference_statistics`' arithmetic, operation by operation, in ``momentum``'s type).
+
+    The arguments are addresses of contiguous memory (the caller checks sizes and dtypes):
+    ``n`` values of ``momentum``'s type each, ``count`` one int64.
+    """
+    t = carray(_pointer(count, np.int64(0)), 1)[0]
+    mm = carray(_pointer(moving_mean, momentum), n)
+    mv = carray(_pointer(moving_variance, momentum), n)
+    out_mean = carray(_pointer(mean, momentum), n)
+    out_variance = carray(_pointer(variance, momentum), n)
+    if t <= 0:
+        for i in range(n):
+            out_mean[i] = mm[i]
+            out_variance[i] = mv[i]
+        return
+    m0 = carray(_pointer(initial_mean, momentum), n)
+    v0 = carray(_pointer(initial_variance, momentum), n)
+    decay = momentum ** as_type(t, momentum)
+    denominator = one_like(momentum) - decay
+    for i in range(n):
+        out_mean[i] = (mm[i] - decay * m0[i]) / denominator
+        out_variance[i] = (mv[i] - decay * v0[i]) / denominator
