@@ -28,6 +28,7 @@ SLOW_TESTS: dict[str, set[str] | None] = {
     "test_typing.py": {  # mypy --strict, analyzing torch: 30 s to 3 min (seconds once cached)
         "test_a_user_script_passes_mypy_strict",
         "test_a_type_error_in_a_user_script_is_reported",
+        "test_the_layer_s_options_and_aliases_have_their_types_for_type_checkers",
     },
 }
 # Tests that use these fixtures start processes (torch.distributed over gloo): ~1 min; or

@@ -15,7 +15,7 @@ cores; a few seconds after that).
 from __future__ import annotations
 
 import ast
-import dataclasses
+import re
 import subprocess
 import sys
 from importlib import resources
@@ -84,28 +84,13 @@ def test_the_installed_package_is_marked_as_typed():
     assert resources.files("batchnorm").joinpath("py.typed").is_file()
 
 
-def test_the_config_constructor_type_checkers_see_has_the_dataclass_fields():
-    # BatchNormConfig declares its __init__ for type checkers only (if TYPE_CHECKING): it
-    # takes axis=-1 and a renorm_clipping dict, which the fields' canonical types do not.
-    # At run time the dataclass's own __init__ takes the fields: the same names, in the
-    # same order, with the same defaults.
-    tree = ast.parse(Path(config_module.__file__).read_text())
-    (declared,) = [node for node in ast.walk(tree)
-                   if isinstance(node, ast.FunctionDef) and node.name == "__init__"]
-    parameters = declared.args.args[1:]  # self
-    names = [parameter.arg for parameter in parameters]
-    defaults = [ast.literal_eval(default) for default in declared.args.defaults]
-    fields = [f for f in dataclasses.fields(config_module.BatchNormConfig) if f.init]
-    assert names == [f.name for f in fields]
-    assert defaults == [f.default for f in fields]
-
-
 def declared_functions() -> list[ast.FunctionDef]:
-    """The functions of ``options.LayerProperties``'s source, where the layer's properties
-    are declared for type checkers."""
+    """The functions of ``options.LayerProperties``'s source as type checkers see it (the
+    class with a base; the one defined at run time is empty), where the layer's properties
+    are declared."""
     tree = ast.parse(Path(options_module.__file__).read_text())
-    (declaring,) = [node for node in ast.walk(tree)
-                    if isinstance(node, ast.ClassDef) and node.name == "LayerProperties"]
+    (declaring,) = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                    and node.name == "LayerProperties" and node.bases]
     return [node for node in ast.walk(declaring) if isinstance(node, ast.FunctionDef)]
 
 
@@ -115,29 +100,37 @@ def declared_properties() -> dict[str, ast.FunctionDef]:
             if any(ast.unparse(d) == "property" for d in node.decorator_list)}
 
 
-def test_every_option_and_torch_alias_of_the_layer_is_declared_for_type_checkers():
+def torch_aliases() -> dict[str, str]:
+    """torch.nn's aliases the layer has (``TorchAlias.install``), with the attribute each reads."""
+    return {name: value.target for name, value in vars(bn.BatchNorm).items()
+            if isinstance(value, TorchAlias)}
+
+
+def test_every_torch_alias_of_the_layer_is_declared_for_type_checkers():
     # The options' properties and torch.nn's aliases are installed at run time (options.install,
     # TorchAlias.install), which type checkers do not see: without a declaration, mypy types
-    # layer.momentum as `Tensor | Module` (nn.Module.__getattr__). Each is declared, read-only
-    # (no setter), in a base class of the layer.
-    aliases = [name for name, value in vars(bn.BatchNorm).items()
-               if isinstance(value, TorchAlias)]
+    # layer.weight as `Tensor | Module` (nn.Module.__getattr__). The options are declared by
+    # their fields (LayerProperties is a subclass of config.Options for type checkers, which
+    # test_the_layer_s_options_and_aliases_have_their_types_for_type_checkers checks); each
+    # alias is declared, read-only (no setter), in that base class of the layer.
+    aliases = torch_aliases()
     assert aliases, "TorchAlias.install installed no alias on the layer"
     declared = declared_properties()
-    assert sorted(declared) == sorted([*config_module.CONFIG_FIELDS, *aliases])
+    assert sorted(declared) == sorted(aliases)
     assert sorted(node.name for node in declared_functions()) == sorted(declared)  # no setter
     assert issubclass(bn.BatchNorm, options_module.LayerProperties)
 
 
-def test_each_option_is_declared_with_its_config_field_type():
-    # As the layer reads it: the field's type, but axis as given (an int or a tuple) and
-    # renorm_clipping as a dict (the config keeps a tuple and (key, value) pairs).
-    declared = declared_properties()
-    as_read = {"axis": "int | tuple[int, ...]", "renorm_clipping": "dict[str, float] | None"}
-    for field in dataclasses.fields(config_module.BatchNormConfig):
-        if field.init:
-            expected = as_read.get(field.name, field.type)
-            assert ast.unparse(declared[field.name].returns) == expected, field.name
+def options_script() -> str:
+    """A script revealing, to mypy, each option's type on a layer and on a config, each torch
+    alias's and its target's type on a layer, and assigning an option of each."""
+    lines = ["import batchnorm as bn", "from batchnorm import functional as F",
+             "layer = bn.BatchNorm(8)", "config = F.BatchNormConfig()"]
+    lines += [f"reveal_type({owner}.{name})" for name in config_module.CONFIG_FIELDS
+              for owner in ("layer", "config")]
+    lines += [f"reveal_type(layer.{name})" for pair in torch_aliases().items() for name in pair]
+    lines += ["layer.momentum = 0.5", "config.momentum = 0.5"]
+    return "".join(line + "\n" for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +140,8 @@ def mypy_output(pytestconfig, tmp_path_factory) -> dict[str, str]:
     cache = getattr(pytestconfig, "cache", None)  # None with -p no:cacheprovider
     cache_dir = cache.mkdir("mypy") if cache is not None else tmp_path_factory.mktemp("mypy")
     folder = tmp_path_factory.mktemp("user")
-    scripts = {"user_script.py": USER_SCRIPT, "wrong_script.py": WRONG_SCRIPT}
+    scripts = {"user_script.py": USER_SCRIPT, "wrong_script.py": WRONG_SCRIPT,
+               "options_script.py": options_script()}
     for name, text in scripts.items():
         (folder / name).write_text(text)
     # --config-file "": no configuration file, wherever the folder is.
@@ -169,3 +163,20 @@ def test_a_type_error_in_a_user_script_is_reported(mypy_output):
     report = mypy_output["wrong_script.py"]
     assert report.startswith("wrong_script.py:6: error: "), report  # y: Tensor = a layer
     assert "[assignment]" in report, report
+
+
+def test_the_layer_s_options_and_aliases_have_their_types_for_type_checkers(mypy_output):
+    # An option reads as the config's field, but axis as given (an int or a tuple) and
+    # renorm_clipping as a dict (the config keeps a tuple and (key, value) pairs); an alias
+    # as what it reads; both read-only.
+    report = mypy_output["options_script.py"]
+    revealed = re.findall(r'Revealed type is "(.*)"', report)
+    options = len(config_module.CONFIG_FIELDS)
+    as_given = {"axis": "int | tuple[int, ...]", "renorm_clipping": "dict[str, float] | None"}
+    for name, on_layer, on_config in zip(config_module.CONFIG_FIELDS, revealed[0:2 * options:2],
+                                         revealed[1:2 * options:2], strict=True):
+        assert on_layer == as_given.get(name, on_config), name
+    aliases = revealed[2 * options:]
+    assert len(aliases) == 2 * len(torch_aliases())
+    assert aliases[0::2] == aliases[1::2]
+    assert len(re.findall(r'Property "momentum" .* is read-only', report)) == 2, report

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,14 +26,33 @@ from . import activations, initializers
 from .initializers import Initializer, as_float, describe
 from .shapes import resolve_axes
 
-__all__ = ["GHOST_LAYOUTS", "Adjustment", "BatchNormConfig", "Constraint", "Regularizer",
-           "check_epsilon"]
+__all__ = ["GHOST_LAYOUTS", "Adjustment", "BatchNormConfig", "Clipping", "Constraint", "Options",
+           "Regularizer", "check_epsilon"]
 
 GHOST_LAYOUTS = ("strided", "consecutive")
 CLIPPING_KEYS = ("rmin", "rmax", "dmax")
 Adjustment = Callable[[Any], tuple[Tensor, Tensor]]
 Regularizer = Callable[[Tensor], Tensor]
 Constraint = Callable[[Tensor], Tensor]
+Clipping = Mapping[str, float] | Iterable[tuple[str, float]]
+"""``renorm_clipping`` as given: a mapping, or ``(key, value)`` pairs."""
+AxisT = TypeVar("AxisT")
+ClippingT = TypeVar("ClippingT")
+Given = TypeVar("Given")
+Read = TypeVar("Read")
+
+if TYPE_CHECKING:
+    class Converted(Generic[Given, Read]):
+        """The type of a field that is given as ``Given`` and read as ``Read`` (a data
+        descriptor, to type checkers: the dataclass's ``__init__`` takes what ``__set__``
+        takes; an instance gives what ``__get__`` gives)."""
+
+        def __init__(self, default: Given) -> None: ...
+        def __get__(self, instance: object, owner: type | None = None) -> Read: ...
+        def __set__(self, instance: object, value: Given) -> None: ...
+else:
+    def Converted(default):  # at run time: the field's default itself, no descriptor
+        return default
 
 
 def _is_number(value: Any, *, integer: bool = False) -> bool:
@@ -78,31 +97,17 @@ def _canonical_axis(axis: int | Sequence[int]) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchNormConfig:
-    """Every option of a batch normalization layer, validated and frozen.
+class Options(Generic[AxisT, ClippingT]):
+    """Every option's name, type and default, declared once (the dataclass's fields).
 
-    The fields are :class:`batchnorm.BatchNorm`'s keyword arguments (see its
-    docstring for what each does), less the ones that are not configuration
-    (``num_features``, ``process_group``, ``trainable``, ``device``, ``dtype``).
-    Building one raises ``TypeError``/``ValueError`` for an invalid option or
-    options that are meaningless together; a built one is always consistent.
-    ``axis`` is stored as a tuple and ``renorm_clipping`` as sorted ``(key,
-    value)`` pairs (:attr:`clipping` gives the bounds with their defaults).
-
-    >>> config = BatchNormConfig(axis=-1, momentum=0.9)
-    >>> config.axis, config.momentum, config.plain
-    ((-1,), 0.9, True)
-    >>> config.replace(renorm=True).plain
-    False
-    >>> BatchNormConfig(momentum=1.5)
-    Traceback (most recent call last):
-    ...
-    ValueError: momentum=1.5 is invalid: expected a number in [0, 1), the decay of the moving \
-averages (TensorFlow's default 0.99; PyTorch's momentum=0.1 is 0.9), or None for the cumulative \
-average
+    :class:`BatchNormConfig` holds them validated; :class:`batchnorm.BatchNorm` shows them as
+    read-only properties (declared for type checkers by ``options.LayerProperties``, a
+    subclass too). Both take ``axis`` and ``renorm_clipping`` as given (an int or ints; a
+    mapping or ``(key, value)`` pairs) and give them back as ``AxisT`` and ``ClippingT``: the
+    config as a tuple and sorted pairs, the layer as given and as a dict.
     """
 
-    axis: tuple[int, ...] = (1,)
+    axis: Converted[int | Sequence[int], AxisT] = Converted((1,))
     momentum: float | None = 0.99
     epsilon: float = 1e-3
     center: bool = True
@@ -118,7 +123,7 @@ average
     debias: bool = False
     unbiased_moving_variance: bool | None = None
     renorm: bool = False
-    renorm_clipping: tuple[tuple[str, float], ...] | None = None
+    renorm_clipping: Converted[Clipping | None, ClippingT] = Converted(None)
     renorm_momentum: float = 0.99
     virtual_batch_size: int | None = None
     ghost_layout: str = "strided"
@@ -126,46 +131,52 @@ average
     fused: bool | None = None
     synchronized: bool = False
     activation: str | None = None
-    # Feature axes resolved per input rank (resolve_axes: ndim -> tuple[int, ...]) and the
-    # configurations per variance rule (for_input, with_variance: a tuple -> BatchNormConfig);
-    # not part of the configuration.
-    _resolved: dict[Any, Any] = dataclasses.field(default_factory=dict, init=False, repr=False,
-                                                  compare=False)
-
-    if TYPE_CHECKING:
-        # The constructor as type checkers should see it: it takes axis and renorm_clipping
-        # as given (an int or ints; a mapping, or (key, value) pairs) and keeps them in the
-        # canonical form the fields' types say. The dataclass writes the real one from the
-        # fields (tests/test_typing.py checks that the names, order and defaults agree).
-        def __init__(
-            self,
-            axis: int | Sequence[int] = (1,),
-            momentum: float | None = 0.99,
-            epsilon: float = 1e-3,
-            center: bool = True,
-            scale: bool = True,
-            beta_initializer: Initializer = "zeros",
-            gamma_initializer: Initializer = "ones",
-            moving_mean_initializer: Initializer = "zeros",
-            moving_variance_initializer: Initializer = "ones",
-            beta_regularizer: Regularizer | None = None,
-            gamma_regularizer: Regularizer | None = None,
-            beta_constraint: Constraint | None = None,
-            gamma_constraint: Constraint | None = None,
-            debias: bool = False,
-            unbiased_moving_variance: bool | None = None,
-            renorm: bool = False,
-            renorm_clipping: Mapping[str, float] | Iterable[tuple[str, float]] | None = None,
-            renorm_momentum: float = 0.99,
-            virtual_batch_size: int | None = None,
-            ghost_layout: str = "strided",
-            adjustment: Adjustment | None = None,
-            fused: bool | None = None,
-            synchronized: bool = False,
-            activation: str | None = None,
-        ) -> None: ...
 
     def __post_init__(self) -> None:
+        """Nothing: a subclass checks the options and brings them into its form."""
+
+
+# Not a dataclass itself: it inherits Options' constructor, fields, equality and hash (to a
+# type checker, a dataclass subclass would read the Converted fields as given), is frozen
+# for every attribute (Options' guard covers its fields only) and validates in __post_init__.
+class BatchNormConfig(Options[tuple[int, ...], tuple[tuple[str, float], ...] | None]):
+    """Every option of a batch normalization layer, validated and frozen.
+
+    The fields are :class:`batchnorm.BatchNorm`'s keyword arguments (see its
+    docstring for what each does), less the ones that are not configuration
+    (``num_features``, ``process_group``, ``trainable``, ``device``, ``dtype``).
+    Building one raises ``TypeError``/``ValueError`` for an invalid option or
+    options that are meaningless together; a built one is always consistent.
+    ``axis`` is stored as a tuple and ``renorm_clipping`` as sorted ``(key,
+    value)`` pairs (:attr:`clipping` gives the bounds with their defaults). The fields are
+    declared by :class:`Options`.
+
+    >>> config = BatchNormConfig(axis=-1, momentum=0.9)
+    >>> config.axis, config.momentum, config.plain
+    ((-1,), 0.9, True)
+    >>> config.replace(renorm=True).plain
+    False
+    >>> BatchNormConfig(momentum=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: momentum=1.5 is invalid: expected a number in [0, 1), the decay of the moving \
+averages (TensorFlow's default 0.99; PyTorch's momentum=0.1 is 0.9), or None for the cumulative \
+average
+    """
+
+    # Feature axes resolved per input rank (resolve_axes: ndim -> tuple[int, ...]) and the
+    # configurations per variance rule (for_input, with_variance: a tuple -> BatchNormConfig);
+    # not part of the configuration (not a field).
+    _resolved: dict[Any, Any]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_resolved", {})
         object.__setattr__(self, "axis", _canonical_axis(self.axis))
         for name in ("center", "scale", "debias", "unbiased_moving_variance", "renorm"):
             value = getattr(self, name)
@@ -386,5 +397,4 @@ average
         return dataclasses.replace(self, **changes)
 
 
-CONFIG_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(BatchNormConfig) if f.init)
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(BatchNormConfig))

@@ -1,12 +1,13 @@
 """The BatchNorm layer's options, derived from :class:`~batchnorm.config.BatchNormConfig`'s
 fields: each field is a read-only property of the layer (:class:`Option`), an entry of
 ``get_config()`` (:func:`to_config`) and, where it differs from its default, of ``repr()``
-(:func:`describe`). A new option is a new field of the config (and the code that uses it);
-the layer's ``__init__`` names it once more, as a keyword argument.
+(:func:`describe`). A new option is a new field of :class:`~batchnorm.config.Options` (and
+the code that uses it); the layer's ``__init__`` names it once more, as a keyword argument.
 
-:class:`LayerProperties`, a base of the layer, declares those properties and ``torch.nn``'s
-aliases of its attributes (:class:`batchnorm.torch_compat.TorchAlias`) for type checkers,
-which do not see what is installed at run time.
+:class:`LayerProperties`, a base of the layer, declares those properties (as a subclass of
+``Options``) and ``torch.nn``'s aliases of its attributes
+(:class:`batchnorm.torch_compat.TorchAlias`) for type checkers, which do not see what is
+installed at run time.
 
 Also the checks of ``num_features`` (:func:`feature_shape`) and the reading of a Keras or
 ``get_config()`` dict (:func:`from_config_arguments`).
@@ -23,8 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import initializers
-from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
-from .initializers import Initializer
+from .config import Options
 from .initializers import describe as describe_number
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["OPTIONS", "STRUCTURAL", "LayerProperties", "Option", "check_changes", "describe",
            "feature_shape", "from_config_arguments", "install", "to_config"]
 
-OPTIONS = tuple(field for field in dataclasses.fields(BatchNormConfig) if field.init)
+OPTIONS = dataclasses.fields(Options)
 # Options that decide which parameters and buffers exist: a layer cannot change them.
 STRUCTURAL = frozenset({"axis", "center", "scale", "debias", "renorm"})
 # repr() always shows these; it shows no initializer, regularizer or constraint (by the type
@@ -71,61 +71,12 @@ class Option:
             f"validated together once); {how}")
 
 
-class LayerProperties:
-    """The layer's read-only properties that are installed at run time (:func:`install`,
-    ``TorchAlias.install``), as type checkers should see them: each option with the type the
-    layer gives it (``axis`` as given, ``renorm_clipping`` as a dict), and torch.nn's aliases.
-    Empty at run time (tests/test_typing.py checks that every option and alias is here)."""
-
-    if TYPE_CHECKING:
-        @property
-        def axis(self) -> int | tuple[int, ...]: ...
-        @property
-        def momentum(self) -> float | None: ...
-        @property
-        def epsilon(self) -> float: ...
-        @property
-        def center(self) -> bool: ...
-        @property
-        def scale(self) -> bool: ...
-        @property
-        def beta_initializer(self) -> Initializer: ...
-        @property
-        def gamma_initializer(self) -> Initializer: ...
-        @property
-        def moving_mean_initializer(self) -> Initializer: ...
-        @property
-        def moving_variance_initializer(self) -> Initializer: ...
-        @property
-        def beta_regularizer(self) -> Regularizer | None: ...
-        @property
-        def gamma_regularizer(self) -> Regularizer | None: ...
-        @property
-        def beta_constraint(self) -> Constraint | None: ...
-        @property
-        def gamma_constraint(self) -> Constraint | None: ...
-        @property
-        def debias(self) -> bool: ...
-        @property
-        def unbiased_moving_variance(self) -> bool | None: ...
-        @property
-        def renorm(self) -> bool: ...
-        @property
-        def renorm_clipping(self) -> dict[str, float] | None: ...
-        @property
-        def renorm_momentum(self) -> float: ...
-        @property
-        def virtual_batch_size(self) -> int | None: ...
-        @property
-        def ghost_layout(self) -> str: ...
-        @property
-        def adjustment(self) -> Adjustment | None: ...
-        @property
-        def fused(self) -> bool | None: ...
-        @property
-        def synchronized(self) -> bool: ...
-        @property
-        def activation(self) -> str | None: ...
+if TYPE_CHECKING:
+    class LayerProperties(Options[int | tuple[int, ...], dict[str, float] | None]):
+        """The layer's read-only properties that are installed at run time (:func:`install`,
+        ``TorchAlias.install``), as type checkers should see them: each option as
+        :class:`~batchnorm.config.Options` declares it (``axis`` as given, an int or a tuple;
+        ``renorm_clipping`` as a dict), and torch.nn's aliases."""
 
         # torch.nn's names (batchnorm.torch_compat): gamma, beta, the moving statistics,
         # num_updates and epsilon.
@@ -141,6 +92,10 @@ class LayerProperties:
         def num_batches_tracked(self) -> Tensor: ...
         @property
         def eps(self) -> float: ...
+else:
+    class LayerProperties:
+        """A base of the layer, empty at run time: for type checkers, its options' and torch.nn
+        aliases' properties (tests/test_typing.py checks what mypy sees)."""
 
 
 def install(layer_class: type) -> None:

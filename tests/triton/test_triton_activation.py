@@ -88,7 +88,7 @@ from batchnorm.kernels.triton import passes as tp
 TYPES = {torch.float32: 'fp32', torch.float64: 'fp64', torch.bfloat16: 'bf16',
          torch.int64: 'i64', torch.uint8: 'u8'}
 launches = []
-for name in ('_affine_kernel', '_grad_sums_kernel', '_grad_input_kernel'):
+for name in ('_affine_kernel', '_sums_kernel', '_grad_input_kernel'):
     kernel = getattr(tp, name)
     record = (lambda kernel: lambda *a, **kw: launches.append((kernel, a, kw)))(kernel)
     setattr(tp, name, type('Recorder', (), {'__getitem__': lambda self, grid, r=record: r})())

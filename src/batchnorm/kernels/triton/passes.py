@@ -100,15 +100,25 @@ if triton is not None:
                 ib * itiles // iblocks, (ib + 1) * itiles // iblocks)
 
     @triton.jit
-    def _moments_kernel(x_ptr, rows_ptr, k_ptr, w_ptr, part_ptr, groups, per_group, C, inner,
-                        ctiles, rtiles, itiles, rblocks, iblocks,
-                        MASKED: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                        BR: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr):
+    def _sums_kernel(x_ptr, dy_ptr, rows_ptr, k_ptr, a_ptr, b_ptr, w_ptr, part_ptr, groups,
+                     per_group, C, inner, ctiles, rtiles, itiles, rblocks, iblocks,
+                     GRAD: tl.constexpr, MASKED: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                     ACTIVATION: tl.constexpr,
+                     BR: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr):
+        """The reductions: ``sum u`` and ``sum u v`` per (group, channel), ``v = x - k``.
+
+        Pass 1 (``GRAD`` False): ``u = v``, the values ``x - k`` a mask ``w`` selects (all
+        without ``MASKED``), and with ``MASKED`` also ``sum w``. Pass 3 (``GRAD``): ``u = dy``
+        (``dy * act'(z)`` with an ``ACTIVATION``, ``z = x * a + b``), ``k`` the mean.
+        """
         g, blk, ct, r_lo, r_hi, i_lo, i_hi = _span(tl.program_id(0), ctiles, iblocks, rblocks,
                                                    rtiles, itiles)
         c = ct * BC + tl.arange(0, BC)
         cm = c < C
         k = tl.load(k_ptr + g * C + c, mask=cm, other=0)[None, :, None]
+        if ACTIVATION != 0:  # the output pass's coefficients, to recompute z = x * a + b
+            a = tl.load(a_ptr + g * C + c, mask=cm, other=0)[None, :, None]
+            b = tl.load(b_ptr + g * C + c, mask=cm, other=0)[None, :, None]
         s = tl.zeros([BR, BC, BI], dtype=k_ptr.dtype.element_ty)
         q = tl.zeros([BR, BC, BI], dtype=k_ptr.dtype.element_ty)
         n = tl.zeros([BR, BC, BI], dtype=k_ptr.dtype.element_ty)
@@ -122,17 +132,24 @@ if triton is not None:
                 m = pm & cm[None, :, None]
                 off = (o * C + c[None, :, None]) * inner + i
                 x = tl.load(x_ptr + off, mask=m, other=0).to(s.dtype)
-                if MASKED:  # as cpu.loops: w selects, it does not multiply (NaN * 0 is NaN)
+                if GRAD:
+                    u = tl.load(dy_ptr + off, mask=m, other=0).to(s.dtype)  # 0 outside
+                    if ACTIVATION != 0:  # dz = dy * act'(z): 0 outside too (z = 0 there)
+                        u = _activation_grad(u, (x * a + b).to(s.dtype), ACTIVATION)
+                    v = x - k
+                elif MASKED:  # as cpu.loops: w selects, it does not multiply (NaN * 0 is NaN)
                     if PER_CHANNEL:
                         w = tl.load(w_ptr + off, mask=m, other=0).to(s.dtype)
                     else:  # one load per (row, position), broadcast over the channels
                         w = tl.load(w_ptr + o * inner + i, mask=pm, other=0).to(s.dtype)
                     v = tl.where(w != 0, x - k, 0.0)  # x = k = 0 outside the tile's range
+                    u = v
                     n += w
                 else:
                     v = tl.where(m, x - k, 0.0)
-                s += v
-                q += v * v
+                    u = v
+                s += u
+                q += u * v
         stride = groups * rblocks * iblocks * C
         p = part_ptr + (g * rblocks * iblocks + blk) * C + c
         tl.store(p, tl.sum(tl.sum(s, 2), 0).to(tl.float64), mask=cm)
@@ -160,43 +177,10 @@ if triton is not None:
         return d
 
     @triton.jit
-    def _grad_sums_kernel(x_ptr, dy_ptr, rows_ptr, mean_ptr, a_ptr, b_ptr, part_ptr, groups,
-                          per_group, C, inner, ctiles, rtiles, itiles, rblocks, iblocks,
-                          ACTIVATION: tl.constexpr,
-                          BR: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr):
-        g, blk, ct, r_lo, r_hi, i_lo, i_hi = _span(tl.program_id(0), ctiles, iblocks, rblocks,
-                                                   rtiles, itiles)
-        c = ct * BC + tl.arange(0, BC)
-        cm = c < C
-        mean = tl.load(mean_ptr + g * C + c, mask=cm, other=0)[None, :, None]
-        if ACTIVATION != 0:  # the output pass's coefficients, to recompute z = x * a + b
-            a = tl.load(a_ptr + g * C + c, mask=cm, other=0)[None, :, None]
-            b = tl.load(b_ptr + g * C + c, mask=cm, other=0)[None, :, None]
-        s = tl.zeros([BR, BC, BI], dtype=mean_ptr.dtype.element_ty)
-        p = tl.zeros([BR, BC, BI], dtype=mean_ptr.dtype.element_ty)
-        for rt in range(r_lo, r_hi):
-            j = rt * BR + tl.arange(0, BR)
-            jm = j < per_group
-            o = tl.load(rows_ptr + g * per_group + j, mask=jm, other=0)[:, None, None]
-            for it in range(i_lo, i_hi):
-                i = (it * BI + tl.arange(0, BI))[None, None, :]
-                m = jm[:, None, None] & cm[None, :, None] & (i < inner)
-                off = (o * C + c[None, :, None]) * inner + i
-                x = tl.load(x_ptr + off, mask=m, other=0).to(s.dtype)
-                d = tl.load(dy_ptr + off, mask=m, other=0).to(s.dtype)  # 0 outside: no where
-                if ACTIVATION != 0:  # dz = dy * act'(z): 0 outside too (z = 0 there)
-                    d = _activation_grad(d, (x * a + b).to(s.dtype), ACTIVATION)
-                s += d
-                p += d * (x - mean)
-        stride = groups * rblocks * iblocks * C
-        ptr = part_ptr + (g * rblocks * iblocks + blk) * C + c
-        tl.store(ptr, tl.sum(tl.sum(s, 2), 0).to(tl.float64), mask=cm)
-        tl.store(ptr + stride, tl.sum(tl.sum(p, 2), 0).to(tl.float64), mask=cm)
-
-    @triton.jit
-    def _tile(pid, outer, C, inner, ctiles, itiles, BR: tl.constexpr, BC: tl.constexpr,
-              BI: tl.constexpr):
-        """Elementwise program ``pid``: its rows, channels, offsets and bounds (3-D)."""
+    def _tile(pid, gid_ptr, outer, C, inner, ctiles, itiles, BR: tl.constexpr,
+              BC: tl.constexpr, BI: tl.constexpr):
+        """Elementwise program ``pid``: its rows, positions, the index of their (group,
+        channel) coefficients and its bound, the values' offsets and bound (3-D)."""
         it = pid % itiles
         t = pid // itiles
         ct = t % ctiles
@@ -206,20 +190,23 @@ if triton is not None:
         i = (it * BI + tl.arange(0, BI))[None, None, :]
         cm = (o < outer)[:, None] & (c < C)[None, :]  # (BR, BC): the coefficients' bound
         off = (o[:, None, None] * C + c[None, :, None]) * inner + i
-        return o, c, i, cm, off, cm[:, :, None] & (i < inner)
+        coef = tl.load(gid_ptr + o, mask=o < outer, other=0)[:, None] * C + c[None, :]
+        return o, i, coef, cm, off, cm[:, :, None] & (i < inner)
+
+    @triton.jit
+    def _coefficient(ptr, coef, cm):
+        """The ``(groups, C)`` coefficients at ``ptr`` of a tile's rows and channels."""
+        return tl.load(ptr + coef, mask=cm, other=0)[:, :, None]
 
     @triton.jit
     def _affine_kernel(x_ptr, gid_ptr, a_ptr, b_ptr, y_ptr, outer, C, inner, ctiles, itiles,
                        ACTIVATION: tl.constexpr,
                        BR: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr):
-        o, c, i, cm, off, m = _tile(tl.program_id(0), outer, C, inner, ctiles, itiles,
-                                    BR, BC, BI)
-        coef = tl.load(gid_ptr + o, mask=o < outer, other=0)[:, None] * C + c[None, :]
-        a = tl.load(a_ptr + coef, mask=cm, other=0)[:, :, None]
-        b = tl.load(b_ptr + coef, mask=cm, other=0)[:, :, None]
-        x = tl.load(x_ptr + off, mask=m, other=0).to(a.dtype)
-        tl.store(y_ptr + off, _activate(x * a + b, ACTIVATION).to(y_ptr.dtype.element_ty),
-                 mask=m)
+        o, i, coef, cm, off, m = _tile(tl.program_id(0), gid_ptr, outer, C, inner, ctiles,
+                                       itiles, BR, BC, BI)
+        x = tl.load(x_ptr + off, mask=m, other=0).to(a_ptr.dtype.element_ty)
+        z = x * _coefficient(a_ptr, coef, cm) + _coefficient(b_ptr, coef, cm)
+        tl.store(y_ptr + off, _activate(z, ACTIVATION).to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _grad_input_kernel(x_ptr, dy_ptr, gid_ptr, m_ptr, p_ptr, q_ptr, u_ptr, a_ptr, b_ptr,
@@ -227,19 +214,17 @@ if triton is not None:
                            MASKED: tl.constexpr, PER_CHANNEL: tl.constexpr,
                            ACTIVATION: tl.constexpr,
                            BR: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr):
-        o, c, i, cm, off, m = _tile(tl.program_id(0), outer, C, inner, ctiles, itiles,
-                                    BR, BC, BI)
-        coef = tl.load(gid_ptr + o, mask=o < outer, other=0)[:, None] * C + c[None, :]
-        mean = tl.load(m_ptr + coef, mask=cm, other=0)[:, :, None]
-        p = tl.load(p_ptr + coef, mask=cm, other=0)[:, :, None]
-        q = tl.load(q_ptr + coef, mask=cm, other=0)[:, :, None]
-        u = tl.load(u_ptr + coef, mask=cm, other=0)[:, :, None]
+        o, i, coef, cm, off, m = _tile(tl.program_id(0), gid_ptr, outer, C, inner, ctiles,
+                                       itiles, BR, BC, BI)
+        mean = _coefficient(m_ptr, coef, cm)
+        p = _coefficient(p_ptr, coef, cm)
+        q = _coefficient(q_ptr, coef, cm)
+        u = _coefficient(u_ptr, coef, cm)
         x = tl.load(x_ptr + off, mask=m, other=0).to(p.dtype)
         d = tl.load(dy_ptr + off, mask=m, other=0).to(p.dtype)
         if ACTIVATION != 0:  # dz = dy * act'(z), z = x * a + b recomputed
-            a = tl.load(a_ptr + coef, mask=cm, other=0)[:, :, None]
-            b = tl.load(b_ptr + coef, mask=cm, other=0)[:, :, None]
-            d = _activation_grad(d, x * a + b, ACTIVATION)
+            d = _activation_grad(d, x * _coefficient(a_ptr, coef, cm)
+                                 + _coefficient(b_ptr, coef, cm), ACTIVATION)
         r = q * (x - mean) + u
         if MASKED:
             if PER_CHANNEL:
@@ -359,6 +344,23 @@ def _activation_args(activation, like: Tensor) -> tuple[int, Tensor, Tensor]:
 # ---------------------------------------------------------------- the passes
 
 
+def _sums(x3: Tensor, dy3: Tensor, rows: Tensor, k: Tensor, a: Tensor, b: Tensor, w3: Tensor,
+          count: int, **flags: bool | int) -> Tensor:
+    """float64 ``(count, groups, C)``: the sums of ``_sums_kernel`` (``flags``: its
+    ``GRAD``, ``MASKED``, ``PER_CHANNEL`` and ``ACTIVATION``), its blocks' partials added."""
+    outer, channels, inner = x3.shape
+    groups, per_group = rows.shape
+    grid = _reduction_grid(x3, groups, per_group)
+    blocks = grid["rblocks"] * grid["iblocks"]
+    part = torch.empty(count, groups, blocks, channels, dtype=torch.float64, device=x3.device)
+    with _device(x3):
+        _sums_kernel[(groups * blocks * grid["ctiles"],)](
+            x3, dy3, rows, k, a, b, w3, part, groups, per_group, channels, inner, **flags,
+            **grid)
+    return part.sum(2)
+
+
+
 def moments(x3: Tensor, rows: Tensor, shift: Tensor, w3: Tensor | None) -> Tensor:
     """float64 ``(3, groups, C)``: ``sum w (x - k)``, ``sum (w (x - k))**2`` and ``sum w``
     per (group, channel), with ``w = 1`` when ``w3`` is None (then the third row is the
@@ -377,15 +379,8 @@ def moments(x3: Tensor, rows: Tensor, shift: Tensor, w3: Tensor | None) -> Tenso
         sums = torch.zeros(3, groups, channels, dtype=torch.float64, device=x3.device)
         sums[2] = 0.0 if masked else per_group * inner
         return sums
-    grid = _reduction_grid(x3, groups, per_group)
-    blocks = grid["rblocks"] * grid["iblocks"]
-    part = torch.empty(3 if masked else 2, groups, blocks, channels, dtype=torch.float64,
-                       device=x3.device)
-    with _device(x3):
-        _moments_kernel[(groups * blocks * grid["ctiles"],)](
-            x3, rows, shift, w3 if masked else x3, part, groups, per_group, channels, inner,
-            MASKED=masked, PER_CHANNEL=per_channel, **grid)
-    sums = part.sum(2)
+    sums = _sums(x3, x3, rows, shift, shift, shift, x3 if w3 is None else w3, 3 if masked else 2,
+                 GRAD=False, MASKED=masked, PER_CHANNEL=per_channel, ACTIVATION=0)
     if masked:
         return sums
     return torch.cat([sums, torch.full((1, groups, channels), float(per_group * inner),
@@ -420,14 +415,8 @@ def grad_sums(x3: Tensor, dy3: Tensor, rows: Tensor, mean: Tensor, activation=No
     mean = mean.to(_run_dtype(x3)).contiguous()
     if x3.numel() == 0 or rows.numel() == 0:
         return torch.zeros(2, groups, channels, dtype=torch.float64, device=x3.device)
-    grid = _reduction_grid(x3, groups, per_group)
-    blocks = grid["rblocks"] * grid["iblocks"]
-    part = torch.empty(2, groups, blocks, channels, dtype=torch.float64, device=x3.device)
-    with _device(x3):
-        _grad_sums_kernel[(groups * blocks * grid["ctiles"],)](
-            x3, dy3, rows, mean, a, b, part, groups, per_group, channels, inner,
-            ACTIVATION=code, **grid)
-    return part.sum(2)
+    return _sums(x3, dy3, rows, mean, a, b, x3, 2, GRAD=True, MASKED=False, PER_CHANNEL=False,
+                 ACTIVATION=code)
 
 
 def grad_input(x3: Tensor, dy3: Tensor, gid: Tensor, m: Tensor, p: Tensor, q: Tensor,
