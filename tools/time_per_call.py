@@ -42,10 +42,18 @@ old_src, new_src, pairs, calls, new_first = sys.argv[1:6]
 pairs, calls = int(pairs), int(calls)
 order = [("new", new_src), ("old", old_src)] if new_first == "1" else [
     ("old", old_src), ("new", new_src)]
-layers = {side: load(src).BatchNorm(64) for side, src in order}
 x = torch.randn(32, 64)
 xg = x.clone().requires_grad_()
 dy = torch.randn(32, 64)
+layers = {}
+for side, src in order:
+    # Each version's calls run once before the other is imported: whatever a version
+    # imports lazily on its first call comes from its own src.
+    layer = layers[side] = load(src).BatchNorm(64)
+    with torch.no_grad():
+        layer(x, training=True)
+        layer(x, training=False)
+    layer(xg, training=True).backward(dy)
 
 def forward(layer):
     with torch.no_grad():
