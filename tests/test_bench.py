@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import batchnorm as bn
-from batchnorm.apps import bench, measure
+from batchnorm.apps import bench, bench_modes, measure
 from batchnorm.apps import bench_end_to_end as e2e
 from batchnorm.apps import bench_norm_cost as norm_cost
 from batchnorm.apps import bench_per_call as per_call
@@ -445,12 +445,12 @@ def test_per_call_modes_cover_the_modes_asked_for_and_channels_last_only_in_4d()
 def test_every_mode_options_build_a_layer_that_runs():
     gen = torch.Generator().manual_seed(0)
     for mode in per_call.MODES:
-        options, mask = bench.mode_options(mode, (8, 4, 2, 2), gen)
+        options, mask = bench_modes.mode_options(mode, (8, 4, 2, 2), gen)
         x = torch.randn(8, 2, 2, 4) if mode == "axis=-1" else torch.randn(8, 4, 2, 2)
         layer = bn.BatchNorm(4, **{"axis": 1, **options})
         assert layer(x, mask=mask).shape == x.shape
     with pytest.raises(ValueError, match="'sometimes' is not one of"):
-        bench.mode_options("sometimes", (8, 4), gen)
+        bench_modes.mode_options("sometimes", (8, 4), gen)
 
 
 def test_per_call_rows_time_ours_against_torch_nn_in_every_mode_and_phase():

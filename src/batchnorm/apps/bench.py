@@ -79,17 +79,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .measure import (
-    WIDTH,
-    calibrate,
-    compare,
-    flag_notes,
-    markdown,
-    rounds,
-    spread,
-    spread_flag,
-    wrap,
-)
+from .bench_modes import VIRTUAL_BATCH_SIZE, mode_options, phase_fns
+from .bench_per_call import MODES as PER_CALL_MODES
+from .measure import WIDTH, alternated, compare, flag_notes, markdown, spread, spread_flag, wrap
 
 ALLOCATORS = {
     "default": {},
@@ -104,9 +96,6 @@ PASSES = {"forward": 3, "forward+backward": 8, "inference": 2}  # tensor-sized p
 MODES = ("plain", "renorm", "ghost", "masked")
 SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (65536, 256), (32, 64))
 DTYPES = ("float32", "bfloat16")
-VIRTUAL_BATCH_SIZE = 8
-PER_CALL_MODES = ("plain", "renorm", "ghost", "masked", "adjustment", "debias", "momentum=None",
-                  "unbiased", "relu", "channels-last", "axis=-1")  # bench_per_call.MODES
 # A figure whose repeats spread wider than this (max / min) is flagged as untrustworthy: on a
 # quiet machine they stay within a few percent, on a shared one a busy spell stretches some.
 SPREAD_LIMIT = 1.5
@@ -292,82 +281,6 @@ def verdict(results: list[dict], end_to_end: Sequence[dict] = ()) -> list[str]:
     return lines
 
 
-RENORM_CLIPPING = {"rmin": 1 / 3, "rmax": 3, "dmax": 5}
-
-
-def mode_options(mode: str, shape: Sequence[int], generator) -> tuple[dict[str, Any], Any]:
-    """Our layer's options for a benchmark mode on inputs of ``shape`` (features on axis 1,
-    ``N, C, ...``), and the mask to call it with (None: no mask).
-
-    The layer rows' :data:`MODES` and the per-call rows' modes
-    (:data:`batchnorm.apps.bench_per_call.MODES`): ``plain``; ``renorm`` with clipping;
-    ``ghost`` batches of :data:`VIRTUAL_BATCH_SIZE`; ``masked`` (7 positions in 10 kept);
-    ``adjustment`` (a per-feature scale and shift); ``debias``; ``momentum=None``;
-    ``unbiased`` (moving variance); ``relu`` (``activation="relu"``); ``channels-last``
-    (plain; the caller lays the input out); ``axis=-1`` (features last).
-    """
-    import torch
-
-    channels = shape[1]
-    if mode == "masked":
-        mask_shape = [s for d, s in enumerate(shape) if d != 1]
-        return {}, torch.rand(mask_shape, generator=generator) < 0.7
-    if mode == "adjustment":
-        scale = 1 + 0.1 * torch.rand(channels, generator=generator)
-        bias = 0.1 * torch.randn(channels, generator=generator)
-        return {"adjustment": lambda _shape: (scale, bias)}, None
-    options: dict[str, dict[str, Any]] = {
-        "plain": {}, "channels-last": {},
-        "renorm": {"renorm": True, "renorm_clipping": RENORM_CLIPPING},
-        "ghost": {"virtual_batch_size": VIRTUAL_BATCH_SIZE},
-        "debias": {"debias": True}, "momentum=None": {"momentum": None},
-        "unbiased": {"unbiased_moving_variance": True}, "relu": {"activation": "relu"},
-        "axis=-1": {"axis": -1}}
-    if mode not in options:
-        raise ValueError(f"benchmark mode {mode!r} is not one of "
-                         f"{[*options, 'masked', 'adjustment']}: pick one of those")
-    return options[mode], None
-
-
-def phase_fns(x, dy, train_fns: dict[str, Callable], infer_fns: dict[str, Callable],
-              params: Sequence, inputs: dict[str, tuple[Any, Any]] | None = None,
-              ) -> dict[str, dict[str, Callable[[], object]]]:
-    """Per phase, the callables to time: ``forward`` (``fn(x)`` of each ``train_fns``),
-    ``forward+backward`` (``fn(x).backward(dy)``, every gradient of ``x`` and ``params``
-    cleared first) and ``inference`` (each ``infer_fns`` under ``torch.no_grad``).
-    ``inputs``: a contender's own ``(x, dy)``, in place of ``x`` and ``dy``."""
-    import torch
-
-    inputs = inputs or {}
-
-    def forward(name, fn):
-        t = inputs.get(name, (x, dy))[0]
-        return lambda: fn(t)
-
-    def forward_backward(name, fn):
-        t, grad = inputs.get(name, (x, dy))
-        tg = t.detach().clone().requires_grad_()
-
-        def run():
-            tg.grad = None
-            for p in params:
-                p.grad = None
-            fn(tg).backward(grad)
-        return run
-
-    def inference(name, fn):
-        t = inputs.get(name, (x, dy))[0]
-
-        def run():
-            with torch.no_grad():
-                fn(t)
-        return run
-
-    return {"forward": {k: forward(k, f) for k, f in train_fns.items()},
-            "forward+backward": {k: forward_backward(k, f) for k, f in train_fns.items()},
-            "inference": {k: inference(k, f) for k, f in infer_fns.items()}}
-
-
 def _contenders(case: Case, compile_: bool):
     """Per phase, the callables to time: {phase: {name: fn}}, plus notes."""
     import torch
@@ -444,18 +357,6 @@ def _contenders(case: Case, compile_: bool):
     return phases, notes, compile_seconds, x.numel() * x.element_size()
 
 
-def _time(fns: dict, repeats: int, budget: float) -> dict[str, list[float]]:
-    """Seconds per call of each function: ``repeats`` samples, contenders alternated."""
-    # Warm up, alternating as below: numba loads its cache, and the heap reaches the extent
-    # every contender's allocations need (until then, fresh pages fault in at some calls).
-    for _ in range(3):
-        for fn in fns.values():
-            start = time.perf_counter()
-            while time.perf_counter() - start < budget / 2:
-                fn()
-    return rounds(fns, calibrate(fns, budget, warmup=1, most=200), repeats)
-
-
 def set_threads(threads: int | None) -> None:
     """``threads`` torch (intra-op) and numba threads in this process (None: leave them)."""
     if not threads:
@@ -527,7 +428,7 @@ def run_child(args) -> dict:
         phases, notes, compile_seconds, nbytes = _contenders(case, compile_)
         for phase in args.phases:
             before = thread_contention(PROBE_REPEATS)
-            samples = _time(phases[phase], args.repeats, args.budget)
+            samples = alternated(phases[phase], args.repeats, args.budget)
             check = _worst(before, thread_contention(PROBE_REPEATS))
             copies.setdefault(nbytes, []).extend(samples["copy"])
             row = {"case": asdict(case), "label": case.label, "phase": phase,

@@ -43,7 +43,7 @@ from torch import nn
 
 import batchnorm as bn
 
-from .measure import calibrate, compare, flag_notes, markdown, rounds, spread, spread_flag
+from .measure import calibrate, compare, flag_notes, markdown, number, rounds, spread, spread_flag
 
 TORCH = "torch.nn"
 OURS = "batchnorm"
@@ -138,7 +138,7 @@ def contenders(model_name: str, **options) -> dict[str, nn.Module]:
 # ---------------------------------------------------------------- timing
 
 
-def _step_fns(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+def step_fns(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
               phase: str) -> dict[str, Callable[[], None]]:
     fns: dict[str, Callable[[], None]] = {}
     for name, model in models.items():
@@ -230,7 +230,7 @@ def measure(configs: Sequence[tuple[str, int]] = CONFIGS, phases: Sequence[str] 
         for phase in phases:
             probes: list[dict] = [probe()] if probe else []
             after_round = (lambda probes=probes: probes.append(probe())) if probe else None
-            samples = interleaved(_step_fns(models, x, y, phase), repeats, budget, warmup,
+            samples = interleaved(step_fns(models, x, y, phase), repeats, budget, warmup,
                                   after_round=after_round)
             samples_ms = {k: [s * 1e3 for s in v] for k, v in samples.items()}
             row = {"model": model_name, "batch": batch, "phase": phase, "load": load,
@@ -283,12 +283,8 @@ def busy(seconds: float, threads: int | None = None) -> Iterator[str]:
 # ---------------------------------------------------------------- the table
 
 
-def _number(v: float) -> str:
-    return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
-
-
 def _ms(s: dict) -> str:
-    return f"{_number(s['median'])} ({_number(s['min'])}-{_number(s['max'])})"
+    return f"{number(s['median'])} ({number(s['min'])}-{number(s['max'])})"
 
 
 def table(rows: Sequence[dict]) -> str:
@@ -347,8 +343,8 @@ def narrow_table(rows: Sequence[dict]) -> list[str]:
         lines += ["", *markdown(
             ["model", "batch", "phase", "torch.nn ms",
              *(f"BN cost {'ours' if n == OURS else 'fused' if n == FUSED else n}" for n in costs)],
-            [[r["model"], str(r["batch"]), r["phase"], _number(r["ms"][TORCH]["median"]),
-              *(_number(r["cost_ms"][n]["median"]) if n in r["cost_ms"] else "-"
+            [[r["model"], str(r["batch"]), r["phase"], number(r["ms"][TORCH]["median"]),
+              *(number(r["cost_ms"][n]["median"]) if n in r["cost_ms"] else "-"
                 for n in costs)]
              for r in sel], "lrl" + "r" * (1 + len(costs)))]
     return lines

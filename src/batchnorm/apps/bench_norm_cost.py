@@ -43,7 +43,16 @@ import torch
 from torch import nn
 
 from . import bench_end_to_end as e2e
-from .measure import calibrate, flag_notes, markdown, paired, ratio_text, rounds, spread_flag
+from .measure import (
+    calibrate,
+    flag_notes,
+    markdown,
+    number,
+    paired,
+    ratio_text,
+    rounds,
+    spread_flag,
+)
 
 CONFIGS = (("resnet18", 32), ("mlp", 32), ("mlp", 256))
 BUILD = {"resnet18": {"width": 32}, "mlp": {}}  # half-width ResNet-18
@@ -204,7 +213,7 @@ def _time_model(model_name: str, batch: int, repeats: int, budget: float, warmup
     model_units = units(named[TORCH], named[FUSED], x)
     whole = {name: copy.deepcopy(model) for name, model in named.items()}
     timers = {name: LayerTimers(model, model_units) for name, model in named.items()}
-    steps = e2e._step_fns(named, x, y, "training step")
+    steps = e2e.step_fns(named, x, y, "training step")
     logs: dict[str, list[dict[str, float]]] = {name: [] for name in named}
 
     def timed(name: str) -> Callable[[], None]:
@@ -214,7 +223,7 @@ def _time_model(model_name: str, batch: int, repeats: int, budget: float, warmup
         return run
 
     fns: dict[str, Callable[[], None]] = {f"{name} layers": timed(name) for name in named}
-    fns.update(e2e._step_fns(whole, x, y, "training step"))
+    fns.update(e2e.step_fns(whole, x, y, "training step"))
     calls = calibrate(fns, budget, warmup)
     for log in logs.values():
         log.clear()  # the calibration's steps
@@ -250,7 +259,7 @@ def _row(model: str, batch: int, part: str, phase: str, ours: list[float], their
 
 
 def _ms(samples: Sequence[float]) -> str:
-    return e2e._number(statistics.median(samples))
+    return number(statistics.median(samples))
 
 
 def narrow_table(rows: Sequence[dict]) -> list[str]:

@@ -2,13 +2,13 @@
 mode at small sizes, against ``torch.nn``'s plain module.
 
 At 32x64 and 32x64x8x8 (batch 32, 64 features), float32 and bfloat16, each mode of
-:data:`MODES` (options: :func:`batchnorm.apps.bench.mode_options`; ``channels-last``
+:data:`MODES` (options: :func:`batchnorm.apps.bench_modes.mode_options`; ``channels-last``
 only in 4-D) is timed in three phases: a training forward pass, a training forward and
 backward pass, and an inference pass (under ``torch.no_grad``). The reference is
 ``torch.nn.BatchNorm1d``/``BatchNorm2d`` in its plain mode on the same input (the same
 shape and memory layout: channels-last for ``channels-last``, and for ``axis=-1`` in 4-D
 the NCHW view of the features-last input, the same memory). Both are timed back to back
-in every repeat (the order alternates; :func:`batchnorm.apps.bench._time`), so a row's
+in every repeat (the order alternates; :func:`batchnorm.apps.measure.alternated`), so a row's
 ratio, ours' time over torch.nn's, is a median (min-max) of ratios within a repeat; the
 ``extra us`` column is ours' time minus torch.nn's, likewise. A row meets its
 :data:`TARGETS` (1.3 forward, 1.2 forward+backward, 1.1 inference) when its median ratio
@@ -23,13 +23,13 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 
-from .bench import PER_CALL_MODES, _time, mode_options, phase_fns
-from .bench_end_to_end import _number
-from .measure import flag_notes, markdown, paired, ratio_text, spread_flag
+from .bench_modes import mode_options, phase_fns
+from .measure import alternated, flag_notes, markdown, number, paired, ratio_text, spread_flag
 
 SHAPES = ((32, 64), (32, 64, 8, 8))
 DTYPES = ("float32", "bfloat16")
-MODES = PER_CALL_MODES
+MODES = ("plain", "renorm", "ghost", "masked", "adjustment", "debias", "momentum=None",
+         "unbiased", "relu", "channels-last", "axis=-1")
 PHASES = ("forward", "forward+backward", "inference")
 TARGETS = {"forward": 1.3, "forward+backward": 1.2, "inference": 1.1}
 OURS, TORCH = "ours", "torch.nn"
@@ -88,7 +88,7 @@ def measure(shapes: Sequence[Sequence[int]] = SHAPES, dtypes: Sequence[str] = DT
                 fns = contenders(shape, dtype, mode)
                 for phase in phases:
                     before = probe() if probe else None
-                    samples = _time(fns[phase], repeats, budget)
+                    samples = alternated(fns[phase], repeats, budget)
                     ms = {name: [s * 1e3 for s in v] for name, v in samples.items()}
                     row = {"shape": list(shape), "dtype": dtype, "mode": mode, "phase": phase,
                            "samples_ms": ms, **paired(ms[OURS], ms[TORCH], TARGETS[phase])}
@@ -106,7 +106,7 @@ def measure(shapes: Sequence[Sequence[int]] = SHAPES, dtypes: Sequence[str] = DT
 
 
 def _us(samples_ms: Sequence[float]) -> str:
-    return _number(1e3 * statistics.median(samples_ms))
+    return number(1e3 * statistics.median(samples_ms))
 
 
 def summary(rows: Sequence[dict]) -> str:
@@ -137,7 +137,7 @@ def narrow_table(rows: Sequence[dict]) -> list[str]:
                 r["mode"], r["phase"], _us(r["samples_ms"][OURS]), _us(r["samples_ms"][TORCH]),
                 ratio_text(r["ratio"]),
                 ("+" if r["difference"]["median"] > 0 else "")
-                + _number(1e3 * r["difference"]["median"]),
+                + number(1e3 * r["difference"]["median"]),
                 f"{r['target']:.1f}x {'yes' if r['met'] else 'no'}", mark])
         lines += ["", f"### {shape} {dtype}", "", *markdown(
             ["mode", "phase", "ours us", "torch.nn us", "ours / torch.nn", "extra us", "target met",

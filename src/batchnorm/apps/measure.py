@@ -8,8 +8,8 @@ import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["WIDTH", "calibrate", "compare", "flag_notes", "markdown", "paired", "ratio_text",
-           "rounds", "spread", "spread_flag", "wrap"]
+__all__ = ["WIDTH", "alternated", "calibrate", "compare", "flag_notes", "markdown", "number",
+           "paired", "ratio_text", "rounds", "spread", "spread_flag", "wrap"]
 
 WIDTH = 100  # columns of the benchmark's output (its --wide tables aside)
 
@@ -103,6 +103,28 @@ def calibrate(fns: Mapping[str, Callable[[], object]], budget: float, warmup: in
             calls[name] = max(1, min(most, round(budget / max(time.perf_counter() - start,
                                                               1e-7))))
     return calls
+
+
+def alternated(fns: Mapping[str, Callable[[], object]], repeats: int, budget: float,
+               ) -> dict[str, list[float]]:
+    """Seconds per call of each function: ``repeats`` samples, contenders alternated."""
+    # Warm up, alternating as below: numba loads its cache, and the heap reaches the extent
+    # every contender's allocations need (until then, fresh pages fault in at some calls).
+    for _ in range(3):
+        for fn in fns.values():
+            start = time.perf_counter()
+            while time.perf_counter() - start < budget / 2:
+                fn()
+    return rounds(fns, calibrate(fns, budget, warmup=1, most=200), repeats)
+
+
+def number(v: float) -> str:
+    """A time for a table: three decimals under 1, two under 100, none above.
+
+    >>> number(0.12345), number(12.345), number(1234.5)
+    ('0.123', '12.35', '1234')
+    """
+    return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
 
 
 def compare(ratio: dict[str, float]) -> str:
