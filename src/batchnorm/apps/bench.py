@@ -54,6 +54,14 @@ ResNet-18 and of an MLP with ``torch.nn`` batch norm, after ``bn.convert``, and
 without batch norm, side by side; ``--load`` measures them again beside a process
 that keeps every core busy.
 
+The per-call rows (:mod:`batchnorm.apps.bench_per_call`; ``--no-per-call`` leaves them
+out) time one call in every mode at 32x64 and 32x64x8x8, float32 and bfloat16, against
+torch.nn's plain module, with the targets per phase marked; the norm-cost rows
+(:mod:`batchnorm.apps.bench_norm_cost`; ``--no-norm-cost``) sum per-layer timers over the
+batch norms of a half-width ResNet-18 and the MLP training step, ours (and fused with the
+ReLU) against torch.nn, beside the whole step. Both run in a process of their own, on one
+thread unless ``--threads`` says otherwise. ``--no-layers`` leaves the layer rows out.
+
 The output fits 100 columns: a narrow table per allocator and case, a flagged row's
 reasons under it; ``--wide`` prints each section as one table with every column.
 Writes ``bench.json`` (every raw timing) and ``bench.png`` (ours, native and
@@ -1141,7 +1149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "first-call or distributed parts (6 min 36 s on a 2-core machine "
                         "shared with other jobs, load average 5.4 at the start: measured "
                         "2026-12-07 with `time python -m batchnorm bench --quick`; its "
-                        "'Took' line: end-to-end 340 s, total 389 s)")
+                        "'Took' line: end-to-end 340 s, total 389 s; before the per-call and "
+                        "norm-cost rows, which add 61 s and 48 s at a load average of 7.1: "
+                        "measured 2026-12-07 with `python -m batchnorm bench --quick "
+                        "--no-layers --no-end-to-end --no-tf`)")
     parser.add_argument("--shapes", nargs="+", type=shape, help="e.g. 64,64,56,56 65536,256")
     parser.add_argument("--layouts", nargs="+", choices=["nchw", "nhwc"])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
