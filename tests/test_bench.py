@@ -70,6 +70,14 @@ def test_faster_than_the_bandwidth_limit_by_a_wide_margin_is_flagged():
     assert row["flags"] == []
 
 
+def test_the_summary_counts_the_other_parts_flagged_rows():
+    steady = bench.flag_rows([layer_row()])
+    per_call_row = {"flags": ["spread over 1.5x: ours (up to 2.0x)"]}
+    summary = bench.trust_summary(steady, [per_call_row, {"flags": []}])
+    assert summary[0].startswith("**WARNING: 1 of 3 rows flagged")
+    assert "- spread over 1.5x: 1 row" in summary
+
+
 def test_the_advice_to_rerun_names_threads_1_only_where_it_was_not_set():
     rows = bench.flag_rows([layer_row(ours=(2.0, 2.1, 3.2))])  # a wide spread: flagged
     for threads in (None, 2):

@@ -208,17 +208,19 @@ def flag_rows(results: list[dict], spread_limit: float = SPREAD_LIMIT,
     return results
 
 
-def trust_summary(results: list[dict], end_to_end: Sequence[dict] = (),
+def trust_summary(results: list[dict], others: Sequence[dict] = (),
                   load_average: float | None = None, cores: int | None = None,
                   threads: int | None = None) -> list[str]:
     """Lines for the top of the output: which rows are flagged, and why.
 
-    ``threads``: the ``--threads`` the rows were measured with (None: torch's default); the
-    advice to rerun names only what would change something.
+    ``results``: the layer rows; ``others``: the other parts' rows (end-to-end, per-call,
+    norm cost), each with its ``flags``. ``threads``: the ``--threads`` the rows were
+    measured with (None: torch's default); the advice to rerun names only what would change
+    something.
     """
     flagged = [r for r in results if r.get("flags")]
-    e2e_flagged = [r for r in end_to_end if r.get("flags")]
-    total = len(results) + len(end_to_end)
+    e2e_flagged = [r for r in others if r.get("flags")]
+    total = len(results) + len(others)
     busy = []
     if load_average is not None and cores and load_average > 0.5 * cores:
         busy = [f"The machine was busy before the benchmark started: load average "
@@ -1006,7 +1008,9 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
     def paragraph(text: str) -> None:
         lines.extend(wrap(text))
 
-    for line in trust_summary(report["results"], e2e_rows, report.get("load_average"),
+    parts = [*e2e_rows, *(row for name in ("per_call", "norm_cost") if name in report
+                          for row in report[name]["rows"])]
+    for line in trust_summary(report["results"], parts, report.get("load_average"),
                               report.get("cores"), report.get("threads")):
         lines.extend(wrap(line, "  " if line.startswith("- ") else "") if line else [""])
     lines += ["", "## Environment", ""]
