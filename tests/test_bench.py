@@ -280,14 +280,14 @@ def test_bench_command_writes_json_and_a_table(tmp_path, capsys):
     assert main(["bench", "--shapes", "8,4,6,6", "--modes", "plain", "masked", "--dtypes",
                  "float32", "--layouts", "nchw", "--repeats", "2", "--budget", "0.001",
                  "--compile", "none", "--no-tf", "--no-distributed", "--no-memory",
-                 "--no-end-to-end", "--no-keras", "--allocators", "reuse", "--threads", "1",
-                 "--out", str(tmp_path)]) == 0
+                 "--no-end-to-end", "--no-keras", "--no-per-call", "--no-norm-cost",
+                 "--allocators", "reuse", "--threads", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {r["phase"] for r in report["results"]} == set(bench.PHASES)
     assert all(math.isfinite(r["ours_ms"]) and r["limit_ms"] > 0 for r in report["results"])
     assert all("flags" in r and len(r["samples_ms"]["ours"]) == 2 for r in report["results"])
     assert report["allocators"]["reuse"]["torch_threads"] == 1
-    assert "memory" not in report and "end_to_end" not in report
+    assert not {"memory", "end_to_end", "per_call", "norm_cost"} & set(report)
     out = capsys.readouterr().out
     assert "### `reuse` allocator, 8x4x6x6 nchw float32" in out
     assert "| masked | forward+backward |" in out
