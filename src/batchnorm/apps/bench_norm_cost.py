@@ -17,9 +17,12 @@ activation; for backward, gradient hooks on the batch norm's input (``Tensor.reg
 called when the gradient of the input is complete, as the batch norm's backward ends) and on
 the outputs of the batch norm and of the activation (called as their backward begins).
 So a hook fires at each edge, the same hooks in every contender, and the
-hooks' own overhead (a Python call and a clock read each, about 1 us) is in every
-contender's sum alike. The norm layers' time is the sum over the layers of the batch norm
-alone; the unit's time adds the activation (torch.nn's ReLU, the fused model's Identity).
+hooks' own overhead (a Python call and a clock read each, and in forward the registration
+of the gradient hooks) is in every contender's sums alike: it pulls their ratios toward 1.
+The rows give, per contender, the timers' whole overhead per step: the timed model's step
+minus its untimed copy's, round by round. The norm layers' time is the sum over the layers
+of the batch norm alone; the unit's time adds the activation (torch.nn's ReLU, the fused
+model's Identity).
 
 Rows per model and batch: ``norm`` (ours against torch.nn's batch norms) and
 ``norm+ReLU fused`` (the fused model's units against torch.nn's batch norm plus ReLU), each
@@ -51,7 +54,9 @@ from .measure import (
     paired,
     ratio_text,
     rounds,
+    spread,
     spread_flag,
+    wrap,
 )
 
 CONFIGS = (("resnet18", 32), ("mlp", 32), ("mlp", 256))
@@ -174,7 +179,7 @@ def measure(configs: Sequence[tuple[str, int]] = CONFIGS, *, repeats: int = 7,
     rows: list[dict] = []
     for model_name, batch in configs:
         probes = [probe()] if probe else []
-        layer_ms, step_ms = _time_model(model_name, batch, repeats, budget, warmup,
+        layer_ms, step_ms, overhead_ms = _time_model(model_name, batch, repeats, budget, warmup,
                                         (lambda p=probes: p.append(probe())) if probe else None)
         target = TARGETS[model_name]
         new = [_row(model_name, batch, part, phase, ours_ms[phase], torch_ms[phase], target,
@@ -186,6 +191,8 @@ def measure(configs: Sequence[tuple[str, int]] = CONFIGS, *, repeats: int = 7,
         new += [_row(model_name, batch, part, "training step", step_ms[name], step_ms[TORCH],
                      STEP_TARGET, spread_limit)
                 for part, name in (("whole step", OURS), ("whole step fused", FUSED))]
+        for row in new:
+            row["timer_overhead_ms"] = {name: spread(v) for name, v in overhead_ms.items()}
         if probes:
             check = max(probes, key=lambda c: c["slowdown"])
             flag = flag_probe(check) if flag_probe else None
@@ -202,7 +209,8 @@ def measure(configs: Sequence[tuple[str, int]] = CONFIGS, *, repeats: int = 7,
 def _time_model(model_name: str, batch: int, repeats: int, budget: float, warmup: int,
                 after_round: Callable[[], object] | None):
     """One model's timings: per contender, the timed models' layer sums
-    (:func:`_per_sample`) and the untimed copies' whole steps (ms samples)."""
+    (:func:`_per_sample`), the untimed copies' whole steps (ms samples), and the timers'
+    overhead: the timed model's step minus the untimed copy's, round by round (ms)."""
     models = e2e.contenders(model_name, **BUILD[model_name])
     if e2e.FUSED not in models:
         raise RuntimeError("bn.convert takes no fuse_activation: nothing to time fused")
@@ -233,7 +241,9 @@ def _time_model(model_name: str, batch: int, repeats: int, budget: float, warmup
         for timer in timers.values():
             timer.remove()
     return ({name: _per_sample(logs[name], calls[f"{name} layers"]) for name in named},
-            {name: [1e3 * s for s in samples[name]] for name in named})
+            {name: [1e3 * s for s in samples[name]] for name in named},
+            {name: [1e3 * (a - b) for a, b in zip(samples[f"{name} layers"], samples[name],
+                                                  strict=True)] for name in named})
 
 
 def _per_sample(log: list[dict[str, float]], calls: int) -> dict[str, dict[str, list[float]]]:
@@ -266,7 +276,8 @@ def narrow_table(rows: Sequence[dict]) -> list[str]:
     """The rows in 100 columns, a table per model and batch: torch.nn's and ours' median time
     (ms per step, summed over the layers for the norm rows), ours over torch.nn (median
     (min-max) of the ratio within each round), the target with ``yes`` where the median
-    meets it (``no`` elsewhere), ``[n]`` for a flagged row, its flags under the table."""
+    meets it (``no`` elsewhere), ``[n]`` for a flagged row, its flags under the table; then
+    the timers' overhead per step of each contender."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["batch"]), []).append(r)
@@ -280,4 +291,10 @@ def narrow_table(rows: Sequence[dict]) -> list[str]:
             ["part", "phase", "torch.nn ms", "ours ms", "ours / torch.nn", "target met",
              "flags"], cells, "llrrrll")]
         lines += ["", *notes] if notes else []
+        overhead = sel[0].get("timer_overhead_ms")
+        if overhead:
+            each = ", ".join(f"{name} {number(v['median'])} ({number(v['min'])} to "
+                             f"{number(v['max'])})" for name, v in overhead.items())
+            lines += ["", *wrap("Timers' overhead per step (the timed model's step minus the "
+                                f"untimed copy's, median (min-max) of the rounds, ms): {each}.")]
     return lines
