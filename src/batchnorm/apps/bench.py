@@ -997,6 +997,29 @@ def _settings(env: dict) -> str:
             f"{env.get('load_average', '?')}{contention}")
 
 
+def _layers_section(results: list[dict], args) -> list[str]:
+    """The layer rows' explanation and table (``args.wide``: one full table)."""
+    flags = (f"flags: repeats spread over {SPREAD_LIMIT:g}x (max/min), forward+backward faster "
+             f"than forward, faster than the limit by over {LIMIT_MARGIN:g}x, or thread "
+             "contention while the row ran.")
+    limit = ("limit = bytes moved / copy bandwidth (3, 8, 2 tensor-sized passes for forward, "
+             "forward+backward, inference)")
+    stand_in = "`*`: plain batch norm stands in (PyTorch has no such mode)"
+    if args.wide:
+        return [*wrap(f"Every time: median (min-max) of {args.repeats} alternated repeats, in "
+                      "ms; ratios: median (min-max) of the ratio within each repeat. "
+                      f"{limit}, its range from the copy's. {stand_in}. allocator `reuse`: "
+                      "MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set high (freed heap "
+                      f"reused); `default`: glibc defaults. {flags}"), "", table(results)]
+    return [*wrap(f"Per allocator (`reuse`: MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set "
+                  "high, freed heap reused; `default`: glibc defaults) and case: ours' median "
+                  f"time of {args.repeats} alternated repeats, in ms; torch.nn's time over ours, "
+                  "median (min-max) of the ratio within each repeat; the verdict from it; ours "
+                  f"as a % of the bandwidth limit ({limit}). {stand_in}. {flags} `--wide`: "
+                  "every contender's time with its spread, the limit and the flags, one table."),
+            *narrow_table(results)]
+
+
 def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path) -> str:
     """The output: the verdict, the trust summary, the environment and every table, in
     :data:`WIDTH` columns (``args.wide``: the full tables, one line per row)."""
@@ -1029,30 +1052,7 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
     for item in items:
         lines += wrap(f"- {item}", "  ")
     if report["results"]:
-        lines += ["", "## Layers", ""]
-    flags = (f"flags: repeats spread over {SPREAD_LIMIT:g}x (max/min), forward+backward faster "
-             f"than forward, faster than the limit by over {LIMIT_MARGIN:g}x, or thread "
-             "contention while the row ran.")
-    limit = ("limit = bytes moved / copy bandwidth (3, 8, 2 tensor-sized passes for forward, "
-             "forward+backward, inference)")
-    stand_in = "`*`: plain batch norm stands in (PyTorch has no such mode)"
-    if not report["results"]:
-        pass
-    elif args.wide:
-        paragraph(f"Every time: median (min-max) of {args.repeats} alternated repeats, in ms; "
-                  "ratios: median (min-max) of the ratio within each repeat. "
-                  f"{limit}, its range from the copy's. {stand_in}. allocator `reuse`: "
-                  "MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set high (freed heap reused); "
-                  f"`default`: glibc defaults. {flags}")
-        lines += ["", table(report["results"])]
-    else:
-        paragraph(f"Per allocator (`reuse`: MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set "
-                  "high, freed heap reused; `default`: glibc defaults) and case: ours' median "
-                  f"time of {args.repeats} alternated repeats, in ms; torch.nn's time over ours, "
-                  "median (min-max) of the ratio within each repeat; the verdict from it; ours "
-                  f"as a % of the bandwidth limit ({limit}). {stand_in}. {flags} `--wide`: "
-                  "every contender's time with its spread, the limit and the flags, one table.")
-        lines += narrow_table(report["results"])
+        lines += ["", "## Layers", "", *_layers_section(report["results"], args)]
     if e2e:
         from . import bench_end_to_end
 
