@@ -46,7 +46,6 @@ def contenders(shape: Sequence[int], dtype: str, mode: str) -> dict[str, dict[st
 
     import batchnorm as bn
 
-
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tuple(shape), generator=gen).to(getattr(torch, dtype))
     dy = torch.randn(tuple(shape), generator=gen).to(x.dtype)
