@@ -1,6 +1,7 @@
 """The benchmark command (``python -m batchnorm bench``): its verdict, its tables, its trust
 checks, its end-to-end rows and its report."""
 
+import argparse
 import json
 import math
 from types import SimpleNamespace
@@ -8,8 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from batchnorm.apps import bench
+import batchnorm as bn
+from batchnorm.apps import bench, bench_modes, measure
 from batchnorm.apps import bench_end_to_end as e2e
+from batchnorm.apps import bench_norm_cost as norm_cost
+from batchnorm.apps import bench_per_call as per_call
 from batchnorm.apps.measure import WIDTH, compare
 
 
@@ -64,6 +68,14 @@ def test_faster_than_the_bandwidth_limit_by_a_wide_margin_is_flagged():
     assert row["flags"] == ["faster than the bandwidth limit: ours at 175% (cannot be)"]
     (row,) = bench.flag_rows([layer_row(limit=2.8)])  # 140%: within the margin
     assert row["flags"] == []
+
+
+def test_the_summary_counts_the_other_parts_flagged_rows():
+    steady = bench.flag_rows([layer_row()])
+    per_call_row = {"flags": ["spread over 1.5x: ours (up to 2.0x)"]}
+    summary = bench.trust_summary(steady, [per_call_row, {"flags": []}])
+    assert summary[0].startswith("**WARNING: 1 of 3 rows flagged")
+    assert "- spread over 1.5x: 1 row" in summary
 
 
 def test_the_advice_to_rerun_names_threads_1_only_where_it_was_not_set():
@@ -268,14 +280,14 @@ def test_bench_command_writes_json_and_a_table(tmp_path, capsys):
     assert main(["bench", "--shapes", "8,4,6,6", "--modes", "plain", "masked", "--dtypes",
                  "float32", "--layouts", "nchw", "--repeats", "2", "--budget", "0.001",
                  "--compile", "none", "--no-tf", "--no-distributed", "--no-memory",
-                 "--no-end-to-end", "--no-keras", "--allocators", "reuse", "--threads", "1",
-                 "--out", str(tmp_path)]) == 0
+                 "--no-end-to-end", "--no-keras", "--no-per-call", "--no-norm-cost",
+                 "--allocators", "reuse", "--threads", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {r["phase"] for r in report["results"]} == set(bench.PHASES)
     assert all(math.isfinite(r["ours_ms"]) and r["limit_ms"] > 0 for r in report["results"])
     assert all("flags" in r and len(r["samples_ms"]["ours"]) == 2 for r in report["results"])
     assert report["allocators"]["reuse"]["torch_threads"] == 1
-    assert "memory" not in report and "end_to_end" not in report
+    assert not {"memory", "end_to_end", "per_call", "norm_cost"} & set(report)
     out = capsys.readouterr().out
     assert "### `reuse` allocator, 8x4x6x6 nchw float32" in out
     assert "| masked | forward+backward |" in out
@@ -336,6 +348,22 @@ def every_section(wide: bool):
                             "batchnorm": {"min": 0.261, "median": 0.404, "max": 0.528},
                             "keras": {"min": 1.021, "median": 1.684, "max": 1.833},
                             "speedup": 4.0}]},
+        "per_call": {"allocator": "reuse", "environment": environment(1),
+                     "settings": {"repeats": 3}, "rows": [
+                         {"shape": [32, 64, 8, 8], "dtype": "bfloat16", "mode": mode,
+                          "phase": phase, "flags": ["spread over 1.5x: ours (up to 12.3x)"],
+                          "samples_ms": {"ours": [12.3456, 1.2], "torch.nn": [0.0123, 0.1]},
+                          **measure.paired([12.3456, 1.2], [0.0123, 0.1],
+                                           per_call.TARGETS[phase])}
+                         for mode in per_call.MODES for phase in per_call.PHASES]},
+        "norm_cost": {"allocator": "reuse", "environment": environment(1),
+                      "settings": {"repeats": 3}, "rows": [
+                          {"model": "resnet18", "batch": 256, "part": part, "phase": phase,
+                           "flags": ["thread contention: 2 threads 8.0x slower than 1"],
+                           "samples_ms": {"ours": [1234.5, 12.3], "torch.nn": [1.23, 123.4]},
+                           **measure.paired([1234.5, 12.3], [1.23, 123.4], 0.6)}
+                          for part in ("norm+ReLU fused", "whole step fused")
+                          for phase in (*norm_cost.PARTS, "training step")]},
         "seconds": {"layers, default allocator": 100.0, "layers, reuse allocator": 100.0,
                     "end-to-end, quiet and under load": 300.0, "memory and first call": 30.0,
                     "synchronized statistics": 60.0, "total": 600.0}}
@@ -347,8 +375,8 @@ def test_the_output_fits_100_columns():
     text = every_section(wide=False)
     assert WIDTH == 100
     assert max(len(line) for line in text.splitlines()) <= 100
-    for section in ("## Layers", "## End to end", "## Peak memory", "## Synchronized",
-                    "## Keras 3 on the torch backend"):
+    for section in ("## Layers", "## End to end", "## Per call", "## Normalization's own cost",
+                    "## Peak memory", "## Synchronized", "## Keras 3 on the torch backend"):
         assert section in text
     assert "| layer fwd+bwd 64x56x56x64 | 404.00 (261.00-528.00) | 1684.00 (1021.00-1833.00) | " \
            "4.00x |" in text
@@ -381,3 +409,153 @@ def test_end_to_end_narrow_table_gives_the_step_ratio_verdict_and_costs():
     assert lines[7].startswith("- [1] mlp batch 32 training step: spread over 1.5x: torch.nn")
     assert lines[10] == "| model | batch | phase | torch.nn ms | BN cost torch.nn | BN cost ours |"
     assert max(len(line) for line in lines) <= WIDTH
+
+
+# ---------------------------------------------------------------- per call, every mode
+
+
+def test_paired_gives_ratio_and_difference_spreads_and_whether_the_target_is_met():
+    # ours 1.2, 1.1, 1.5 against 1.0, 1.0, 1.2: ratios 1.2, 1.1, 1.25; differences 0.2, 0.1, 0.3
+    row = measure.paired([1.2, 1.1, 1.5], [1.0, 1.0, 1.2], target=1.2)
+    assert row["ratio"] == pytest.approx({"min": 1.1, "median": 1.2, "max": 1.25}, rel=1e-12)
+    assert row["difference"] == pytest.approx({"min": 0.1, "median": 0.2, "max": 0.3}, rel=1e-12)
+    assert row["met"] is True and row["target"] == 1.2
+    assert measure.paired([1.3], [1.0], target=1.2)["met"] is False
+    assert "met" not in measure.paired([1.3], [1.0])
+
+
+def test_bench_options_for_the_per_call_and_norm_cost_parts_parse():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    defaults = parser.parse_args([])
+    assert defaults.layers and defaults.per_call and defaults.norm_cost
+    assert defaults.per_call_modes == list(per_call.MODES)
+    assert defaults.norm_cost_models == ["resnet18", "mlp"]
+    args = parser.parse_args(["--no-layers", "--no-per-call", "--norm-cost",
+                              "--per-call-modes", "renorm", "axis=-1", "momentum=None",
+                              "--norm-cost-models", "mlp"])
+    assert (args.layers, args.per_call, args.norm_cost) == (False, False, True)
+    assert args.per_call_modes == ["renorm", "axis=-1", "momentum=None"]
+    assert args.norm_cost_models == ["mlp"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--per-call-modes", "sometimes"])
+
+
+def test_per_call_modes_cover_the_modes_asked_for_and_channels_last_only_in_4d():
+    assert set(per_call.MODES) == {
+        "plain", "renorm", "ghost", "masked", "adjustment", "debias", "momentum=None",
+        "unbiased", "relu", "channels-last", "axis=-1"}
+    assert "channels-last" not in per_call.modes_for((32, 64))
+    assert per_call.modes_for((32, 64, 8, 8)) == list(per_call.MODES)
+    assert per_call.TARGETS == {"forward": 1.3, "forward+backward": 1.2, "inference": 1.1}
+
+
+def test_every_mode_options_build_a_layer_that_runs():
+    gen = torch.Generator().manual_seed(0)
+    for mode in per_call.MODES:
+        options, mask = bench_modes.mode_options(mode, (8, 4, 2, 2), gen)
+        x = torch.randn(8, 2, 2, 4) if mode == "axis=-1" else torch.randn(8, 4, 2, 2)
+        layer = bn.BatchNorm(4, **{"axis": 1, **options})
+        assert layer(x, mask=mask).shape == x.shape
+    with pytest.raises(ValueError, match="'sometimes' is not one of"):
+        bench_modes.mode_options("sometimes", (8, 4), gen)
+
+
+def test_per_call_rows_time_ours_against_torch_nn_in_every_mode_and_phase():
+    rows = per_call.measure(shapes=[(8, 4, 2, 2)], dtypes=["float32"], repeats=2, budget=1e-4)
+    assert [(r["mode"], r["phase"]) for r in rows] == [
+        (m, p) for m in per_call.MODES for p in per_call.PHASES]
+    for r in rows:
+        assert set(r["samples_ms"]) == {"ours", "torch.nn"}
+        assert all(len(v) == 2 and min(v) > 0 for v in r["samples_ms"].values())
+        assert r["target"] == per_call.TARGETS[r["phase"]]
+        assert r["met"] == (r["ratio"]["median"] <= r["target"])
+    lines = per_call.narrow_table(rows)
+    assert lines[1] == "### 8x4x2x2 float32"
+    assert lines[3] == ("| mode | phase | ours us | torch.nn us | ours / torch.nn | extra us | "
+                        "target met | flags |")
+    assert max(len(line) for line in lines) <= WIDTH
+    assert per_call.summary(rows).startswith("Targets met: forward ")
+
+
+# ---------------------------------------------------------------- normalization's cost in models
+
+
+def test_norm_cost_units_pair_each_batch_norm_with_the_relu_fusing_replaces():
+    models = e2e.contenders("resnet18", width=8)
+    units = norm_cost.units(models[e2e.TORCH], models[e2e.FUSED], torch.randn(2, 3, 32, 32))
+    assert len(units) == 20  # every BatchNorm2d; the stem's and each block's first are fused
+    assert [u for u in units if u[1]] == [("1", "2")] + [
+        (f"{block}.bn1", f"{block}.relu1") for block in range(3, 11)]
+    mlp = e2e.contenders("mlp")
+    assert norm_cost.units(mlp[e2e.TORCH], mlp[e2e.FUSED], torch.randn(4, 256)) == [
+        ("1", "2"), ("4", "5"), ("7", "8")]
+
+
+def test_layer_timers_time_the_norm_and_its_unit_and_come_off_cleanly():
+    models = e2e.contenders("mlp")
+    x = torch.randn(16, 256)
+    units = norm_cost.units(models[e2e.TORCH], models[e2e.FUSED], x)
+    timers = {name: norm_cost.LayerTimers(model, units) for name, model in models.items()
+              if name != e2e.NONE}
+    for name, timer in timers.items():
+        models[name](x).sum().backward()
+        totals = timer.take()
+        assert all(t > 0 for t in totals.values()), (name, totals)
+        # The unit's interval holds the norm's, forward and backward.
+        assert totals["unit forward"] >= totals["norm forward"]
+        assert totals["unit backward"] >= totals["norm backward"]
+        assert set(timer.take().values()) == {0.0}  # taken: reset
+        timer.remove()
+        assert not any(m._forward_hooks or m._forward_pre_hooks
+                       for m in models[name].modules())
+
+
+def test_norm_cost_rows_have_layer_sums_whole_steps_and_targets():
+    probes = iter([{"slowdown": 3.0}] + [{"slowdown": 1.0}] * 10)
+    rows = norm_cost.measure([("mlp", 32)], repeats=2, budget=1e-3, warmup=1,
+                             probe=lambda: next(probes),
+                             flag_probe=lambda c: "contended" if c["slowdown"] > 2 else None)
+    assert [(r["part"], r["phase"]) for r in rows] == [
+        (part, phase) for part in ("norm", "norm+ReLU fused")
+        for phase in norm_cost.PARTS] + [("whole step", "training step"),
+                                         ("whole step fused", "training step")]
+    for r in rows:
+        assert r["target"] == 1.0 and r["flags"][0] == "contended"
+        assert all(len(v) == 2 and min(v) > 0 for v in r["samples_ms"].values())
+    by_phase = {r["phase"]: r for r in rows[:3]}
+    # forward+backward is each step's forward plus backward, averaged over the same steps:
+    # equal up to float64 rounding of sums of a few numbers.
+    for name in ("ours", "torch.nn"):
+        both = [f + b for f, b in zip(by_phase["forward"]["samples_ms"][name],
+                                      by_phase["backward"]["samples_ms"][name], strict=True)]
+        assert by_phase["forward+backward"]["samples_ms"][name] == pytest.approx(both, rel=1e-9)
+    lines = norm_cost.narrow_table(rows)
+    assert lines[1] == "### mlp, batch 32"
+    assert lines[3] == ("| part | phase | torch.nn ms | ours ms | ours / torch.nn | target met | "
+                        "flags |")
+    assert max(len(line) for line in lines) <= WIDTH
+
+
+@pytest.mark.slow  # two benchmark processes: ~30 s on the loaded 2-core machine
+def test_bench_command_writes_the_per_call_and_norm_cost_rows(tmp_path, capsys):
+    from batchnorm.__main__ import main
+
+    assert main(["bench", "--quick", "--no-layers", "--no-end-to-end", "--no-tf", "--no-keras",
+                 "--per-call-modes", "plain", "masked", "--norm-cost-models", "mlp",
+                 "--repeats", "2", "--budget", "0.0005", "--end-to-end-repeats", "2",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["results"] == [] and "end_to_end" not in report
+    rows = report["per_call"]["rows"]
+    assert len(rows) == 2 * 2 * 2 * 3  # shapes, dtypes, modes, phases
+    assert {r["mode"] for r in rows} == {"plain", "masked"}
+    assert report["per_call"]["environment"]["torch_threads"] == 1  # one thread by default
+    cost = report["norm_cost"]["rows"]
+    assert {(r["model"], r["batch"]) for r in cost} == {("mlp", 32), ("mlp", 256)}
+    assert len(cost) == 2 * 8
+    out = capsys.readouterr().out
+    assert "## Per call: every mode against torch.nn's plain module" in out
+    assert "## Normalization's own cost inside a model" in out
+    assert "## Layers" not in out
+    assert max(len(line) for line in out.splitlines()) <= WIDTH

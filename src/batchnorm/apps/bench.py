@@ -54,6 +54,14 @@ ResNet-18 and of an MLP with ``torch.nn`` batch norm, after ``bn.convert``, and
 without batch norm, side by side; ``--load`` measures them again beside a process
 that keeps every core busy.
 
+The per-call rows (:mod:`batchnorm.apps.bench_per_call`; ``--no-per-call`` leaves them
+out) time one call in every mode at 32x64 and 32x64x8x8, float32 and bfloat16, against
+torch.nn's plain module, with the targets per phase marked; the norm-cost rows
+(:mod:`batchnorm.apps.bench_norm_cost`; ``--no-norm-cost``) sum per-layer timers over the
+batch norms of a half-width ResNet-18 and the MLP training step, ours (and fused with the
+ReLU) against torch.nn, beside the whole step. Both run in a process of their own, on one
+thread unless ``--threads`` says otherwise. ``--no-layers`` leaves the layer rows out.
+
 The output fits 100 columns: a narrow table per allocator and case, a flagged row's
 reasons under it; ``--wide`` prints each section as one table with every column.
 Writes ``bench.json`` (every raw timing) and ``bench.png`` (ours, native and
@@ -79,7 +87,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .measure import WIDTH, compare, flag_notes, markdown, rounds, spread, wrap
+from .bench_modes import VIRTUAL_BATCH_SIZE, mode_options, phase_fns
+from .bench_per_call import MODES as PER_CALL_MODES
+from .measure import WIDTH, alternated, compare, flag_notes, markdown, spread, spread_flag, wrap
 
 ALLOCATORS = {
     "default": {},
@@ -94,7 +104,6 @@ PASSES = {"forward": 3, "forward+backward": 8, "inference": 2}  # tensor-sized p
 MODES = ("plain", "renorm", "ghost", "masked")
 SHAPES = ((64, 64, 56, 56), (256, 256, 14, 14), (65536, 256), (32, 64))
 DTYPES = ("float32", "bfloat16")
-VIRTUAL_BATCH_SIZE = 8
 # A figure whose repeats spread wider than this (max / min) is flagged as untrustworthy: on a
 # quiet machine they stay within a few percent, on a shared one a busy spell stretches some.
 SPREAD_LIMIT = 1.5
@@ -177,12 +186,9 @@ def flag_rows(results: list[dict], spread_limit: float = SPREAD_LIMIT,
             r["flags"].append(contention_flag(check))
         for name, samples in r["samples_ms"].items():
             r.setdefault(f"{name}_ms", statistics.median(samples))
-        wide = [name for name, v in r["samples_ms"].items()
-                if v and min(v) > 0 and max(v) / min(v) > spread_limit]
+        wide = spread_flag(r["samples_ms"], spread_limit)
         if wide:
-            worst = max(max(r["samples_ms"][n]) / min(r["samples_ms"][n]) for n in wide)
-            r["flags"].append(f"spread over {spread_limit:g}x: {', '.join(wide)} "
-                              f"(up to {worst:.1f}x)")
+            r["flags"].append(wide)
         for name in CONTENDERS:
             t = r.get(f"{name}_ms")
             if t and r.get("limit_ms") and t * limit_margin < r["limit_ms"]:
@@ -202,17 +208,19 @@ def flag_rows(results: list[dict], spread_limit: float = SPREAD_LIMIT,
     return results
 
 
-def trust_summary(results: list[dict], end_to_end: Sequence[dict] = (),
+def trust_summary(results: list[dict], others: Sequence[dict] = (),
                   load_average: float | None = None, cores: int | None = None,
                   threads: int | None = None) -> list[str]:
     """Lines for the top of the output: which rows are flagged, and why.
 
-    ``threads``: the ``--threads`` the rows were measured with (None: torch's default); the
-    advice to rerun names only what would change something.
+    ``results``: the layer rows; ``others``: the other parts' rows (end-to-end, per-call,
+    norm cost), each with its ``flags``. ``threads``: the ``--threads`` the rows were
+    measured with (None: torch's default); the advice to rerun names only what would change
+    something.
     """
     flagged = [r for r in results if r.get("flags")]
-    e2e_flagged = [r for r in end_to_end if r.get("flags")]
-    total = len(results) + len(end_to_end)
+    e2e_flagged = [r for r in others if r.get("flags")]
+    total = len(results) + len(others)
     busy = []
     if load_average is not None and cores and load_average > 0.5 * cores:
         busy = [f"The machine was busy before the benchmark started: load average "
@@ -253,8 +261,7 @@ def ours_over_torch(row: dict) -> dict[str, float] | None:
 
 def noisy(row: dict, spread_limit: float = SPREAD_LIMIT) -> bool:
     """Whether a contender's (or the reference copy's) repeats spread wider than the limit."""
-    return any(v and min(v) > 0 and max(v) > spread_limit * min(v)
-               for v in row["samples_ms"].values())
+    return spread_flag(row["samples_ms"], spread_limit) is not None
 
 
 def verdict(results: list[dict], end_to_end: Sequence[dict] = ()) -> list[str]:
@@ -300,15 +307,7 @@ def _contenders(case: Case, compile_: bool):
     dy = torch.randn(case.shape, generator=gen).to(dtype)
     if case.layout == "nhwc":
         dy = dy.contiguous(memory_format=torch.channels_last)
-    mask = None
-    options: dict[str, Any] = {}
-    if case.mode == "renorm":
-        options = {"renorm": True, "renorm_clipping": {"rmin": 1 / 3, "rmax": 3, "dmax": 5}}
-    elif case.mode == "ghost":
-        options = {"virtual_batch_size": VIRTUAL_BATCH_SIZE}
-    elif case.mode == "masked":
-        mask_shape = [s for d, s in enumerate(case.shape) if d != 1]
-        mask = torch.rand(mask_shape, generator=gen) < 0.7
+    options, mask = mode_options(case.mode, case.shape, gen)
     ours = bn.BatchNorm(channels, axis=1, **options)
     plain = (torch.nn.BatchNorm2d if len(case.shape) == 4 else torch.nn.BatchNorm1d)(
         channels, eps=1e-3, momentum=0.01)
@@ -360,53 +359,12 @@ def _contenders(case: Case, compile_: bool):
                     compiled(x)
             compile_seconds[name] = time.perf_counter() - start
 
-    xg = x.detach().clone().requires_grad_()
     params = [p for p in (*ours.parameters(), *plain.parameters(), *plain_eval.parameters())]
     out = torch.empty_like(x)
-
-    def forward(fn):
-        return lambda: fn(x)
-
-    def forward_backward(fn):
-        def run():
-            xg.grad = None
-            for p in params:
-                p.grad = None
-            fn(xg).backward(dy)
-        return run
-
-    def inference(fn):
-        def run():
-            with torch.no_grad():
-                fn(x)
-        return run
-
-    phases: dict[str, dict[str, Callable[[], object]]] = {
-        "forward": {k: forward(f) for k, f in train_fns.items()},
-        "forward+backward": {k: forward_backward(f) for k, f in train_fns.items()},
-        "inference": {k: inference(f) for k, f in infer_fns.items()},
-    }
-    for phase_fns in phases.values():
-        phase_fns["copy"] = lambda: out.copy_(x)
+    phases = phase_fns(x, dy, train_fns, infer_fns, params)
+    for timed in phases.values():
+        timed["copy"] = lambda: out.copy_(x)
     return phases, notes, compile_seconds, x.numel() * x.element_size()
-
-
-def _time(fns: dict, repeats: int, budget: float) -> dict[str, list[float]]:
-    """Seconds per call of each function: ``repeats`` samples, contenders alternated."""
-    # Warm up, alternating as below: numba loads its cache, and the heap reaches the extent
-    # every contender's allocations need (until then, fresh pages fault in at some calls).
-    for _ in range(3):
-        for fn in fns.values():
-            start = time.perf_counter()
-            while time.perf_counter() - start < budget / 2:
-                fn()
-    calls = {}
-    for name, fn in fns.items():
-        start = time.perf_counter()
-        fn()
-        first = time.perf_counter() - start
-        calls[name] = max(1, min(200, int(budget / max(first, 1e-7))))
-    return rounds(fns, calls, repeats)
 
 
 def set_threads(threads: int | None) -> None:
@@ -480,7 +438,7 @@ def run_child(args) -> dict:
         phases, notes, compile_seconds, nbytes = _contenders(case, compile_)
         for phase in args.phases:
             before = thread_contention(PROBE_REPEATS)
-            samples = _time(phases[phase], args.repeats, args.budget)
+            samples = alternated(phases[phase], args.repeats, args.budget)
             check = _worst(before, thread_contention(PROBE_REPEATS))
             copies.setdefault(nbytes, []).extend(samples["copy"])
             row = {"case": asdict(case), "label": case.label, "phase": phase,
@@ -858,6 +816,38 @@ def end_to_end_child(args) -> dict:
             "settings": settings}
 
 
+def per_call_child(args) -> dict:
+    """The per-call rows (:mod:`batchnorm.apps.bench_per_call`), on ``args.threads``."""
+    from . import bench_per_call
+
+    set_threads(args.threads)
+    env = environment()
+    rows = bench_per_call.measure(modes=args.per_call_modes, repeats=args.repeats,
+                                  budget=args.budget, spread_limit=SPREAD_LIMIT,
+                                  probe=lambda: thread_contention(PROBE_REPEATS),
+                                  flag_probe=contention_flag, progress=True)
+    env["contention"] = _worst(*(row["contention"] for row in rows))
+    return {"environment": env, "rows": rows,
+            "settings": {"repeats": args.repeats, "budget": args.budget}}
+
+
+def norm_cost_child(args) -> dict:
+    """The rows of normalization's cost inside the models
+    (:mod:`batchnorm.apps.bench_norm_cost`), on ``args.threads``."""
+    from . import bench_norm_cost
+
+    set_threads(args.threads)
+    env = environment()
+    settings: dict[str, Any] = dict(QUICK_END_TO_END if args.quick else FULL_END_TO_END)
+    settings["repeats"] = args.end_to_end_repeats or settings["repeats"]
+    configs = [c for c in bench_norm_cost.CONFIGS if c[0] in args.norm_cost_models]
+    rows = bench_norm_cost.measure(configs, **settings, spread_limit=SPREAD_LIMIT,
+                                   probe=lambda: thread_contention(PROBE_REPEATS),
+                                   flag_probe=contention_flag, progress=True)
+    env["contention"] = _worst(*(row["contention"] for row in rows))
+    return {"environment": env, "rows": rows, "settings": settings}
+
+
 def run(args) -> int:
     began = time.perf_counter()
     if args.quick:
@@ -900,7 +890,7 @@ def run(args) -> int:
         return now
 
     since = began
-    for allocator in args.allocators:
+    for allocator in args.allocators if args.layers else []:
         setting = ALLOCATORS[allocator] or "glibc defaults"
         print(f"allocator {allocator}: {setting}", file=sys.stderr)
         child = _child([*child_argv, "--allocator", allocator], ALLOCATORS[allocator])
@@ -933,6 +923,23 @@ def run(args) -> int:
         report["end_to_end"] = {"allocator": allocator,
                                 **_child(e2e_argv, ALLOCATORS[allocator])}
         since = lap("end-to-end" + (", quiet and under load" if args.load else ""), since)
+    # The per-call and in-model rows: on one thread unless --threads says otherwise.
+    own_allocator = "reuse" if "reuse" in args.allocators else args.allocators[0]
+    single = ["--threads", str(args.threads or 1)]
+    if args.per_call:
+        argv = ["--per-call-child", *single, "--repeats", str(args.repeats), "--budget",
+                str(args.budget), "--per-call-modes", *args.per_call_modes]
+        report["per_call"] = {"allocator": own_allocator,
+                              **_child(argv, ALLOCATORS[own_allocator])}
+        since = lap("per call", since)
+    if args.norm_cost:
+        argv = ["--norm-cost-child", *single, *(["--quick"] if args.quick else []),
+                "--norm-cost-models", *args.norm_cost_models,
+                *(["--end-to-end-repeats", str(args.end_to_end_repeats)]
+                  if args.end_to_end_repeats else [])]
+        report["norm_cost"] = {"allocator": own_allocator,
+                               **_child(argv, ALLOCATORS[own_allocator])}
+        since = lap("norm cost in models", since)
     if args.memory:
         report["memory"] = [_child(["--memory-child", name], MEMORY_ALLOCATOR)
                             for name in ("torch.nn.BatchNorm2d", "ours", "ours (composite)",
@@ -956,7 +963,8 @@ def run(args) -> int:
         report["keras"] = {"rows": bench_keras.measure(repeats=3 if args.quick else 7)}
         since = lap("Keras 3 layer", since)
 
-    drew = chart(report["results"], out_dir / "bench.png", args.repeats)
+    drew = bool(report["results"]) and chart(report["results"], out_dir / "bench.png",
+                                             args.repeats)
     report["seconds"]["total"] = time.perf_counter() - began
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
     print(render(report, args, tf_python, drew, out_dir))
@@ -989,6 +997,29 @@ def _settings(env: dict) -> str:
             f"{env.get('load_average', '?')}{contention}")
 
 
+def _layers_section(results: list[dict], args) -> list[str]:
+    """The layer rows' explanation and table (``args.wide``: one full table)."""
+    flags = (f"flags: repeats spread over {SPREAD_LIMIT:g}x (max/min), forward+backward faster "
+             f"than forward, faster than the limit by over {LIMIT_MARGIN:g}x, or thread "
+             "contention while the row ran.")
+    limit = ("limit = bytes moved / copy bandwidth (3, 8, 2 tensor-sized passes for forward, "
+             "forward+backward, inference)")
+    stand_in = "`*`: plain batch norm stands in (PyTorch has no such mode)"
+    if args.wide:
+        return [*wrap(f"Every time: median (min-max) of {args.repeats} alternated repeats, in "
+                      "ms; ratios: median (min-max) of the ratio within each repeat. "
+                      f"{limit}, its range from the copy's. {stand_in}. allocator `reuse`: "
+                      "MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set high (freed heap "
+                      f"reused); `default`: glibc defaults. {flags}"), "", table(results)]
+    return [*wrap(f"Per allocator (`reuse`: MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set "
+                  "high, freed heap reused; `default`: glibc defaults) and case: ours' median "
+                  f"time of {args.repeats} alternated repeats, in ms; torch.nn's time over ours, "
+                  "median (min-max) of the ratio within each repeat; the verdict from it; ours "
+                  f"as a % of the bandwidth limit ({limit}). {stand_in}. {flags} `--wide`: "
+                  "every contender's time with its spread, the limit and the flags, one table."),
+            *narrow_table(results)]
+
+
 def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path) -> str:
     """The output: the verdict, the trust summary, the environment and every table, in
     :data:`WIDTH` columns (``args.wide``: the full tables, one line per row)."""
@@ -1000,7 +1031,9 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
     def paragraph(text: str) -> None:
         lines.extend(wrap(text))
 
-    for line in trust_summary(report["results"], e2e_rows, report.get("load_average"),
+    parts = [*e2e_rows, *(row for name in ("per_call", "norm_cost") if name in report
+                          for row in report[name]["rows"])]
+    for line in trust_summary(report["results"], parts, report.get("load_average"),
                               report.get("cores"), report.get("threads")):
         lines.extend(wrap(line, "  " if line.startswith("- ") else "") if line else [""])
     lines += ["", "## Environment", ""]
@@ -1018,28 +1051,8 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
         items.append("tf_keras: no TensorFlow interpreter (give one with --tf-python)")
     for item in items:
         lines += wrap(f"- {item}", "  ")
-    lines += ["", "## Layers", ""]
-    flags = (f"flags: repeats spread over {SPREAD_LIMIT:g}x (max/min), forward+backward faster "
-             f"than forward, faster than the limit by over {LIMIT_MARGIN:g}x, or thread "
-             "contention while the row ran.")
-    limit = ("limit = bytes moved / copy bandwidth (3, 8, 2 tensor-sized passes for forward, "
-             "forward+backward, inference)")
-    stand_in = "`*`: plain batch norm stands in (PyTorch has no such mode)"
-    if args.wide:
-        paragraph(f"Every time: median (min-max) of {args.repeats} alternated repeats, in ms; "
-                  "ratios: median (min-max) of the ratio within each repeat. "
-                  f"{limit}, its range from the copy's. {stand_in}. allocator `reuse`: "
-                  "MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set high (freed heap reused); "
-                  f"`default`: glibc defaults. {flags}")
-        lines += ["", table(report["results"])]
-    else:
-        paragraph(f"Per allocator (`reuse`: MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set "
-                  "high, freed heap reused; `default`: glibc defaults) and case: ours' median "
-                  f"time of {args.repeats} alternated repeats, in ms; torch.nn's time over ours, "
-                  "median (min-max) of the ratio within each repeat; the verdict from it; ours "
-                  f"as a % of the bandwidth limit ({limit}). {stand_in}. {flags} `--wide`: "
-                  "every contender's time with its spread, the limit and the flags, one table.")
-        lines += narrow_table(report["results"])
+    if report["results"]:
+        lines += ["", "## Layers", "", *_layers_section(report["results"], args)]
     if e2e:
         from . import bench_end_to_end
 
@@ -1059,6 +1072,39 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
                   f"from it. {fused}.")
         lines += (["", bench_end_to_end.table(e2e["rows"])] if args.wide
                   else bench_end_to_end.narrow_table(e2e["rows"]))
+    if "per_call" in report:
+        from . import bench_per_call
+
+        part = report["per_call"]
+        lines += ["", "## Per call: every mode against torch.nn's plain module", ""]
+        paragraph(f"Time per call of ours in each mode and of torch.nn's plain "
+                  f"BatchNorm1d/2d on the same input (same memory layout), timed back to "
+                  f"back, {part['settings']['repeats']} alternated repeats: medians in us; "
+                  "ours over torch.nn, median (min-max) of the ratio within each repeat; extra "
+                  "us: ours minus torch.nn, median of the paired differences; met: the median "
+                  "ratio at most the target. Modes: renorm with clipping, ghost batches of "
+                  f"{VIRTUAL_BATCH_SIZE}, masked (7 in 10 positions), a per-feature adjustment, "
+                  "debias, momentum=None, unbiased moving variance, activation='relu', "
+                  "channels-last input, features last (axis=-1). Process "
+                  f"(`{part['allocator']}` allocator): {_settings(part['environment'])}.")
+        lines += ["", *wrap(bench_per_call.summary(part["rows"])),
+                  *bench_per_call.narrow_table(part["rows"])]
+    if "norm_cost" in report:
+        from . import bench_norm_cost
+
+        part = report["norm_cost"]
+        lines += ["", "## Normalization's own cost inside a model", ""]
+        paragraph("A training step of a half-width CIFAR ResNet-18 (batch 32) and of the MLP "
+                  "(3x256; batches 32, 256): per-layer timers (forward hooks, gradient hooks; "
+                  "the same on every contender) summed over the batch norms (`norm`: "
+                  "ours, bn.convert, against torch.nn) and over each batch norm with the ReLU "
+                  "that fuse_activation fuses (`norm+ReLU fused`: bn.convert(model, "
+                  "fuse_activation=True) against torch.nn's batch norm and ReLU), ms per step; "
+                  "`whole step`, `whole step fused`: copies without timers. Medians of "
+                  f"{part['settings']['repeats']} rotating rounds; ratios: median (min-max) "
+                  "within each round; met: the median ratio at most the target. Process "
+                  f"(`{part['allocator']}` allocator): {_settings(part['environment'])}.")
+        lines += bench_norm_cost.narrow_table(part["rows"])
     if "memory" in report:
         lines += ["", "## Peak memory, one training step through 20 Conv-BatchNorm-ReLU blocks",
                   ""]
@@ -1107,7 +1153,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "first-call or distributed parts (6 min 36 s on a 2-core machine "
                         "shared with other jobs, load average 5.4 at the start: measured "
                         "2026-12-07 with `time python -m batchnorm bench --quick`; its "
-                        "'Took' line: end-to-end 340 s, total 389 s)")
+                        "'Took' line: end-to-end 340 s, total 389 s; before the per-call and "
+                        "norm-cost rows, which add 61 s and 48 s at a load average of 7.1: "
+                        "measured 2026-12-07 with `python -m batchnorm bench --quick "
+                        "--no-layers --no-end-to-end --no-tf`)")
     parser.add_argument("--shapes", nargs="+", type=shape, help="e.g. 64,64,56,56 65536,256")
     parser.add_argument("--layouts", nargs="+", choices=["nchw", "nhwc"])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
@@ -1159,6 +1208,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", action="store_true",
                         help="measure the end-to-end rows a second time beside a process that "
                         "keeps every core busy (bounded in time, killed at the end)")
+    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the layers against the bandwidth limit (default: on; "
+                        "--no-layers leaves those rows out, e.g. with --per-call)")
+    parser.add_argument("--per-call", action=argparse.BooleanOptionalAction, default=True,
+                        help="per-call rows: every mode at 32x64 and 32x64x8x8, float32 and "
+                        "bfloat16, ours over torch.nn's plain module against the targets "
+                        "(1.3 forward, 1.2 forward+backward, 1.1 inference), on one thread "
+                        "unless --threads says otherwise, with --repeats and --budget "
+                        "(default: on, quick too)")
+    parser.add_argument("--per-call-modes", nargs="+", choices=list(PER_CALL_MODES),
+                        default=list(PER_CALL_MODES), help="the modes of the per-call rows")
+    parser.add_argument("--norm-cost", action=argparse.BooleanOptionalAction, default=True,
+                        help="normalization's own cost inside a half-width ResNet-18 and an "
+                        "MLP training step: per-layer timers summed over the layers, ours "
+                        "(and fused with the ReLU) over torch.nn's, and the whole step, on "
+                        "one thread unless --threads says otherwise (default: on; quick: 3 "
+                        "repeats)")
+    parser.add_argument("--norm-cost-models", nargs="+", choices=["resnet18", "mlp"],
+                        default=["resnet18", "mlp"], help="the models of the --norm-cost rows")
     # Internal: the child processes.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", default="default", help=argparse.SUPPRESS)
@@ -1166,18 +1234,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--first-call-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--end-to-end-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--per-call-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--norm-cost-child", action="store_true", help=argparse.SUPPRESS)
 
 
 def main(args) -> int:
-    if args.memory_child or args.first_call_child or args.child or args.end_to_end_child:
-        if args.memory_child:
-            result = memory_child(args.memory_child)
-        elif args.first_call_child:
-            result = first_call_child()
-        elif args.end_to_end_child:
-            result = end_to_end_child(args)
-        else:
-            result = run_child(args)
+    children = {"memory_child": lambda: memory_child(args.memory_child),
+                "first_call_child": first_call_child,
+                "end_to_end_child": lambda: end_to_end_child(args),
+                "per_call_child": lambda: per_call_child(args),
+                "norm_cost_child": lambda: norm_cost_child(args),
+                "child": lambda: run_child(args)}
+    child = next((fn for name, fn in children.items() if getattr(args, name)), None)
+    if child is not None:
+        result = child()
         Path(args.json_out).write_text(json.dumps(result))
         return 0
     return run(args)

@@ -35,7 +35,6 @@ import inspect
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -44,7 +43,7 @@ from torch import nn
 
 import batchnorm as bn
 
-from .measure import compare, flag_notes, markdown, rounds, spread
+from .measure import calibrate, compare, flag_notes, markdown, number, rounds, spread, spread_flag
 
 TORCH = "torch.nn"
 OURS = "batchnorm"
@@ -78,15 +77,16 @@ class BasicBlock(nn.Module):
         return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def resnet18(classes: int = 10) -> nn.Module:
-    """The CIFAR-style ResNet-18: 11.2M parameters, 20 BatchNorm2d layers."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
-                               nn.ReLU()]
-    cin = 64
-    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+def resnet18(classes: int = 10, width: int = 64) -> nn.Module:
+    """The CIFAR-style ResNet-18: 11.2M parameters, 20 BatchNorm2d layers; its stages have
+    ``width`` (64), 2, 4 and 8 times ``width`` channels (``width=32``: half width)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False),
+                               nn.BatchNorm2d(width), nn.ReLU()]
+    cin = width
+    for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
         layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
         cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
     return nn.Sequential(*layers)
 
 
@@ -124,10 +124,10 @@ def fused_supported() -> bool:
         return False
 
 
-def contenders(model_name: str) -> dict[str, nn.Module]:
-    """The same model (same weights) as each contender."""
+def contenders(model_name: str, **options) -> dict[str, nn.Module]:
+    """The same model (same weights) as each contender; ``options`` go to its builder."""
     torch.manual_seed(0)
-    reference = MODELS[model_name]()
+    reference = MODELS[model_name](**options)
     models = {TORCH: reference, OURS: bn.convert(copy.deepcopy(reference)),
               NONE: without_norm(reference)}
     if fused_supported():
@@ -138,7 +138,7 @@ def contenders(model_name: str) -> dict[str, nn.Module]:
 # ---------------------------------------------------------------- timing
 
 
-def _step_fns(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+def step_fns(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
               phase: str) -> dict[str, Callable[[], None]]:
     fns: dict[str, Callable[[], None]] = {}
     for name, model in models.items():
@@ -171,14 +171,7 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, budget: float,
     once), as measured on the last of ``warmup`` (at least 1) untimed rounds.
     ``after_round`` runs after each round, untimed (e.g. a thread-contention probe).
     """
-    calls = {}
-    for _ in range(max(1, warmup)):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            calls[name] = max(1, min(1000, round(budget / max(time.perf_counter() - start,
-                                                              1e-7))))
-    return rounds(fns, calls, repeats, after_round)
+    return rounds(fns, calibrate(fns, budget, warmup), repeats, after_round)
 
 
 def summarize(samples_ms: dict[str, list[float]]) -> dict:
@@ -204,10 +197,9 @@ def summarize(samples_ms: dict[str, list[float]]) -> dict:
 def flags(row: dict, limit: float) -> list[str]:
     """Why a row's ratios should not be trusted (empty: nothing found)."""
     out = []
-    wide = [name for name, s in row["ms"].items() if s["max"] > limit * s["min"]]
+    wide = spread_flag(row["samples_ms"], limit)
     if wide:
-        worst = max(row["ms"][n]["max"] / row["ms"][n]["min"] for n in wide)
-        out.append(f"spread over {limit:g}x: {', '.join(wide)} (up to {worst:.1f}x)")
+        out.append(wide)
     noisy = [name for name, c in row["cost_ms"].items() if c["min"] <= 0]
     if noisy:
         out.append(f"BN cost within the noise: {', '.join(noisy)} (a repeat at or below no norm)")
@@ -238,7 +230,7 @@ def measure(configs: Sequence[tuple[str, int]] = CONFIGS, phases: Sequence[str] 
         for phase in phases:
             probes: list[dict] = [probe()] if probe else []
             after_round = (lambda probes=probes: probes.append(probe())) if probe else None
-            samples = interleaved(_step_fns(models, x, y, phase), repeats, budget, warmup,
+            samples = interleaved(step_fns(models, x, y, phase), repeats, budget, warmup,
                                   after_round=after_round)
             samples_ms = {k: [s * 1e3 for s in v] for k, v in samples.items()}
             row = {"model": model_name, "batch": batch, "phase": phase, "load": load,
@@ -291,12 +283,8 @@ def busy(seconds: float, threads: int | None = None) -> Iterator[str]:
 # ---------------------------------------------------------------- the table
 
 
-def _number(v: float) -> str:
-    return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
-
-
 def _ms(s: dict) -> str:
-    return f"{_number(s['median'])} ({_number(s['min'])}-{_number(s['max'])})"
+    return f"{number(s['median'])} ({number(s['min'])}-{number(s['max'])})"
 
 
 def table(rows: Sequence[dict]) -> str:
@@ -355,8 +343,8 @@ def narrow_table(rows: Sequence[dict]) -> list[str]:
         lines += ["", *markdown(
             ["model", "batch", "phase", "torch.nn ms",
              *(f"BN cost {'ours' if n == OURS else 'fused' if n == FUSED else n}" for n in costs)],
-            [[r["model"], str(r["batch"]), r["phase"], _number(r["ms"][TORCH]["median"]),
-              *(_number(r["cost_ms"][n]["median"]) if n in r["cost_ms"] else "-"
+            [[r["model"], str(r["batch"]), r["phase"], number(r["ms"][TORCH]["median"]),
+              *(number(r["cost_ms"][n]["median"]) if n in r["cost_ms"] else "-"
                 for n in costs)]
              for r in sel], "lrl" + "r" * (1 + len(costs)))]
     return lines

@@ -8,7 +8,8 @@ import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["WIDTH", "compare", "flag_notes", "markdown", "rounds", "spread", "wrap"]
+__all__ = ["WIDTH", "alternated", "calibrate", "compare", "flag_notes", "markdown", "number",
+           "paired", "ratio_text", "rounds", "spread", "spread_flag", "wrap"]
 
 WIDTH = 100  # columns of the benchmark's output (its --wide tables aside)
 
@@ -44,6 +45,86 @@ def spread(values: list[float]) -> dict[str, float]:
     {'min': 1.0, 'median': 2.0, 'max': 3.0}
     """
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def spread_flag(samples: Mapping[str, Sequence[float]], limit: float) -> str | None:
+    """The flag for contenders whose repeats (``samples``: name -> repeats) spread wider than
+    ``limit`` (max / min), or None where none does.
+
+    >>> spread_flag({"ours": [2.0, 2.1, 3.2], "torch.nn": [1.0, 1.1, 1.2]}, 1.5)
+    'spread over 1.5x: ours (up to 1.6x)'
+    """
+    wide = {name: max(v) / min(v) for name, v in samples.items()
+            if v and min(v) > 0 and max(v) > limit * min(v)}
+    if not wide:
+        return None
+    return f"spread over {limit:g}x: {', '.join(wide)} (up to {max(wide.values()):.1f}x)"
+
+
+def paired(ours: Sequence[float], theirs: Sequence[float], target: float | None = None) -> dict:
+    """Ours against another contender whose repeats ran back to back with ours' (repeat ``r``
+    of both in the same round): the spread of ours' time over theirs, repeat by repeat, and
+    of the difference; with a ``target`` (the most ours over theirs may be), whether the
+    median ratio meets it.
+
+    >>> row = paired([1.2, 1.1, 1.5], [1.0, 1.0, 1.0], target=1.2)
+    >>> row["ratio"]["median"], row["met"]
+    (1.2, True)
+    """
+    row: dict = {"ratio": spread([a / b for a, b in zip(ours, theirs, strict=True)]),
+                 "difference": spread([a - b for a, b in zip(ours, theirs, strict=True)])}
+    if target is not None:
+        row.update(target=target, met=row["ratio"]["median"] <= target)
+    return row
+
+
+def ratio_text(ratio: Mapping[str, float]) -> str:
+    """A ratio's spread as ``median (min-max)``, two decimals under 10, fewer above.
+
+    >>> ratio_text({"min": 0.95, "median": 1.234, "max": 12.5})
+    '1.23x (0.95-12.5)'
+    """
+    def number(v: float) -> str:
+        return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+    return f"{number(ratio['median'])}x ({number(ratio['min'])}-{number(ratio['max'])})"
+
+
+def calibrate(fns: Mapping[str, Callable[[], object]], budget: float, warmup: int = 2,
+              most: int = 1000) -> dict[str, int]:
+    """How many calls of each function make a sample of about ``budget`` seconds (at least 1,
+    at most ``most``), as timed on the last of ``warmup`` (at least 1) untimed rounds that
+    call each function once."""
+    calls = {}
+    for _ in range(max(1, warmup)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            calls[name] = max(1, min(most, round(budget / max(time.perf_counter() - start,
+                                                              1e-7))))
+    return calls
+
+
+def alternated(fns: Mapping[str, Callable[[], object]], repeats: int, budget: float,
+               ) -> dict[str, list[float]]:
+    """Seconds per call of each function: ``repeats`` samples, contenders alternated."""
+    # Warm up, alternating as below: numba loads its cache, and the heap reaches the extent
+    # every contender's allocations need (until then, fresh pages fault in at some calls).
+    for _ in range(3):
+        for fn in fns.values():
+            start = time.perf_counter()
+            while time.perf_counter() - start < budget / 2:
+                fn()
+    return rounds(fns, calibrate(fns, budget, warmup=1, most=200), repeats)
+
+
+def number(v: float) -> str:
+    """A time for a table: three decimals under 1, two under 100, none above.
+
+    >>> number(0.12345), number(12.345), number(1234.5)
+    ('0.123', '12.35', '1234')
+    """
+    return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
 
 
 def compare(ratio: dict[str, float]) -> str:
