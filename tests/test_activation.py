@@ -123,7 +123,7 @@ def test_layer_is_activation_of_batch_norm_in_training_and_inference(activation,
     # rounding: rtol = atol = 1e-6 (float32 values of magnitude ~3). The activation's fast
     # path threshold is lowered to the plain one's, so that both take it.
     monkeypatch.setattr(cpu_passes, "MIN_ACTIVATION_NUMEL", cpu.MIN_PLAIN_NUMEL)
-    x = torch.randn(64, 16, 9, 9) * 2 + 1  # large enough for the fast path
+    x = torch.randn(64, 16, 24, 24) * 2 + 1  # large enough for the fast path
     plain, fused_layer = (bn.BatchNorm(16, fused=fused, activation=a) for a in (None, activation))
     with torch.no_grad():
         for layer in (plain, fused_layer):
@@ -227,8 +227,8 @@ def test_the_fast_path_takes_the_activation_and_keeps_only_x(monkeypatch):
     # The fused kernel saves x (and gamma, beta) for the backward, as without an activation:
     # no pre-activation output is kept. (Threshold lowered: fused=None selects the loops for
     # this input.)
-    monkeypatch.setattr(cpu_passes, "MIN_ACTIVATION_NUMEL", cpu.MIN_PLAIN_NUMEL)
     x = torch.randn(64, 16, 8, 8, requires_grad=True)
+    monkeypatch.setattr(cpu_passes, "MIN_ACTIVATION_NUMEL", x.numel())
     call = KernelCall(BatchNormConfig(activation="relu"), (1,), torch.ones(16), torch.zeros(16))
     assert plan.select(x, initial_state(16), call) is cpu.CPU
     y, _ = cpu.CPU.train(x, initial_state(16), call)

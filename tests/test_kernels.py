@@ -316,11 +316,14 @@ def select_for(x, mask=None, **options):
 
 
 def test_fused_none_takes_the_fast_path_for_large_cpu_batches():
-    x = torch.randn(64, 16, 8, 8)
+    x = torch.randn(64, 16, 32, 16)
     assert x.numel() >= cpu.MIN_PLAIN_NUMEL
     assert select_for(x) is cpu.CPU
     assert select_for(x, renorm=True) is cpu.CPU
-    assert select_for(x.bfloat16()) is cpu.CPU
+    large = torch.randn(64, 16, 64, 64, dtype=torch.bfloat16)
+    assert large.numel() >= cpu_passes.MIN_PLAIN_BFLOAT16_NUMEL > x.numel()
+    assert select_for(large) is cpu.CPU
+    assert select_for(x.bfloat16()) is not cpu.CPU  # ATen's kernel: as fast up to that size
 
 
 def test_fused_none_falls_back_where_the_fast_path_does_not_apply():

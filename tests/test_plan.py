@@ -132,7 +132,7 @@ def test_the_cpu_kernels_planned_update_equals_the_full_path():
     full path (prefer("cpu")) with torch's operations."""
     planned, full = _pair(unbiased_moving_variance=True)
     for _ in range(3):
-        x = torch.randn(64, 6, 16, 16)
+        x = torch.randn(64, 6, 32, 48)
         assert x.numel() >= kernels.cpu.MIN_PLAIN_NUMEL
         with kernels.prefer("cpu"):
             expected = full(x, training=True)

@@ -78,7 +78,8 @@ class CpuKernel(Unprepared):
         composite) is the faster one for this input.
 
         Small inputs: their per-call cost is lower (below ``MIN_PLAIN_NUMEL`` values for
-        ATen's kernel, ``MIN_NUMEL`` for the composite; see the benchmark's 32x64 rows; with
+        ATen's kernel, ``MIN_PLAIN_BFLOAT16_NUMEL`` for bfloat16, ``MIN_NUMEL`` for the
+        composite; see the benchmark's 32x64 rows; with
         an ``activation``, ATen's kernel and the activation in place below
         ``MIN_ACTIVATION_NUMEL``). Plain channels-last and other layouts whose feature axis
         is innermost in memory: ATen's vectorized per-row kernel beats these loops (which
@@ -91,7 +92,9 @@ class CpuKernel(Unprepared):
             return x.numel() < MIN_NUMEL
         if call.config.activation is not None:
             return not self.fuses_activation(x)
-        return x.numel() < MIN_PLAIN_NUMEL or (x.ndim > 1 and x.stride(call.axes[0]) == 1)
+        smallest = (passes.MIN_PLAIN_BFLOAT16_NUMEL if x.dtype == torch.bfloat16
+                    else MIN_PLAIN_NUMEL)
+        return x.numel() < smallest or (x.ndim > 1 and x.stride(call.axes[0]) == 1)
 
     def fuses_activation(self, x: Tensor) -> bool:
         """Whether the loops' own activation pass beats ATen's kernel and the activation in
