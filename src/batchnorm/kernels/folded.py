@@ -1,6 +1,6 @@
 """Renorm and adjustment at ATen's per-call cost: ATen's statistics pass, the renorm
-correction and the adjustment folded into one scale and shift per feature, one output pass,
-and ATen's fused backward.
+correction and the adjustment folded into one scale and offset per feature, ATen's inference
+kernel for the output and ATen's fused backward.
 
 Batch Renormalization's ``(r, d)`` and an adjustment's ``(scale, bias)`` are per feature, so
 the output the composite kernel defines,
@@ -10,13 +10,13 @@ the output the composite kernel defines,
 order). ATen's statistics pass (``batch_norm_update_stats``) gives the batch's mean and
 biased variance, float32 for half-precision inputs; ``(r, d)`` follow from them and the renorm
 averages (:func:`batchnorm.statistics.renorm_correction`, before this call's update moves
-them); the output is ``x * inv + shift`` (:func:`batchnorm.statistics.affine_terms`, the
-composite's formula, rounded once to the input's dtype) in one ``addcmul``. The backward is
-ATen's, given ``a`` as its weight: the input gradient, ``sum(dy * xhat)`` and ``sum(dy)``,
-from which, ``r``, ``d`` and the adjustment being constants (no gradient, as in tf_keras),
-``dgamma = c * sum(dy * xhat) + e * sum(dy)`` and ``dbeta = sum(dy)``. A double backward
-(``create_graph=True``) differentiates the same output written in torch operations, with the
-same constants.
+them); the output is the composite's own output pass with these statistics, ``a`` and ``b``
+(:func:`batchnorm.kernels.inference.normalize_features`: ATen's inference kernel, one
+rounding to the input's dtype). The backward is ATen's, given ``a`` as its weight: the input
+gradient, ``sum(dy * xhat)`` and ``sum(dy)``, from which, ``r``, ``d`` and the adjustment
+being constants (no gradient, as in tf_keras), ``dgamma = c * sum(dy * xhat) + e * sum(dy)``
+and ``dbeta = sum(dy)``. A double backward (``create_graph=True``) differentiates the same
+output written in torch operations, with the same constants.
 
 An adjustment whose terms are not per feature (they vary along another axis), or need a
 gradient, leaves the call to the composite kernel with the terms already drawn.
@@ -32,13 +32,12 @@ from ..shapes import reduction_axes, values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import (
     PreparedUpdate,
-    affine_terms,
     output_affine,
     renorm_correction,
     traced,
 )
 from .composite import adjustment_terms, train_adjusted
-from .inference import normalize
+from .inference import normalize, normalize_features
 from .native import Workspace, aten_input, misread_by_cpu_backward, misreads_gradients
 from .protocol import KernelCall, PreparedTraining
 
@@ -94,8 +93,8 @@ class FoldedCall:
     """The folded kernel for inputs like ``x``: ``call(x) -> (y, stats, applied)`` (see
     :meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`)."""
 
-    __slots__ = ("state", "call", "axis", "features", "count", "statistics_dtype", "shape",
-                 "copy", "hook", "workspace", "direct")
+    __slots__ = ("state", "call", "axis", "features", "count", "statistics_dtype", "copy",
+                 "hook", "workspace", "direct")
 
     def __init__(self, x: Tensor, state: BatchNormState, call: KernelCall,
                  update: PreparedUpdate | None = None) -> None:
@@ -103,8 +102,6 @@ class FoldedCall:
         (self.axis,) = call.axes
         self.features, self.count = x.shape[self.axis], values_per_feature(x, call.axes)
         self.statistics_dtype = statistics_dtype(x.dtype)
-        # Per-feature terms as they broadcast against x.
-        self.shape = [self.features if d == self.axis else 1 for d in range(x.ndim)]
         # ATen's backward reads x (features along dim 1) copied where it would misread the
         # gradients, and gradients of some strides copied (see kernels.native).
         xm = x if self.axis == 1 else x.movedim(self.axis, 1)
@@ -126,7 +123,10 @@ class FoldedCall:
             if adjust is None:
                 y, stats = train_adjusted(x, self.state, call, terms)
                 return y, stats, None
-        y, mean, variance = FoldedFunction.apply(x, call.gamma, call.beta, self, adjust)
+        y, mean, variance = FoldedFunction.apply(self.aten_input(x), call.gamma, call.beta,
+                                                 self, adjust)
+        if self.axis != 1:
+            y = y.movedim(1, self.axis)
         activation = call.config.activation
         if activation is not None:
             # y is fresh: ReLU overwrites it (the backward reads neither y nor its input).
@@ -142,11 +142,12 @@ class FoldedCall:
         xm = x if self.axis == 1 else x.movedim(self.axis, 1)
         return xm.contiguous() if self.copy else xm
 
-    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch's mean and biased variance, 1-D in the statistics dtype (ATen's pass)."""
+    def moments(self, xm: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's mean and biased variance, 1-D in the statistics dtype, from ATen's
+        statistics pass over ``xm`` (:meth:`aten_input`)."""
         workspace = self.workspace
         running = (None, None) if workspace is None else (workspace.mean, workspace.variance)
-        mean, variance = torch.batch_norm_update_stats(self.aten_input(x), *running, 0.0)
+        mean, variance = torch.batch_norm_update_stats(xm, *running, 0.0)
         return mean, variance
 
     def per_feature(self, x: Tensor, terms: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
@@ -174,62 +175,59 @@ class FoldedCall:
         assert c is not None and e is not None  # renorm or an adjustment: both terms
         return c, e
 
-    def differentiable(self, x: Tensor, gamma: Tensor | None, beta: Tensor | None,
+    def differentiable(self, xm: Tensor, gamma: Tensor | None, beta: Tensor | None,
                        c: Tensor, e: Tensor) -> Tensor:
-        """The output in torch operations (what a double backward differentiates), ``c`` and
-        ``e`` constants."""
-        variance, mean = torch.var_mean(x.to(self.statistics_dtype),
-                                        dim=reduction_axes(x.ndim, (self.axis,)), correction=0)
+        """The output on ``xm`` in torch operations (what a double backward differentiates),
+        ``c`` and ``e`` constants."""
+        variance, mean = torch.var_mean(xm.to(self.statistics_dtype),
+                                        dim=reduction_axes(xm.ndim, (1,)), correction=0)
         a, b = output_affine(gamma, beta, c, e)
-        return normalize(x, mean, variance, b, a, self.call.config.epsilon, axis=self.axis)
+        return normalize(xm, mean, variance, b, a, self.call.config.epsilon, axis=1)
 
 
 class FoldedFunction(torch.autograd.Function):
-    """``(y, mean, variance)`` of the folded kernel, the statistics without gradient."""
+    """``(y, mean, variance)`` of the folded kernel on ``xm`` (:meth:`FoldedCall.aten_input`:
+    features along dim 1), the statistics without gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, gamma: Tensor | None, beta: Tensor | None, o: FoldedCall,
+    def forward(ctx, xm: Tensor, gamma: Tensor | None, beta: Tensor | None, o: FoldedCall,
                 adjust: tuple[Tensor, Tensor] | None):
-        mean, variance = o.moments(x)
+        mean, variance = o.moments(xm)
         c, e = o.correction(mean, variance, adjust)
         a, b = output_affine(None if gamma is None else gamma.detach(),
                              None if beta is None else beta.detach(), c, e)
         assert a is not None and b is not None
-        invstd = torch.rsqrt(variance + o.call.config.epsilon)
         a = a.to(o.statistics_dtype)
-        inv, shift = affine_terms(mean, invstd, a, b)
-        y = torch.empty_like(x)  # x's layout, x's dtype: one rounding of x * inv + shift
-        torch.addcmul(shift.view(o.shape), x, inv.view(o.shape), out=y)
-        ctx.save_for_backward(x, gamma, beta, a, mean, invstd, c, e)
+        epsilon = o.call.config.epsilon
+        # The composite's output pass (ATen's inference kernel), x's dtype rounded once.
+        y = normalize_features(xm, (1,), mean, variance, b, a, epsilon)
+        ctx.save_for_backward(xm, gamma, beta, a, mean, variance, c, e)
         ctx.o = o
         ctx.mark_non_differentiable(mean, variance)
         return y, mean, variance
 
     @staticmethod
     def backward(ctx, dy: Tensor, *_unused):
-        x, gamma, beta, a, mean, invstd, c, e = ctx.saved_tensors
+        xm, gamma, beta, a, mean, variance, c, e = ctx.saved_tensors
         o, needs = ctx.o, ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: differentiate the torch operations
-            wanted = [t for t, need in zip((x, gamma, beta), needs, strict=True)
+            wanted = [t for t, need in zip((xm, gamma, beta), needs, strict=True)
                       if need and t is not None]
             with torch.enable_grad():
-                y = o.differentiable(x, gamma, beta, c, e)
+                y = o.differentiable(xm, gamma, beta, c, e)
             grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
             return (*(next(grads) if need and t is not None else None
-                      for t, need in zip((x, gamma, beta), needs, strict=True)), None, None)
-        axis = o.axis
-        dym = dy if axis == 1 else dy.movedim(axis, 1)
-        if o.hook and misread_by_cpu_backward(dym):
-            dym = dym.contiguous()
+                      for t, need in zip((xm, gamma, beta), needs, strict=True)), None, None)
+        if o.hook and misread_by_cpu_backward(dy):
+            dy = dy.contiguous()
         need_gamma = gamma is not None and needs[1]
         need_beta = beta is not None and needs[2]
+        epsilon = o.call.config.epsilon
         dx, s2, s1 = torch.ops.aten.native_batch_norm_backward(
-            dym, o.aten_input(x), a, None, None, mean, invstd, True, o.call.config.epsilon,
+            dy, xm, a, None, None, mean, torch.rsqrt(variance + epsilon), True, epsilon,
             [needs[0], need_gamma, need_gamma or need_beta])
         dgamma = (c * s2 + e * s1).to(gamma.dtype) if need_gamma else None
         dbeta = s1.to(beta.dtype) if need_beta else None
-        if dx is not None and axis != 1:
-            dx = dx.movedim(1, axis)
         return dx, dgamma, dbeta, None, None
 
 
