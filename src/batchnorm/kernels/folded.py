@@ -64,7 +64,7 @@ class FoldedKernel:
         if len(call.axes) != 1:
             return "several feature axes"
         if values_per_feature(x, call.axes) < 2:
-            return "one value per feature"  # ATen would move its workspace by 0 * inf
+            return "one value per feature"  # the composite's case, as for ATen's kernel
         if traced(x):
             return "tracing (torch.compile or torch.func)"
         if config.renorm and state is not None and any(
