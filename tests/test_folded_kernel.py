@@ -352,3 +352,24 @@ def test_the_folded_kernels_constants_match_the_composites_rule():
     torch.testing.assert_close(c, r, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(e, d, rtol=1e-6, atol=1e-6)
     assert ((c == CLIP["rmin"]) | (c == CLIP["rmax"])).any()  # clipping active
+
+
+@pytest.mark.parametrize("mode", ["renorm", "adjustment"])
+def test_gradients_of_an_upstream_gradient_aten_misreads_equal_those_of_its_copy(mode):
+    """x NCHW-contiguous with a size-1 dimension, the upstream gradient dense in channels-last
+    order only (strides ATen's CPU backward misreads, see kernels.native): the gradients
+    equal those of its contiguous copy. Both float64, the same values summed in another
+    order: 1e-9. Two calls each, the second through the layer's plan."""
+    x = torch.randn(8, 16, 4, 1, dtype=torch.float64)
+    dy = torch.randn(8, 4, 16, dtype=torch.float64).transpose(1, 2).unsqueeze(-1)
+    grads = []
+    for dyi in (dy, dy.contiguous()):
+        layer = bn.BatchNorm(16, dtype=torch.float64, **MODES[mode](1))
+        for _ in range(2):
+            xg = x.clone().requires_grad_()
+            layer.zero_grad()
+            (layer(xg, training=True) * dyi).sum().backward()
+            grads.append((xg.grad, layer.gamma.grad, layer.beta.grad))
+    assert select_for(x, **MODES[mode](1)) is folded.FOLDED
+    for actual, expected in zip(grads[:2], grads[2:], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
