@@ -193,7 +193,7 @@ def test_gradcheck_folded_kernel(mode, layout):
     tf_keras), so gradcheck applies only where clipping holds them constant (see
     tests/test_gradcheck.py): every feature's r and d are clipped here."""
     shape, axis, _ = LAYOUTS[layout]
-    shape = (4, 3, 2) if layout == "nlc" else (4, 3, 2, 2)
+    shape = (4, 3, 2) if layout == "nlc" else (2, 3, 2, 2)
     axis = axis % len(shape)
     x = clipped_data(shape, axis)
     options = MODES[mode](axis)
