@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .config import BatchNormConfig, check_epsilon
-from .kernels import FAST_PATHS, PREFERRED
+from .kernels import FALLBACKS, FAST_PATHS, PREFERRED
 from .kernels.composite import COMPOSITE
 from .kernels.inference import infer, prepare_inference
 from .kernels.native import NATIVE
@@ -91,8 +91,9 @@ def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel
     (:mod:`batchnorm.kernels`): ``fused=False`` (or synchronized statistics) the composite;
     ``fused=True`` ATen's kernel; ``fused=None`` the kernel a
     :func:`~batchnorm.kernels.prefer` block forces, else the device's fast path when it
-    takes the call and does not prefer the fallback, else ATen's kernel for the plain mode
-    and the composite for the others.
+    takes the call and does not prefer the fallback, else the first of
+    :data:`~batchnorm.kernels.FALLBACKS` that takes it (ATen's kernel for the plain mode, the
+    folded kernel for renorm and adjustment, the composite for the others).
 
     Raises ``ValueError`` when ``fused=True`` and ATen's kernel cannot compute it
     (a mask, or synchronized statistics, known only per call).
@@ -108,7 +109,7 @@ def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel
         return COMPOSITE
     if PREFERRED and PREFERRED[-1].unsupported(x, state, call) is None:
         return PREFERRED[-1]
-    fallback = NATIVE if NATIVE.unsupported(x, state, call) is None else COMPOSITE
+    fallback = next(k for k in FALLBACKS if k.unsupported(x, state, call) is None)
     fast = FAST_PATHS.get(x.device.type)
     if fast is None or fast.prefers_fallback(x, call) or fast.unsupported(x, state, call):
         return fallback

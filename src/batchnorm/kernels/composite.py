@@ -38,7 +38,7 @@ from .inference import normalize
 from .protocol import KernelCall, Unprepared
 from .synchronized import global_moments
 
-__all__ = ["COMPOSITE", "CompositeKernel"]
+__all__ = ["COMPOSITE", "CompositeKernel", "adjustment_terms", "train_adjusted"]
 
 
 def _group_view(x: Tensor, axes: tuple[int, ...], size: int | None, layout: str):
@@ -84,6 +84,16 @@ def _adjustment_term(t, x: Tensor, axes: tuple[int, ...], name: str) -> Tensor:
     return broadcast(t, x, axes)
 
 
+def adjustment_terms(x: Tensor, call: KernelCall) -> tuple[Tensor, Tensor] | None:
+    """This call's ``adjustment(x.shape)``, its ``(scale, bias)`` broadcast against ``x`` as
+    TensorFlow broadcasts them (a ``ValueError`` where they do not); None without one."""
+    if call.config.adjustment is None:
+        return None
+    adj_scale, adj_bias = call.config.adjustment(x.shape)
+    return (_adjustment_term(adj_scale, x, call.axes, "scale"),
+            _adjustment_term(adj_bias, x, call.axes, "bias"))
+
+
 class CompositeKernel(Unprepared):
     """Every mode, every device, several feature axes; what the other kernels are tested
     against."""
@@ -98,10 +108,14 @@ class CompositeKernel(Unprepared):
 
     def train(self, x: Tensor, state: BatchNormState,
               call: KernelCall) -> tuple[Tensor, BatchStatistics]:
-        return _train(x, state, call)
+        return train_adjusted(x, state, call, adjustment_terms(x, call))
 
 
-def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, BatchStatistics]:
+def train_adjusted(x: Tensor, state: BatchNormState, call: KernelCall,
+                   adjust: tuple[Tensor, Tensor] | None) -> tuple[Tensor, BatchStatistics]:
+    """The composite kernel's training call with the adjustment's terms already drawn
+    (:func:`adjustment_terms`): for a kernel that drew them and then found it cannot use
+    them (the adjustment is called once per call)."""
     config, axes, mask, process_group = call.config, call.axes, call.mask, call.process_group
     virtual_batch_size = config.virtual_batch_size
     view, kept = _group_view(x, axes, virtual_batch_size, config.ghost_layout)
@@ -134,15 +148,11 @@ def _train(x: Tensor, state: BatchNormState, call: KernelCall) -> tuple[Tensor, 
             mean, variance, count, broadcast(moving_mean, view, feature_axes),
             broadcast(moving_variance, view, feature_axes))
 
-    r = d = adjust = None
+    r = d = None
     if config.renorm:
         r, d = renorm_correction(*pooled_statistics(stats), state, epsilon=config.epsilon,
                                  clipping=config.clipping)
         r, d = broadcast(r, view, feature_axes), broadcast(d, view, feature_axes)
-    if config.adjustment is not None:
-        adj_scale, adj_bias = config.adjustment(x.shape)
-        adjust = (_adjustment_term(adj_scale, x, axes, "scale"),
-                  _adjustment_term(adj_bias, x, axes, "bias"))
     scale, offset = output_affine(broadcast(call.gamma, view, feature_axes),
                                   broadcast(call.beta, view, feature_axes), r, d, adjust)
     y = normalize(view, mean, variance, offset, scale, config.epsilon).reshape(x.shape)

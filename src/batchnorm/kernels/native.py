@@ -15,7 +15,7 @@ from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import PreparedUpdate, traced
 from .protocol import KernelCall, PreparedTraining, unprepared
 
-__all__ = ["NATIVE", "NativeCall", "NativeKernel", "aten_input", "gradient_read_right",
+__all__ = ["NATIVE", "NativeCall", "NativeKernel", "Workspace", "aten_input", "gradient_read_right",
            "misread_by_cpu_backward", "misreads_gradients"]
 
 
@@ -118,7 +118,7 @@ class NativeCall:
         self.count = values_per_feature(x, call.axes)
         self.momentum = (self.count - 1) / self.count
         self.device = x.device
-        self.workspace: _Workspace | None = None
+        self.workspace: Workspace | None = None
 
     def __call__(self, x: Tensor, borrow: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, variance)``. With ``borrow`` the variance is this thread's workspace,
@@ -136,7 +136,7 @@ class NativeCall:
         if borrow:
             workspace = self.workspace
             if workspace is None:
-                workspace = self.workspace = _Workspace(self.features, self.statistics_dtype,
+                workspace = self.workspace = Workspace(self.features, self.statistics_dtype,
                                                         self.device)
             workspace.zeros.zero_()
             unused, variance = workspace.mean, workspace.variance
@@ -158,7 +158,7 @@ class NativeCall:
         return y, BatchStatistics(mean.detach()[None], variance[None], self.count)
 
 
-class _Workspace(threading.local):
+class Workspace(threading.local):
     """The running statistics ATen's kernel writes into, kept per thread (concurrent calls
     must not share them) and zeroed before each use through ``zeros``, a view that shares
     their memory but not their version counter: autograd saved the earlier call's views

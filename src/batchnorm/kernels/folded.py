@@ -1,0 +1,234 @@
+"""Renorm and adjustment at ATen's per-call cost: ATen's statistics pass, the renorm
+correction and the adjustment folded into one scale and offset per feature, ATen's inference
+kernel for the output and ATen's fused backward.
+
+Batch Renormalization's ``(r, d)`` and an adjustment's ``(scale, bias)`` are per feature, so
+the output the composite kernel defines,
+``y = gamma * (adj_scale * (r * xhat + d) + adj_bias) + beta``, is ``y = xhat * a + b`` with
+``(c, e) = output_affine(None, None, r, d, adjustment)``, ``a = gamma * c`` and
+``b = gamma * e + beta`` (:func:`batchnorm.statistics.output_affine`, one place for the
+order). ATen's statistics pass (``batch_norm_update_stats``) gives the batch's mean and
+biased variance, float32 for half-precision inputs; ``(r, d)`` follow from them and the renorm
+averages (:func:`batchnorm.statistics.renorm_correction`, before this call's update moves
+them); the output is the composite's own output pass with these statistics, ``a`` and ``b``
+(:func:`batchnorm.kernels.inference.normalize_features`: ATen's inference kernel, one
+rounding to the input's dtype). The backward is ATen's, given ``a`` as its weight: the input
+gradient, ``sum(dy * xhat)`` and ``sum(dy)``, from which, ``r``, ``d`` and the adjustment
+being constants (no gradient, as in tf_keras), ``dgamma = c * sum(dy * xhat) + e * sum(dy)``
+and ``dbeta = sum(dy)``. A double backward (``create_graph=True``) differentiates the same
+output written in torch operations, with the same constants.
+
+An adjustment whose terms are not per feature (they vary along another axis), or need a
+gradient, leaves the call to the composite kernel with the terms already drawn.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..activations import apply as activate
+from ..shapes import reduction_axes, values_per_feature
+from ..state import BatchNormState, BatchStatistics, statistics_dtype
+from ..statistics import (
+    PreparedUpdate,
+    output_affine,
+    renorm_correction,
+    traced,
+)
+from .composite import adjustment_terms, train_adjusted
+from .inference import normalize, normalize_features
+from .native import Workspace, aten_input, misread_by_cpu_backward, misreads_gradients
+from .protocol import KernelCall, PreparedTraining
+
+__all__ = ["FOLDED", "FoldedCall", "FoldedFunction", "FoldedKernel"]
+
+
+class FoldedKernel:
+    """ATen's fused kernel for renorm (with clipping) and adjustment, one feature axis, any
+    device: the fallback ``fused=None`` takes for them where the device's fast path steps
+    aside (small inputs), in place of the composite kernel."""
+
+    name = "folded"
+
+    def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
+        config = call.config
+        if not config.renorm and config.adjustment is None:
+            return "the plain mode (no renorm or adjustment: ATen's kernel itself)"
+        if call.process_group is not None:
+            return "synchronized statistics"
+        if config.virtual_batch_size is not None:
+            return "ghost batches (virtual_batch_size)"
+        if call.mask is not None:
+            return "masked inputs"
+        if len(call.axes) != 1:
+            return "several feature axes"
+        if values_per_feature(x, call.axes) < 2:
+            return "one value per feature"  # the composite's case, as for ATen's kernel
+        if traced(x):
+            return "tracing (torch.compile or torch.func)"
+        if config.renorm and state is not None and any(
+                t is not None and t.requires_grad for t in (state.renorm_mean,
+                                                            state.renorm_stddev)):
+            return "renorm statistics that require grad"
+        return None
+
+    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
+        return False
+
+    def train(self, x: Tensor, state: BatchNormState,
+              call: KernelCall) -> tuple[Tensor, BatchStatistics]:
+        y, stats, _ = FoldedCall(x, state, call)(x)
+        assert stats is not None  # no update given: the statistics are returned
+        return y, stats
+
+    def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
+                update: PreparedUpdate | None = None) -> PreparedTraining:
+        """:class:`FoldedCall` for ``x``'s signature; where the update has a direct loop (CPU,
+        a state without renorm), the statistics go straight into it."""
+        return FoldedCall(x, state, call, update)
+
+
+class FoldedCall:
+    """The folded kernel for inputs like ``x``: ``call(x) -> (y, stats, applied)`` (see
+    :meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`)."""
+
+    __slots__ = ("state", "call", "axis", "features", "count", "statistics_dtype", "copy",
+                 "hook", "workspace", "direct")
+
+    def __init__(self, x: Tensor, state: BatchNormState, call: KernelCall,
+                 update: PreparedUpdate | None = None) -> None:
+        self.state, self.call = state, call
+        (self.axis,) = call.axes
+        self.features, self.count = x.shape[self.axis], values_per_feature(x, call.axes)
+        self.statistics_dtype = statistics_dtype(x.dtype)
+        # ATen's backward reads x (features along dim 1) copied where it would misread the
+        # gradients, and gradients of some strides copied (see kernels.native).
+        xm = x if self.axis == 1 else x.movedim(self.axis, 1)
+        xm_aten = aten_input(xm, call.gamma, call.beta)
+        self.copy, self.hook = xm_aten is not xm, misreads_gradients(xm_aten)
+        # Half-precision inputs: float32 "running" statistics make ATen's statistics pass
+        # accumulate and return float32; it moves them by momentum 0 (never read).
+        self.workspace = (Workspace(self.features, self.statistics_dtype, x.device)
+                          if self.statistics_dtype != x.dtype else None)
+        self.direct = None if update is None else update.direct
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
+        call = self.call
+        adjust = None
+        if call.config.adjustment is not None:
+            terms = adjustment_terms(x, call)
+            assert terms is not None
+            adjust = self.per_feature(x, terms)
+            if adjust is None:
+                y, stats = train_adjusted(x, self.state, call, terms)
+                return y, stats, None
+        y, mean, variance = FoldedFunction.apply(self.aten_input(x), call.gamma, call.beta,
+                                                 self, adjust)
+        if self.axis != 1:
+            y = y.movedim(1, self.axis)
+        activation = call.config.activation
+        if activation is not None:
+            # y is fresh: ReLU overwrites it (the backward reads neither y nor its input).
+            y = activate(y, activation, inplace=activation == "relu")
+        if self.direct is not None:
+            if self.direct(mean, variance):
+                return y, None, True
+            return y, BatchStatistics(mean[None], variance[None], self.count), False
+        return y, BatchStatistics(mean[None], variance[None], self.count), None
+
+    def aten_input(self, x: Tensor) -> Tensor:
+        """``x`` as ATen's kernels take it: the feature axis at dim 1, copied if need be."""
+        xm = x if self.axis == 1 else x.movedim(self.axis, 1)
+        return xm.contiguous() if self.copy else xm
+
+    def moments(self, xm: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's mean and biased variance, 1-D in the statistics dtype, from ATen's
+        statistics pass over ``xm`` (:meth:`aten_input`)."""
+        workspace = self.workspace
+        running = (None, None) if workspace is None else (workspace.mean, workspace.variance)
+        mean, variance = torch.batch_norm_update_stats(xm, *running, 0.0)
+        return mean, variance
+
+    def per_feature(self, x: Tensor, terms: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """The adjustment's terms as feature vectors (their dtype: the composite's promotions),
+        or None where one varies along an axis other than the feature axis, or needs a
+        gradient."""
+        vectors = []
+        for t in terms:
+            shape = (1,) * (x.ndim - t.ndim) + tuple(t.shape)
+            if t.requires_grad or any(n != 1 for d, n in enumerate(shape) if d != self.axis):
+                return None
+            vectors.append(t.reshape(shape[self.axis]).expand(self.features))
+        return vectors[0], vectors[1]
+
+    def correction(self, mean: Tensor, variance: Tensor,
+                   adjust: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """``(c, e)``: the factor on ``xhat`` and the offset before gamma and beta, per
+        feature (renorm's ``(r, d)`` composed with the adjustment's terms)."""
+        config = self.call.config
+        r = d = None
+        if config.renorm:
+            r, d = renorm_correction(mean, variance, self.state, epsilon=config.epsilon,
+                                     clipping=config.clipping)
+        c, e = output_affine(None, None, r, d, adjust)
+        assert c is not None and e is not None  # renorm or an adjustment: both terms
+        return c, e
+
+    def differentiable(self, xm: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                       c: Tensor, e: Tensor) -> Tensor:
+        """The output on ``xm`` in torch operations (what a double backward differentiates),
+        ``c`` and ``e`` constants."""
+        variance, mean = torch.var_mean(xm.to(self.statistics_dtype),
+                                        dim=reduction_axes(xm.ndim, (1,)), correction=0)
+        a, b = output_affine(gamma, beta, c, e)
+        return normalize(xm, mean, variance, b, a, self.call.config.epsilon, axis=1)
+
+
+class FoldedFunction(torch.autograd.Function):
+    """``(y, mean, variance)`` of the folded kernel on ``xm`` (:meth:`FoldedCall.aten_input`:
+    features along dim 1), the statistics without gradient."""
+
+    @staticmethod
+    def forward(ctx, xm: Tensor, gamma: Tensor | None, beta: Tensor | None, o: FoldedCall,
+                adjust: tuple[Tensor, Tensor] | None):
+        mean, variance = o.moments(xm)
+        c, e = o.correction(mean, variance, adjust)
+        a, b = output_affine(None if gamma is None else gamma.detach(),
+                             None if beta is None else beta.detach(), c, e)
+        assert a is not None and b is not None
+        a = a.to(o.statistics_dtype)
+        epsilon = o.call.config.epsilon
+        # The composite's output pass (ATen's inference kernel), x's dtype rounded once.
+        y = normalize_features(xm, (1,), mean, variance, b, a, epsilon)
+        ctx.save_for_backward(xm, gamma, beta, a, mean, variance, c, e)
+        ctx.o = o
+        ctx.mark_non_differentiable(mean, variance)
+        return y, mean, variance
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, *_unused):
+        xm, gamma, beta, a, mean, variance, c, e = ctx.saved_tensors
+        o, needs = ctx.o, ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: differentiate the torch operations
+            wanted = [t for t, need in zip((xm, gamma, beta), needs, strict=True)
+                      if need and t is not None]
+            with torch.enable_grad():
+                y = o.differentiable(xm, gamma, beta, c, e)
+            grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
+            return (*(next(grads) if need and t is not None else None
+                      for t, need in zip((xm, gamma, beta), needs, strict=True)), None, None)
+        if o.hook and misread_by_cpu_backward(dy):
+            dy = dy.contiguous()
+        need_gamma = gamma is not None and needs[1]
+        need_beta = beta is not None and needs[2]
+        epsilon = o.call.config.epsilon
+        dx, s2, s1 = torch.ops.aten.native_batch_norm_backward(
+            dy, xm, a, None, None, mean, torch.rsqrt(variance + epsilon), True, epsilon,
+            [needs[0], need_gamma, need_gamma or need_beta])
+        dgamma = (c * s2 + e * s1).to(gamma.dtype) if need_gamma else None
+        dbeta = s1.to(beta.dtype) if need_beta else None
+        return dx, dgamma, dbeta, None, None
+
+
+FOLDED = FoldedKernel()
