@@ -222,13 +222,15 @@ def renorm_correction(
     # plan.prepare refuses a renorm call whose state lacks them (the type allows None).
     assert state.renorm_mean is not None and state.renorm_stddev is not None
     clipping = clipping or {}
-    stddev = torch.sqrt(variance.detach() + epsilon)
     s = torch.clamp_min(state.renorm_stddev, math.sqrt(epsilon))
-    r = (stddev / s).clamp(clipping.get("rmin", 0.0), clipping.get("rmax", math.inf))
+    # In place only on the fresh quotients (under vmap the state alone may be batched);
+    # NaN and +-Inf give the identity.
+    r = torch.div((variance.detach() + epsilon).sqrt_(), s).clamp_(
+        clipping.get("rmin", 0.0), clipping.get("rmax", math.inf)).nan_to_num_(1.0, 1.0, 1.0)
     dmax = clipping.get("dmax", math.inf)
-    d = ((mean.detach() - state.renorm_mean) / s).clamp(-dmax, dmax)
-    r, d = kept_for_backward(torch.where(torch.isfinite(r), r, 1.0),
-                             torch.where(torch.isfinite(d), d, 0.0))
+    d = torch.div(mean.detach() - state.renorm_mean, s).clamp_(-dmax, dmax).nan_to_num_(
+        0.0, 0.0, 0.0)
+    r, d = kept_for_backward(r, d)
     return r, d
 
 
