@@ -29,7 +29,7 @@ from torch import Tensor
 from ..activations import apply as activate
 from ..shapes import broadcast, resolve_axes
 from ..state import BatchNormState, statistics_dtype
-from ..statistics import affine_terms, inference_statistics
+from ..statistics import affine_terms, inference_statistics, traced
 from .native import aten_input, gradient_read_right, misreads_gradients
 from .protocol import INFERENCE_PASSES, InferencePass, KernelCall
 
@@ -130,7 +130,8 @@ def prepare_inference(x: Tensor, state: BatchNormState,
     differentiable = recorded and _differentiable(x, call)
     debiased = None
     if config.debias and config.momentum is not None:
-        device = INFERENCE_PASSES.get(x.device.type)
+        # A tracer (torch.compile, torch.func) must see torch operations: the full path.
+        device = None if traced(x) else INFERENCE_PASSES.get(x.device.type)
         debiased = None if device is None else device.debiased(state, config.momentum,
                                                                 fresh=differentiable)
         if debiased is None:
