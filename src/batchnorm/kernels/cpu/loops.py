@@ -114,32 +114,6 @@ def _store(out, i, v):
     return impl
 
 
-def zero_like(v):
-    """A zero of ``v``'s type (``v * 0`` would widen float32 to float64)."""
-
-
-@overload(zero_like, inline="always")
-def _zero_like(v):
-    kind = v
-
-    def impl(v):
-        return kind(0)
-    return impl
-
-
-def one_like(v):
-    """A one of ``v``'s type (``1 + v`` would widen float32 to float64)."""
-
-
-@overload(one_like, inline="always")
-def _one_like(v):
-    kind = v
-
-    def impl(v):
-        return kind(1)
-    return impl
-
-
 def as_type(v, like):
     """``v`` converted to ``like``'s type (rounded to nearest, as ``Tensor.to``)."""
 
@@ -151,6 +125,18 @@ def _as_type(v, like):
     def impl(v, like):
         return kind(v)
     return impl
+
+
+@njit(inline="always", cache=True)
+def zero_like(v):
+    """A zero of ``v``'s type (``v * 0`` would widen float32 to float64)."""
+    return as_type(0, v)
+
+
+@njit(inline="always", cache=True)
+def one_like(v):
+    """A one of ``v``'s type (``1 + v`` would widen float32 to float64)."""
+    return as_type(1, v)
 
 
 # ---------------------------------------------------------------- one loop, two flavors
