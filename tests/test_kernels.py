@@ -36,7 +36,7 @@ import torch
 import batchnorm as bn
 from batchnorm import kernels, plan
 from batchnorm.functional import BatchNormConfig, initial_state
-from batchnorm.kernels import KernelCall, composite, cpu, inference, native
+from batchnorm.kernels import KernelCall, composite, cpu, ghost, inference, native
 from batchnorm.kernels.cpu import loops as cpu_loops
 from batchnorm.kernels.cpu import passes as cpu_passes
 from batchnorm.kernels.protocol import INFERENCE_PASSES
@@ -329,8 +329,10 @@ def test_fused_none_falls_back_where_the_fast_path_does_not_apply():
     channels_last = torch.randn(64, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     assert select_for(channels_last) is native.NATIVE  # ATen's row kernel is faster
     assert select_for(channels_last, virtual_batch_size=8) is cpu.CPU
-    for mode in ({"virtual_batch_size": 8}, {"renorm": True}):  # so is the composite's
-        assert select_for(small, **mode) is composite.COMPOSITE
+    # so is the composite's, and the ghost kernel's (ghost batches on ATen's kernel)
+    for mode, kernel in (({"virtual_batch_size": 8}, ghost.GHOST),
+                         ({"renorm": True}, composite.COMPOSITE)):
+        assert select_for(small, **mode) is kernel
         assert select_for(torch.randn(512, 64), **mode) is cpu.CPU
     assert select_for(torch.randn(64, 16, 8, 8, dtype=torch.float16)) is native.NATIVE
     assert select_for(torch.randn(64, 16, 8, 8), adjustment=lambda s: (1.0, 0.0)) \

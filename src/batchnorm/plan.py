@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .config import BatchNormConfig, check_epsilon
-from .kernels import FAST_PATHS, PREFERRED
+from .kernels import FALLBACKS, FAST_PATHS, PREFERRED
 from .kernels.composite import COMPOSITE
 from .kernels.inference import infer, prepare_inference
 from .kernels.native import NATIVE
@@ -91,8 +91,9 @@ def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel
     (:mod:`batchnorm.kernels`): ``fused=False`` (or synchronized statistics) the composite;
     ``fused=True`` ATen's kernel; ``fused=None`` the kernel a
     :func:`~batchnorm.kernels.prefer` block forces, else the device's fast path when it
-    takes the call and does not prefer the fallback, else ATen's kernel for the plain mode
-    and the composite for the others.
+    takes the call and does not prefer the fallback, else the first of
+    :data:`~batchnorm.kernels.FALLBACKS` that takes it (ATen's kernel for the plain mode,
+    the ghost kernel for ghost batches, the composite for the others).
 
     Raises ``ValueError`` when ``fused=True`` and ATen's kernel cannot compute it
     (a mask, or synchronized statistics, known only per call).
@@ -108,7 +109,7 @@ def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel
         return COMPOSITE
     if PREFERRED and PREFERRED[-1].unsupported(x, state, call) is None:
         return PREFERRED[-1]
-    fallback = NATIVE if NATIVE.unsupported(x, state, call) is None else COMPOSITE
+    fallback = next(k for k in FALLBACKS if k.unsupported(x, state, call) is None)
     fast = FAST_PATHS.get(x.device.type)
     if fast is None or fast.prefers_fallback(x, call) or fast.unsupported(x, state, call):
         return fallback
@@ -218,11 +219,11 @@ class CallPlan:
                  buffers: tuple[str, ...], tensors: tuple[Tensor | None, ...], x: Tensor,
                  state: BatchNormState, prepared: Prepared) -> None:
         self.config, self.state, self.call_config = config, state, prepared.call.config
-        self.update = None if prepared.kernel is None else prepare_update(
-            state, prepared.call.config, statistics_dtype(x.dtype),
-            values_per_feature(x, prepared.call.axes)
-            if prepared.call.mask is None and prepared.call.config.virtual_batch_size is None
-            else None)
+        self.update = None
+        if prepared.kernel is not None:
+            count, groups = _groups(x, prepared.call)
+            self.update = prepare_update(state, prepared.call.config,
+                                         statistics_dtype(x.dtype), count, groups=groups)
         self.run = prepare_run(x, state, prepared, self.update)
         self.parameters, self.buffers, self.tensors = parameters, buffers, tensors
         self.fingerprint = fingerprint(tensors)
@@ -236,6 +237,17 @@ class CallPlan:
             return False
         now = [*map(parameters.get, self.parameters), *map(buffers.get, self.buffers)]
         return all(map(operator.is_, now, self.tensors)) and fingerprint(now) == self.fingerprint
+
+
+def _groups(x: Tensor, call: KernelCall) -> tuple[int | None, int]:
+    """The count of each group's statistics in a training call (values per ghost batch and
+    feature, or per feature; None for a mask's, per position) and the number of groups."""
+    count = None if call.mask is not None else values_per_feature(x, call.axes)
+    size = call.config.virtual_batch_size
+    if size is None:
+        return count, 1
+    groups = x.shape[0] // size
+    return (None if count is None else count // groups), groups
 
 
 def prepare_run(x: Tensor, state: BatchNormState, prepared: Prepared,

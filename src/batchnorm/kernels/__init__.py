@@ -11,6 +11,8 @@ a device whose fast path has an inference loop registers it in
 - ``composite``: plain torch operations; every mode (renorm, ghost batches,
   adjustment, masks, several feature axes, synchronized statistics).
 - ``native``: ATen's fused batch-norm kernel; the plain mode with one feature axis.
+- ``ghost``: ATen's fused kernel for ghost batches (one feature axis, no renorm or mask),
+  each (ghost batch, feature) pair one of its channels (:mod:`batchnorm.kernels.ghost`).
 - ``cpu``: numba loops at memory bandwidth for CPU tensors; every mode but
   adjustment, with one feature axis (:mod:`batchnorm.kernels.cpu`); also the CPU's
   inference pass.
@@ -22,7 +24,8 @@ a device whose fast path has an inference loop registers it in
 ``fused=False`` (or synchronized statistics) the composite; ``fused=True`` ATen's kernel,
 or a ``ValueError`` where it has none; ``fused=None`` the device's fast path from
 :data:`FAST_PATHS` when it takes the call and does not prefer the fallback (small
-inputs), else ATen's kernel for the plain mode and the composite for the others.
+inputs), else the first of :data:`FALLBACKS` that takes it (ATen's kernel for the plain
+mode, the ghost kernel for ghost batches, the composite for the others).
 
 :func:`prefer` forces a kernel for a block of code (tests, comparisons)::
 
@@ -43,15 +46,20 @@ from contextlib import contextmanager
 from ..statistics import UPDATE_LOOPS
 from .composite import COMPOSITE
 from .cpu import CPU, available
+from .ghost import GHOST
 from .native import NATIVE
 from .protocol import INFERENCE_PASSES, KernelCall, TrainingKernel
 from .triton import TRITON
 
-__all__ = ["FAST_PATHS", "KERNELS", "PREFERRED", "KernelCall", "TrainingKernel", "prefer"]
+__all__ = ["FALLBACKS", "FAST_PATHS", "KERNELS", "PREFERRED", "KernelCall", "TrainingKernel",
+           "prefer"]
 
 # Every kernel by name, for prefer().
-KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, "cpu": CPU,
-                                      "triton": TRITON}
+KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE, "ghost": GHOST,
+                                      "cpu": CPU, "triton": TRITON}
+# The kernels fused=None falls back to where the device has no fast path for a call (or
+# prefers them), the first that takes it: the composite takes every call.
+FALLBACKS: tuple[TrainingKernel, ...] = (NATIVE, GHOST, COMPOSITE)
 # Device type -> the fast kernel fused=None tries first (the Triton kernel declines calls
 # itself where triton is not installed).
 FAST_PATHS: dict[str, TrainingKernel] = {"cuda": TRITON, **({"cpu": CPU} if available() else {})}

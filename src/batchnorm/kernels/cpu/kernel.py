@@ -129,15 +129,16 @@ class CpuKernel(Unprepared):
 
     def prepare_update(self, state: BatchNormState, config: BatchNormConfig,
                        dtype: torch.dtype, count: int,
-                       fallback: Callable[[BatchStatistics, Tensor | None], Tensor | bool]
-                       ) -> PreparedUpdate | None:
+                       fallback: Callable[[BatchStatistics, Tensor | None], Tensor | bool],
+                       groups: int = 1) -> PreparedUpdate | None:
         """The moving-average update of ``state`` with ``config``'s options as one numba loop,
         :func:`batchnorm.kernels.cpu.loops.lerp_if_finite` (the CPU's backend of
         :func:`batchnorm.statistics.prepare_update`, registered in
-        :data:`batchnorm.statistics.UPDATE_LOOPS`), for one group of ``count`` values per
-        feature in contiguous statistics of ``dtype``: ``apply(stats, skipped)`` (``fallback``,
-        torch operations, updates from any other statistics) and ``direct(mean, variance)``,
-        both returning whether the batch entered the averages (a ``bool``).
+        :data:`batchnorm.statistics.UPDATE_LOOPS`), for ``groups`` groups (ghost batches) of
+        ``count`` values per feature each in contiguous statistics of ``dtype``:
+        ``apply(stats, skipped)`` (``fallback``, torch operations, updates from any other
+        statistics) and ``direct(mean, variance)`` (``groups * features`` values each, group
+        after group), both returning whether the batch entered the averages (a ``bool``).
 
         The state's tensors must keep their storage, shape and dtype while the update is kept
         (a layer's :class:`batchnorm.plan.CallPlan` checks them before every call). None
@@ -170,8 +171,8 @@ class CpuKernel(Unprepared):
 
         def direct(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
             step = weight if counter is None else kind(one / np.float32(counter[()] + 1))
-            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, step,
-                                 correction, zero)
+            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, groups,
+                                 step, correction, zero)
             if applied:  # written through their addresses: tell autograd, as torch would
                 increment_version(kept)
             return applied
@@ -179,7 +180,7 @@ class CpuKernel(Unprepared):
         def apply(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor | bool:
             mean, variance = stats.mean, stats.variance
             if not (mean.dtype is dtype and variance.dtype is dtype and stats.count == count
-                    and mean.shape[0] == 1 and mean.is_contiguous()
+                    and mean.shape[0] == groups and mean.is_contiguous()
                     and variance.is_contiguous()):
                 return fallback(stats, skipped)
             applied = direct(mean, variance)
