@@ -493,13 +493,13 @@ class UpdateLoop(Protocol):
     kernel's numba loop), registered in :data:`UPDATE_LOOPS` under its device type."""
 
     def prepare_update(self, state: BatchNormState, config: BatchNormConfig,
-                       dtype: torch.dtype, count: int,
+                       dtype: torch.dtype, count: int | None,
                        fallback: Callable[[BatchStatistics, Tensor | None], Tensor | bool],
                        groups: int = 1) -> PreparedUpdate | None:
         """The update (see :func:`prepare_update`) of ``groups`` groups of ``count`` values
-        per feature each in contiguous statistics of ``dtype``, calling ``fallback`` for any
-        other statistics; None where the loop does not apply to this state and
-        configuration."""
+        per feature each (None: a mask's counts, in the statistics) in contiguous statistics
+        of ``dtype``, calling ``fallback`` for any other statistics; None where the loop does
+        not apply to this state and configuration."""
         ...
 
 
@@ -515,11 +515,11 @@ def prepare_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.
     ``update.apply(stats, skipped) -> applied`` as :func:`apply_update` documents.
 
     The one update, with two backends: where the state's device registered a loop
-    (:data:`UPDATE_LOOPS`) and it takes the call (``groups`` groups of ``count`` values,
-    contiguous statistics of ``dtype``, a plain state with a decay), the loop; else torch
-    operations. Both round as ``torch.lerp`` does, so they agree bit for bit for one group;
-    the loop sums several groups in order, where torch's reduction may order the sum
-    otherwise (the pooled statistics then agree to float rounding). ``loop=False``
+    (:data:`UPDATE_LOOPS`) and it takes the call (``groups`` groups of ``count`` values or
+    of a mask's counts, contiguous statistics of ``dtype``, a plain state with a decay), the
+    loop; else torch operations. Both round as ``torch.lerp`` does, so they agree bit for bit
+    for one group; the loop sums several groups in order, where torch's reduction may order
+    the sum otherwise (the pooled statistics then agree to float rounding). ``loop=False``
     (traced calls: ``torch.compile``, ``torch.func``) always takes torch operations, which
     a tracer sees.
     """
@@ -535,7 +535,7 @@ def prepare_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.
         return finite
 
     device_loop = UPDATE_LOOPS.get(state.moving_mean.device.type) if loop else None
-    if device_loop is None or count is None:
+    if device_loop is None:
         return PreparedUpdate(tensors)
     return (device_loop.prepare_update(state, config, dtype, count, tensors, groups)
             or PreparedUpdate(tensors))
