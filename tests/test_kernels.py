@@ -36,7 +36,7 @@ import torch
 import batchnorm as bn
 from batchnorm import kernels, plan
 from batchnorm.functional import BatchNormConfig, initial_state
-from batchnorm.kernels import KernelCall, composite, cpu, folded, inference, native
+from batchnorm.kernels import KernelCall, composite, cpu, folded, ghost, inference, native
 from batchnorm.kernels.cpu import loops as cpu_loops
 from batchnorm.kernels.cpu import passes as cpu_passes
 from batchnorm.kernels.protocol import INFERENCE_PASSES
@@ -332,8 +332,9 @@ def test_fused_none_falls_back_where_the_fast_path_does_not_apply():
     channels_last = torch.randn(64, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     assert select_for(channels_last) is native.NATIVE  # ATen's row kernel is faster
     assert select_for(channels_last, virtual_batch_size=8) is cpu.CPU
-    # so is the composite's, and the folded kernel's (renorm on ATen's kernel)
-    for mode, kernel in (({"virtual_batch_size": 8}, composite.COMPOSITE),
+    # so is the ghost kernel's (ghost batches on ATen's kernel), and the folded kernel's
+    # (renorm on ATen's kernel)
+    for mode, kernel in (({"virtual_batch_size": 8}, ghost.GHOST),
                          ({"renorm": True}, folded.FOLDED)):
         assert select_for(small, **mode) is kernel
         assert select_for(torch.randn(512, 64), **mode) is cpu.CPU

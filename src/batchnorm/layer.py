@@ -403,15 +403,14 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         training = self._resolve_training(training)
         config = self._config
         key: plan.Signature | None = None
-        if mask is None and not (
-                training and (config.synchronized or recompute.in_backward()
+        if not (training and (config.synchronized or recompute.in_backward()
                               or active_recorder(self) is not None)):
             # The checks and the kernel choice of an earlier call with this signature hold
             # while the layer's tensors and options are those they saw (see batchnorm.plan).
-            key = plan.signature(x, training)
+            key = plan.signature(x, training, mask)
             known = None if key is None else self._plans.get(key)
             if known is not None and known.current(config, self._parameters, self._buffers):
-                return self._run(known, x)
+                return self._run(known, x, mask)
         if self._lazy:
             group = plan.synchronization_group(config.synchronized, training, self._process_group)
             axes = shapes.check_input(x, config.axis, None, training=training,
@@ -430,7 +429,7 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         if training and isinstance(x, Tensor):  # the variance fed to moving_variance
             config = config.for_input(x.ndim, x.dtype)
         if key is not None:
-            return self._run(self._plan(key, x, state, config, training), x)
+            return self._run(self._plan(key, x, state, config, training, mask), x, mask)
         # Activation checkpointing runs a training call again during backward: it must not
         # update twice, and must normalize with the state the original call saw.
         recomputing = training and recompute.in_backward()
@@ -466,11 +465,11 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         self.__dict__.setdefault("_plans", {})  # a layer pickled before plans existed
 
     def _plan(self, key: plan.Signature, x: Tensor, state: BatchNormState, config: BatchNormConfig,
-              training: bool) -> plan.CallPlan:
+              training: bool, mask: Tensor | None) -> plan.CallPlan:
         """Check this call (raising what the full path raises) and keep its plan; ``config`` is
         the layer's, decided for ``x`` (:meth:`BatchNormConfig.for_input`)."""
         prepared = plan.prepare(x, state, config, training=training, gamma=self.gamma,
-                                beta=self.beta, mask=None, process_group=self._process_group)
+                                beta=self.beta, mask=mask, process_group=self._process_group)
         held = [(BUFFER_NAMES[f], t) for f, t in zip(state._fields, state, strict=True)
                 if t is not None]
         made = plan.CallPlan(self._config, ("gamma", "beta"), tuple(name for name, _ in held),
@@ -480,10 +479,11 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         self._plans[key] = made
         return made
 
-    def _run(self, known: plan.CallPlan, x: Tensor) -> Tensor:
-        """A planned call: the prepared kernel, and the prepared update (which the kernel
-        may have applied itself: ``applied`` is then what it returned)."""
-        y, stats, applied = known.run(x)
+    def _run(self, known: plan.CallPlan, x: Tensor, mask: Tensor | None) -> Tensor:
+        """A planned call: the prepared kernel (given this call's ``mask``, whose values a
+        plan never keeps), and the prepared update (which the kernel may have applied itself:
+        ``applied`` is then what it returned)."""
+        y, stats, applied = known.run(x) if mask is None else known.run(x, mask)
         if applied is None:
             if stats is not None:
                 self._update(stats, known.state, known.call_config, known.update, traced=False)

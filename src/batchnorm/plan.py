@@ -10,10 +10,12 @@ mode, the input's shape, strides, dtype, device and ``requires_grad``); a later
 call with the same signature runs the plan directly while the parameters and
 buffers the checks saw are still the layer's, with the same storage, shape,
 dtype and ``requires_grad`` (:meth:`CallPlan.current`). Any other call (a new
-shape, a replaced or resized parameter, ``reconfigure``, a mask, activation
+shape, a replaced or resized parameter, ``reconfigure``, activation
 checkpointing's recomputation, a :class:`~batchnorm.DeferredUpdates` block,
 ``torch.compile`` tracing, ...) takes the full path, which raises every error
-it raises, and may leave a new plan.
+it raises, and may leave a new plan. A mask's metadata (shape, strides, dtype,
+device) is part of the signature, its values never part of a plan: the checks read
+none of them, and a masked plan runs its kernel with each call's mask.
 
 A plan holds what the kernel prepared for the signature
 (:meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`, or the prepared inference
@@ -93,7 +95,8 @@ def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel
     :func:`~batchnorm.kernels.prefer` block forces, else the device's fast path when it
     takes the call and does not prefer the fallback, else the first of
     :data:`~batchnorm.kernels.FALLBACKS` that takes it (ATen's kernel for the plain mode, the
-    folded kernel for renorm and adjustment, the composite for the others).
+    folded kernel for renorm and adjustment, the ghost kernel for ghost batches, the
+    composite for the others).
 
     Raises ``ValueError`` when ``fused=True`` and ATen's kernel cannot compute it
     (a mask, or synchronized statistics, known only per call).
@@ -172,26 +175,32 @@ def _check_tensors(x: Tensor, axes: tuple[int, ...], state: BatchNormState,
 
 
 # A call's signature (see signature): the training flag, grad mode, requires_grad, dtype,
-# device, shape, strides and the kernel a prefer block forces.
-Signature = tuple[bool, bool, bool, torch.dtype, torch.device, torch.Size, tuple[int, ...],
-                  TrainingKernel | None]
+# device, shape, strides and the kernel a prefer block forces; for a masked call, then the
+# mask's shape, strides, dtype and device.
+Signature = tuple[Any, ...]
 
 
-def signature(x: Tensor, training: bool) -> Signature | None:
+def signature(x: Tensor, training: bool, mask: Tensor | None = None) -> Signature | None:
     """The key of a call's plan: what its checks and kernel choice depend on besides the
     layer (the training flag, grad mode, the input's shape, strides, dtype, device and
-    ``requires_grad``, and the kernel a :func:`batchnorm.kernels.prefer` block forces); None
-    where a call on ``x`` may neither use nor leave a plan: a tensor subclass, or tracing by
-    ``torch.compile``, ``torch.jit.trace`` or inside a ``torch.func`` transform (which see
-    the full path, as they always did), even one that captured ``x`` unwrapped: the plan's
-    update writes the buffers' memory, where the transform must see (and may refuse) each
-    write."""
+    ``requires_grad``, the kernel a :func:`batchnorm.kernels.prefer` block forces, and a
+    ``mask``'s shape, strides, dtype and device: its values never enter the checks); None
+    where a call on ``x`` may neither use nor leave a plan: a tensor subclass (``x`` or
+    ``mask``), or tracing by ``torch.compile``, ``torch.jit.trace`` or inside a
+    ``torch.func`` transform (which see the full path, as they always did), even one that
+    captured ``x`` unwrapped: the plan's update writes the buffers' memory, where the
+    transform must see (and may refuse) each write."""
     if (type(x) is not Tensor or torch.compiler.is_dynamo_compiling()
             or torch._C._get_tracing_state()
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return None
-    return (training, torch.is_grad_enabled(), x.requires_grad, x.dtype, x.device, x.shape,
-            x.stride(), PREFERRED[-1] if PREFERRED else None)
+    key = (training, torch.is_grad_enabled(), x.requires_grad, x.dtype, x.device, x.shape,
+           x.stride(), PREFERRED[-1] if PREFERRED else None)
+    if mask is None:
+        return key
+    if type(mask) is not Tensor:
+        return None  # not a tensor: the full path raises; a subclass: as for x
+    return (*key, mask.shape, mask.stride(), mask.dtype, mask.device)
 
 
 def fingerprint(tensors: Sequence[Tensor | None]) -> list:
@@ -203,7 +212,8 @@ def fingerprint(tensors: Sequence[Tensor | None]) -> list:
 
 class CallPlan:
     """One input signature's call of one layer, checked once: ``run(x) -> (y, stats,
-    applied)`` (:func:`prepare_run`), and in training the moving-average ``update``
+    applied)`` (``run(x, mask)`` for a masked signature; :func:`prepare_run`), and in
+    training the moving-average ``update``
     (:func:`batchnorm.statistics.prepare_update`, which the kernel may apply itself) with the
     ``state`` and the ``call_config`` (the layer's, decided for the input) it was prepared
     for.
@@ -219,11 +229,11 @@ class CallPlan:
                  buffers: tuple[str, ...], tensors: tuple[Tensor | None, ...], x: Tensor,
                  state: BatchNormState, prepared: Prepared) -> None:
         self.config, self.state, self.call_config = config, state, prepared.call.config
-        self.update = None if prepared.kernel is None else prepare_update(
-            state, prepared.call.config, statistics_dtype(x.dtype),
-            values_per_feature(x, prepared.call.axes)
-            if prepared.call.mask is None and prepared.call.config.virtual_batch_size is None
-            else None)
+        self.update = None
+        if prepared.kernel is not None:
+            count, groups = _groups(x, prepared.call)
+            self.update = prepare_update(state, prepared.call.config,
+                                         statistics_dtype(x.dtype), count, groups=groups)
         self.run = prepare_run(x, state, prepared, self.update)
         self.parameters, self.buffers, self.tensors = parameters, buffers, tensors
         self.fingerprint = fingerprint(tensors)
@@ -239,13 +249,31 @@ class CallPlan:
         return all(map(operator.is_, now, self.tensors)) and fingerprint(now) == self.fingerprint
 
 
+def _groups(x: Tensor, call: KernelCall) -> tuple[int | None, int]:
+    """The count of each group's statistics in a training call (values per ghost batch and
+    feature, or per feature; None for a mask's, per position) and the number of groups."""
+    count = None if call.mask is not None else values_per_feature(x, call.axes)
+    size = call.config.virtual_batch_size
+    if size is None:
+        return count, 1
+    groups = x.shape[0] // size
+    return (None if count is None else count // groups), groups
+
+
 def prepare_run(x: Tensor, state: BatchNormState, prepared: Prepared,
                 update: PreparedUpdate | None = None) -> PreparedTraining:
     """:func:`run` for inputs of ``x``'s signature, decided once: the training kernel's
     prepared call with the prepared ``update`` (:meth:`~batchnorm.kernels.protocol.
     TrainingKernel.prepare`: ``run(x) -> (y, stats, applied)``), or the prepared inference
-    pass (``(y, None, None)``)."""
+    pass (``(y, None, None)``). With a mask, ``run(x, mask)``: :func:`run` with that call's
+    mask (the update left to the caller), nothing prepared from the mask it was made with."""
     call, kernel = prepared
+    if call.mask is not None:
+        def masked(x: Tensor, mask: Tensor
+                   ) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
+            y, stats = run(x, state, Prepared(call._replace(mask=mask), kernel))
+            return y, stats, None
+        return masked  # type: ignore[return-value]  # the layer passes the mask
     if kernel is not None:
         return kernel.prepare(x, state, call, update)
     infer = prepare_inference(x, state, call)

@@ -472,7 +472,7 @@ def apply_update(state: BatchNormState, stats: BatchStatistics,
     """
     update = prepare_update(state, config, stats.mean.dtype,
                             stats.count if isinstance(stats.count, int) else None,
-                            loop=not traced(stats.mean))
+                            groups=stats.mean.shape[0], loop=not traced(stats.mean))
     return update.apply(stats, skipped)
 
 
@@ -481,8 +481,9 @@ class PreparedUpdate(NamedTuple):
 
     ``apply(stats, skipped) -> applied``, as :func:`apply_update` documents; ``direct``,
     where a device's loop runs on the host's memory (CPU), the same update from 1-D
-    contiguous statistics of the prepared dtype without building a
-    :class:`BatchStatistics`: ``direct(mean, variance) -> applied`` (a ``bool``), else None.
+    contiguous statistics of the prepared dtype and groups (group after group) without
+    building a :class:`BatchStatistics`: ``direct(mean, variance) -> applied`` (a ``bool``),
+    else None.
     """
 
     apply: Callable[[BatchStatistics, Tensor | None], Tensor | bool]
@@ -494,12 +495,13 @@ class UpdateLoop(Protocol):
     kernel's numba loop), registered in :data:`UPDATE_LOOPS` under its device type."""
 
     def prepare_update(self, state: BatchNormState, config: BatchNormConfig,
-                       dtype: torch.dtype, count: int,
-                       fallback: Callable[[BatchStatistics, Tensor | None], Tensor | bool]
-                       ) -> PreparedUpdate | None:
-        """The update (see :func:`prepare_update`) of one group of ``count`` values per
-        feature in contiguous statistics of ``dtype``, calling ``fallback`` for any other
-        statistics; None where the loop does not apply to this state and configuration."""
+                       dtype: torch.dtype, count: int | None,
+                       fallback: Callable[[BatchStatistics, Tensor | None], Tensor | bool],
+                       groups: int = 1) -> PreparedUpdate | None:
+        """The update (see :func:`prepare_update`) of ``groups`` groups of ``count`` values
+        per feature each (None: a mask's counts, in the statistics) in contiguous statistics
+        of ``dtype``, calling ``fallback`` for any other statistics; None where the loop does
+        not apply to this state and configuration."""
         ...
 
 
@@ -508,16 +510,18 @@ class UpdateLoop(Protocol):
 UPDATE_LOOPS: dict[str, UpdateLoop] = {}
 
 def prepare_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.dtype,
-                   count: int | None, *, loop: bool = True) -> PreparedUpdate:
+                   count: int | None, *, groups: int = 1, loop: bool = True) -> PreparedUpdate:
     """The moving-average update of ``state`` with ``config``'s options, decided once for
-    statistics of ``dtype`` and ``count`` values per feature (None: per-position counts, a
-    mask): a :class:`PreparedUpdate`, ``update.apply(stats, skipped) -> applied`` as
-    :func:`apply_update` documents.
+    statistics of ``dtype`` in ``groups`` groups (ghost batches) of ``count`` values per
+    feature each (None: per-position counts, a mask): a :class:`PreparedUpdate`,
+    ``update.apply(stats, skipped) -> applied`` as :func:`apply_update` documents.
 
     The one update, with two backends: where the state's device registered a loop
-    (:data:`UPDATE_LOOPS`) and it takes the call (one group of ``count`` values, 1-D
-    contiguous statistics of ``dtype``, a plain state with a decay), the loop; else torch
-    operations. Both round as ``torch.lerp`` does, so they agree bit for bit. ``loop=False``
+    (:data:`UPDATE_LOOPS`) and it takes the call (``groups`` groups of ``count`` values or
+    of a mask's counts, contiguous statistics of ``dtype``, a plain state with a decay), the
+    loop; else torch operations. Both round as ``torch.lerp`` does, so they agree bit for bit
+    for one group; the loop sums several groups in order, where torch's reduction may order
+    the sum otherwise (the pooled statistics then agree to float rounding). ``loop=False``
     (traced calls: ``torch.compile``, ``torch.func``) always takes torch operations, which
     a tracer sees.
     """
@@ -533,9 +537,9 @@ def prepare_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.
         return finite
 
     device_loop = UPDATE_LOOPS.get(state.moving_mean.device.type) if loop else None
-    if device_loop is None or count is None:
+    if device_loop is None:
         return PreparedUpdate(tensors)
-    return (device_loop.prepare_update(state, config, dtype, count, tensors)
+    return (device_loop.prepare_update(state, config, dtype, count, tensors, groups)
             or PreparedUpdate(tensors))
 
 

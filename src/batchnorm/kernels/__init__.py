@@ -13,6 +13,8 @@ a device whose fast path has an inference loop registers it in
 - ``native``: ATen's fused batch-norm kernel; the plain mode with one feature axis.
 - ``folded``: ATen's fused kernel for renorm and adjustment, their per-feature terms folded
   into its affine terms (:mod:`batchnorm.kernels.folded`); one feature axis.
+- ``ghost``: ATen's fused kernel for ghost batches (one feature axis, no renorm or mask),
+  each (ghost batch, feature) pair one of its channels (:mod:`batchnorm.kernels.ghost`).
 - ``cpu``: numba loops at memory bandwidth for CPU tensors; every mode but
   adjustment, with one feature axis (:mod:`batchnorm.kernels.cpu`); also the CPU's
   inference pass.
@@ -25,7 +27,8 @@ a device whose fast path has an inference loop registers it in
 or a ``ValueError`` where it has none; ``fused=None`` the device's fast path from
 :data:`FAST_PATHS` when it takes the call and does not prefer the fallback (small
 inputs), else the first of :data:`FALLBACKS` that takes the call: ATen's kernel for the
-plain mode, the folded kernel for renorm and adjustment, the composite for the others.
+plain mode, the folded kernel for renorm and adjustment, the ghost kernel for ghost
+batches, the composite for the others.
 
 :func:`prefer` forces a kernel for a block of code (tests, comparisons)::
 
@@ -47,6 +50,7 @@ from ..statistics import UPDATE_LOOPS
 from .composite import COMPOSITE
 from .cpu import CPU, available
 from .folded import FOLDED
+from .ghost import GHOST
 from .native import NATIVE
 from .protocol import INFERENCE_PASSES, KernelCall, TrainingKernel
 from .triton import TRITON
@@ -56,10 +60,11 @@ __all__ = ["FALLBACKS", "FAST_PATHS", "KERNELS", "PREFERRED", "KernelCall", "Tra
 
 # Every kernel by name, for prefer().
 KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE,
-                                      "folded": FOLDED, "cpu": CPU, "triton": TRITON}
+                                      "folded": FOLDED, "ghost": GHOST, "cpu": CPU,
+                                      "triton": TRITON}
 # What fused=None takes where the device's fast path steps aside: the first that takes the
 # call (the composite takes every call).
-FALLBACKS: tuple[TrainingKernel, ...] = (NATIVE, FOLDED, COMPOSITE)
+FALLBACKS: tuple[TrainingKernel, ...] = (NATIVE, FOLDED, GHOST, COMPOSITE)
 # Device type -> the fast kernel fused=None tries first (the Triton kernel declines calls
 # itself where triton is not installed).
 FAST_PATHS: dict[str, TrainingKernel] = {"cuda": TRITON, **({"cpu": CPU} if available() else {})}

@@ -182,16 +182,18 @@ class CpuKernel(Unprepared):
         return two_pass.train(x, state, call, NUMBA_PASSES)
 
     def prepare_update(self, state: BatchNormState, config: BatchNormConfig,
-                       dtype: torch.dtype, count: int,
-                       fallback: Callable[[BatchStatistics, Tensor | None], Tensor | bool]
-                       ) -> PreparedUpdate | None:
+                       dtype: torch.dtype, count: int | None,
+                       fallback: Callable[[BatchStatistics, Tensor | None], Tensor | bool],
+                       groups: int = 1) -> PreparedUpdate | None:
         """The moving-average update of ``state`` with ``config``'s options as one numba loop,
         :func:`batchnorm.kernels.cpu.loops.lerp_if_finite` (the CPU's backend of
         :func:`batchnorm.statistics.prepare_update`, registered in
-        :data:`batchnorm.statistics.UPDATE_LOOPS`), for one group of ``count`` values per
-        feature in contiguous statistics of ``dtype``: ``apply(stats, skipped)`` (``fallback``,
-        torch operations, updates from any other statistics) and ``direct(mean, variance)``,
-        both returning whether the batch entered the averages (a ``bool``).
+        :data:`batchnorm.statistics.UPDATE_LOOPS`), for ``groups`` groups (ghost batches) of
+        ``count`` values per feature each (None: a mask's counts, per group and feature, in
+        the statistics) in contiguous statistics of ``dtype``: ``apply(stats, skipped)``
+        (``fallback``, torch operations, updates from any other statistics) and, without a
+        mask, ``direct(mean, variance)`` (``groups * features`` values each, group after
+        group), both returning whether the batch entered the averages (a ``bool``).
 
         The state's tensors must keep their storage, shape and dtype while the update is kept
         (a layer's :class:`batchnorm.plan.CallPlan` checks them before every call). None
@@ -219,28 +221,39 @@ class CpuKernel(Unprepared):
         weight = None if config.momentum is None else kind(1.0 - config.momentum)
         counter = updates.numpy() if weight is None else None  # the counter's memory
         one = np.float32(1)
-        correction = stat(count / (count - 1) if config.unbiased_moving_variance else 1.0)
+        masked = count is None  # a mask's counts, per group and feature, come with the stats
+        unbiased = bool(config.unbiased_moving_variance)
+        correction = stat(count / (count - 1) if unbiased and not masked else 1.0)
         zero = stat(0)
 
-        def direct(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
+        def loop_on(mean: Tensor, variance: Tensor, counts: Tensor) -> bool:
             step = weight if counter is None else kind(one / np.float32(counter[()] + 1))
-            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(), n, step,
-                                 correction, zero)
+            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(),
+                                 counts.data_ptr(), n, groups, masked, step, correction,
+                                 unbiased, zero)
             if applied:  # written through their addresses: tell autograd, as torch would
                 increment_version(kept)
             return applied
 
+        def direct(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
+            return loop_on(mean, variance, mean)  # no counts read
+
         def apply(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor | bool:
-            mean, variance = stats.mean, stats.variance
-            if not (mean.dtype is dtype and variance.dtype is dtype and stats.count == count
-                    and mean.shape[0] == 1 and mean.is_contiguous()
-                    and variance.is_contiguous()):
+            mean, variance, counts = stats
+            if masked:
+                taken = (isinstance(counts, Tensor) and counts.dtype is dtype
+                         and counts.shape == mean.shape and counts.is_contiguous())
+            else:
+                taken, counts = counts == count, mean
+            if not (taken and mean.dtype is dtype and variance.dtype is dtype
+                    and mean.shape[0] == groups and variance.shape == mean.shape
+                    and mean.is_contiguous() and variance.is_contiguous()):
                 return fallback(stats, skipped)
-            applied = direct(mean, variance)
+            applied = loop_on(mean, variance, counts)
             if not applied and skipped is not None:
                 skipped.add_(1)
             return applied
-        return PreparedUpdate(apply, direct)
+        return PreparedUpdate(apply, None if masked else direct)
 
 
 class NumbaPasses:

@@ -579,36 +579,64 @@ def _pointer(typingctx, address, like):
     return pointer(address, like), codegen
 
 
+@njit(cache=True, nogil=True)  # no fastmath: every product and sum rounded as torch's are
+def _pooled(values, counts, i, n, groups, correction, masked, unbiased):
+    """The mean over the groups of ``values[g * n + i]``, summed in order: each multiplied by
+    ``correction`` first; ``masked``, over the groups whose ``counts`` exceed 1, each
+    multiplied by ``count / (count - 1)`` first where ``unbiased`` (NaN where none does)."""
+    total = zero_like(values[i])
+    selected = 0
+    for g in range(groups):
+        j = g * n + i
+        if not masked:
+            total += values[j] * correction
+        elif counts[j] > 1:
+            c = counts[j]
+            total += values[j] * (c / (c - one_like(c))) if unbiased else values[j]
+            selected += 1
+    if not masked:
+        return total / as_type(groups, total)
+    return total / as_type(selected, total) if selected else as_type(np.nan, total)
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"})
-def lerp_if_finite(moving_mean, moving_variance, count, mean, variance, n, weight,
-                   correction, stat):
+def lerp_if_finite(moving_mean, moving_variance, count, mean, variance, counts, n, groups,
+                   masked, weight, correction, unbiased, stat):
     """Move two moving averages toward one batch's statistics, in place, if every value is
     finite in the averages' dtype; return whether they moved.
 
     The arguments are addresses of contiguous memory (the caller checks sizes and dtypes):
     ``moving_mean``/``moving_variance`` hold ``n`` values of ``weight``'s type, ``mean``/
-    ``variance`` ``n`` values of ``stat``'s type, ``count`` one int64, incremented when the
-    averages move. ``variance`` is multiplied by ``correction`` first (Bessel's, or 1), in
-    its own dtype. The update is ``torch.lerp``'s, as ATen vectorizes it: a fused
-    multiply-add, ``moving + weight * (value - moving)`` for a weight under 0.5 (TensorFlow's
-    update), ``value + (weight - 1) * (value - moving)`` from 0.5 on.
+    ``variance`` (and ``counts`` where ``masked``) ``groups * n`` values of ``stat``'s type
+    (group after group: ghost batches), ``count`` one int64, incremented when the averages
+    move. The batch's statistics are pooled as
+    :func:`batchnorm.statistics.pooled_statistics` pools them: the groups' mean, each
+    ``variance`` multiplied by ``correction`` first (Bessel's, or 1), in its own dtype; with
+    per-position counts (``masked``: a mask's), the mean over the groups with more than one
+    value, each variance multiplied by its own Bessel's correction where ``unbiased``. The
+    update is ``torch.lerp``'s, as ATen vectorizes it: a fused multiply-add,
+    ``moving + weight * (value - moving)`` for a weight under 0.5 (TensorFlow's update),
+    ``value + (weight - 1) * (value - moving)`` from 0.5 on.
     """
     mm = carray(_pointer(moving_mean, weight), n)
     mv = carray(_pointer(moving_variance, weight), n)
-    m = carray(_pointer(mean, stat), n)
-    v = carray(_pointer(variance, stat), n)
+    m = carray(_pointer(mean, stat), groups * n)
+    v = carray(_pointer(variance, stat), groups * n)
+    c = carray(_pointer(counts, stat), groups * n)
+    one = one_like(stat)
     finite = True
-    for i in range(n):  # no early exit: the loop vectorizes
-        finite &= np.isfinite(as_type(m[i], weight)) & np.isfinite(
-            as_type(v[i] * correction, weight))
+    for i in range(n):  # no early exit
+        finite &= np.isfinite(as_type(_pooled(m, c, i, n, groups, one, masked, False), weight)) \
+            & np.isfinite(as_type(_pooled(v, c, i, n, groups, correction, masked, unbiased),
+                                  weight))
     if not finite:
         return False
     small = abs(weight) < 0.5
     coefficient = weight if small else weight - one_like(weight)
     for i in range(n):
-        value = as_type(m[i], weight)
+        value = as_type(_pooled(m, c, i, n, groups, one, masked, False), weight)
         mm[i] = coefficient * (value - mm[i]) + (mm[i] if small else value)
-        value = as_type(v[i] * correction, weight)
+        value = as_type(_pooled(v, c, i, n, groups, correction, masked, unbiased), weight)
         mv[i] = coefficient * (value - mv[i]) + (mv[i] if small else value)
     carray(_pointer(count, np.int64(0)), 1)[0] += 1
     return True
