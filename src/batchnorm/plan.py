@@ -28,7 +28,7 @@ the two cannot drift apart. Neither names a kernel or a device.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -39,13 +39,13 @@ from .kernels import FALLBACKS, FAST_PATHS, PREFERRED
 from .kernels.composite import COMPOSITE
 from .kernels.inference import infer, prepare_inference
 from .kernels.native import NATIVE
-from .kernels.protocol import KernelCall, PreparedTraining, TrainingKernel
+from .kernels.protocol import KernelCall, TrainingKernel
 from .kernels.synchronized import resolve_group
 from .shapes import check_features, check_input, values_per_feature
 from .state import BatchNormState, BatchStatistics, state_fields, statistics_dtype
 from .statistics import PreparedUpdate, prepare_update
 
-__all__ = ["MAX_PLANS", "CallPlan", "Prepared", "Signature", "fingerprint", "prepare",
+__all__ = ["MAX_PLANS", "CallPlan", "PlannedRun", "Prepared", "Signature", "fingerprint", "prepare",
            "prepare_run", "run", "select", "signature", "synchronization_group"]
 
 # Signatures a layer keeps plans for (a training and an inference shape, a smaller last
@@ -210,6 +210,11 @@ def fingerprint(tensors: Sequence[Tensor | None]) -> list:
             for t in tensors]
 
 
+# A plan's run: ``run(x) -> (y, stats, applied)`` (a kernel's prepared call,
+# batchnorm.kernels.protocol.PreparedTraining), or ``run(x, mask)`` for a masked signature.
+PlannedRun = Callable[..., tuple[Tensor, BatchStatistics | None, Tensor | bool | None]]
+
+
 class CallPlan:
     """One input signature's call of one layer, checked once: ``run(x) -> (y, stats,
     applied)`` (``run(x, mask)`` for a masked signature; :func:`prepare_run`), and in
@@ -261,7 +266,7 @@ def _groups(x: Tensor, call: KernelCall) -> tuple[int | None, int]:
 
 
 def prepare_run(x: Tensor, state: BatchNormState, prepared: Prepared,
-                update: PreparedUpdate | None = None) -> PreparedTraining:
+                update: PreparedUpdate | None = None) -> PlannedRun:
     """:func:`run` for inputs of ``x``'s signature, decided once: the training kernel's
     prepared call with the prepared ``update`` (:meth:`~batchnorm.kernels.protocol.
     TrainingKernel.prepare`: ``run(x) -> (y, stats, applied)``), or the prepared inference
@@ -273,7 +278,7 @@ def prepare_run(x: Tensor, state: BatchNormState, prepared: Prepared,
                    ) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
             y, stats = run(x, state, Prepared(call._replace(mask=mask), kernel))
             return y, stats, None
-        return masked  # type: ignore[return-value]  # the layer passes the mask
+        return masked
     if kernel is not None:
         return kernel.prepare(x, state, call, update)
     infer = prepare_inference(x, state, call)

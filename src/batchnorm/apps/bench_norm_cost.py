@@ -178,9 +178,9 @@ def measure(configs: Sequence[tuple[str, int]] = CONFIGS, *, repeats: int = 7,
     flag (or None)."""
     rows: list[dict] = []
     for model_name, batch in configs:
-        probes = [probe()] if probe else []
+        probes: list[dict] = [] if probe is None else [probe()]
         layer_ms, step_ms, overhead_ms = _time_model(model_name, batch, repeats, budget, warmup,
-                                        (lambda p=probes: p.append(probe())) if probe else None)
+                                                     _appending(probe, probes))
         target = TARGETS[model_name]
         new = [_row(model_name, batch, part, phase, ours_ms[phase], torch_ms[phase], target,
                     spread_limit)
@@ -298,3 +298,11 @@ def narrow_table(rows: Sequence[dict]) -> list[str]:
             lines += ["", *wrap("Timers' overhead per step (the timed model's step minus the "
                                 f"untimed copy's, median (min-max) of the rounds, ms): {each}.")]
     return lines
+
+
+def _appending(probe: Callable[[], dict] | None, probes: list[dict]
+               ) -> Callable[[], None] | None:
+    """A callable that appends ``probe()`` to ``probes``, or None without a probe."""
+    if probe is None:
+        return None
+    return lambda: probes.append(probe())

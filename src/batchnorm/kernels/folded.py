@@ -146,8 +146,11 @@ class FoldedCall:
         """The batch's mean and biased variance, 1-D in the statistics dtype, from ATen's
         statistics pass over ``xm`` (:meth:`aten_input`)."""
         workspace = self.workspace
-        running = (None, None) if workspace is None else (workspace.mean, workspace.variance)
-        mean, variance = torch.batch_norm_update_stats(xm, *running, 0.0)
+        if workspace is None:
+            mean, variance = torch.batch_norm_update_stats(xm, None, None, 0.0)
+        else:
+            mean, variance = torch.batch_norm_update_stats(xm, workspace.mean,
+                                                           workspace.variance, 0.0)
         return mean, variance
 
     def per_feature(self, x: Tensor, terms: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:

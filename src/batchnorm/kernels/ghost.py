@@ -95,8 +95,10 @@ class GhostCall:
     def __init__(self, x: Tensor, call: KernelCall) -> None:
         config = call.config
         (self.axis,) = call.axes
-        self.size = config.virtual_batch_size
-        self.groups = x.shape[0] // self.size
+        size = config.virtual_batch_size
+        assert size is not None  # the kernel takes ghost batches only (unsupported)
+        self.size: int = size
+        self.groups = x.shape[0] // size
         self.strided = config.ghost_layout == "strided"
         self.features = x.shape[self.axis]
         self.dtype = statistics_dtype(x.dtype)

@@ -223,7 +223,7 @@ class CpuKernel(Unprepared):
         one = np.float32(1)
         masked = count is None  # a mask's counts, per group and feature, come with the stats
         unbiased = bool(config.unbiased_moving_variance)
-        correction = stat(count / (count - 1) if unbiased and not masked else 1.0)
+        correction = stat(count / (count - 1) if unbiased and count is not None else 1.0)
         zero = stat(0)
 
         def loop_on(mean: Tensor, variance: Tensor, counts: Tensor) -> bool:
@@ -240,16 +240,17 @@ class CpuKernel(Unprepared):
 
         def apply(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor | bool:
             mean, variance, counts = stats
+            read = counts if isinstance(counts, Tensor) else mean  # mean: no counts read
             if masked:
-                taken = (isinstance(counts, Tensor) and counts.dtype is dtype
-                         and counts.shape == mean.shape and counts.is_contiguous())
+                taken = (read is counts and read.dtype is dtype and read.shape == mean.shape
+                         and read.is_contiguous())
             else:
-                taken, counts = counts == count, mean
+                taken = counts == count
             if not (taken and mean.dtype is dtype and variance.dtype is dtype
                     and mean.shape[0] == groups and variance.shape == mean.shape
                     and mean.is_contiguous() and variance.is_contiguous()):
                 return fallback(stats, skipped)
-            applied = loop_on(mean, variance, counts)
+            applied = loop_on(mean, variance, read)
             if not applied and skipped is not None:
                 skipped.add_(1)
             return applied
