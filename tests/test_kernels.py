@@ -331,13 +331,20 @@ def test_fused_none_falls_back_where_the_fast_path_does_not_apply():
     assert select_for(small) is native.NATIVE  # ATen's per-call cost is lower
     channels_last = torch.randn(64, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     assert select_for(channels_last) is native.NATIVE  # ATen's row kernel is faster
-    assert select_for(channels_last, virtual_batch_size=8) is cpu.CPU
-    # so is the ghost kernel's (ghost batches on ATen's kernel), and the folded kernel's
-    # (renorm on ATen's kernel)
+    large_channels_last = torch.randn(64, 16, 32, 16).contiguous(
+        memory_format=torch.channels_last)
+    assert select_for(large_channels_last, virtual_batch_size=8) is cpu.CPU
+    # so are the ghost kernel's (ghost batches on ATen's kernel) and the folded kernel's
+    # (renorm on ATen's kernel), below the plain mode's threshold; the composite's (masks,
+    # ghost batches with renorm) below MIN_NUMEL
     for mode, kernel in (({"virtual_batch_size": 8}, ghost.GHOST),
                          ({"renorm": True}, folded.FOLDED)):
         assert select_for(small, **mode) is kernel
-        assert select_for(torch.randn(512, 64), **mode) is cpu.CPU
+        assert select_for(channels_last, **mode) is kernel
+        assert select_for(torch.randn(8192, 64), **mode) is cpu.CPU
+    both = {"virtual_batch_size": 8, "renorm": True}
+    assert select_for(small, **both) is composite.COMPOSITE
+    assert select_for(torch.randn(512, 64), **both) is cpu.CPU
     assert select_for(torch.randn(64, 16, 8, 8, dtype=torch.float16)) is native.NATIVE
     assert select_for(torch.randn(64, 16, 8, 8), adjustment=lambda s: (1.0, 0.0)) \
         is folded.FOLDED
