@@ -510,3 +510,42 @@ def test_a_task_started_inside_a_block_that_has_closed_updates_at_once():
 
     asyncio.run(main())
     assert layer.num_updates.item() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [{}, {"unbiased_moving_variance": True},
+                                     {"momentum": 0.2, "renorm_momentum": 0.3},
+                                     {"momentum": None}],
+                         ids=["tf", "unbiased", "fast-averages", "cumulative"])
+def test_the_cpu_renorm_update_loop_equals_update_state_bit_for_bit(dtype, options):
+    """A renorm state's update on CPU is one numba loop (the prepared update's; ``True``, a
+    bool, says it ran): the same five averages and count as update_state's torch operations,
+    bit for bit (the loop rounds each operation as they do, the lerps as ATen's); a batch
+    whose statistics are not finite leaves all of them unchanged."""
+    from batchnorm.functional import BatchNormConfig, BatchStatistics, initial_state
+    from batchnorm.kernels import cpu
+    from batchnorm.statistics import prepare_update, update_state
+
+    if not cpu.available():
+        pytest.skip("numba is unavailable")
+    config = BatchNormConfig(renorm=True, epsilon=1e-3, **options)
+    state = initial_state(5, dtype=dtype, renorm=True)
+    expected = state._replace(**{f: t.clone() for f, t in state._asdict().items()
+                                 if t is not None})
+    update = prepare_update(state, config, dtype, 16)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(5):
+        mean = torch.randn(1, 5, generator=generator, dtype=dtype) * 3
+        variance = torch.rand(1, 5, generator=generator, dtype=dtype) * 4
+        if step == 2:
+            variance[0, 1] = math.inf
+        stats = BatchStatistics(mean, variance, 16)
+        assert update.apply(stats, None) is (step != 2)
+        expected = update_state(expected, stats, momentum=config.momentum,
+                                epsilon=config.epsilon,
+                                unbiased_moving_variance=config.unbiased_moving_variance,
+                                renorm_momentum=config.renorm_momentum)
+        for field, value in expected._asdict().items():
+            if value is not None:
+                assert torch.equal(getattr(state, field), value), (step, field)
+    assert int(state.num_updates) == 4

@@ -205,15 +205,18 @@ class CpuKernel(Unprepared):
 
         The state's tensors must keep their storage, shape and dtype while the update is kept
         (a layer's :class:`batchnorm.plan.CallPlan` checks them before every call). None
-        where the loop does not apply: numba missing, a state not on CPU, a renorm state,
-        dtypes other than float32/float64 (and int64 for ``num_updates``), non-contiguous
-        buffers. The cumulative average (``momentum=None``) steps by ``1 / (n + 1)`` as the
-        torch operations do (float32's reciprocal of ``num_updates + 1``), ``n`` read from
-        the counter's memory at each call.
+        where the loop does not apply: numba missing, a state not on CPU, a renorm state with
+        ghost batches or a mask, dtypes other than float32/float64 (and int64 for
+        ``num_updates``), non-contiguous buffers. The cumulative average
+        (``momentum=None``) steps by ``1 / (n + 1)`` as the torch operations do (float32's
+        reciprocal of ``num_updates + 1``), ``n`` read from the counter's memory at each
+        call.
         """
+        if state.moving_stddev is not None:
+            return self._prepare_renorm_update(state, config, dtype, count, fallback, groups)
         mm, mv, updates = state.moving_mean, state.moving_variance, state.num_updates
         kind, stat = _UPDATE_DTYPES.get(mm.dtype), _UPDATE_DTYPES.get(dtype)
-        if (not available() or state.moving_stddev is not None
+        if (not available()
                 or kind is None or stat is None or mv.dtype != mm.dtype
                 or updates.dtype != torch.int64 or mm.shape != mv.shape or mm.ndim != 1
                 or any(t.device.type != "cpu" or not t.is_contiguous()
@@ -265,6 +268,68 @@ class CpuKernel(Unprepared):
         return PreparedUpdate(apply, None if masked else direct)
 
 
+    def _prepare_renorm_update(self, state: BatchNormState, config: BatchNormConfig,
+                               dtype: torch.dtype, count: int | None,
+                               fallback: Callable[[BatchStatistics, Tensor | None],
+                                                  Tensor | bool],
+                               groups: int) -> PreparedUpdate | None:
+        """:meth:`prepare_update` for a renorm state, one group of ``count`` values per
+        feature: :func:`batchnorm.kernels.cpu.loops.renorm_lerp_if_finite`."""
+        averages = (state.moving_mean, state.moving_stddev, state.moving_variance,
+                    state.renorm_mean, state.renorm_stddev)
+        updates, first = state.num_updates, state.moving_mean
+        kind, stat = _UPDATE_DTYPES.get(first.dtype), _UPDATE_DTYPES.get(dtype)
+        if (not available() or groups != 1 or count is None or kind is None or stat is None
+                or updates.dtype != torch.int64
+                or any(t is None or t.dtype != first.dtype or t.shape != first.shape
+                       or t.ndim != 1 for t in averages)
+                or any(t is None or t.device.type != "cpu" or not t.is_contiguous()
+                       for t in (*averages, updates))):
+            return None
+        loop = passes.loops.renorm_lerp_if_finite
+        mm, ms, mv, rm, rs = averages
+        assert ms is not None and rm is not None and rs is not None  # checked above
+        # Kept with their addresses: the loop must never write into memory that was freed.
+        kept = (mm, ms, mv, rm, rs, updates)
+        addresses = (mm.data_ptr(), ms.data_ptr(), rm.data_ptr(), rs.data_ptr(),
+                     updates.data_ptr())
+        n = first.numel()
+        weight = None if config.momentum is None else kind(1.0 - config.momentum)
+        renorm_weight = kind(1.0 - config.renorm_momentum)
+        counter = updates.numpy() if weight is None else None  # the counter's memory
+        one = np.float32(1)
+        bessel = count / (count - 1) if config.unbiased_moving_variance else None
+        epsilon, zero = config.epsilon, stat(0)
+
+        def direct(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
+            step = weight if counter is None else kind(one / np.float32(counter[()] + 1))
+            variance = variance.detach()  # no autograd record (checkpointing counts them)
+            if bessel is not None:  # as statistics.pooled_statistics, then _averages
+                variance = variance * bessel
+            stddev = torch.sqrt(variance + epsilon)
+            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(),
+                                 stddev.data_ptr(), n, step, renorm_weight, zero)
+            if applied:  # written through their addresses: tell autograd, as torch would
+                increment_version(kept)
+                # relu(moving_stddev**2 - epsilon), rounded as statistics._renorm_variance
+                torch.mul(ms, ms, out=mv).sub_(epsilon).relu_()
+            return applied
+
+        def apply(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor | bool:
+            mean, variance = stats.mean, stats.variance
+            if not (stats.count == count and mean.dtype is dtype and variance.dtype is dtype
+                    and mean.shape == (1, n) and variance.shape == mean.shape
+                    and mean.is_contiguous() and variance.is_contiguous()):
+                return fallback(stats, skipped)
+            applied = direct(mean, variance)
+            if not applied and skipped is not None:
+                skipped.add_(1)
+            return applied
+        # No direct form: the layer keeps the renorm averages for activation checkpointing's
+        # recomputation (recompute.remember) from the statistics, before the update.
+        return PreparedUpdate(apply, None)
+
+
 class NumbaPasses:
     """The four passes as numba loops on CPU memory (:mod:`batchnorm.kernels.cpu.passes`)."""
 
@@ -305,6 +370,10 @@ def warm_up() -> float:
                     y.sum().backward()
         stat = statistics_dtype(dtype)  # the moving-average loop
         prepare_update(initial_state(3, dtype=stat), BatchNormConfig(), stat, 8).apply(
+            BatchStatistics(torch.zeros(1, 3, dtype=stat), torch.ones(1, 3, dtype=stat), 8),
+            None)
+        prepare_update(initial_state(3, dtype=stat, renorm=True), BatchNormConfig(renorm=True),
+                       stat, 8).apply(  # the renorm state's loop
             BatchStatistics(torch.zeros(1, 3, dtype=stat), torch.ones(1, 3, dtype=stat), 8),
             None)
         debiased = CPU.debiased(initial_state(3, dtype=stat, debias=True), 0.99, fresh=True)

@@ -642,6 +642,49 @@ def lerp_if_finite(moving_mean, moving_variance, count, mean, variance, counts, 
     return True
 
 
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def renorm_lerp_if_finite(moving_mean, moving_stddev, renorm_mean, renorm_stddev, count,
+                          mean, variance, stddev, n, weight, renorm_weight, stat):
+    """A renorm state's averages moved toward one batch (:func:`batchnorm.statistics.
+    update_state`'s arithmetic), in place, if the batch's mean and variance are finite in the
+    averages' dtype; return whether they moved.
+
+    ``moving_mean`` and ``moving_stddev`` move with ``weight``, ``renorm_mean`` and
+    ``renorm_stddev`` with ``renorm_weight`` (``torch.lerp``'s arithmetic, as
+    :func:`lerp_if_finite`), toward the batch's ``mean`` and ``stddev``. The caller computes
+    ``stddev`` (``sqrt(variance + epsilon)``) and ``moving_variance`` (``relu(moving_stddev**2
+    - epsilon)``) in torch operations: torch's float32 square root and a compiled product and
+    difference round differently. Addresses of contiguous memory (the caller checks sizes
+    and dtypes): the averages ``n`` values of ``weight``'s type, ``mean``/``variance`` (the
+    corrected variance whose finiteness decides)/``stddev`` ``n`` values of ``stat``'s type
+    (one group), ``count`` one int64, incremented when the averages move.
+    """
+    mm = carray(_pointer(moving_mean, weight), n)
+    ms = carray(_pointer(moving_stddev, weight), n)
+    rm = carray(_pointer(renorm_mean, weight), n)
+    rs = carray(_pointer(renorm_stddev, weight), n)
+    m = carray(_pointer(mean, stat), n)
+    v = carray(_pointer(variance, stat), n)
+    s = carray(_pointer(stddev, stat), n)
+    finite = True
+    for i in range(n):  # no early exit
+        finite &= np.isfinite(as_type(m[i], weight)) & np.isfinite(as_type(v[i], weight))
+    if not finite:
+        return False
+    small, renorm_small = abs(weight) < 0.5, abs(renorm_weight) < 0.5
+    coefficient = weight if small else weight - one_like(weight)
+    renorm_coefficient = renorm_weight if renorm_small else renorm_weight - one_like(weight)
+    for i in range(n):
+        value, deviation = as_type(m[i], weight), as_type(s[i], weight)
+        mm[i] = coefficient * (value - mm[i]) + (mm[i] if small else value)
+        rm[i] = renorm_coefficient * (value - rm[i]) + (rm[i] if renorm_small else value)
+        ms[i] = coefficient * (deviation - ms[i]) + (ms[i] if small else deviation)
+        rs[i] = (renorm_coefficient * (deviation - rs[i])
+                 + (rs[i] if renorm_small else deviation))
+    carray(_pointer(count, np.int64(0)), 1)[0] += 1
+    return True
+
+
 # ---------------------------------------------------------------- debiased inference statistics
 
 
