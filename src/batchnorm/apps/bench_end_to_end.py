@@ -43,7 +43,17 @@ from torch import nn
 
 import batchnorm as bn
 
-from .measure import calibrate, compare, flag_notes, markdown, number, rounds, spread, spread_flag
+from .measure import (
+    calibrate,
+    compare,
+    contended,
+    flag_notes,
+    markdown,
+    number,
+    rounds,
+    spread,
+    spread_flag,
+)
 
 TORCH = "torch.nn"
 OURS = "batchnorm"
@@ -237,10 +247,7 @@ def measure(configs: Sequence[tuple[str, int]] = CONFIGS, phases: Sequence[str] 
                    "repeats": repeats, "samples_ms": samples_ms, **summarize(samples_ms)}
             row["flags"] = flags(row, spread_limit)
             if probes:
-                row["contention"] = max(probes, key=lambda c: c["slowdown"])
-                flag = flag_probe(row["contention"]) if flag_probe else None
-                if flag:
-                    row["flags"].insert(0, flag)
+                contended([row], probes, flag_probe)
             rows.append(row)
             if progress:
                 progress(f"  [end-to-end, load {load}] {model_name} batch {batch} {phase}: "

@@ -48,6 +48,7 @@ from torch import nn
 from . import bench_end_to_end as e2e
 from .measure import (
     calibrate,
+    contended,
     flag_notes,
     markdown,
     number,
@@ -194,11 +195,7 @@ def measure(configs: Sequence[tuple[str, int]] = CONFIGS, *, repeats: int = 7,
         for row in new:
             row["timer_overhead_ms"] = {name: spread(v) for name, v in overhead_ms.items()}
         if probes:
-            check = max(probes, key=lambda c: c["slowdown"])
-            flag = flag_probe(check) if flag_probe else None
-            for row in new:
-                row["contention"] = check
-                row["flags"][:0] = [flag] if flag else []
+            contended(new, probes, flag_probe)
         for row in new if progress else []:
             print(f"  [norm cost] {model_name} batch {batch} {row['part']} {row['phase']}: "
                   f"ours/torch.nn {row['ratio']['median']:.2f}x", file=sys.stderr)

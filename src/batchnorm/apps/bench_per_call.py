@@ -24,7 +24,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .bench_modes import mode_options, phase_fns
-from .measure import alternated, flag_notes, markdown, number, paired, ratio_text, spread_flag
+from .measure import (
+    alternated,
+    contended,
+    flag_notes,
+    markdown,
+    number,
+    paired,
+    ratio_text,
+    spread_flag,
+)
 
 SHAPES = ((32, 64), (32, 64, 8, 8))
 DTYPES = ("float32", "bfloat16")
@@ -93,10 +102,7 @@ def measure(shapes: Sequence[Sequence[int]] = SHAPES, dtypes: Sequence[str] = DT
                            "samples_ms": ms, **paired(ms[OURS], ms[TORCH], TARGETS[phase])}
                     row["flags"] = [f for f in [spread_flag(ms, spread_limit)] if f]
                     if probe and before is not None:
-                        row["contention"] = max(before, probe(), key=lambda c: c["slowdown"])
-                        flag = flag_probe(row["contention"]) if flag_probe else None
-                        if flag:
-                            row["flags"].insert(0, flag)
+                        contended([row], [before, probe()], flag_probe)
                     rows.append(row)
                     if progress:
                         print(f"  [per call] {'x'.join(map(str, shape))} {dtype} {mode} {phase}: "

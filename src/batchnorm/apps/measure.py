@@ -8,7 +8,8 @@ import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["WIDTH", "alternated", "calibrate", "compare", "flag_notes", "markdown", "number",
+__all__ = ["WIDTH", "alternated", "calibrate", "compare", "contended", "flag_notes", "markdown",
+           "number",
            "paired", "ratio_text", "rounds", "spread", "spread_flag", "wrap"]
 
 WIDTH = 100  # columns of the benchmark's output (its --wide tables aside)
@@ -59,6 +60,17 @@ def spread_flag(samples: Mapping[str, Sequence[float]], limit: float) -> str | N
     if not wide:
         return None
     return f"spread over {limit:g}x: {', '.join(wide)} (up to {max(wide.values()):.1f}x)"
+
+
+def contended(rows: Sequence[dict], probes: Sequence[dict],
+              flag_probe: Callable[[dict], str | None] | None) -> None:
+    """Note on each of ``rows`` the worst of ``probes`` (the largest ``slowdown``) as its
+    ``contention``, and ``flag_probe``'s flag for it (if any) first among its ``flags``."""
+    worst = max(probes, key=lambda c: c["slowdown"])
+    flag = flag_probe(worst) if flag_probe else None
+    for row in rows:
+        row["contention"] = worst
+        row["flags"][:0] = [flag] if flag else []
 
 
 def paired(ours: Sequence[float], theirs: Sequence[float], target: float | None = None) -> dict:

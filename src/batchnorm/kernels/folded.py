@@ -39,12 +39,12 @@ from ..statistics import (
 from .composite import adjustment_terms, train_adjusted
 from .inference import normalize, normalize_features
 from .native import Workspace, aten_input, misread_by_cpu_backward, misreads_gradients
-from .protocol import KernelCall, PreparedTraining
+from .protocol import Fallback, KernelCall, PreparedTraining
 
 __all__ = ["FOLDED", "FoldedCall", "FoldedFunction", "FoldedKernel"]
 
 
-class FoldedKernel:
+class FoldedKernel(Fallback):
     """ATen's fused kernel for renorm (with clipping) and adjustment, one feature axis, any
     device: the fallback ``fused=None`` takes for them where the device's fast path steps
     aside (small inputs), in place of the composite kernel."""
@@ -72,15 +72,6 @@ class FoldedKernel:
                                                             state.renorm_stddev)):
             return "renorm statistics that require grad"
         return None
-
-    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
-        return False
-
-    def train(self, x: Tensor, state: BatchNormState,
-              call: KernelCall) -> tuple[Tensor, BatchStatistics]:
-        y, stats, _ = FoldedCall(x, state, call)(x)
-        assert stats is not None  # no update given: the statistics are returned
-        return y, stats
 
     def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
                 update: PreparedUpdate | None = None) -> PreparedTraining:

@@ -27,13 +27,13 @@ from ..activations import apply as activate
 from ..shapes import values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import PreparedUpdate, traced
-from .native import aten_input, gradient_read_right, misreads_gradients
-from .protocol import KernelCall, PreparedTraining
+from .native import aten_input, gradient_read_right, misreads_gradients, updating
+from .protocol import Fallback, KernelCall, PreparedTraining
 
 __all__ = ["GHOST", "GhostCall", "GhostKernel"]
 
 
-class GhostKernel:
+class GhostKernel(Fallback):
     """Ghost batches without renorm or a mask, one feature axis, any device: ATen's
     ``native_batch_norm`` on the ``(virtual_batch_size, groups * C, ...)`` view."""
 
@@ -53,33 +53,14 @@ class GhostKernel:
             return "tracing (torch.compile or torch.func)"
         return None
 
-    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
-        return False
-
-    def train(self, x: Tensor, state: BatchNormState,
-              call: KernelCall) -> tuple[Tensor, BatchStatistics]:
-        return GhostCall(x, call).train(x)
-
     def prepare(self, x: Tensor, state: BatchNormState, call: KernelCall,
                 update: PreparedUpdate | None = None) -> PreparedTraining:
         """:class:`GhostCall` for ``x``'s signature; where the update has a direct loop (CPU),
         the groups' statistics go straight into it (see
         :meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`)."""
         ghost = GhostCall(x, call)
-        direct = None if update is None else update.direct
-        if direct is None:
-            def run(x: Tensor) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
-                y, stats = ghost.train(x)
-                return y, stats, None
-            return run
-
-        def run_and_update(x: Tensor
-                           ) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
-            y, mean, variance = ghost(x)
-            if direct(mean, variance):
-                return y, None, True
-            return y, ghost.statistics(mean, variance), False  # skipped: for the report
-        return run_and_update
+        return updating(ghost.train, ghost, None if update is None else update.direct,
+                        ghost.statistics)  # statistics: a skipped batch's, for the report
 
 
 class GhostCall:

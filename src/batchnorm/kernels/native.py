@@ -5,6 +5,7 @@ one for the output, and a fused backward); an ``activation`` is one more pass af
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -15,8 +16,8 @@ from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import PreparedUpdate, traced
 from .protocol import KernelCall, PreparedTraining, unprepared
 
-__all__ = ["NATIVE", "NativeCall", "NativeKernel", "Workspace", "aten_input", "gradient_read_right",
-           "misread_by_cpu_backward", "misreads_gradients"]
+__all__ = ["NATIVE", "NativeCall", "NativeKernel", "Workspace", "aten_input",
+           "gradient_read_right", "misread_by_cpu_backward", "misreads_gradients", "updating"]
 
 
 class NativeKernel:
@@ -60,21 +61,12 @@ class NativeKernel:
         native = self.prepared(x, call)
         if native is None:
             return unprepared(self, state, call)
-        direct = None if update is None else update.direct
-        if direct is None:
-            def run(x: Tensor) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
-                y, stats = native.train(x)
-                return y, stats, None
-            return run
-
-        def run_and_update(x: Tensor
-                           ) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
-            y, mean, variance = native(x, borrow=True)
-            if direct(mean, variance):
-                return y, None, True
-            # Skipped: the statistics leave the workspace, for the report.
-            return y, BatchStatistics(mean[None], variance.clone()[None], native.count), False
-        return run_and_update
+        return updating(native.train, lambda x: native(x, borrow=True),
+                        None if update is None else update.direct,
+                        # Skipped: the statistics leave the workspace, for the report.
+                        lambda mean, variance: BatchStatistics(mean[None],
+                                                               variance.clone()[None],
+                                                               native.count))
 
     def prepared(self, x: Tensor, call: KernelCall) -> NativeCall | None:
         """The kernel for inputs of ``x``'s shape, dtype and device, decided once; None when
@@ -291,3 +283,27 @@ def _activated(y: Tensor, activation: str | None) -> Tensor:
 
 
 NATIVE = NativeKernel()
+
+
+def updating(train: Callable[[Tensor], tuple[Tensor, BatchStatistics]],
+             compute: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
+             direct: Callable[[Tensor, Tensor], bool] | None,
+             statistics: Callable[[Tensor, Tensor], BatchStatistics]) -> PreparedTraining:
+    """A kernel's prepared call (:meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`)
+    from its parts (ATen's kernels', here: on a training call's path): without a
+    ``direct`` update (:class:`batchnorm.statistics.PreparedUpdate`), ``train(x) -> (y,
+    stats)``, the update left to the caller; with one, ``compute(x) -> (y, mean, variance)``
+    whose statistics go straight into it, and ``statistics(mean, variance)`` the report of a
+    batch it skipped."""
+    if direct is None:
+        def run(x: Tensor) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
+            y, stats = train(x)
+            return y, stats, None
+        return run
+
+    def run_and_update(x: Tensor) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
+        y, mean, variance = compute(x)
+        if direct(mean, variance):
+            return y, None, True
+        return y, statistics(mean, variance), False
+    return run_and_update

@@ -20,7 +20,7 @@ from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics
 from ..statistics import PreparedUpdate
 
-__all__ = ["INFERENCE_PASSES", "InferencePass", "KernelCall", "PreparedTraining",
+__all__ = ["INFERENCE_PASSES", "Fallback", "InferencePass", "KernelCall", "PreparedTraining",
            "TrainingKernel", "Unprepared", "unprepared"]
 
 
@@ -131,3 +131,18 @@ def unprepared(kernel: TrainingKernel, state: BatchNormState,
         y, stats = kernel.train(x, state, call)
         return y, stats, None
     return run
+
+
+class Fallback:
+    """For a fallback kernel (:data:`batchnorm.kernels.FALLBACKS`) that decides its call
+    ahead (:meth:`TrainingKernel.prepare`): it never prefers another, and
+    :meth:`TrainingKernel.train` is its prepared call without an update."""
+
+    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
+        return False
+
+    def train(self, x: Tensor, state: BatchNormState,
+              call: KernelCall) -> tuple[Tensor, BatchStatistics]:
+        y, stats, _ = cast(TrainingKernel, self).prepare(x, state, call)(x)
+        assert stats is not None  # no update given: the statistics are returned
+        return y, stats
