@@ -600,6 +600,28 @@ def _pooled(values, counts, i, n, groups, correction, masked, unbiased):
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
+def _lerp_one_group_if_finite(mm, mv, m, v, count, n, weight, correction):
+    """:func:`lerp_if_finite` for one group (no ghost batches, no mask): the same arithmetic,
+    with the statistics read directly (what pooling one group gives), in loops that
+    vectorize."""
+    finite = True
+    for i in range(n):  # no early exit: the loop vectorizes
+        finite &= np.isfinite(as_type(m[i], weight)) & np.isfinite(
+            as_type(v[i] * correction, weight))
+    if not finite:
+        return False
+    small = abs(weight) < 0.5
+    coefficient = weight if small else weight - one_like(weight)
+    for i in range(n):
+        value = as_type(m[i], weight)
+        mm[i] = coefficient * (value - mm[i]) + (mm[i] if small else value)
+        value = as_type(v[i] * correction, weight)
+        mv[i] = coefficient * (value - mv[i]) + (mv[i] if small else value)
+    carray(_pointer(count, np.int64(0)), 1)[0] += 1
+    return True
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
 def lerp_if_finite(moving_mean, moving_variance, count, mean, variance, counts, n, groups,
                    masked, weight, correction, unbiased, stat):
     """Move two moving averages toward one batch's statistics, in place, if every value is
@@ -622,6 +644,8 @@ def lerp_if_finite(moving_mean, moving_variance, count, mean, variance, counts, 
     mv = carray(_pointer(moving_variance, weight), n)
     m = carray(_pointer(mean, stat), groups * n)
     v = carray(_pointer(variance, stat), groups * n)
+    if groups == 1 and not masked:  # one group: vectorized loops, no pooling to call
+        return _lerp_one_group_if_finite(mm, mv, m, v, count, n, weight, correction)
     c = carray(_pointer(counts, stat), groups * n)
     one = one_like(stat)
     finite = True
