@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -61,7 +62,7 @@ class NativeKernel:
         native = self.prepared(x, call)
         if native is None:
             return unprepared(self, state, call)
-        return updating(native.train, lambda x: native(x, borrow=True),
+        return updating(native.train, partial(native, borrow=True),  # no Python frame
                         None if update is None else update.direct,
                         # Skipped: the statistics leave the workspace, for the report.
                         lambda mean, variance: BatchStatistics(mean[None],

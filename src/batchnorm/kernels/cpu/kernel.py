@@ -246,8 +246,18 @@ class CpuKernel(Unprepared):
                 increment_version(kept)
             return applied
 
+        one_group = passes.loops.lerp_one_group_if_finite
+
         def direct(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
-            return loop_on(mean, variance, mean)  # no counts read
+            if groups != 1:
+                return loop_on(mean, variance, mean)  # no counts read
+            # One group: the loop with the fewest arguments (each costs the dispatch).
+            step = weight if counter is None else kind(one / np.float32(counter[()] + 1))
+            applied: bool = one_group(*addresses, mean.data_ptr(), variance.data_ptr(), n,
+                                      step, correction, zero)
+            if applied:  # written through their addresses: tell autograd, as torch would
+                increment_version(kept)
+            return applied
 
         def apply(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor | bool:
             mean, variance, counts = stats

@@ -622,6 +622,18 @@ def _lerp_one_group_if_finite(mm, mv, m, v, count, n, weight, correction):
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
+def lerp_one_group_if_finite(moving_mean, moving_variance, count, mean, variance, n, weight,
+                             correction, stat):
+    """:func:`lerp_if_finite` for one group without a mask (the plain mode's every call),
+    with fewer arguments to convert per call: the same addresses and arithmetic."""
+    return _lerp_one_group_if_finite(carray(_pointer(moving_mean, weight), n),
+                                     carray(_pointer(moving_variance, weight), n),
+                                     carray(_pointer(mean, stat), n),
+                                     carray(_pointer(variance, stat), n), count, n, weight,
+                                     correction)
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
 def lerp_if_finite(moving_mean, moving_variance, count, mean, variance, counts, n, groups,
                    masked, weight, correction, unbiased, stat):
     """Move two moving averages toward one batch's statistics, in place, if every value is
