@@ -32,6 +32,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from kernel_comparison import LAYOUTS, assert_matches, make_input
 
 import batchnorm as bn
 from batchnorm import kernels, plan
@@ -40,6 +41,9 @@ from batchnorm.kernels import KernelCall, composite, cpu, folded, ghost, inferen
 from batchnorm.kernels.cpu import loops as cpu_loops
 from batchnorm.kernels.cpu import passes as cpu_passes
 from batchnorm.kernels.protocol import INFERENCE_PASSES
+
+# Compared at the bfloat16 tolerance for a bfloat16 input (see kernel_comparison).
+LOOSE = ("y", "dx")
 
 
 def keyword_kernel(kernel):
@@ -57,16 +61,6 @@ NATIVE_TRAIN = keyword_kernel(native.NATIVE)
 pytestmark = pytest.mark.skipif(not cpu.available(),
                                 reason=f"the CPU fast path is unavailable: {cpu.IMPORT_ERROR}")
 
-TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-5)}
-
-# id: (shape, axis, memory format or None, options, mask kind)
-LAYOUTS = {
-    "nchw": ((8, 5, 6, 7), 1, None),
-    "channels_last": ((8, 5, 6, 7), 1, torch.channels_last),
-    "rows": ((16, 5), -1, None),
-    "nlc": ((8, 9, 5), -1, None),
-    "transposed": ((8, 5, 6, 7), 1, "transposed"),
-}
 MODES = {
     "plain": ({}, None),
     "renorm": ({"renorm": True}, None),
@@ -82,17 +76,6 @@ MODES = {
     "mask_ghost_few_values": ({"virtual_batch_size": 4}, "few_values"),
     "no_gamma_beta": ({"center": False, "scale": False}, None),
 }
-
-
-def make_input(layout: str, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, int]:
-    shape, axis, fmt = LAYOUTS[layout]
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2).to(dtype)
-    if fmt == "transposed":  # a view whose memory order is no permutation of a dense layout
-        x = x.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, 1:]
-    elif fmt is not None:
-        x = x.contiguous(memory_format=fmt)
-    return x, axis % x.ndim
 
 
 def make_mask(kind: str | None, x: torch.Tensor, axis: int) -> torch.Tensor | None:
@@ -141,21 +124,6 @@ def run_kernel(kernel, x, axis, options, mask, dtype):
     return out, stats.count, y
 
 
-def assert_matches(actual: dict, expected: dict, dtype: torch.dtype) -> None:
-    assert actual.keys() == expected.keys()
-    for key, value in expected.items():
-        got = actual[key]
-        assert got.dtype == value.dtype and got.shape == value.shape, key
-        if dtype == torch.bfloat16 and key in ("y", "dx"):
-            scale = value.double().abs().max().item()
-            torch.testing.assert_close(got.double(), value.double(), rtol=2**-8,
-                                       atol=2**-7 * scale, msg=lambda m, k=key: f"{k}: {m}")
-        else:
-            rtol, atol = TOLERANCE.get(value.dtype, (1e-5, 1e-5))
-            torch.testing.assert_close(got, value, rtol=rtol, atol=atol,
-                                       msg=lambda m, k=key: f"{k}: {m}")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -172,7 +140,7 @@ def test_cpu_kernel_matches_composite(mode, layout, dtype):
         # Two values per ghost batch: dx is a difference of nearly equal terms (zero but for
         # epsilon), below bfloat16's resolution on both sides; float32/float64 compare it.
         del actual["dx"], expected["dx"]
-    assert_matches(actual, expected, dtype)
+    assert_matches(actual, expected, dtype, LOOSE)
     assert fast_count == count if isinstance(count, int) else True
     assert y.stride() == x.stride() or LAYOUTS[layout][2] == "transposed"
 
@@ -184,7 +152,7 @@ def test_cpu_kernel_takes_axis_zero(mode):
     mask = make_mask(mask_kind, x, 0)
     expected, _, _ = run_kernel(COMPOSITE_TRAIN, x, 0, dict(options), mask, torch.float64)
     actual, _, _ = run_kernel(CPU_TRAIN, x, 0, dict(options), mask, torch.float64)
-    assert_matches(actual, expected, torch.float64)
+    assert_matches(actual, expected, torch.float64, LOOSE)
 
 
 def test_statistics_are_stable_far_from_zero():
