@@ -13,9 +13,9 @@ import copy
 
 import pytest
 import torch
+from plan_checks import assert_same_state, count_prepares
 
 import batchnorm as bn
-from batchnorm import plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,22 +34,8 @@ def _full_path(layer: bn.BatchNorm, *args, **kwargs) -> torch.Tensor:
     return layer(*args, **kwargs)
 
 
-def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
-
-
 def test_a_masked_call_is_checked_once_per_signature(monkeypatch):
-    calls = [0]
-    original = plan.prepare
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(plan, "prepare", counting)
+    calls = count_prepares(monkeypatch)
     layer = bn.BatchNorm(6)
     x = torch.randn(8, 6)
     for _ in range(3):
@@ -79,7 +65,7 @@ def test_a_mask_changing_between_calls_gives_each_calls_result(options):
         assert torch.equal(xa.grad, xb.grad)
         for pa, pb in zip(planned.parameters(), full.parameters(), strict=True):
             assert torch.equal(pa.grad, pb.grad)
-        _assert_same_state(planned, full)
+        assert_same_state(planned, full)
     assert len(planned._plans) == 1
 
 
@@ -96,7 +82,7 @@ def test_a_stale_mask_is_never_reused():
     y = layer(x, training=True, mask=second)
     expected = _full_path(fresh, x, training=True, mask=second)
     assert torch.equal(y, expected)
-    _assert_same_state(layer, fresh)
+    assert_same_state(layer, fresh)
     # and not what the first mask gives: its statistics come from other samples
     assert not torch.equal(y, _full_path(copy.deepcopy(fresh), x, training=True, mask=first))
 
@@ -109,7 +95,7 @@ def test_a_masked_and_an_unmasked_call_keep_plans_apart():
     layer(x, training=True, mask=mask)
     _full_path(full, x, training=True, mask=mask)
     assert torch.equal(layer(x, training=True), _full_path(full, x, training=True))
-    _assert_same_state(layer, full)
+    assert_same_state(layer, full)
 
 
 @pytest.mark.parametrize(("mask", "error", "match"), [

@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from plan_checks import assert_same_state, count_prepares
 from torch import nn
 
 import batchnorm as bn
@@ -53,32 +54,13 @@ def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in layer.state_dict().items()}
 
 
-def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
-
-
 def _full_path(layer: bn.BatchNorm, *args, **kwargs) -> torch.Tensor:
     with kernels.prefer("native"):
         return layer(*args, **kwargs)
 
 
-def _count_prepares(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls = [0]
-    original = plan.prepare
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(plan, "prepare", counting)
-    return calls
-
-
 def test_the_checks_run_once_per_signature(monkeypatch):
-    calls = _count_prepares(monkeypatch)
+    calls = count_prepares(monkeypatch)
     layer = bn.BatchNorm(6)
     x = torch.randn(8, 6)
     for _ in range(3):
@@ -111,7 +93,7 @@ def test_planned_calls_equal_the_full_path_bit_for_bit(name):
         assert torch.equal(xa.grad, xb.grad)
         for pa, pb in zip(planned.parameters(), full.parameters(), strict=True):
             assert torch.equal(pa.grad, pb.grad)
-        _assert_same_state(planned, full)
+        assert_same_state(planned, full)
         assert torch.equal(planned(x, training=False), _full_path(full, x, training=False))
     assert int(planned.num_updates) == 4
 
@@ -124,7 +106,7 @@ def test_other_dtypes_equal_the_full_path(dtype):
     for _ in range(3):
         x = torch.randn(8, 6).to(dtype)
         assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
-        _assert_same_state(planned, full)
+        assert_same_state(planned, full)
 
 
 def test_the_cpu_kernels_planned_update_equals_the_full_path():
@@ -137,7 +119,7 @@ def test_the_cpu_kernels_planned_update_equals_the_full_path():
         with kernels.prefer("cpu"):
             expected = full(x, training=True)
         assert torch.equal(planned(x, training=True), expected)
-        _assert_same_state(planned, full)
+        assert_same_state(planned, full)
 
 
 def test_a_float32_input_into_a_float64_layer_equals_the_full_path():
@@ -145,7 +127,7 @@ def test_a_float32_input_into_a_float64_layer_equals_the_full_path():
     for _ in range(3):
         x = torch.randn(8, 6)
         assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
-        _assert_same_state(planned, full)
+        assert_same_state(planned, full)
 
 
 def test_channels_last_and_another_axis_equal_the_full_path():
@@ -153,12 +135,12 @@ def test_channels_last_and_another_axis_equal_the_full_path():
     x = torch.randn(4, 3, 5, 6)
     for _ in range(2):
         assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
-    _assert_same_state(planned, full)
+    assert_same_state(planned, full)
     planned, full = _pair()
     x = torch.randn(4, 6, 3, 5).to(memory_format=torch.channels_last)
     for _ in range(2):
         assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
-    _assert_same_state(planned, full)
+    assert_same_state(planned, full)
 
 
 def test_a_shared_layer_called_twice_before_backward():
@@ -172,7 +154,7 @@ def test_a_shared_layer_called_twice_before_backward():
      + _full_path(full, ref[1], training=True)).sum().backward()
     for x, r in zip(xs, ref, strict=True):
         assert torch.equal(x.grad, r.grad)
-    _assert_same_state(planned, full)
+    assert_same_state(planned, full)
 
 
 # ---------------------------------------------------------------- a plan is used only while current
@@ -340,7 +322,7 @@ def test_a_non_finite_batch_is_skipped_loudly_and_the_next_one_counts():
         assert torch.equal(value, before[key]), key
     planned(x * 2, training=True)  # the workspace the skipped call left is not reused as is
     _full_path(full, x * 2, training=True)
-    _assert_same_state(planned, full)
+    assert_same_state(planned, full)
 
 
 def test_a_variance_that_overflows_is_named():
@@ -387,7 +369,7 @@ def test_inference_mode_and_no_grad_calls_share_a_plan():
             assert torch.equal(y, _full_path(full, x, training=True))
         planned(x, training=True)
         _full_path(full, x, training=True)
-        _assert_same_state(planned, full)
+        assert_same_state(planned, full)
 
 
 # ---------------------------------------------------------------- copies
@@ -412,7 +394,7 @@ def test_copies_and_pickles_start_without_plans_and_update_their_own_buffers():
 
 
 def test_a_layer_keeps_a_bounded_number_of_plans(monkeypatch):
-    calls = _count_prepares(monkeypatch)
+    calls = count_prepares(monkeypatch)
     layer = bn.BatchNorm(6)
     shapes = [(n, 6) for n in range(2, 3 + plan.MAX_PLANS)]  # one more than it keeps
     for shape in shapes:

@@ -1,0 +1,31 @@
+"""Shared by the tests of call plans (``test_plan.py``, ``test_masked_calls.py``): a count of
+the full path's checks, and the bit-for-bit comparison of two layers' state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchnorm import plan
+
+
+def count_prepares(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``[n]``: how many times :func:`batchnorm.plan.prepare` (every check of a call) ran from
+    here on, updated as it runs."""
+    calls = [0]
+    original = plan.prepare
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "prepare", counting)
+    return calls
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The two modules' state dicts hold the same keys and bit-identical tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
