@@ -114,7 +114,8 @@ def select(x: Tensor, state: BatchNormState, call: KernelCall) -> TrainingKernel
         return PREFERRED[-1]
     fallback = next(k for k in FALLBACKS if k.unsupported(x, state, call) is None)
     fast = FAST_PATHS.get(x.device.type)
-    if fast is None or fast.prefers_fallback(x, call) or fast.unsupported(x, state, call):
+    if (fast is None or fast.prefers_fallback(x, call, fallback)
+            or fast.unsupported(x, state, call)):
         return fallback
     return fast
 

@@ -35,7 +35,7 @@ from ..statistics import (
     renorm_correction,
 )
 from .inference import normalize
-from .protocol import KernelCall, Unprepared
+from .protocol import KernelCall, TrainingKernel, Unprepared
 from .synchronized import global_moments
 
 __all__ = ["COMPOSITE", "CompositeKernel", "adjustment_terms", "train_adjusted"]
@@ -103,7 +103,7 @@ class CompositeKernel(Unprepared):
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
         return None
 
-    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
+    def prefers_fallback(self, x: Tensor, call: KernelCall, fallback: TrainingKernel) -> bool:
         return False
 
     def train(self, x: Tensor, state: BatchNormState,

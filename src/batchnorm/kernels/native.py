@@ -15,7 +15,7 @@ from ..activations import apply as activate
 from ..shapes import values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import PreparedUpdate, traced
-from .protocol import KernelCall, PreparedTraining, unprepared
+from .protocol import KernelCall, PreparedTraining, TrainingKernel, unprepared
 
 __all__ = ["NATIVE", "NativeCall", "NativeKernel", "Workspace", "aten_input",
            "gradient_read_right", "misread_by_cpu_backward", "misreads_gradients", "updating"]
@@ -31,7 +31,7 @@ class NativeKernel:
                                             synchronized=call.process_group is not None)
         return None if reason is None else reason.removeprefix("for ")
 
-    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
+    def prefers_fallback(self, x: Tensor, call: KernelCall, fallback: TrainingKernel) -> bool:
         return False
 
     def train(self, x: Tensor, state: BatchNormState,

@@ -76,9 +76,10 @@ class TrainingKernel(Protocol):
         """Why this kernel cannot compute the call (``"several feature axes"``, ...), or None."""
         ...
 
-    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
-        """For a fast path: whether the fallback (ATen's kernel in the plain mode, else the
-        composite) is faster for this call, e.g. a small input."""
+    def prefers_fallback(self, x: Tensor, call: KernelCall, fallback: TrainingKernel) -> bool:
+        """For a fast path: whether ``fallback``, the kernel that computes the call where the
+        fast path steps aside (the first of :data:`batchnorm.kernels.FALLBACKS` that takes
+        it), is faster for this call, e.g. a small input."""
         ...
 
 
@@ -138,7 +139,7 @@ class Fallback:
     ahead (:meth:`TrainingKernel.prepare`): it never prefers another, and
     :meth:`TrainingKernel.train` is its prepared call without an update."""
 
-    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
+    def prefers_fallback(self, x: Tensor, call: KernelCall, fallback: TrainingKernel) -> bool:
         return False
 
     def train(self, x: Tensor, state: BatchNormState,

@@ -41,7 +41,7 @@ from ...state import BatchNormState, BatchStatistics, initial_state, statistics_
 from ...statistics import PreparedUpdate, prepare_update
 from .. import two_pass
 from ..layout import Layout
-from ..protocol import KernelCall, Unprepared
+from ..protocol import KernelCall, TrainingKernel, Unprepared
 from . import passes
 from .passes import (
     DTYPES,
@@ -73,34 +73,32 @@ class CpuKernel(Unprepared):
 
     name = "cpu"
 
-    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
-        """Whether the kernel ``fused=None`` falls back to (ATen's for the plain mode, the
-        folded kernel for renorm, the ghost kernel for ghost batches, else the composite) is
-        the faster one for this input.
+    def prefers_fallback(self, x: Tensor, call: KernelCall, fallback: TrainingKernel) -> bool:
+        """Whether ``fallback``, the kernel ``fused=None`` takes where this one steps aside
+        (ATen's for the plain mode, the folded kernel for renorm, the ghost kernel for ghost
+        batches, else the composite), is the faster one for this input.
 
         Small inputs: their per-call cost is lower (below ``MIN_PLAIN_NUMEL`` values for
         ATen's kernels, ``MIN_PLAIN_BFLOAT16_NUMEL`` for bfloat16, ``MIN_NUMEL`` for the
-        composite; see the benchmark's per-call rows; with
-        an ``activation``, ATen's kernel and the activation in place below
-        ``MIN_ACTIVATION_NUMEL``). Plain channels-last and other layouts whose feature axis
-        is innermost in memory: ATen's vectorized per-row kernel beats these loops (which
-        sum such rows at about 60% of the bandwidth limit), unless there is an
-        ``activation``, which ATen's path applies in a pass of its own and these loops in
-        theirs (measured, 64x64x56x56 channels-last float32 with ReLU, 2 threads: forward 28
-        ms against 64, forward and backward 47 against 102).
+        composite; see the benchmark's per-call rows and the crossovers measured in
+        :mod:`batchnorm.kernels.cpu.passes`; with an ``activation``, ATen's kernel and the
+        activation in place below ``MIN_ACTIVATION_NUMEL``). Plain channels-last and other
+        layouts whose feature axis is innermost in memory: ATen's vectorized per-row kernel
+        beats these loops (which sum such rows at about 60% of the bandwidth limit), unless
+        there is an ``activation``, which ATen's path applies in a pass of its own and these
+        loops in theirs (measured, 64x64x56x56 channels-last float32 with ReLU, 2 threads:
+        forward 28 ms against 64, forward and backward 47 against 102).
         """
-        config = call.config
+        if fallback.name == "composite":
+            return x.numel() < MIN_NUMEL
         smallest = (passes.MIN_PLAIN_BFLOAT16_NUMEL if x.dtype == torch.bfloat16
                     else MIN_PLAIN_NUMEL)
-        if (call.mask is not None or call.process_group is not None or len(config.axis) != 1
-                or (config.renorm and config.virtual_batch_size is not None)):
-            return x.numel() < MIN_NUMEL  # the composite's
-        if not config.plain:
-            # Renorm or ghost batches on ATen's kernel (the folded and ghost kernels): as the
-            # plain mode's (measured, float32: 32x64x8x8 the loops at 1.1-1.4x their time,
-            # 32x64x16x16 at 0.5-0.8x; bfloat16 about even at 32x64x32x32).
+        if fallback.name != "native":
+            # Renorm or ghost batches on ATen's kernels (folded, ghost): as the plain mode's
+            # (measured, float32: 32x64x8x8 the loops at 1.1-1.4x their time, 32x64x16x16 at
+            # 0.5-0.8x; bfloat16 about even at 32x64x32x32).
             return x.numel() < smallest
-        if config.activation is not None:
+        if call.config.activation is not None:
             return not self.fuses_activation(x)
         return x.numel() < smallest or (x.ndim > 1 and x.stride(call.axes[0]) == 1)
 

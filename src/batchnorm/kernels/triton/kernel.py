@@ -32,7 +32,7 @@ from ...config import BatchNormConfig
 from ...state import BatchNormState, BatchStatistics
 from .. import two_pass
 from ..layout import Layout, mask_tensor
-from ..protocol import KernelCall, Unprepared
+from ..protocol import KernelCall, TrainingKernel, Unprepared
 
 __all__ = ["TRITON", "TritonKernel", "TritonPasses", "available"]
 
@@ -125,10 +125,9 @@ class TritonKernel(Unprepared):
 
     name = "triton"
 
-    def prefers_fallback(self, x: Tensor, call: KernelCall) -> bool:
+    def prefers_fallback(self, x: Tensor, call: KernelCall, fallback: TrainingKernel) -> bool:
         """The plain mode keeps ATen's kernel (cuDNN); tiny inputs keep the fallback."""
-        plain = call.mask is None and call.config.plain
-        return plain or x.numel() < MIN_NUMEL
+        return fallback.name == "native" or x.numel() < MIN_NUMEL
 
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
         """Why this kernel does not handle the call, or None when it does."""
