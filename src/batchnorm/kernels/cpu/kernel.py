@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -226,36 +227,28 @@ class CpuKernel(Unprepared):
         kept = (mm, mv, updates)
         addresses = (mm.data_ptr(), mv.data_ptr(), updates.data_ptr())
         n = mm.numel()
-        # As torch.lerp rounds a Python weight; the cumulative average's from the counter.
-        weight = None if config.momentum is None else kind(1.0 - config.momentum)
-        counter = updates.numpy() if weight is None else None  # the counter's memory
-        one = np.float32(1)
+        step = _stepper(config.momentum, kind, updates)
         masked = count is None  # a mask's counts, per group and feature, come with the stats
         unbiased = bool(config.unbiased_moving_variance)
         correction = stat(count / (count - 1) if unbiased and count is not None else 1.0)
         zero = stat(0)
 
         def loop_on(mean: Tensor, variance: Tensor, counts: Tensor) -> bool:
-            step = weight if counter is None else kind(one / np.float32(counter[()] + 1))
-            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(),
-                                 counts.data_ptr(), n, groups, masked, step, correction,
-                                 unbiased, zero)
-            if applied:  # written through their addresses: tell autograd, as torch would
-                increment_version(kept)
-            return applied
+            return _written(kept, loop(*addresses, mean.data_ptr(), variance.data_ptr(),
+                                       counts.data_ptr(), n, groups, masked, step(),
+                                       correction, unbiased, zero))
 
-        one_group = passes.loops.lerp_one_group_if_finite
+        if groups == 1:
+            one_group = passes.loops.lerp_one_group_if_finite
 
-        def direct(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
-            if groups != 1:
+            def direct(mean: Tensor, variance: Tensor) -> bool:
+                # The loop with the fewest arguments: each costs the dispatch a conversion.
+                return _written(kept, one_group(*addresses, mean.data_ptr(),
+                                                variance.data_ptr(), n, step(), correction,
+                                                zero))
+        else:
+            def direct(mean: Tensor, variance: Tensor) -> bool:
                 return loop_on(mean, variance, mean)  # no counts read
-            # One group: the loop with the fewest arguments (each costs the dispatch).
-            step = weight if counter is None else kind(one / np.float32(counter[()] + 1))
-            applied: bool = one_group(*addresses, mean.data_ptr(), variance.data_ptr(), n,
-                                      step, correction, zero)
-            if applied:  # written through their addresses: tell autograd, as torch would
-                increment_version(kept)
-            return applied
 
         def apply(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor | bool:
             mean, variance, counts = stats
@@ -269,7 +262,7 @@ class CpuKernel(Unprepared):
                     and mean.shape[0] == groups and variance.shape == mean.shape
                     and mean.is_contiguous() and variance.is_contiguous()):
                 return fallback(stats, skipped)
-            applied = loop_on(mean, variance, read)
+            applied = loop_on(mean, variance, read) if masked else direct(mean, variance)
             if not applied and skipped is not None:
                 skipped.add_(1)
             return applied
@@ -302,24 +295,19 @@ class CpuKernel(Unprepared):
         addresses = (mm.data_ptr(), ms.data_ptr(), rm.data_ptr(), rs.data_ptr(),
                      updates.data_ptr())
         n = first.numel()
-        weight = None if config.momentum is None else kind(1.0 - config.momentum)
+        step = _stepper(config.momentum, kind, updates)
         renorm_weight = kind(1.0 - config.renorm_momentum)
-        counter = updates.numpy() if weight is None else None  # the counter's memory
-        one = np.float32(1)
         bessel = count / (count - 1) if config.unbiased_moving_variance else None
         epsilon, zero = config.epsilon, stat(0)
 
-        def direct(mean: Tensor, variance: Tensor, kept: tuple = kept) -> bool:
-            step = weight if counter is None else kind(one / np.float32(counter[()] + 1))
+        def direct(mean: Tensor, variance: Tensor) -> bool:
             variance = variance.detach()  # no autograd record (checkpointing counts them)
             if bessel is not None:  # as statistics.pooled_statistics, then _averages
                 variance = variance * bessel
             stddev = torch.sqrt(variance + epsilon)
-            applied: bool = loop(*addresses, mean.data_ptr(), variance.data_ptr(),
-                                 stddev.data_ptr(), n, step, renorm_weight, zero)
-            if applied:  # written through their addresses: tell autograd, as torch would
-                increment_version(kept)
-                # relu(moving_stddev**2 - epsilon), rounded as statistics._renorm_variance
+            applied = _written(kept, loop(*addresses, mean.data_ptr(), variance.data_ptr(),
+                                          stddev.data_ptr(), n, step(), renorm_weight, zero))
+            if applied:  # relu(moving_stddev**2 - epsilon), as statistics._renorm_variance
                 torch.mul(ms, ms, out=mv).sub_(epsilon).relu_()
             return applied
 
@@ -336,6 +324,25 @@ class CpuKernel(Unprepared):
         # No direct form: the layer keeps the renorm averages for activation checkpointing's
         # recomputation (recompute.remember) from the statistics, before the update.
         return PreparedUpdate(apply, None)
+
+
+def _stepper(momentum: float | None, kind: type, updates: Tensor) -> Callable[[], Any]:
+    """The update's weight, as ``torch.lerp`` rounds a Python weight in the averages' dtype
+    ``kind``: ``1 - momentum``; for the cumulative average (``momentum=None``) float32's
+    ``1 / (n + 1)``, ``n`` read from the counter's memory at each call."""
+    if momentum is not None:
+        weight = kind(1.0 - momentum)
+        return lambda: weight
+    counter, one = updates.numpy(), np.float32(1)
+    return lambda: kind(one / np.float32(counter[()] + 1))
+
+
+def _written(tensors: tuple[Tensor, ...], applied: bool) -> bool:
+    """``applied``, after telling autograd that a loop wrote ``tensors`` through their
+    addresses (as torch's own writes would) where it did."""
+    if applied:
+        increment_version(tensors)
+    return applied
 
 
 class NumbaPasses:
