@@ -144,31 +144,28 @@ def prepare_inference(x: Tensor, state: BatchNormState,
         return lambda x: _infer(x, state, call)
     cuda = x.device.type == "cuda"  # cuDNN's flag matters to CUDA tensors only
     (axis,) = call.axes
-    if not differentiable:
-        # No gradient flows through it: no copy for ATen's backward (aten_input), no hook on
-        # its gradient (gradient_read_right).
-        def aten(x: Tensor) -> Tensor:  # _aten's call (conditions checked above), _activated's
-            m, v = (mean, variance) if debiased is None else debiased()
-            y = torch.batch_norm(x if axis == 1 else x.movedim(axis, 1), gamma, beta, m, v,
-                                 False, 0.0, epsilon, cuda and torch.backends.cudnn.enabled)
-            y = y if axis == 1 else y.movedim(1, axis)
-            return y if activation is None else activate(y, activation, inplace=True)
-        return aten
+    # Where no gradient flows through it: no copies, no copy for ATen's backward
+    # (aten_input), no hook on its gradient (gradient_read_right).
     xm = x if axis == 1 else x.movedim(axis, 1)
-    contiguous = aten_input(xm, gamma, beta) is not xm
-    hook = misreads_gradients(xm.contiguous() if contiguous else xm)
+    contiguous = differentiable and aten_input(xm, gamma, beta) is not xm
+    hook = differentiable and misreads_gradients(xm.contiguous() if contiguous else xm)
+    copies = differentiable and debiased is None
 
-    def recorded_aten(x: Tensor) -> Tensor:  # _infer's call for a differentiable input
+    def aten(x: Tensor) -> Tensor:  # _aten's call (conditions checked above), _activated's
         xm = x if axis == 1 else x.movedim(axis, 1)
-        # Copies, kept for backward (one stacked copy costs more: ATen saves views of it)
-        m, v = (mean.clone(), variance.clone()) if debiased is None else debiased()
+        if debiased is not None:
+            m, v = debiased()
+        elif copies:  # kept for backward (one stacked copy costs more: ATen saves views of it)
+            m, v = mean.clone(), variance.clone()
+        else:
+            m, v = mean, variance
         y = torch.batch_norm(xm.contiguous() if contiguous else xm, gamma, beta, m, v, False,
                              0.0, epsilon, cuda and torch.backends.cudnn.enabled)
         if hook:
             y = gradient_read_right(y)
         y = y if axis == 1 else y.movedim(1, axis)
         return y if activation is None else activate(y, activation, inplace=True)
-    return recorded_aten
+    return aten
 
 
 def _infer(x: Tensor, state: BatchNormState, call: KernelCall) -> Tensor:
