@@ -20,6 +20,8 @@ direct loop where the device has one (CPU), which pools them as
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -27,7 +29,7 @@ from ..activations import apply as activate
 from ..shapes import values_per_feature
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import PreparedUpdate, traced
-from .native import aten_input, gradient_read_right, misreads_gradients, updating
+from .native import Workspace, aten_input, gradient_read_right, misreads_gradients, updating
 from .protocol import Fallback, KernelCall, PreparedTraining
 
 __all__ = ["GHOST", "GhostCall", "GhostKernel"]
@@ -59,8 +61,10 @@ class GhostKernel(Fallback):
         the groups' statistics go straight into it (see
         :meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`)."""
         ghost = GhostCall(x, call)
-        return updating(ghost.train, ghost, None if update is None else update.direct,
-                        ghost.statistics)  # statistics: a skipped batch's, for the report
+        return updating(ghost.train, partial(ghost, borrow=True),
+                        None if update is None else update.direct,
+                        # Skipped: the statistics leave the workspace, for the report.
+                        lambda mean, variance: ghost.statistics(mean, variance.clone()))
 
 
 class GhostCall:
@@ -71,7 +75,7 @@ class GhostCall:
 
     __slots__ = ("axis", "size", "groups", "strided", "features", "dtype", "gamma", "beta",
                  "identity", "epsilon", "activation", "count", "momentum", "grouped_shape",
-                 "running_mean", "copy", "hook", "restore")
+                 "workspace", "copy", "hook", "restore")
 
     def __init__(self, x: Tensor, call: KernelCall) -> None:
         config = call.config
@@ -98,11 +102,7 @@ class GhostCall:
         self.momentum = (self.count - 1) / self.count
         rest = [n for d, n in enumerate(x.shape) if d not in (0, self.axis)]
         self.grouped_shape = (self.size, channels, *rest)
-        # ATen's running mean, which it moves and nothing reads (nor does its backward
-        # outside inference): one for every call and thread, a normal tensor even when made
-        # under torch.inference_mode() (a later call outside it writes into it).
-        with torch.inference_mode(False):
-            self.running_mean = torch.zeros(channels, dtype=self.dtype, device=x.device)
+        self.workspace: Workspace | None = None  # for borrowing calls (see __call__)
         grouped = self._grouped(x)
         aten = aten_input(grouped, self.gamma, self.beta)
         self.copy = aten is not grouped
@@ -140,16 +140,28 @@ class GhostCall:
         t = torch.cat((t,) * self.groups)  # about 3 us, where repeat() takes 12
         return t if t.dtype == self.dtype else t.to(self.dtype)
 
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, x: Tensor, borrow: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``(y, mean, variance)``. With ``borrow`` the variance is this thread's workspace,
+        valid until the next borrowing call on the thread (as
+        :class:`~batchnorm.kernels.native.NativeCall`'s); else a fresh tensor."""
         xg = self._grouped(x)
         if self.copy:
             xg = xg.contiguous()
         gamma, beta = self._repeated(self.gamma, 0), self._repeated(self.beta, 1)
         # From zeros with momentum (n - 1) / n, ATen's "running" variance is the biased
-        # variance of each channel (see native.NativeCall).
-        variance = torch.zeros(self.grouped_shape[1], dtype=self.dtype, device=x.device)
-        y, mean, _ = torch.native_batch_norm(xg, gamma, beta, self.running_mean, variance,
-                                             True, self.momentum, self.epsilon)
+        # variance of each channel (see native.NativeCall); its running mean goes unread.
+        if borrow:
+            workspace = self.workspace
+            if workspace is None:
+                workspace = self.workspace = Workspace(self.grouped_shape[1], self.dtype,
+                                                        x.device)
+            workspace.zeros.zero_()
+            unused, variance = workspace.mean, workspace.variance
+        else:
+            unused, variance = torch.zeros(2, self.grouped_shape[1], dtype=self.dtype,
+                                           device=x.device).unbind()
+        y, mean, _ = torch.native_batch_norm(xg, gamma, beta, unused, variance, True,
+                                             self.momentum, self.epsilon)
         if self.hook:
             y = gradient_read_right(y)
         if self.activation is not None:  # y is fresh: ReLU in place (its backward reads y)
