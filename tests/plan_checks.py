@@ -1,11 +1,15 @@
-"""Shared by the tests of call plans (``test_plan.py``, ``test_masked_calls.py``): a count of
-the full path's checks, and the bit-for-bit comparison of two layers' state."""
+"""Shared by the tests of call plans (``test_plan.py``, ``test_masked_calls.py``): two equal
+layers to compare, a count of the full path's checks, and the bit-for-bit comparison of two
+layers' state."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
+import batchnorm as bn
 from batchnorm import plan
 
 
@@ -29,3 +33,13 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert sa.keys() == sb.keys()
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
+
+
+def twin_layers(**options) -> tuple[bn.BatchNorm, bn.BatchNorm]:
+    """Two equal ``BatchNorm(6, **options)`` layers, gamma and beta drawn in [0.5, 1.5]."""
+    torch.manual_seed(1)
+    layer = bn.BatchNorm(6, **options)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+    return layer, copy.deepcopy(layer)

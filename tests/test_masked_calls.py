@@ -13,20 +13,11 @@ import copy
 
 import pytest
 import torch
-from plan_checks import assert_same_state, count_prepares
+from plan_checks import assert_same_state, count_prepares, twin_layers
 
 import batchnorm as bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _pair(**options) -> tuple[bn.BatchNorm, bn.BatchNorm]:
-    torch.manual_seed(1)
-    layer = bn.BatchNorm(6, **options)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.uniform_(0.5, 1.5)
-    return layer, copy.deepcopy(layer)
 
 
 def _full_path(layer: bn.BatchNorm, *args, **kwargs) -> torch.Tensor:
@@ -49,7 +40,7 @@ def test_a_masked_call_is_checked_once_per_signature(monkeypatch):
 @pytest.mark.parametrize("options", [{}, {"virtual_batch_size": 4}, {"renorm": True}],
                          ids=["plain", "ghost", "renorm"])
 def test_a_mask_changing_between_calls_gives_each_calls_result(options):
-    planned, full = _pair(**options)
+    planned, full = twin_layers(**options)
     generator = torch.Generator().manual_seed(0)
     for step in range(4):
         x = torch.randn(8, 6, generator=generator) * (step + 1) + step
@@ -70,7 +61,7 @@ def test_a_mask_changing_between_calls_gives_each_calls_result(options):
 
 
 def test_a_stale_mask_is_never_reused():
-    layer, fresh = _pair()
+    layer, fresh = twin_layers()
     x = torch.randn(8, 6)
     first = torch.zeros(8, dtype=torch.bool)
     first[:4] = True
@@ -88,7 +79,7 @@ def test_a_stale_mask_is_never_reused():
 
 
 def test_a_masked_and_an_unmasked_call_keep_plans_apart():
-    layer, full = _pair()
+    layer, full = twin_layers()
     x = torch.randn(8, 6)
     mask = torch.rand(8) < 0.5
     mask[:2] = True

@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from plan_checks import assert_same_state, count_prepares
+from plan_checks import assert_same_state, count_prepares, twin_layers
 from torch import nn
 
 import batchnorm as bn
@@ -39,15 +39,6 @@ CONFIGS = {
     "no-affine": {"center": False, "scale": False},
     "composite": {"fused": False},
 }
-
-
-def _pair(**options) -> tuple[bn.BatchNorm, bn.BatchNorm]:
-    torch.manual_seed(1)
-    layer = bn.BatchNorm(6, **options)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.uniform_(0.5, 1.5)
-    return layer, copy.deepcopy(layer)
 
 
 def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,7 +72,7 @@ def test_the_checks_run_once_per_signature(monkeypatch):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_planned_calls_equal_the_full_path_bit_for_bit(name):
-    planned, full = _pair(**CONFIGS[name])
+    planned, full = twin_layers(**CONFIGS[name])
     for step in range(4):
         x = torch.randn(8, 6) * (step + 1) + step
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -100,7 +91,7 @@ def test_planned_calls_equal_the_full_path_bit_for_bit(name):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_other_dtypes_equal_the_full_path(dtype):
-    planned, full = _pair()
+    planned, full = twin_layers()
     planned.to(torch.float64 if dtype == torch.float64 else torch.float32)
     full.to(torch.float64 if dtype == torch.float64 else torch.float32)
     for _ in range(3):
@@ -112,7 +103,7 @@ def test_other_dtypes_equal_the_full_path(dtype):
 def test_the_cpu_kernels_planned_update_equals_the_full_path():
     """A large input takes the numba passes; the plan moves the averages with its loop, the
     full path (prefer("cpu")) with torch's operations."""
-    planned, full = _pair(unbiased_moving_variance=True)
+    planned, full = twin_layers(unbiased_moving_variance=True)
     for _ in range(3):
         x = torch.randn(64, 6, 32, 48)
         assert x.numel() >= kernels.cpu.MIN_PLAIN_NUMEL
@@ -123,7 +114,7 @@ def test_the_cpu_kernels_planned_update_equals_the_full_path():
 
 
 def test_a_float32_input_into_a_float64_layer_equals_the_full_path():
-    planned, full = _pair(dtype=torch.float64)
+    planned, full = twin_layers(dtype=torch.float64)
     for _ in range(3):
         x = torch.randn(8, 6)
         assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
@@ -131,12 +122,12 @@ def test_a_float32_input_into_a_float64_layer_equals_the_full_path():
 
 
 def test_channels_last_and_another_axis_equal_the_full_path():
-    planned, full = _pair(axis=-1)
+    planned, full = twin_layers(axis=-1)
     x = torch.randn(4, 3, 5, 6)
     for _ in range(2):
         assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
     assert_same_state(planned, full)
-    planned, full = _pair()
+    planned, full = twin_layers()
     x = torch.randn(4, 6, 3, 5).to(memory_format=torch.channels_last)
     for _ in range(2):
         assert torch.equal(planned(x, training=True), _full_path(full, x, training=True))
@@ -146,7 +137,7 @@ def test_channels_last_and_another_axis_equal_the_full_path():
 def test_a_shared_layer_called_twice_before_backward():
     """Both calls' graphs keep ATen's running-statistics arguments (the plan's per-thread
     workspace): the second call must not invalidate the first call's backward."""
-    planned, full = _pair()
+    planned, full = twin_layers()
     xs = [torch.randn(8, 6, requires_grad=True) for _ in range(2)]
     (planned(xs[0], training=True) * 2 + planned(xs[1], training=True)).sum().backward()
     ref = [x.detach().clone().requires_grad_() for x in xs]
@@ -184,7 +175,7 @@ def test_a_parameter_resized_through_data_raises_as_on_the_first_call():
 
 
 def test_a_parameter_swapped_through_data_is_the_one_used():
-    planned, full = _pair()
+    planned, full = twin_layers()
     x = torch.randn(8, 6)
     planned(x, training=True)
     full(x, training=True)
@@ -308,7 +299,7 @@ def test_deferred_updates_record_calls_of_a_planned_layer():
 
 
 def test_a_non_finite_batch_is_skipped_loudly_and_the_next_one_counts():
-    planned, full = _pair()
+    planned, full = twin_layers()
     x = torch.randn(8, 6)
     planned(x, training=True)
     full(x, training=True)
@@ -362,7 +353,7 @@ def test_inference_mode_and_no_grad_calls_share_a_plan():
     x = torch.randn(8, 6)
     for first, second in ((torch.inference_mode, torch.no_grad),
                           (torch.no_grad, torch.inference_mode)):
-        planned, full = _pair()
+        planned, full = twin_layers()
         for mode in (first, second, first):
             with mode():
                 y = planned(x, training=True)
