@@ -356,6 +356,26 @@ def test_non_finite_batch_leaves_moving_statistics_unchanged(bad):
     assert layer.num_updates.item() == 1
 
 
+@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"virtual_batch_size": 3}],
+                         ids=["plain", "renorm", "ghost"])
+def test_a_skipped_batch_is_reported_at_the_user_s_line(options):
+    layer = bn.BatchNorm(3, axis=-1, **options)
+    x = torch.randn(6, 3)
+    x[2, 1] = math.nan
+    for call in ("first", "planned", "masked"):  # the planned call: the second of a signature
+        with pytest.warns(RuntimeWarning, match="not finite") as caught:
+            if call == "masked":
+                layer(x, training=True, mask=torch.ones(6, dtype=torch.bool))
+            else:
+                layer(x, training=True)
+        assert [w.filename for w in caught] == [__file__], call
+    _, stats = bn.functional.forward(x, layer.state(), layer.config, training=True)
+    assert stats is not None
+    with pytest.warns(RuntimeWarning, match="not finite") as caught:
+        layer.update_statistics(stats)
+    assert [w.filename for w in caught] == [__file__]
+
+
 def test_non_finite_batch_still_produces_finite_output_for_finite_features():
     layer = trained_layer()
     x = torch.randn(6, 3)

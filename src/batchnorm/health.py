@@ -13,13 +13,12 @@ This module imports only :mod:`batchnorm.state`, :mod:`batchnorm.statistics` and
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from .callsite import user_stacklevel
+from . import callsite
 from .state import BatchStatistics
 from .statistics import skip_reason
 
@@ -88,10 +87,11 @@ class SkipWatch:
 
 
 def warn_skipped(owner: str, skipped: list[BatchStatistics], *, unbiased: bool,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, stacklevel: int) -> None:
     """A ``RuntimeWarning`` for each batch of ``skipped`` left out of ``owner``'s moving
-    averages (of ``dtype``), saying why (:func:`batchnorm.statistics.skip_reason`)."""
+    averages (of ``dtype``), saying why (:func:`batchnorm.statistics.skip_reason`), at the
+    user's line ``stacklevel`` frames up (:func:`batchnorm.callsite.warn`)."""
     for stats in skipped:
         reason = skip_reason(stats, unbiased=unbiased, dtype=dtype)
-        warnings.warn(f"{owner}: {reason}; the moving averages were left unchanged for this "
-                      "batch", RuntimeWarning, stacklevel=user_stacklevel())
+        callsite.warn(f"{owner}: {reason}; the moving averages were left unchanged for this "
+                      "batch", RuntimeWarning, stacklevel)

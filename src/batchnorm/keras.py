@@ -274,7 +274,7 @@ class BatchNormalization(keras.layers.Layer):
                 and bool((count == state.num_updates).numpy())):  # CPU memory: no device
             warn_skipped(f"BatchNormalization {self.name!r}", [stats],
                          unbiased=bool(config.unbiased_moving_variance),
-                         dtype=state.moving_mean.dtype)
+                         dtype=state.moving_mean.dtype, stacklevel=4)
         for name, variable in self._variables().items():
             if name not in _DEBIAS_STATE:
                 variable.assign(getattr(new, name).view(variable.shape))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from . import checkpoint, initializers, options, plan, recompute, shapes, statistics
+from . import callsite, checkpoint, initializers, options, plan, recompute, shapes, statistics
 from . import functional as F
 from .config import Adjustment, BatchNormConfig, Constraint, Regularizer
 from .health import SkipWatch, warn_skipped
@@ -445,7 +445,7 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         if stats is not None and not recomputing:
             recorder = active_recorder(self)
             if recorder is None:
-                self._update(stats, state, config)
+                self._update(stats, state, config, stacklevel=callsite.FROM_FORWARD + 1)
             else:
                 recorder.record(self, stats, config.unbiased_moving_variance)
         return y
@@ -484,11 +484,11 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         plan never keeps), and the prepared update (which the kernel may have applied itself:
         ``applied`` is then what it returned)."""
         y, stats, applied = known.run(x) if mask is None else known.run(x, mask)
-        if applied is None:
-            if stats is not None:
-                self._update(stats, known.state, known.call_config, known.update, traced=False)
-        elif applied is False and stats is not None:
-            self._skipped(stats)  # a CPU loop's answer: reported at once
+        if applied is None and stats is not None:  # a skip warns at forward's caller
+            self._update(stats, known.state, known.call_config, known.update, traced=False,
+                         stacklevel=callsite.FROM_FORWARD + 2)
+        elif applied is False and stats is not None:  # a CPU loop's answer: reported at once
+            self._skipped(stats, callsite.FROM_FORWARD + 2)
         return y
 
     def update_statistics(self, stats: BatchStatistics,
@@ -504,14 +504,16 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         does, for recorded calls; :class:`~batchnorm.Accumulation` once per step, with the
         pooled statistics of the step's micro-batches).
         """
-        self._update(stats, self.state(), self._config.with_variance(unbiased_moving_variance))
+        self._update(stats, self.state(), self._config.with_variance(unbiased_moving_variance),
+                     stacklevel=3)
 
     def _update(self, stats: BatchStatistics, state: BatchNormState,
                 config: BatchNormConfig, update: PreparedUpdate | None = None,
-                traced: bool | None = None) -> None:
+                traced: bool | None = None, *, stacklevel: int) -> None:
         """Apply ``stats`` with ``config`` (the layer's, decided for the call's input), through
         ``update`` where a plan prepared it (:func:`batchnorm.statistics.prepare_update`);
-        ``traced``: whether a tracer sees the call (None: find out)."""
+        ``traced``: whether a tracer sees the call (None: find out); ``stacklevel``: see
+        :func:`batchnorm.callsite.warn`."""
         if config.renorm or not isinstance(stats.count, int):
             recompute.remember(self, state, (stats,))  # the state enters the output
         # On CPU whether the batch entered the averages is read at once (no device to wait
@@ -525,23 +527,23 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
                    else F.apply_update(state, stats, config, skipped=skipped))
         if host:
             if applied is False or (applied is not True and not applied.numpy()):
-                self._skipped(stats)  # a NumPy view of CPU memory: nothing to wait for
+                self._skipped(stats, stacklevel + 1)  # a NumPy view of CPU memory
             return
         if traced:
             return  # traced: the counter records skips; check_health() reports them
         assert isinstance(applied, Tensor)  # a bool comes only from a loop on host memory
         self._health.watch(applied, stats)
-        self._warn_skipped(self._health.skipped())
+        self._warn_skipped(self._health.skipped(), stacklevel + 1)
 
-    def _skipped(self, stats: BatchStatistics) -> None:
+    def _skipped(self, stats: BatchStatistics, stacklevel: int) -> None:
         """Count and report a batch the update left out (on CPU, at once)."""
         self.num_skipped.add_(1)
-        self._warn_skipped([stats])
+        self._warn_skipped([stats], stacklevel + 1)
 
-    def _warn_skipped(self, skipped: list[BatchStatistics]) -> None:
+    def _warn_skipped(self, skipped: list[BatchStatistics], stacklevel: int) -> None:
         warn_skipped(self._get_name(), skipped,  # type: ignore[no-untyped-call]  # torch's
                      unbiased=bool(self._config.unbiased_moving_variance),
-                     dtype=self.moving_mean.dtype)
+                     dtype=self.moving_mean.dtype, stacklevel=stacklevel + 1)
 
     def check_health(self) -> int:
         """Warn now about every skipped batch not yet reported (on an accelerator, skips are
@@ -555,7 +557,7 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         >>> layer.check_health()
         0
         """
-        self._warn_skipped(self._health.skipped(wait=True))
+        self._warn_skipped(self._health.skipped(wait=True), 3)
         return int(self.num_skipped)
 
     # ------------------------------------------------------------------ config

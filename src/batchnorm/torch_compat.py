@@ -8,11 +8,10 @@ This module imports only :mod:`batchnorm.callsite`.
 from __future__ import annotations
 
 import difflib
-import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .callsite import user_stacklevel
+from . import callsite
 
 __all__ = ["TORCH_STATE_KEYS", "TorchAlias", "refuse_scripting", "reject_positional_options",
            "reject_unknown_arguments", "rename_torch_state_keys", "warn_small_momentum"]
@@ -73,13 +72,13 @@ def warn_small_momentum(momentum: float | None) -> None:
     """Warn for a ``momentum`` that reads as PyTorch's (below 0.5): here it is the decay."""
     if momentum is None or momentum >= 0.5:
         return
-    warnings.warn(
+    callsite.warn(
         f"momentum={momentum} is TensorFlow's momentum here, the decay of the moving averages "
         f"(moving = {momentum} * moving + {1 - momentum:.4g} * batch): each batch replaces "
         f"{1 - momentum:.0%} of them. PyTorch's momentum={momentum} is "
         f"momentum={1 - momentum:.4g} here; if a decay of {momentum} is what you mean, "
         "silence this with warnings.filterwarnings('ignore', message='momentum=')",
-        UserWarning, stacklevel=user_stacklevel())
+        UserWarning, 3)  # __init__'s or reconfigure's caller
 
 
 class TorchAlias:

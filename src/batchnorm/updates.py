@@ -39,7 +39,6 @@ that interleave inside open blocks are told apart only by uncompiled code.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -48,8 +47,7 @@ from typing import Protocol, cast, runtime_checkable
 
 import torch
 
-from . import recompute
-from .callsite import user_stacklevel
+from . import callsite, recompute
 from .state import BatchStatistics
 from .statistics import combine_statistics
 
@@ -295,21 +293,21 @@ def deferred_updates() -> Iterator[DeferredUpdates]:
         finally:
             _watch_torch_batch_norms(opening=False)
             if recorder._torch_updated and not recorder._recorded and not raised:
-                warnings.warn(
+                callsite.warn(
                     f"torch.nn batch norm layer(s) ({', '.join(recorder._torch_updated)}) ran "
                     "in training mode inside this deferred_updates() block: they are not "
                     "bn.BatchNorm layers, so their running statistics were updated at once, "
                     "not recorded; convert the model first with model = bn.convert(model)",
-                    RuntimeWarning, stacklevel=user_stacklevel())
+                    RuntimeWarning, 3)
             dropped = recorder.discard()
             if dropped and not raised:
-                warnings.warn(
+                callsite.warn(
                     f"{dropped} moving-statistics update(s) recorded in this deferred_updates() "
                     "block were neither applied nor discarded, and were dropped on leaving it "
                     "(the moving averages did not change: TensorFlow 1's forgotten "
                     "UPDATE_OPS); call updates.apply() inside the block to keep them, or "
                     "updates.discard() to drop them on purpose without this warning",
-                    RuntimeWarning, stacklevel=user_stacklevel())
+                    RuntimeWarning, 3)
 
 
 def _ghost(layer: StatisticsSink) -> bool:
@@ -443,14 +441,14 @@ def accumulate(model: torch.nn.Module) -> Iterator[Accumulation]:
         m for m in model.modules() if callable(getattr(m, "update_statistics", None))))
     if not layers:
         found = _torch_batch_norms(model)
-        warnings.warn(
+        callsite.warn(
             f"accumulate(model): the {type(model).__name__} has no bn.BatchNorm layer, so "
             "this block changes no moving average"
             + (f"; its torch.nn batch norm layer(s) {', '.join(found[:3])}"
                f"{', ...' if len(found) > 3 else ''} update at every micro-batch: convert the "
                "model first with model = bn.convert(model)" if found else
                " (bn.convert(model) turns torch.nn batch norms into bn.BatchNorm layers)"),
-            RuntimeWarning, stacklevel=user_stacklevel())
+            RuntimeWarning, 3)
     accumulation = Accumulation(layers)
     with _opened(accumulation):
         try:

@@ -1143,6 +1143,35 @@ def render(report: dict, args, tf_python: str | None, drew: bool, out_dir: Path)
     return "\n".join(lines)
 
 
+# The sections a run can leave out (--no-NAME): their default (None: on, and off with
+# --quick) and help.
+SECTIONS: dict[str, tuple[bool | None, str]] = {
+    "tf": (True, "time tf_keras when a TensorFlow interpreter is found"),
+    "distributed": (None, "also time synchronized statistics with 1, 2 and 4 gloo processes "
+        "(default: on; quick: off, or 1 and 2 processes when asked for)"),
+    "keras": (None, "also time batchnorm.keras.BatchNormalization against Keras 3's "
+        "own layer on the torch backend (default: on where Keras is installed; "
+        "quick: off)"),
+    "memory": (None, "also measure peak memory and the first call, in fresh processes "
+        "(default: on; quick: off)"),
+    "end-to-end": (True, "time a training step and an evaluation pass of a CIFAR ResNet-18 "
+        "and an MLP with torch.nn batch norm, with bn.convert and without batch "
+        "norm (default: on; quick: 3 repeats)"),
+    "layers": (True, "time the layers against the bandwidth limit (default: on; "
+        "--no-layers leaves those rows out, e.g. with --per-call)"),
+    "per-call": (True, "per-call rows: every mode at 32x64 and 32x64x8x8, float32 and "
+        "bfloat16, ours over torch.nn's plain module against the targets "
+        "(1.3 forward, 1.2 forward+backward, 1.1 inference), on one thread "
+        "unless --threads says otherwise, with --repeats and --budget "
+        "(default: on, quick too)"),
+    "norm-cost": (True, "normalization's own cost inside a half-width ResNet-18 and an "
+        "MLP training step: per-layer timers summed over the layers, ours "
+        "(and fused with the ReLU) over torch.nn's, and the whole step, on "
+        "one thread unless --threads says otherwise (default: on; quick: 3 "
+        "repeats)"),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     def shape(text: str) -> tuple[int, ...]:
         return tuple(int(s) for s in text.replace("x", ",").split(",") if s)
@@ -1174,8 +1203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "batchnorm bench --shapes 64,64,56,56 --layouts nchw --dtypes float32 "
                         "--modes plain --allocators reuse --no-end-to-end --no-memory "
                         "--no-distributed --no-tf --repeats 3`, its 'torch.compile' line)")
-    parser.add_argument("--tf", action=argparse.BooleanOptionalAction, default=True,
-                        help="time tf_keras when a TensorFlow interpreter is found")
+    for name, (default, text) in SECTIONS.items():
+        parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
+                            default=default, help=text)
     parser.add_argument("--tf-python", help="a python with tensorflow and tf_keras "
                         "(default: $BATCHNORM_TF_PYTHON, or this one if it has tensorflow)")
     parser.add_argument("--cold", action="store_true",
@@ -1185,20 +1215,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"print each section as one table with every column (lines over "
                         f"{WIDTH} columns): every contender's time with its spread, the "
                         "bandwidth limit, the flags in full")
-    parser.add_argument("--distributed", action=argparse.BooleanOptionalAction,
-                        help="also time synchronized statistics with 1, 2 and 4 gloo processes "
-                        "(default: on; quick: off, or 1 and 2 processes when asked for)")
-    parser.add_argument("--keras", action=argparse.BooleanOptionalAction,
-                        help="also time batchnorm.keras.BatchNormalization against Keras 3's "
-                        "own layer on the torch backend (default: on where Keras is installed; "
-                        "quick: off)")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction,
-                        help="also measure peak memory and the first call, in fresh processes "
-                        "(default: on; quick: off)")
-    parser.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
-                        help="time a training step and an evaluation pass of a CIFAR ResNet-18 "
-                        "and an MLP with torch.nn batch norm, with bn.convert and without batch "
-                        "norm (default: on; quick: 3 repeats)")
     parser.add_argument("--end-to-end-repeats", type=int,
                         help="repeats of each end-to-end contender (11; quick: 3)")
     parser.add_argument("--threads", type=int,
@@ -1208,23 +1224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", action="store_true",
                         help="measure the end-to-end rows a second time beside a process that "
                         "keeps every core busy (bounded in time, killed at the end)")
-    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
-                        help="time the layers against the bandwidth limit (default: on; "
-                        "--no-layers leaves those rows out, e.g. with --per-call)")
-    parser.add_argument("--per-call", action=argparse.BooleanOptionalAction, default=True,
-                        help="per-call rows: every mode at 32x64 and 32x64x8x8, float32 and "
-                        "bfloat16, ours over torch.nn's plain module against the targets "
-                        "(1.3 forward, 1.2 forward+backward, 1.1 inference), on one thread "
-                        "unless --threads says otherwise, with --repeats and --budget "
-                        "(default: on, quick too)")
     parser.add_argument("--per-call-modes", nargs="+", choices=list(PER_CALL_MODES),
                         default=list(PER_CALL_MODES), help="the modes of the per-call rows")
-    parser.add_argument("--norm-cost", action=argparse.BooleanOptionalAction, default=True,
-                        help="normalization's own cost inside a half-width ResNet-18 and an "
-                        "MLP training step: per-layer timers summed over the layers, ours "
-                        "(and fused with the ReLU) over torch.nn's, and the whole step, on "
-                        "one thread unless --threads says otherwise (default: on; quick: 3 "
-                        "repeats)")
     parser.add_argument("--norm-cost-models", nargs="+", choices=["resnet18", "mlp"],
                         default=["resnet18", "mlp"], help="the models of the --norm-cost rows")
     # Internal: the child processes.

@@ -23,17 +23,8 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 
+from . import measure as timing
 from .bench_modes import mode_options, phase_fns
-from .measure import (
-    alternated,
-    contended,
-    flag_notes,
-    markdown,
-    number,
-    paired,
-    ratio_text,
-    spread_flag,
-)
 
 SHAPES = ((32, 64), (32, 64, 8, 8))
 DTYPES = ("float32", "bfloat16")
@@ -96,13 +87,13 @@ def measure(shapes: Sequence[Sequence[int]] = SHAPES, dtypes: Sequence[str] = DT
                 fns = contenders(shape, dtype, mode)
                 for phase in phases:
                     before = probe() if probe else None
-                    samples = alternated(fns[phase], repeats, budget)
+                    samples = timing.alternated(fns[phase], repeats, budget)
                     ms = {name: [s * 1e3 for s in v] for name, v in samples.items()}
                     row = {"shape": list(shape), "dtype": dtype, "mode": mode, "phase": phase,
-                           "samples_ms": ms, **paired(ms[OURS], ms[TORCH], TARGETS[phase])}
-                    row["flags"] = [f for f in [spread_flag(ms, spread_limit)] if f]
+                           "samples_ms": ms, **timing.paired(ms[OURS], ms[TORCH], TARGETS[phase])}
+                    row["flags"] = [f for f in [timing.spread_flag(ms, spread_limit)] if f]
                     if probe and before is not None:
-                        contended([row], [before, probe()], flag_probe)
+                        timing.contended([row], [before, probe()], flag_probe)
                     rows.append(row)
                     if progress:
                         print(f"  [per call] {'x'.join(map(str, shape))} {dtype} {mode} {phase}: "
@@ -111,7 +102,7 @@ def measure(shapes: Sequence[Sequence[int]] = SHAPES, dtypes: Sequence[str] = DT
 
 
 def _us(samples_ms: Sequence[float]) -> str:
-    return number(1e3 * statistics.median(samples_ms))
+    return timing.number(1e3 * statistics.median(samples_ms))
 
 
 def summary(rows: Sequence[dict]) -> str:
@@ -135,16 +126,16 @@ def narrow_table(rows: Sequence[dict]) -> list[str]:
         groups.setdefault(("x".join(map(str, r["shape"])), r["dtype"]), []).append(r)
     lines: list[str] = []
     for (shape, dtype), sel in groups.items():
-        marks, notes = flag_notes([(f"{r['mode']} {r['phase']}", r["flags"]) for r in sel])
+        marks, notes = timing.flag_notes([(f"{r['mode']} {r['phase']}", r["flags"]) for r in sel])
         cells = []
         for r, mark in zip(sel, marks, strict=True):
             cells.append([
                 r["mode"], r["phase"], _us(r["samples_ms"][OURS]), _us(r["samples_ms"][TORCH]),
-                ratio_text(r["ratio"]),
+                timing.ratio_text(r["ratio"]),
                 ("+" if r["difference"]["median"] > 0 else "")
-                + number(1e3 * r["difference"]["median"]),
+                + timing.number(1e3 * r["difference"]["median"]),
                 f"{r['target']:.1f}x {'yes' if r['met'] else 'no'}", mark])
-        lines += ["", f"### {shape} {dtype}", "", *markdown(
+        lines += ["", f"### {shape} {dtype}", "", *timing.markdown(
             ["mode", "phase", "ours us", "torch.nn us", "ours / torch.nn", "extra us", "target met",
              "flags"], cells, "llrrrrll")]
         lines += ["", *notes] if notes else []

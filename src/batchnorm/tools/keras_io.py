@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..callsite import user_stacklevel
+from .. import callsite
 from ..layer import BatchNorm
 from ..shapes import resolve_axes
 
@@ -453,7 +453,7 @@ def _per_layer(errors: str, skipped: list[str]) -> Iterator[None]:
 
 def _warn_skipped(skipped: list[str]) -> None:
     for reason in skipped:
-        warnings.warn(reason, UserWarning, stacklevel=user_stacklevel())
+        callsite.warn(reason, UserWarning, 3)  # the public reader's caller
 
 
 def _read_layers(where: str, model_config: _Config, locate: _Locate, errors: str,
@@ -704,7 +704,7 @@ def _build(config: dict[str, Any], weights: dict[str, np.ndarray] | None,
                 target = getattr(layer, name)
                 target.copy_(torch.from_numpy(value.astype(np.float64).reshape(shape)))
     for note in notes:
-        warnings.warn(note, stacklevel=user_stacklevel())
+        callsite.warn(note, UserWarning, 3)  # the public reader's caller
     return layer
 
 
