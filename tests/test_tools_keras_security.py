@@ -558,6 +558,8 @@ JSON = st.recursive(
 
 @pytest.mark.filterwarnings(  # a random config may ask for synchronized=True: noted, incidental
     "ignore:.*Keras synchronized=True is not applied by batchnorm.BatchNorm:UserWarning")
+@pytest.mark.filterwarnings(  # or a regularizer given as a dict: noted, incidental too
+    "ignore:.*is not carried over; pass a callable instead:UserWarning")
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fmt=st.sampled_from(FORMATS), key=st.sampled_from(

@@ -403,33 +403,46 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         training = self._resolve_training(training)
         config = self._config
         key: plan.Signature | None = None
+        known: plan.CallPlan | None = None
         if not (training and (config.synchronized or recompute.in_backward()
                               or active_recorder(self) is not None)):
             # The checks and the kernel choice of an earlier call with this signature hold
             # while the layer's tensors and options are those they saw (see batchnorm.plan).
             key = plan.signature(x, training, mask)
             known = None if key is None else self._plans.get(key)
-            if known is not None and known.current(config, self._parameters, self._buffers):
-                return self._run(known, x, mask)
+            if known is not None and not known.current(config, self._parameters, self._buffers):
+                known = None
+        if known is None:
+            state, config = self._call_state(x, training, mask)
+            if key is None:
+                return self._full_path(x, state, config, training, mask)
+            known = self._plan(key, x, state, config, training, mask)
+        # The prepared kernel and update (applied: the kernel's answer, where it updated).
+        y, stats, applied = known.run(x) if mask is None else known.run(x, mask)
+        if applied is None and stats is not None:  # a skip warns at forward's caller
+            self._update(stats, known.state, known.call_config, known.update, traced=False,
+                         stacklevel=callsite.FROM_FORWARD + 1)
+        elif applied is False and stats is not None:  # a CPU loop's answer: reported at once
+            self._skipped(stats, callsite.FROM_FORWARD + 1)
+        return y
+
+    def _call_state(self, x: Tensor, training: bool,
+                    mask: Tensor | None) -> tuple[BatchNormState, BatchNormConfig]:
+        """The state and the configuration of an unplanned call (building a lazy layer)."""
+        config = self._config
         if self._lazy:
             group = plan.synchronization_group(config.synchronized, training, self._process_group)
-            axes = shapes.check_input(x, config.axis, None, training=training,
-                                      virtual_batch_size=config.virtual_batch_size, mask=mask,
-                                      synchronized=group is not None)
-            feature_shape = tuple(x.shape[a] for a in axes)
-            if 0 in feature_shape:
-                shown = config.axis[0] if self._axis_is_int else config.axis
-                raise ValueError(
-                    f"a lazy BatchNorm takes its number of features from its first input, but "
-                    f"the input of shape {tuple(x.shape)} has a feature axis (axis={shown!r}) "
-                    "of size 0: a layer cannot have 0 features; call it first with an input "
-                    "that has features, or give num_features")
-            self._build(feature_shape)
-        state = self.state()
+            self._build(shapes.lazy_feature_shape(
+                x, config.axis[0] if self._axis_is_int else config.axis, training=training,
+                virtual_batch_size=config.virtual_batch_size, mask=mask,
+                synchronized=group is not None))
         if training and isinstance(x, Tensor):  # the variance fed to moving_variance
             config = config.for_input(x.ndim, x.dtype)
-        if key is not None:
-            return self._run(self._plan(key, x, state, config, training, mask), x, mask)
+        return self.state(), config
+
+    def _full_path(self, x: Tensor, state: BatchNormState, config: BatchNormConfig,
+                   training: bool, mask: Tensor | None) -> Tensor:
+        """A call no plan may serve (tracing, recording, synchronized, recomputing)."""
         # Activation checkpointing runs a training call again during backward: it must not
         # update twice, and must normalize with the state the original call saw.
         recomputing = training and recompute.in_backward()
@@ -445,7 +458,7 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         if stats is not None and not recomputing:
             recorder = active_recorder(self)
             if recorder is None:
-                self._update(stats, state, config, stacklevel=callsite.FROM_FORWARD + 1)
+                self._update(stats, state, config, stacklevel=callsite.FROM_FORWARD + 2)
             else:
                 recorder.record(self, stats, config.unbiased_moving_variance)
         return y
@@ -479,18 +492,6 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         self._plans[key] = made
         return made
 
-    def _run(self, known: plan.CallPlan, x: Tensor, mask: Tensor | None) -> Tensor:
-        """A planned call: the prepared kernel (given this call's ``mask``, whose values a
-        plan never keeps), and the prepared update (which the kernel may have applied itself:
-        ``applied`` is then what it returned)."""
-        y, stats, applied = known.run(x) if mask is None else known.run(x, mask)
-        if applied is None and stats is not None:  # a skip warns at forward's caller
-            self._update(stats, known.state, known.call_config, known.update, traced=False,
-                         stacklevel=callsite.FROM_FORWARD + 2)
-        elif applied is False and stats is not None:  # a CPU loop's answer: reported at once
-            self._skipped(stats, callsite.FROM_FORWARD + 2)
-        return y
-
     def update_statistics(self, stats: BatchStatistics,
                           unbiased_moving_variance: bool | None = None) -> None:
         """Fold one batch's statistics into the moving averages, in place; a batch that cannot
@@ -516,9 +517,8 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         :func:`batchnorm.callsite.warn`."""
         if config.renorm or not isinstance(stats.count, int):
             recompute.remember(self, state, (stats,))  # the state enters the output
-        # On CPU whether the batch entered the averages is read at once (no device to wait
-        # for), unless traced or inside a torch.func transform: there, and on an
-        # accelerator, the count of skips is written with the averages.
+        # On CPU whether the batch entered the averages is read at once; traced (or in a
+        # torch.func transform) and on an accelerator, the skips counter is written instead.
         if traced is None:
             traced = statistics.traced(stats.mean)
         host = stats.mean.device.type == "cpu" and not traced

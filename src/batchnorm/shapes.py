@@ -8,13 +8,13 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from typing import overload
+from typing import Any, overload
 
 import torch
 from torch import Tensor
 
-__all__ = ["broadcast", "check_features", "check_input", "mask_shape", "reduction_axes",
-           "resolve_axes", "values_per_feature"]
+__all__ = ["broadcast", "check_features", "check_input", "lazy_feature_shape", "mask_shape",
+           "reduction_axes", "resolve_axes", "values_per_feature"]
 
 
 def resolve_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -196,3 +196,21 @@ def check_input(
             "zeros here). Use a larger batch, or training=False."
         )
     return axes
+
+
+def lazy_feature_shape(x: Tensor, axis: int | Sequence[int], **checks: Any) -> tuple[int, ...]:
+    """The feature shape a lazy layer takes from its first input ``x`` (checked as
+    :func:`check_input` checks it, with ``checks``); a feature axis of size 0 is refused,
+    naming ``axis`` as the user gave it.
+
+    >>> lazy_feature_shape(torch.zeros(8, 3, 4), 1)
+    (3,)
+    """
+    feature_shape = tuple(x.shape[a] for a in check_input(x, axis, None, **checks))
+    if 0 in feature_shape:
+        raise ValueError(
+            f"a lazy BatchNorm takes its number of features from its first input, but the "
+            f"input of shape {tuple(x.shape)} has a feature axis (axis={axis!r}) of size 0: "
+            "a layer cannot have 0 features; call it first with an input that has features, "
+            "or give num_features")
+    return feature_shape

@@ -240,12 +240,16 @@ class CpuKernel(Unprepared):
 
         if groups == 1:
             one_group = passes.loops.lerp_one_group_if_finite
+            weight = None if config.momentum is None else step()  # None: n changes
 
             def direct(mean: Tensor, variance: Tensor) -> bool:
-                # The loop with the fewest arguments: each costs the dispatch a conversion.
-                return _written(kept, one_group(*addresses, mean.data_ptr(),
-                                                variance.data_ptr(), n, step(), correction,
-                                                zero))
+                # The hottest update: the loop with the fewest arguments (each costs the
+                # dispatch a conversion) and no frame it can do without (_written inline).
+                if one_group(*addresses, mean.data_ptr(), variance.data_ptr(), n,
+                             step() if weight is None else weight, correction, zero):
+                    increment_version(kept)
+                    return True
+                return False
         else:
             def direct(mean: Tensor, variance: Tensor) -> bool:
                 return loop_on(mean, variance, mean)  # no counts read
