@@ -299,13 +299,15 @@ def moments_planes(x, w, rows, shift, blocks, cblocks, out):
                 if masked:
                     wr = w[o, c] if per_channel else w[o, 0]
                     if per_channel or c == first:  # a per-position mask counts once per row
-                        n = 0.0
+                        selected = 0
                         for i in range(inner):
-                            n += np.float64(wr[i])
+                            selected += wr[i]  # 0 or 1
+                        n = np.float64(selected)
                     out[2, g, b, c] += n
                     for i in range(inner):
-                        # selected, not multiplied by the mask: NaN * 0 is NaN
-                        v = load(xr[i]) - k if wr[i] else zero_like(k)
+                        # selected, not multiplied by the mask (NaN * 0 is NaN), without a
+                        # branch: the loop vectorizes
+                        v = select(wr[i] != 0, load(xr[i]) - k, zero_like(k))
                         s += v
                         q += v * v
                 else:
@@ -340,17 +342,34 @@ def moments_rows(x, w, rows, shift, blocks, out):
         stop = (b + 1) * per_group // blocks
         j = start
         while j < stop:
-            if masked:
+            if masked and j + 4 <= stop:  # as the unmasked rows below, each value selected
+                x0, w0 = x[rows[g, j]], w[rows[g, j]]
+                x1, w1 = x[rows[g, j + 1]], w[rows[g, j + 1]]
+                x2, w2 = x[rows[g, j + 2]], w[rows[g, j + 2]]
+                x3, w3 = x[rows[g, j + 3]], w[rows[g, j + 3]]
+                for c in range(channels):
+                    i = c if per_channel else 0
+                    zero, one = zero_like(k[c]), one_like(k[c])
+                    v0 = select(w0[i] != 0, load(x0[c]) - k[c], zero)
+                    v1 = select(w1[i] != 0, load(x1[c]) - k[c], zero)
+                    v2 = select(w2[i] != 0, load(x2[c]) - k[c], zero)
+                    v3 = select(w3[i] != 0, load(x3[c]) - k[c], zero)
+                    s[c] += (v0 + v1) + (v2 + v3)
+                    q[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
+                    n[c] += ((select(w0[i] != 0, one, zero) + select(w1[i] != 0, one, zero))
+                             + (select(w2[i] != 0, one, zero) + select(w3[i] != 0, one, zero)))
+                j += 4
+            elif masked:
                 o = rows[g, j]
                 xr = x[o]
                 wr = w[o]
                 for c in range(channels):
-                    m = wr[c] if per_channel else wr[0]
-                    if m:  # selected, not multiplied by the mask: NaN * 0 is NaN
-                        v = load(xr[c]) - k[c]
-                        s[c] += v
-                        q[c] += v * v
-                        n[c] += 1
+                    # selected, not multiplied by the mask (NaN * 0 is NaN), without a branch
+                    chosen = (wr[c] if per_channel else wr[0]) != 0
+                    v = select(chosen, load(xr[c]) - k[c], zero_like(k[c]))
+                    s[c] += v
+                    q[c] += v * v
+                    n[c] += select(chosen, one_like(k[c]), zero_like(k[c]))
                 j += 1
             elif j + 4 <= stop:
                 x0 = x[rows[g, j]]
