@@ -552,30 +552,29 @@ def grad_input_planes(x, dy, w, gid, m, p, q, u, a, b, kind, cblocks, dx):
 
 @loop
 def grad_input_rows(x, dy, w, gid, m, p, q, u, a, b, kind, blocks, dx):
-    """``grad_input_planes`` for ``inner == 1``."""
+    """``grad_input_planes`` for ``inner == 1``. The mask's test sits outside the row loops:
+    inside them, the serial flavor's channel loop did not vectorize (2x the time)."""
     outer, channels = x.shape
     masked = w.shape[0] > 0
     per_channel = w.shape[1] > 1
     for t in prange(blocks):
-        for o in range(t * outer // blocks, (t + 1) * outer // blocks):
-            g = gid[o]
-            mr = m[g]
-            pr = p[g]
-            qr = q[g]
-            ur = u[g]
-            ar = a[g]
-            br = b[g]
-            xr = x[o]
-            dr = dy[o]
-            dxr = dx[o]
-            if masked:
-                wr = w[o]
+        start = t * outer // blocks
+        stop = (t + 1) * outer // blocks
+        if masked:
+            for o in range(start, stop):
+                g = gid[o]
+                mr, pr, qr, ur, ar, br = m[g], p[g], q[g], u[g], a[g], b[g]
+                xr, dr, dxr, wr = x[o], dy[o], dx[o], w[o]
                 for c in range(channels):
                     v = load(xr[c])
                     d = pr[c] * activation_grad(load(dr[c]), v * ar[c] + br[c], kind)
                     selected = wr[c] if per_channel else wr[0]
                     store(dxr, c, select(selected != 0, d - (qr[c] * (v - mr[c]) + ur[c]), d))
-            else:
+        else:
+            for o in range(start, stop):
+                g = gid[o]
+                mr, pr, qr, ur, ar, br = m[g], p[g], q[g], u[g], a[g], b[g]
+                xr, dr, dxr = x[o], dy[o], dx[o]
                 for c in range(channels):
                     v = load(xr[c])
                     d = pr[c] * activation_grad(load(dr[c]), v * ar[c] + br[c], kind)
