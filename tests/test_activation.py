@@ -327,15 +327,18 @@ def test_normalize_has_no_activation_and_infer_applies_it_to_features_on_any_axi
 
 
 @needs_numba
-def test_fused_none_takes_the_fused_passes_for_channels_last_with_an_activation():
-    # Plain channels-last keeps ATen's kernel; with an activation the fused passes save the
-    # activation's own pass over memory, so the CPU kernel takes it (from
-    # MIN_ACTIVATION_NUMEL values on; only the selection is made, nothing computed).
+def test_fused_none_takes_the_cpu_passes_for_large_channels_last_inputs():
+    # Channels-last takes the CPU kernel from MIN_PLAIN_NUMEL values on, as NCHW does (its
+    # row passes are at least as fast as ATen's per-row kernel there); with an activation
+    # from MIN_ACTIVATION_NUMEL on. Below, ATen's kernel. Only the selection is made.
     x = torch.empty(64, 16, 48, 48).contiguous(memory_format=torch.channels_last)
-    assert x.numel() >= cpu_passes.MIN_ACTIVATION_NUMEL
-    for activation, expected in ((None, native.NATIVE), ("relu", cpu.CPU)):
+    assert x.numel() >= max(cpu_passes.MIN_ACTIVATION_NUMEL, cpu_passes.MIN_PLAIN_NUMEL)
+    small = torch.empty(8, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert small.numel() < min(cpu_passes.MIN_ACTIVATION_NUMEL, cpu_passes.MIN_PLAIN_NUMEL)
+    for activation in (None, "relu"):
         call = KernelCall(BatchNormConfig(activation=activation), (1,))
-        assert plan.select(x, initial_state(16), call) is expected
+        assert plan.select(x, initial_state(16), call) is cpu.CPU
+        assert plan.select(small, initial_state(16), call) is native.NATIVE
 
 
 @pytest.mark.parametrize(("activation", "options"), [("relu", {}),
