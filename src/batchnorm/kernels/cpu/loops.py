@@ -319,6 +319,19 @@ def moments_planes(x, w, rows, shift, blocks, cblocks, out):
                 out[1, g, b, c] += q
 
 
+@njit(inline="always", fastmath=set(FASTMATH), cache=True)
+def _add_selected(s, q, k, c, x0, x1, x2, x3, m0, m1, m2, m3):
+    """Add channel ``c`` of four rows to the running sums, each value where its mask bit
+    (``m0`` ... ``m3``) is set: selected, never multiplied by the mask (NaN * 0 is NaN)."""
+    zero = zero_like(k[c])
+    v0 = select(m0, load(x0[c]) - k[c], zero)
+    v1 = select(m1, load(x1[c]) - k[c], zero)
+    v2 = select(m2, load(x2[c]) - k[c], zero)
+    v3 = select(m3, load(x3[c]) - k[c], zero)
+    s[c] += (v0 + v1) + (v2 + v3)
+    q[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
+
+
 @loop
 def moments_rows(x, w, rows, shift, blocks, out):
     """``moments_planes`` for ``inner == 1``: ``x`` is ``(outer, C)``, ``w`` ``(outer, 1 or C)``.
@@ -340,6 +353,7 @@ def moments_rows(x, w, rows, shift, blocks, out):
         n = np.zeros(channels, shift.dtype)
         start = b * per_group // blocks
         stop = (b + 1) * per_group // blocks
+        counted = 0
         j = start
         while j < stop:
             if masked and j + 4 <= stop:  # as the unmasked rows below, each value selected
@@ -347,17 +361,17 @@ def moments_rows(x, w, rows, shift, blocks, out):
                 x1, w1 = x[rows[g, j + 1]], w[rows[g, j + 1]]
                 x2, w2 = x[rows[g, j + 2]], w[rows[g, j + 2]]
                 x3, w3 = x[rows[g, j + 3]], w[rows[g, j + 3]]
-                for c in range(channels):
-                    i = c if per_channel else 0
-                    zero, one = zero_like(k[c]), one_like(k[c])
-                    v0 = select(w0[i] != 0, load(x0[c]) - k[c], zero)
-                    v1 = select(w1[i] != 0, load(x1[c]) - k[c], zero)
-                    v2 = select(w2[i] != 0, load(x2[c]) - k[c], zero)
-                    v3 = select(w3[i] != 0, load(x3[c]) - k[c], zero)
-                    s[c] += (v0 + v1) + (v2 + v3)
-                    q[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
-                    n[c] += ((select(w0[i] != 0, one, zero) + select(w1[i] != 0, one, zero))
-                             + (select(w2[i] != 0, one, zero) + select(w3[i] != 0, one, zero)))
+                if per_channel:
+                    for c in range(channels):
+                        _add_selected(s, q, k, c, x0, x1, x2, x3,
+                                      w0[c] != 0, w1[c] != 0, w2[c] != 0, w3[c] != 0)
+                        n[c] += (np.float32(w0[c] != 0) + np.float32(w1[c] != 0)) + (
+                            np.float32(w2[c] != 0) + np.float32(w3[c] != 0))
+                else:  # one test per row, out of the channel loop (it vectorizes); counted once
+                    m0, m1, m2, m3 = w0[0] != 0, w1[0] != 0, w2[0] != 0, w3[0] != 0
+                    for c in range(channels):
+                        _add_selected(s, q, k, c, x0, x1, x2, x3, m0, m1, m2, m3)
+                    counted += (int(m0) + int(m1)) + (int(m2) + int(m3))
                 j += 4
             elif masked:
                 o = rows[g, j]
@@ -395,10 +409,11 @@ def moments_rows(x, w, rows, shift, blocks, out):
                 for c in range(channels):
                     out[0, g, b, c] += s[c]
                     out[1, g, b, c] += q[c]
-                    out[2, g, b, c] += n[c]
+                    out[2, g, b, c] += n[c] + counted  # counted: the rows a per-row mask took
                     s[c] = 0
                     q[c] = 0
                     n[c] = 0
+                counted = 0
 
 
 # ---------------------------------------------------------------- pass 2: output
