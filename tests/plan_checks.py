@@ -1,6 +1,6 @@
 """Shared by the tests of call plans (``test_plan.py``, ``test_masked_calls.py``): two equal
-layers to compare, a count of the full path's checks, and the bit-for-bit comparison of two
-layers' state."""
+layers to compare, a count of the full path's checks (and the check that a repeated call
+runs them once), and the bit-for-bit comparison of two layers' state."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def count_prepares(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(plan, "prepare", counting)
+    return calls
+
+
+def checked_once(monkeypatch: pytest.MonkeyPatch, call) -> list[int]:
+    """Run ``call()`` three times and assert that the full path's checks ran once; return
+    the counter (:func:`count_prepares`) for the calls that follow."""
+    calls = count_prepares(monkeypatch)
+    for _ in range(3):
+        call()
+    assert calls[0] == 1
     return calls
 
 

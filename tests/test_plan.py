@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from plan_checks import assert_same_state, count_prepares, twin_layers
+from plan_checks import assert_same_state, checked_once, count_prepares, twin_layers
 from torch import nn
 
 import batchnorm as bn
@@ -51,12 +51,9 @@ def _full_path(layer: bn.BatchNorm, *args, **kwargs) -> torch.Tensor:
 
 
 def test_the_checks_run_once_per_signature(monkeypatch):
-    calls = count_prepares(monkeypatch)
     layer = bn.BatchNorm(6)
     x = torch.randn(8, 6)
-    for _ in range(3):
-        layer(x, training=True)
-    assert calls[0] == 1
+    calls = checked_once(monkeypatch, lambda: layer(x, training=True))
     layer(x, training=False)
     assert calls[0] == 2
     layer(torch.randn(4, 6), training=True)  # a smaller last batch: a signature of its own

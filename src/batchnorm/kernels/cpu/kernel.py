@@ -92,16 +92,13 @@ class CpuKernel(Unprepared):
         """
         if fallback.name == "composite":
             return x.numel() < MIN_NUMEL
-        smallest = (passes.MIN_PLAIN_BFLOAT16_NUMEL if x.dtype == torch.bfloat16
-                    else MIN_PLAIN_NUMEL)
-        if fallback.name != "native":
-            # Renorm or ghost batches on ATen's kernels (folded, ghost): as the plain mode's
-            # (measured, float32: 32x64x8x8 the loops at 1.1-1.4x their time, 32x64x16x16 at
-            # 0.5-0.8x; bfloat16 about even at 32x64x32x32).
-            return x.numel() < smallest
-        if call.config.activation is not None:
+        if fallback.name == "native" and call.config.activation is not None:
             return not self.fuses_activation(x)
-        return x.numel() < smallest
+        # ATen's kernels: the plain mode's, and renorm's and ghost batches' on them (folded,
+        # ghost; measured, float32: 32x64x8x8 the loops at 1.1-1.4x their time, 32x64x16x16
+        # at 0.5-0.8x; bfloat16 about even at 32x64x32x32).
+        return x.numel() < (passes.MIN_PLAIN_BFLOAT16_NUMEL if x.dtype == torch.bfloat16
+                            else MIN_PLAIN_NUMEL)
 
     def fuses_activation(self, x: Tensor) -> bool:
         """Whether the loops' own activation pass beats ATen's kernel and the activation in
