@@ -22,6 +22,8 @@ Tolerances (those of ``tests/test_kernels.py``, for the same reasons):
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from kernel_comparison import LAYOUTS, assert_matches, make_input
@@ -38,6 +40,17 @@ CLIP = {"rmin": 0.9, "rmax": 1.1, "dmax": 0.3}
 # Compared at the bfloat16 tolerance for a bfloat16 input (see kernel_comparison).
 LOOSE = ("y", "dx", "dgamma", "dbeta")
 
+
+
+@pytest.fixture(autouse=True, params=["native", "function"])
+def folded_path(request, monkeypatch):
+    """Every test here runs on both of the folded kernel's paths: ATen's training kernel on
+    the folded terms (inputs up to NATIVE_MAX_NUMEL values, every input here by default)
+    and the statistics pass with ATen's inference kernel in an autograd Function (above it;
+    forced by a threshold of 0)."""
+    if request.param == "function":
+        monkeypatch.setattr(folded, "NATIVE_MAX_NUMEL", 0)
+    return request.param
 
 
 def feature_adjustment(axis: int):
@@ -224,10 +237,14 @@ def test_small_renorm_and_adjustment_calls_take_the_folded_kernel():
 
 
 def counting_forward(monkeypatch) -> list:
+    """A list that grows by one at each call the folded kernel computes itself (on either
+    path), not at calls it hands to the composite."""
     calls: list = []
-    forward = folded.FoldedFunction.forward
+    forward, native = folded.FoldedFunction.forward, folded.FoldedCall.through_native
     monkeypatch.setattr(folded.FoldedFunction, "forward",
                         staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    monkeypatch.setattr(folded.FoldedCall, "through_native",
+                        lambda *a: calls.append(1) or native(*a))
     return calls
 
 
@@ -341,3 +358,65 @@ def test_gradients_of_an_upstream_gradient_aten_misreads_equal_those_of_its_copy
     assert select_for(x, **MODES[mode](1)) is folded.FOLDED
     for actual, expected in zip(grads[:2], grads[2:], strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clipping", [None, CLIP, {"rmax": 2.0}, {"dmax": 0.0}],
+                         ids=["unclipped", "clipped", "rmax-only", "dmax-zero"])
+def test_the_prepared_renorm_correction_equals_renorm_correction_bit_for_bit(dtype, clipping):
+    """The renorm correction prepared for a state (on CPU one numba loop) gives
+    renorm_correction's (r, d) bit for bit, the non-finite cases included: a NaN or infinite
+    statistic, a NaN or zero renorm_stddev (floored at sqrt(epsilon)), an infinite mean; the
+    averages are read at each call."""
+    from batchnorm.statistics import prepare_renorm_correction
+
+    g = torch.Generator().manual_seed(3)
+    n = 12
+    state = renorm_state(n)._replace(
+        renorm_mean=torch.randn(n, generator=g, dtype=dtype),
+        renorm_stddev=torch.rand(n, generator=g, dtype=dtype) * 3)
+    state.renorm_stddev[0] = 0.0
+    state.renorm_stddev[1] = math.nan
+    config = BatchNormConfig(renorm=True, renorm_clipping=clipping, epsilon=1e-3)
+    correction = prepare_renorm_correction(state, config, dtype)
+    for _ in range(3):
+        mean = torch.randn(n, generator=g, dtype=dtype) * 4
+        variance = torch.rand(n, generator=g, dtype=dtype) * 9
+        mean[2], variance[3], mean[4], variance[5] = math.nan, math.inf, -math.inf, math.nan
+        r, d = correction(mean, variance)
+        r_ref, d_ref = renorm_correction(mean, variance, state, epsilon=config.epsilon,
+                                         clipping=config.clipping)
+        assert r.dtype == r_ref.dtype and d.dtype == d_ref.dtype
+        assert torch.equal(r, r_ref) and torch.equal(d, d_ref), (r - r_ref, d - d_ref)
+        state.renorm_mean.add_(0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("shape", [(32, 64), (8, 5, 7), (4, 3, 6, 5), (1, 3, 2)])
+def test_the_cpu_statistics_pass_for_small_inputs_equals_var_mean(shape, dtype):
+    """The CPU's statistics pass for small inputs (one numba loop: float64 sums of shifted
+    values) gives var_mean's biased variance and mean of the float32 (float64) values over
+    every dimension but dim 1, in the statistics dtype, within float32 rounding (1e-6
+    relative; float64: 1e-12); a NaN stays NaN; inputs it does not take get None."""
+    from batchnorm.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("numba is unavailable")
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 100).to(dtype)
+    mean, variance = cpu.CPU.moments(x)
+    wide = x.double()
+    dims = [0, *range(2, x.ndim)]
+    variance_ref, mean_ref = torch.var_mean(wide, dim=dims, correction=0)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == stat and variance.dtype == stat and mean.shape == (shape[1],)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=tolerance, atol=0)
+    torch.testing.assert_close(variance.double(), variance_ref, rtol=tolerance, atol=1e-12)
+    x.view(-1)[1 if x.ndim > 2 else x.shape[1]] = math.nan  # a value of feature 0
+    mean, variance = cpu.CPU.moments(x)
+    assert mean[0].isnan() and variance[0].isnan() and not mean[1:].isnan().any()
+    assert cpu.CPU.moments(x[:, ::2]) is None  # not contiguous
+    assert cpu.CPU.moments(x.half()) is None
+    assert cpu.CPU.moments(x.requires_grad_()) is None  # autograd would record it

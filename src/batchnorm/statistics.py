@@ -25,8 +25,8 @@ from .state import BatchNormState, BatchStatistics, statistics_dtype
 __all__ = ["UPDATE_LOOPS", "PreparedUpdate", "UpdateLoop", "affine_terms", "apply_update",
            "combine_statistics", "inference_statistics", "kept_for_backward", "masked_moments",
            "merge_moments", "moments", "normalizing_statistics", "output_affine",
-           "pooled_statistics", "prepare_update", "renorm_correction", "skip_reason", "traced",
-           "update_state", "update_state_"]
+           "pooled_statistics", "prepare_renorm_correction", "prepare_update", "renorm_correction",
+           "skip_reason", "traced", "update_state", "update_state_"]
 
 
 def moments(
@@ -504,6 +504,14 @@ class UpdateLoop(Protocol):
         not apply to this state and configuration."""
         ...
 
+    def prepare_renorm_correction(self, state: BatchNormState, config: BatchNormConfig,
+                                  dtype: torch.dtype
+                                  ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        """:func:`renorm_correction` for ``state``'s renorm averages and 1-D statistics of
+        ``dtype`` (see :func:`prepare_renorm_correction`); None where the loop does not
+        apply."""
+        ...
+
 
 # Device type -> its update loop. Filled by batchnorm.kernels (from the CPU kernel); held
 # here so that the one update reaches a device's loop without importing the kernels.
@@ -541,6 +549,24 @@ def prepare_update(state: BatchNormState, config: BatchNormConfig, dtype: torch.
         return PreparedUpdate(tensors)
     return (device_loop.prepare_update(state, config, dtype, count, tensors, groups)
             or PreparedUpdate(tensors))
+
+
+def prepare_renorm_correction(state: BatchNormState, config: BatchNormConfig,
+                              dtype: torch.dtype
+                              ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """:func:`renorm_correction` with ``config``'s epsilon and clipping for ``state``'s renorm
+    averages, decided once for 1-D statistics of ``dtype``: ``correction(mean, variance) ->
+    (r, d)``. Where the state's device registered a loop (:data:`UPDATE_LOOPS`) that takes
+    the state, one loop (the same arithmetic, operation by operation), else torch
+    operations. Not for traced calls (a tracer must see torch operations)."""
+    device_loop = UPDATE_LOOPS.get(state.moving_mean.device.type)
+    correction = (None if device_loop is None
+                  else device_loop.prepare_renorm_correction(state, config, dtype))
+    if correction is not None:
+        return correction
+    return lambda mean, variance: renorm_correction(mean, variance, state,
+                                                    epsilon=config.epsilon,
+                                                    clipping=config.clipping)
 
 
 def traced(t: Tensor) -> bool:

@@ -52,7 +52,7 @@ from .cpu import CPU, available
 from .folded import FOLDED
 from .ghost import GHOST
 from .native import NATIVE
-from .protocol import INFERENCE_PASSES, KernelCall, TrainingKernel
+from .protocol import INFERENCE_PASSES, MOMENTS_PASSES, KernelCall, TrainingKernel
 from .triton import TRITON
 
 __all__ = ["FALLBACKS", "FAST_PATHS", "KERNELS", "PREFERRED", "KernelCall", "TrainingKernel",
@@ -68,9 +68,11 @@ FALLBACKS: tuple[TrainingKernel, ...] = (NATIVE, FOLDED, GHOST, COMPOSITE)
 # Device type -> the fast kernel fused=None tries first (the Triton kernel declines calls
 # itself where triton is not installed).
 FAST_PATHS: dict[str, TrainingKernel] = {"cuda": TRITON, **({"cpu": CPU} if available() else {})}
-# Device type -> its inference pass (kernels.inference reads it) and its moving-average update
-# loop (statistics.prepare_update reads it): the CPU kernel's loops.
+# Device type -> its inference pass (kernels.inference reads it), its statistics pass for small
+# inputs (kernels.folded) and its moving-average update loop (statistics.prepare_update reads
+# it): the CPU kernel's loops.
 INFERENCE_PASSES.update({"cpu": CPU} if available() else {})
+MOMENTS_PASSES.update({"cpu": CPU} if available() else {})
 UPDATE_LOOPS.update({"cpu": CPU} if available() else {})
 # The kernels forced by prefer() blocks, innermost last. A list (not a ContextVar) so that
 # torch.compile reads it without a graph break.

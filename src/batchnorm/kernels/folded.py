@@ -1,4 +1,4 @@
-"""Renorm and adjustment at ATen's per-call cost: ATen's statistics pass, the renorm
+"""Renorm and adjustment at ATen's per-call cost: one statistics pass, the renorm
 correction and the adjustment folded into one scale and offset per feature, ATen's inference
 kernel for the output and ATen's fused backward.
 
@@ -7,22 +7,37 @@ the output the composite kernel defines,
 ``y = gamma * (adj_scale * (r * xhat + d) + adj_bias) + beta``, is ``y = xhat * a + b`` with
 ``(c, e) = output_affine(None, None, r, d, adjustment)``, ``a = gamma * c`` and
 ``b = gamma * e + beta`` (:func:`batchnorm.statistics.output_affine`, one place for the
-order). ATen's statistics pass (``batch_norm_update_stats``) gives the batch's mean and
-biased variance, float32 for half-precision inputs; ``(r, d)`` follow from them and the renorm
-averages (:func:`batchnorm.statistics.renorm_correction`, before this call's update moves
-them); the output is the composite's own output pass with these statistics, ``a`` and ``b``
-(:func:`batchnorm.kernels.inference.normalize_features`: ATen's inference kernel, one
-rounding to the input's dtype). The backward is ATen's, given ``a`` as its weight: the input
-gradient, ``sum(dy * xhat)`` and ``sum(dy)``, from which, ``r``, ``d`` and the adjustment
-being constants (no gradient, as in tf_keras), ``dgamma = c * sum(dy * xhat) + e * sum(dy)``
-and ``dbeta = sum(dy)``. A double backward (``create_graph=True``) differentiates the same
-output written in torch operations, with the same constants.
+order). A statistics pass gives the batch's mean and biased variance: the device's pass for
+small inputs where it has one that takes the input (:data:`batchnorm.kernels.protocol.
+MOMENTS_PASSES`; on CPU one numba loop for contiguous float32, float64 and bfloat16 inputs,
+which at 32x64x8x8 float32 takes 34 us where ATen's takes 250), else ATen's
+(``batch_norm_update_stats``, float32 for half-precision inputs). ``(r, d)`` follow from
+them and the renorm averages (:func:`batchnorm.statistics.prepare_renorm_correction`:
+renorm_correction's arithmetic, on CPU one numba loop, before this call's update moves
+them). Then one of two paths, by size (:data:`NATIVE_MAX_NUMEL`):
+
+- Up to 32K values, ATen's training kernel given ``a`` and ``b`` as its weight and bias
+  (:meth:`FoldedCall.through_native`), which autograd differentiates: ATen's fused backward
+  for the input (through the batch statistics, which the kernel computes again, to the
+  same values) and for ``a`` and ``b``, then their products for gamma and beta. No
+  autograd Function of ours, whose own cost would dominate a small call.
+- Above, the composite's own output pass with these statistics, ``a`` and ``b``
+  (:func:`batchnorm.kernels.inference.normalize_features`: ATen's inference kernel, one
+  rounding to the input's dtype), in :class:`FoldedFunction`, whose backward is ATen's,
+  given ``a`` as its weight: the input gradient, ``sum(dy * xhat)`` and ``sum(dy)``, from
+  which, ``r``, ``d`` and the adjustment being constants (no gradient, as in tf_keras),
+  ``dgamma = c * sum(dy * xhat) + e * sum(dy)`` and ``dbeta = sum(dy)``. A double backward
+  (``create_graph=True``) differentiates the same output written in torch operations, with
+  the same constants. (ATen's training kernel would compute the statistics a second time:
+  at 32x64x8x8 NCHW float32 its forward takes 300 us, this path's 90.)
 
 An adjustment whose terms are not per feature (they vary along another axis), or need a
 gradient, leaves the call to the composite kernel with the terms already drawn.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -33,15 +48,27 @@ from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import (
     PreparedUpdate,
     output_affine,
-    renorm_correction,
+    prepare_renorm_correction,
     traced,
 )
 from .composite import adjustment_terms, train_adjusted
 from .inference import normalize, normalize_features
-from .native import Workspace, aten_input, misread_by_cpu_backward, misreads_gradients
-from .protocol import Fallback, KernelCall, PreparedTraining
+from .native import (
+    NativeCall,
+    Workspace,
+    aten_input,
+    misread_by_cpu_backward,
+    misreads_gradients,
+)
+from .protocol import MOMENTS_PASSES, Fallback, KernelCall, PreparedTraining
 
-__all__ = ["FOLDED", "FoldedCall", "FoldedFunction", "FoldedKernel"]
+__all__ = ["FOLDED", "NATIVE_MAX_NUMEL", "FoldedCall", "FoldedFunction", "FoldedKernel"]
+
+
+# Up to this many values a call runs ATen's training kernel on the folded terms (see the
+# module's docstring; measured, one thread: 32x64x4x4 float32 the faster path, 32x64x8x8 the
+# slower by 1.5x).
+NATIVE_MAX_NUMEL = int(os.environ.get("BATCHNORM_FOLDED_NATIVE_MAX_NUMEL", 1 << 15))
 
 
 class FoldedKernel(Fallback):
@@ -85,7 +112,7 @@ class FoldedCall:
     :meth:`~batchnorm.kernels.protocol.TrainingKernel.prepare`)."""
 
     __slots__ = ("state", "call", "axis", "features", "count", "statistics_dtype", "copy",
-                 "hook", "workspace", "direct")
+                 "hook", "workspace", "moments_pass", "renorm_correction", "direct", "native")
 
     def __init__(self, x: Tensor, state: BatchNormState, call: KernelCall,
                  update: PreparedUpdate | None = None) -> None:
@@ -102,7 +129,16 @@ class FoldedCall:
         # accumulate and return float32; it moves them by momentum 0 (never read).
         self.workspace = (Workspace(self.features, self.statistics_dtype, x.device)
                           if self.statistics_dtype != x.dtype else None)
+        # The device's statistics pass for small inputs, where it has one (traced: ATen's),
+        # and (r, d) from the statistics and the renorm averages, decided once (on CPU, one
+        # numba loop each).
+        self.moments_pass = None if traced(x) else MOMENTS_PASSES.get(x.device.type)
+        self.renorm_correction = (prepare_renorm_correction(state, call.config,
+                                                            self.statistics_dtype)
+                                  if call.config.renorm else None)
         self.direct = None if update is None else update.direct
+        # Small inputs: ATen's training kernel, without an autograd Function of ours.
+        self.native = NativeCall(x, call) if x.numel() <= NATIVE_MAX_NUMEL else None
 
     def __call__(self, x: Tensor) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
         call = self.call
@@ -114,6 +150,8 @@ class FoldedCall:
             if adjust is None:
                 y, stats = train_adjusted(x, self.state, call, terms)
                 return y, stats, None
+        if self.native is not None:
+            return self.through_native(x, adjust)
         y, mean, variance = FoldedFunction.apply(self.aten_input(x), call.gamma, call.beta,
                                                  self, adjust)
         if self.axis != 1:
@@ -128,14 +166,42 @@ class FoldedCall:
             return y, BatchStatistics(mean[None], variance[None], self.count), False
         return y, BatchStatistics(mean[None], variance[None], self.count), None
 
+    def through_native(self, x: Tensor, adjust: tuple[Tensor, Tensor] | None
+                       ) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
+        """A small input's call (:data:`NATIVE_MAX_NUMEL`): ATen's training kernel given the
+        folded terms ``(a, b)`` as its weight and bias, differentiated by autograd (ATen's
+        fused backward, then ``a`` and ``b``'s products for gamma and beta); the
+        statistics the update takes come out of the kernel's call, as for the plain mode."""
+        call, native, direct = self.call, self.native, self.direct
+        assert native is not None  # prepared for small inputs
+        r = d = None
+        if call.config.renorm:
+            mean, variance = self.moments(self.aten_input(x))
+            assert self.renorm_correction is not None  # prepared for renorm
+            r, d = self.renorm_correction(mean, variance)
+        a, b = output_affine(call.gamma, call.beta, r, d, adjust)
+        assert a is not None and b is not None  # renorm or an adjustment: both terms
+        y, mean, variance = native(x, borrow=direct is not None, affine=(a, b))
+        if direct is None:
+            return y, BatchStatistics(mean.detach()[None], variance[None], self.count), None
+        if direct(mean, variance):
+            return y, None, True
+        # Skipped: the statistics leave the workspace, for the report.
+        return y, BatchStatistics(mean[None], variance.clone()[None], self.count), False
+
     def aten_input(self, x: Tensor) -> Tensor:
         """``x`` as ATen's kernels take it: the feature axis at dim 1, copied if need be."""
         xm = x if self.axis == 1 else x.movedim(self.axis, 1)
         return xm.contiguous() if self.copy else xm
 
     def moments(self, xm: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch's mean and biased variance, 1-D in the statistics dtype, from ATen's
-        statistics pass over ``xm`` (:meth:`aten_input`)."""
+        """The batch's mean and biased variance, 1-D in the statistics dtype: the device's
+        statistics pass for small inputs where it takes ``xm`` (:meth:`aten_input`), else
+        ATen's."""
+        device = self.moments_pass
+        moments = None if device is None else device.moments(xm.detach())
+        if moments is not None:
+            return moments
         workspace = self.workspace
         if workspace is None:
             mean, variance = torch.batch_norm_update_stats(xm, None, None, 0.0)
@@ -163,8 +229,8 @@ class FoldedCall:
         config = self.call.config
         r = d = None
         if config.renorm:
-            r, d = renorm_correction(mean, variance, self.state, epsilon=config.epsilon,
-                                     clipping=config.clipping)
+            assert self.renorm_correction is not None  # prepared for renorm
+            r, d = self.renorm_correction(mean, variance)
         c, e = output_affine(None, None, r, d, adjust)
         assert c is not None and e is not None  # renorm or an adjustment: both terms
         return c, e

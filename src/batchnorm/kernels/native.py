@@ -113,19 +113,24 @@ class NativeCall:
         self.device = x.device
         self.workspace: Workspace | None = None
 
-    def __call__(self, x: Tensor, borrow: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, x: Tensor, borrow: bool = False,
+                 affine: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, variance)``. With ``borrow`` the variance is this thread's workspace,
         valid until the next borrowing call on the thread (read it, or copy it, at once);
-        else a fresh tensor."""
+        else a fresh tensor. ``affine``: the weight and bias for this call in place of the
+        call's gamma and beta (the folded kernel's terms)."""
         axis = self.axis
         # ATen normalizes along dim 1; moving another axis there is a view (channels-last
         # layouts keep their fast path).
         xm = x if axis == 1 else x.movedim(axis, 1)
         if self.copy:
             xm = xm.contiguous()
-        gamma, beta = self.gamma, self.beta
-        if self.cast:
-            gamma, beta = _parameters(x, axis, gamma, beta)
+        if affine is None:
+            gamma, beta = self.gamma, self.beta
+            if self.cast:
+                gamma, beta = _parameters(x, axis, gamma, beta)
+        else:
+            gamma, beta = _parameters(x, axis, *affine)
         if borrow:
             workspace = self.workspace
             if workspace is None:

@@ -1,6 +1,7 @@
 """What a kernel is: the :class:`TrainingKernel` protocol and the :class:`KernelCall` it
 receives; a device's single inference pass (:class:`InferencePass`, registered in
-:data:`INFERENCE_PASSES`).
+:data:`INFERENCE_PASSES`) and statistics pass for small inputs (:class:`MomentsPass`, in
+:data:`MOMENTS_PASSES`).
 
 A training kernel normalizes a batch with its own statistics and returns them:
 ``kernel.train(x, state, call) -> (y, stats)``. Every kernel computes the same
@@ -20,8 +21,8 @@ from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics
 from ..statistics import PreparedUpdate
 
-__all__ = ["INFERENCE_PASSES", "Fallback", "InferencePass", "KernelCall", "PreparedTraining",
-           "TrainingKernel", "Unprepared", "unprepared"]
+__all__ = ["INFERENCE_PASSES", "MOMENTS_PASSES", "Fallback", "InferencePass", "KernelCall",
+           "MomentsPass", "PreparedTraining", "TrainingKernel", "Unprepared", "unprepared"]
 
 
 class KernelCall(NamedTuple):
@@ -107,6 +108,24 @@ class InferencePass(Protocol):
         once for the state's tensors; new tensors at each call where ``fresh``. None where
         the device's loop does not apply to this state."""
         ...
+
+
+class MomentsPass(Protocol):
+    """A device's statistics pass for small inputs: the batch's mean and biased variance in
+    one call (the CPU kernel's numba loop), where a library's kernel costs more per call.
+    :mod:`batchnorm.kernels.folded` finds it in :data:`MOMENTS_PASSES` under the input's
+    device type."""
+
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The mean and biased variance over every dimension of ``x`` but dim 1 (the
+        features), 1-D in ``x``'s dtype, new tensors; None where the pass does not apply
+        (layouts, dtypes, gradients, tracing: the caller computes them then)."""
+        ...
+
+
+# Device type -> its statistics pass for small inputs. Filled by batchnorm.kernels beside
+# FAST_PATHS (from the same kernels).
+MOMENTS_PASSES: dict[str, MomentsPass] = {}
 
 
 # Device type -> its inference pass. Filled by batchnorm.kernels beside FAST_PATHS (from the

@@ -26,6 +26,7 @@ the registry in :mod:`batchnorm.kernels` then uses the native or composite kerne
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from torch._C import _increment_version as increment_version
 from ...activations import ACTIVATIONS
 from ...config import BatchNormConfig
 from ...state import BatchNormState, BatchStatistics, initial_state, statistics_dtype
-from ...statistics import PreparedUpdate, prepare_update
+from ...statistics import PreparedUpdate, prepare_update, renorm_correction
 from .. import two_pass
 from ..layout import Layout
 from ..protocol import KernelCall, TrainingKernel, Unprepared
@@ -66,6 +67,10 @@ def available() -> bool:
 
 
 _UPDATE_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# The input dtypes the small inputs' statistics loop reads, as the values of their type (a
+# bfloat16's bits as uint16).
+_MOMENTS_SOURCES = {torch.float32: np.float32(0), torch.float64: np.float64(0),
+                    torch.bfloat16: np.uint16(0)}
 
 
 class CpuKernel(Unprepared):
@@ -110,6 +115,31 @@ class CpuKernel(Unprepared):
         """The inference pass (:func:`batchnorm.kernels.cpu.passes.affine`), registered in
         :data:`batchnorm.kernels.protocol.INFERENCE_PASSES`."""
         return passes.affine(x, inv, shift, activation)
+
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The mean and biased variance over every dimension of ``x`` but dim 1 (in the
+        statistics dtype: float32 for bfloat16), in one numba loop on the calling thread
+        (:func:`batchnorm.kernels.cpu.loops.contiguous_moments`), registered in
+        :data:`batchnorm.kernels.protocol.MOMENTS_PASSES`: for a contiguous float32, float64
+        or bfloat16 ``x`` with at least one value per feature that autograd does not record,
+        else None. (ATen's statistics pass costs 5 us a call at 32x64 and, for
+        NCHW inputs with few values per plane, several times a pass over memory: 32x64x8x8
+        float32, one thread.)"""
+        source = _MOMENTS_SOURCES.get(x.dtype)
+        if (source is None or not available() or x.ndim < 2 or x.device.type != "cpu"
+                or not x.is_contiguous() or x.requires_grad and torch.is_grad_enabled()):
+            return None
+        batch, features = x.shape[0], x.shape[1]
+        inner = x.numel() // (batch * features) if batch * features else 0
+        if batch * inner == 0:
+            return None
+        dtype = statistics_dtype(x.dtype)
+        mean = torch.empty(features, dtype=dtype)
+        variance = torch.empty(features, dtype=dtype)
+        passes.loops.contiguous_moments(x.data_ptr(), mean.data_ptr(), variance.data_ptr(),
+                                        batch, features, inner, source,
+                                        _UPDATE_DTYPES[dtype](0))
+        return mean, variance
 
     def debiased(self, state: BatchNormState, momentum: float,
                  fresh: bool) -> Callable[[], tuple[Tensor, Tensor]] | None:
@@ -270,6 +300,20 @@ class CpuKernel(Unprepared):
         return PreparedUpdate(apply, None if masked else direct)
 
 
+    def prepare_renorm_correction(self, state: BatchNormState, config: BatchNormConfig,
+                                  dtype: torch.dtype
+                                  ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        """Batch Renormalization's ``(r, d)`` for ``state``'s renorm averages as one numba
+        loop, :func:`batchnorm.kernels.cpu.loops.renorm_terms` (the CPU's backend of
+        :func:`batchnorm.statistics.prepare_renorm_correction`, the same arithmetic as
+        :func:`batchnorm.statistics.renorm_correction`): ``correction(mean, variance) -> (r,
+        d)`` for 1-D statistics of ``dtype``, new tensors at each call (torch operations for
+        any other statistics). None where the loop does not apply: numba missing, averages
+        not on CPU, of another dtype than ``dtype`` (float32 or float64), not contiguous or
+        requiring grad. The averages must keep their storage while it is kept (a layer's
+        :class:`batchnorm.plan.CallPlan` checks them before every call)."""
+        return _renorm_correction_loop(state, config, dtype)
+
     def _prepare_renorm_update(self, state: BatchNormState, config: BatchNormConfig,
                                dtype: torch.dtype, count: int | None,
                                fallback: Callable[[BatchStatistics, Tensor | None],
@@ -295,22 +339,23 @@ class CpuKernel(Unprepared):
         kept = (mm, ms, mv, rm, rs, updates)
         addresses = (mm.data_ptr(), ms.data_ptr(), rm.data_ptr(), rs.data_ptr(),
                      updates.data_ptr())
+        derive, derived = passes.loops.renorm_variance, (ms.data_ptr(), mv.data_ptr())
         n = first.numel()
         step = _stepper(config.momentum, kind, updates)
         renorm_weight = kind(1.0 - config.renorm_momentum)
         bessel = count / (count - 1) if config.unbiased_moving_variance else None
-        epsilon, zero = config.epsilon, stat(0)
+        epsilon, floor, zero = config.epsilon, kind(config.epsilon), stat(0)
 
         def direct(mean: Tensor, variance: Tensor) -> bool:
             variance = variance.detach()  # no autograd record (checkpointing counts them)
             if bessel is not None:  # as statistics.pooled_statistics, then _averages
                 variance = variance * bessel
-            stddev = torch.sqrt(variance + epsilon)
-            applied = _written(kept, loop(*addresses, mean.data_ptr(), variance.data_ptr(),
-                                          stddev.data_ptr(), n, step(), renorm_weight, zero))
-            if applied:  # relu(moving_stddev**2 - epsilon), as statistics._renorm_variance
-                torch.mul(ms, ms, out=mv).sub_(epsilon).relu_()
-            return applied
+            stddev = torch.sqrt(variance + epsilon)  # torch's root (see the loop)
+            if not loop(*addresses, mean.data_ptr(), variance.data_ptr(), stddev.data_ptr(), n,
+                        step(), renorm_weight, zero):
+                return False
+            derive(*derived, n, floor)  # relu(moving_stddev**2 - epsilon)
+            return _written(kept, True)
 
         def apply(stats: BatchStatistics, skipped: Tensor | None = None) -> Tensor | bool:
             mean, variance = stats.mean, stats.variance
@@ -325,6 +370,40 @@ class CpuKernel(Unprepared):
         # No direct form: the layer keeps the renorm averages for activation checkpointing's
         # recomputation (recompute.remember) from the statistics, before the update.
         return PreparedUpdate(apply, None)
+
+
+def _renorm_correction_loop(state: BatchNormState, config: BatchNormConfig,
+                            dtype: torch.dtype) -> Callable[[Tensor, Tensor],
+                                                            tuple[Tensor, Tensor]] | None:
+    """:meth:`CpuKernel.prepare_renorm_correction`."""
+    averages = (state.renorm_mean, state.renorm_stddev)
+    kind = _UPDATE_DTYPES.get(dtype)
+    if (not available() or kind is None
+            or any(t is None or t.dtype != dtype or t.ndim != 1 or t.device.type != "cpu"
+                   or not t.is_contiguous() or t.requires_grad for t in averages)):
+        return None
+    rm, rs = averages
+    assert rm is not None and rs is not None  # checked above
+    n = rm.numel()
+    loop = passes.loops.renorm_terms
+    kept = (rm, rs)  # kept with their addresses: they must outlive the loop's reads
+    addresses = (rm.data_ptr(), rs.data_ptr())
+    clipping = config.clipping or {}
+    epsilon = config.epsilon
+    constants = (n, kind(math.sqrt(epsilon)), kind(clipping.get("rmin", 0.0)),
+                 kind(clipping.get("rmax", math.inf)), kind(clipping.get("dmax", math.inf)))
+
+    def correction(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+        if not (mean.dtype is dtype and variance.dtype is dtype and mean.shape == (n,)
+                and variance.shape == (n,) and mean.is_contiguous()):
+            return renorm_correction(mean, variance, state._replace(
+                renorm_mean=kept[0], renorm_stddev=kept[1]), epsilon=epsilon,
+                clipping=config.clipping)
+        # torch's root (see the loop), then r over it.
+        r, d = (variance.detach() + epsilon).sqrt_(), torch.empty(n, dtype=dtype)
+        loop(mean.data_ptr(), r.data_ptr(), *addresses, d.data_ptr(), *constants)
+        return r, d
+    return correction
 
 
 def _stepper(momentum: float | None, kind: type, updates: Tensor) -> Callable[[], Any]:
@@ -388,10 +467,15 @@ def warm_up() -> float:
         prepare_update(initial_state(3, dtype=stat), BatchNormConfig(), stat, 8).apply(
             BatchStatistics(torch.zeros(1, 3, dtype=stat), torch.ones(1, 3, dtype=stat), 8),
             None)
-        prepare_update(initial_state(3, dtype=stat, renorm=True), BatchNormConfig(renorm=True),
-                       stat, 8).apply(  # the renorm state's loop
+        renorm_state = initial_state(3, dtype=stat, renorm=True)
+        prepare_update(renorm_state, BatchNormConfig(renorm=True), stat, 8).apply(
             BatchStatistics(torch.zeros(1, 3, dtype=stat), torch.ones(1, 3, dtype=stat), 8),
-            None)
+            None)  # the renorm state's loops
+        correction = _renorm_correction_loop(renorm_state, BatchNormConfig(renorm=True), stat)
+        if correction is not None:  # renorm's (r, d)
+            correction(torch.zeros(3, dtype=stat), torch.ones(3, dtype=stat))
+        for shape in ((8, 3), (4, 3, 5)):  # the small inputs' statistics
+            CPU.moments(torch.randn(shape).to(dtype))
         debiased = CPU.debiased(initial_state(3, dtype=stat, debias=True), 0.99, fresh=True)
         if debiased is not None:  # the debiased inference statistics' loop
             debiased()

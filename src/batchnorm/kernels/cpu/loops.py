@@ -711,6 +711,20 @@ def lerp_if_finite(moving_mean, moving_variance, count, mean, variance, counts, 
     return True
 
 
+@njit(cache=True, nogil=True)  # no fastmath: the product and the difference rounded apart
+def renorm_variance(moving_stddev, moving_variance, n, epsilon):
+    """``moving_variance = relu(moving_stddev**2 - epsilon)``, as
+    :func:`batchnorm.statistics._renorm_variance` rounds it. A loop of its own: called from
+    a loop compiled with ``contract`` (:func:`renorm_lerp_if_finite`), this arithmetic would
+    be fused into one rounding. Addresses of ``n`` contiguous values of ``epsilon``'s
+    type."""
+    ms = carray(_pointer(moving_stddev, epsilon), n)
+    mv = carray(_pointer(moving_variance, epsilon), n)
+    for i in range(n):
+        value = ms[i] * ms[i] - epsilon
+        mv[i] = zero_like(value) if value < 0 else value  # NaN stays NaN, as relu's
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"})
 def renorm_lerp_if_finite(moving_mean, moving_stddev, renorm_mean, renorm_stddev, count,
                           mean, variance, stddev, n, weight, renorm_weight, stat):
@@ -720,13 +734,14 @@ def renorm_lerp_if_finite(moving_mean, moving_stddev, renorm_mean, renorm_stddev
 
     ``moving_mean`` and ``moving_stddev`` move with ``weight``, ``renorm_mean`` and
     ``renorm_stddev`` with ``renorm_weight`` (``torch.lerp``'s arithmetic, as
-    :func:`lerp_if_finite`), toward the batch's ``mean`` and ``stddev``. The caller computes
-    ``stddev`` (``sqrt(variance + epsilon)``) and ``moving_variance`` (``relu(moving_stddev**2
-    - epsilon)``) in torch operations: torch's float32 square root and a compiled product and
-    difference round differently. Addresses of contiguous memory (the caller checks sizes
-    and dtypes): the averages ``n`` values of ``weight``'s type, ``mean``/``variance`` (the
-    corrected variance whose finiteness decides)/``stddev`` ``n`` values of ``stat``'s type
-    (one group), ``count`` one int64, incremented when the averages move.
+    :func:`lerp_if_finite`), toward the batch's ``mean`` and ``stddev``; the caller then
+    derives ``moving_variance`` (:func:`renorm_variance`). The caller computes ``stddev``
+    (``sqrt(variance + epsilon)``) in torch operations: torch's float32 square root is not
+    always the correctly rounded one a compiled loop computes. Addresses of contiguous
+    memory (the caller checks sizes and dtypes): the averages ``n`` values of ``weight``'s
+    type, ``mean``/``variance`` (the corrected variance whose finiteness decides)/``stddev``
+    ``n`` values of ``stat``'s type (one group), ``count`` one int64, incremented when the
+    averages move.
     """
     mm = carray(_pointer(moving_mean, weight), n)
     ms = carray(_pointer(moving_stddev, weight), n)
@@ -752,6 +767,86 @@ def renorm_lerp_if_finite(moving_mean, moving_stddev, renorm_mean, renorm_stddev
                  + (rs[i] if renorm_small else deviation))
     carray(_pointer(count, np.int64(0)), 1)[0] += 1
     return True
+
+
+@njit(cache=True, nogil=True)  # no fastmath: each operation rounded as torch's
+def renorm_terms(mean, root, renorm_mean, renorm_stddev, d, n, floor, rmin, rmax, dmax):
+    """Batch Renormalization's ``(r, d)``, ``r`` written over ``root`` and ``d`` to ``d``
+    (:func:`batchnorm.statistics.renorm_correction`'s arithmetic, operation by operation):
+    with ``s = max(renorm_stddev, floor)``, ``r = root / s`` clamped to ``[rmin, rmax]`` and
+    ``d = (mean - renorm_mean) / s`` to ``[-dmax, dmax]``, each 1 and 0 where not finite.
+    ``root`` is ``sqrt(variance + epsilon)``, computed by the caller in torch operations (see
+    :func:`renorm_lerp_if_finite`). Addresses of ``n`` contiguous values of ``floor``'s
+    type."""
+    m = carray(_pointer(mean, floor), n)
+    r = carray(_pointer(root, floor), n)
+    rm = carray(_pointer(renorm_mean, floor), n)
+    rs = carray(_pointer(renorm_stddev, floor), n)
+    out_d = carray(_pointer(d, floor), n)
+    one, zero = one_like(floor), zero_like(floor)
+    for i in range(n):
+        s = floor if rs[i] < floor else rs[i]  # NaN stays NaN, as clamp_min's
+        ri = r[i] / s
+        ri = rmin if ri < rmin else ri
+        ri = rmax if ri > rmax else ri
+        r[i] = ri if np.isfinite(ri) else one
+        di = (m[i] - rm[i]) / s
+        di = -dmax if di < -dmax else di
+        di = dmax if di > dmax else di
+        out_d[i] = di if np.isfinite(di) else zero
+
+
+# ---------------------------------------------------------------- small inputs' moments
+
+
+@njit(inline="always", cache=True)
+def _not_below_zero(v):
+    """``v``, or 0 where it is negative (rounding); NaN stays NaN."""
+    return zero_like(v) if v < 0 else v
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def contiguous_moments(x, mean, variance, batch, features, inner, source, like):
+    """The mean and biased variance of each feature of a contiguous ``(batch, features,
+    inner)`` input of ``source``'s type (bfloat16 as ``uint16`` bits), written to ``mean``
+    and ``variance`` in ``like``'s type: sums in float64 of the values shifted by each
+    feature's first value, on the calling thread (the statistics of an input small enough
+    that a pass over it costs less than a thread pool's start). Addresses of contiguous
+    memory (the caller checks sizes and dtypes), ``batch * inner`` at least 1."""
+    xs = carray(_pointer(x, source), batch * features * inner)
+    out_mean = carray(_pointer(mean, like), features)
+    out_variance = carray(_pointer(variance, like), features)
+    count = np.float64(batch * inner)
+    if inner == 1:  # (batch, features): the features innermost, summed side by side
+        shift = np.empty(features, np.float64)
+        s = np.zeros(features, np.float64)
+        q = np.zeros(features, np.float64)
+        for c in range(features):
+            shift[c] = np.float64(load(xs[c]))
+        for b in range(batch):
+            row = b * features
+            for c in range(features):
+                d = np.float64(load(xs[row + c])) - shift[c]
+                s[c] += d
+                q[c] += d * d
+        for c in range(features):
+            mu = s[c] / count
+            out_mean[c] = as_type(shift[c] + mu, like)
+            out_variance[c] = as_type(_not_below_zero(q[c] / count - mu * mu), like)
+        return
+    for c in range(features):
+        k = np.float64(load(xs[c * inner]))
+        s1 = np.float64(0.0)
+        q1 = np.float64(0.0)
+        for b in range(batch):
+            start = (b * features + c) * inner
+            for j in range(inner):
+                d = np.float64(load(xs[start + j])) - k
+                s1 += d
+                q1 += d * d
+        mu = s1 / count
+        out_mean[c] = as_type(k + mu, like)
+        out_variance[c] = as_type(_not_below_zero(q1 / count - mu * mu), like)
 
 
 # ---------------------------------------------------------------- debiased inference statistics
