@@ -220,7 +220,7 @@ def padded_batch(pad: float, at_first_row: bool):
     return x, mask
 
 
-@pytest.mark.parametrize("prefer", ["composite", "cpu"])
+@pytest.mark.parametrize("prefer", ["composite", "cpu", "masked"])
 @MOMENTUM_ZERO
 @pytest.mark.parametrize("pad", [math.nan, math.inf, -math.inf, 1e30, -3e38])
 @pytest.mark.parametrize("at_first_row", [True, False])
@@ -248,7 +248,7 @@ def test_non_finite_or_huge_padding_at_masked_out_positions_changes_nothing_sele
         torch.testing.assert_close(padded, zeros, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("prefer", ["composite", "cpu"])
+@pytest.mark.parametrize("prefer", ["composite", "cpu", "masked"])
 def test_huge_finite_padding_gives_finite_gradients_at_selected_positions(prefer):
     x, mask = padded_batch(1e30, at_first_row=True)
     x.requires_grad_()

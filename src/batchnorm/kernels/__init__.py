@@ -15,6 +15,10 @@ a device whose fast path has an inference loop registers it in
   into its affine terms (:mod:`batchnorm.kernels.folded`); one feature axis.
 - ``ghost``: ATen's fused kernel for ghost batches (one feature axis, no renorm or mask),
   each (ghost batch, feature) pair one of its channels (:mod:`batchnorm.kernels.ghost`).
+- ``masked``: masks at a small call's cost: one statistics loop, ATen's inference kernel
+  and ATen's backward corrected for the mask (:mod:`batchnorm.kernels.masked`); one
+  feature axis, at dim 1 or last of a contiguous input, no renorm, ghost batches or
+  adjustment.
 - ``cpu``: numba loops at memory bandwidth for CPU tensors; every mode but
   adjustment, with one feature axis (:mod:`batchnorm.kernels.cpu`); also the CPU's
   inference pass.
@@ -28,7 +32,7 @@ or a ``ValueError`` where it has none; ``fused=None`` the device's fast path fro
 :data:`FAST_PATHS` when it takes the call and does not prefer the fallback (small
 inputs), else the first of :data:`FALLBACKS` that takes the call: ATen's kernel for the
 plain mode, the folded kernel for renorm and adjustment, the ghost kernel for ghost
-batches, the composite for the others.
+batches, the masked kernel for masks, the composite for the others.
 
 :func:`prefer` forces a kernel for a block of code (tests, comparisons)::
 
@@ -51,6 +55,7 @@ from .composite import COMPOSITE
 from .cpu import CPU, available
 from .folded import FOLDED
 from .ghost import GHOST
+from .masked import MASKED
 from .native import NATIVE
 from .protocol import INFERENCE_PASSES, MOMENTS_PASSES, KernelCall, TrainingKernel
 from .triton import TRITON
@@ -60,11 +65,11 @@ __all__ = ["FALLBACKS", "FAST_PATHS", "KERNELS", "PREFERRED", "KernelCall", "Tra
 
 # Every kernel by name, for prefer().
 KERNELS: dict[str, TrainingKernel] = {"composite": COMPOSITE, "native": NATIVE,
-                                      "folded": FOLDED, "ghost": GHOST, "cpu": CPU,
-                                      "triton": TRITON}
+                                      "folded": FOLDED, "ghost": GHOST, "masked": MASKED,
+                                      "cpu": CPU, "triton": TRITON}
 # What fused=None takes where the device's fast path steps aside: the first that takes the
 # call (the composite takes every call).
-FALLBACKS: tuple[TrainingKernel, ...] = (NATIVE, FOLDED, GHOST, COMPOSITE)
+FALLBACKS: tuple[TrainingKernel, ...] = (NATIVE, FOLDED, GHOST, MASKED, COMPOSITE)
 # Device type -> the fast kernel fused=None tries first (the Triton kernel declines calls
 # itself where triton is not installed).
 FAST_PATHS: dict[str, TrainingKernel] = {"cuda": TRITON, **({"cpu": CPU} if available() else {})}

@@ -122,6 +122,16 @@ class MomentsPass(Protocol):
         (layouts, dtypes, gradients, tracing: the caller computes them then)."""
         ...
 
+    def masked_moments(self, x3: Tensor, selected: Tensor
+                       ) -> tuple[Tensor, Tensor, int] | None:
+        """``(mean, variance, count)`` of the values of a contiguous ``(rows, features,
+        inner)`` input that ``selected`` selects (a contiguous boolean tensor of ``rows *
+        inner`` values, one per position of a feature, the same for every feature): 1-D
+        statistics in the statistics dtype and the number of values each has; the
+        statistics are not written where the count is under 2. None where the pass does not
+        apply."""
+        ...
+
 
 # Device type -> its statistics pass for small inputs. Filled by batchnorm.kernels beside
 # FAST_PATHS (from the same kernels).

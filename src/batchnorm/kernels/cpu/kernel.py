@@ -82,13 +82,15 @@ class CpuKernel(Unprepared):
     def prefers_fallback(self, x: Tensor, call: KernelCall, fallback: TrainingKernel) -> bool:
         """Whether ``fallback``, the kernel ``fused=None`` takes where this one steps aside
         (ATen's for the plain mode, the folded kernel for renorm, the ghost kernel for ghost
-        batches, else the composite), is the faster one for this input.
+        batches, the masked kernel for masks, else the composite), is the faster one for
+        this input.
 
         Small inputs: their per-call cost is lower (below ``MIN_PLAIN_NUMEL`` values for
-        ATen's kernels, ``MIN_PLAIN_BFLOAT16_NUMEL`` for bfloat16, ``MIN_NUMEL`` for the
-        composite; see the benchmark's per-call rows and the crossovers measured in
-        :mod:`batchnorm.kernels.cpu.passes`; with an ``activation``, ATen's kernel and the
-        activation in place below ``MIN_ACTIVATION_NUMEL``). Channels-last and other layouts
+        ATen's kernels, ``MIN_PLAIN_BFLOAT16_NUMEL`` for bfloat16, ``MIN_MASKED_NUMEL`` for
+        the masked kernel, ``MIN_NUMEL`` for the composite; see the benchmark's per-call
+        rows and the crossovers measured in :mod:`batchnorm.kernels.cpu.passes`; with an
+        ``activation``, ATen's kernel and the activation in place below
+        ``MIN_ACTIVATION_NUMEL``). Channels-last and other layouts
         whose feature axis is innermost in memory take these loops too (measured,
         64x64x56x56 channels-last, reuse allocator, against ATen's per-row kernel: float32
         forward 11.9 ms against 14.4 and forward and backward 31.8 against 36.2 on one
@@ -97,6 +99,8 @@ class CpuKernel(Unprepared):
         """
         if fallback.name == "composite":
             return x.numel() < MIN_NUMEL
+        if fallback.name == "masked":
+            return x.numel() < passes.MIN_MASKED_NUMEL
         if fallback.name == "native" and call.config.activation is not None:
             return not self.fuses_activation(x)
         # ATen's kernels: the plain mode's, and renorm's and ghost batches' on them (folded,
@@ -140,6 +144,29 @@ class CpuKernel(Unprepared):
                                         batch, features, inner, source,
                                         _UPDATE_DTYPES[dtype](0))
         return mean, variance
+
+    def masked_moments(self, x3: Tensor, selected: Tensor
+                       ) -> tuple[Tensor, Tensor, int] | None:
+        """:meth:`moments` of the values a mask selects
+        (:meth:`batchnorm.kernels.protocol.MomentsPass.masked_moments`: ``x3`` contiguous
+        ``(rows, features, inner)``, ``selected`` one contiguous byte per ``rows * inner``
+        position), one numba loop on the calling thread
+        (:func:`batchnorm.kernels.cpu.loops.masked_contiguous_moments`)."""
+        source = _MOMENTS_SOURCES.get(x3.dtype)
+        if (source is None or not available() or x3.ndim != 3 or x3.device.type != "cpu"
+                or not x3.is_contiguous() or x3.requires_grad and torch.is_grad_enabled()
+                or selected.dtype != torch.bool or not selected.is_contiguous()
+                or selected.device != x3.device
+                or selected.numel() != x3.shape[0] * x3.shape[2]):
+            return None
+        dtype = statistics_dtype(x3.dtype)
+        features = x3.shape[1]
+        mean = torch.empty(features, dtype=dtype)
+        variance = torch.empty(features, dtype=dtype)
+        count = passes.loops.masked_contiguous_moments(
+            x3.data_ptr(), selected.data_ptr(), mean.data_ptr(), variance.data_ptr(),
+            x3.shape[0], features, x3.shape[2], source, _UPDATE_DTYPES[dtype](0))
+        return mean, variance, int(count)
 
     def debiased(self, state: BatchNormState, momentum: float,
                  fresh: bool) -> Callable[[], tuple[Tensor, Tensor]] | None:
@@ -474,8 +501,11 @@ def warm_up() -> float:
         correction = _renorm_correction_loop(renorm_state, BatchNormConfig(renorm=True), stat)
         if correction is not None:  # renorm's (r, d)
             correction(torch.zeros(3, dtype=stat), torch.ones(3, dtype=stat))
-        for shape in ((8, 3), (4, 3, 5)):  # the small inputs' statistics
+        for shape in ((8, 3), (4, 3, 5)):  # the small inputs' statistics, masked or not
             CPU.moments(torch.randn(shape).to(dtype))
+            CPU.masked_moments(torch.randn(shape).to(dtype).view(shape[0], 3, -1),
+                               torch.ones(shape[0] * (shape[2] if len(shape) > 2 else 1),
+                                          dtype=torch.bool))
         debiased = CPU.debiased(initial_state(3, dtype=stat, debias=True), 0.99, fresh=True)
         if debiased is not None:  # the debiased inference statistics' loop
             debiased()

@@ -849,6 +849,63 @@ def contiguous_moments(x, mean, variance, batch, features, inner, source, like):
         out_variance[c] = as_type(_not_below_zero(q1 / count - mu * mu), like)
 
 
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def masked_contiguous_moments(x, mask, mean, variance, batch, features, inner, source, like):
+    """:func:`contiguous_moments` of the values a mask selects: ``mask`` holds ``batch *
+    inner`` bytes (nonzero: selected), one per position of a feature, the same for every
+    feature; return how many it selects. Two passes (the mean, then the squares about it),
+    values chosen with a select, never multiplied by the mask: a NaN or Inf at a position it
+    leaves out reaches neither statistic. Nothing is written where it selects fewer than
+    two values (the caller normalizes with other statistics then)."""
+    xs = carray(_pointer(x, source), batch * features * inner)
+    ms = carray(_pointer(mask, np.uint8(0)), batch * inner)
+    out_mean = carray(_pointer(mean, like), features)
+    out_variance = carray(_pointer(variance, like), features)
+    n = 0
+    for i in range(batch * inner):
+        n += ms[i] != 0
+    if n < 2:
+        return n
+    count = np.float64(n)
+    zero = np.float64(0.0)
+    if inner == 1:  # (batch, features): a row selected or not, the features side by side
+        s = np.zeros(features, np.float64)
+        q = np.zeros(features, np.float64)
+        for b in range(batch):
+            if ms[b] != 0:
+                row = b * features
+                for c in range(features):
+                    s[c] += np.float64(load(xs[row + c]))
+        for c in range(features):
+            s[c] /= count
+        for b in range(batch):
+            if ms[b] != 0:
+                row = b * features
+                for c in range(features):
+                    d = np.float64(load(xs[row + c])) - s[c]
+                    q[c] += d * d
+        for c in range(features):
+            out_mean[c] = as_type(s[c], like)
+            out_variance[c] = as_type(q[c] / count, like)
+        return n
+    for c in range(features):
+        s1 = zero
+        for b in range(batch):
+            start, at = (b * features + c) * inner, b * inner
+            for j in range(inner):
+                s1 += select(ms[at + j] != 0, np.float64(load(xs[start + j])), zero)
+        mu = s1 / count
+        q1 = zero
+        for b in range(batch):
+            start, at = (b * features + c) * inner, b * inner
+            for j in range(inner):
+                d = select(ms[at + j] != 0, np.float64(load(xs[start + j])) - mu, zero)
+                q1 += d * d
+        out_mean[c] = as_type(mu, like)
+        out_variance[c] = as_type(q1 / count, like)
+    return n
+
+
 # ---------------------------------------------------------------- debiased inference statistics
 
 

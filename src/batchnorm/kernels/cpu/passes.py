@@ -28,15 +28,15 @@ except Exception as error:  # pragma: no cover - depends on the environment
 else:
     IMPORT_ERROR = None
 
-__all__ = ["DTYPES", "IMPORT_ERROR", "MIN_ACTIVATION_NUMEL", "MIN_AFFINE_NUMEL", "MIN_NUMEL",
-           "MIN_PLAIN_BFLOAT16_NUMEL", "MIN_PLAIN_NUMEL",
+__all__ = ["DTYPES", "IMPORT_ERROR", "MIN_ACTIVATION_NUMEL", "MIN_AFFINE_NUMEL",
+           "MIN_MASKED_NUMEL", "MIN_NUMEL", "MIN_PLAIN_BFLOAT16_NUMEL", "MIN_PLAIN_NUMEL",
            "affine", "affine_pass", "grad_input_pass", "grad_sums_pass", "mask_array",
            "moments_pass"]
 
 # Below this many elements fused=None takes the fallback (``prefers_fallback``): ATen's
 # kernel for the plain mode, the composite for the others. Their per-call cost is lower
 # than that of the numba launches and the glue around them, and the data is in cache
-# anyway. BATCHNORM_CPU_MIN_NUMEL sets all five (0: the fast path for every input).
+# anyway. BATCHNORM_CPU_MIN_NUMEL sets all six (0: the fast path for every input).
 # The plain mode's crossover, measured (float32 NCHW, training forward and forward+backward,
 # the loops' time over ATen's, paired medians; 1 thread in thread CPU time, 2 in wall time):
 # 32x256x4x4 (131K) 1.9/1.7 and 2.0/1.9; 32x128x8x8 (262K) 1.07/1.30 and 1.27/1.60;
@@ -46,6 +46,10 @@ MIN_PLAIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 19))
 # 32x64x8x8 4.3/2.7, 32x64x32x32 (2M) 1.15/0.95, 64x64x56x56 (12.8M) 0.88/1.03).
 MIN_PLAIN_BFLOAT16_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 22))
 MIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 15))
+# Masks: below this the masked kernel (batchnorm.kernels.masked: a statistics loop and ATen's
+# kernels; measured, float32, one thread: at 32x64x8x8 it takes 0.5x these loops' time
+# forward but 1.1x forward and backward, at 32x64x4x4 0.4x and 0.7x).
+MIN_MASKED_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 16))
 # The inference pass (affine) without an activation: below this, torch's operations.
 MIN_AFFINE_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 16))
 # With a fused activation the fallback is ATen's kernel (or its inference kernel) and the
