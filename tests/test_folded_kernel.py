@@ -393,7 +393,7 @@ def test_the_prepared_renorm_correction_equals_renorm_correction_bit_for_bit(dty
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("shape", [(32, 64), (8, 5, 7), (4, 3, 6, 5), (1, 3, 2)])
+@pytest.mark.parametrize("shape", [(32, 64), (8, 5, 7), (4, 3, 6, 5), (1, 3, 2), (4, 3, 8, 9)])
 def test_the_cpu_statistics_pass_for_small_inputs_equals_var_mean(shape, dtype):
     """The CPU's statistics pass for small inputs (one numba loop: float64 sums of shifted
     values) gives var_mean's biased variance and mean of the float32 (float64) values over

@@ -811,28 +811,37 @@ def contiguous_moments(x, mean, variance, batch, features, inner, source, like):
     inner)`` input of ``source``'s type (bfloat16 as ``uint16`` bits), written to ``mean``
     and ``variance`` in ``like``'s type: sums in float64 of the values shifted by each
     feature's first value, on the calling thread (the statistics of an input small enough
-    that a pass over it costs less than a thread pool's start). Addresses of contiguous
-    memory (the caller checks sizes and dtypes), ``batch * inner`` at least 1."""
+    that a pass over it costs less than a thread pool's start). Under 64 values per plane
+    each sample's ``(features, inner)`` block is summed elementwise into per-position sums
+    (vectorized along memory), reduced per feature at the end; above, plane by plane.
+    Addresses of contiguous memory (the caller checks sizes and dtypes), ``batch * inner``
+    at least 1."""
     xs = carray(_pointer(x, source), batch * features * inner)
     out_mean = carray(_pointer(mean, like), features)
     out_variance = carray(_pointer(variance, like), features)
     count = np.float64(batch * inner)
-    if inner == 1:  # (batch, features): the features innermost, summed side by side
-        shift = np.empty(features, np.float64)
-        s = np.zeros(features, np.float64)
-        q = np.zeros(features, np.float64)
-        for c in range(features):
-            shift[c] = np.float64(load(xs[c]))
+    if inner < 64:  # few values per plane: each sample's (features, inner) block at once
+        width = features * inner
+        shift = np.empty(width, np.float64)
+        s = np.zeros(width, np.float64)
+        q = np.zeros(width, np.float64)
+        for i in range(width):  # each feature's first value, at each of its positions
+            shift[i] = np.float64(load(xs[(i // inner) * inner]))
         for b in range(batch):
-            row = b * features
-            for c in range(features):
-                d = np.float64(load(xs[row + c])) - shift[c]
-                s[c] += d
-                q[c] += d * d
+            row = b * width
+            for i in range(width):
+                d = np.float64(load(xs[row + i])) - shift[i]
+                s[i] += d
+                q[i] += d * d
         for c in range(features):
-            mu = s[c] / count
-            out_mean[c] = as_type(shift[c] + mu, like)
-            out_variance[c] = as_type(_not_below_zero(q[c] / count - mu * mu), like)
+            s1 = np.float64(0.0)
+            q1 = np.float64(0.0)
+            for j in range(c * inner, (c + 1) * inner):
+                s1 += s[j]
+                q1 += q[j]
+            mu = s1 / count
+            out_mean[c] = as_type(shift[c * inner] + mu, like)
+            out_variance[c] = as_type(_not_below_zero(q1 / count - mu * mu), like)
         return
     for c in range(features):
         k = np.float64(load(xs[c * inner]))
