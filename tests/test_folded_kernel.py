@@ -420,3 +420,5 @@ def test_the_cpu_statistics_pass_for_small_inputs_equals_var_mean(shape, dtype):
     assert cpu.CPU.moments(x[:, ::2]) is None  # not contiguous
     assert cpu.CPU.moments(x.half()) is None
     assert cpu.CPU.moments(x.requires_grad_()) is None  # autograd would record it
+    big = torch.zeros(8, 2, cpu.MIN_PLAIN_NUMEL // 16 + 1)  # above: ATen's pass, threaded
+    assert cpu.CPU.moments(big) is None

@@ -15,7 +15,7 @@ from kernel_comparison import assert_matches
 from torch.autograd import gradcheck
 
 import batchnorm as bn
-from batchnorm import plan
+from batchnorm import kernels, plan
 from batchnorm.functional import BatchNormConfig, initial_state
 from batchnorm.kernels import KernelCall, composite, cpu, masked
 
@@ -141,3 +141,52 @@ def test_small_masked_calls_take_the_masked_kernel():
                       virtual_batch_size=8) is composite.COMPOSITE
     assert masked.MASKED.unsupported(torch.randn(32, 64), initial_state(64), KernelCall(
         BatchNormConfig(), (1,))) is not None  # unmasked: ATen's kernel
+
+
+@pytest.mark.parametrize(("shape", "axis", "mask"), [
+    ((8, 16, 4), 1, torch.rand(4) < 0.7),  # fewer dimensions: aligned on the last axis
+    ((8, 16, 4), 1, torch.tensor(True)),  # a scalar
+    ((6, 5, 16), -1, torch.ones(1, dtype=torch.bool)),
+])
+def test_masks_of_fewer_dimensions_than_the_input_match_the_composite(shape, axis, mask):
+    """A mask that broadcasts with fewer dimensions than the input (NumPy's rule, aligned on
+    the last axis) takes the masked kernel, with the composite's results."""
+    mask.view(-1)[:1] = True
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2
+    results = []
+    for fused in (None, False):
+        x = x0.clone().requires_grad_()
+        layer = bn.BatchNorm(shape[axis], axis=axis, fused=fused).double()
+        y = layer(x, training=True, mask=mask)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
+         ).sum().backward()
+        results.append((y.detach(), x.grad, layer.gamma.grad, layer.moving_mean,
+                        layer.moving_variance))
+    layer_x = x0.clone()
+    call = KernelCall(BatchNormConfig(axis=axis), (axis % len(shape),), None, None, mask)
+    assert plan.select(layer_x, initial_state(shape[axis], dtype=torch.float64),
+                       call) is masked.MASKED
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_an_upstream_gradient_aten_misreads_gives_the_gradients_of_its_copy():
+    """x NCHW-contiguous with a size-1 dimension and an upstream gradient dense in
+    channels-last order only (strides ATen's CPU backward misreads, see kernels.native):
+    the masked kernel's gradients equal those of the gradient's contiguous copy."""
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(8, 16, 4, 1, generator=g, dtype=torch.float64)
+    mask = torch.rand(8, 1, 4, 1, generator=g) > 0.3
+    w = torch.randn(8, 4, 16, generator=g, dtype=torch.float64).transpose(1, 2).unsqueeze(-1)
+    assert w.stride() == (64, 1, 16, 1)
+    grads = []
+    for weight in (w, w.contiguous()):
+        x = x0.clone().requires_grad_()
+        layer = bn.BatchNorm(16).double()
+        with kernels.prefer("masked"):
+            y = layer(x, training=True, mask=mask)
+        (y * weight).sum().backward()
+        grads.append((x.grad, layer.gamma.grad, layer.beta.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

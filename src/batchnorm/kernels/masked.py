@@ -15,10 +15,10 @@ position ``j`` is
 with ``A = sum(dy)`` and ``B = sum(dy * xhat)`` over every position (the statistics depend
 on the selected ones only, the output on all of them): ATen's backward in inference mode
 gives ``gamma * s * dy``, ``B`` (gamma's gradient) and ``A`` (beta's), and the rest is one
-affine term per feature, ``k0 + k1 * x_j``, subtracted where the mask selects (chosen with
-``torch.where``, never multiplied by the mask: a NaN at a position it leaves out stays
-there). A double backward (``create_graph=True``) differentiates the composite's torch
-operations, with the same statistics.
+affine term per feature, ``k0 + k1 * x_j``, subtracted where the mask selects (zeroed
+elsewhere with ``masked_fill_``, never multiplied by the mask: a NaN at a position it
+leaves out stays there). A double backward (``create_graph=True``) differentiates the
+composite's torch operations, with the same statistics.
 
 Where the mask selects fewer than two positions, the composite computes the call (such a
 batch is normalized with the moving statistics); renorm, ghost batches, an adjustment,
@@ -37,11 +37,20 @@ from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import PreparedUpdate, masked_moments, traced
 from .composite import train_adjusted
 from .inference import normalize, normalize_features
+from .native import misread_by_cpu_backward, misreads_gradients
 from .protocol import MOMENTS_PASSES, Fallback, KernelCall, PreparedTraining
 
 __all__ = ["MASKED", "MaskedCall", "MaskedFunction", "MaskedKernel"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _selected_shape(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> list[int]:
+    """The mask's shape as ``x``'s rank: a size-1 feature axis inserted where the mask
+    covers only the other axes (:func:`batchnorm.shapes.mask_shape`), then size-1 axes in
+    front, as broadcasting aligns it on the last axis."""
+    shape = mask_shape(mask, x, axes)
+    return [1] * (x.ndim - len(shape)) + shape
 
 
 class MaskedKernel(Fallback):
@@ -70,7 +79,9 @@ class MaskedKernel(Fallback):
             return f"{x.dtype} inputs"
         if not x.is_contiguous() or axis not in (1, x.ndim - 1):
             return "a layout other than a contiguous input with the features at dim 1 or last"
-        if mask_shape(mask, x, call.axes)[axis] != 1:
+        if misread_by_cpu_backward(x if axis == 1 else x.movedim(axis, 1)):
+            return "strides ATen's backward misreads (size-1 dimensions)"
+        if _selected_shape(mask, x, call.axes)[axis] != 1:
             return "a mask that varies along the feature axis"
         if traced(x):
             return "tracing (torch.compile or torch.func)"
@@ -89,7 +100,8 @@ class MaskedCall:
     None)`` (the update left to the caller, see :meth:`~batchnorm.kernels.protocol.
     TrainingKernel.prepare`)."""
 
-    __slots__ = ("state", "call", "axis", "rows", "inner", "features", "statistics_dtype")
+    __slots__ = ("state", "call", "axis", "rows", "inner", "features", "statistics_dtype",
+                 "hook")
 
     def __init__(self, x: Tensor, state: BatchNormState, call: KernelCall) -> None:
         self.state, self.call = state, call
@@ -103,12 +115,15 @@ class MaskedCall:
             self.rows = x.shape[0]
             self.inner = x.numel() // max(self.rows * self.features, 1)
         self.statistics_dtype = statistics_dtype(x.dtype)
+        # Upstream gradients of some strides are misread by ATen's backward for inputs of
+        # this shape (a size-1 dimension): copied in the backward where they are.
+        self.hook = misreads_gradients(x if self.axis == 1 else x.movedim(self.axis, 1))
 
     def __call__(self, x: Tensor) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
         call, axis = self.call, self.axis
         assert call.mask is not None  # unsupported() declines unmasked calls
         # The mask as x's shape with a size-1 feature axis, one byte per position.
-        shape = mask_shape(call.mask, x, call.axes)
+        shape = _selected_shape(call.mask, x, call.axes)
         selected = call.mask.reshape(shape).expand(
             [1 if d == axis else n for d, n in enumerate(x.shape)]).contiguous()
         device = MOMENTS_PASSES[x.device.type]
@@ -168,6 +183,8 @@ class MaskedFunction(torch.autograd.Function):
             grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
             return (*(next(grads) if need and t is not None else None
                       for t, need in zip((xm, gamma, beta), needs, strict=True)), *none)
+        if o.hook and misread_by_cpu_backward(dy):
+            dy = dy.contiguous()  # strides ATen's backward would misread (see kernels.native)
         epsilon = o.call.config.epsilon
         weight = None if gamma is None else gamma.detach().to(mean.dtype)
         # Inference mode: dx = gamma * s * dy; B = sum(dy * xhat), A = sum(dy).

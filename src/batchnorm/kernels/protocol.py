@@ -118,8 +118,9 @@ class MomentsPass(Protocol):
 
     def moments(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """The mean and biased variance over every dimension of ``x`` but dim 1 (the
-        features), 1-D in ``x``'s dtype, new tensors; None where the pass does not apply
-        (layouts, dtypes, gradients, tracing: the caller computes them then)."""
+        features), 1-D in the statistics dtype (float32 for half-precision inputs), new
+        tensors; None where the pass does not apply (layouts, dtypes, sizes, gradients: the
+        caller computes them then)."""
         ...
 
     def masked_moments(self, x3: Tensor, selected: Tensor

@@ -125,13 +125,15 @@ class CpuKernel(Unprepared):
         statistics dtype: float32 for bfloat16), in one numba loop on the calling thread
         (:func:`batchnorm.kernels.cpu.loops.contiguous_moments`), registered in
         :data:`batchnorm.kernels.protocol.MOMENTS_PASSES`: for a contiguous float32, float64
-        or bfloat16 ``x`` with at least one value per feature that autograd does not record,
-        else None. (ATen's statistics pass costs 5 us a call at 32x64 and, for
+        or bfloat16 ``x`` of at most ``MIN_PLAIN_NUMEL`` values (above, ATen's pass on its
+        threads) with at least one value per feature that autograd does not record, else
+        None. (ATen's statistics pass costs 5 us a call at 32x64 and, for
         NCHW inputs with few values per plane, several times a pass over memory: 32x64x8x8
         float32, one thread.)"""
         source = _MOMENTS_SOURCES.get(x.dtype)
         if (source is None or not available() or x.ndim < 2 or x.device.type != "cpu"
-                or not x.is_contiguous() or x.requires_grad and torch.is_grad_enabled()):
+                or x.numel() > MIN_PLAIN_NUMEL or not x.is_contiguous()
+                or x.requires_grad and torch.is_grad_enabled()):
             return None
         batch, features = x.shape[0], x.shape[1]
         inner = x.numel() // (batch * features) if batch * features else 0
@@ -154,7 +156,8 @@ class CpuKernel(Unprepared):
         (:func:`batchnorm.kernels.cpu.loops.masked_contiguous_moments`)."""
         source = _MOMENTS_SOURCES.get(x3.dtype)
         if (source is None or not available() or x3.ndim != 3 or x3.device.type != "cpu"
-                or not x3.is_contiguous() or x3.requires_grad and torch.is_grad_enabled()
+                or x3.numel() > MIN_PLAIN_NUMEL or not x3.is_contiguous()
+                or x3.requires_grad and torch.is_grad_enabled()
                 or selected.dtype != torch.bool or not selected.is_contiguous()
                 or selected.device != x3.device
                 or selected.numel() != x3.shape[0] * x3.shape[2]):
@@ -407,7 +410,8 @@ def _renorm_correction_loop(state: BatchNormState, config: BatchNormConfig,
     kind = _UPDATE_DTYPES.get(dtype)
     if (not available() or kind is None
             or any(t is None or t.dtype != dtype or t.ndim != 1 or t.device.type != "cpu"
-                   or not t.is_contiguous() or t.requires_grad for t in averages)):
+                   or not t.is_contiguous() or t.requires_grad for t in averages)
+            or averages[0].shape != averages[1].shape):  # type: ignore[union-attr]
         return None
     rm, rs = averages
     assert rm is not None and rs is not None  # checked above
@@ -422,7 +426,7 @@ def _renorm_correction_loop(state: BatchNormState, config: BatchNormConfig,
 
     def correction(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
         if not (mean.dtype is dtype and variance.dtype is dtype and mean.shape == (n,)
-                and variance.shape == (n,) and mean.is_contiguous()):
+                and variance.shape == (n,) and mean.is_contiguous() and mean.is_cpu):
             return renorm_correction(mean, variance, state._replace(
                 renorm_mean=kept[0], renorm_stddev=kept[1]), epsilon=epsilon,
                 clipping=config.clipping)
