@@ -190,3 +190,17 @@ def test_an_upstream_gradient_aten_misreads_gives_the_gradients_of_its_copy():
         grads.append((x.grad, layer.gamma.grad, layer.beta.grad))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_the_cpu_loops_take_masks_of_fewer_dimensions_than_the_input():
+    """The same masks on the CPU loops (``shapes.mask_shape`` gives every consumer the
+    input's rank): the composite's results."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 16, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, generator=g) < 0.7
+    mask[0] = True
+    outputs = []
+    for kernel in ("cpu", "composite"):
+        with kernels.prefer(kernel):
+            outputs.append(bn.BatchNorm(16).double()(x, training=True, mask=mask))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-9, atol=1e-9)

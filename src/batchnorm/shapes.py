@@ -119,13 +119,20 @@ def check_features(x: Tensor, axes: tuple[int, ...],
 
 
 def mask_shape(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> list[int]:
-    """The mask's shape with size-1 feature axes inserted when it covers only the other axes."""
+    """The mask's shape with size-1 feature axes inserted when it covers only the other axes,
+    then size-1 axes in front up to ``x``'s rank (broadcasting aligns it on the last axis), so
+    that its axis ``d`` is ``x``'s axis ``d``.
+
+    >>> mask_shape(torch.ones(8, 5, dtype=torch.bool), torch.ones(8, 3, 5), (1,))
+    [8, 1, 5]
+    >>> mask_shape(torch.ones(5, dtype=torch.bool), torch.ones(8, 3, 5), (1,))
+    [1, 1, 5]
+    """
+    shape = list(mask.shape)
     if mask.ndim == x.ndim - len(axes):
-        shape = list(mask.shape)
         for a in axes:
             shape.insert(a, 1)
-        return shape
-    return list(mask.shape)
+    return [1] * (x.ndim - len(shape)) + shape
 
 
 def check_input(

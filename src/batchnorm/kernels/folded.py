@@ -165,11 +165,7 @@ class FoldedCall:
         if activation is not None:
             # y is fresh: ReLU overwrites it (the backward reads neither y nor its input).
             y = activate(y, activation, inplace=activation == "relu")
-        if self.direct is not None:
-            if self.direct(mean, variance):
-                return y, None, True
-            return y, BatchStatistics(mean[None], variance[None], self.count), False
-        return y, BatchStatistics(mean[None], variance[None], self.count), None
+        return self.updated(y, mean, variance)
 
     def through_native(self, x: Tensor, adjust: tuple[Tensor, Tensor] | None
                        ) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
@@ -177,21 +173,31 @@ class FoldedCall:
         folded terms ``(a, b)`` as its weight and bias, differentiated by autograd (ATen's
         fused backward, then ``a`` and ``b``'s products for gamma and beta); the
         statistics the update takes come out of the kernel's call, as for the plain mode."""
-        call, native, direct = self.call, self.native, self.direct
+        call, native = self.call, self.native
         assert native is not None  # prepared for small inputs
         r = d = None
-        if call.config.renorm:
-            mean, variance = self.moments(self.aten_input(x))
+        if call.config.renorm:  # the statistics of x itself (ATen's call copies it if need be)
+            mean, variance = self.moments(x if self.axis == 1 else x.movedim(self.axis, 1))
             assert self.renorm_correction is not None  # prepared for renorm
             r, d = self.renorm_correction(mean, variance)
         a, b = output_affine(call.gamma, call.beta, r, d, adjust)
         assert a is not None and b is not None  # renorm or an adjustment: both terms
-        y, mean, variance = native(x, borrow=direct is not None, affine=(a, b))
+        y, mean, variance = native(x, borrow=self.direct is not None, affine=(a, b))
+        return self.updated(y, mean, variance)
+
+    def updated(self, y: Tensor, mean: Tensor, variance: Tensor
+                ) -> tuple[Tensor, BatchStatistics | None, Tensor | bool | None]:
+        """The call's result from its output and statistics (either path): the statistics
+        straight into the prepared update's direct loop where there is one (``applied``,
+        ``stats`` None when the batch entered the averages), else returned for the caller's
+        update."""
+        direct = self.direct
         if direct is None:
             return y, BatchStatistics(mean.detach()[None], variance[None], self.count), None
         if direct(mean, variance):
             return y, None, True
-        # Skipped: the statistics leave the workspace, for the report.
+        # Skipped: the statistics (on ATen's path the variance is a borrowed workspace) are
+        # copied for the report.
         return y, BatchStatistics(mean[None], variance.clone()[None], self.count), False
 
     def aten_input(self, x: Tensor) -> Tensor:
@@ -200,9 +206,9 @@ class FoldedCall:
         return xm.contiguous() if self.copy else xm
 
     def moments(self, xm: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch's mean and biased variance, 1-D in the statistics dtype: the device's
-        statistics pass for small inputs where it takes ``xm`` (:meth:`aten_input`), else
-        ATen's."""
+        """The batch's mean and biased variance over ``xm`` (features at dim 1), 1-D in the
+        statistics dtype: the device's statistics pass for small inputs where it takes
+        ``xm``, else ATen's."""
         device = self.moments_pass
         moments = None if device is None else device.moments(xm.detach())
         if moments is not None:

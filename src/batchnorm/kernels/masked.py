@@ -45,14 +45,6 @@ __all__ = ["MASKED", "MaskedCall", "MaskedFunction", "MaskedKernel"]
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _selected_shape(mask: Tensor, x: Tensor, axes: tuple[int, ...]) -> list[int]:
-    """The mask's shape as ``x``'s rank: a size-1 feature axis inserted where the mask
-    covers only the other axes (:func:`batchnorm.shapes.mask_shape`), then size-1 axes in
-    front, as broadcasting aligns it on the last axis."""
-    shape = mask_shape(mask, x, axes)
-    return [1] * (x.ndim - len(shape)) + shape
-
-
 class MaskedKernel(Fallback):
     """A masked call with one feature axis, at dim 1 or last of a contiguous input: the
     fallback ``fused=None`` takes for masks where the device's fast path steps aside (small
@@ -81,7 +73,7 @@ class MaskedKernel(Fallback):
             return "a layout other than a contiguous input with the features at dim 1 or last"
         if misread_by_cpu_backward(x if axis == 1 else x.movedim(axis, 1)):
             return "strides ATen's backward misreads (size-1 dimensions)"
-        if _selected_shape(mask, x, call.axes)[axis] != 1:
+        if mask_shape(mask, x, call.axes)[axis] != 1:
             return "a mask that varies along the feature axis"
         if traced(x):
             return "tracing (torch.compile or torch.func)"
@@ -123,7 +115,7 @@ class MaskedCall:
         call, axis = self.call, self.axis
         assert call.mask is not None  # unsupported() declines unmasked calls
         # The mask as x's shape with a size-1 feature axis, one byte per position.
-        shape = _selected_shape(call.mask, x, call.axes)
+        shape = mask_shape(call.mask, x, call.axes)
         selected = call.mask.reshape(shape).expand(
             [1 if d == axis else n for d, n in enumerate(x.shape)]).contiguous()
         device = MOMENTS_PASSES[x.device.type]

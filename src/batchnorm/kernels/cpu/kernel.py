@@ -130,10 +130,8 @@ class CpuKernel(Unprepared):
         None. (ATen's statistics pass costs 5 us a call at 32x64 and, for
         NCHW inputs with few values per plane, several times a pass over memory: 32x64x8x8
         float32, one thread.)"""
-        source = _MOMENTS_SOURCES.get(x.dtype)
-        if (source is None or not available() or x.ndim < 2 or x.device.type != "cpu"
-                or x.numel() > MIN_PLAIN_NUMEL or not x.is_contiguous()
-                or x.requires_grad and torch.is_grad_enabled()):
+        source = _moments_source(x)
+        if source is None or x.ndim < 2:
             return None
         batch, features = x.shape[0], x.shape[1]
         inner = x.numel() // (batch * features) if batch * features else 0
@@ -154,10 +152,8 @@ class CpuKernel(Unprepared):
         ``(rows, features, inner)``, ``selected`` one contiguous byte per ``rows * inner``
         position), one numba loop on the calling thread
         (:func:`batchnorm.kernels.cpu.loops.masked_contiguous_moments`)."""
-        source = _MOMENTS_SOURCES.get(x3.dtype)
-        if (source is None or not available() or x3.ndim != 3 or x3.device.type != "cpu"
-                or x3.numel() > MIN_PLAIN_NUMEL or not x3.is_contiguous()
-                or x3.requires_grad and torch.is_grad_enabled()
+        source = _moments_source(x3)
+        if (source is None or x3.ndim != 3
                 or selected.dtype != torch.bool or not selected.is_contiguous()
                 or selected.device != x3.device
                 or selected.numel() != x3.shape[0] * x3.shape[2]):
@@ -341,8 +337,35 @@ class CpuKernel(Unprepared):
         any other statistics). None where the loop does not apply: numba missing, averages
         not on CPU, of another dtype than ``dtype`` (float32 or float64), not contiguous or
         requiring grad. The averages must keep their storage while it is kept (a layer's
-        :class:`batchnorm.plan.CallPlan` checks them before every call)."""
-        return _renorm_correction_loop(state, config, dtype)
+        :class:`batchnorm.plan.CallPlan` checks them before every call; the closure holds the
+        state)."""
+        averages = (state.renorm_mean, state.renorm_stddev)
+        kind = _UPDATE_DTYPES.get(dtype)
+        if (not available() or kind is None
+                or any(t is None or t.dtype != dtype or t.ndim != 1 or t.device.type != "cpu"
+                       or not t.is_contiguous() or t.requires_grad for t in averages)
+                or averages[0].shape != averages[1].shape):  # type: ignore[union-attr]
+            return None
+        rm, rs = averages
+        assert rm is not None and rs is not None  # checked above
+        n = rm.numel()
+        loop = passes.loops.renorm_terms
+        addresses = (rm.data_ptr(), rs.data_ptr())
+        clipping = config.clipping or {}
+        epsilon = config.epsilon
+        constants = (n, kind(math.sqrt(epsilon)), kind(clipping.get("rmin", 0.0)),
+                     kind(clipping.get("rmax", math.inf)), kind(clipping.get("dmax", math.inf)))
+
+        def correction(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+            if not (mean.dtype is dtype and variance.dtype is dtype and mean.shape == (n,)
+                    and variance.shape == (n,) and mean.is_contiguous() and mean.is_cpu):
+                return renorm_correction(mean, variance, state, epsilon=epsilon,
+                                         clipping=config.clipping)
+            # torch's root (see the loop), then r over it.
+            r, d = (variance.detach() + epsilon).sqrt_(), torch.empty(n, dtype=dtype)
+            loop(mean.data_ptr(), r.data_ptr(), *addresses, d.data_ptr(), *constants)
+            return r, d
+        return correction
 
     def _prepare_renorm_update(self, state: BatchNormState, config: BatchNormConfig,
                                dtype: torch.dtype, count: int | None,
@@ -402,39 +425,17 @@ class CpuKernel(Unprepared):
         return PreparedUpdate(apply, None)
 
 
-def _renorm_correction_loop(state: BatchNormState, config: BatchNormConfig,
-                            dtype: torch.dtype) -> Callable[[Tensor, Tensor],
-                                                            tuple[Tensor, Tensor]] | None:
-    """:meth:`CpuKernel.prepare_renorm_correction`."""
-    averages = (state.renorm_mean, state.renorm_stddev)
-    kind = _UPDATE_DTYPES.get(dtype)
-    if (not available() or kind is None
-            or any(t is None or t.dtype != dtype or t.ndim != 1 or t.device.type != "cpu"
-                   or not t.is_contiguous() or t.requires_grad for t in averages)
-            or averages[0].shape != averages[1].shape):  # type: ignore[union-attr]
+def _moments_source(x: Tensor) -> Any:
+    """The value type the small inputs' statistics loops read ``x``'s memory as (a bfloat16's
+    bits as uint16), or None where they do not take it: numba missing, a dtype they do not
+    read, not on CPU, over ``MIN_PLAIN_NUMEL`` values (ATen's pass on its threads), not
+    contiguous, or recorded by autograd."""
+    source = _MOMENTS_SOURCES.get(x.dtype)
+    if (source is None or not available() or x.device.type != "cpu"
+            or x.numel() > MIN_PLAIN_NUMEL or not x.is_contiguous()
+            or x.requires_grad and torch.is_grad_enabled()):
         return None
-    rm, rs = averages
-    assert rm is not None and rs is not None  # checked above
-    n = rm.numel()
-    loop = passes.loops.renorm_terms
-    kept = (rm, rs)  # kept with their addresses: they must outlive the loop's reads
-    addresses = (rm.data_ptr(), rs.data_ptr())
-    clipping = config.clipping or {}
-    epsilon = config.epsilon
-    constants = (n, kind(math.sqrt(epsilon)), kind(clipping.get("rmin", 0.0)),
-                 kind(clipping.get("rmax", math.inf)), kind(clipping.get("dmax", math.inf)))
-
-    def correction(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
-        if not (mean.dtype is dtype and variance.dtype is dtype and mean.shape == (n,)
-                and variance.shape == (n,) and mean.is_contiguous() and mean.is_cpu):
-            return renorm_correction(mean, variance, state._replace(
-                renorm_mean=kept[0], renorm_stddev=kept[1]), epsilon=epsilon,
-                clipping=config.clipping)
-        # torch's root (see the loop), then r over it.
-        r, d = (variance.detach() + epsilon).sqrt_(), torch.empty(n, dtype=dtype)
-        loop(mean.data_ptr(), r.data_ptr(), *addresses, d.data_ptr(), *constants)
-        return r, d
-    return correction
+    return source
 
 
 def _stepper(momentum: float | None, kind: type, updates: Tensor) -> Callable[[], Any]:
@@ -502,7 +503,8 @@ def warm_up() -> float:
         prepare_update(renorm_state, BatchNormConfig(renorm=True), stat, 8).apply(
             BatchStatistics(torch.zeros(1, 3, dtype=stat), torch.ones(1, 3, dtype=stat), 8),
             None)  # the renorm state's loops
-        correction = _renorm_correction_loop(renorm_state, BatchNormConfig(renorm=True), stat)
+        correction = CPU.prepare_renorm_correction(renorm_state, BatchNormConfig(renorm=True),
+                                                  stat)
         if correction is not None:  # renorm's (r, d)
             correction(torch.zeros(3, dtype=stat), torch.ones(3, dtype=stat))
         for shape in ((8, 3), (4, 3, 5)):  # the small inputs' statistics, masked or not
