@@ -78,19 +78,15 @@ class FoldedKernel(Fallback):
     aside (small inputs), in place of the composite kernel."""
 
     name = "folded"
+    takes = frozenset({"renorm", "adjustment"})
 
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
         config = call.config
         if not config.renorm and config.adjustment is None:
             return "the plain mode (no renorm or adjustment: ATen's kernel itself)"
-        if call.process_group is not None:
-            return "synchronized statistics"
-        if config.virtual_batch_size is not None:
-            return "ghost batches (virtual_batch_size)"
-        if call.mask is not None:
-            return "masked inputs"
-        if len(call.axes) != 1:
-            return "several feature axes"
+        declined = self.declined_mode(call)
+        if declined is not None:
+            return declined
         if values_per_feature(x, call.axes) < 2:
             return "one value per feature"  # the composite's case, as for ATen's kernel
         if traced(x):

@@ -40,17 +40,14 @@ class GhostKernel(Fallback):
     ``native_batch_norm`` on the ``(virtual_batch_size, groups * C, ...)`` view."""
 
     name = "ghost"
+    takes = frozenset({"ghost"})
 
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
-        config = call.config
-        if config.virtual_batch_size is None:
+        if call.config.virtual_batch_size is None:
             return "no ghost batches (ATen's kernel computes the plain mode itself)"
-        if config.renorm:
-            return "renorm"
-        if call.mask is not None:
-            return "a mask"
-        if len(call.axes) != 1:
-            return "several feature axes"
+        declined = self.declined_mode(call)
+        if declined is not None:
+            return declined
         if traced(x):
             return "tracing (torch.compile or torch.func)"
         return None

@@ -51,21 +51,15 @@ class MaskedKernel(Fallback):
     inputs), in place of the composite kernel."""
 
     name = "masked"
+    takes = frozenset({"mask"})
 
     def unsupported(self, x: Tensor, state: BatchNormState, call: KernelCall) -> str | None:
-        config, mask = call.config, call.mask
+        mask = call.mask
         if mask is None:
             return "unmasked inputs"
-        if call.process_group is not None:
-            return "synchronized statistics"
-        if config.virtual_batch_size is not None:
-            return "ghost batches (virtual_batch_size)"
-        if config.renorm:
-            return "renorm"
-        if config.adjustment is not None:
-            return "an adjustment"
-        if len(call.axes) != 1:
-            return "several feature axes"
+        declined = self.declined_mode(call)
+        if declined is not None:
+            return declined
         (axis,) = call.axes
         if x.dtype not in _DTYPES:
             return f"{x.dtype} inputs"

@@ -21,7 +21,7 @@ from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics
 from ..statistics import PreparedUpdate
 
-__all__ = ["INFERENCE_PASSES", "MOMENTS_PASSES", "Fallback", "InferencePass", "KernelCall",
+__all__ = ["INFERENCE_PASSES", "MODES", "MOMENTS_PASSES", "Fallback", "InferencePass", "KernelCall",
            "MomentsPass", "PreparedTraining", "TrainingKernel", "Unprepared", "unprepared"]
 
 
@@ -164,10 +164,35 @@ def unprepared(kernel: TrainingKernel, state: BatchNormState,
     return run
 
 
+# The modes a fallback kernel may decline, in the order it names them: mode -> (how the
+# reason reads, whether a call is in that mode).
+MODES: dict[str, tuple[str, Callable[[KernelCall], bool]]] = {
+    "synchronized": ("synchronized statistics", lambda call: call.process_group is not None),
+    "ghost": ("ghost batches (virtual_batch_size)",
+              lambda call: call.config.virtual_batch_size is not None),
+    "renorm": ("renorm", lambda call: call.config.renorm),
+    "adjustment": ("an adjustment", lambda call: call.config.adjustment is not None),
+    "mask": ("a mask", lambda call: call.mask is not None),
+    "several axes": ("several feature axes", lambda call: len(call.axes) != 1),
+}
+
+
 class Fallback:
     """For a fallback kernel (:data:`batchnorm.kernels.FALLBACKS`) that decides its call
     ahead (:meth:`TrainingKernel.prepare`): it never prefers another, and
-    :meth:`TrainingKernel.train` is its prepared call without an update."""
+    :meth:`TrainingKernel.train` is its prepared call without an update.
+
+    ``takes`` names the :data:`MODES` it computes; :meth:`declined_mode` says the first
+    other mode a call is in.
+    """
+
+    takes: frozenset[str] = frozenset()
+
+    def declined_mode(self, call: KernelCall) -> str | None:
+        """The reason for :meth:`TrainingKernel.unsupported` when ``call`` is in a mode
+        this kernel does not take, else None."""
+        return next((reason for mode, (reason, applies) in MODES.items()
+                     if mode not in self.takes and applies(call)), None)
 
     def prefers_fallback(self, x: Tensor, call: KernelCall, fallback: TrainingKernel) -> bool:
         return False
