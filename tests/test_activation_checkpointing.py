@@ -201,3 +201,35 @@ def test_a_layer_called_twice_before_backward_recomputes_each_call_with_its_own_
         assert layer.num_updates.item() == 2
     for got, want in zip(grads[True], grads[False], strict=True):
         torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_only_calls_that_may_be_recomputed_keep_the_state_they_read(use_reentrant):
+    """A call that keeps its own activations keeps nothing for a recomputation (nothing runs it
+    again); a checkpointed call of the same layer after it keeps its state and recomputes with
+    it, so the gradients equal those of two plain calls."""
+    options = {"axis": -1, "renorm": True, "renorm_momentum": 0.5, "dtype": torch.float64,
+               "renorm_clipping": {"rmax": 1.25, "dmax": 0.2}}
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(8, 3, generator=g, dtype=torch.float64) * s + s for s in (1, 3)]
+    grads = {}
+    for checkpointed in (False, True):
+        layer = bn.BatchNorm(3, **options)
+        xs = [x.clone().requires_grad_() for x in inputs]
+        first = layer(xs[0])
+        assert recompute._KEPT.get(layer) is None
+        second = checkpoint(layer, xs[1], use_reentrant=use_reentrant) if checkpointed \
+            else layer(xs[1])
+        assert (recompute._KEPT.get(layer) is not None) == checkpointed
+        (first.square().sum() + (second * 3).sin().sum()).backward()
+        grads[checkpointed] = [*(x.grad for x in xs), layer.gamma.grad, layer.beta.grad]
+    for got, want in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_a_training_call_without_gradients_or_under_saved_tensor_hooks_may_be_recomputed():
+    assert not recompute.may_recompute()
+    with torch.no_grad():
+        assert recompute.may_recompute()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert recompute.may_recompute()

@@ -515,7 +515,7 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         ``update`` where a plan prepared it (:func:`batchnorm.statistics.prepare_update`);
         ``traced``: whether a tracer sees the call (None: find out); ``stacklevel``: see
         :func:`batchnorm.callsite.warn`."""
-        if config.renorm or not isinstance(stats.count, int):
+        if (config.renorm or not isinstance(stats.count, int)) and recompute.may_recompute():
             recompute.remember(self, state, (stats,))  # the state enters the output
         # On CPU whether the batch entered the averages is read at once; traced (or in a
         # torch.func transform) and on an accelerator, the skips counter is written instead.

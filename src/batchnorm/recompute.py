@@ -14,10 +14,11 @@ normalization, and :class:`~batchnorm.BatchNorm` does neither:
 - the output of Batch Renormalization (``r``, ``d``) and of a masked group with no selected
   value (normalized with the moving statistics) depends on the state, which the original
   call's update has changed since. The recomputation must normalize with the state the
-  original call saw, or its gradients differ. Before each update in those modes the layer
-  keeps the values it is about to overwrite (:func:`remember`: the renorm averages, and the
-  moving statistics with a mask; for the last :data:`KEPT` updates of each layer), keyed by
-  the batch statistics of the calls that the update folds in. The recomputation computes
+  original call saw, or its gradients differ. Before each update in those modes of a call
+  that may be recomputed (:func:`may_recompute`) the layer keeps the values it is about to
+  overwrite (:func:`remember`: the renorm averages, and the moving statistics with a mask;
+  for the last :data:`KEPT` updates of each layer), keyed by the batch statistics of the
+  calls that the update folds in. The recomputation computes
   its batch statistics again (bit for bit: the same input, the same kernel), and
   :func:`original_state` picks the values kept before the update of the call with those
   statistics, or the current state when no update followed that call yet (inside a block,
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from .state import BatchNormState, BatchStatistics
 
-__all__ = ["KEPT", "in_backward", "original_state", "remember"]
+__all__ = ["KEPT", "in_backward", "may_recompute", "original_state", "remember"]
 
 KEPT = 4
 """Updates per layer whose previous values are kept for a recomputation: a layer called up to
@@ -57,6 +58,9 @@ two of the batch statistics."""
 _MOVING = ("moving_mean", "moving_variance")
 _RENORM = ("renorm_mean", "renorm_stddev")
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+# Where a torch release lacks it, every call counts as one that may be recomputed.
+_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks",
+                               lambda ignore_is_tracing: True)
 
 
 class _Kept(NamedTuple):
@@ -80,6 +84,26 @@ def in_backward() -> bool:
     # traces it (is_dynamo_compiling, unlike is_compiling, has no TorchScript check).
     return (torch.is_grad_enabled() and not torch.compiler.is_dynamo_compiling()
             and _graph_task_id() != -1)
+
+
+def may_recompute() -> bool:
+    """Whether activation checkpointing may run the current training call again: it runs
+    without gradients (``use_reentrant=True``'s first forward, and every checkpoint built on
+    an autograd Function, as DeepSpeed's and Megatron's) or with saved-tensor hooks
+    (``use_reentrant=False``'s first forward, offloading hooks). A call with gradients and
+    no hooks keeps its own activations, so nothing computes it again, and the layer need not
+    :func:`remember` the state it read. False while ``torch.compile`` traces (a compiled
+    model recomputes in its compiled backward, which contains no update).
+
+    >>> may_recompute()
+    False
+    >>> with torch.no_grad():
+    ...     may_recompute()
+    True
+    """
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    return not torch.is_grad_enabled() or _saved_tensors_hooks(False) is not None
 
 
 def remember(layer: object, state: BatchNormState, stats: Sequence[BatchStatistics]) -> None:
