@@ -22,6 +22,7 @@ Tolerances (those of ``tests/test_kernels.py``, for the same reasons):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -42,12 +43,16 @@ LOOSE = ("y", "dx", "dgamma", "dbeta")
 
 
 
-@pytest.fixture(autouse=True, params=["native", "function"])
+@pytest.fixture(autouse=True, params=["loops", "native", "function"])
 def folded_path(request, monkeypatch):
-    """Every test here runs on both of the folded kernel's paths: ATen's training kernel on
-    the folded terms (inputs up to NATIVE_MAX_NUMEL values, every input here by default)
-    and the statistics pass with ATen's inference kernel in an autograd Function (above it;
-    forced by a threshold of 0)."""
+    """Every test here runs on each of the folded kernel's paths: the device's loops (inputs
+    up to LOOPS_MAX_NUMEL values where the device has them: every CPU input here in the
+    layouts they take, by default), ATen's training kernel on the folded terms (up to
+    NATIVE_MAX_NUMEL values; forced by a loops threshold of 0) and the statistics pass with
+    ATen's inference kernel in an autograd Function (above both; forced by thresholds of
+    0)."""
+    if request.param != "loops":
+        monkeypatch.setattr(folded, "LOOPS_MAX_NUMEL", 0)
     if request.param == "function":
         monkeypatch.setattr(folded, "NATIVE_MAX_NUMEL", 0)
     return request.param
@@ -237,12 +242,15 @@ def test_small_renorm_and_adjustment_calls_take_the_folded_kernel():
 
 
 def counting_forward(monkeypatch) -> list:
-    """A list that grows by one at each call the folded kernel computes itself (on either
+    """A list that grows by one at each call the folded kernel computes itself (on any
     path), not at calls it hands to the composite."""
     calls: list = []
     forward, native = folded.FoldedFunction.forward, folded.FoldedCall.through_native
+    loops = folded.LoopsFunction.forward
     monkeypatch.setattr(folded.FoldedFunction, "forward",
                         staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    monkeypatch.setattr(folded.LoopsFunction, "forward",
+                        staticmethod(lambda *a: calls.append(1) or loops(*a)))
     monkeypatch.setattr(folded.FoldedCall, "through_native",
                         lambda *a: calls.append(1) or native(*a))
     return calls
@@ -422,3 +430,34 @@ def test_the_cpu_statistics_pass_for_small_inputs_equals_var_mean(shape, dtype):
     assert cpu.CPU.moments(x.requires_grad_()) is None  # autograd would record it
     big = torch.zeros(8, 2, cpu.MIN_PLAIN_NUMEL // 16 + 1)  # above: ATen's pass, threaded
     assert cpu.CPU.moments(big) is None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_small_contiguous_inputs_take_the_cpus_loops(layout, folded_path, monkeypatch):
+    """On CPU (numba present), a small contiguous input with its features at dim 1 or last
+    takes the one-loop path (LoopsFunction); other layouts and a fused activation take
+    ATen's training kernel. An upstream gradient that is not contiguous (``y.sum()``'s,
+    expanded) gives the composite's gradients (float32 1e-5)."""
+    from batchnorm.kernels import cpu
+
+    if folded_path != "loops" or not cpu.available():
+        pytest.skip("the loops path, with numba")
+    calls = []
+    forward = folded.LoopsFunction.forward
+    monkeypatch.setattr(folded.LoopsFunction, "forward",
+                        staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    x, axis = make_input(layout, torch.float32)
+    grads = []
+    for kernel, options in (("composite", {}), (None, {}), (None, {"activation": "relu"})):
+        layer = bn.BatchNorm(x.shape[axis], axis=axis, renorm=True, renorm_clipping=CLIP,
+                             **options)
+        layer.renorm_stddev.fill_(2.0)
+        xg = x.clone().requires_grad_()
+        with kernels.prefer(kernel) if kernel else contextlib.nullcontext():
+            layer(xg).sum().backward()
+        if not options:
+            grads.append((xg.grad, layer.gamma.grad, layer.beta.grad))
+    takes = layout in ("nchw", "rows", "nlc")
+    assert len(calls) == (1 if takes else 0)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -405,9 +405,12 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         key: plan.Signature | None = None
         known: plan.CallPlan | None = None
         if not (training and (config.synchronized or recompute.in_backward()
-                              or active_recorder(self) is not None)):
+                              or active_recorder(self) is not None
+                              or (config.renorm or mask is not None)
+                              and recompute.may_recompute())):
             # The checks and the kernel choice of an earlier call with this signature hold
-            # while the layer's tensors and options are those they saw (see batchnorm.plan).
+            # while the layer's tensors and options are those they saw (see batchnorm.plan);
+            # a renorm or masked call that checkpointing may redo takes the full path.
             key = plan.signature(x, training, mask)
             known = None if key is None else self._plans.get(key)
             if known is not None and not known.current(config, self._parameters, self._buffers):

@@ -21,8 +21,9 @@ from ..config import BatchNormConfig
 from ..state import BatchNormState, BatchStatistics
 from ..statistics import PreparedUpdate
 
-__all__ = ["INFERENCE_PASSES", "MODES", "MOMENTS_PASSES", "Fallback", "InferencePass", "KernelCall",
-           "MomentsPass", "PreparedTraining", "TrainingKernel", "Unprepared", "unprepared"]
+__all__ = ["INFERENCE_PASSES", "MODES", "MOMENTS_PASSES", "Fallback", "FoldedLoops",
+           "InferencePass", "KernelCall", "MomentsPass", "PreparedTraining", "TrainingKernel",
+           "Unprepared", "unprepared"]
 
 
 class KernelCall(NamedTuple):
@@ -132,6 +133,34 @@ class MomentsPass(Protocol):
         statistics are not written where the count is under 2. None where the pass does not
         apply."""
         ...
+
+
+    def prepare_folded(self, x: Tensor, state: BatchNormState, call: KernelCall
+                       ) -> FoldedLoops | None:
+        """The folded kernel's whole training call (:mod:`batchnorm.kernels.folded`) for
+        small inputs of ``x``'s signature, with ``state``'s renorm averages and ``call``'s
+        gamma and beta: one loop forward and one backward, what depends on the signature
+        decided once; None where it does not apply (layouts, dtypes, an activation)."""
+        ...
+
+
+class FoldedLoops(NamedTuple):
+    """A device's folded call for small inputs (:meth:`MomentsPass.prepare_folded`).
+
+    ``fits(adjust)``: whether ``forward`` takes the adjustment's per-feature terms (their
+    dtype and strides). ``forward(x, adjust) -> (y, mean, variance, terms)``: the output,
+    the batch's mean and biased variance, and ``terms``' rows ``a = c * gamma``, the factor
+    ``c`` and the offset ``e`` on ``xhat`` (renorm's ``(r, d)`` composed with the
+    adjustment's terms). ``backward(x, dy, mean, variance, terms, wanted) -> (dx, dgamma,
+    dbeta)``, each None unless ``wanted`` asks for it (bit 0 dx, 1 dgamma, 2 dbeta), ``c``
+    and ``e`` constants.
+    """
+
+    fits: Callable[[tuple[Tensor, Tensor] | None], bool]
+    forward: Callable[[Tensor, tuple[Tensor, Tensor] | None],
+                      tuple[Tensor, Tensor, Tensor, Tensor]]
+    backward: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int],
+                       tuple[Tensor | None, Tensor | None, Tensor | None]]
 
 
 # Device type -> its statistics pass for small inputs. Filled by batchnorm.kernels beside

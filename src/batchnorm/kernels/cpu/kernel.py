@@ -43,7 +43,7 @@ from ...state import BatchNormState, BatchStatistics, initial_state, statistics_
 from ...statistics import PreparedUpdate, prepare_update, renorm_correction
 from .. import two_pass
 from ..layout import Layout
-from ..protocol import KernelCall, TrainingKernel, Unprepared
+from ..protocol import FoldedLoops, KernelCall, TrainingKernel, Unprepared
 from . import passes
 from .passes import (
     DTYPES,
@@ -144,6 +144,89 @@ class CpuKernel(Unprepared):
                                         batch, features, inner, source,
                                         _UPDATE_DTYPES[dtype](0))
         return mean, variance
+
+    def prepare_folded(self, x: Tensor, state: BatchNormState, call: KernelCall
+                       ) -> FoldedLoops | None:
+        """The folded kernel's call for small inputs of ``x``'s signature
+        (:meth:`batchnorm.kernels.protocol.MomentsPass.prepare_folded`): one numba loop
+        forward (:func:`batchnorm.kernels.cpu.loops.folded_forward`) and one backward
+        (:func:`~batchnorm.kernels.cpu.loops.folded_backward`), on the calling thread. For a
+        contiguous float32, float64 or bfloat16 ``x`` with its feature axis at dim 1 or last,
+        no activation, and gamma, beta and the renorm averages contiguous feature vectors
+        of the statistics dtype; else None. (The caller bounds the size: the loops make no
+        use of threads.)"""
+        config = call.config
+        source = _MOMENTS_SOURCES.get(x.dtype)
+        (axis,) = call.axes
+        dtype = statistics_dtype(x.dtype)
+        kind = _UPDATE_DTYPES.get(dtype)
+        features = x.shape[axis] if x.ndim else 0
+        vectors = [call.gamma, call.beta]
+        if config.renorm:
+            vectors += [state.renorm_mean, state.renorm_stddev]
+        if (source is None or kind is None or not available() or x.device.type != "cpu"
+                or x.ndim < 2 or axis not in (1, x.ndim - 1) or not x.is_contiguous()
+                or config.activation is not None or x.numel() == 0
+                or any(t is not None and (t.dtype != dtype or t.shape != (features,)
+                                          or not t.is_contiguous() or t.device != x.device)
+                       for t in vectors)
+                or config.renorm and (state.renorm_mean is None or state.renorm_stddev is None)):
+            return None
+        inner = x.numel() // (x.shape[0] * features) if axis == 1 else 1
+        batch = x.numel() // (features * inner)
+        gamma, beta = call.gamma, call.beta
+        renorm_mean, renorm_stddev = (state.renorm_mean, state.renorm_stddev) if config.renorm \
+            else (None, None)
+        present = (config.renorm, config.adjustment is not None, gamma is not None,
+                   beta is not None)
+        flags = sum(bit << i for i, bit in enumerate(present))
+        clipping = config.clipping or {}
+        constants = (kind(config.epsilon), kind(math.sqrt(config.epsilon)),
+                     kind(clipping.get("rmin", 0.0)), kind(clipping.get("rmax", math.inf)),
+                     kind(clipping.get("dmax", math.inf)), source, kind(0))
+        epsilon, like = float(config.epsilon), kind(0)
+        forward_loop, backward_loop = passes.loops.folded_forward, passes.loops.folded_backward
+
+        def address(t: Tensor | None, default: int) -> int:
+            return default if t is None else t.data_ptr()
+
+        def fits(adjust: tuple[Tensor, Tensor] | None) -> bool:
+            return adjust is None or all(
+                t.dtype == dtype and t.shape == (features,) and t.stride() in ((0,), (1,))
+                and t.device == x.device for t in adjust)
+
+        row = features * torch.empty((), dtype=dtype).element_size()  # bytes per term
+
+        def forward(x: Tensor, adjust: tuple[Tensor, Tensor] | None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            y = torch.empty_like(x)
+            mean, variance = torch.empty(features, dtype=dtype), torch.empty(features, dtype=dtype)
+            terms = torch.empty((3, features), dtype=dtype)  # a, c, e
+            m, t = mean.data_ptr(), terms.data_ptr()
+            scale, bias, strides = m, m, 0
+            if adjust is not None:
+                scale, bias = adjust[0].data_ptr(), adjust[1].data_ptr()
+                strides = adjust[0].stride(0) | adjust[1].stride(0) << 1
+            forward_loop(x.data_ptr(), y.data_ptr(), m, variance.data_ptr(),
+                         address(gamma, m), address(beta, m), scale, bias,
+                         address(renorm_mean, m), address(renorm_stddev, m), t, t + row,
+                         t + 2 * row, batch, features, inner, flags, strides, *constants)
+            return y, mean, variance, terms
+
+        def backward(x: Tensor, dy: Tensor, mean: Tensor, variance: Tensor, terms: Tensor,
+                     wanted: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+            if not (dy.dtype == x.dtype and dy.shape == x.shape and dy.is_contiguous()):
+                dy = dy.to(x.dtype).contiguous()  # e.g. expanded (sum().backward())
+            dx = torch.empty_like(x) if wanted & 1 else None
+            dgamma = torch.empty(features, dtype=dtype) if wanted & 2 else None
+            dbeta = torch.empty(features, dtype=dtype) if wanted & 4 else None
+            m, t = mean.data_ptr(), terms.data_ptr()
+            backward_loop(x.data_ptr(), dy.data_ptr(), address(dx, m), m, variance.data_ptr(),
+                          t, t + row, t + 2 * row, address(dgamma, m),
+                          address(dbeta, m), batch, features, inner, wanted, epsilon,
+                          source, like)
+            return dx, dgamma, dbeta
+        return FoldedLoops(fits, forward, backward)
 
     def masked_moments(self, x3: Tensor, selected: Tensor
                        ) -> tuple[Tensor, Tensor, int] | None:
@@ -420,9 +503,9 @@ class CpuKernel(Unprepared):
             if not applied and skipped is not None:
                 skipped.add_(1)
             return applied
-        # No direct form: the layer keeps the renorm averages for activation checkpointing's
-        # recomputation (recompute.remember) from the statistics, before the update.
-        return PreparedUpdate(apply, None)
+        # A call that activation checkpointing may run again takes the layer's full path,
+        # which keeps the renorm averages before the update (recompute.remember).
+        return PreparedUpdate(apply, direct)
 
 
 def _moments_source(x: Tensor) -> Any:

@@ -946,3 +946,135 @@ def debiased(moving_mean, moving_variance, initial_mean, initial_variance, count
     for i in range(n):
         out_mean[i] = (mm[i] - decay * m0[i]) / denominator
         out_variance[i] = (mv[i] - decay * v0[i]) / denominator
+
+
+# ---------------------------------------------------------------- small inputs' folded call
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def folded_forward(x, y, mean, variance, gamma, beta, adj_scale, adj_bias, renorm_mean,
+                   renorm_stddev, a, c, e, batch, features, inner, flags, adj_strides,
+                   epsilon, floor, rmin, rmax, dmax, source, like):
+    """The folded kernel's training output for a small contiguous ``(batch, features,
+    inner)`` input of ``source``'s type (bfloat16 as ``uint16`` bits), in one call on the
+    calling thread: the batch's mean and biased variance (:func:`contiguous_moments`), the
+    factor ``c`` and offset ``e`` on ``xhat`` (Batch Renormalization's ``(r, d)`` from the
+    renorm averages and ``floor = sqrt(epsilon)``, clipped, the identity where not finite;
+    composed with the adjustment's terms in :func:`batchnorm.statistics.output_affine`'s
+    order), ``a = c * gamma`` and ``y = x * inv + shift`` with ``inv = invstd * a``,
+    ``shift = e * gamma + beta - mean * inv``, rounded once to ``y``'s type. ``flags``: bit 0
+    renorm, 1 an adjustment, 2 gamma, 3 beta (absent terms' addresses are not read);
+    ``adj_strides``: bit 0 the scale's, bit 1 the bias's stride (0: a value broadcast, 1: a
+    vector). Addresses of contiguous memory; statistics, terms, parameters and the
+    constants of ``like``'s type."""
+    contiguous_moments(x, mean, variance, batch, features, inner, source, like)
+    xs = carray(_pointer(x, source), batch * features * inner)
+    ys = carray(_pointer(y, source), batch * features * inner)
+    m = carray(_pointer(mean, like), features)
+    v = carray(_pointer(variance, like), features)
+    out_a = carray(_pointer(a, like), features)
+    out_c = carray(_pointer(c, like), features)
+    out_e = carray(_pointer(e, like), features)
+    renorm, adjusted = flags & 1, flags & 2
+    scaled, shifted = flags & 4, flags & 8
+    one, zero = one_like(like), zero_like(like)
+    inv = np.empty_like(m)
+    shift = np.empty_like(m)
+    for f in range(features):
+        root = np.sqrt(v[f] + epsilon)
+        scale, offset = one, zero
+        if renorm:
+            rm = carray(_pointer(renorm_mean, like), features)
+            rs = carray(_pointer(renorm_stddev, like), features)
+            s = floor if rs[f] < floor else rs[f]
+            r = root / s
+            r = rmin if r < rmin else r
+            r = rmax if r > rmax else r
+            scale = r if np.isfinite(r) else one
+            d = (m[f] - rm[f]) / s
+            d = -dmax if d < -dmax else d
+            d = dmax if d > dmax else d
+            offset = d if np.isfinite(d) else zero
+        if adjusted:
+            adj_s = carray(_pointer(adj_scale, like), features)[f * (adj_strides & 1)]
+            adj_b = carray(_pointer(adj_bias, like), features)[f * (adj_strides >> 1)]
+            if renorm:
+                scale, offset = scale * adj_s, offset * adj_s + adj_b
+            else:
+                scale, offset = adj_s, adj_b
+        out_c[f], out_e[f] = scale, offset
+        if scaled:
+            g = carray(_pointer(gamma, like), features)[f]
+            scale, offset = scale * g, offset * g
+        if shifted:
+            offset = offset + carray(_pointer(beta, like), features)[f]
+        out_a[f] = scale
+        i = one / root * scale  # affine_terms: invstd * scale, then offset - mean * inv
+        inv[f] = i
+        shift[f] = offset - m[f] * i
+    for b in range(batch):
+        for f in range(features):
+            start = (b * features + f) * inner
+            i, sh = inv[f], shift[f]
+            for j in range(start, start + inner):
+                store(ys, j, load(xs[j]) * i + sh)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def folded_backward(x, dy, dx, mean, variance, a, c, e, dgamma, dbeta, batch, features, inner,
+                    wanted, epsilon, source, like):
+    """The gradients of :func:`folded_forward`'s output, ``c`` and ``e`` constants:
+    ``dx = (dy - sum(dy)/n - xhat * sum(dy * xhat)/n) * invstd * a`` (ATen's training
+    backward), ``dgamma = c * sum(dy * xhat) + e * sum(dy)``, ``dbeta = sum(dy)``, sums in
+    float64. ``wanted``: bit 0 dx, 1 dgamma, 2 dbeta (the others' addresses are not
+    written). ``x``, ``dy`` and ``dx`` contiguous ``(batch, features, inner)`` of
+    ``source``'s type; the rest of ``like``'s."""
+    size = batch * features * inner
+    xs = carray(_pointer(x, source), size)
+    dys = carray(_pointer(dy, source), size)
+    m = carray(_pointer(mean, like), features)
+    v = carray(_pointer(variance, like), features)
+    w = carray(_pointer(a, like), features)
+    s1 = np.zeros(features, np.float64)
+    s2 = np.zeros(features, np.float64)
+    for b in range(batch):
+        for f in range(features):
+            start = (b * features + f) * inner
+            mf = np.float64(m[f])
+            t1 = np.float64(0.0)
+            t2 = np.float64(0.0)
+            for j in range(start, start + inner):
+                g = np.float64(load(dys[j]))
+                t1 += g
+                t2 += g * (np.float64(load(xs[j])) - mf)
+            s1[f] += t1
+            s2[f] += t2
+    n = np.float64(batch * inner)
+    if wanted & 2:
+        out_dgamma = carray(_pointer(dgamma, like), features)
+        cs = carray(_pointer(c, like), features)
+        es = carray(_pointer(e, like), features)
+        for f in range(features):
+            invstd = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
+            out_dgamma[f] = as_type(cs[f] * (s2[f] * invstd) + es[f] * s1[f], like)
+    if wanted & 4:
+        out_dbeta = carray(_pointer(dbeta, like), features)
+        for f in range(features):
+            out_dbeta[f] = as_type(s1[f], like)
+    if wanted & 1:
+        dxs = carray(_pointer(dx, source), size)
+        k = np.empty(features, np.float64)  # invstd * a
+        p = np.empty(features, np.float64)  # sum(dy * (x - mean)) * invstd**2 / n
+        q = np.empty(features, np.float64)  # sum(dy) / n
+        for f in range(features):
+            invstd = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
+            k[f] = invstd * np.float64(w[f])
+            p[f] = s2[f] * invstd * invstd / n
+            q[f] = s1[f] / n
+        for b in range(batch):
+            for f in range(features):
+                start = (b * features + f) * inner
+                mf, kf, pf, qf = np.float64(m[f]), k[f], p[f], q[f]
+                for j in range(start, start + inner):
+                    g = np.float64(load(dys[j])) - (np.float64(load(xs[j])) - mf) * pf - qf
+                    store(dxs, j, as_type(g * kf, like))
