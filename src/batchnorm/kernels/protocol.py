@@ -124,16 +124,25 @@ class MomentsPass(Protocol):
         caller computes them then)."""
         ...
 
-    def masked_moments(self, x3: Tensor, selected: Tensor
-                       ) -> tuple[Tensor, Tensor, int] | None:
-        """``(mean, variance, count)`` of the values of a contiguous ``(rows, features,
-        inner)`` input that ``selected`` selects (a contiguous boolean tensor of ``rows *
-        inner`` values, one per position of a feature, the same for every feature): 1-D
-        statistics in the statistics dtype and the number of values each has; the
-        statistics are not written where the count is under 2. None where the pass does not
-        apply."""
+    def masked_forward(self, x: Tensor, shape: tuple[int, int, int], selected: Tensor,
+                       gamma: Tensor | None, beta: Tensor | None, epsilon: float
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, int] | None:
+        """The masked kernel's training output of a contiguous input read as ``shape``,
+        ``(rows, features, inner)`` (:mod:`batchnorm.kernels.masked`): ``(y, mean,
+        variance, counts, count)``, the statistics (1-D, the statistics dtype) of the values
+        ``selected`` selects (a contiguous boolean tensor of ``rows * inner`` values, one
+        per position of a feature, the same for every feature), how many each has (a
+        ``(1, features)`` tensor and an int); ``y`` is written only where the count is 2 or
+        more. None where the pass does not apply."""
         ...
 
+    def masked_backward(self, x: Tensor, shape: tuple[int, int, int], dy: Tensor,
+                        selected: Tensor, mean: Tensor, variance: Tensor, gamma: Tensor | None,
+                        count: int, wanted: int, epsilon: float
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The gradients of :meth:`masked_forward`'s output: ``(dx, dgamma, dbeta)``, each
+        None unless ``wanted`` asks for it (bit 0 dx, 1 dgamma, 2 dbeta)."""
+        ...
 
     def prepare_folded(self, x: Tensor, state: BatchNormState, call: KernelCall
                        ) -> FoldedLoops | None:

@@ -228,27 +228,61 @@ class CpuKernel(Unprepared):
             return dx, dgamma, dbeta
         return FoldedLoops(fits, forward, backward)
 
-    def masked_moments(self, x3: Tensor, selected: Tensor
-                       ) -> tuple[Tensor, Tensor, int] | None:
-        """:meth:`moments` of the values a mask selects
-        (:meth:`batchnorm.kernels.protocol.MomentsPass.masked_moments`: ``x3`` contiguous
-        ``(rows, features, inner)``, ``selected`` one contiguous byte per ``rows * inner``
-        position), one numba loop on the calling thread
-        (:func:`batchnorm.kernels.cpu.loops.masked_contiguous_moments`)."""
-        source = _moments_source(x3)
-        if (source is None or x3.ndim != 3
+    def masked_forward(self, x: Tensor, shape: tuple[int, int, int], selected: Tensor,
+                       gamma: Tensor | None, beta: Tensor | None, epsilon: float
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, int] | None:
+        """The masked kernel's output and statistics in one numba loop on the calling thread
+        (:meth:`batchnorm.kernels.protocol.MomentsPass.masked_forward`,
+        :func:`batchnorm.kernels.cpu.loops.masked_forward`): ``x`` a contiguous float32,
+        float64 or bfloat16 input read as ``shape``, ``(rows, features, inner)``,
+        ``selected`` one contiguous byte per ``rows * inner`` position, gamma and beta
+        contiguous feature vectors of the statistics dtype; else None."""
+        source = _moments_source(x.detach())
+        dtype = statistics_dtype(x.dtype)
+        rows, features, inner = shape
+        if (source is None or x.numel() != rows * features * inner
                 or selected.dtype != torch.bool or not selected.is_contiguous()
-                or selected.device != x3.device
-                or selected.numel() != x3.shape[0] * x3.shape[2]):
+                or selected.device != x.device or selected.numel() != rows * inner
+                or any(t is not None and (t.dtype != dtype or t.shape != (features,)
+                                          or not t.is_contiguous() or t.device != x.device)
+                       for t in (gamma, beta))):
             return None
-        dtype = statistics_dtype(x3.dtype)
-        features = x3.shape[1]
+        kind = _UPDATE_DTYPES[dtype]
+        y = torch.empty_like(x, requires_grad=False)
         mean = torch.empty(features, dtype=dtype)
         variance = torch.empty(features, dtype=dtype)
-        count = passes.loops.masked_contiguous_moments(
-            x3.data_ptr(), selected.data_ptr(), mean.data_ptr(), variance.data_ptr(),
-            x3.shape[0], features, x3.shape[2], source, _UPDATE_DTYPES[dtype](0))
-        return mean, variance, int(count)
+        counts = torch.empty((1, features), dtype=dtype)
+        m = mean.data_ptr()
+        count = passes.loops.masked_forward(
+            x.data_ptr(), selected.data_ptr(), y.data_ptr(), m, variance.data_ptr(),
+            counts.data_ptr(), m if gamma is None else gamma.data_ptr(),
+            m if beta is None else beta.data_ptr(), rows, features, inner,
+            (gamma is not None) | (beta is not None) << 1, kind(epsilon), source, kind(0))
+        return y, mean, variance, counts, int(count)
+
+    def masked_backward(self, x: Tensor, shape: tuple[int, int, int], dy: Tensor,
+                        selected: Tensor, mean: Tensor, variance: Tensor, gamma: Tensor | None,
+                        count: int, wanted: int, epsilon: float
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The gradients of :meth:`masked_forward`'s output in one numba loop
+        (:func:`batchnorm.kernels.cpu.loops.masked_backward`): ``(dx, dgamma, dbeta)``, each
+        None unless ``wanted`` asks for it (bit 0 dx, 1 dgamma, 2 dbeta); ``dy`` of ``x``'s
+        shape, copied where it is not contiguous."""
+        if not (dy.dtype == x.dtype and dy.is_contiguous()):
+            dy = dy.to(x.dtype).contiguous()  # e.g. expanded (sum().backward())
+        rows, features, inner = shape
+        dtype = mean.dtype
+        dx = torch.empty_like(x) if wanted & 1 else None
+        dgamma = torch.empty(features, dtype=dtype) if wanted & 2 else None
+        dbeta = torch.empty(features, dtype=dtype) if wanted & 4 else None
+        m = mean.data_ptr()
+        passes.loops.masked_backward(
+            x.data_ptr(), dy.data_ptr(), selected.data_ptr(), m if dx is None else dx.data_ptr(),
+            m, variance.data_ptr(), m if gamma is None else gamma.data_ptr(),
+            m if dgamma is None else dgamma.data_ptr(), m if dbeta is None else dbeta.data_ptr(),
+            rows, features, inner, count, wanted | (gamma is not None) << 3, float(epsilon),
+            _MOMENTS_SOURCES[x.dtype], _UPDATE_DTYPES[dtype](0))
+        return dx, dgamma, dbeta
 
     def debiased(self, state: BatchNormState, momentum: float,
                  fresh: bool) -> Callable[[], tuple[Tensor, Tensor]] | None:
@@ -590,11 +624,20 @@ def warm_up() -> float:
                                                   stat)
         if correction is not None:  # renorm's (r, d)
             correction(torch.zeros(3, dtype=stat), torch.ones(3, dtype=stat))
-        for shape in ((8, 3), (4, 3, 5)):  # the small inputs' statistics, masked or not
-            CPU.moments(torch.randn(shape).to(dtype))
-            CPU.masked_moments(torch.randn(shape).to(dtype).view(shape[0], 3, -1),
-                               torch.ones(shape[0] * (shape[2] if len(shape) > 2 else 1),
-                                          dtype=torch.bool))
+        for shape in ((8, 3), (4, 3, 5)):  # the small inputs' loops: statistics, masked,
+            x = torch.randn(shape).to(dtype)  # renorm's (the folded kernel's)
+            CPU.moments(x)
+            shape3 = (shape[0], 3, x.numel() // (3 * shape[0]))
+            selected = torch.ones(shape3[0] * shape3[2], dtype=torch.bool)
+            masked = CPU.masked_forward(x, shape3, selected, None, None, 1e-3)
+            if masked is not None:
+                CPU.masked_backward(x, shape3, x, selected, masked[1], masked[2], None,
+                                    masked[4], 7, 1e-3)
+            loops = CPU.prepare_folded(x, renorm_state, KernelCall(
+                BatchNormConfig(renorm=True), (1,)))
+            if loops is not None:
+                y, mean, variance, terms = loops.forward(x, None)
+                loops.backward(x, y, mean, variance, terms, 7)
         debiased = CPU.debiased(initial_state(3, dtype=stat, debias=True), 0.99, fresh=True)
         if debiased is not None:  # the debiased inference statistics' loop
             debiased()

@@ -1078,3 +1078,107 @@ def folded_backward(x, dy, dx, mean, variance, a, c, e, dgamma, dbeta, batch, fe
                 for j in range(start, start + inner):
                     g = np.float64(load(dys[j])) - (np.float64(load(xs[j])) - mf) * pf - qf
                     store(dxs, j, as_type(g * kf, like))
+
+
+# ---------------------------------------------------------------- small inputs' masked call
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def masked_forward(x, mask, y, mean, variance, counts, gamma, beta, batch, features, inner,
+                   flags, epsilon, source, like):
+    """The masked kernel's training output for a small contiguous ``(batch, features,
+    inner)`` input in one call on the calling thread: the selected positions' statistics
+    (:func:`masked_contiguous_moments`, whose count it returns and writes to each of the
+    ``features`` values of ``counts``), then, where they are two or more,
+    ``y = x * inv + shift`` at every position with ``inv = gamma * invstd`` and
+    ``shift = beta - mean * inv``, rounded once to ``y``'s type (nothing is written under
+    two). ``flags``: bit 0 gamma, 1 beta (absent ones' addresses are not read); statistics,
+    parameters and ``epsilon`` of ``like``'s type."""
+    n = masked_contiguous_moments(x, mask, mean, variance, batch, features, inner, source,
+                                  like)
+    out_counts = carray(_pointer(counts, like), features)
+    for f in range(features):
+        out_counts[f] = as_type(n, like)
+    if n < 2:
+        return n
+    xs = carray(_pointer(x, source), batch * features * inner)
+    ys = carray(_pointer(y, source), batch * features * inner)
+    m = carray(_pointer(mean, like), features)
+    v = carray(_pointer(variance, like), features)
+    one = one_like(like)
+    inv = np.empty_like(m)
+    shift = np.empty_like(m)
+    for f in range(features):
+        i = one / np.sqrt(v[f] + epsilon)
+        if flags & 1:
+            i = i * carray(_pointer(gamma, like), features)[f]
+        offset = carray(_pointer(beta, like), features)[f] if flags & 2 else zero_like(like)
+        inv[f] = i
+        shift[f] = offset - m[f] * i
+    for b in range(batch):
+        for f in range(features):
+            start = (b * features + f) * inner
+            i, sh = inv[f], shift[f]
+            for j in range(start, start + inner):
+                store(ys, j, load(xs[j]) * i + sh)
+    return n
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def masked_backward(x, dy, mask, dx, mean, variance, gamma, dgamma, dbeta, batch, features,
+                    inner, count, wanted, epsilon, source, like):
+    """The gradients of :func:`masked_forward`'s output: ``A = sum(dy)`` and
+    ``B = sum(dy * xhat)`` over every position (float64), ``dgamma = B``, ``dbeta = A`` and
+    ``dx = gamma * invstd * (dy - [selected] / count * (A + xhat * B))``: the statistics
+    depend on the selected positions only. ``wanted``: bit 0 dx, 1 dgamma, 2 dbeta, 3 gamma
+    present. ``x``, ``dy`` and ``dx`` contiguous ``(batch, features, inner)`` of
+    ``source``'s type, ``mask`` one byte per ``batch * inner`` position; the rest of
+    ``like``'s type (``epsilon`` a float)."""
+    size = batch * features * inner
+    xs = carray(_pointer(x, source), size)
+    dys = carray(_pointer(dy, source), size)
+    ms = carray(_pointer(mask, np.uint8(0)), batch * inner)
+    m = carray(_pointer(mean, like), features)
+    v = carray(_pointer(variance, like), features)
+    a = np.zeros(features, np.float64)
+    b2 = np.zeros(features, np.float64)
+    for b in range(batch):
+        for f in range(features):
+            start = (b * features + f) * inner
+            mf = np.float64(m[f])
+            t1 = np.float64(0.0)
+            t2 = np.float64(0.0)
+            for j in range(start, start + inner):
+                g = np.float64(load(dys[j]))
+                t1 += g
+                t2 += g * (np.float64(load(xs[j])) - mf)
+            a[f] += t1
+            b2[f] += t2
+    s = np.empty(features, np.float64)
+    for f in range(features):
+        s[f] = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
+        b2[f] *= s[f]  # sum(dy * xhat)
+    if wanted & 2:
+        out_dgamma = carray(_pointer(dgamma, like), features)
+        for f in range(features):
+            out_dgamma[f] = as_type(b2[f], like)
+    if wanted & 4:
+        out_dbeta = carray(_pointer(dbeta, like), features)
+        for f in range(features):
+            out_dbeta[f] = as_type(a[f], like)
+    if wanted & 1:
+        dxs = carray(_pointer(dx, source), size)
+        n = np.float64(count)
+        for b in range(batch):
+            for f in range(features):
+                start, at = (b * features + f) * inner, b * inner
+                gs = s[f]
+                if wanted & 8:
+                    gs *= np.float64(carray(_pointer(gamma, like), features)[f])
+                mf, sf, af, bf = np.float64(m[f]), s[f], a[f] / n, b2[f] / n
+                for j in range(inner):
+                    g = np.float64(load(dys[start + j]))
+                    xhat = (np.float64(load(xs[start + j])) - mf) * sf
+                    corrected = g - (af + xhat * bf)
+                    store(dxs, start + j, as_type(gs * select(ms[at + j] != 0, corrected, g),
+                                                  like))
