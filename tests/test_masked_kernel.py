@@ -132,8 +132,9 @@ def test_small_masked_calls_take_the_masked_kernel():
     assert select_for(torch.randn(32, 64, 4, 4), per_sample[:, None, None]) is masked.MASKED
     assert select_for(torch.randn(8, 10, 64), torch.ones(8, 10, dtype=torch.bool),
                       axis=-1) is masked.MASKED
+    assert select_for(torch.randn(32, 64, 8, 8), per_sample[:, None, None]) is masked.MASKED
     # Above MIN_MASKED_NUMEL the CPU loops; what the kernel cannot take, the composite.
-    assert select_for(torch.randn(32, 64, 8, 8), per_sample[:, None, None]) is cpu.CPU
+    assert select_for(torch.randn(32, 64, 16, 16), per_sample[:, None, None]) is cpu.CPU
     channels_last = torch.randn(32, 64, 2, 2).contiguous(memory_format=torch.channels_last)
     assert select_for(channels_last, per_sample[:, None, None]) is composite.COMPOSITE
     assert select_for(torch.randn(32, 64), per_sample, renorm=True) is composite.COMPOSITE

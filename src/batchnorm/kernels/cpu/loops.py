@@ -948,7 +948,51 @@ def debiased(moving_mean, moving_variance, initial_mean, initial_variance, count
         out_variance[i] = (mv[i] - decay * v0[i]) / denominator
 
 
-# ---------------------------------------------------------------- small inputs' folded call
+# ---------------------------------------------------------------- small inputs' whole calls
+
+
+@njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _write_affine(xs, ys, inv, shift, batch, features, inner):
+    """``ys = xs * inv + shift`` per feature of a ``(batch, features, inner)`` layout,
+    rounded once to ``ys``' type; rows of features side by side where ``inner`` is 1."""
+    if inner == 1:
+        for b in range(batch):
+            row = b * features
+            for f in range(features):
+                store(ys, row + f, load(xs[row + f]) * inv[f] + shift[f])
+        return
+    for b in range(batch):
+        for f in range(features):
+            start = (b * features + f) * inner
+            i, sh = inv[f], shift[f]
+            for j in range(start, start + inner):
+                store(ys, j, load(xs[j]) * i + sh)
+
+
+@njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _grad_sums(xs, dys, m, batch, features, inner, s1, s2):
+    """``s1 += sum(dy)`` and ``s2 += sum(dy * (x - mean))`` per feature of a ``(batch,
+    features, inner)`` layout, in float64."""
+    if inner == 1:
+        for b in range(batch):
+            row = b * features
+            for f in range(features):
+                g = np.float64(load(dys[row + f]))
+                s1[f] += g
+                s2[f] += g * (np.float64(load(xs[row + f])) - np.float64(m[f]))
+        return
+    for b in range(batch):
+        for f in range(features):
+            start = (b * features + f) * inner
+            mf = np.float64(m[f])
+            t1 = np.float64(0.0)
+            t2 = np.float64(0.0)
+            for j in range(start, start + inner):
+                g = np.float64(load(dys[j]))
+                t1 += g
+                t2 += g * (np.float64(load(xs[j])) - mf)
+            s1[f] += t1
+            s2[f] += t2
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -1012,12 +1056,7 @@ def folded_forward(x, y, mean, variance, gamma, beta, adj_scale, adj_bias, renor
         i = one / root * scale  # affine_terms: invstd * scale, then offset - mean * inv
         inv[f] = i
         shift[f] = offset - m[f] * i
-    for b in range(batch):
-        for f in range(features):
-            start = (b * features + f) * inner
-            i, sh = inv[f], shift[f]
-            for j in range(start, start + inner):
-                store(ys, j, load(xs[j]) * i + sh)
+    _write_affine(xs, ys, inv, shift, batch, features, inner)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -1037,18 +1076,7 @@ def folded_backward(x, dy, dx, mean, variance, a, c, e, dgamma, dbeta, batch, fe
     w = carray(_pointer(a, like), features)
     s1 = np.zeros(features, np.float64)
     s2 = np.zeros(features, np.float64)
-    for b in range(batch):
-        for f in range(features):
-            start = (b * features + f) * inner
-            mf = np.float64(m[f])
-            t1 = np.float64(0.0)
-            t2 = np.float64(0.0)
-            for j in range(start, start + inner):
-                g = np.float64(load(dys[j]))
-                t1 += g
-                t2 += g * (np.float64(load(xs[j])) - mf)
-            s1[f] += t1
-            s2[f] += t2
+    _grad_sums(xs, dys, m, batch, features, inner, s1, s2)
     n = np.float64(batch * inner)
     if wanted & 2:
         out_dgamma = carray(_pointer(dgamma, like), features)
@@ -1061,26 +1089,35 @@ def folded_backward(x, dy, dx, mean, variance, a, c, e, dgamma, dbeta, batch, fe
         out_dbeta = carray(_pointer(dbeta, like), features)
         for f in range(features):
             out_dbeta[f] = as_type(s1[f], like)
-    if wanted & 1:
-        dxs = carray(_pointer(dx, source), size)
-        k = np.empty(features, np.float64)  # invstd * a
-        p = np.empty(features, np.float64)  # sum(dy * (x - mean)) * invstd**2 / n
-        q = np.empty(features, np.float64)  # sum(dy) / n
-        for f in range(features):
-            invstd = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
-            k[f] = invstd * np.float64(w[f])
-            p[f] = s2[f] * invstd * invstd / n
-            q[f] = s1[f] / n
+    if not wanted & 1:
+        return
+    dxs = carray(_pointer(dx, source), size)
+    # dx = (dy - (x - mean) * p - q) * k: k = invstd * a, p = sum(dy * (x - mean)) *
+    # invstd**2 / n, q = sum(dy) / n; as dy * k + (x * u + t), u = -p * k,
+    # t = (mean * p - q) * k, in float64.
+    k = np.empty(features, np.float64)
+    u = np.empty(features, np.float64)
+    t = np.empty(features, np.float64)
+    for f in range(features):
+        invstd = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
+        kf = invstd * np.float64(w[f])
+        pf = s2[f] * invstd * invstd / n
+        k[f], u[f], t[f] = kf, -pf * kf, (np.float64(m[f]) * pf - s1[f] / n) * kf
+    if inner == 1:
         for b in range(batch):
+            row = b * features
             for f in range(features):
-                start = (b * features + f) * inner
-                mf, kf, pf, qf = np.float64(m[f]), k[f], p[f], q[f]
-                for j in range(start, start + inner):
-                    g = np.float64(load(dys[j])) - (np.float64(load(xs[j])) - mf) * pf - qf
-                    store(dxs, j, as_type(g * kf, like))
-
-
-# ---------------------------------------------------------------- small inputs' masked call
+                j = row + f
+                g = np.float64(load(dys[j])) * k[f] + np.float64(load(xs[j])) * u[f] + t[f]
+                store(dxs, j, as_type(g, like))
+        return
+    for b in range(batch):
+        for f in range(features):
+            start = (b * features + f) * inner
+            kf, uf, tf = k[f], u[f], t[f]
+            for j in range(start, start + inner):
+                g = np.float64(load(dys[j])) * kf + np.float64(load(xs[j])) * uf + tf
+                store(dxs, j, as_type(g, like))
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -1115,12 +1152,7 @@ def masked_forward(x, mask, y, mean, variance, counts, gamma, beta, batch, featu
         offset = carray(_pointer(beta, like), features)[f] if flags & 2 else zero_like(like)
         inv[f] = i
         shift[f] = offset - m[f] * i
-    for b in range(batch):
-        for f in range(features):
-            start = (b * features + f) * inner
-            i, sh = inv[f], shift[f]
-            for j in range(start, start + inner):
-                store(ys, j, load(xs[j]) * i + sh)
+    _write_affine(xs, ys, inv, shift, batch, features, inner)
     return n
 
 
@@ -1130,10 +1162,11 @@ def masked_backward(x, dy, mask, dx, mean, variance, gamma, dgamma, dbeta, batch
     """The gradients of :func:`masked_forward`'s output: ``A = sum(dy)`` and
     ``B = sum(dy * xhat)`` over every position (float64), ``dgamma = B``, ``dbeta = A`` and
     ``dx = gamma * invstd * (dy - [selected] / count * (A + xhat * B))``: the statistics
-    depend on the selected positions only. ``wanted``: bit 0 dx, 1 dgamma, 2 dbeta, 3 gamma
-    present. ``x``, ``dy`` and ``dx`` contiguous ``(batch, features, inner)`` of
-    ``source``'s type, ``mask`` one byte per ``batch * inner`` position; the rest of
-    ``like``'s type (``epsilon`` a float)."""
+    depend on the selected positions only (the correction chosen with a select, never
+    multiplied by the mask). ``wanted``: bit 0 dx, 1 dgamma, 2 dbeta, 3 gamma present.
+    ``x``, ``dy`` and ``dx`` contiguous ``(batch, features, inner)`` of ``source``'s type,
+    ``mask`` one byte per ``batch * inner`` position; the rest of ``like``'s type
+    (``epsilon`` a float)."""
     size = batch * features * inner
     xs = carray(_pointer(x, source), size)
     dys = carray(_pointer(dy, source), size)
@@ -1142,18 +1175,7 @@ def masked_backward(x, dy, mask, dx, mean, variance, gamma, dgamma, dbeta, batch
     v = carray(_pointer(variance, like), features)
     a = np.zeros(features, np.float64)
     b2 = np.zeros(features, np.float64)
-    for b in range(batch):
-        for f in range(features):
-            start = (b * features + f) * inner
-            mf = np.float64(m[f])
-            t1 = np.float64(0.0)
-            t2 = np.float64(0.0)
-            for j in range(start, start + inner):
-                g = np.float64(load(dys[j]))
-                t1 += g
-                t2 += g * (np.float64(load(xs[j])) - mf)
-            a[f] += t1
-            b2[f] += t2
+    _grad_sums(xs, dys, m, batch, features, inner, a, b2)
     s = np.empty(features, np.float64)
     for f in range(features):
         s[f] = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
@@ -1166,19 +1188,36 @@ def masked_backward(x, dy, mask, dx, mean, variance, gamma, dgamma, dbeta, batch
         out_dbeta = carray(_pointer(dbeta, like), features)
         for f in range(features):
             out_dbeta[f] = as_type(a[f], like)
-    if wanted & 1:
-        dxs = carray(_pointer(dx, source), size)
-        n = np.float64(count)
+    if not wanted & 1:
+        return
+    dxs = carray(_pointer(dx, source), size)
+    # dx = gs * dy - [selected] * (x * u + t): gs = gamma * invstd, u = gs * invstd * B / n,
+    # t = gs * (A / n - mean * invstd * B / n), in float64.
+    n = np.float64(count)
+    gs = np.empty(features, np.float64)
+    u = np.empty(features, np.float64)
+    t = np.empty(features, np.float64)
+    for f in range(features):
+        g = s[f]
+        if wanted & 8:
+            g *= np.float64(carray(_pointer(gamma, like), features)[f])
+        gs[f] = g
+        u[f] = g * s[f] * b2[f] / n
+        t[f] = g * (a[f] / n - np.float64(m[f]) * s[f] * b2[f] / n)
+    zero = np.float64(0.0)
+    if inner == 1:
         for b in range(batch):
+            row, selected = b * features, ms[b] != 0
             for f in range(features):
-                start, at = (b * features + f) * inner, b * inner
-                gs = s[f]
-                if wanted & 8:
-                    gs *= np.float64(carray(_pointer(gamma, like), features)[f])
-                mf, sf, af, bf = np.float64(m[f]), s[f], a[f] / n, b2[f] / n
-                for j in range(inner):
-                    g = np.float64(load(dys[start + j]))
-                    xhat = (np.float64(load(xs[start + j])) - mf) * sf
-                    corrected = g - (af + xhat * bf)
-                    store(dxs, start + j, as_type(gs * select(ms[at + j] != 0, corrected, g),
-                                                  like))
+                j = row + f
+                term = select(selected, np.float64(load(xs[j])) * u[f] + t[f], zero)
+                store(dxs, j, as_type(np.float64(load(dys[j])) * gs[f] - term, like))
+        return
+    for b in range(batch):
+        for f in range(features):
+            start, at = (b * features + f) * inner, b * inner
+            gf, uf, tf = gs[f], u[f], t[f]
+            for j in range(inner):
+                term = select(ms[at + j] != 0, np.float64(load(xs[start + j])) * uf + tf, zero)
+                store(dxs, start + j, as_type(np.float64(load(dys[start + j])) * gf - term,
+                                              like))

@@ -46,10 +46,12 @@ MIN_PLAIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 19))
 # 32x64x8x8 4.3/2.7, 32x64x32x32 (2M) 1.15/0.95, 64x64x56x56 (12.8M) 0.88/1.03).
 MIN_PLAIN_BFLOAT16_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 22))
 MIN_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 15))
-# Masks: below this the masked kernel (batchnorm.kernels.masked: a statistics loop and ATen's
-# kernels; measured, float32, one thread: at 32x64x8x8 it takes 0.5x these loops' time
-# forward but 1.1x forward and backward, at 32x64x4x4 0.4x and 0.7x).
-MIN_MASKED_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 16))
+# Masks: below this the masked kernel (batchnorm.kernels.masked: one loop forward and one
+# backward on the calling thread; measured, one thread, reuse allocator, forward /
+# forward+backward, its time over these loops': float32 32x64x8x8 0.51/0.59, 32x64x8x16
+# 0.73/0.81, 32x64x16x16 1.00/1.08, 4096x64 0.35/0.49, 8192x64 0.43/0.57; bfloat16
+# 32x64x8x16 0.81/0.91, 32x64x16x16 1.18/1.27).
+MIN_MASKED_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 18))
 # The inference pass (affine) without an activation: below this, torch's operations.
 MIN_AFFINE_NUMEL = int(os.environ.get("BATCHNORM_CPU_MIN_NUMEL", 1 << 16))
 # With a fused activation the fallback is ATen's kernel (or its inference kernel) and the
