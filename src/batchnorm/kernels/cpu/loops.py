@@ -981,18 +981,18 @@ def _grad_sums(xs, dys, m, batch, features, inner, s1, s2):
                 s1[f] += g
                 s2[f] += g * (np.float64(load(xs[row + f])) - np.float64(m[f]))
         return
-    for b in range(batch):
+    for b in range(batch):  # each plane summed in the statistics' type, planes in float64
         for f in range(features):
             start = (b * features + f) * inner
-            mf = np.float64(m[f])
-            t1 = np.float64(0.0)
-            t2 = np.float64(0.0)
+            mf = m[f]
+            t1 = zero_like(mf)
+            t2 = zero_like(mf)
             for j in range(start, start + inner):
-                g = np.float64(load(dys[j]))
+                g = load(dys[j])
                 t1 += g
-                t2 += g * (np.float64(load(xs[j])) - mf)
-            s1[f] += t1
-            s2[f] += t2
+                t2 += g * (load(xs[j]) - mf)
+            s1[f] += np.float64(t1)
+            s2[f] += np.float64(t2)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -1094,30 +1094,35 @@ def folded_backward(x, dy, dx, mean, variance, a, c, e, dgamma, dbeta, batch, fe
     dxs = carray(_pointer(dx, source), size)
     # dx = (dy - (x - mean) * p - q) * k: k = invstd * a, p = sum(dy * (x - mean)) *
     # invstd**2 / n, q = sum(dy) / n; as dy * k + (x * u + t), u = -p * k,
-    # t = (mean * p - q) * k, in float64.
-    k = np.empty(features, np.float64)
-    u = np.empty(features, np.float64)
-    t = np.empty(features, np.float64)
+    # t = (mean * p - q) * k: the terms in float64, the pass in the statistics' type.
+    k = np.empty_like(m)
+    u = np.empty_like(m)
+    t = np.empty_like(m)
     for f in range(features):
         invstd = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
         kf = invstd * np.float64(w[f])
         pf = s2[f] * invstd * invstd / n
         k[f], u[f], t[f] = kf, -pf * kf, (np.float64(m[f]) * pf - s1[f] / n) * kf
+    _write_gradient(xs, dys, dxs, k, u, t, batch, features, inner)
+
+
+@njit(inline="always", fastmath=_FASTMATH, cache=True)
+def _write_gradient(xs, dys, dxs, k, u, t, batch, features, inner):
+    """``dxs = dys * k + (xs * u + t)`` per feature of a ``(batch, features, inner)``
+    layout, in the terms' type, rounded once to ``dxs``' type."""
     if inner == 1:
         for b in range(batch):
             row = b * features
             for f in range(features):
                 j = row + f
-                g = np.float64(load(dys[j])) * k[f] + np.float64(load(xs[j])) * u[f] + t[f]
-                store(dxs, j, as_type(g, like))
+                store(dxs, j, load(dys[j]) * k[f] + (load(xs[j]) * u[f] + t[f]))
         return
     for b in range(batch):
         for f in range(features):
             start = (b * features + f) * inner
             kf, uf, tf = k[f], u[f], t[f]
             for j in range(start, start + inner):
-                g = np.float64(load(dys[j])) * kf + np.float64(load(xs[j])) * uf + tf
-                store(dxs, j, as_type(g, like))
+                store(dxs, j, load(dys[j]) * kf + (load(xs[j]) * uf + tf))
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
