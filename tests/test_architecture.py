@@ -188,3 +188,12 @@ def test_a_training_call_enters_few_modules() -> None:
     assert len(first) <= 10, first
     assert len(planned) <= 6, planned
     assert int(layer.num_updates) == 2  # both calls did update
+
+
+def test_the_layer_module_stays_small_and_nothing_reads_frames() -> None:
+    """The layer's module holds the layer only (torch.nn compatibility, state-dict checks and
+    the regularization helpers live in modules of their own): at most 600 lines. No module
+    reads the interpreter's frames (``sys._getframe``) to learn its caller's arguments."""
+    assert len((PACKAGE / "layer.py").read_text().splitlines()) <= 600
+    for name, path in MODULES.items():
+        assert "_getframe" not in path.read_text(), name

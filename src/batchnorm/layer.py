@@ -344,9 +344,8 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
     def _build(self, feature_shape: tuple[int, ...]) -> None:
         """Materialize a lazy layer's parameters and buffers for ``feature_shape``.
 
-        Every initial value is computed before anything changes, so a failing
-        initializer leaves the layer lazy.
-        """
+        Every initial value is computed before anything changes, so a failing initializer
+        leaves the layer lazy."""
         values = self._initial_values(feature_shape)
         with torch.no_grad():
             for name, value in values.items():
@@ -389,16 +388,14 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
             return False
         return self.training if training is None else training
 
-    def forward(
-        self, x: Tensor, training: bool | None = None, mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, training: bool | None = None, mask: Tensor | None = None
+                ) -> Tensor:
         """Normalize ``x``.
 
-        ``training=None`` follows ``train()``/``eval()``; ``True``/``False``
-        overrides it for this call. A frozen layer (``trainable=False``) always
-        runs in inference mode. ``mask``, a boolean tensor broadcastable over
-        the non-feature axes, selects the positions the batch statistics come
-        from (in training); every position is normalized.
+        ``training=None`` follows ``train()``/``eval()``; ``True``/``False`` overrides it
+        for this call. A frozen layer (``trainable=False``) always runs in inference mode.
+        ``mask``, a boolean tensor broadcastable over the non-feature axes, selects the
+        positions the batch statistics come from (in training); every position is normalized.
         """
         training = self._resolve_training(training)
         config = self._config
