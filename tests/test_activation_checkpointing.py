@@ -14,6 +14,8 @@ and more (shown by turning the fix off).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -233,3 +235,25 @@ def test_a_training_call_without_gradients_or_under_saved_tensor_hooks_may_be_re
         assert recompute.may_recompute()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         assert recompute.may_recompute()
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_checkpointed_call_whose_update_a_deferred_block_applies_keeps_its_state(
+        use_reentrant):
+    """Inside :func:`bn.deferred_updates`, the update of a checkpointed renorm call is applied
+    later, outside the checkpoint: the state it read is still kept, so the recomputation in
+    backward normalizes as the call did (gradients equal to the unchecked call's)."""
+    torch.manual_seed(0)
+    base = bn.BatchNorm(6, renorm=True, momentum=0.5, renorm_momentum=0.5,
+                        dtype=torch.float64)
+    x = torch.randn(16, 6, dtype=torch.float64) * 3 + 2
+    w = torch.randn(16, 6, dtype=torch.float64)
+    grads = []
+    for checkpointed in (False, True):
+        layer, xg = copy.deepcopy(base), x.clone().requires_grad_()
+        with bn.deferred_updates() as updates:
+            y = checkpoint(layer, xg, use_reentrant=use_reentrant) if checkpointed else layer(xg)
+            updates.apply()  # the update before backward
+        (y * w).sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0], **TOL)

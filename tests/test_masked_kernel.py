@@ -205,3 +205,23 @@ def test_the_cpu_loops_take_masks_of_fewer_dimensions_than_the_input():
         with kernels.prefer(kernel):
             outputs.append(bn.BatchNorm(16).double()(x, training=True, mask=mask))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-9, atol=1e-9)
+
+
+def test_gamma_cast_between_forward_and_backward_gives_the_composites_gradients():
+    """The backward reads gamma as it is then (a model cast between forward and backward):
+    converted to the statistics' dtype, never read as memory of another type (float32
+    1e-5, the composite's rounding)."""
+    grads = []
+    for kernel in ("composite", "masked"):
+        layer = bn.BatchNorm(6)
+        with torch.no_grad():
+            layer.gamma.copy_(torch.linspace(0.5, 2.0, 6))
+        x = (torch.randn(8, 6, 5, generator=torch.Generator().manual_seed(0)) * 2
+             ).requires_grad_()
+        mask = torch.rand(8, 1, 5, generator=torch.Generator().manual_seed(1)) < 0.6
+        with kernels.prefer(kernel):
+            y = layer(x, mask=mask)
+        layer.gamma.data = layer.gamma.data.double()
+        y.sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)

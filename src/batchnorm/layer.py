@@ -421,7 +421,7 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         y, stats, applied = known.run(x) if mask is None else known.run(x, mask)
         if applied is None and stats is not None:  # a skip warns at forward's caller
             self._update(stats, known.state, known.call_config, known.update, traced=False,
-                         stacklevel=callsite.FROM_FORWARD + 1)
+                         stacklevel=callsite.FROM_FORWARD + 1, recomputable=False)
         elif applied is False and stats is not None:  # a CPU loop's answer: reported at once
             self._skipped(stats, callsite.FROM_FORWARD + 1)
         return y
@@ -449,8 +449,7 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         if recomputing and (config.renorm or mask is not None):
             with torch.no_grad():  # its statistics only, keeping no tensor for backward
                 _, stats = F.forward(x, state, config, training=True, gamma=self.gamma,
-                                     beta=self.beta, mask=mask,
-                                     process_group=self._process_group)
+                                     beta=self.beta, mask=mask, process_group=self._process_group)
             assert stats is not None  # a training call's
             state = recompute.original_state(self, stats, state)
         y, stats = F.forward(x, state, config, training=training, gamma=self.gamma,
@@ -458,7 +457,8 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
         if stats is not None and not recomputing:
             recorder = active_recorder(self)
             if recorder is None:
-                self._update(stats, state, config, stacklevel=callsite.FROM_FORWARD + 2)
+                self._update(stats, state, config, stacklevel=callsite.FROM_FORWARD + 2,
+                             recomputable=recompute.may_recompute())
             else:
                 recorder.record(self, stats, config.unbiased_moving_variance)
         return y
@@ -503,19 +503,19 @@ class BatchNorm(checkpoint.CheckedStateDict, options.LayerProperties):
 
         The layer calls it after each training call (or :class:`~batchnorm.DeferredUpdates`
         does, for recorded calls; :class:`~batchnorm.Accumulation` once per step, with the
-        pooled statistics of the step's micro-batches).
-        """
+        pooled statistics of the step's micro-batches)."""
         self._update(stats, self.state(), self._config.with_variance(unbiased_moving_variance),
                      stacklevel=3)
 
     def _update(self, stats: BatchStatistics, state: BatchNormState,
                 config: BatchNormConfig, update: PreparedUpdate | None = None,
-                traced: bool | None = None, *, stacklevel: int) -> None:
+                traced: bool | None = None, *, stacklevel: int, recomputable: bool = True) -> None:
         """Apply ``stats`` with ``config`` (the layer's, decided for the call's input), through
         ``update`` where a plan prepared it (:func:`batchnorm.statistics.prepare_update`);
         ``traced``: whether a tracer sees the call (None: find out); ``stacklevel``: see
-        :func:`batchnorm.callsite.warn`."""
-        if (config.renorm or not isinstance(stats.count, int)) and recompute.may_recompute():
+        :func:`batchnorm.callsite.warn`; ``recomputable``: whether checkpointing may redo the
+        calls (True for an update applied after their forward, which cannot know)."""
+        if (config.renorm or not isinstance(stats.count, int)) and recomputable:
             recompute.remember(self, state, (stats,))  # the state enters the output
         # On CPU whether the batch entered the averages is read at once; traced (or in a
         # torch.func transform) and on an accelerator, the skips counter is written instead.

@@ -272,6 +272,11 @@ class CpuKernel(Unprepared):
             dy = dy.to(x.dtype).contiguous()  # e.g. expanded (sum().backward())
         rows, features, inner = shape
         dtype = mean.dtype
+        if gamma is not None and (gamma.dtype != dtype or not gamma.is_contiguous()):
+            gamma = gamma.detach().to(dtype).contiguous()  # changed since the forward
+        if gamma is not None and gamma.shape != (features,):
+            raise RuntimeError(f"gamma changed shape between forward and backward: "
+                               f"{tuple(gamma.shape)}, expected ({features},)")
         dx = torch.empty_like(x) if wanted & 1 else None
         dgamma = torch.empty(features, dtype=dtype) if wanted & 2 else None
         dbeta = torch.empty(features, dtype=dtype) if wanted & 4 else None
