@@ -294,7 +294,8 @@ def _differentiated(o: FoldedCall, xm: Tensor, gamma: Tensor | None, beta: Tenso
 class LoopsFunction(torch.autograd.Function):
     """``(y, mean, variance)`` of the folded kernel on a small ``x`` through the device's
     loops (:class:`~batchnorm.kernels.protocol.FoldedLoops`), the statistics without
-    gradient."""
+    gradient. The loops read the gamma and beta of the call they were prepared for, the
+    tensors given here (for autograd: a plan holds while they are the layer's)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, gamma: Tensor | None, beta: Tensor | None, o: FoldedCall,
