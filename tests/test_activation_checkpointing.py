@@ -183,26 +183,43 @@ def test_compiled_checkpoint_recomputes_without_a_second_update():
         assert model[1].num_updates.item() == step + 1
 
 
+RENORM_CLIPPED = {"axis": -1, "renorm": True, "renorm_momentum": 0.5, "dtype": torch.float64,
+                  "renorm_clipping": {"rmax": 1.25, "dmax": 0.2}}
+
+
+def two_calls(seed: int, checkpointed: tuple[int, ...], use_reentrant: bool, after=None):
+    """Two training calls of one renorm layer on two batches and one backward through both,
+    the calls whose index is in ``checkpointed`` under ``checkpoint``; ``after(layer, i)``
+    runs after call ``i``. Returns the layer and the gradients of both inputs, gamma and
+    beta."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(8, 3, generator=g, dtype=torch.float64) * s + s).requires_grad_()
+          for s in (1, 3)]
+    layer = bn.BatchNorm(3, **RENORM_CLIPPED)
+    ys = []
+    for i, x in enumerate(xs):
+        ys.append(checkpoint(layer, x, use_reentrant=use_reentrant) if i in checkpointed
+                  else layer(x))
+        if after is not None:
+            after(layer, i)
+    (ys[0].square().sum() + (ys[1] * 3).sin().sum()).backward()
+    return layer, [*(x.grad for x in xs), layer.gamma.grad, layer.beta.grad]
+
+
+def assert_same_gradients(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_a_layer_called_twice_before_backward_recomputes_each_call_with_its_own_state(
         use_reentrant):
     """A GAN's discriminator on real and on fake data, one backward: two updates happened
     before the recomputations, each of which must find the state of its own call."""
-    options = {"axis": -1, "renorm": True, "renorm_momentum": 0.5, "dtype": torch.float64,
-               "renorm_clipping": {"rmax": 1.25, "dmax": 0.2}}
-    g = torch.Generator().manual_seed(2)
-    inputs = [torch.randn(8, 3, generator=g, dtype=torch.float64) * s + s for s in (1, 3)]
-    grads = {}
-    for checkpointed in (False, True):
-        layer = bn.BatchNorm(3, **options)
-        xs = [x.clone().requires_grad_() for x in inputs]
-        ys = [checkpoint(layer, x, use_reentrant=use_reentrant) if checkpointed else layer(x)
-              for x in xs]
-        (ys[0].square().sum() + (ys[1] * 3).sin().sum()).backward()
-        grads[checkpointed] = [*(x.grad for x in xs), layer.gamma.grad, layer.beta.grad]
-        assert layer.num_updates.item() == 2
-    for got, want in zip(grads[True], grads[False], strict=True):
-        torch.testing.assert_close(got, want, **TOL)
+    plain, want = two_calls(2, (), use_reentrant)
+    checkpointed, got = two_calls(2, (0, 1), use_reentrant)
+    assert plain.num_updates.item() == 2 and checkpointed.num_updates.item() == 2
+    assert_same_gradients(got, want)
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
@@ -210,23 +227,13 @@ def test_only_calls_that_may_be_recomputed_keep_the_state_they_read(use_reentran
     """A call that keeps its own activations keeps nothing for a recomputation (nothing runs it
     again); a checkpointed call of the same layer after it keeps its state and recomputes with
     it, so the gradients equal those of two plain calls."""
-    options = {"axis": -1, "renorm": True, "renorm_momentum": 0.5, "dtype": torch.float64,
-               "renorm_clipping": {"rmax": 1.25, "dmax": 0.2}}
-    g = torch.Generator().manual_seed(3)
-    inputs = [torch.randn(8, 3, generator=g, dtype=torch.float64) * s + s for s in (1, 3)]
-    grads = {}
-    for checkpointed in (False, True):
-        layer = bn.BatchNorm(3, **options)
-        xs = [x.clone().requires_grad_() for x in inputs]
-        first = layer(xs[0])
-        assert recompute._KEPT.get(layer) is None
-        second = checkpoint(layer, xs[1], use_reentrant=use_reentrant) if checkpointed \
-            else layer(xs[1])
-        assert (recompute._KEPT.get(layer) is not None) == checkpointed
-        (first.square().sum() + (second * 3).sin().sum()).backward()
-        grads[checkpointed] = [*(x.grad for x in xs), layer.gamma.grad, layer.beta.grad]
-    for got, want in zip(grads[True], grads[False], strict=True):
-        torch.testing.assert_close(got, want, **TOL)
+    def kept(checkpointed):
+        def after(layer, i):  # only the checkpointed second call keeps the state it read
+            assert (recompute._KEPT.get(layer) is not None) == (i == 1 and checkpointed)
+        return after
+    _, want = two_calls(3, (), use_reentrant, kept(False))
+    _, got = two_calls(3, (1,), use_reentrant, kept(True))
+    assert_same_gradients(got, want)
 
 
 def test_a_training_call_without_gradients_or_under_saved_tensor_hooks_may_be_recomputed():

@@ -15,8 +15,8 @@ a device whose fast path has an inference loop registers it in
   into its affine terms (:mod:`batchnorm.kernels.folded`); one feature axis.
 - ``ghost``: ATen's fused kernel for ghost batches (one feature axis, no renorm or mask),
   each (ghost batch, feature) pair one of its channels (:mod:`batchnorm.kernels.ghost`).
-- ``masked``: masks at a small call's cost: one statistics loop, ATen's inference kernel
-  and ATen's backward corrected for the mask (:mod:`batchnorm.kernels.masked`); one
+- ``masked``: masks at a small call's cost: one loop forward and one backward on the
+  device (:mod:`batchnorm.kernels.masked`); one
   feature axis, at dim 1 or last of a contiguous input, no renorm, ghost batches or
   adjustment.
 - ``cpu``: numba loops at memory bandwidth for CPU tensors; every mode but

@@ -62,6 +62,7 @@ from ..statistics import (
     traced,
 )
 from .composite import adjustment_terms, train_adjusted
+from .gradients import double_backward, gradient_bits
 from .inference import normalize, normalize_features
 from .native import (
     NativeCall,
@@ -266,29 +267,14 @@ class FoldedCall:
         assert c is not None and e is not None  # renorm or an adjustment: both terms
         return c, e
 
-    def differentiable(self, xm: Tensor, gamma: Tensor | None, beta: Tensor | None,
-                       c: Tensor, e: Tensor) -> Tensor:
-        """The output on ``xm`` in torch operations (what a double backward differentiates),
-        ``c`` and ``e`` constants."""
-        variance, mean = torch.var_mean(xm.to(self.statistics_dtype),
-                                        dim=reduction_axes(xm.ndim, (1,)), correction=0)
+    def differentiable(self, x: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                       c: Tensor, e: Tensor, axis: int = 1) -> Tensor:
+        """The output on ``x`` (features along ``axis``) in torch operations (what a double
+        backward differentiates), ``c`` and ``e`` constants."""
+        variance, mean = torch.var_mean(x.to(self.statistics_dtype),
+                                        dim=reduction_axes(x.ndim, (axis,)), correction=0)
         a, b = output_affine(gamma, beta, c, e)
-        return normalize(xm, mean, variance, b, a, self.call.config.epsilon, axis=1)
-
-
-def _differentiated(o: FoldedCall, xm: Tensor, gamma: Tensor | None, beta: Tensor | None,
-                    c: Tensor, e: Tensor, dy: Tensor, needs: tuple[bool, ...]
-                    ) -> tuple[Tensor | None, ...]:
-    """A double backward's first gradients (``create_graph=True``): the output written in
-    torch operations on ``xm`` (features along dim 1), ``c`` and ``e`` constants,
-    differentiated for the inputs ``needs`` asks for."""
-    wanted = [t for t, need in zip((xm, gamma, beta), needs, strict=True)
-              if need and t is not None]
-    with torch.enable_grad():
-        y = o.differentiable(xm, gamma, beta, c, e)
-    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
-    return tuple(next(grads) if need and t is not None else None
-                 for t, need in zip((xm, gamma, beta), needs, strict=True))
+        return normalize(x, mean, variance, b, a, self.call.config.epsilon, axis=axis)
 
 
 class LoopsFunction(torch.autograd.Function):
@@ -312,13 +298,13 @@ class LoopsFunction(torch.autograd.Function):
         x, gamma, beta, mean, variance, terms = ctx.saved_tensors
         o, needs = ctx.o, ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: differentiate the torch operations
-            axis = o.axis
-            dx, dgamma, dbeta = _differentiated(o, x.movedim(axis, 1), gamma, beta, terms[1],
-                                                terms[2], dy.movedim(axis, 1), needs)
-            return (None if dx is None else dx.movedim(1, axis)), dgamma, dbeta, None, None
-        wanted = (needs[0] | (gamma is not None and needs[1]) << 1
-                  | (beta is not None and needs[2]) << 2)
-        dx, dgamma, dbeta = o.loops.backward(x, dy, mean, variance, terms, wanted)
+            c, e = terms[1], terms[2]
+            dx, dgamma, dbeta = double_backward(
+                lambda x, gamma, beta: o.differentiable(x, gamma, beta, c, e, axis=o.axis),
+                (x, gamma, beta), needs, dy)
+            return dx, dgamma, dbeta, None, None
+        dx, dgamma, dbeta = o.loops.backward(x, dy, mean, variance, terms,
+                                             gradient_bits(needs, gamma, beta))
         return dx, dgamma, dbeta, None, None
 
 
@@ -348,7 +334,9 @@ class FoldedFunction(torch.autograd.Function):
         xm, gamma, beta, a, mean, variance, c, e = ctx.saved_tensors
         o, needs = ctx.o, ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: differentiate the torch operations
-            return (*_differentiated(o, xm, gamma, beta, c, e, dy, needs), None, None)
+            return (*double_backward(
+                lambda xm, gamma, beta: o.differentiable(xm, gamma, beta, c, e),
+                (xm, gamma, beta), needs, dy), None, None)
         if o.hook and misread_by_cpu_backward(dy):
             dy = dy.contiguous()
         need_gamma = gamma is not None and needs[1]

@@ -14,9 +14,9 @@ reaches neither statistic), then one for the output. The gradient of a position 
 with ``A = sum(dy)`` (beta's gradient) and ``B = sum(dy * xhat)`` (gamma's) over every
 position (the statistics depend on the selected ones only, the output on all of them):
 the device's :meth:`~batchnorm.kernels.protocol.MomentsPass.masked_backward`, one loop
-(the correction chosen with a select where the mask selects). A double backward
-(``create_graph=True``) differentiates the composite's torch operations, with the same
-statistics.
+shared with the folded kernel (the correction chosen with a select where the mask
+selects). A double backward (``create_graph=True``) differentiates the composite's torch
+operations, with the same statistics.
 
 Where the mask selects fewer than two positions, the composite computes the call (such a
 batch is normalized with the moving statistics); renorm, ghost batches, an adjustment,
@@ -34,6 +34,7 @@ from ..shapes import broadcast, mask_shape
 from ..state import BatchNormState, BatchStatistics, statistics_dtype
 from ..statistics import PreparedUpdate, masked_moments, traced
 from .composite import train_adjusted
+from .gradients import double_backward, gradient_bits
 from .inference import normalize
 from .protocol import MOMENTS_PASSES, Fallback, KernelCall, PreparedTraining
 
@@ -143,21 +144,15 @@ class MaskedFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, gamma, beta, selected, mean, variance = ctx.saved_tensors
         o, needs = ctx.o, ctx.needs_input_grad[:3]
-        none = (None,) * 2
         if torch.is_grad_enabled():  # create_graph: differentiate the torch operations
-            wanted = [t for t, need in zip((x, gamma, beta), needs, strict=True)
-                      if need and t is not None]
-            with torch.enable_grad():
-                y = o.differentiable(x, gamma, beta, selected)
-            grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
-            return (*(next(grads) if need and t is not None else None
-                      for t, need in zip((x, gamma, beta), needs, strict=True)), *none)
-        wanted = (needs[0] | (gamma is not None and needs[1]) << 1
-                  | (beta is not None and needs[2]) << 2)
-        dx, dgamma, dbeta = MOMENTS_PASSES[x.device.type].masked_backward(
-            x, o.shape, dy, selected, mean, variance, gamma, ctx.count, wanted,
-            o.call.config.epsilon)
-        return (dx, dgamma, dbeta, *none)
+            dx, dgamma, dbeta = double_backward(
+                lambda x, gamma, beta: o.differentiable(x, gamma, beta, selected),
+                (x, gamma, beta), needs, dy)
+        else:
+            dx, dgamma, dbeta = MOMENTS_PASSES[x.device.type].masked_backward(
+                x, o.shape, dy, selected, mean, variance, gamma, ctx.count,
+                gradient_bits(needs, gamma, beta), o.call.config.epsilon)
+        return dx, dgamma, dbeta, None, None
 
 
 MASKED = MaskedKernel()

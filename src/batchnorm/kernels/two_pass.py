@@ -41,6 +41,7 @@ from ..statistics import (
     traced,
 )
 from .composite import COMPOSITE
+from .gradients import double_backward
 from .protocol import KernelCall
 
 __all__ = ["Context", "FusedActivation", "Passes", "TwoPassFunction", "train"]
@@ -259,10 +260,7 @@ class TwoPassFunction(torch.autograd.Function):
 
 
 def _composite_grad(x, gamma, beta, dy, o: Context, needs):
-    wanted = list(zip((x, gamma, beta), needs[:3], strict=True))
-    inputs = [t for t, need in wanted if need and t is not None]
-    call = KernelCall(o.config, (o.axis,), gamma, beta, o.mask)
-    y, _ = COMPOSITE.train(x, o.state, call)
-    grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need and t is not None else None
-                 for t, need in zip((x, gamma, beta), needs[:3], strict=True))
+    return double_backward(
+        lambda x, gamma, beta: COMPOSITE.train(
+            x, o.state, KernelCall(o.config, (o.axis,), gamma, beta, o.mask))[0],
+        (x, gamma, beta), needs[:3], dy)

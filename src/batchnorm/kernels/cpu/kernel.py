@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -150,28 +150,25 @@ class CpuKernel(Unprepared):
         """The folded kernel's call for small inputs of ``x``'s signature
         (:meth:`batchnorm.kernels.protocol.MomentsPass.prepare_folded`): one numba loop
         forward (:func:`batchnorm.kernels.cpu.loops.folded_forward`) and one backward
-        (:func:`~batchnorm.kernels.cpu.loops.folded_backward`), on the calling thread. For a
+        (:func:`~batchnorm.kernels.cpu.loops.small_backward`), on the calling thread. For a
         contiguous float32, float64 or bfloat16 ``x`` with its feature axis at dim 1 or last,
         no activation, and gamma, beta and the renorm averages contiguous feature vectors
         of the statistics dtype; else None. (The caller bounds the size: the loops make no
         use of threads.)"""
         config = call.config
-        source = _MOMENTS_SOURCES.get(x.dtype)
+        source = _moments_source(x.detach())
         (axis,) = call.axes
         dtype = statistics_dtype(x.dtype)
-        kind = _UPDATE_DTYPES.get(dtype)
         features = x.shape[axis] if x.ndim else 0
         vectors = [call.gamma, call.beta]
         if config.renorm:
             vectors += [state.renorm_mean, state.renorm_stddev]
-        if (source is None or kind is None or not available() or x.device.type != "cpu"
-                or x.ndim < 2 or axis not in (1, x.ndim - 1) or not x.is_contiguous()
+        if (source is None or x.ndim < 2 or axis not in (1, x.ndim - 1)
                 or config.activation is not None or x.numel() == 0
-                or any(t is not None and (t.dtype != dtype or t.shape != (features,)
-                                          or not t.is_contiguous() or t.device != x.device)
-                       for t in vectors)
+                or not _feature_vectors(vectors, features, dtype, x.device)
                 or config.renorm and (state.renorm_mean is None or state.renorm_stddev is None)):
             return None
+        kind = _UPDATE_DTYPES[dtype]
         inner = x.numel() // (x.shape[0] * features) if axis == 1 else 1
         batch = x.numel() // (features * inner)
         gamma, beta = call.gamma, call.beta
@@ -184,11 +181,7 @@ class CpuKernel(Unprepared):
         constants = (kind(config.epsilon), kind(math.sqrt(config.epsilon)),
                      kind(clipping.get("rmin", 0.0)), kind(clipping.get("rmax", math.inf)),
                      kind(clipping.get("dmax", math.inf)), source, kind(0))
-        epsilon, like = float(config.epsilon), kind(0)
-        forward_loop, backward_loop = passes.loops.folded_forward, passes.loops.folded_backward
-
-        def address(t: Tensor | None, default: int) -> int:
-            return default if t is None else t.data_ptr()
+        forward_loop, shape = passes.loops.folded_forward, (batch, features, inner)
 
         def fits(adjust: tuple[Tensor, Tensor] | None) -> bool:
             return adjust is None or all(
@@ -208,24 +201,16 @@ class CpuKernel(Unprepared):
                 scale, bias = adjust[0].data_ptr(), adjust[1].data_ptr()
                 strides = adjust[0].stride(0) | adjust[1].stride(0) << 1
             forward_loop(x.data_ptr(), y.data_ptr(), m, variance.data_ptr(),
-                         address(gamma, m), address(beta, m), scale, bias,
-                         address(renorm_mean, m), address(renorm_stddev, m), t, t + row,
+                         _address(gamma, m), _address(beta, m), scale, bias,
+                         _address(renorm_mean, m), _address(renorm_stddev, m), t, t + row,
                          t + 2 * row, batch, features, inner, flags, strides, *constants)
             return y, mean, variance, terms
 
         def backward(x: Tensor, dy: Tensor, mean: Tensor, variance: Tensor, terms: Tensor,
                      wanted: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-            if not (dy.dtype == x.dtype and dy.shape == x.shape and dy.is_contiguous()):
-                dy = dy.to(x.dtype).contiguous()  # e.g. expanded (sum().backward())
-            dx = torch.empty_like(x) if wanted & 1 else None
-            dgamma = torch.empty(features, dtype=dtype) if wanted & 2 else None
-            dbeta = torch.empty(features, dtype=dtype) if wanted & 4 else None
-            m, t = mean.data_ptr(), terms.data_ptr()
-            backward_loop(x.data_ptr(), dy.data_ptr(), address(dx, m), m, variance.data_ptr(),
-                          t, t + row, t + 2 * row, address(dgamma, m),
-                          address(dbeta, m), batch, features, inner, wanted, epsilon,
-                          source, like)
-            return dx, dgamma, dbeta
+            t = terms.data_ptr()
+            return _small_backward(x, shape, dy, mean, variance, config.epsilon, wanted,
+                                   a=t, ce=(t + row, t + 2 * row))
         return FoldedLoops(fits, forward, backward)
 
     def masked_forward(self, x: Tensor, shape: tuple[int, int, int], selected: Tensor,
@@ -243,9 +228,7 @@ class CpuKernel(Unprepared):
         if (source is None or x.numel() != rows * features * inner
                 or selected.dtype != torch.bool or not selected.is_contiguous()
                 or selected.device != x.device or selected.numel() != rows * inner
-                or any(t is not None and (t.dtype != dtype or t.shape != (features,)
-                                          or not t.is_contiguous() or t.device != x.device)
-                       for t in (gamma, beta))):
+                or not _feature_vectors((gamma, beta), features, dtype, x.device)):
             return None
         kind = _UPDATE_DTYPES[dtype]
         y = torch.empty_like(x, requires_grad=False)
@@ -255,8 +238,7 @@ class CpuKernel(Unprepared):
         m = mean.data_ptr()
         count = passes.loops.masked_forward(
             x.data_ptr(), selected.data_ptr(), y.data_ptr(), m, variance.data_ptr(),
-            counts.data_ptr(), m if gamma is None else gamma.data_ptr(),
-            m if beta is None else beta.data_ptr(), rows, features, inner,
+            counts.data_ptr(), _address(gamma, m), _address(beta, m), rows, features, inner,
             (gamma is not None) | (beta is not None) << 1, kind(epsilon), source, kind(0))
         return y, mean, variance, counts, int(count)
 
@@ -265,29 +247,18 @@ class CpuKernel(Unprepared):
                         count: int, wanted: int, epsilon: float
                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The gradients of :meth:`masked_forward`'s output in one numba loop
-        (:func:`batchnorm.kernels.cpu.loops.masked_backward`): ``(dx, dgamma, dbeta)``, each
+        (:func:`batchnorm.kernels.cpu.loops.small_backward`): ``(dx, dgamma, dbeta)``, each
         None unless ``wanted`` asks for it (bit 0 dx, 1 dgamma, 2 dbeta); ``dy`` of ``x``'s
         shape, copied where it is not contiguous."""
-        if not (dy.dtype == x.dtype and dy.is_contiguous()):
-            dy = dy.to(x.dtype).contiguous()  # e.g. expanded (sum().backward())
-        rows, features, inner = shape
-        dtype = mean.dtype
-        if gamma is not None and (gamma.dtype != dtype or not gamma.is_contiguous()):
-            gamma = gamma.detach().to(dtype).contiguous()  # changed since the forward
+        features = shape[1]
+        if gamma is not None and (gamma.dtype != mean.dtype or not gamma.is_contiguous()):
+            gamma = gamma.detach().to(mean.dtype).contiguous()  # changed since the forward
         if gamma is not None and gamma.shape != (features,):
             raise RuntimeError(f"gamma changed shape between forward and backward: "
                                f"{tuple(gamma.shape)}, expected ({features},)")
-        dx = torch.empty_like(x) if wanted & 1 else None
-        dgamma = torch.empty(features, dtype=dtype) if wanted & 2 else None
-        dbeta = torch.empty(features, dtype=dtype) if wanted & 4 else None
-        m = mean.data_ptr()
-        passes.loops.masked_backward(
-            x.data_ptr(), dy.data_ptr(), selected.data_ptr(), m if dx is None else dx.data_ptr(),
-            m, variance.data_ptr(), m if gamma is None else gamma.data_ptr(),
-            m if dgamma is None else dgamma.data_ptr(), m if dbeta is None else dbeta.data_ptr(),
-            rows, features, inner, count, wanted | (gamma is not None) << 3, float(epsilon),
-            _MOMENTS_SOURCES[x.dtype], _UPDATE_DTYPES[dtype](0))
-        return dx, dgamma, dbeta
+        return _small_backward(x, shape, dy, mean, variance, epsilon, wanted,
+                               a=None if gamma is None else gamma.data_ptr(), mask=selected,
+                               count=count)
 
     def debiased(self, state: BatchNormState, momentum: float,
                  fresh: bool) -> Callable[[], tuple[Tensor, Tensor]] | None:
@@ -545,6 +516,45 @@ class CpuKernel(Unprepared):
         # A call that activation checkpointing may run again takes the layer's full path,
         # which keeps the renorm averages before the update (recompute.remember).
         return PreparedUpdate(apply, direct)
+
+
+def _address(t: Tensor | None, default: int) -> int:
+    """``t``'s address, or ``default`` (a valid address the loop leaves unread) for None."""
+    return default if t is None else t.data_ptr()
+
+
+def _feature_vectors(tensors: Iterable[Tensor | None], features: int, dtype: torch.dtype,
+                     device: torch.device) -> bool:
+    """Whether each of ``tensors`` (None aside) is what the small inputs' loops read by
+    address: a contiguous vector of ``features`` values of ``dtype`` on ``device``."""
+    return all(t is None or (t.dtype == dtype and t.shape == (features,) and t.is_contiguous()
+                             and t.device == device) for t in tensors)
+
+
+def _small_backward(x: Tensor, shape: tuple[int, int, int], dy: Tensor, mean: Tensor,
+                    variance: Tensor, epsilon: float, wanted: int, *, a: int | None = None,
+                    ce: tuple[int, int] | None = None, mask: Tensor | None = None,
+                    count: int = 0) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The folded and masked kernels' backward, :func:`batchnorm.kernels.cpu.loops.
+    small_backward`, for ``x`` read as ``shape`` (``(rows, features, inner)``): ``(dx,
+    dgamma, dbeta)`` as ``wanted`` asks (bit 0, 1, 2), with the addresses of the factor ``a``
+    and of the terms ``ce`` (``(c, e)``) where given, and the selected positions ``mask``
+    (``count`` of them) where given; ``dy`` copied where it is not contiguous."""
+    if not (dy.dtype == x.dtype and dy.shape == x.shape and dy.is_contiguous()):
+        dy = dy.to(x.dtype).contiguous()  # e.g. expanded (sum().backward())
+    rows, features, inner = shape
+    dtype = mean.dtype
+    dx = torch.empty_like(x) if wanted & 1 else None
+    dgamma = torch.empty(features, dtype=dtype) if wanted & 2 else None
+    dbeta = torch.empty(features, dtype=dtype) if wanted & 4 else None
+    m = mean.data_ptr()
+    c, e = (m, m) if ce is None else ce
+    flags = wanted | (a is not None) << 3 | (ce is not None) << 4 | (mask is not None) << 5
+    passes.loops.small_backward(
+        x.data_ptr(), dy.data_ptr(), _address(mask, m), _address(dx, m), m, variance.data_ptr(),
+        m if a is None else a, c, e, _address(dgamma, m), _address(dbeta, m), rows, features,
+        inner, count, flags, float(epsilon), _MOMENTS_SOURCES[x.dtype], _UPDATE_DTYPES[dtype](0))
+    return dx, dgamma, dbeta
 
 
 def _moments_source(x: Tensor) -> Any:

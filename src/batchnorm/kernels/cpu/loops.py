@@ -1060,69 +1060,77 @@ def folded_forward(x, y, mean, variance, gamma, beta, adj_scale, adj_bias, renor
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def folded_backward(x, dy, dx, mean, variance, a, c, e, dgamma, dbeta, batch, features, inner,
-                    wanted, epsilon, source, like):
-    """The gradients of :func:`folded_forward`'s output, ``c`` and ``e`` constants:
-    ``dx = (dy - sum(dy)/n - xhat * sum(dy * xhat)/n) * invstd * a`` (ATen's training
-    backward), ``dgamma = c * sum(dy * xhat) + e * sum(dy)``, ``dbeta = sum(dy)``, sums in
-    float64. ``wanted``: bit 0 dx, 1 dgamma, 2 dbeta (the others' addresses are not
-    written). ``x``, ``dy`` and ``dx`` contiguous ``(batch, features, inner)`` of
-    ``source``'s type; the rest of ``like``'s."""
+def small_backward(x, dy, mask, dx, mean, variance, a, c, e, dgamma, dbeta, batch, features,
+                   inner, count, flags, epsilon, source, like):
+    """The gradients of :func:`folded_forward`'s and :func:`masked_forward`'s outputs, in one
+    call on the calling thread: ``dgamma = c * sum(dy * xhat) + e * sum(dy)``, ``dbeta =
+    sum(dy)`` (sums over every position, float64) and ``dx = a * invstd * (dy - [selected] /
+    count * (sum(dy) + xhat * sum(dy * xhat)))`` (ATen's training backward where every
+    position is selected; the statistics depend on the selected ones only, the correction
+    chosen with a select, never multiplied by the mask), ``a``, ``c`` and ``e`` constants.
+    ``flags``: bit 0 dx, 1 dgamma, 2 dbeta (the others' addresses are not written), 3 ``a``
+    given (else 1), 4 ``c`` and ``e`` given (else 1 and 0), 5 ``mask`` given (one byte per
+    ``batch * inner`` position, ``count`` the selected positions; else every position and
+    ``count`` unread). ``x``, ``dy`` and ``dx`` contiguous ``(batch, features, inner)`` of
+    ``source``'s type; the rest of ``like``'s type (``epsilon`` a float)."""
     size = batch * features * inner
     xs = carray(_pointer(x, source), size)
     dys = carray(_pointer(dy, source), size)
+    masked = flags & 32
+    ms = carray(_pointer(mask, np.uint8(0)), batch * inner if masked else 0)
     m = carray(_pointer(mean, like), features)
     v = carray(_pointer(variance, like), features)
-    w = carray(_pointer(a, like), features)
     s1 = np.zeros(features, np.float64)
     s2 = np.zeros(features, np.float64)
     _grad_sums(xs, dys, m, batch, features, inner, s1, s2)
-    n = np.float64(batch * inner)
-    if wanted & 2:
+    invstd = np.empty(features, np.float64)
+    for f in range(features):
+        invstd[f] = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
+    if flags & 2:
         out_dgamma = carray(_pointer(dgamma, like), features)
         cs = carray(_pointer(c, like), features)
         es = carray(_pointer(e, like), features)
         for f in range(features):
-            invstd = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
-            out_dgamma[f] = as_type(cs[f] * (s2[f] * invstd) + es[f] * s1[f], like)
-    if wanted & 4:
+            g = s2[f] * invstd[f]
+            if flags & 16:
+                g = cs[f] * g + es[f] * s1[f]
+            out_dgamma[f] = as_type(g, like)
+    if flags & 4:
         out_dbeta = carray(_pointer(dbeta, like), features)
         for f in range(features):
             out_dbeta[f] = as_type(s1[f], like)
-    if not wanted & 1:
+    if not flags & 1:
         return
-    dxs = carray(_pointer(dx, source), size)
-    # dx = (dy - (x - mean) * p - q) * k: k = invstd * a, p = sum(dy * (x - mean)) *
-    # invstd**2 / n, q = sum(dy) / n; as dy * k + (x * u + t), u = -p * k,
-    # t = (mean * p - q) * k: the terms in float64, the pass in the statistics' type.
+    # dx = dy * k + [selected] * (x * u + t): k = invstd * a, p = sum(dy * (x - mean)) *
+    # invstd**2 / n, q = sum(dy) / n, u = -p * k, t = (mean * p - q) * k; the terms in
+    # float64, the pass in the statistics' type.
+    n = np.float64(count) if masked else np.float64(batch * inner)
+    w = carray(_pointer(a, like), features)
     k = np.empty_like(m)
     u = np.empty_like(m)
     t = np.empty_like(m)
     for f in range(features):
-        invstd = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
-        kf = invstd * np.float64(w[f])
-        pf = s2[f] * invstd * invstd / n
+        kf = invstd[f] * np.float64(w[f]) if flags & 8 else invstd[f]
+        pf = s2[f] * invstd[f] * invstd[f] / n
         k[f], u[f], t[f] = kf, -pf * kf, (np.float64(m[f]) * pf - s1[f] / n) * kf
-    _write_gradient(xs, dys, dxs, k, u, t, batch, features, inner)
-
-
-@njit(inline="always", fastmath=_FASTMATH, cache=True)
-def _write_gradient(xs, dys, dxs, k, u, t, batch, features, inner):
-    """``dxs = dys * k + (xs * u + t)`` per feature of a ``(batch, features, inner)``
-    layout, in the terms' type, rounded once to ``dxs``' type."""
+    dxs = carray(_pointer(dx, source), size)
+    zero = zero_like(m[0])
     if inner == 1:
         for b in range(batch):
-            row = b * features
+            row, selected = b * features, not masked or ms[b] != 0
             for f in range(features):
                 j = row + f
-                store(dxs, j, load(dys[j]) * k[f] + (load(xs[j]) * u[f] + t[f]))
+                term = select(selected, load(xs[j]) * u[f] + t[f], zero)
+                store(dxs, j, load(dys[j]) * k[f] + term)
         return
     for b in range(batch):
         for f in range(features):
-            start = (b * features + f) * inner
+            start, at = (b * features + f) * inner, b * inner
             kf, uf, tf = k[f], u[f], t[f]
-            for j in range(start, start + inner):
-                store(dxs, j, load(dys[j]) * kf + (load(xs[j]) * uf + tf))
+            for j in range(inner):
+                selected = not masked or ms[at + j] != 0
+                term = select(selected, load(xs[start + j]) * uf + tf, zero)
+                store(dxs, start + j, load(dys[start + j]) * kf + term)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -1159,70 +1167,3 @@ def masked_forward(x, mask, y, mean, variance, counts, gamma, beta, batch, featu
         shift[f] = offset - m[f] * i
     _write_affine(xs, ys, inv, shift, batch, features, inner)
     return n
-
-
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def masked_backward(x, dy, mask, dx, mean, variance, gamma, dgamma, dbeta, batch, features,
-                    inner, count, wanted, epsilon, source, like):
-    """The gradients of :func:`masked_forward`'s output: ``A = sum(dy)`` and
-    ``B = sum(dy * xhat)`` over every position (float64), ``dgamma = B``, ``dbeta = A`` and
-    ``dx = gamma * invstd * (dy - [selected] / count * (A + xhat * B))``: the statistics
-    depend on the selected positions only (the correction chosen with a select, never
-    multiplied by the mask). ``wanted``: bit 0 dx, 1 dgamma, 2 dbeta, 3 gamma present.
-    ``x``, ``dy`` and ``dx`` contiguous ``(batch, features, inner)`` of ``source``'s type,
-    ``mask`` one byte per ``batch * inner`` position; the rest of ``like``'s type
-    (``epsilon`` a float)."""
-    size = batch * features * inner
-    xs = carray(_pointer(x, source), size)
-    dys = carray(_pointer(dy, source), size)
-    ms = carray(_pointer(mask, np.uint8(0)), batch * inner)
-    m = carray(_pointer(mean, like), features)
-    v = carray(_pointer(variance, like), features)
-    a = np.zeros(features, np.float64)
-    b2 = np.zeros(features, np.float64)
-    _grad_sums(xs, dys, m, batch, features, inner, a, b2)
-    s = np.empty(features, np.float64)
-    for f in range(features):
-        s[f] = 1.0 / np.sqrt(np.float64(v[f]) + epsilon)
-        b2[f] *= s[f]  # sum(dy * xhat)
-    if wanted & 2:
-        out_dgamma = carray(_pointer(dgamma, like), features)
-        for f in range(features):
-            out_dgamma[f] = as_type(b2[f], like)
-    if wanted & 4:
-        out_dbeta = carray(_pointer(dbeta, like), features)
-        for f in range(features):
-            out_dbeta[f] = as_type(a[f], like)
-    if not wanted & 1:
-        return
-    dxs = carray(_pointer(dx, source), size)
-    # dx = gs * dy - [selected] * (x * u + t): gs = gamma * invstd, u = gs * invstd * B / n,
-    # t = gs * (A / n - mean * invstd * B / n), in float64.
-    n = np.float64(count)
-    gs = np.empty(features, np.float64)
-    u = np.empty(features, np.float64)
-    t = np.empty(features, np.float64)
-    for f in range(features):
-        g = s[f]
-        if wanted & 8:
-            g *= np.float64(carray(_pointer(gamma, like), features)[f])
-        gs[f] = g
-        u[f] = g * s[f] * b2[f] / n
-        t[f] = g * (a[f] / n - np.float64(m[f]) * s[f] * b2[f] / n)
-    zero = np.float64(0.0)
-    if inner == 1:
-        for b in range(batch):
-            row, selected = b * features, ms[b] != 0
-            for f in range(features):
-                j = row + f
-                term = select(selected, np.float64(load(xs[j])) * u[f] + t[f], zero)
-                store(dxs, j, as_type(np.float64(load(dys[j])) * gs[f] - term, like))
-        return
-    for b in range(batch):
-        for f in range(features):
-            start, at = (b * features + f) * inner, b * inner
-            gf, uf, tf = gs[f], u[f], t[f]
-            for j in range(inner):
-                term = select(ms[at + j] != 0, np.float64(load(xs[start + j])) * uf + tf, zero)
-                store(dxs, start + j, as_type(np.float64(load(dys[start + j])) * gf - term,
-                                              like))
